@@ -1,0 +1,1518 @@
+/*
+ddpm.c — Denoising Diffusion Probabilistic Models in one file of C.
+
+    Ho, Jain, Abbeel. "Denoising Diffusion Probabilistic Models". NeurIPS 2020.
+    arXiv:2006.11239. Equation, algorithm and figure numbers below are the paper's.
+
+This file is meant to be read top to bottom beside the paper. It trains a DDPM on
+CIFAR-10 (or Fashion-MNIST) on a CPU and samples from it, with nothing but C11, libm,
+OpenMP and stb_image_write. There is no autograd: every layer of the U-Net has a
+forward pass and a hand-written backward pass next to it, and tests/ proves them
+against PyTorch.
+
+Build and run:
+    make && ./ddpm                       # train on CIFAR-10 (make fetches it into data/)
+    ./ddpm --data fashion-mnist          # offline dataset (make fashion-mnist)
+    ./ddpm sample --checkpoint runs/cifar10-tiny/model.ckpt -n 64
+    ./ddpm --help                        # every subcommand and flag
+    make test                            # gradients vs PyTorch autograd, and more
+
+Table of contents (section -> paper)
+    0. Plumbing ................ checked I/O and allocation, the one RNG
+    1. The noise schedule ...... §2, §4: beta_t linear 1e-4..0.02, T = 1000 (and cosine)
+    2. The forward process ..... Eq. (2), (4): q(x_t | x_0); Eq. (6)-(7): q(x_{t-1} | x_t, x_0)
+    3. The reverse process ..... Eq. (1), (11): p_theta(x_{t-1} | x_t) with eps-parameterisation
+    4. The variational bound ... Eq. (3), (5): KL terms, L_T, and the decoder L_0 of Eq. (13)
+    5. The training loss ....... Eq. (14): L_simple and its gradient w.r.t. eps_theta
+    6. The network eps_theta ... §4, Appendix B: a PixelCNN++-like U-Net, forward + backward
+    7. The data ................ §3.3: images scaled to [-1, 1]; CIFAR-10 and Fashion-MNIST
+    8. Training, Alg. 1 ........ Adam, warmup, clipping, EMA; checkpoints
+    9. Sampling, Alg. 2 ........ and progressive generation, Eq. (15), Fig. 6
+   10. Evaluation .............. the bound of Eq. (5) in bits/dim (Table 1's NLL)
+   11. Pictures and files ...... PNG grids, .npy arrays
+   12. main .................... the command line
+
+Conventions
+    Tensors are float32, NCHW: B images, C channels, H x W pixels.
+    Timesteps: the paper counts t = 1..T. Arrays and the network use the official code's
+    0-based index, t_idx = t - 1, so alpha_bar[t_idx] is the paper's alpha_bar_t and the
+    network is fed t_idx (0..T-1). Every function below takes t_idx.
+*/
+#define _GNU_SOURCE   // M_PI and friends from math.h, plus POSIX (fsync, isatty, sigaction)
+#include <errno.h>
+#include <float.h>
+#include <math.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <sys/time.h>
+#include <time.h>
+#include <unistd.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+// ----------------------------------------------------------------------------
+// 0. Plumbing: checked helpers and the one RNG
+//
+// Every failure a user can cause (a missing file, a bad flag, a full disk) ends in
+// one line on stderr that names the file or flag and says what to do, and exit 1.
+
+static void die(const char* fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fprintf(stderr, "ddpm: ");
+    vfprintf(stderr, fmt, ap);
+    fprintf(stderr, "\n");
+    va_end(ap);
+    exit(1);
+}
+
+static void* malloc_check(size_t size, const char* what) {
+    void* p = malloc(size ? size : 1);
+    if (!p) die("out of memory allocating %.1f MiB for %s; try a smaller --batch or --model",
+                size / 1048576.0, what);
+    return p;
+}
+
+static void* calloc_check(size_t n, size_t size, const char* what) {
+    void* p = calloc(n ? n : 1, size ? size : 1);
+    if (!p) die("out of memory allocating %.1f MiB for %s; try a smaller --batch or --model",
+                (double)n * size / 1048576.0, what);
+    return p;
+}
+
+static FILE* fopen_check(const char* path, const char* mode, const char* hint) {
+    FILE* f = fopen(path, mode);
+    if (!f) die("cannot open %s: %s%s%s", path, strerror(errno), hint ? "; " : "", hint ? hint : "");
+    return f;
+}
+
+// Reads exactly n bytes or dies naming the file: a short read means a truncated file.
+static void fread_check(void* dst, size_t n, FILE* f, const char* path) {
+    if (fread(dst, 1, n, f) != n)
+        die("%s is truncated or unreadable (wanted %zu more bytes); re-create or re-download it",
+            path, n);
+}
+
+static double now_seconds(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + 1e-9 * ts.tv_nsec;
+}
+
+// The one random number generator: xoshiro256** (Blackman & Vigna), seeded through
+// splitmix64. All randomness (data order, t, eps, flips, dropout, sampling noise)
+// comes from it in a fixed order, so the same seed and flags give the same bits, and
+// its 32-byte state goes into checkpoints so a resumed run continues the same stream.
+typedef struct { uint64_t s[4]; } Rng;
+
+static uint64_t splitmix64(uint64_t* x) {
+    uint64_t z = (*x += 0x9e3779b97f4a7c15ULL);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
+}
+
+static void rng_seed(Rng* r, uint64_t seed) {
+    for (int i = 0; i < 4; i++) r->s[i] = splitmix64(&seed);
+}
+
+static uint64_t rotl64(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
+
+static uint64_t rng_u64(Rng* r) {
+    uint64_t* s = r->s;
+    uint64_t result = rotl64(s[1] * 5, 7) * 9, t = s[1] << 17;
+    s[2] ^= s[0]; s[3] ^= s[1]; s[1] ^= s[2]; s[0] ^= s[3];
+    s[2] ^= t; s[3] = rotl64(s[3], 45);
+    return result;
+}
+
+// uniform in [0, 1) with 53 random bits
+static double rng_uniform(Rng* r) { return (rng_u64(r) >> 11) * 0x1.0p-53; }
+
+// uniform integer in [0, n)
+static int rng_int(Rng* r, int n) { return (int)(rng_uniform(r) * n); }
+
+// n standard normals by Box-Muller, two per pair of uniforms (the last spare dropped)
+static void rng_normal(Rng* r, float* out, size_t n) {
+    for (size_t i = 0; i < n; i += 2) {
+        double u1 = 1.0 - rng_uniform(r), u2 = rng_uniform(r);   // u1 in (0, 1]
+        double rad = sqrt(-2.0 * log(u1)), th = 2.0 * M_PI * u2;
+        out[i] = (float)(rad * cos(th));
+        if (i + 1 < n) out[i + 1] = (float)(rad * sin(th));
+    }
+}
+
+// A stateless hash for dropout masks: element i of a mask drawn with key k is
+// decided by hash(k, i) alone, so masks can be made by many threads in any order
+// and still be the same bits, and the backward pass can rebuild them.
+static uint32_t hash_u32(uint64_t key, uint64_t i) {
+    uint64_t x = key ^ (i * 0x9e3779b97f4a7c15ULL);
+    return (uint32_t)(splitmix64(&x) >> 32);
+}
+
+// ----------------------------------------------------------------------------
+// 1. The noise schedule (§2, §4)
+//
+// The forward process adds Gaussian noise with variances beta_1..beta_T. §4 fixes
+// T = 1000 and beta linear from 1e-4 to 0.02, "small relative to data scaled to
+// [-1, 1]" and large enough that L_T = D_KL(q(x_T|x_0) || N(0, I)) ~ 1e-5 bits/dim.
+// Everything the other sections need is precomputed here in double, with the
+// names of the official implementation (diffusion_utils_2.py):
+//   alpha_t = 1 - beta_t,    alpha_bar_t = prod_{s<=t} alpha_s          (§2)
+//   beta_tilde_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) * beta_t   (Eq. 7)
+
+typedef enum { SCHEDULE_LINEAR, SCHEDULE_COSINE } ScheduleKind;
+
+typedef struct {
+    int T;
+    double* betas;                          // beta_t
+    double* alphas;                         // alpha_t = 1 - beta_t
+    double* alphas_cumprod;                 // alpha_bar_t
+    double* alphas_cumprod_prev;            // alpha_bar_{t-1}, with alpha_bar_0 = 1
+    double* sqrt_alphas_cumprod;            // sqrt(alpha_bar_t)
+    double* sqrt_one_minus_alphas_cumprod;  // sqrt(1 - alpha_bar_t)
+    double* sqrt_recip_alphas_cumprod;      // sqrt(1 / alpha_bar_t)
+    double* sqrt_recipm1_alphas_cumprod;    // sqrt(1 / alpha_bar_t - 1)
+    double* posterior_variance;             // beta_tilde_t, Eq. (7)
+    double* posterior_log_variance_clipped; // log beta_tilde_t, with beta_tilde_2 at t = 1
+    double* posterior_mean_coef1;           // sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t)
+    double* posterior_mean_coef2;           // sqrt(alpha_t) (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t)
+    double* buffer;                         // the one allocation behind all of the above
+} Schedule;
+
+// beta_t for t_idx = 0..T-1.
+static void make_betas(double* betas, int T, ScheduleKind kind) {
+    if (kind == SCHEDULE_LINEAR) {
+        // §4: "linearly from beta_1 = 1e-4 to beta_T = 0.02"
+        for (int i = 0; i < T; i++) betas[i] = 1e-4 + (0.02 - 1e-4) * i / (double)(T - 1);
+    } else {
+        // Nichol & Dhariwal 2021, Eq. (17): alpha_bar(t) = f(t)/f(0),
+        // f(t) = cos^2(((t/T + s) / (1 + s)) pi/2), s = 0.008, and
+        // beta_t = 1 - alpha_bar_t / alpha_bar_{t-1}, clipped at 0.999 near t = T.
+        const double s = 0.008;
+        for (int i = 0; i < T; i++) {
+            double f1 = cos(((double)i / T + s) / (1 + s) * M_PI / 2);
+            double f2 = cos(((double)(i + 1) / T + s) / (1 + s) * M_PI / 2);
+            double b = 1.0 - (f2 * f2) / (f1 * f1);
+            betas[i] = b < 0.999 ? b : 0.999;
+        }
+    }
+}
+
+static void schedule_init(Schedule* s, int T, ScheduleKind kind) {
+    s->T = T;
+    double* p = s->buffer = malloc_check(13 * (size_t)T * sizeof(double), "the schedule");
+    double** fields[] = {&s->betas, &s->alphas, &s->alphas_cumprod, &s->alphas_cumprod_prev,
+                         &s->sqrt_alphas_cumprod, &s->sqrt_one_minus_alphas_cumprod,
+                         &s->sqrt_recip_alphas_cumprod, &s->sqrt_recipm1_alphas_cumprod,
+                         &s->posterior_variance, &s->posterior_log_variance_clipped,
+                         &s->posterior_mean_coef1, &s->posterior_mean_coef2};
+    for (int f = 0; f < 12; f++) *fields[f] = p + (size_t)f * T;
+    make_betas(s->betas, T, kind);
+    double abar = 1.0;
+    for (int i = 0; i < T; i++) {
+        double beta = s->betas[i], abar_prev = abar;
+        abar *= 1.0 - beta;
+        s->alphas[i] = 1.0 - beta;
+        s->alphas_cumprod[i] = abar;
+        s->alphas_cumprod_prev[i] = abar_prev;
+        s->sqrt_alphas_cumprod[i] = sqrt(abar);
+        s->sqrt_one_minus_alphas_cumprod[i] = sqrt(1.0 - abar);
+        s->sqrt_recip_alphas_cumprod[i] = sqrt(1.0 / abar);
+        s->sqrt_recipm1_alphas_cumprod[i] = sqrt(1.0 / abar - 1.0);
+        // Eq. (7)
+        s->posterior_variance[i] = beta * (1.0 - abar_prev) / (1.0 - abar);
+        s->posterior_mean_coef1[i] = beta * sqrt(abar_prev) / (1.0 - abar);
+        s->posterior_mean_coef2[i] = (1.0 - abar_prev) * sqrt(1.0 - beta) / (1.0 - abar);
+    }
+    // beta_tilde_1 = 0 (x_0 is known exactly given x_1 and x_0), so its log is -inf;
+    // like the official code, use beta_tilde_2 in its place for the log.
+    for (int i = 0; i < T; i++)
+        s->posterior_log_variance_clipped[i] = log(s->posterior_variance[i == 0 && T > 1 ? 1 : i]);
+}
+
+static void schedule_free(Schedule* s) { free(s->buffer); }
+
+// ----------------------------------------------------------------------------
+// 2. The forward process q (§2)
+//
+// Eq. (2): q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I). Composing Gaussians
+// gives x_t in one jump from x_0, which is what makes training cheap (Alg. 1 needs no
+// simulation of the chain):
+//   Eq. (4): q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I), i.e.
+//            x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps,  eps ~ N(0, I).
+// All functions take a batch: B images of n = C*H*W values, and t_idx[b] per image.
+
+static void q_sample(float* x_t, const float* x_0, const float* eps, const int* t_idx,
+                     int B, size_t n, const Schedule* s) {
+    for (int b = 0; b < B; b++) {
+        float c0 = (float)s->sqrt_alphas_cumprod[t_idx[b]];
+        float c1 = (float)s->sqrt_one_minus_alphas_cumprod[t_idx[b]];
+        for (size_t i = b * n; i < (b + 1) * n; i++) x_t[i] = c0 * x_0[i] + c1 * eps[i];
+    }
+}
+
+// Eq. (6)-(7): the forward process posterior, tractable when conditioned on x_0:
+//   q(x_{t-1} | x_t, x_0) = N(mu_tilde_t, beta_tilde_t I),
+//   mu_tilde_t = sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t) x_0
+//              + sqrt(alpha_t) (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) x_t.
+// mean gets B*n values; var and log_var (may be NULL) one per image.
+static void q_posterior_mean_variance(float* mean, double* var, double* log_var,
+                                      const float* x_0, const float* x_t, const int* t_idx,
+                                      int B, size_t n, const Schedule* s) {
+    for (int b = 0; b < B; b++) {
+        int t = t_idx[b];
+        float c1 = (float)s->posterior_mean_coef1[t], c2 = (float)s->posterior_mean_coef2[t];
+        for (size_t i = b * n; i < (b + 1) * n; i++) mean[i] = c1 * x_0[i] + c2 * x_t[i];
+        if (var) var[b] = s->posterior_variance[t];
+        if (log_var) log_var[b] = s->posterior_log_variance_clipped[t];
+    }
+}
+
+// Eq. (4) solved for x_0 (this is also Eq. (15), the x_0 estimate of §4.3):
+//   x0_hat = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)
+//          = sqrt(1/alpha_bar_t) x_t - sqrt(1/alpha_bar_t - 1) eps
+static void predict_x0_from_eps(float* x_0, const float* x_t, const float* eps, const int* t_idx,
+                                int B, size_t n, const Schedule* s) {
+    for (int b = 0; b < B; b++) {
+        float c0 = (float)s->sqrt_recip_alphas_cumprod[t_idx[b]];
+        float c1 = (float)s->sqrt_recipm1_alphas_cumprod[t_idx[b]];
+        for (size_t i = b * n; i < (b + 1) * n; i++) x_0[i] = c0 * x_t[i] - c1 * eps[i];
+    }
+}
+
+// ----------------------------------------------------------------------------
+// 3. The reverse process p_theta (§3.2)
+//
+// Eq. (1): p_theta(x_{t-1} | x_t) = N(mu_theta(x_t, t), sigma_t^2 I). §3.2 fixes the
+// variance to one of two choices that give "similar results":
+//   sigma_t^2 = beta_t        (optimal for x_0 ~ N(0, I); the official "fixedlarge")
+//   sigma_t^2 = beta_tilde_t  (optimal for x_0 deterministic; "fixedsmall")
+// and parameterises the mean by a noise predictor eps_theta,
+//   Eq. (11): mu_theta(x_t, t) = 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - alpha_bar_t) eps_theta).
+// Eq. (11) is exactly mu_tilde_t(x_t, x0_hat) with x0_hat from predict_x0_from_eps, which
+// is how we compute it: that way x0_hat can be clipped to [-1, 1] first, as the official
+// sampler does (the data lives there), and the unclipped path equals Eq. (11) to rounding.
+
+typedef enum { SIGMA_BETA, SIGMA_BETA_TILDE } SigmaKind;
+
+// log sigma_t^2 for the chosen variance. For sigma_t^2 = beta_t the official code uses
+// log(beta_tilde_2) at t = 1 rather than log(beta_1): only the decoder L_0 sees this
+// value, and the larger variance gives it a better likelihood.
+static double p_log_variance(int t_idx, SigmaKind kind, const Schedule* s) {
+    if (kind == SIGMA_BETA_TILDE) return s->posterior_log_variance_clipped[t_idx];
+    return t_idx == 0 && s->T > 1 ? log(s->posterior_variance[1]) : log(s->betas[t_idx]);
+}
+
+// mean = mu_theta(x_t, t) of Eq. (11) for a batch; x0_hat (B*n) receives the predicted
+// x_0, clipped to [-1, 1] if clip is set; log_var[b] = log sigma_t^2 (may be NULL).
+static void p_mean_variance(float* mean, double* log_var, float* x0_hat,
+                            const float* x_t, const float* eps_theta, const int* t_idx,
+                            int B, size_t n, SigmaKind kind, int clip, const Schedule* s) {
+    predict_x0_from_eps(x0_hat, x_t, eps_theta, t_idx, B, n, s);
+    if (clip)
+        for (size_t i = 0; i < B * n; i++) x0_hat[i] = fminf(1.0f, fmaxf(-1.0f, x0_hat[i]));
+    q_posterior_mean_variance(mean, NULL, NULL, x0_hat, x_t, t_idx, B, n, s);
+    if (log_var)
+        for (int b = 0; b < B; b++) log_var[b] = p_log_variance(t_idx[b], kind, s);
+}
+
+// ----------------------------------------------------------------------------
+// 4. The variational bound (§2, §3.3)
+//
+// Eq. (3): E[-log p_theta(x_0)] <= L. Eq. (5) splits L into KLs between Gaussians:
+//   L = D_KL(q(x_T|x_0) || p(x_T))                           L_T, no parameters
+//     + sum_{t>1} D_KL(q(x_{t-1}|x_t,x_0) || p_theta(x_{t-1}|x_t))   L_{t-1}
+//     - log p_theta(x_0 | x_1)                                L_0, the decoder, Eq. (13)
+// All of them are reported in bits per dimension: nats / (C*H*W * ln 2).
+
+// KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))) for one dimension, in nats.
+static double normal_kl(double mean1, double logvar1, double mean2, double logvar2) {
+    double d = mean1 - mean2;
+    return 0.5 * (-1.0 + logvar2 - logvar1 + exp(logvar1 - logvar2) + d * d * exp(-logvar2));
+}
+
+// Standard normal CDF, in double; erfc keeps the tails accurate.
+static double std_normal_cdf(double x) { return 0.5 * erfc(-x / M_SQRT2); }
+
+// Eq. (13): the discrete decoder. Pixel values 0..255 are scaled to x in [-1, 1], so each
+// sits in a bin of width 2/255; its probability under N(mean, sigma^2) is the Gaussian
+// mass over the bin, the two end bins extended to -inf and +inf so that the 256
+// probabilities sum to one:
+//   p(x) = CDF((x + 1/255 - mean)/sigma) - CDF((x - 1/255 - mean)/sigma)
+// Returns log p(x) in nats. The official code uses a tanh approximation of the CDF; we
+// use the exact one. The 1e-12 floor matches it and keeps log() finite.
+static double discretized_gaussian_log_likelihood(double x, double mean, double log_scale) {
+    double inv_stdv = exp(-log_scale), centered = x - mean;
+    double cdf_plus = x > 0.999 ? 1.0 : std_normal_cdf(inv_stdv * (centered + 1.0 / 255));
+    double cdf_min = x < -0.999 ? 0.0 : std_normal_cdf(inv_stdv * (centered - 1.0 / 255));
+    // far in a tail the difference of CDFs cancels: use the upper tail instead
+    double prob = cdf_plus - cdf_min;
+    if (centered > 0 && x <= 0.999 && x >= -0.999)
+        prob = std_normal_cdf(-inv_stdv * (centered - 1.0 / 255)) -
+               std_normal_cdf(-inv_stdv * (centered + 1.0 / 255));
+    return log(fmax(prob, 1e-12));
+}
+
+// L_T = D_KL(q(x_T | x_0) || N(0, I)) in bits/dim for one image of n values. It has no
+// parameters; with the linear schedule it is ~1e-5 bits/dim (§4).
+static double prior_bpd(const float* x_0, size_t n, const Schedule* s) {
+    int t = s->T - 1;
+    double kl = 0, m = s->sqrt_alphas_cumprod[t], lv = log(1.0 - s->alphas_cumprod[t]);
+    for (size_t i = 0; i < n; i++) kl += normal_kl(m * x_0[i], lv, 0.0, 0.0);
+    return kl / (n * M_LN2);
+}
+
+// One term of Eq. (5) for one image, in bits/dim:
+//   t > 1:  L_{t-1} = D_KL(q(x_{t-1} | x_t, x_0) || p_theta(x_{t-1} | x_t))
+//   t = 1:  L_0 = -log p_theta(x_0 | x_1), Eq. (13)
+// mean_q, mean_p are the two means (n values), logvar_q, logvar_p their log variances.
+static double vb_term_bpd(const float* x_0, const float* mean_q, double logvar_q,
+                          const float* mean_p, double logvar_p, int t_idx, size_t n) {
+    double nats = 0;
+    if (t_idx == 0) {
+        for (size_t i = 0; i < n; i++)
+            nats -= discretized_gaussian_log_likelihood(x_0[i], mean_p[i], 0.5 * logvar_p);
+    } else {
+        for (size_t i = 0; i < n; i++) nats += normal_kl(mean_q[i], logvar_q, mean_p[i], logvar_p);
+    }
+    return nats / (n * M_LN2);
+}
+
+// ----------------------------------------------------------------------------
+// 5. The training loss, Eq. (14)
+//
+// With the eps-parameterisation, L_{t-1} (Eq. 12) is a weighted squared error between
+// the true noise and the predicted noise. §3.4 drops the weight ("L_simple"), which
+// trains better (Table 2):
+//   Eq. (14): L_simple = E_{t, x_0, eps} || eps - eps_theta(sqrt(abar_t) x_0 + sqrt(1-abar_t) eps, t) ||^2
+// We average over every pixel of every image in the batch (the official code's
+// mean_flat followed by a batch mean), so
+//   dL/d eps_theta = 2 (eps_theta - eps) / N, N = B*C*H*W.
+
+static float l_simple(float* d_eps_theta, const float* eps_theta, const float* eps, size_t N) {
+    double sum = 0;
+    for (size_t i = 0; i < N; i++) {
+        double d = (double)eps_theta[i] - eps[i];
+        sum += d * d;
+        if (d_eps_theta) d_eps_theta[i] = (float)(2.0 * d / N);
+    }
+    return (float)(sum / N);
+}
+
+// ----------------------------------------------------------------------------
+// 6. The network eps_theta(x_t, t) (§4, Appendix B)
+//
+// "We use a U-Net backbone similar to an unmasked PixelCNN++ with group normalization
+// throughout. Parameters are shared across time, which is specified to the network
+// using the Transformer sinusoidal position embedding. We use self-attention at the
+// 16 x 16 feature map resolution." (§4). The layout below is the official CIFAR-10
+// model (35.7M parameters with the `paper` preset); the compact presets shrink it
+// for a CPU.
+//
+// Layers come in pairs, forward then backward, with the same argument order:
+//   xxx_forward(out, <saved stats>, inp, <weights>, <dims>)
+//   xxx_backward(dinp, <dweights>, dout, inp, <weights>, <saved stats>, <dims>)
+// Backward functions accumulate (+=) into dinp and into the weight gradients, so a
+// tensor read twice (a skip connection) simply receives both contributions; the
+// callers zero what needs zeroing. Shapes are NCHW: B, C, H, W; HW = H * W.
+
+// ---- 6.1 The one matrix multiplication ----
+// Convolutions (by im2col), linear layers and attention all reduce to
+//   C[M,N] (+)= op(A)[M,K] op(B)[K,N],  op(A)[i,p] = transA ? A[p*lda + i] : A[i*lda + p]
+// so this is the one kernel worth making fast. It is the classic blocked design of
+// BLIS/GotoBLAS, in plain C: copy ("pack") a KC-deep slab of A into MR-row panels and
+// of B into NR-column panels, so the innermost kernel streams both contiguously and
+// keeps an MR x NR block of C in registers. The compiler vectorises the j loop
+// (-O3 -march=native). OpenMP splits C into tiles; each tile is owned by one thread
+// and sums over K in the same order whatever the tile size, so the result has the
+// same bits for any number of threads.
+#define GEMM_MR 6
+#define GEMM_NR 32
+#define GEMM_MC 96
+#define GEMM_KC 256
+#define GEMM_NC 1024
+
+static float* gemm_pack_buffer;   // per thread: MC*KC floats of A, then KC*NC of B
+static int gemm_max_threads;
+
+static int max_threads(void) {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+static int thread_id(void) {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
+// Called once at start-up (model build), so no step ever allocates.
+static void gemm_init(void) {
+    if (gemm_pack_buffer) return;
+    gemm_max_threads = max_threads();
+    gemm_pack_buffer = malloc_check((size_t)gemm_max_threads * (GEMM_MC * GEMM_KC + GEMM_KC * GEMM_NC) * sizeof(float), "matmul packing buffers");
+}
+
+// Copy op(A)[i0:i0+mc, p0:p0+kc] into panels of MR rows: Ap[panel][p][r]; pad with 0.
+static void gemm_pack_a(float* Ap, const float* A, int lda, int transA, int i0, int mc, int p0, int kc) {
+    for (int ir = 0; ir < mc; ir += GEMM_MR)
+        for (int p = 0; p < kc; p++)
+            for (int r = 0; r < GEMM_MR; r++) {
+                int i = i0 + ir + r;
+                *Ap++ = ir + r >= mc ? 0.0f : transA ? A[(size_t)(p0 + p) * lda + i] : A[(size_t)i * lda + p0 + p];
+            }
+}
+
+// Copy op(B)[p0:p0+kc, j0:j0+nc] into panels of NR columns: Bp[panel][p][c]; pad with 0.
+static void gemm_pack_b(float* Bp, const float* B, int ldb, int transB, int p0, int kc, int j0, int nc) {
+    for (int jr = 0; jr < nc; jr += GEMM_NR)
+        for (int p = 0; p < kc; p++) {
+            int n = nc - jr < GEMM_NR ? nc - jr : GEMM_NR;
+            if (!transB) {
+                const float* src = B + (size_t)(p0 + p) * ldb + j0 + jr;
+                for (int c = 0; c < n; c++) Bp[c] = src[c];
+            } else {
+                for (int c = 0; c < n; c++) Bp[c] = B[(size_t)(j0 + jr + c) * ldb + p0 + p];
+            }
+            for (int c = n; c < GEMM_NR; c++) Bp[c] = 0.0f;
+            Bp += GEMM_NR;
+        }
+}
+
+// The register-blocked inner kernel: an MR x NR block of C, kc terms deep.
+static void gemm_micro(int kc, const float* restrict a, const float* restrict b,
+                       float* restrict C, int ldc, int m, int n, int accumulate) {
+    float acc[GEMM_MR][GEMM_NR] = {{0}};
+    for (int p = 0; p < kc; p++, a += GEMM_MR, b += GEMM_NR)
+        for (int r = 0; r < GEMM_MR; r++)
+            for (int c = 0; c < GEMM_NR; c++) acc[r][c] += a[r] * b[c];
+    for (int r = 0; r < m; r++)
+        for (int c = 0; c < n; c++)
+            C[(size_t)r * ldc + c] = accumulate ? C[(size_t)r * ldc + c] + acc[r][c] : acc[r][c];
+}
+
+static void matmul(float* C, const float* A, const float* B, int M, int N, int K,
+                   int lda, int ldb, int ldc, int transA, int transB, int accumulate) {
+    if (M <= 0 || N <= 0) return;
+    if (K <= 0) {   // an empty sum
+        if (!accumulate) for (int i = 0; i < M; i++) memset(C + (size_t)i * ldc, 0, N * sizeof(float));
+        return;
+    }
+    gemm_init();
+    // Make at least 2 tiles per thread when the matrix allows, for load balance.
+    int mt = (M + GEMM_MC - 1) / GEMM_MC, nc = GEMM_NC;
+    while (nc > GEMM_NR && mt * ((N + nc - 1) / nc) < 2 * gemm_max_threads) nc /= 2;
+    int nt = (N + nc - 1) / nc;
+    double flops = 2.0 * M * N * K;
+    #pragma omp parallel for schedule(static) if (flops > 2e5 && mt * nt > 1)
+    for (int tile = 0; tile < mt * nt; tile++) {
+        int i0 = (tile / nt) * GEMM_MC, j0 = (tile % nt) * nc;
+        int mc = M - i0 < GEMM_MC ? M - i0 : GEMM_MC, ncc = N - j0 < nc ? N - j0 : nc;
+        float* Ap = gemm_pack_buffer + (size_t)thread_id() * (GEMM_MC * GEMM_KC + GEMM_KC * GEMM_NC);
+        float* Bp = Ap + GEMM_MC * GEMM_KC;
+        for (int p0 = 0; p0 < K; p0 += GEMM_KC) {
+            int kc = K - p0 < GEMM_KC ? K - p0 : GEMM_KC;
+            gemm_pack_a(Ap, A, lda, transA, i0, mc, p0, kc);
+            gemm_pack_b(Bp, B, ldb, transB, p0, kc, j0, ncc);
+            for (int jr = 0; jr < ncc; jr += GEMM_NR)
+                for (int ir = 0; ir < mc; ir += GEMM_MR)
+                    gemm_micro(kc, Ap + (size_t)ir * kc, Bp + (size_t)jr * kc,
+                               C + (size_t)(i0 + ir) * ldc + j0 + jr, ldc,
+                               mc - ir < GEMM_MR ? mc - ir : GEMM_MR,
+                               ncc - jr < GEMM_NR ? ncc - jr : GEMM_NR,
+                               accumulate || p0 > 0);
+        }
+    }
+}
+
+// ---- 6.2 Convolution: conv2d_forward / conv2d_backward ----
+// K x K kernel, stride 1 or 2, output H/stride x W/stride. Stride 1 pads K/2 on every
+// side ("SAME"). Stride 2 is the official Downsample: TensorFlow's "SAME" for an even
+// input pads 0 on the top/left and 1 on the bottom/right.
+// weight (C_out, C_in, K, K), bias (C_out). Per image the convolution is one matmul,
+//   out[C_out, HW_out] = weight[C_out, C_in*K*K] . col[C_in*K*K, HW_out],
+// where col ("im2col") lists, for every output pixel, the input pixels under the kernel.
+// col is scratch for one image: the images are done one after another and the matmul
+// is parallel inside, which keeps weight-gradient sums in a fixed order.
+
+static int conv_pad(int K, int stride) { return stride == 1 ? K / 2 : 0; }
+
+static void im2col(float* col, const float* img, int C, int H, int W, int K, int stride) {
+    int Ho = H / stride, Wo = W / stride, pad = conv_pad(K, stride);
+    #pragma omp parallel for schedule(static) if (C * K * K * Ho * Wo > 32768)
+    for (int row = 0; row < C * K * K; row++) {
+        int c = row / (K * K), ki = (row / K) % K, kj = row % K;
+        float* dst = col + (size_t)row * Ho * Wo;
+        for (int oy = 0; oy < Ho; oy++) {
+            int y = oy * stride + ki - pad;
+            for (int ox = 0; ox < Wo; ox++) {
+                int x = ox * stride + kj - pad;
+                dst[oy * Wo + ox] = (y < 0 || y >= H || x < 0 || x >= W) ? 0.0f : img[((size_t)c * H + y) * W + x];
+            }
+        }
+    }
+}
+
+// The adjoint of im2col: scatter-add col back onto the image.
+static void col2im(float* img, const float* col, int C, int H, int W, int K, int stride) {
+    int Ho = H / stride, Wo = W / stride, pad = conv_pad(K, stride);
+    #pragma omp parallel for schedule(static) if (C * K * K * Ho * Wo > 32768)
+    for (int c = 0; c < C; c++)   // one thread per input channel: no two write the same pixel
+        for (int k = 0; k < K * K; k++) {
+            int ki = k / K, kj = k % K;
+            const float* src = col + ((size_t)c * K * K + k) * Ho * Wo;
+            for (int oy = 0; oy < Ho; oy++) {
+                int y = oy * stride + ki - pad;
+                if (y < 0 || y >= H) continue;
+                for (int ox = 0; ox < Wo; ox++) {
+                    int x = ox * stride + kj - pad;
+                    if (x >= 0 && x < W) img[((size_t)c * H + y) * W + x] += src[oy * Wo + ox];
+                }
+            }
+        }
+}
+
+// out (B, C_out, H/stride, W/stride); col: scratch of C_in*K*K*HW_out floats
+static void conv2d_forward(float* out, const float* inp, const float* weight, const float* bias,
+                           int B, int C_in, int H, int W, int C_out, int K, int stride, float* col) {
+    int HWo = (H / stride) * (W / stride), CKK = C_in * K * K;
+    for (int b = 0; b < B; b++) {
+        const float* x = inp + (size_t)b * C_in * H * W;
+        float* y = out + (size_t)b * C_out * HWo;
+        const float* cols = x;   // a 1x1 stride-1 conv needs no im2col: col is the image
+        if (K != 1 || stride != 1) { im2col(col, x, C_in, H, W, K, stride); cols = col; }
+        for (int co = 0; co < C_out; co++)
+            for (int i = 0; i < HWo; i++) y[(size_t)co * HWo + i] = bias[co];
+        matmul(y, weight, cols, C_out, HWo, CKK, CKK, HWo, HWo, 0, 0, 1);
+    }
+}
+
+// dinp may be NULL (the network input needs no gradient); col and dcol are scratch.
+static void conv2d_backward(float* dinp, float* dweight, float* dbias, const float* dout,
+                            const float* inp, const float* weight,
+                            int B, int C_in, int H, int W, int C_out, int K, int stride,
+                            float* col, float* dcol) {
+    int HWo = (H / stride) * (W / stride), CKK = C_in * K * K;
+    int direct = K == 1 && stride == 1;
+    for (int b = 0; b < B; b++) {
+        const float* x = inp + (size_t)b * C_in * H * W;
+        const float* dy = dout + (size_t)b * C_out * HWo;
+        const float* cols = x;
+        if (!direct) { im2col(col, x, C_in, H, W, K, stride); cols = col; }
+        // out = weight . col + bias  =>  dweight += dout . col^T,  dbias += sum over pixels
+        matmul(dweight, dy, cols, C_out, CKK, HWo, HWo, HWo, CKK, 0, 1, 1);
+        for (int co = 0; co < C_out; co++) {
+            float s = 0;
+            for (int i = 0; i < HWo; i++) s += dy[(size_t)co * HWo + i];
+            dbias[co] += s;
+        }
+        if (!dinp) continue;
+        // dcol = weight^T . dout, then scatter back onto the image
+        float* dx = dinp + (size_t)b * C_in * H * W;
+        if (direct) { matmul(dx, weight, dy, CKK, HWo, C_out, CKK, HWo, HWo, 1, 0, 1); continue; }
+        matmul(dcol, weight, dy, CKK, HWo, C_out, CKK, HWo, HWo, 1, 0, 0);
+        col2im(dx, dcol, C_in, H, W, K, stride);
+    }
+}
+
+// ---- 6.3 Linear: linear_forward / linear_backward ----
+// out (B, C_out) = inp (B, C_in) . weight^T + bias, weight (C_out, C_in) as in PyTorch.
+static void linear_forward(float* out, const float* inp, const float* weight, const float* bias,
+                           int B, int C_in, int C_out) {
+    for (int b = 0; b < B; b++) memcpy(out + (size_t)b * C_out, bias, C_out * sizeof(float));
+    matmul(out, inp, weight, B, C_out, C_in, C_in, C_in, C_out, 0, 1, 1);
+}
+
+static void linear_backward(float* dinp, float* dweight, float* dbias, const float* dout,
+                            const float* inp, const float* weight, int B, int C_in, int C_out) {
+    matmul(dweight, dout, inp, C_out, C_in, B, C_out, C_in, C_in, 1, 0, 1);  // dW += dout^T . inp
+    for (int b = 0; b < B; b++)
+        for (int o = 0; o < C_out; o++) dbias[o] += dout[(size_t)b * C_out + o];
+    if (dinp) matmul(dinp, dout, weight, B, C_in, C_out, C_out, C_in, C_in, 0, 0, 1);  // dinp += dout . W
+}
+
+// ---- 6.4 SiLU: silu_forward / silu_backward ----
+// The official code's "nonlinearity" is swish: silu(x) = x sigmoid(x).
+static float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+static void silu_forward(float* out, const float* inp, size_t N) {
+    for (size_t i = 0; i < N; i++) out[i] = inp[i] * sigmoidf(inp[i]);
+}
+
+// d silu / dx = s (1 + x (1 - s)), s = sigmoid(x)
+static float silu_grad(float x) {
+    float s = sigmoidf(x);
+    return s * (1.0f + x * (1.0f - s));
+}
+
+static void silu_backward(float* dinp, const float* dout, const float* inp, size_t N) {
+    for (size_t i = 0; i < N; i++) dinp[i] += dout[i] * silu_grad(inp[i]);
+}
+
+// ---- 6.5 GroupNorm (+ SiLU): groupnorm_forward / groupnorm_backward ----
+// "group normalization throughout" (§4; Wu & He 2018): the C channels are split into G
+// groups, and each (image, group) is normalised by its own mean and variance:
+//   xhat = (x - mean) * rstd,  rstd = 1 / sqrt(var + 1e-6),  n = gamma_c xhat + beta_c.
+// In the U-Net every GroupNorm but the attention's is followed by SiLU, so the pair
+// takes a flag `silu` and fuses it: one pass over memory instead of two, and nothing
+// but mean and rstd (B*G floats) is stored. The backward pass recomputes xhat and n
+// from the input, which costs a few flops and saves two activation tensors per layer.
+#define GN_EPS 1e-6
+
+// out = [silu](gamma xhat + beta) with given statistics; also used to recompute.
+static void groupnorm_apply(float* out, const float* inp, const float* mean, const float* rstd,
+                            const float* gamma, const float* beta, int B, int C, int HW, int G, int silu) {
+    int Cg = C / G;
+    #pragma omp parallel for schedule(static) if ((size_t)B * C * HW > 65536)
+    for (int bg = 0; bg < B * G; bg++) {
+        int b = bg / G, g = bg % G;
+        float m = mean[bg], r = rstd[bg];
+        for (int c = g * Cg; c < (g + 1) * Cg; c++) {
+            const float* x = inp + ((size_t)b * C + c) * HW;
+            float* y = out + ((size_t)b * C + c) * HW;
+            float sc = r * gamma[c], sh = beta[c] - m * sc;
+            if (silu) for (int i = 0; i < HW; i++) { float n = x[i] * sc + sh; y[i] = n * sigmoidf(n); }
+            else      for (int i = 0; i < HW; i++) y[i] = x[i] * sc + sh;
+        }
+    }
+}
+
+// mean, rstd: (B, G), saved for the backward pass.
+static void groupnorm_forward(float* out, float* mean, float* rstd, const float* inp,
+                              const float* gamma, const float* beta, int B, int C, int HW, int G, int silu) {
+    int Cg = C / G;
+    size_t n = (size_t)Cg * HW;
+    #pragma omp parallel for schedule(static) if ((size_t)B * C * HW > 65536)
+    for (int bg = 0; bg < B * G; bg++) {
+        const float* x = inp + ((size_t)(bg / G) * C + (size_t)(bg % G) * Cg) * HW;  // a group is contiguous
+        double s = 0, ss = 0;   // double sums: a group can hold 10^5 values
+        for (size_t i = 0; i < n; i++) { s += x[i]; ss += (double)x[i] * x[i]; }
+        double m = s / n, var = ss / n - m * m;
+        mean[bg] = (float)m;
+        rstd[bg] = (float)(1.0 / sqrt(fmax(var, 0.0) + GN_EPS));
+    }
+    groupnorm_apply(out, inp, mean, rstd, gamma, beta, B, C, HW, G, silu);
+}
+
+// With dn = dout * silu'(n) (or dout without the SiLU):
+//   dbeta_c += sum dn,  dgamma_c += sum dn xhat,  dxhat = dn gamma,
+//   dx = rstd (dxhat - mean_group(dxhat) - xhat mean_group(dxhat xhat)).
+// Threads split the groups; each group runs over the images in order, so dgamma and
+// dbeta are summed in the same order whatever the number of threads.
+static void groupnorm_backward(float* dinp, float* dgamma, float* dbeta, const float* dout,
+                               const float* inp, const float* mean, const float* rstd,
+                               const float* gamma, const float* beta, int B, int C, int HW, int G, int silu) {
+    int Cg = C / G;
+    #pragma omp parallel for schedule(static) if ((size_t)B * C * HW > 65536)
+    for (int g = 0; g < G; g++)
+        for (int b = 0; b < B; b++) {
+            int bg = b * G + g;
+            float m = mean[bg], r = rstd[bg];
+            double sum_dxhat = 0, sum_dxhat_xhat = 0;
+            for (int c = g * Cg; c < (g + 1) * Cg; c++) {
+                const float* x = inp + ((size_t)b * C + c) * HW;
+                const float* dy = dout + ((size_t)b * C + c) * HW;
+                double sdn = 0, sdn_xhat = 0;
+                for (int i = 0; i < HW; i++) {
+                    float xhat = (x[i] - m) * r, dn = dy[i];
+                    if (silu) dn *= silu_grad(gamma[c] * xhat + beta[c]);
+                    sdn += dn;
+                    sdn_xhat += dn * xhat;
+                }
+                dbeta[c] += (float)sdn;
+                dgamma[c] += (float)sdn_xhat;
+                sum_dxhat += sdn * gamma[c];
+                sum_dxhat_xhat += sdn_xhat * gamma[c];
+            }
+            float mean_dxhat = (float)(sum_dxhat / ((double)Cg * HW));
+            float mean_dxhat_xhat = (float)(sum_dxhat_xhat / ((double)Cg * HW));
+            for (int c = g * Cg; c < (g + 1) * Cg; c++) {
+                const float* x = inp + ((size_t)b * C + c) * HW;
+                const float* dy = dout + ((size_t)b * C + c) * HW;
+                float* dx = dinp + ((size_t)b * C + c) * HW;
+                for (int i = 0; i < HW; i++) {
+                    float xhat = (x[i] - m) * r, dn = dy[i];
+                    if (silu) dn *= silu_grad(gamma[c] * xhat + beta[c]);
+                    dx[i] += r * (dn * gamma[c] - mean_dxhat - xhat * mean_dxhat_xhat);
+                }
+            }
+        }
+}
+
+// ---- 6.6 Dropout: dropout_forward / dropout_backward ----
+// "dropout 0.1" on CIFAR-10 (Appendix B), inside each ResBlock. Inverted dropout: keep
+// each value with probability 1 - p and scale it by 1/(1 - p), so that nothing changes
+// at evaluation. The mask is never stored: element i is kept iff hash(key, i) >= p 2^32,
+// so the backward pass rebuilds it from the same key. In place is allowed.
+static int dropout_keep(uint64_t key, size_t i, float p) {
+    return hash_u32(key, i) >= (uint32_t)(p * 4294967296.0);
+}
+
+static void dropout_forward(float* out, const float* inp, size_t N, float p, uint64_t key) {
+    float scale = 1.0f / (1.0f - p);
+    #pragma omp parallel for schedule(static) if (N > 65536)
+    for (size_t i = 0; i < N; i++) out[i] = dropout_keep(key, i, p) ? inp[i] * scale : 0.0f;
+}
+
+static void dropout_backward(float* dinp, const float* dout, size_t N, float p, uint64_t key) {
+    float scale = 1.0f / (1.0f - p);
+    #pragma omp parallel for schedule(static) if (N > 65536)
+    for (size_t i = 0; i < N; i++) if (dropout_keep(key, i, p)) dinp[i] += dout[i] * scale;
+}
+
+// ---- 6.7 Attention: attention_forward / attention_backward ----
+// The core of the official AttnBlock (a non-local / self-attention layer over the H*W
+// positions of each image), given q, k, v of shape (B, C, N), N = H*W:
+//   att[i, j] = softmax_j( sum_c q[c, i] k[c, j] / sqrt(C) ),   out[c, i] = sum_j att[i, j] v[c, j]
+// att (B, N, N) is saved for the backward pass.
+static void attention_forward(float* out, float* att, const float* q, const float* k, const float* v,
+                              int B, int C, int N) {
+    float scale = 1.0f / sqrtf((float)C);
+    for (int b = 0; b < B; b++) {
+        const float *qb = q + (size_t)b * C * N, *kb = k + (size_t)b * C * N, *vb = v + (size_t)b * C * N;
+        float* a = att + (size_t)b * N * N;
+        matmul(a, qb, kb, N, N, C, N, N, N, 1, 0, 0);   // a = q^T k
+        #pragma omp parallel for schedule(static)
+        for (int i = 0; i < N; i++) {                   // a = softmax_j(a * scale)
+            float* row = a + (size_t)i * N, mx = -INFINITY;
+            double sum = 0;
+            for (int j = 0; j < N; j++) { row[j] *= scale; mx = fmaxf(mx, row[j]); }
+            for (int j = 0; j < N; j++) { row[j] = expf(row[j] - mx); sum += row[j]; }
+            for (int j = 0; j < N; j++) row[j] = (float)(row[j] / sum);
+        }
+        matmul(out + (size_t)b * C * N, vb, a, C, N, N, N, N, N, 0, 1, 0);   // out = v att^T
+    }
+}
+
+// datt: scratch of N*N floats.
+//   dv += dout att,  datt = dout^T v,  ds = att * (datt - rowsum(att * datt)) / sqrt(C),
+//   dq += k ds^T,  dk += q ds
+static void attention_backward(float* dq, float* dk, float* dv, const float* dout,
+                               const float* q, const float* k, const float* v, const float* att,
+                               int B, int C, int N, float* datt) {
+    float scale = 1.0f / sqrtf((float)C);
+    for (int b = 0; b < B; b++) {
+        size_t o = (size_t)b * C * N;
+        const float* a = att + (size_t)b * N * N;
+        matmul(dv + o, dout + o, a, C, N, N, N, N, N, 0, 0, 1);
+        matmul(datt, dout + o, v + o, N, N, C, N, N, N, 1, 0, 0);
+        #pragma omp parallel for schedule(static)
+        for (int i = 0; i < N; i++) {   // softmax backward, row by row
+            const float* ar = a + (size_t)i * N;
+            float* dr = datt + (size_t)i * N;
+            double dot = 0;
+            for (int j = 0; j < N; j++) dot += (double)ar[j] * dr[j];
+            for (int j = 0; j < N; j++) dr[j] = ar[j] * (dr[j] - (float)dot) * scale;
+        }
+        matmul(dq + o, k + o, datt, C, N, N, N, N, N, 0, 1, 1);
+        matmul(dk + o, q + o, datt, C, N, N, N, N, N, 0, 0, 1);
+    }
+}
+
+// ---- 6.8 Nearest-neighbour upsampling: upsample_forward / upsample_backward ----
+// out (B, C, 2H, 2W): out[c, y, x] = inp[c, y/2, x/2]. The official Upsample follows it
+// with a 3x3 convolution.
+static void upsample_forward(float* out, const float* inp, int B, int C, int H, int W) {
+    #pragma omp parallel for schedule(static) if ((size_t)B * C * H * W > 65536)
+    for (int bc = 0; bc < B * C; bc++)
+        for (int y = 0; y < 2 * H; y++)
+            for (int x = 0; x < 2 * W; x++)
+                out[((size_t)bc * 2 * H + y) * 2 * W + x] = inp[((size_t)bc * H + y / 2) * W + x / 2];
+}
+
+static void upsample_backward(float* dinp, const float* dout, int B, int C, int H, int W) {
+    #pragma omp parallel for schedule(static) if ((size_t)B * C * H * W > 65536)
+    for (int bc = 0; bc < B * C; bc++)
+        for (int y = 0; y < 2 * H; y++)
+            for (int x = 0; x < 2 * W; x++)
+                dinp[((size_t)bc * H + y / 2) * W + x / 2] += dout[((size_t)bc * 2 * H + y) * 2 * W + x];
+}
+
+// ---- 6.9 Channel concatenation: concat_forward / concat_backward ----
+// The U-Net's skip connections: out (B, Ca + Cb, HW) = [a ; b] along channels.
+static void concat_forward(float* out, const float* a, const float* b, int B, int Ca, int Cb, int HW) {
+    for (int i = 0; i < B; i++) {
+        memcpy(out + (size_t)i * (Ca + Cb) * HW, a + (size_t)i * Ca * HW, (size_t)Ca * HW * sizeof(float));
+        memcpy(out + ((size_t)i * (Ca + Cb) + Ca) * HW, b + (size_t)i * Cb * HW, (size_t)Cb * HW * sizeof(float));
+    }
+}
+
+static void concat_backward(float* da, float* db, const float* dout, int B, int Ca, int Cb, int HW) {
+    for (int i = 0; i < B; i++) {
+        const float* d = dout + (size_t)i * (Ca + Cb) * HW;
+        for (size_t j = 0; j < (size_t)Ca * HW; j++) da[(size_t)i * Ca * HW + j] += d[j];
+        for (size_t j = 0; j < (size_t)Cb * HW; j++) db[(size_t)i * Cb * HW + j] += d[(size_t)Ca * HW + j];
+    }
+}
+
+// ---- 6.10 The timestep embedding (§4: "the Transformer sinusoidal position embedding") ----
+// emb[b] = [sin(t_b f_0) .. sin(t_b f_{h-1}), cos(t_b f_0) .. cos(t_b f_{h-1})], h = dim/2,
+// f_i = exp(-ln(10000) i / (h - 1)). t is the 0-based index, as in the official code.
+// No backward: t is an integer input. Computed in double: t f_i reaches 10^3 radians,
+// where float arguments would already be off by ~1e-4.
+static void timestep_embedding(float* out, const int* t_idx, int B, int dim) {
+    int half = dim / 2;
+    for (int b = 0; b < B; b++)
+        for (int i = 0; i < half; i++) {
+            double arg = t_idx[b] * exp(-log(10000.0) * i / (half - 1));
+            out[(size_t)b * dim + i] = (float)sin(arg);
+            out[(size_t)b * dim + half + i] = (float)cos(arg);
+        }
+}
+
+// ---- 6.11 Small helpers of the blocks ----
+// h[b, c, :] += v[b, c]: the timestep projection added to every pixel of a channel.
+static void add_channel_bias(float* h, const float* v, int B, int C, int HW) {
+    for (size_t bc = 0; bc < (size_t)B * C; bc++)
+        for (int i = 0; i < HW; i++) h[bc * HW + i] += v[bc];
+}
+
+// dv[b, c] = sum over pixels of dh[b, c, :]   (the backward of add_channel_bias)
+static void sum_channel(float* dv, const float* dh, int B, int C, int HW) {
+    for (size_t bc = 0; bc < (size_t)B * C; bc++) {
+        float s = 0;
+        for (int i = 0; i < HW; i++) s += dh[bc * HW + i];
+        dv[bc] = s;
+    }
+}
+
+static void add_inplace(float* y, const float* x, size_t N) {
+    #pragma omp parallel for schedule(static) if (N > 65536)
+    for (size_t i = 0; i < N; i++) y[i] += x[i];
+}
+
+// ---- 6.12 The configuration ----
+#define MAX_LEVELS 6
+#define MAX_BLOCKS 128
+#define MAX_PARAM_TENSORS 1024
+
+typedef struct {
+    int in_ch;                     // image channels: 3 (CIFAR-10) or 1 (Fashion-MNIST)
+    int img;                       // image side: 32
+    int ch;                        // base channel count
+    int n_levels;                  // resolutions: 32, 16, 8, 4 for the paper
+    int ch_mult[MAX_LEVELS];       // channels at level i: ch * ch_mult[i]
+    int num_res_blocks;            // ResBlocks per level on the way down
+    int n_attn;
+    int attn_res[MAX_LEVELS];      // resolutions with self-attention: 16 (§4)
+    int groups;                    // GroupNorm groups
+    float dropout;                 // 0.1 on CIFAR-10 (Appendix B)
+} Config;
+
+typedef struct { const char* name; Config cfg; } Preset;
+
+// `paper` is the official CIFAR-10 model of Appendix B: 35.7M parameters. The two
+// compact presets keep its shape (three levels, attention at 16x16) at a size a CPU
+// can train in hours rather than weeks.
+static const Preset PRESETS[] = {
+    {"tiny",  {3, 32, 32, 3, {1, 2, 2}, 1, 1, {16}, 8, 0.1f}},
+    {"small", {3, 32, 64, 3, {1, 2, 2}, 1, 1, {16}, 32, 0.1f}},
+    {"paper", {3, 32, 128, 4, {1, 2, 2, 2}, 2, 1, {16}, 32, 0.1f}},
+};
+#define N_PRESETS (int)(sizeof(PRESETS) / sizeof(PRESETS[0]))
+
+static int preset_find(const char* name, Config* out) {
+    for (int i = 0; i < N_PRESETS; i++)
+        if (!strcmp(PRESETS[i].name, name)) { *out = PRESETS[i].cfg; return 1; }
+    return 0;
+}
+
+static int config_has_attn(const Config* c, int res) {
+    for (int i = 0; i < c->n_attn; i++) if (c->attn_res[i] == res) return 1;
+    return 0;
+}
+
+// Returns NULL if the configuration is usable, else a one-line reason naming the flag.
+static const char* config_check(const Config* c) {
+    static char msg[256];
+    if (c->in_ch <= 0 || c->in_ch > 16) return "--in-ch must be between 1 and 16";
+    if (c->ch <= 0 || c->ch % 2) return "--ch must be a positive even number";
+    if (c->ch < 4) return "--ch must be at least 4 (the sinusoidal embedding needs ch/2 >= 2)";
+    if (c->n_levels <= 0 || c->n_levels > MAX_LEVELS) return "--ch-mult needs 1 to 6 comma-separated levels";
+    if (c->num_res_blocks <= 0) return "--num-res-blocks must be positive";
+    if (c->groups <= 0) return "--groups must be positive";
+    if (c->dropout < 0 || c->dropout >= 1) return "--dropout must be in [0, 1)";
+    if (c->img <= 0 || c->img % (1 << (c->n_levels - 1)))
+        return "the image side must be divisible by 2^(levels-1): use fewer --ch-mult levels";
+    if (c->ch % c->groups) {
+        snprintf(msg, sizeof msg, "--ch %d is not divisible by --groups %d", c->ch, c->groups);
+        return msg;
+    }
+    for (int i = 0; i < c->n_levels; i++) {
+        if (c->ch_mult[i] <= 0) return "--ch-mult entries must be positive";
+        // every channel count of the net is a sum of multiples of ch, so ch % groups is
+        // enough for all GroupNorms
+    }
+    for (int a = 0; a < c->n_attn; a++) {
+        int ok = 0;
+        for (int i = 0; i < c->n_levels; i++) ok |= (c->img >> i) == c->attn_res[a];
+        if (!ok) {
+            snprintf(msg, sizeof msg, "--attn %d: the network never reaches %dx%d (resolutions are %d down to %d)",
+                     c->attn_res[a], c->attn_res[a], c->attn_res[a], c->img, c->img >> (c->n_levels - 1));
+            return msg;
+        }
+    }
+    return NULL;
+}
+
+// ---- 6.13 Parameters, layers and blocks ----
+typedef enum { INIT_UNIFORM, INIT_ZERO, INIT_ONE } InitKind;
+
+typedef struct {
+    char name[64];        // PyTorch state_dict name, e.g. "down.0.block.1.conv1.weight"
+    char group[32];       // the block it belongs to, e.g. "down.0.block.1"
+    int ndim, shape[4];
+    size_t offset, numel; // into UNet.params (and UNet.grads, same layout)
+    InitKind init;
+    float bound;          // INIT_UNIFORM: U(-bound, bound)
+} ParamTensor;
+
+typedef struct { float *w, *b, *dw, *db; int C_in, C_out, K, stride; } Conv2d;  // w (C_out, C_in, K, K)
+typedef struct { float *w, *b, *dw, *db; int C_in, C_out; } Linear;            // w (C_out, C_in)
+typedef struct { float *gamma, *beta, *dgamma, *dbeta; int C, G; } GroupNorm;  // (C)
+
+typedef enum { BLOCK_RES, BLOCK_ATTN, BLOCK_DOWN, BLOCK_UP } BlockKind;
+
+// One block of the U-Net. Its input is `in` (and, for ResBlocks of the up path,
+// concatenated with `skip`), its output `out`; all are views into UNet.acts, with the
+// gradients din, dskip, dout in UNet.grad_acts or UNet.work.
+typedef struct {
+    BlockKind kind;
+    char name[32];
+    int C_in, C_skip, C_out, H, W;  // input (C_in + C_skip, H, W) -> output (C_out, H', W')
+    // BLOCK_RES: out = shortcut(x) + conv2(dropout(silu(norm2(h1)))),
+    //            h1 = conv1(silu(norm1(x))) + temb_proj(silu(temb))
+    GroupNorm norm1, norm2;
+    Conv2d conv1, conv2, nin_shortcut;   // nin_shortcut only when C_in + C_skip != C_out
+    Linear temb_proj;
+    float *mean1, *rstd1, *h1, *mean2, *rstd2;   // saved: (B, G), (B, C_out, H, W)
+    // BLOCK_ATTN: out = x + proj_out(attention(q(n), k(n), v(n))), n = norm(x)
+    GroupNorm norm;
+    Conv2d q, k, v, proj_out;
+    float *mean, *rstd, *qa, *ka, *va, *att, *o;  // saved: (B, G), (B, C, HW) x3, (B, HW, HW), (B, C, HW)
+    // BLOCK_DOWN: out = conv (3x3, stride 2);  BLOCK_UP: out = conv (3x3) of upsample(x)
+    Conv2d conv;
+    const float *in, *skip;
+    float *out;
+    float *din, *dskip, *dout;
+    int din_transient;   // din is a shared ping-pong buffer: zero it before this block's backward
+} Block;
+
+#define N_SCRATCH 5
+
+typedef struct {
+    Config cfg;
+    int B_max;                  // activations are sized for this many images
+    // parameters and their gradients: one buffer each, same layout, described by tensors[]
+    size_t n_params;
+    float* params;
+    float* grads;
+    ParamTensor tensors[MAX_PARAM_TENSORS];
+    int n_tensors;
+    // the layers, in the order they run
+    Linear dense0, dense1;      // the timestep MLP: ch -> 4ch -> 4ch
+    Conv2d conv_in;
+    Block blocks[MAX_BLOCKS];
+    int n_blocks;
+    GroupNorm norm_out;
+    Conv2d conv_out;
+    // saved activations (one buffer), each for B_max images
+    size_t n_acts;
+    float* acts;
+    float *temb_sin, *temb_h, *temb_a, *temb, *temb_act;  // (B, ch), then (B, 4ch) x4
+    float *x;                   // (B, in_ch, img, img): the input x_t
+    float *h0, *d_h0;           // (B, ch, img, img): conv_in's output, the first skip
+    float *h_last;              // (B, ch, img, img): the up path's output
+    float *mean_out, *rstd_out; // (B, G)
+    float *eps_theta;           // (B, in_ch, img, img): the output
+    // gradients of the activations that must live across blocks (one buffer)
+    size_t n_grad_acts;
+    float* grad_acts;
+    float *d_temb_act, *d_temb, *d_temb_a, *d_temb_h;   // (B, 4ch)
+    float *d_h_last;
+    // temporaries of one block, forward or backward (one buffer)
+    size_t n_work;
+    float* work;
+    float* scratch[N_SCRATCH];  // each (B, max C, max HW) over all blocks
+    float* ping[2];             // gradients of tensors read by exactly one block
+    float *col, *dcol;          // im2col of one image
+    float *datt;                // (HW, HW) of one image
+    float *tproj;               // (B, max C): a ResBlock's timestep projection
+    size_t max_numel, max_col;  // per image; found by the first layout pass
+    int max_attn_hw, n_transient;
+    // state of the current step
+    int train;                  // dropout on (training) or off (sampling, evaluation)
+    uint64_t dropout_key;       // drawn from the RNG once per step
+} UNet;
+
+typedef struct { float* base; size_t used; } Arena;
+
+// Carve n floats from an arena; on the sizing pass (base NULL) only count them.
+static float* take(Arena* a, size_t n) {
+    float* p = a->base ? a->base + a->used : NULL;
+    a->used += n;
+    return p;
+}
+
+// Register one parameter tensor; returns its view and sets *grad to its gradient view.
+static float* param_add(UNet* m, Arena* P, float** grad, const char* group, const char* name,
+                        int ndim, const int* shape, InitKind init, float bound) {
+    if (m->n_tensors >= MAX_PARAM_TENSORS) die("too many parameter tensors; raise MAX_PARAM_TENSORS");
+    ParamTensor* t = &m->tensors[m->n_tensors++];
+    snprintf(t->name, sizeof t->name, "%s.%s", group, name);
+    snprintf(t->group, sizeof t->group, "%s", group);
+    t->ndim = ndim;
+    t->numel = 1;
+    for (int i = 0; i < ndim; i++) { t->shape[i] = shape[i]; t->numel *= shape[i]; }
+    t->offset = P->used;
+    t->init = init;
+    t->bound = bound;
+    float* p = take(P, t->numel);
+    *grad = p ? m->grads + t->offset : NULL;
+    return p;
+}
+
+// The official initialiser: variance scaling, fan_avg, uniform:
+//   bound = sqrt(3 scale / ((fan_in + fan_out) / 2)); biases 0. scale is 1, except 1e-10
+// for the last layer of every residual branch and the output conv, so that each block
+// starts as (almost) the identity.
+static float init_bound(float scale, int fan_in, int fan_out) {
+    return sqrtf(3.0f * scale / ((fan_in + fan_out) / 2.0f));
+}
+
+static void conv_make(UNet* m, Arena* P, Conv2d* c, const char* group, const char* name,
+                      int C_in, int C_out, int K, int stride, float scale) {
+    char n[48];
+    int ws[4] = {C_out, C_in, K, K}, bs[1] = {C_out};
+    c->C_in = C_in; c->C_out = C_out; c->K = K; c->stride = stride;
+    snprintf(n, sizeof n, "%s%sweight", name ? name : "", name ? "." : "");
+    c->w = param_add(m, P, &c->dw, group, n, 4, ws, INIT_UNIFORM, init_bound(scale, C_in * K * K, C_out * K * K));
+    snprintf(n, sizeof n, "%s%sbias", name ? name : "", name ? "." : "");
+    c->b = param_add(m, P, &c->db, group, n, 1, bs, INIT_ZERO, 0);
+}
+
+static void linear_make(UNet* m, Arena* P, Linear* l, const char* group, const char* name, int C_in, int C_out) {
+    char n[48];
+    int ws[2] = {C_out, C_in}, bs[1] = {C_out};
+    l->C_in = C_in; l->C_out = C_out;
+    snprintf(n, sizeof n, "%s%sweight", name ? name : "", name ? "." : "");
+    l->w = param_add(m, P, &l->dw, group, n, 2, ws, INIT_UNIFORM, init_bound(1.0f, C_in, C_out));
+    snprintf(n, sizeof n, "%s%sbias", name ? name : "", name ? "." : "");
+    l->b = param_add(m, P, &l->db, group, n, 1, bs, INIT_ZERO, 0);
+}
+
+static void groupnorm_make(UNet* m, Arena* P, GroupNorm* g, const char* group, const char* name, int C, int G) {
+    char n[48];
+    int s[1] = {C};
+    g->C = C; g->G = G;
+    snprintf(n, sizeof n, "%s%sweight", name ? name : "", name ? "." : "");
+    g->gamma = param_add(m, P, &g->dgamma, group, n, 1, s, INIT_ONE, 0);
+    snprintf(n, sizeof n, "%s%sbias", name ? name : "", name ? "." : "");
+    g->beta = param_add(m, P, &g->dbeta, group, n, 1, s, INIT_ZERO, 0);
+}
+
+// ---- 6.14 The layout: walking the architecture once to size, once to carve ----
+// A tensor flowing between blocks. Tensors kept for a skip connection are read by two
+// blocks, so their gradient has its own buffer and sums two contributions; every other
+// tensor is read by exactly one block, right after it is written, so its gradient
+// can live in one of two ping-pong buffers (consecutive ones alternate).
+typedef struct { float* x; float* dx; int C, H, persistent; } Flow;
+
+typedef struct { Arena P, A, G; } Arenas;
+
+static Flow flow_new(UNet* m, Arenas* ar, int C, int H, int persistent) {
+    size_t numel = (size_t)C * H * H;
+    Flow f = {take(&ar->A, m->B_max * numel), NULL, C, H, persistent};
+    f.dx = persistent ? take(&ar->G, m->B_max * numel) : m->ping[m->n_transient++ % 2];
+    if (numel > m->max_numel) m->max_numel = numel;
+    return f;
+}
+
+static Block* block_new(UNet* m, BlockKind kind, const char* fmt, int a, int b) {
+    if (m->n_blocks >= MAX_BLOCKS) die("too many blocks; raise MAX_BLOCKS");
+    Block* k = &m->blocks[m->n_blocks++];
+    memset(k, 0, sizeof *k);
+    k->kind = kind;
+    snprintf(k->name, sizeof k->name, fmt, a, b);
+    return k;
+}
+
+static void block_connect(UNet* m, Block* k, Flow in, const Flow* skip, Flow out) {
+    k->in = in.x; k->din = in.dx; k->din_transient = !in.persistent;
+    k->C_in = in.C; k->H = k->W = in.H;
+    if (skip) { k->skip = skip->x; k->dskip = skip->dx; k->C_skip = skip->C; }
+    k->out = out.x; k->dout = out.dx; k->C_out = out.C;
+    size_t need = (size_t)(k->C_in + k->C_skip) * in.H * in.H;   // a concatenated input
+    if (need > m->max_numel) m->max_numel = need;
+}
+
+static Flow resblock_make(UNet* m, Arenas* ar, Flow in, const Flow* skip, int C_out, int persistent, const char* name, int a, int b) {
+    Block* k = block_new(m, BLOCK_RES, name, a, b);
+    int C_x = in.C + (skip ? skip->C : 0), G = m->cfg.groups, H = in.H, Bm = m->B_max;
+    groupnorm_make(m, &ar->P, &k->norm1, k->name, "norm1", C_x, G);
+    conv_make(m, &ar->P, &k->conv1, k->name, "conv1", C_x, C_out, 3, 1, 1.0f);
+    linear_make(m, &ar->P, &k->temb_proj, k->name, "temb_proj", 4 * m->cfg.ch, C_out);
+    groupnorm_make(m, &ar->P, &k->norm2, k->name, "norm2", C_out, G);
+    conv_make(m, &ar->P, &k->conv2, k->name, "conv2", C_out, C_out, 3, 1, 1e-10f);
+    if (C_x != C_out) conv_make(m, &ar->P, &k->nin_shortcut, k->name, "nin_shortcut", C_x, C_out, 1, 1, 1.0f);
+    k->mean1 = take(&ar->A, Bm * G); k->rstd1 = take(&ar->A, Bm * G);
+    k->mean2 = take(&ar->A, Bm * G); k->rstd2 = take(&ar->A, Bm * G);
+    k->h1 = take(&ar->A, (size_t)Bm * C_out * H * H);
+    Flow out = flow_new(m, ar, C_out, H, persistent);
+    block_connect(m, k, in, skip, out);
+    size_t col = (size_t)C_x * 9 * H * H;
+    if (col > m->max_col) m->max_col = col;
+    return out;
+}
+
+static Flow attnblock_make(UNet* m, Arenas* ar, Flow in, int persistent, const char* name, int a, int b) {
+    Block* k = block_new(m, BLOCK_ATTN, name, a, b);
+    int C = in.C, G = m->cfg.groups, HW = in.H * in.H, Bm = m->B_max;
+    groupnorm_make(m, &ar->P, &k->norm, k->name, "norm", C, G);
+    conv_make(m, &ar->P, &k->q, k->name, "q", C, C, 1, 1, 1.0f);
+    conv_make(m, &ar->P, &k->k, k->name, "k", C, C, 1, 1, 1.0f);
+    conv_make(m, &ar->P, &k->v, k->name, "v", C, C, 1, 1, 1.0f);
+    conv_make(m, &ar->P, &k->proj_out, k->name, "proj_out", C, C, 1, 1, 1e-10f);
+    k->mean = take(&ar->A, Bm * G); k->rstd = take(&ar->A, Bm * G);
+    k->qa = take(&ar->A, (size_t)Bm * C * HW); k->ka = take(&ar->A, (size_t)Bm * C * HW);
+    k->va = take(&ar->A, (size_t)Bm * C * HW); k->o = take(&ar->A, (size_t)Bm * C * HW);
+    k->att = take(&ar->A, (size_t)Bm * HW * HW);
+    if (HW > m->max_attn_hw) m->max_attn_hw = HW;
+    Flow out = flow_new(m, ar, C, in.H, persistent);
+    block_connect(m, k, in, NULL, out);
+    return out;
+}
+
+// Downsample (stride-2 conv) and Upsample (nearest 2x, then conv), both C -> C.
+static Flow resample_make(UNet* m, Arenas* ar, Flow in, BlockKind kind, int persistent, const char* name, int a) {
+    Block* k = block_new(m, kind, name, a, 0);
+    conv_make(m, &ar->P, &k->conv, k->name, "conv", in.C, in.C, 3, kind == BLOCK_DOWN ? 2 : 1, 1.0f);
+    int H_out = kind == BLOCK_DOWN ? in.H / 2 : in.H * 2;
+    Flow out = flow_new(m, ar, in.C, H_out, persistent);
+    block_connect(m, k, in, NULL, out);
+    size_t col = (size_t)in.C * 9 * H_out * H_out;
+    if (col > m->max_col) m->max_col = col;
+    if ((size_t)in.C * H_out * H_out > m->max_numel) m->max_numel = (size_t)in.C * H_out * H_out;
+    return out;
+}
+
+// The official U-Net (diffusion_tf/models/unet.py), block by block.
+static void unet_layout(UNet* m, Arenas* ar) {
+    const Config* c = &m->cfg;
+    int Bm = m->B_max, ch = c->ch, E = 4 * ch, S = c->img, G = c->groups;
+    m->n_tensors = m->n_blocks = m->n_transient = 0;
+    // timestep embedding: sinusoid -> dense0 -> silu -> dense1 (-> silu in every ResBlock)
+    linear_make(m, &ar->P, &m->dense0, "temb", "dense0", ch, E);
+    linear_make(m, &ar->P, &m->dense1, "temb", "dense1", E, E);
+    m->temb_sin = take(&ar->A, (size_t)Bm * ch);
+    m->temb_h = take(&ar->A, (size_t)Bm * E); m->temb_a = take(&ar->A, (size_t)Bm * E);
+    m->temb = take(&ar->A, (size_t)Bm * E); m->temb_act = take(&ar->A, (size_t)Bm * E);
+    m->d_temb_act = take(&ar->G, (size_t)Bm * E); m->d_temb = take(&ar->G, (size_t)Bm * E);
+    m->d_temb_a = take(&ar->G, (size_t)Bm * E); m->d_temb_h = take(&ar->G, (size_t)Bm * E);
+    m->x = take(&ar->A, (size_t)Bm * c->in_ch * S * S);
+    conv_make(m, &ar->P, &m->conv_in, "conv_in", NULL, c->in_ch, ch, 3, 1, 1.0f);
+    if ((size_t)c->in_ch * 9 * S * S > m->max_col) m->max_col = (size_t)c->in_ch * 9 * S * S;
+    // Down path: every output is kept (hs) for a skip connection.
+    Flow hs[4 * MAX_LEVELS * 8];
+    int n_hs = 0;
+    hs[n_hs++] = flow_new(m, ar, ch, S, 1);
+    m->h0 = hs[0].x;
+    m->d_h0 = hs[0].dx;
+    for (int i = 0; i < c->n_levels; i++) {
+        for (int j = 0; j < c->num_res_blocks; j++) {
+            int attn = config_has_attn(c, hs[n_hs - 1].H);
+            Flow h = resblock_make(m, ar, hs[n_hs - 1], NULL, ch * c->ch_mult[i], !attn, "down.%d.block.%d", i, j);
+            if (attn) h = attnblock_make(m, ar, h, 1, "down.%d.attn.%d", i, j);
+            hs[n_hs++] = h;
+        }
+        if (i != c->n_levels - 1) {
+            hs[n_hs] = resample_make(m, ar, hs[n_hs - 1], BLOCK_DOWN, 1, "down.%d.downsample", i);
+            n_hs++;
+        }
+    }
+    // Middle: ResBlock, AttnBlock, ResBlock at the lowest resolution.
+    Flow h = hs[n_hs - 1];
+    h = resblock_make(m, ar, h, NULL, h.C, 0, "mid.block_1", 0, 0);
+    h = attnblock_make(m, ar, h, 0, "mid.attn_1", 0, 0);
+    h = resblock_make(m, ar, h, NULL, h.C, 0, "mid.block_2", 0, 0);
+    // Up path: num_res_blocks + 1 ResBlocks per level, each on concat(h, skip).
+    for (int i = c->n_levels - 1; i >= 0; i--) {
+        for (int j = 0; j < c->num_res_blocks + 1; j++) {
+            Flow skip = hs[--n_hs];
+            h = resblock_make(m, ar, h, &skip, ch * c->ch_mult[i], 0, "up.%d.block.%d", i, j);
+            if (config_has_attn(c, h.H)) h = attnblock_make(m, ar, h, 0, "up.%d.attn.%d", i, j);
+        }
+        if (i != 0) h = resample_make(m, ar, h, BLOCK_UP, 0, "up.%d.upsample", i);
+    }
+    // Out: GroupNorm, SiLU, 3x3 conv to the image channels.
+    m->h_last = h.x;
+    m->d_h_last = h.dx;
+    groupnorm_make(m, &ar->P, &m->norm_out, "norm_out", NULL, ch, G);
+    conv_make(m, &ar->P, &m->conv_out, "conv_out", NULL, ch, c->in_ch, 3, 1, 1e-10f);
+    m->mean_out = take(&ar->A, (size_t)Bm * G); m->rstd_out = take(&ar->A, (size_t)Bm * G);
+    m->eps_theta = take(&ar->A, (size_t)Bm * c->in_ch * S * S);
+}
+
+// Build the network for batches of up to B_max images: size everything, allocate each
+// buffer once, then carve the named views. Nothing is allocated after this.
+static void unet_build(UNet* m, const Config* cfg, int B_max) {
+    const char* err = config_check(cfg);
+    if (err) die("%s", err);
+    memset(m, 0, sizeof *m);
+    m->cfg = *cfg;
+    m->B_max = B_max;
+    gemm_init();
+    Arenas sizing = {{NULL, 0}, {NULL, 0}, {NULL, 0}};
+    unet_layout(m, &sizing);
+    m->n_params = sizing.P.used;
+    m->n_acts = sizing.A.used;
+    m->n_grad_acts = sizing.G.used;
+    size_t per = (size_t)B_max * m->max_numel, att = (size_t)m->max_attn_hw * m->max_attn_hw;
+    int max_mult = 1;
+    for (int i = 0; i < cfg->n_levels; i++) if (cfg->ch_mult[i] > max_mult) max_mult = cfg->ch_mult[i];
+    size_t tproj = (size_t)B_max * cfg->ch * max_mult;
+    m->n_work = (N_SCRATCH + 2) * per + 2 * m->max_col + att + tproj;
+    m->params = calloc_check(m->n_params, sizeof(float), "parameters");
+    m->grads = calloc_check(m->n_params, sizeof(float), "gradients");
+    m->acts = calloc_check(m->n_acts, sizeof(float), "activations");
+    m->grad_acts = calloc_check(m->n_grad_acts, sizeof(float), "activation gradients");
+    m->work = calloc_check(m->n_work, sizeof(float), "work buffers");
+    float* w = m->work;
+    for (int i = 0; i < N_SCRATCH; i++, w += per) m->scratch[i] = w;
+    m->ping[0] = w; w += per;
+    m->ping[1] = w; w += per;
+    m->col = w; w += m->max_col;
+    m->dcol = w; w += m->max_col;
+    m->datt = w; w += att;
+    m->tproj = w;
+    Arenas carve = {{m->params, 0}, {m->acts, 0}, {m->grad_acts, 0}};
+    unet_layout(m, &carve);
+}
+
+static void unet_free(UNet* m) {
+    free(m->params); free(m->grads); free(m->acts); free(m->grad_acts); free(m->work);
+}
+
+// Official initialisation (see init_bound), drawn in the order of tensors[].
+static void unet_init(UNet* m, Rng* rng) {
+    for (int i = 0; i < m->n_tensors; i++) {
+        ParamTensor* t = &m->tensors[i];
+        float* p = m->params + t->offset;
+        for (size_t j = 0; j < t->numel; j++)
+            p[j] = t->init == INIT_ONE ? 1.0f : t->init == INIT_ZERO ? 0.0f
+                 : (float)((2.0 * rng_uniform(rng) - 1.0) * t->bound);
+    }
+}
+
+// ---- 6.15 The blocks, forward and backward ----
+static uint64_t block_key(const UNet* m, const Block* k) {
+    return m->dropout_key ^ (0x9e3779b97f4a7c15ULL * (uint64_t)(k - m->blocks + 1));
+}
+
+static int dropout_on(const UNet* m) { return m->train && m->cfg.dropout > 0; }
+
+static void zero(float* x, size_t n) { memset(x, 0, n * sizeof(float)); }
+
+// ResBlock (Appendix B; official resnet_block):
+//   x  = in, or concat(in, skip) on the up path
+//   h1 = conv1(silu(norm1(x))) + temb_proj(silu(temb))     [broadcast over H x W]
+//   h2 = conv2(dropout(silu(norm2(h1))))
+//   out = shortcut(x) + h2,   shortcut = identity or a 1x1 conv ("nin") if channels change
+static void resblock_forward(UNet* m, Block* k, int B) {
+    int C_x = k->C_in + k->C_skip, C = k->C_out, H = k->H, W = k->W, HW = H * W, G = m->cfg.groups;
+    size_t N = (size_t)B * C * HW;
+    const float* x = k->in;
+    if (k->skip) { concat_forward(m->scratch[0], k->in, k->skip, B, k->C_in, k->C_skip, HW); x = m->scratch[0]; }
+    float* a = m->scratch[1];
+    groupnorm_forward(a, k->mean1, k->rstd1, x, k->norm1.gamma, k->norm1.beta, B, C_x, HW, G, 1);
+    conv2d_forward(k->h1, a, k->conv1.w, k->conv1.b, B, C_x, H, W, C, 3, 1, m->col);
+    linear_forward(m->tproj, m->temb_act, k->temb_proj.w, k->temb_proj.b, B, 4 * m->cfg.ch, C);
+    add_channel_bias(k->h1, m->tproj, B, C, HW);
+    groupnorm_forward(a, k->mean2, k->rstd2, k->h1, k->norm2.gamma, k->norm2.beta, B, C, HW, G, 1);
+    if (dropout_on(m)) dropout_forward(a, a, N, m->cfg.dropout, block_key(m, k));
+    conv2d_forward(k->out, a, k->conv2.w, k->conv2.b, B, C, H, W, C, 3, 1, m->col);
+    if (k->nin_shortcut.w) {
+        conv2d_forward(m->scratch[2], x, k->nin_shortcut.w, k->nin_shortcut.b, B, C_x, H, W, C, 1, 1, m->col);
+        add_inplace(k->out, m->scratch[2], N);
+    } else {
+        add_inplace(k->out, x, N);
+    }
+}
+
+static void resblock_backward(UNet* m, Block* k, int B) {
+    int C_x = k->C_in + k->C_skip, C = k->C_out, H = k->H, W = k->W, HW = H * W, G = m->cfg.groups;
+    size_t N = (size_t)B * C * HW;
+    float **s = m->scratch, *col = m->col, *dcol = m->dcol;
+    const float* x = k->in;
+    float* dx = k->din;
+    if (k->skip) {   // x = concat(in, skip): rebuild it, and collect its gradient apart
+        concat_forward(s[0], k->in, k->skip, B, k->C_in, k->C_skip, HW);
+        x = s[0];
+        dx = s[4];
+        zero(dx, (size_t)B * C_x * HW);
+    }
+    // out = shortcut(x) + h2
+    if (k->nin_shortcut.w)
+        conv2d_backward(dx, k->nin_shortcut.dw, k->nin_shortcut.db, k->dout, x, k->nin_shortcut.w,
+                        B, C_x, H, W, C, 1, 1, col, dcol);
+    else
+        add_inplace(dx, k->dout, N);
+    // h2 = conv2(a2): recompute a2 = dropout(silu(norm2(h1))) rather than store it
+    float *a2 = s[1], *da2 = s[2], *dh1 = s[3];
+    groupnorm_apply(a2, k->h1, k->mean2, k->rstd2, k->norm2.gamma, k->norm2.beta, B, C, HW, G, 1);
+    if (dropout_on(m)) dropout_forward(a2, a2, N, m->cfg.dropout, block_key(m, k));
+    zero(da2, N);
+    conv2d_backward(da2, k->conv2.dw, k->conv2.db, k->dout, a2, k->conv2.w, B, C, H, W, C, 3, 1, col, dcol);
+    // a2 = dropout(silu(norm2(h1)))
+    if (dropout_on(m)) {
+        float* t = a2;   // a2 is no longer needed: reuse it for the gradient behind dropout
+        zero(t, N);
+        dropout_backward(t, da2, N, m->cfg.dropout, block_key(m, k));
+        da2 = t;
+    }
+    zero(dh1, N);
+    groupnorm_backward(dh1, k->norm2.dgamma, k->norm2.dbeta, da2, k->h1, k->mean2, k->rstd2,
+                       k->norm2.gamma, k->norm2.beta, B, C, HW, G, 1);
+    // h1 = conv1(a1) + temb_proj(silu(temb)): the projection gets the per-channel sums
+    sum_channel(m->tproj, dh1, B, C, HW);
+    linear_backward(m->d_temb_act, k->temb_proj.dw, k->temb_proj.db, m->tproj, m->temb_act,
+                    k->temb_proj.w, B, 4 * m->cfg.ch, C);
+    // a1 = silu(norm1(x)): recompute it, then through conv1 and norm1
+    float *a1 = s[1], *da1 = s[2];
+    groupnorm_apply(a1, x, k->mean1, k->rstd1, k->norm1.gamma, k->norm1.beta, B, C_x, HW, G, 1);
+    zero(da1, (size_t)B * C_x * HW);
+    conv2d_backward(da1, k->conv1.dw, k->conv1.db, dh1, a1, k->conv1.w, B, C_x, H, W, C, 3, 1, col, dcol);
+    groupnorm_backward(dx, k->norm1.dgamma, k->norm1.dbeta, da1, x, k->mean1, k->rstd1,
+                       k->norm1.gamma, k->norm1.beta, B, C_x, HW, G, 1);
+    if (k->skip) concat_backward(k->din, k->dskip, dx, B, k->C_in, k->C_skip, HW);
+}
+
+// AttnBlock (official attn_block): n = norm(x); q, k, v = 1x1 convs of n;
+//   out = x + proj_out(attention(q, k, v))
+static void attnblock_forward(UNet* m, Block* k, int B) {
+    int C = k->C_in, H = k->H, W = k->W, HW = H * W;
+    float* n = m->scratch[0];
+    groupnorm_forward(n, k->mean, k->rstd, k->in, k->norm.gamma, k->norm.beta, B, C, HW, m->cfg.groups, 0);
+    conv2d_forward(k->qa, n, k->q.w, k->q.b, B, C, H, W, C, 1, 1, m->col);
+    conv2d_forward(k->ka, n, k->k.w, k->k.b, B, C, H, W, C, 1, 1, m->col);
+    conv2d_forward(k->va, n, k->v.w, k->v.b, B, C, H, W, C, 1, 1, m->col);
+    attention_forward(k->o, k->att, k->qa, k->ka, k->va, B, C, HW);
+    conv2d_forward(k->out, k->o, k->proj_out.w, k->proj_out.b, B, C, H, W, C, 1, 1, m->col);
+    add_inplace(k->out, k->in, (size_t)B * C * HW);
+}
+
+static void attnblock_backward(UNet* m, Block* k, int B) {
+    int C = k->C_in, H = k->H, W = k->W, HW = H * W;
+    size_t N = (size_t)B * C * HW;
+    float **s = m->scratch, *col = m->col, *dcol = m->dcol;
+    float *n = s[0], *do_ = s[1], *dq = s[2], *dk = s[3], *dv = s[4];
+    add_inplace(k->din, k->dout, N);   // the residual connection
+    zero(do_, N);
+    conv2d_backward(do_, k->proj_out.dw, k->proj_out.db, k->dout, k->o, k->proj_out.w, B, C, H, W, C, 1, 1, col, dcol);
+    zero(dq, N); zero(dk, N); zero(dv, N);
+    attention_backward(dq, dk, dv, do_, k->qa, k->ka, k->va, k->att, B, C, HW, m->datt);
+    // n = norm(x), recomputed; its gradient sums the three projections
+    groupnorm_apply(n, k->in, k->mean, k->rstd, k->norm.gamma, k->norm.beta, B, C, HW, m->cfg.groups, 0);
+    float* dn = do_;
+    zero(dn, N);
+    conv2d_backward(dn, k->q.dw, k->q.db, dq, n, k->q.w, B, C, H, W, C, 1, 1, col, dcol);
+    conv2d_backward(dn, k->k.dw, k->k.db, dk, n, k->k.w, B, C, H, W, C, 1, 1, col, dcol);
+    conv2d_backward(dn, k->v.dw, k->v.db, dv, n, k->v.w, B, C, H, W, C, 1, 1, col, dcol);
+    groupnorm_backward(k->din, k->norm.dgamma, k->norm.dbeta, dn, k->in, k->mean, k->rstd,
+                       k->norm.gamma, k->norm.beta, B, C, HW, m->cfg.groups, 0);
+}
+
+// Downsample: 3x3 conv, stride 2.  Upsample: nearest 2x, then 3x3 conv.
+static void resample_forward(UNet* m, Block* k, int B) {
+    int C = k->C_in, H = k->H, W = k->W;
+    if (k->kind == BLOCK_DOWN) {
+        conv2d_forward(k->out, k->in, k->conv.w, k->conv.b, B, C, H, W, C, 3, 2, m->col);
+    } else {
+        upsample_forward(m->scratch[0], k->in, B, C, H, W);
+        conv2d_forward(k->out, m->scratch[0], k->conv.w, k->conv.b, B, C, 2 * H, 2 * W, C, 3, 1, m->col);
+    }
+}
+
+static void resample_backward(UNet* m, Block* k, int B) {
+    int C = k->C_in, H = k->H, W = k->W;
+    if (k->kind == BLOCK_DOWN) {
+        conv2d_backward(k->din, k->conv.dw, k->conv.db, k->dout, k->in, k->conv.w, B, C, H, W, C, 3, 2, m->col, m->dcol);
+    } else {
+        float *up = m->scratch[0], *dup = m->scratch[1];
+        upsample_forward(up, k->in, B, C, H, W);
+        zero(dup, (size_t)B * C * 4 * H * W);
+        conv2d_backward(dup, k->conv.dw, k->conv.db, k->dout, up, k->conv.w, B, C, 2 * H, 2 * W, C, 3, 1, m->col, m->dcol);
+        upsample_backward(k->din, dup, B, C, H, W);
+    }
+}
+
+// ---- 6.16 eps_theta(x_t, t): the whole network ----
+// x_t (B, in_ch, img, img), t_idx (B) -> m->eps_theta (B, in_ch, img, img)
+static float* unet_forward(UNet* m, const float* x_t, const int* t_idx, int B) {
+    const Config* c = &m->cfg;
+    int ch = c->ch, E = 4 * ch, S = c->img;
+    if (B > m->B_max) die("internal: batch %d exceeds the %d images the network was built for", B, m->B_max);
+    timestep_embedding(m->temb_sin, t_idx, B, ch);
+    linear_forward(m->temb_h, m->temb_sin, m->dense0.w, m->dense0.b, B, ch, E);
+    silu_forward(m->temb_a, m->temb_h, (size_t)B * E);
+    linear_forward(m->temb, m->temb_a, m->dense1.w, m->dense1.b, B, E, E);
+    silu_forward(m->temb_act, m->temb, (size_t)B * E);   // every ResBlock uses silu(temb)
+    memcpy(m->x, x_t, (size_t)B * c->in_ch * S * S * sizeof(float));
+    conv2d_forward(m->h0, m->x, m->conv_in.w, m->conv_in.b,
+                   B, c->in_ch, S, S, ch, 3, 1, m->col);
+    for (int i = 0; i < m->n_blocks; i++) {
+        Block* k = &m->blocks[i];
+        if (k->kind == BLOCK_RES) resblock_forward(m, k, B);
+        else if (k->kind == BLOCK_ATTN) attnblock_forward(m, k, B);
+        else resample_forward(m, k, B);
+    }
+    float* a = m->scratch[0];
+    groupnorm_forward(a, m->mean_out, m->rstd_out, m->h_last, m->norm_out.gamma, m->norm_out.beta, B, ch, S * S, c->groups, 1);
+    conv2d_forward(m->eps_theta, a, m->conv_out.w, m->conv_out.b, B, ch, S, S, c->in_ch, 3, 1, m->col);
+    return m->eps_theta;
+}
+
+// d_eps_theta (B, in_ch, img, img) -> m->grads (accumulated: call zero_grad first).
+static void unet_backward(UNet* m, const float* d_eps_theta, int B) {
+    const Config* c = &m->cfg;
+    int ch = c->ch, E = 4 * ch, S = c->img;
+    zero(m->grad_acts, m->n_grad_acts);   // skip-connection and timestep gradients
+    // eps_theta = conv_out(silu(norm_out(h_last)))
+    float *a = m->scratch[0], *da = m->scratch[1];
+    groupnorm_apply(a, m->h_last, m->mean_out, m->rstd_out, m->norm_out.gamma, m->norm_out.beta, B, ch, S * S, c->groups, 1);
+    zero(da, (size_t)B * ch * S * S);
+    conv2d_backward(da, m->conv_out.dw, m->conv_out.db, d_eps_theta, a, m->conv_out.w, B, ch, S, S, c->in_ch, 3, 1, m->col, m->dcol);
+    zero(m->d_h_last, (size_t)B * ch * S * S);
+    groupnorm_backward(m->d_h_last, m->norm_out.dgamma, m->norm_out.dbeta, da, m->h_last, m->mean_out, m->rstd_out,
+                       m->norm_out.gamma, m->norm_out.beta, B, ch, S * S, c->groups, 1);
+    for (int i = m->n_blocks - 1; i >= 0; i--) {
+        Block* k = &m->blocks[i];
+        if (k->din_transient) zero(k->din, (size_t)B * k->C_in * k->H * k->W);
+        if (k->kind == BLOCK_RES) resblock_backward(m, k, B);
+        else if (k->kind == BLOCK_ATTN) attnblock_backward(m, k, B);
+        else resample_backward(m, k, B);
+    }
+    // h0 = conv_in(x): the input x_t needs no gradient
+    conv2d_backward(NULL, m->conv_in.dw, m->conv_in.db, m->d_h0, m->x, m->conv_in.w,
+                    B, c->in_ch, S, S, ch, 3, 1, m->col, m->dcol);
+    // the timestep MLP, backwards: temb_act = silu(temb), temb = dense1(silu(dense0(sin)))
+    silu_backward(m->d_temb, m->d_temb_act, m->temb, (size_t)B * E);
+    linear_backward(m->d_temb_a, m->dense1.dw, m->dense1.db, m->d_temb, m->temb_a, m->dense1.w, B, E, E);
+    silu_backward(m->d_temb_h, m->d_temb_a, m->temb_h, (size_t)B * E);
+    linear_backward(NULL, m->dense0.dw, m->dense0.db, m->d_temb_h, m->temb_sin, m->dense0.w, B, ch, E);
+}
+
+static void unet_zero_grad(UNet* m) { zero(m->grads, m->n_params); }
