@@ -1516,3 +1516,1211 @@ static void unet_backward(UNet* m, const float* d_eps_theta, int B) {
 }
 
 static void unet_zero_grad(UNet* m) { zero(m->grads, m->n_params); }
+
+// ----------------------------------------------------------------------------
+// 7. The data (§3.3, §4)
+//
+// §3.3: "We assume that image data consists of integers in {0, 1, ..., 255} scaled
+// linearly to [-1, 1]. This ensures that the neural network reverse process operates
+// on consistently scaled inputs starting from the standard normal prior p(x_T)."
+// Datasets stay as bytes in memory; a batch is scaled as it is drawn.
+//
+//   CIFAR-10, binary version: data/cifar-10-batches-bin/data_batch_{1..5}.bin (train)
+//     and test_batch.bin; each record is 3073 bytes: a label, then 1024 R, 1024 G,
+//     1024 B bytes of a 32x32 image (already NCHW).
+//   Fashion-MNIST: data/fashion-mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte, the
+//     IDX format (big-endian magic 0x803 / 0x801, then the dimensions). 28x28 images are
+//     padded to 32x32 with the background value 0, so the same U-Net fits both.
+
+typedef struct {
+    char name[32];
+    int N, C, H, W;
+    uint8_t* pixels;   // (N, C, H, W)
+    uint8_t* labels;   // (N), 0..9
+} Dataset;
+
+static long file_size(const char* path) {
+    struct stat st;
+    return stat(path, &st) == 0 ? (long)st.st_size : -1;
+}
+
+#define CIFAR_RECORD 3073
+
+static void load_cifar10(Dataset* d, const char* dir, int train) {
+    const char* files_train[] = {"data_batch_1.bin", "data_batch_2.bin", "data_batch_3.bin", "data_batch_4.bin", "data_batch_5.bin"};
+    const char* files_test[] = {"test_batch.bin"};
+    const char** files = train ? files_train : files_test;
+    int n_files = train ? 5 : 1;
+    char path[4096];
+    long counts[5], total = 0;
+    for (int i = 0; i < n_files; i++) {
+        snprintf(path, sizeof path, "%s/cifar-10-batches-bin/%s", dir, files[i]);
+        long size = file_size(path);
+        if (size < 0) die("%s not found; run `make cifar10` to download CIFAR-10, or use --data fashion-mnist offline", path);
+        if (size == 0 || size % CIFAR_RECORD)
+            die("%s has %ld bytes, not a whole number of %d-byte CIFAR-10 records; delete it and run `make cifar10` again",
+                path, size, CIFAR_RECORD);
+        counts[i] = size / CIFAR_RECORD;
+        total += counts[i];
+    }
+    snprintf(d->name, sizeof d->name, "cifar10");
+    d->N = (int)total; d->C = 3; d->H = d->W = 32;
+    d->pixels = malloc_check((size_t)total * 3072, "CIFAR-10 images");
+    d->labels = malloc_check((size_t)total, "CIFAR-10 labels");
+    uint8_t rec[CIFAR_RECORD];
+    long n = 0;
+    for (int i = 0; i < n_files; i++) {
+        snprintf(path, sizeof path, "%s/cifar-10-batches-bin/%s", dir, files[i]);
+        FILE* f = fopen_check(path, "rb", "run `make cifar10`");
+        for (long r = 0; r < counts[i]; r++, n++) {
+            fread_check(rec, CIFAR_RECORD, f, path);
+            if (rec[0] > 9) die("%s: record %ld has label %d, not 0..9; this is not a CIFAR-10 binary file (run `make cifar10`)", path, r, rec[0]);
+            d->labels[n] = rec[0];
+            memcpy(d->pixels + (size_t)n * 3072, rec + 1, 3072);
+        }
+        fclose(f);
+    }
+}
+
+static uint32_t read_be32(FILE* f, const char* path) {
+    uint8_t b[4];
+    fread_check(b, 4, f, path);
+    return (uint32_t)b[0] << 24 | (uint32_t)b[1] << 16 | (uint32_t)b[2] << 8 | b[3];
+}
+
+// Opens an IDX file, checks its magic and dimensions, returns it positioned at the data.
+static FILE* idx_open(const char* path, uint32_t magic, int ndim, uint32_t* dims) {
+    long size = file_size(path);
+    if (size < 0) die("%s not found; run `make fashion-mnist` (needs Debian's dataset-fashion-mnist)", path);
+    FILE* f = fopen_check(path, "rb", "run `make fashion-mnist`");
+    uint32_t m = read_be32(f, path);
+    if (m != magic) die("%s: bad IDX magic 0x%08x (want 0x%08x); is it gzipped? run `make fashion-mnist`", path, m, magic);
+    long need = 4 + 4L * ndim, count = 1;
+    for (int i = 0; i < ndim; i++) { dims[i] = read_be32(f, path); count *= dims[i]; }
+    if (size != need + count)
+        die("%s has %ld bytes, the header promises %ld; the file is truncated or corrupt (run `make fashion-mnist`)",
+            path, size, need + count);
+    return f;
+}
+
+static void load_fashion_mnist(Dataset* d, const char* dir, int train) {
+    char ipath[4096], lpath[4096];
+    const char* split = train ? "train" : "t10k";
+    snprintf(ipath, sizeof ipath, "%s/fashion-mnist/%s-images-idx3-ubyte", dir, split);
+    snprintf(lpath, sizeof lpath, "%s/fashion-mnist/%s-labels-idx1-ubyte", dir, split);
+    uint32_t idims[3], ldims[1];
+    FILE* fi = idx_open(ipath, 0x803, 3, idims);
+    FILE* fl = idx_open(lpath, 0x801, 1, ldims);
+    if (idims[1] != 28 || idims[2] != 28) die("%s: images are %ux%u, expected 28x28", ipath, idims[1], idims[2]);
+    if (idims[0] != ldims[0]) die("%s has %u images but %s has %u labels", ipath, idims[0], lpath, ldims[0]);
+    snprintf(d->name, sizeof d->name, "fashion-mnist");
+    d->N = (int)idims[0]; d->C = 1; d->H = d->W = 32;
+    d->pixels = calloc_check((size_t)d->N, 1024, "Fashion-MNIST images");   // zero = background
+    d->labels = malloc_check((size_t)d->N, "Fashion-MNIST labels");
+    uint8_t img[784];
+    for (int n = 0; n < d->N; n++) {
+        fread_check(img, 784, fi, ipath);
+        for (int y = 0; y < 28; y++) memcpy(d->pixels + (size_t)n * 1024 + (y + 2) * 32 + 2, img + y * 28, 28);
+    }
+    fread_check(d->labels, d->N, fl, lpath);
+    for (int n = 0; n < d->N; n++)
+        if (d->labels[n] > 9) die("%s: label %d of image %d is not 0..9; the file is corrupt (run `make fashion-mnist`)", lpath, d->labels[n], n);
+    fclose(fi);
+    fclose(fl);
+}
+
+static void dataset_load(Dataset* d, const char* name, const char* dir, int train) {
+    memset(d, 0, sizeof *d);
+    if (!strcmp(name, "cifar10")) load_cifar10(d, dir, train);
+    else if (!strcmp(name, "fashion-mnist")) load_fashion_mnist(d, dir, train);
+    else die("--data %s: unknown dataset; use cifar10 or fashion-mnist", name);
+}
+
+static void dataset_free(Dataset* d) { free(d->pixels); free(d->labels); }
+
+// Image i of the dataset as floats in [-1, 1] (§3.3), mirrored left-right if flip.
+static void dataset_image(float* x, const Dataset* d, int i, int flip) {
+    const uint8_t* p = d->pixels + (size_t)i * d->C * d->H * d->W;
+    for (int c = 0; c < d->C; c++)
+        for (int y = 0; y < d->H; y++)
+            for (int xx = 0; xx < d->W; xx++) {
+                int sx = flip ? d->W - 1 - xx : xx;
+                x[((size_t)c * d->H + y) * d->W + xx] = p[((size_t)c * d->H + y) * d->W + sx] / 127.5f - 1.0f;
+            }
+}
+
+// x_0 ~ q(x_0): B images drawn uniformly (with replacement), each flipped
+// horizontally with probability 1/2 when flips are on (Appendix B: "random horizontal
+// flips during training" on CIFAR-10).
+static void dataset_batch(float* x0, const Dataset* d, int B, int flips, Rng* rng) {
+    size_t n = (size_t)d->C * d->H * d->W;
+    for (int b = 0; b < B; b++) {
+        int i = rng_int(rng, d->N);
+        int flip = flips && rng_uniform(rng) < 0.5;
+        dataset_image(x0 + b * n, d, i, flip);
+    }
+}
+
+// ----------------------------------------------------------------------------
+// 8. Training: Algorithm 1 (§3.4, §4, Appendix B)
+//
+//   Algorithm 1 Training
+//   1: repeat
+//   2:   x_0 ~ q(x_0)
+//   3:   t ~ Uniform({1, ..., T})
+//   4:   eps ~ N(0, I)
+//   5:   Take gradient descent step on grad_theta || eps - eps_theta(sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t) ||^2
+//   6: until converged
+//
+// Appendix B's optimiser: Adam, learning rate 2e-4 (CIFAR-10), batch 128, and an
+// exponential moving average of the parameters with decay 0.9999 for sampling. The
+// official code adds a linear learning-rate warmup over 5000 steps and clips the
+// global gradient norm at 1.0; we do the same.
+
+typedef struct {
+    float lr, beta1, beta2, adam_eps;   // Adam: 2e-4, 0.9, 0.999, 1e-8
+    int warmup;                         // linear warmup steps: 5000
+    float grad_clip;                    // global norm: 1.0
+    float ema_decay;                    // 0.9999
+    int flips;                          // random horizontal flips
+} TrainHyper;
+
+static const TrainHyper PAPER_HYPER = {2e-4f, 0.9f, 0.999f, 1e-8f, 5000, 1.0f, 0.9999f, 1};
+
+// Everything a training run owns. params/grads live in the UNet; the optimiser's two
+// moments and the EMA are one buffer each, in the same layout.
+typedef struct {
+    UNet net;
+    Schedule sched;
+    TrainHyper hyper;
+    float* adam_m;      // first moment
+    float* adam_v;      // second moment
+    float* ema;         // EMA of the parameters: what sampling and evaluation use
+    uint64_t step;      // steps taken
+    Rng rng;
+    int B;
+    // per-step buffers, sized once
+    float *x0, *eps, *x_t, *d_eps_theta;
+    int* t_idx;
+} Trainer;
+
+static void trainer_init(Trainer* tr, const Config* cfg, int B, ScheduleKind sk, const TrainHyper* h, uint64_t seed) {
+    memset(tr, 0, sizeof *tr);
+    unet_build(&tr->net, cfg, B);
+    schedule_init(&tr->sched, 1000, sk);
+    tr->hyper = *h;
+    tr->B = B;
+    size_t n = tr->net.n_params, img = (size_t)B * cfg->in_ch * cfg->img * cfg->img;
+    tr->adam_m = calloc_check(n, sizeof(float), "Adam first moments");
+    tr->adam_v = calloc_check(n, sizeof(float), "Adam second moments");
+    tr->ema = malloc_check(n * sizeof(float), "EMA parameters");
+    tr->x0 = malloc_check(img * sizeof(float), "x_0 batch");
+    tr->eps = malloc_check(img * sizeof(float), "eps batch");
+    tr->x_t = malloc_check(img * sizeof(float), "x_t batch");
+    tr->d_eps_theta = malloc_check(img * sizeof(float), "loss gradient");
+    tr->t_idx = malloc_check(B * sizeof(int), "timesteps");
+    rng_seed(&tr->rng, seed);
+    unet_init(&tr->net, &tr->rng);
+    memcpy(tr->ema, tr->net.params, n * sizeof(float));
+}
+
+static void trainer_free(Trainer* tr) {
+    unet_free(&tr->net);
+    schedule_free(&tr->sched);
+    free(tr->adam_m); free(tr->adam_v); free(tr->ema);
+    free(tr->x0); free(tr->eps); free(tr->x_t); free(tr->d_eps_theta); free(tr->t_idx);
+}
+
+// The global L2 norm of the gradient, summed in double in a fixed order.
+static double grad_global_norm(const float* g, size_t n) {
+    double s = 0;
+    for (size_t i = 0; i < n; i++) s += (double)g[i] * g[i];
+    return sqrt(s);
+}
+
+// Adam (Kingma & Ba 2015) with bias correction, as TensorFlow's AdamOptimizer:
+//   m = b1 m + (1 - b1) g,  v = b2 v + (1 - b2) g^2,
+//   p -= lr sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)
+static void adam_update(float* p, const float* g, float* m, float* v, size_t n, float lr,
+                        float b1, float b2, float eps, uint64_t t, float grad_scale) {
+    float lr_t = lr * (float)(sqrt(1.0 - pow(b2, (double)t)) / (1.0 - pow(b1, (double)t)));
+    #pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < n; i++) {
+        float gi = g[i] * grad_scale;
+        m[i] = b1 * m[i] + (1.0f - b1) * gi;
+        v[i] = b2 * v[i] + (1.0f - b2) * gi * gi;
+        p[i] -= lr_t * m[i] / (sqrtf(v[i]) + eps);
+    }
+}
+
+// ema = d ema + (1 - d) p. Like TensorFlow's ExponentialMovingAverage with num_updates,
+// the decay is min(d, (1 + step) / (10 + step)), so a short CPU run's EMA is not
+// dominated by the random initial weights (0.9999 averages over ~10^4 steps).
+static void ema_update(float* ema, const float* p, size_t n, float decay, uint64_t step) {
+    float d = fminf(decay, (1.0f + step) / (10.0f + step));
+    #pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < n; i++) ema[i] = d * ema[i] + (1.0f - d) * p[i];
+}
+
+typedef struct { float loss, lr, grad_norm; } StepStats;
+
+// Lines 2-4 of Alg. 1 for a whole batch: x_0, t (0-based: t_idx = t - 1), eps, and the
+// dropout key, always drawn in this order so a seed fixes the whole run.
+static void draw_batch(Trainer* tr, const Dataset* data) {
+    int B = tr->B;
+    size_t n = (size_t)tr->net.cfg.in_ch * tr->net.cfg.img * tr->net.cfg.img;
+    if (data) dataset_batch(tr->x0, data, B, tr->hyper.flips, &tr->rng);
+    else for (size_t i = 0; i < B * n; i++) tr->x0[i] = (float)(2.0 * rng_uniform(&tr->rng) - 1.0);  // benchmarks
+    for (int b = 0; b < B; b++) tr->t_idx[b] = rng_int(&tr->rng, tr->sched.T);
+    rng_normal(&tr->rng, tr->eps, B * n);
+    tr->net.dropout_key = rng_u64(&tr->rng);
+}
+
+// One step of Alg. 1 (line 5): the loss of Eq. (14), backprop, clip, Adam, EMA.
+static StepStats train_step(Trainer* tr, const Dataset* data) {
+    UNet* m = &tr->net;
+    const TrainHyper* h = &tr->hyper;
+    int B = tr->B;
+    size_t n = (size_t)m->cfg.in_ch * m->cfg.img * m->cfg.img;
+    draw_batch(tr, data);
+    q_sample(tr->x_t, tr->x0, tr->eps, tr->t_idx, B, n, &tr->sched);   // Eq. (4)
+    m->train = 1;
+    float* eps_theta = unet_forward(m, tr->x_t, tr->t_idx, B);
+    StepStats st;
+    st.loss = l_simple(tr->d_eps_theta, eps_theta, tr->eps, B * n);  // Eq. (14)
+    if (!isfinite(st.loss)) return st;   // the caller stops; nothing was updated
+    unet_zero_grad(m);
+    unet_backward(m, tr->d_eps_theta, B);
+    st.grad_norm = (float)grad_global_norm(m->grads, m->n_params);
+    float scale = st.grad_norm > h->grad_clip ? h->grad_clip / st.grad_norm : 1.0f;
+    tr->step++;
+    st.lr = h->warmup > 0 ? h->lr * fminf(1.0f, (float)tr->step / h->warmup) : h->lr;
+    adam_update(m->params, m->grads, tr->adam_m, tr->adam_v, m->n_params, st.lr,
+                h->beta1, h->beta2, h->adam_eps, tr->step, scale);
+    ema_update(tr->ema, m->params, m->n_params, h->ema_decay, tr->step);
+    return st;
+}
+
+// ---- 8.1 Checkpoints ----
+// A checkpoint is everything needed to continue bit-exactly: the header below, then
+// four float32 arrays of n_params values (parameters, EMA, Adam m, Adam v, in the
+// layout of UNet.tensors), then a 64-bit FNV-1a checksum of all preceding bytes.
+// Little-endian, as written by x86-64 and ARM64. It is written to PATH.tmp, flushed
+// to disk and renamed over PATH, so a crash or a full disk never leaves a half file.
+#define CKPT_MAGIC "DDPMCKPT"
+#define CKPT_VERSION 1
+
+typedef struct {
+    char magic[8];               // "DDPMCKPT"
+    uint32_t version;            // CKPT_VERSION
+    uint32_t header_bytes;       // sizeof(CheckpointHeader)
+    int32_t in_ch, img, ch, n_levels, ch_mult[MAX_LEVELS], num_res_blocks, n_attn,
+            attn_res[MAX_LEVELS], groups;   // the Config
+    float dropout;
+    int32_t schedule, T;         // ScheduleKind and T
+    int32_t batch, reserved;
+    uint64_t step;
+    uint64_t rng[4];             // the RNG state after `step` steps
+    uint64_t n_params;
+} CheckpointHeader;
+_Static_assert(sizeof(CheckpointHeader) == 160, "checkpoint header layout changed: bump CKPT_VERSION");
+
+typedef struct { uint64_t h; } Fnv;
+
+static void fnv_update(Fnv* f, const void* data, size_t n) {
+    const uint8_t* p = data;
+    uint64_t h = f->h;
+    for (size_t i = 0; i < n; i++) { h ^= p[i]; h *= 0x100000001b3ULL; }
+    f->h = h;
+}
+
+static int write_all(FILE* f, const void* p, size_t n, Fnv* sum) {
+    if (sum) fnv_update(sum, p, n);
+    return fwrite(p, 1, n, f) == n;
+}
+
+static void header_from_config(CheckpointHeader* hd, const Config* c) {
+    hd->in_ch = c->in_ch; hd->img = c->img; hd->ch = c->ch; hd->n_levels = c->n_levels;
+    for (int i = 0; i < MAX_LEVELS; i++) { hd->ch_mult[i] = c->ch_mult[i]; hd->attn_res[i] = c->attn_res[i]; }
+    hd->num_res_blocks = c->num_res_blocks; hd->n_attn = c->n_attn; hd->groups = c->groups;
+    hd->dropout = c->dropout;
+}
+
+static Config config_from_header(const CheckpointHeader* hd) {
+    Config c = {0};
+    c.in_ch = hd->in_ch; c.img = hd->img; c.ch = hd->ch; c.n_levels = hd->n_levels;
+    for (int i = 0; i < MAX_LEVELS; i++) { c.ch_mult[i] = hd->ch_mult[i]; c.attn_res[i] = hd->attn_res[i]; }
+    c.num_res_blocks = hd->num_res_blocks; c.n_attn = hd->n_attn; c.groups = hd->groups;
+    c.dropout = hd->dropout;
+    return c;
+}
+
+// Returns 0 on success, else sets errno-style message in err and leaves PATH untouched.
+static int checkpoint_save(const Trainer* tr, ScheduleKind sk, const char* path, char* err, size_t errlen) {
+    char tmp[4200];
+    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    FILE* f = fopen(tmp, "wb");
+    if (!f) { snprintf(err, errlen, "cannot create %s: %s", tmp, strerror(errno)); return -1; }
+    CheckpointHeader hd;
+    memset(&hd, 0, sizeof hd);
+    memcpy(hd.magic, CKPT_MAGIC, 8);
+    hd.version = CKPT_VERSION;
+    hd.header_bytes = sizeof hd;
+    header_from_config(&hd, &tr->net.cfg);
+    hd.schedule = sk; hd.T = tr->sched.T; hd.batch = tr->B;
+    hd.step = tr->step;
+    memcpy(hd.rng, tr->rng.s, sizeof hd.rng);
+    hd.n_params = tr->net.n_params;
+    Fnv sum = {0xcbf29ce484222325ULL};
+    size_t nb = tr->net.n_params * sizeof(float);
+    int ok = write_all(f, &hd, sizeof hd, &sum) && write_all(f, tr->net.params, nb, &sum) &&
+             write_all(f, tr->ema, nb, &sum) && write_all(f, tr->adam_m, nb, &sum) &&
+             write_all(f, tr->adam_v, nb, &sum);
+    uint64_t h = sum.h;
+    ok = ok && write_all(f, &h, sizeof h, NULL);
+    ok = ok && fflush(f) == 0 && fsync(fileno(f)) == 0;
+    int saved_errno = errno;
+    ok = (fclose(f) == 0) && ok;
+    if (!ok || rename(tmp, path) != 0) {
+        if (!ok) errno = saved_errno ? saved_errno : errno;
+        snprintf(err, errlen, "could not write checkpoint %s: %s; the previous checkpoint (if any) is intact",
+                 path, strerror(errno));
+        unlink(tmp);
+        return -1;
+    }
+    return 0;
+}
+
+// Reads and verifies a checkpoint's header; dies with a one-line reason on any problem.
+static FILE* checkpoint_open(const char* path, CheckpointHeader* hd) {
+    long size = file_size(path);
+    if (size < 0) die("checkpoint %s not found; train first (./ddpm) or pass --checkpoint PATH", path);
+    FILE* f = fopen_check(path, "rb", NULL);
+    if (size < (long)sizeof *hd || fread(hd, sizeof *hd, 1, f) != 1 || memcmp(hd->magic, CKPT_MAGIC, 8))
+        die("%s is not a ddpm.c checkpoint (bad magic); pass a file written by ./ddpm train", path);
+    if (hd->version != CKPT_VERSION || hd->header_bytes != sizeof *hd)
+        die("%s is a version %u checkpoint; this ddpm.c reads version %d", path, hd->version, CKPT_VERSION);
+    Config c = config_from_header(hd);
+    if (hd->n_levels <= 0 || hd->n_levels > MAX_LEVELS || hd->n_attn < 0 || hd->n_attn > MAX_LEVELS ||
+        config_check(&c) || (hd->schedule != SCHEDULE_LINEAR && hd->schedule != SCHEDULE_COSINE) || hd->T != 1000)
+        die("%s: the header holds an invalid configuration; the file is corrupt", path);
+    long want = (long)sizeof *hd + 4L * (long)hd->n_params * (long)sizeof(float) + 8;
+    if (size != want)
+        die("%s is %ld bytes but its header promises %ld: the file is truncated or corrupt; use an older checkpoint",
+            path, size, want);
+    return f;
+}
+
+// Loads the four arrays into a trainer built with the header's config, verifying the checksum.
+static void checkpoint_load(Trainer* tr, const char* path) {
+    CheckpointHeader hd;
+    FILE* f = checkpoint_open(path, &hd);
+    if (hd.n_params != tr->net.n_params)
+        die("%s holds %llu parameters but the network has %zu: the configuration does not match (--model)",
+            path, (unsigned long long)hd.n_params, tr->net.n_params);
+    Fnv sum = {0xcbf29ce484222325ULL};
+    fnv_update(&sum, &hd, sizeof hd);
+    size_t nb = tr->net.n_params * sizeof(float);
+    float* arrays[4] = {tr->net.params, tr->ema, tr->adam_m, tr->adam_v};
+    for (int i = 0; i < 4; i++) {
+        fread_check(arrays[i], nb, f, path);
+        fnv_update(&sum, arrays[i], nb);
+    }
+    uint64_t stored;
+    fread_check(&stored, sizeof stored, f, path);
+    fclose(f);
+    if (stored != sum.h) die("%s fails its checksum: the file is corrupt; use an older checkpoint", path);
+    tr->step = hd.step;
+    memcpy(tr->rng.s, hd.rng, sizeof hd.rng);
+}
+
+// ----------------------------------------------------------------------------
+// 9. Sampling: Algorithm 2 (§3.2) and progressive generation (§4.3, Fig. 6)
+//
+//   Algorithm 2 Sampling
+//   1: x_T ~ N(0, I)
+//   2: for t = T, ..., 1 do
+//   3:   z ~ N(0, I) if t > 1, else z = 0
+//   4:   x_{t-1} = 1/sqrt(alpha_t) (x_t - (1 - alpha_t)/sqrt(1 - abar_t) eps_theta(x_t, t)) + sigma_t z
+//   5: end for
+//   6: return x_0
+//
+// Line 4 is mu_theta of Eq. (11) plus noise; p_mean_variance computes it through
+// x0_hat (Eq. 15), clipped to [-1, 1] as in the official sampler (clip = 1).
+// To watch it in gdb (`make debug`, README): break p_sample_update if t_idx == 500,
+// then print x_t[0]@8 and eps_theta[0]@8.
+
+typedef struct {
+    float *mean, *x0_hat, *z;   // (B, C, H, W) each
+    int* t_idx;                 // (B)
+} SampleBuffers;
+
+static void sample_buffers_init(SampleBuffers* sb, int B, size_t n) {
+    sb->mean = malloc_check((size_t)B * n * sizeof(float), "sampling buffers");
+    sb->x0_hat = malloc_check((size_t)B * n * sizeof(float), "sampling buffers");
+    sb->z = malloc_check((size_t)B * n * sizeof(float), "sampling buffers");
+    sb->t_idx = malloc_check((size_t)B * sizeof(int), "sampling buffers");
+}
+
+static void sample_buffers_free(SampleBuffers* sb) { free(sb->mean); free(sb->x0_hat); free(sb->z); free(sb->t_idx); }
+
+// Alg. 2, lines 3-4, for B images at the same t: x_t is overwritten by x_{t-1}.
+static void p_sample_update(float* x_t, const float* eps_theta, int t_idx, int B, size_t n,
+                            SigmaKind kind, int clip, const Schedule* s, SampleBuffers* sb, Rng* rng) {
+    double log_var;
+    for (int b = 0; b < B; b++) sb->t_idx[b] = t_idx;
+    p_mean_variance(sb->mean, NULL, sb->x0_hat, x_t, eps_theta, sb->t_idx, B, n, kind, clip, s);
+    log_var = p_log_variance(t_idx, kind, s);
+    float sigma = (float)exp(0.5 * log_var);
+    if (t_idx > 0) rng_normal(rng, sb->z, (size_t)B * n);       // z ~ N(0, I) if t > 1
+    for (size_t i = 0; i < (size_t)B * n; i++)
+        x_t[i] = sb->mean[i] + (t_idx > 0 ? sigma * sb->z[i] : 0.0f);   // else z = 0
+}
+
+// Optional record of the chain for Fig. 6: x_t and x0_hat at chosen steps.
+typedef struct {
+    int every;            // record when (t_idx + 1) % every == 0, and at t_idx = 0
+    int n_images, n_steps, max_steps;
+    int* steps;           // t (1-based) of each record
+    float *x_t, *x0_hat;  // (max_steps, n_images, C, H, W)
+} Trace;
+
+static void trace_record(Trace* tr, const float* x_t, const float* x0_hat, int t_idx, size_t n) {
+    if (!tr || tr->n_steps >= tr->max_steps || ((t_idx + 1) % tr->every && t_idx != 0)) return;
+    size_t k = (size_t)tr->n_steps++ * tr->n_images * n;
+    memcpy(tr->x_t + k, x_t, tr->n_images * n * sizeof(float));
+    memcpy(tr->x0_hat + k, x0_hat, tr->n_images * n * sizeof(float));
+    tr->steps[tr->n_steps - 1] = t_idx + 1;
+}
+
+static volatile sig_atomic_t stop_requested = 0;   // set by Ctrl-C / SIGTERM (section 12)
+
+static void progress_line(const char* what, long done, long total, double t0) {
+    double el = now_seconds() - t0, eta = done > 0 ? el * (total - done) / done : 0;
+    if (isatty(2)) fprintf(stderr, "\r%s %ld/%ld  %.0fs elapsed, ETA %.0fs   ", what, done, total, el, eta);
+    else if (done == total || done % (total / 10 > 0 ? total / 10 : 1) == 0)
+        fprintf(stderr, "%s %ld/%ld  %.0fs elapsed, ETA %.0fs\n", what, done, total, el, eta);
+    if (isatty(2) && done == total) fprintf(stderr, "\n");
+}
+
+// Alg. 2 for n_images, in batches of the network's B_max. Returns 0 if interrupted.
+static int p_sample_loop(UNet* m, const Schedule* s, float* out, int n_images, SigmaKind kind,
+                         Rng* rng, Trace* trace, int progress) {
+    int Bm = m->B_max, T = s->T;
+    size_t n = (size_t)m->cfg.in_ch * m->cfg.img * m->cfg.img;
+    SampleBuffers sb;
+    sample_buffers_init(&sb, Bm, n);
+    m->train = 0;
+    double t0 = now_seconds();
+    long total = (long)((n_images + Bm - 1) / Bm) * T, done = 0;
+    for (int start = 0; start < n_images; start += Bm) {
+        int B = n_images - start < Bm ? n_images - start : Bm;
+        float* x_t = out + (size_t)start * n;
+        rng_normal(rng, x_t, (size_t)B * n);                  // x_T ~ N(0, I)
+        for (int t_idx = T - 1; t_idx >= 0; t_idx--) {        // t = T, ..., 1
+            if (stop_requested) { sample_buffers_free(&sb); return 0; }
+            for (int b = 0; b < B; b++) sb.t_idx[b] = t_idx;
+            const float* eps_theta = unet_forward(m, x_t, sb.t_idx, B);
+            p_sample_update(x_t, eps_theta, t_idx, B, n, kind, 1, s, &sb, rng);
+            if (start == 0) trace_record(trace, x_t, sb.x0_hat, t_idx, n);
+            if (progress) progress_line("sampling: step", ++done, total, t0);
+        }
+    }
+    sample_buffers_free(&sb);
+    return 1;
+}
+
+// ----------------------------------------------------------------------------
+// 10. Evaluation: the variational bound in bits/dim (Eq. 5, Table 1's NLL column)
+//
+// For each test image, every term of Eq. (5) is estimated with one draw of x_t ~ q(x_t|x_0)
+// per t (Eq. 4): L_T by prior_bpd, L_{t-1} for t = 2..T and L_0 by vb_term_bpd, with
+// x0_hat clipped to [-1, 1] as the official evaluation does. The paper reports
+// <= 3.70 (L, fixed isotropic Sigma) and <= 3.75 (L_simple) bits/dim on CIFAR-10 with
+// the full model and 10,000 test images; a small CPU model on a few images gives a rough
+// estimate of the same quantity.
+
+typedef struct { double prior, terms, decoder, total; int n; } BoundBpd;
+
+static BoundBpd eval_bpd(UNet* m, const Schedule* s, const Dataset* test, int n_images, SigmaKind kind, Rng* rng) {
+    int Bm = m->B_max, T = s->T;
+    size_t n = (size_t)m->cfg.in_ch * m->cfg.img * m->cfg.img;
+    if (n_images > test->N) n_images = test->N;
+    float* x0 = malloc_check((size_t)Bm * n * sizeof(float), "evaluation buffers");
+    float* eps = malloc_check((size_t)Bm * n * sizeof(float), "evaluation buffers");
+    float* x_t = malloc_check((size_t)Bm * n * sizeof(float), "evaluation buffers");
+    float* mean_q = malloc_check((size_t)Bm * n * sizeof(float), "evaluation buffers");
+    float* mean_p = malloc_check((size_t)Bm * n * sizeof(float), "evaluation buffers");
+    float* x0_hat = malloc_check((size_t)Bm * n * sizeof(float), "evaluation buffers");
+    int* t_idx = malloc_check((size_t)Bm * sizeof(int), "evaluation buffers");
+    double* lv_q = malloc_check((size_t)Bm * sizeof(double), "evaluation buffers");
+    double* lv_p = malloc_check((size_t)Bm * sizeof(double), "evaluation buffers");
+    BoundBpd r = {0, 0, 0, 0, 0};
+    m->train = 0;
+    double t0 = now_seconds();
+    long total = (long)((n_images + Bm - 1) / Bm) * T, done = 0;
+    for (int start = 0; start < n_images && !stop_requested; start += Bm) {
+        int B = n_images - start < Bm ? n_images - start : Bm;
+        for (int b = 0; b < B; b++) {
+            dataset_image(x0 + b * n, test, start + b, 0);
+            r.prior += prior_bpd(x0 + b * n, n, s);
+        }
+        for (int t = T - 1; t >= 0 && !stop_requested; t--) {
+            for (int b = 0; b < B; b++) t_idx[b] = t;
+            rng_normal(rng, eps, (size_t)B * n);
+            q_sample(x_t, x0, eps, t_idx, B, n, s);
+            q_posterior_mean_variance(mean_q, NULL, lv_q, x0, x_t, t_idx, B, n, s);
+            const float* eps_theta = unet_forward(m, x_t, t_idx, B);
+            p_mean_variance(mean_p, lv_p, x0_hat, x_t, eps_theta, t_idx, B, n, kind, 1, s);
+            for (int b = 0; b < B; b++) {
+                double v = vb_term_bpd(x0 + b * n, mean_q + b * n, lv_q[b], mean_p + b * n, lv_p[b], t, n);
+                if (t == 0) r.decoder += v; else r.terms += v;
+            }
+            progress_line("bound: step", ++done, total, t0);
+        }
+        r.n += B;
+    }
+    if (r.n) { r.prior /= r.n; r.terms /= r.n; r.decoder /= r.n; }
+    r.total = r.prior + r.terms + r.decoder;
+    free(x0); free(eps); free(x_t); free(mean_q); free(mean_p); free(x0_hat); free(t_idx); free(lv_q); free(lv_p);
+    return r;
+}
+
+// ----------------------------------------------------------------------------
+// 11. Pictures and files: PNG grids (stb_image_write) and .npy arrays
+
+#define STB_IMAGE_WRITE_IMPLEMENTATION
+#define STB_IMAGE_WRITE_STATIC
+#if defined(__GNUC__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wunused-function"
+#pragma GCC diagnostic ignored "-Wmissing-field-initializers"
+#pragma GCC diagnostic ignored "-Wsign-compare"
+#endif
+#include "stb_image_write.h"
+#if defined(__GNUC__)
+#pragma GCC diagnostic pop
+#endif
+
+static uint8_t to_pixel(float x) {   // [-1, 1] -> 0..255, the inverse of §3.3's scaling
+    float v = (x + 1.0f) * 127.5f + 0.5f;
+    return (uint8_t)(v < 0 ? 0 : v > 255 ? 255 : v);
+}
+
+// Writes PATH through PATH.tmp and a rename, like checkpoints. Returns 0 on success.
+static int finish_file(const char* tmp, const char* path, int ok) {
+    if (ok && rename(tmp, path) == 0) return 0;
+    fprintf(stderr, "ddpm: could not write %s: %s\n", path, strerror(errno));
+    unlink(tmp);
+    return -1;
+}
+
+// n images (C, H, W) in [-1, 1] as a grid of `cols` columns with 2-pixel gaps.
+static int save_grid_png(const char* path, const float* imgs, int n, int C, int H, int W, int cols) {
+    if (n <= 0) return 0;
+    int rows = (n + cols - 1) / cols, gap = 2;
+    int GW = cols * (W + gap) + gap, GH = rows * (H + gap) + gap, comp = C == 1 ? 1 : 3;
+    uint8_t* buf = malloc_check((size_t)GW * GH * comp, "an image grid");
+    memset(buf, 255, (size_t)GW * GH * comp);
+    for (int i = 0; i < n; i++) {
+        int ox = gap + (i % cols) * (W + gap), oy = gap + (i / cols) * (H + gap);
+        for (int y = 0; y < H; y++)
+            for (int x = 0; x < W; x++)
+                for (int c = 0; c < comp; c++)
+                    buf[((size_t)(oy + y) * GW + ox + x) * comp + c] =
+                        to_pixel(imgs[(((size_t)i * C + (C == 1 ? 0 : c)) * H + y) * W + x]);
+    }
+    char tmp[4200];
+    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    int ok = stbi_write_png(tmp, GW, GH, comp, buf, GW * comp) != 0;
+    free(buf);
+    return finish_file(tmp, path, ok);
+}
+
+// NumPy's .npy format, version 1.0: magic, header length, a Python dict literal padded
+// with spaces to a multiple of 64 bytes, then the raw little-endian float32 data.
+static int save_npy(const char* path, const float* data, int ndim, const int* shape) {
+    char dict[256], sh[128] = "";
+    size_t count = 1;
+    for (int i = 0; i < ndim; i++) {
+        char d[24];
+        snprintf(d, sizeof d, "%d%s", shape[i], ndim == 1 ? "," : i + 1 < ndim ? ", " : "");
+        strncat(sh, d, sizeof sh - strlen(sh) - 1);
+        count *= shape[i];
+    }
+    int len = snprintf(dict, sizeof dict, "{'descr': '<f4', 'fortran_order': False, 'shape': (%s), }", sh);
+    int total = 10 + len + 1, pad = (64 - total % 64) % 64;
+    char tmp[4200];
+    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    FILE* f = fopen(tmp, "wb");
+    if (!f) return finish_file(tmp, path, 0);
+    uint16_t hl = (uint16_t)(len + pad + 1);
+    int ok = fwrite("\x93NUMPY\x01\x00", 1, 8, f) == 8 && fwrite(&hl, 2, 1, f) == 1 &&
+             fwrite(dict, 1, len, f) == (size_t)len;
+    for (int i = 0; i < pad && ok; i++) ok = fputc(' ', f) != EOF;
+    ok = ok && fputc('\n', f) != EOF && fwrite(data, sizeof(float), count, f) == count;
+    ok = (fclose(f) == 0) && ok;
+    return finish_file(tmp, path, ok);
+}
+
+// The chain of Fig. 6 as a strip: one row per image, one column per recorded step.
+static int save_trace_png(const char* path, const float* frames, const Trace* tr, int C, int H, int W) {
+    size_t n = (size_t)C * H * W;
+    float* grid = malloc_check((size_t)tr->n_images * tr->n_steps * n * sizeof(float), "a trace strip");
+    for (int i = 0; i < tr->n_images; i++)
+        for (int k = 0; k < tr->n_steps; k++)
+            memcpy(grid + ((size_t)i * tr->n_steps + k) * n, frames + ((size_t)k * tr->n_images + i) * n, n * sizeof(float));
+    int r = save_grid_png(path, grid, tr->n_images * tr->n_steps, C, H, W, tr->n_steps);
+    free(grid);
+    return r;
+}
+
+// ----------------------------------------------------------------------------
+// 12. main: the command line
+//
+//   ./ddpm [train] [flags]      Alg. 1 on a dataset, with samples and checkpoints
+//   ./ddpm sample  --checkpoint PATH [-n 64] [--trace]
+//   ./ddpm bpd     --checkpoint PATH [-n 32]
+//   ./ddpm schedule [--schedule linear|cosine]
+//   ./ddpm params  [--model NAME]
+//   ./ddpm bench   [--model NAME] [--batch B] [--steps N]
+
+#ifndef DDPM_NO_MAIN
+
+static void on_signal(int sig) { (void)sig; stop_requested = 1; }
+
+static void install_signal_handlers(void) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_signal;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+}
+
+typedef struct {
+    const char* cmd;
+    const char* data;           // cifar10 | fashion-mnist
+    const char* data_dir;
+    const char* model;          // preset name
+    const char* run_dir;
+    const char* checkpoint;
+    const char* out;
+    int batch, sample_every, sample_n, n, trace, resume, threads, warmup_steps, log_every;
+    long steps;
+    uint64_t seed;
+    ScheduleKind schedule;
+    SigmaKind sigma;
+    TrainHyper hyper;
+    // network overrides (-1: keep the preset's)
+    int ch, num_res_blocks, groups, in_ch, n_mult, ch_mult[MAX_LEVELS], n_attn, attn_res[MAX_LEVELS];
+    float dropout;
+} Options;
+
+static const char* HELP =
+"ddpm.c: Denoising Diffusion Probabilistic Models (Ho, Jain, Abbeel 2020) on a CPU.\n"
+"\n"
+"usage: ./ddpm [train] [flags]          train (Alg. 1), writing samples and checkpoints\n"
+"       ./ddpm sample --checkpoint PATH  draw samples (Alg. 2) into a PNG grid\n"
+"       ./ddpm bpd --checkpoint PATH     the variational bound (Eq. 5) in bits/dim\n"
+"       ./ddpm schedule                  the noise schedule as CSV\n"
+"       ./ddpm params [--model NAME]     parameter counts per block, activation memory\n"
+"       ./ddpm bench                     time a training and a sampling step (JSON)\n"
+"\n"
+"training:\n"
+"  --data cifar10|fashion-mnist   dataset (default cifar10; fashion-mnist works offline)\n"
+"  --data-dir DIR                 where datasets live (default data)\n"
+"  --model tiny|small|paper       network preset (default tiny)\n"
+"  --batch B                      images per step (default 128, as the paper)\n"
+"  --steps N                      total training steps (default 100000)\n"
+"  --run DIR                      run folder (default runs/DATA-MODEL)\n"
+"  --resume                       continue the checkpoint in the run folder\n"
+"  --sample-every N               samples + checkpoint every N steps (default 2000)\n"
+"  --sample-n N                   images in each sample grid (default 64)\n"
+"  --seed S                       the one RNG's seed (default 1)\n"
+"  --lr X --warmup N --grad-clip X --ema-decay X --no-flip   (defaults 2e-4 5000 1 0.9999)\n"
+"  --schedule linear|cosine       beta schedule (default linear, as the paper)\n"
+"  --log-every N                  plain progress lines every N steps when not on a terminal\n"
+"network (override the preset):\n"
+"  --ch N --ch-mult 1,2,2 --num-res-blocks N --attn 16 --groups N --dropout P --in-ch N\n"
+"sampling and evaluation:\n"
+"  --checkpoint PATH              a checkpoint written by training\n"
+"  -n N                           number of images (sample: 64, bpd: 32)\n"
+"  --sigma beta|beta_tilde        sigma_t^2 of §3.2 (default beta)\n"
+"  --trace                        also write x_t and x0_hat along the chain (.npy + PNG)\n"
+"  --out PATH                     the sample grid (default: beside the checkpoint)\n"
+"other:\n"
+"  --threads N                    OpenMP threads (default: all cores)\n"
+"  --help                         this text\n";
+
+static void usage_error(const char* fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fprintf(stderr, "ddpm: ");
+    vfprintf(stderr, fmt, ap);
+    fprintf(stderr, " (see ./ddpm --help)\n");
+    va_end(ap);
+    exit(2);
+}
+
+static long parse_long(const char* flag, const char* v, long lo, long hi) {
+    char* end;
+    errno = 0;
+    long x = strtol(v, &end, 10);
+    if (errno || *end || end == v || x < lo || x > hi)
+        usage_error("%s %s: expected a whole number from %ld to %ld", flag, v, lo, hi);
+    return x;
+}
+
+static double parse_double(const char* flag, const char* v, double lo, double hi) {
+    char* end;
+    errno = 0;
+    double x = strtod(v, &end);
+    if (errno || *end || end == v || !(x >= lo && x <= hi))
+        usage_error("%s %s: expected a number from %g to %g", flag, v, lo, hi);
+    return x;
+}
+
+static int parse_list(const char* flag, const char* v, int* out, int max) {
+    int n = 0;
+    const char* p = v;
+    while (*p) {
+        char* end;
+        long x = strtol(p, &end, 10);
+        if (end == p || x <= 0 || x > 4096 || n >= max || (*end && *end != ','))
+            usage_error("%s %s: expected 1 to %d positive whole numbers separated by commas", flag, v, max);
+        out[n++] = (int)x;
+        p = *end ? end + 1 : end;
+    }
+    if (!n) usage_error("%s: empty list", flag);
+    return n;
+}
+
+static void parse_options(int argc, char** argv, Options* o) {
+    memset(o, 0, sizeof *o);
+    o->cmd = "train"; o->data = "cifar10"; o->data_dir = "data"; o->model = "tiny";
+    o->batch = 128; o->steps = 100000; o->sample_every = 2000; o->sample_n = 64; o->seed = 1;
+    o->schedule = SCHEDULE_LINEAR; o->sigma = SIGMA_BETA; o->hyper = PAPER_HYPER;
+    o->ch = o->num_res_blocks = o->groups = o->in_ch = -1; o->dropout = -1;
+    o->n = -1; o->warmup_steps = 2; o->log_every = 100;
+    int i = 1;
+    if (argc > 1 && argv[1][0] != '-') {
+        const char* cmds[] = {"train", "sample", "bpd", "schedule", "params", "bench", "help"};
+        int ok = 0;
+        for (int c = 0; c < 7; c++) if (!strcmp(argv[1], cmds[c])) ok = 1;
+        if (!ok) usage_error("unknown command '%s'; commands are train, sample, bpd, schedule, params, bench", argv[1]);
+        o->cmd = argv[1];
+        i = 2;
+    }
+    for (; i < argc; i++) {
+        const char* a = argv[i];
+        #define FLAG(name) (!strcmp(a, name))
+        #define VALUE() (i + 1 < argc ? argv[++i] : (usage_error("%s needs a value", a), ""))
+        if (FLAG("--help") || FLAG("-h")) { fputs(HELP, stdout); exit(0); }
+        else if (FLAG("--data")) o->data = VALUE();
+        else if (FLAG("--data-dir")) o->data_dir = VALUE();
+        else if (FLAG("--model")) o->model = VALUE();
+        else if (FLAG("--batch")) o->batch = (int)parse_long(a, VALUE(), 1, 4096);
+        else if (FLAG("--steps")) o->steps = parse_long(a, VALUE(), 0, 1000000000L);
+        else if (FLAG("--run")) o->run_dir = VALUE();
+        else if (FLAG("--resume")) o->resume = 1;
+        else if (FLAG("--sample-every")) o->sample_every = (int)parse_long(a, VALUE(), 1, 1000000000L);
+        else if (FLAG("--sample-n")) o->sample_n = (int)parse_long(a, VALUE(), 0, 4096);
+        else if (FLAG("--seed")) o->seed = (uint64_t)parse_long(a, VALUE(), 0, 0x7fffffffffffffffL);
+        else if (FLAG("--lr")) o->hyper.lr = (float)parse_double(a, VALUE(), 0, 1);
+        else if (FLAG("--warmup")) o->hyper.warmup = (int)parse_long(a, VALUE(), 0, 1000000000L);
+        else if (FLAG("--grad-clip")) o->hyper.grad_clip = (float)parse_double(a, VALUE(), 1e-9, 1e9);
+        else if (FLAG("--ema-decay")) o->hyper.ema_decay = (float)parse_double(a, VALUE(), 0, 1);
+        else if (FLAG("--no-flip")) o->hyper.flips = 0;
+        else if (FLAG("--log-every")) o->log_every = (int)parse_long(a, VALUE(), 1, 1000000000L);
+        else if (FLAG("--schedule")) {
+            const char* v = VALUE();
+            if (!strcmp(v, "linear")) o->schedule = SCHEDULE_LINEAR;
+            else if (!strcmp(v, "cosine")) o->schedule = SCHEDULE_COSINE;
+            else usage_error("--schedule %s: expected linear or cosine", v);
+        }
+        else if (FLAG("--ch")) o->ch = (int)parse_long(a, VALUE(), 1, 4096);
+        else if (FLAG("--ch-mult")) o->n_mult = parse_list(a, VALUE(), o->ch_mult, MAX_LEVELS);
+        else if (FLAG("--num-res-blocks")) o->num_res_blocks = (int)parse_long(a, VALUE(), 1, 64);
+        else if (FLAG("--attn")) {
+            const char* v = VALUE();
+            o->n_attn = strcmp(v, "none") ? parse_list(a, v, o->attn_res, MAX_LEVELS) : -1;
+        }
+        else if (FLAG("--groups")) o->groups = (int)parse_long(a, VALUE(), 1, 4096);
+        else if (FLAG("--dropout")) o->dropout = (float)parse_double(a, VALUE(), 0, 0.999);
+        else if (FLAG("--in-ch")) o->in_ch = (int)parse_long(a, VALUE(), 1, 16);
+        else if (FLAG("--checkpoint")) o->checkpoint = VALUE();
+        else if (FLAG("-n")) o->n = (int)parse_long(a, VALUE(), 1, 100000);
+        else if (FLAG("--sigma")) {
+            const char* v = VALUE();
+            if (!strcmp(v, "beta")) o->sigma = SIGMA_BETA;
+            else if (!strcmp(v, "beta_tilde")) o->sigma = SIGMA_BETA_TILDE;
+            else usage_error("--sigma %s: expected beta or beta_tilde", v);
+        }
+        else if (FLAG("--trace")) o->trace = 1;
+        else if (FLAG("--out")) o->out = VALUE();
+        else if (FLAG("--threads")) o->threads = (int)parse_long(a, VALUE(), 1, 1024);
+        else if (FLAG("--warmup-steps")) o->warmup_steps = (int)parse_long(a, VALUE(), 0, 1000);
+        else usage_error("unknown flag '%s'", a);
+        #undef FLAG
+        #undef VALUE
+    }
+    if (strcmp(o->data, "cifar10") && strcmp(o->data, "fashion-mnist"))
+        usage_error("--data %s: expected cifar10 or fashion-mnist", o->data);
+}
+
+// The network configuration: the preset, the dataset's channels, then any overrides.
+static Config options_config(const Options* o) {
+    Config c;
+    if (!preset_find(o->model, &c)) usage_error("--model %s: unknown preset; presets are tiny, small, paper", o->model);
+    if (!strcmp(o->data, "fashion-mnist")) c.in_ch = 1;
+    if (o->in_ch > 0) c.in_ch = o->in_ch;
+    if (o->ch > 0) c.ch = o->ch;
+    if (o->n_mult > 0) { c.n_levels = o->n_mult; memcpy(c.ch_mult, o->ch_mult, sizeof c.ch_mult); }
+    if (o->num_res_blocks > 0) c.num_res_blocks = o->num_res_blocks;
+    if (o->n_attn > 0) { c.n_attn = o->n_attn; memcpy(c.attn_res, o->attn_res, sizeof c.attn_res); }
+    if (o->n_attn < 0) c.n_attn = 0;
+    if (o->groups > 0) c.groups = o->groups;
+    if (o->dropout >= 0) c.dropout = o->dropout;
+    const char* err = config_check(&c);
+    if (err) usage_error("%s", err);
+    return c;
+}
+
+static void mkdir_p(const char* path) {
+    char buf[4096];
+    snprintf(buf, sizeof buf, "%s", path);
+    for (char* p = buf + 1; *p; p++)
+        if (*p == '/') { *p = 0; mkdir(buf, 0755); *p = '/'; }
+    if (mkdir(buf, 0755) != 0 && errno != EEXIST) die("cannot create folder %s: %s", path, strerror(errno));
+}
+
+// Samples with the EMA weights. The live parameters are parked in the gradient buffer,
+// which is free between steps, so this needs no extra memory. Its own RNG, seeded by
+// (seed, step), leaves the training stream untouched.
+static void training_samples(Trainer* tr, const Options* o, const char* dir) {
+    if (o->sample_n <= 0) return;
+    UNet* m = &tr->net;
+    size_t n = (size_t)m->cfg.in_ch * m->cfg.img * m->cfg.img, nb = m->n_params * sizeof(float);
+    float* imgs = malloc_check((size_t)o->sample_n * n * sizeof(float), "sample images");
+    memcpy(m->grads, m->params, nb);
+    memcpy(m->params, tr->ema, nb);
+    Rng rng;
+    rng_seed(&rng, o->seed ^ (0x5851f42d4c957f2dULL * (tr->step + 1)));
+    int done = p_sample_loop(m, &tr->sched, imgs, o->sample_n, o->sigma, &rng, NULL, 1);
+    memcpy(m->params, m->grads, nb);
+    if (done) {
+        char path[4200];
+        int cols = (int)ceil(sqrt((double)o->sample_n));
+        snprintf(path, sizeof path, "%s/samples_%07llu.png", dir, (unsigned long long)tr->step);
+        if (save_grid_png(path, imgs, o->sample_n, m->cfg.in_ch, m->cfg.img, m->cfg.img, cols) == 0)
+            fprintf(stderr, "samples: %s\n", path);
+    }
+    free(imgs);
+}
+
+static void save_or_die(Trainer* tr, const Options* o, const char* path) {
+    char err[4400];
+    if (checkpoint_save(tr, o->schedule, path, err, sizeof err) != 0) die("%s", err);
+    fprintf(stderr, "checkpoint: %s (step %llu)\n", path, (unsigned long long)tr->step);
+}
+
+static int cmd_train(const Options* o) {
+    Config cfg = options_config(o);
+    char dir[4096], ckpt[4200], logp[4200];
+    if (o->run_dir) snprintf(dir, sizeof dir, "%s", o->run_dir);
+    else snprintf(dir, sizeof dir, "runs/%s-%s", o->data, o->model);
+    snprintf(ckpt, sizeof ckpt, "%s/model.ckpt", dir);
+    snprintf(logp, sizeof logp, "%s/log.csv", dir);
+    int exists = file_size(ckpt) >= 0;
+    if (exists && !o->resume)
+        usage_error("%s already holds a checkpoint; add --resume to continue it, or --run DIR for a new run", dir);
+    if (!exists && o->resume) usage_error("--resume: no checkpoint at %s; drop --resume to start a new run", ckpt);
+    Dataset data;
+    dataset_load(&data, o->data, o->data_dir, 1);
+    if (data.C != cfg.in_ch) die("--in-ch %d does not match %s's %d channels", cfg.in_ch, o->data, data.C);
+    mkdir_p(dir);
+    Trainer tr;
+    trainer_init(&tr, &cfg, o->batch, o->schedule, &o->hyper, o->seed);
+    if (o->resume) {
+        CheckpointHeader hd;
+        FILE* f = checkpoint_open(ckpt, &hd);
+        fclose(f);
+        Config saved = config_from_header(&hd);
+        if (memcmp(&saved, &cfg, sizeof cfg))
+            usage_error("%s was trained with another network; resume with the same --data, --model and network flags", ckpt);
+        if (hd.schedule != (int)o->schedule) usage_error("%s was trained with another --schedule", ckpt);
+        checkpoint_load(&tr, ckpt);
+        fprintf(stderr, "resumed %s at step %llu\n", ckpt, (unsigned long long)tr.step);
+    }
+    FILE* log = fopen_check(logp, o->resume ? "a" : "w", "check that the run folder is writable");
+    if (!o->resume) fprintf(log, "step,loss,lr,grad_norm,images_per_s\n");
+    install_signal_handlers();
+    fprintf(stderr, "training %s on %s: %zu parameters, batch %d, steps %llu -> %ld, %d threads, run %s\n",
+            o->model, o->data, tr.net.n_params, o->batch, (unsigned long long)tr.step, o->steps, max_threads(), dir);
+    double t0 = now_seconds(), last = t0, running = -1;
+    uint64_t first = tr.step;
+    int tty = isatty(2);
+    while ((long)tr.step < o->steps && !stop_requested) {
+        double ts = now_seconds();
+        StepStats st = train_step(&tr, &data);
+        if (!isfinite(st.loss))
+            die("the loss became %g at step %llu; stopped without saving, so %s is the last good state; try a lower --lr",
+                st.loss, (unsigned long long)tr.step + 1, exists || tr.step > first ? ckpt : "no checkpoint");
+        double now = now_seconds(), ips = o->batch / (now - ts);
+        running = running < 0 ? st.loss : 0.98 * running + 0.02 * st.loss;
+        fprintf(log, "%llu,%.6f,%.6g,%.6f,%.2f\n", (unsigned long long)tr.step, st.loss, st.lr, st.grad_norm, ips);
+        double el = now - t0, eta = el / (tr.step - first) * (o->steps - tr.step);
+        if (tty && (now - last > 0.25 || (long)tr.step == o->steps)) {
+            fprintf(stderr, "\rstep %llu/%ld | loss %.4f | %.1f img/s | %02d:%02d:%02d elapsed | ETA %02d:%02d:%02d   ",
+                    (unsigned long long)tr.step, o->steps, running, (tr.step - first) * o->batch / el,
+                    (int)el / 3600, (int)el / 60 % 60, (int)el % 60, (int)eta / 3600, (int)eta / 60 % 60, (int)eta % 60);
+            last = now;
+        } else if (!tty && (tr.step % o->log_every == 0 || (long)tr.step == o->steps)) {
+            fprintf(stderr, "step %llu/%ld loss %.4f (running %.4f) lr %.3g grad_norm %.3f %.1f img/s elapsed %.0fs ETA %.0fs\n",
+                    (unsigned long long)tr.step, o->steps, st.loss, running, st.lr, st.grad_norm,
+                    (tr.step - first) * o->batch / el, el, eta);
+        }
+        if (tr.step % o->sample_every == 0 || (long)tr.step == o->steps) {
+            if (tty) fprintf(stderr, "\n");
+            fflush(log);
+            save_or_die(&tr, o, ckpt);
+            training_samples(&tr, o, dir);
+        }
+    }
+    if (tty) fprintf(stderr, "\n");
+    fclose(log);
+    if (stop_requested) {
+        save_or_die(&tr, o, ckpt);
+        fprintf(stderr, "interrupted at step %llu; continue with the same command plus --resume\n", (unsigned long long)tr.step);
+    } else if (tr.step == first) {
+        fprintf(stderr, "nothing to do: the run is at step %llu of --steps %ld\n", (unsigned long long)tr.step, o->steps);
+    }
+    trainer_free(&tr);
+    dataset_free(&data);
+    return 0;
+}
+
+// Builds a network from a checkpoint with its EMA weights (what sampling and evaluation
+// use), verifying the checksum over the whole file.
+static ScheduleKind load_ema_model(UNet* m, const char* path, int B_max) {
+    CheckpointHeader hd;
+    FILE* f = checkpoint_open(path, &hd);
+    Config c = config_from_header(&hd);
+    unet_build(m, &c, B_max);
+    if (hd.n_params != m->n_params) die("%s: its header and its size disagree; the file is corrupt", path);
+    Fnv sum = {0xcbf29ce484222325ULL};
+    fnv_update(&sum, &hd, sizeof hd);
+    size_t nb = m->n_params * sizeof(float);
+    float* dst[4] = {m->grads, m->params, m->grads, m->grads};   // keep the EMA, hash the rest
+    for (int i = 0; i < 4; i++) { fread_check(dst[i], nb, f, path); fnv_update(&sum, dst[i], nb); }
+    uint64_t stored;
+    fread_check(&stored, sizeof stored, f, path);
+    fclose(f);
+    if (stored != sum.h) die("%s fails its checksum: the file is corrupt; use an older checkpoint", path);
+    zero(m->grads, m->n_params);
+    return (ScheduleKind)hd.schedule;
+}
+
+static void default_beside(char* out, size_t len, const char* ckpt, const char* name) {
+    const char* slash = strrchr(ckpt, '/');
+    if (slash) snprintf(out, len, "%.*s/%s", (int)(slash - ckpt), ckpt, name);
+    else snprintf(out, len, "%s", name);
+}
+
+static int cmd_sample(const Options* o) {
+    if (!o->checkpoint) usage_error("sample needs --checkpoint PATH");
+    int n = o->n > 0 ? o->n : 64, Bm = n < 64 ? n : 64;
+    UNet m;
+    ScheduleKind sk = load_ema_model(&m, o->checkpoint, Bm);
+    Schedule s;
+    schedule_init(&s, 1000, sk);
+    size_t sz = (size_t)m.cfg.in_ch * m.cfg.img * m.cfg.img;
+    float* imgs = malloc_check((size_t)n * sz * sizeof(float), "samples");
+    Trace trace = {0}, *tp = NULL;
+    if (o->trace) {
+        trace.every = 100;
+        trace.n_images = Bm < 8 ? Bm : 8;
+        trace.max_steps = s.T / trace.every + 1;
+        trace.steps = malloc_check(trace.max_steps * sizeof(int), "trace");
+        trace.x_t = malloc_check((size_t)trace.max_steps * trace.n_images * sz * sizeof(float), "trace");
+        trace.x0_hat = malloc_check((size_t)trace.max_steps * trace.n_images * sz * sizeof(float), "trace");
+        tp = &trace;
+    }
+    install_signal_handlers();
+    Rng rng;
+    rng_seed(&rng, o->seed);
+    if (!p_sample_loop(&m, &s, imgs, n, o->sigma, &rng, tp, 1)) die("interrupted; no samples written");
+    char out[4200];
+    if (o->out) snprintf(out, sizeof out, "%s", o->out);
+    else default_beside(out, sizeof out, o->checkpoint, "samples.png");
+    if (save_grid_png(out, imgs, n, m.cfg.in_ch, m.cfg.img, m.cfg.img, (int)ceil(sqrt((double)n)))) return 1;
+    printf("wrote %s (%d samples)\n", out, n);
+    if (tp) {
+        char path[4400], base[4200];
+        snprintf(base, sizeof base, "%s", out);
+        char* dot = strrchr(base, '.');
+        if (dot && !strchr(dot, '/')) *dot = 0;
+        int shape[5] = {trace.n_steps, trace.n_images, m.cfg.in_ch, m.cfg.img, m.cfg.img}, ts[1] = {trace.n_steps};
+        float steps_f[64];
+        for (int k = 0; k < trace.n_steps; k++) steps_f[k] = (float)trace.steps[k];
+        const char* names[5] = {"_trace_x_t.npy", "_trace_x0_hat.npy", "_trace_t.npy", "_trace_x_t.png", "_trace_x0_hat.png"};
+        int fail = 0;
+        snprintf(path, sizeof path, "%s%s", base, names[0]); fail |= save_npy(path, trace.x_t, 5, shape);
+        snprintf(path, sizeof path, "%s%s", base, names[1]); fail |= save_npy(path, trace.x0_hat, 5, shape);
+        snprintf(path, sizeof path, "%s%s", base, names[2]); fail |= save_npy(path, steps_f, 1, ts);
+        snprintf(path, sizeof path, "%s%s", base, names[3]); fail |= save_trace_png(path, trace.x_t, &trace, m.cfg.in_ch, m.cfg.img, m.cfg.img);
+        snprintf(path, sizeof path, "%s%s", base, names[4]); fail |= save_trace_png(path, trace.x0_hat, &trace, m.cfg.in_ch, m.cfg.img, m.cfg.img);
+        if (fail) return 1;
+        printf("wrote %s_trace_{x_t,x0_hat,t}.npy and %s_trace_{x_t,x0_hat}.png (t = %d ... %d)\n",
+               base, base, trace.steps[0], trace.steps[trace.n_steps - 1]);
+        free(trace.steps); free(trace.x_t); free(trace.x0_hat);
+    }
+    free(imgs);
+    schedule_free(&s);
+    unet_free(&m);
+    return 0;
+}
+
+static int cmd_bpd(const Options* o) {
+    if (!o->checkpoint) usage_error("bpd needs --checkpoint PATH");
+    int n = o->n > 0 ? o->n : 32, Bm = n < 32 ? n : 32;
+    UNet m;
+    ScheduleKind sk = load_ema_model(&m, o->checkpoint, Bm);
+    Dataset test;
+    dataset_load(&test, m.cfg.in_ch == 1 ? "fashion-mnist" : o->data, o->data_dir, 0);
+    Schedule s;
+    schedule_init(&s, 1000, sk);
+    install_signal_handlers();
+    Rng rng;
+    rng_seed(&rng, o->seed);
+    BoundBpd r = eval_bpd(&m, &s, &test, n, o->sigma, &rng);
+    if (stop_requested) die("interrupted; no result");
+    printf("variational bound (Eq. 5) on %d %s test images, sigma_t^2 = %s, bits/dim:\n", r.n, test.name,
+           o->sigma == SIGMA_BETA ? "beta_t" : "beta_tilde_t");
+    printf("  L_T            %.6f\n  sum L_{t-1}    %.6f\n  L_0            %.6f\n  total (NLL <=) %.6f\n",
+           r.prior, r.terms, r.decoder, r.total);
+    dataset_free(&test);
+    schedule_free(&s);
+    unet_free(&m);
+    return 0;
+}
+
+static int cmd_schedule(const Options* o) {
+    Schedule s;
+    schedule_init(&s, 1000, o->schedule);
+    printf("t,beta,alpha_bar,beta_tilde,log_beta_tilde_clipped,posterior_mean_coef1,posterior_mean_coef2\n");
+    for (int i = 0; i < s.T; i++)
+        printf("%d,%.9g,%.9g,%.9g,%.9g,%.9g,%.9g\n", i + 1, s.betas[i], s.alphas_cumprod[i], s.posterior_variance[i],
+               s.posterior_log_variance_clipped[i], s.posterior_mean_coef1[i], s.posterior_mean_coef2[i]);
+    schedule_free(&s);
+    return 0;
+}
+
+static int cmd_params(const Options* o) {
+    Config c = options_config(o);
+    UNet m1, m2;
+    unet_build(&m1, &c, 1);
+    printf("%-24s %12s\n", "block", "parameters");
+    for (int i = 0; i < m1.n_tensors;) {
+        size_t sum = 0;
+        int j = i;
+        while (j < m1.n_tensors && !strcmp(m1.tensors[j].group, m1.tensors[i].group)) sum += m1.tensors[j++].numel;
+        printf("%-24s %12zu\n", m1.tensors[i].group, sum);
+        i = j;
+    }
+    printf("%-24s %12zu\n", "total", m1.n_params);
+    unet_build(&m2, &c, 2);
+    double per = ((m2.n_acts + m2.n_grad_acts + m2.n_work) - (m1.n_acts + m1.n_grad_acts + m1.n_work)) * 4.0 / 1048576;
+    double fixed = (m1.n_acts + m1.n_grad_acts + m1.n_work) * 4.0 / 1048576 - per;
+    printf("activation memory: %.2f MiB per image (+ %.2f MiB fixed); parameter state: %.1f MiB\n",
+           per, fixed, m1.n_params * 4.0 * 6 / 1048576);
+    unet_free(&m1);
+    unet_free(&m2);
+    return 0;
+}
+
+// FLOPs of one forward pass for one image: 2 x the multiply-adds of every convolution,
+// linear layer and the two matmuls of each attention. A training step counts 3x this
+// (forward, and two matmuls per layer backward), the same rule as tests/bench_torch.py.
+static double unet_forward_flops(const UNet* m) {
+    const Config* c = &m->cfg;
+    double S2 = (double)c->img * c->img, E = 4.0 * c->ch;
+    double f = 2 * (c->ch * E + E * E) + 2 * S2 * c->in_ch * 9 * c->ch + 2 * S2 * c->ch * 9 * c->in_ch;
+    for (int i = 0; i < m->n_blocks; i++) {
+        const Block* k = &m->blocks[i];
+        double HW = (double)k->H * k->W, Cx = k->C_in + k->C_skip, C = k->C_out;
+        if (k->kind == BLOCK_RES)
+            f += 2 * HW * (Cx * 9 * C + C * 9 * C + (k->nin_shortcut.w ? Cx * C : 0)) + 2 * E * C;
+        else if (k->kind == BLOCK_ATTN) f += 2 * HW * 4 * C * C + 2 * 2 * HW * HW * C;
+        else if (k->kind == BLOCK_DOWN) f += 2 * (HW / 4) * C * 9 * C;
+        else f += 2 * (HW * 4) * C * 9 * C;
+    }
+    return f;
+}
+
+static int compare_double(const void* a, const void* b) {
+    double x = *(const double*)a, y = *(const double*)b;
+    return (x > y) - (x < y);
+}
+
+static double median(double* v, int n) {
+    qsort(v, n, sizeof *v, compare_double);
+    return n ? (n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2])) : 0;
+}
+
+// One JSON line with the keys of tests/bench_torch.py.
+static int cmd_bench(const Options* o) {
+    Config cfg = options_config(o);
+    int B = o->batch, S = o->steps > 0 && o->steps < 100000 ? (int)o->steps : 10, W = o->warmup_steps;
+    Trainer tr;
+    trainer_init(&tr, &cfg, B, o->schedule, &o->hyper, o->seed);
+    double* tt = malloc_check((size_t)S * sizeof(double), "timings");
+    double* ts = malloc_check((size_t)S * sizeof(double), "timings");
+    for (int i = 0; i < W + S; i++) {
+        double t0 = now_seconds();
+        train_step(&tr, NULL);
+        if (i >= W) tt[i - W] = 1e3 * (now_seconds() - t0);
+    }
+    size_t n = (size_t)cfg.in_ch * cfg.img * cfg.img;
+    SampleBuffers sb;
+    sample_buffers_init(&sb, B, n);
+    rng_normal(&tr.rng, tr.x_t, B * n);
+    tr.net.train = 0;
+    for (int i = 0; i < W + S; i++) {
+        double t0 = now_seconds();
+        for (int b = 0; b < B; b++) sb.t_idx[b] = 500;
+        const float* eps_theta = unet_forward(&tr.net, tr.x_t, sb.t_idx, B);
+        p_sample_update(tr.x_t, eps_theta, 500, B, n, SIGMA_BETA, 1, &tr.sched, &sb, &tr.rng);
+        if (i >= W) ts[i - W] = 1e3 * (now_seconds() - t0);
+    }
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    printf("{\"impl\": \"ddpm.c\", \"model\": \"%s\", \"batch\": %d, \"threads\": %d, \"params\": %zu, "
+           "\"train_ms_all\": [", o->model, B, max_threads(), tr.net.n_params);
+    for (int i = 0; i < S; i++) printf("%s%.3f", i ? ", " : "", tt[i]);
+    printf("], \"sample_ms_all\": [");
+    for (int i = 0; i < S; i++) printf("%s%.3f", i ? ", " : "", ts[i]);
+    printf("], \"train_ms\": %.3f, \"sample_ms\": %.3f, \"fwd_gflop\": %.4f, \"max_rss_mb\": %.1f, \"blas\": \"none (ddpm.c matmul)\"}\n",
+           median(tt, S), median(ts, S), unet_forward_flops(&tr.net) * B / 1e9, ru.ru_maxrss / 1024.0);
+    sample_buffers_free(&sb);
+    free(tt); free(ts);
+    trainer_free(&tr);
+    return 0;
+}
+
+int main(int argc, char** argv) {
+    Options o;
+    parse_options(argc, argv, &o);
+#ifdef _OPENMP
+    if (o.threads > 0) omp_set_num_threads(o.threads);
+#endif
+    if (!strcmp(o.cmd, "help")) { fputs(HELP, stdout); return 0; }
+    if (!strcmp(o.cmd, "train")) return cmd_train(&o);
+    if (!strcmp(o.cmd, "sample")) return cmd_sample(&o);
+    if (!strcmp(o.cmd, "bpd")) return cmd_bpd(&o);
+    if (!strcmp(o.cmd, "schedule")) return cmd_schedule(&o);
+    if (!strcmp(o.cmd, "params")) return cmd_params(&o);
+    return cmd_bench(&o);
+}
+#endif // DDPM_NO_MAIN
