@@ -434,10 +434,10 @@ static float l_simple(float* d_eps_theta, const float* eps_theta, const float* e
 // (-O3 -march=native). OpenMP splits C into tiles; each tile is owned by one thread
 // and sums over K in the same order whatever the tile size, so the result has the
 // same bits for any number of threads.
-#define GEMM_MR 6
+#define GEMM_MR 12
 #define GEMM_NR 32
 #define GEMM_MC 96
-#define GEMM_KC 256
+#define GEMM_KC 512
 #define GEMM_NC 1024
 
 static float* gemm_pack_buffer;   // per thread: MC*KC floats of A, then KC*NC of B
@@ -466,42 +466,80 @@ static void gemm_init(void) {
     gemm_pack_buffer = malloc_check((size_t)gemm_max_threads * (GEMM_MC * GEMM_KC + GEMM_KC * GEMM_NC) * sizeof(float), "matmul packing buffers");
 }
 
-// Copy op(A)[i0:i0+mc, p0:p0+kc] into panels of MR rows: Ap[panel][p][r]; pad with 0.
+// Copy op(A)[i0:i0+mc, p0:p0+kc] into panels of MR rows: Ap[panel][p][r], zero-padded.
+// The loops run along memory (rows of A, or columns when transposed) so reads stream.
 static void gemm_pack_a(float* Ap, const float* A, int lda, int transA, int i0, int mc, int p0, int kc) {
-    for (int ir = 0; ir < mc; ir += GEMM_MR)
-        for (int p = 0; p < kc; p++)
+    for (int ir = 0; ir < mc; ir += GEMM_MR, Ap += (size_t)GEMM_MR * kc) {
+        int m = mc - ir < GEMM_MR ? mc - ir : GEMM_MR;
+        if (transA) {
+            for (int p = 0; p < kc; p++) {
+                const float* src = A + (size_t)(p0 + p) * lda + i0 + ir;
+                for (int r = 0; r < m; r++) Ap[p * GEMM_MR + r] = src[r];
+                for (int r = m; r < GEMM_MR; r++) Ap[p * GEMM_MR + r] = 0.0f;
+            }
+        } else {
             for (int r = 0; r < GEMM_MR; r++) {
-                int i = i0 + ir + r;
-                *Ap++ = ir + r >= mc ? 0.0f : transA ? A[(size_t)(p0 + p) * lda + i] : A[(size_t)i * lda + p0 + p];
+                const float* src = A + (size_t)(i0 + ir + r) * lda + p0;
+                for (int p = 0; p < kc; p++) Ap[p * GEMM_MR + r] = r < m ? src[p] : 0.0f;
             }
-}
-
-// Copy op(B)[p0:p0+kc, j0:j0+nc] into panels of NR columns: Bp[panel][p][c]; pad with 0.
-static void gemm_pack_b(float* Bp, const float* B, int ldb, int transB, int p0, int kc, int j0, int nc) {
-    for (int jr = 0; jr < nc; jr += GEMM_NR)
-        for (int p = 0; p < kc; p++) {
-            int n = nc - jr < GEMM_NR ? nc - jr : GEMM_NR;
-            if (!transB) {
-                const float* src = B + (size_t)(p0 + p) * ldb + j0 + jr;
-                for (int c = 0; c < n; c++) Bp[c] = src[c];
-            } else {
-                for (int c = 0; c < n; c++) Bp[c] = B[(size_t)(j0 + jr + c) * ldb + p0 + p];
-            }
-            for (int c = n; c < GEMM_NR; c++) Bp[c] = 0.0f;
-            Bp += GEMM_NR;
         }
+    }
 }
 
-// The register-blocked inner kernel: an MR x NR block of C, kc terms deep.
+// Copy op(B)[p0:p0+kc, j0:j0+nc] into panels of NR columns: Bp[panel][p][c], zero-padded.
+static void gemm_pack_b(float* Bp, const float* B, int ldb, int transB, int p0, int kc, int j0, int nc) {
+    for (int jr = 0; jr < nc; jr += GEMM_NR, Bp += (size_t)GEMM_NR * kc) {
+        int n = nc - jr < GEMM_NR ? nc - jr : GEMM_NR;
+        if (!transB) {
+            for (int p = 0; p < kc; p++) {
+                const float* src = B + (size_t)(p0 + p) * ldb + j0 + jr;
+                for (int c = 0; c < n; c++) Bp[p * GEMM_NR + c] = src[c];
+                for (int c = n; c < GEMM_NR; c++) Bp[p * GEMM_NR + c] = 0.0f;
+            }
+        } else {
+            for (int pb = 0; pb < kc; pb += 16)   // a transpose in 16-deep tiles
+                for (int c = 0; c < GEMM_NR; c++) {
+                    const float* src = B + (size_t)(j0 + jr + c) * ldb + p0;
+                    int pe = pb + 16 < kc ? pb + 16 : kc;
+                    for (int p = pb; p < pe; p++) Bp[p * GEMM_NR + c] = c < n ? src[p] : 0.0f;
+                }
+        }
+    }
+}
+
+// The register-blocked inner kernel: an MR x NR block of C, kc terms deep. The block
+// lives in MR x 2 vectors of 16 floats (GCC/Clang vector extensions, plain C
+// otherwise): each step broadcasts one value of A's panel and does 2*MR fused
+// multiply-adds with a row of B's panel. With AVX-512 that is 2*MR zmm registers;
+// with AVX2 or SSE the compiler splits each vector into 2 or 4 parts.
+#if defined(__GNUC__)
+typedef float vec16 __attribute__((vector_size(64)));
 static void gemm_micro(int kc, const float* restrict a, const float* restrict b,
                        float* restrict C, int ldc, int m, int n, int accumulate) {
-    float acc[GEMM_MR][GEMM_NR] = {{0}};
+    vec16 acc[GEMM_MR][2];
+    memset(acc, 0, sizeof acc);
+    for (int p = 0; p < kc; p++, a += GEMM_MR, b += GEMM_NR) {
+        vec16 b0, b1;
+        memcpy(&b0, b, sizeof b0);
+        memcpy(&b1, b + 16, sizeof b1);
+        for (int r = 0; r < GEMM_MR; r++) {
+            acc[r][0] += a[r] * b0;
+            acc[r][1] += a[r] * b1;
+        }
+    }
+    float out[GEMM_MR][GEMM_NR];
+    memcpy(out, acc, sizeof out);
+#else
+static void gemm_micro(int kc, const float* restrict a, const float* restrict b,
+                       float* restrict C, int ldc, int m, int n, int accumulate) {
+    float out[GEMM_MR][GEMM_NR] = {{0}};
     for (int p = 0; p < kc; p++, a += GEMM_MR, b += GEMM_NR)
         for (int r = 0; r < GEMM_MR; r++)
-            for (int c = 0; c < GEMM_NR; c++) acc[r][c] += a[r] * b[c];
+            for (int c = 0; c < GEMM_NR; c++) out[r][c] += a[r] * b[c];
+#endif
     for (int r = 0; r < m; r++)
         for (int c = 0; c < n; c++)
-            C[(size_t)r * ldc + c] = accumulate ? C[(size_t)r * ldc + c] + acc[r][c] : acc[r][c];
+            C[(size_t)r * ldc + c] = accumulate ? C[(size_t)r * ldc + c] + out[r][c] : out[r][c];
 }
 
 static void matmul(float* C, const float* A, const float* B, int M, int N, int K,
