@@ -451,6 +451,14 @@ static int max_threads(void) {
 #endif
 }
 
+static int in_parallel(void) {
+#ifdef _OPENMP
+    return omp_in_parallel();
+#else
+    return 0;
+#endif
+}
+
 static int thread_id(void) {
 #ifdef _OPENMP
     return omp_get_thread_num();
@@ -555,7 +563,10 @@ static void matmul(float* C, const float* A, const float* B, int M, int N, int K
     while (nc > GEMM_NR && mt * ((N + nc - 1) / nc) < 2 * gemm_max_threads) nc /= 2;
     int nt = (N + nc - 1) / nc;
     double flops = 2.0 * M * N * K;
-    #pragma omp parallel for schedule(static) if (flops > 2e5 && mt * nt > 1)
+    // Called from inside a parallel loop (one image per thread), it runs serially with
+    // that thread's packing buffer; thread_id() is then the outer thread's number.
+    int parallel = flops > 2e5 && mt * nt > 1 && !in_parallel();
+    #pragma omp parallel for schedule(static) if (parallel)
     for (int tile = 0; tile < mt * nt; tile++) {
         int i0 = (tile / nt) * GEMM_MC, j0 = (tile % nt) * nc;
         int mc = M - i0 < GEMM_MC ? M - i0 : GEMM_MC, ncc = N - j0 < nc ? N - j0 : nc;
@@ -590,7 +601,6 @@ static int conv_pad(int K, int stride) { return stride == 1 ? K / 2 : 0; }
 
 static void im2col(float* col, const float* img, int C, int H, int W, int K, int stride) {
     int Ho = H / stride, Wo = W / stride, pad = conv_pad(K, stride);
-    #pragma omp parallel for schedule(static) if (C * K * K * Ho * Wo > 32768)
     for (int row = 0; row < C * K * K; row++) {
         int c = row / (K * K), ki = (row / K) % K, kj = row % K;
         float* dst = col + (size_t)row * Ho * Wo;
@@ -607,8 +617,7 @@ static void im2col(float* col, const float* img, int C, int H, int W, int K, int
 // The adjoint of im2col: scatter-add col back onto the image.
 static void col2im(float* img, const float* col, int C, int H, int W, int K, int stride) {
     int Ho = H / stride, Wo = W / stride, pad = conv_pad(K, stride);
-    #pragma omp parallel for schedule(static) if (C * K * K * Ho * Wo > 32768)
-    for (int c = 0; c < C; c++)   // one thread per input channel: no two write the same pixel
+    for (int c = 0; c < C; c++)
         for (int k = 0; k < K * K; k++) {
             int ki = k / K, kj = k % K;
             const float* src = col + ((size_t)c * K * K + k) * Ho * Wo;
@@ -623,22 +632,31 @@ static void col2im(float* img, const float* col, int C, int H, int W, int K, int
         }
 }
 
-// out (B, C_out, H/stride, W/stride); col: scratch of C_in*K*K*HW_out floats
+// out (B, C_out, H/stride, W/stride). Images are independent, so threads take whole
+// images, each with its own slice of col (scratch: max_threads x C_in*K*K*HW_out floats).
 static void conv2d_forward(float* out, const float* inp, const float* weight, const float* bias,
                            int B, int C_in, int H, int W, int C_out, int K, int stride, float* col) {
     int HWo = (H / stride) * (W / stride), CKK = C_in * K * K;
+    #pragma omp parallel for schedule(static) if (B > 1)
     for (int b = 0; b < B; b++) {
         const float* x = inp + (size_t)b * C_in * H * W;
         float* y = out + (size_t)b * C_out * HWo;
         const float* cols = x;   // a 1x1 stride-1 conv needs no im2col: col is the image
-        if (K != 1 || stride != 1) { im2col(col, x, C_in, H, W, K, stride); cols = col; }
+        if (K != 1 || stride != 1) {
+            float* mine = col + (size_t)thread_id() * CKK * HWo;
+            im2col(mine, x, C_in, H, W, K, stride);
+            cols = mine;
+        }
         for (int co = 0; co < C_out; co++)
             for (int i = 0; i < HWo; i++) y[(size_t)co * HWo + i] = bias[co];
         matmul(y, weight, cols, C_out, HWo, CKK, CKK, HWo, HWo, 0, 0, 1);
     }
 }
 
-// dinp may be NULL (the network input needs no gradient); col and dcol are scratch.
+// dinp may be NULL (the network input needs no gradient); col and dcol are scratch of
+// max_threads x C_in*K*K*HW_out floats. The weight gradient sums over images in order
+// (one image at a time, the matmul parallel inside), so its bits do not depend on the
+// number of threads; the input gradient is per image, so threads take whole images.
 static void conv2d_backward(float* dinp, float* dweight, float* dbias, const float* dout,
                             const float* inp, const float* weight,
                             int B, int C_in, int H, int W, int C_out, int K, int stride,
@@ -657,12 +675,17 @@ static void conv2d_backward(float* dinp, float* dweight, float* dbias, const flo
             for (int i = 0; i < HWo; i++) s += dy[(size_t)co * HWo + i];
             dbias[co] += s;
         }
-        if (!dinp) continue;
-        // dcol = weight^T . dout, then scatter back onto the image
+    }
+    if (!dinp) return;
+    // dcol = weight^T . dout, then scatter back onto the image (col2im)
+    #pragma omp parallel for schedule(static) if (B > 1)
+    for (int b = 0; b < B; b++) {
+        const float* dy = dout + (size_t)b * C_out * HWo;
         float* dx = dinp + (size_t)b * C_in * H * W;
         if (direct) { matmul(dx, weight, dy, CKK, HWo, C_out, CKK, HWo, HWo, 1, 0, 1); continue; }
-        matmul(dcol, weight, dy, CKK, HWo, C_out, CKK, HWo, HWo, 1, 0, 0);
-        col2im(dx, dcol, C_in, H, W, K, stride);
+        float* mine = dcol + (size_t)thread_id() * CKK * HWo;
+        matmul(mine, weight, dy, CKK, HWo, C_out, CKK, HWo, HWo, 1, 0, 0);
+        col2im(dx, mine, C_in, H, W, K, stride);
     }
 }
 
@@ -1086,7 +1109,7 @@ typedef struct {
     float* work;
     float* scratch[N_SCRATCH];  // each (B, max C, max HW) over all blocks
     float* ping[2];             // gradients of tensors read by exactly one block
-    float *col, *dcol;          // im2col of one image
+    float *col, *dcol;          // im2col of one image per thread
     float *datt;                // (HW, HW) of one image
     float *tproj;               // (B, max C): a ResBlock's timestep projection
     size_t max_numel, max_col;  // per image; found by the first layout pass
@@ -1322,7 +1345,8 @@ static void unet_build(UNet* m, const Config* cfg, int B_max) {
     int max_mult = 1;
     for (int i = 0; i < cfg->n_levels; i++) if (cfg->ch_mult[i] > max_mult) max_mult = cfg->ch_mult[i];
     size_t tproj = (size_t)B_max * cfg->ch * max_mult;
-    m->n_work = (N_SCRATCH + 2) * per + 2 * m->max_col + att + tproj;
+    size_t col = (size_t)max_threads() * m->max_col;   // one im2col slice per thread
+    m->n_work = (N_SCRATCH + 2) * per + 2 * col + att + tproj;
     m->params = calloc_check(m->n_params, sizeof(float), "parameters");
     m->grads = calloc_check(m->n_params, sizeof(float), "gradients");
     m->acts = calloc_check(m->n_acts, sizeof(float), "activations");
@@ -1332,8 +1356,8 @@ static void unet_build(UNet* m, const Config* cfg, int B_max) {
     for (int i = 0; i < N_SCRATCH; i++, w += per) m->scratch[i] = w;
     m->ping[0] = w; w += per;
     m->ping[1] = w; w += per;
-    m->col = w; w += m->max_col;
-    m->dcol = w; w += m->max_col;
+    m->col = w; w += col;
+    m->dcol = w; w += col;
     m->datt = w; w += att;
     m->tproj = w;
     Arenas carve = {{m->params, 0}, {m->acts, 0}, {m->grad_acts, 0}};
@@ -2246,6 +2270,7 @@ typedef struct {
     const char* out;
     int batch, sample_every, sample_n, n, trace, resume, threads, warmup_steps, log_every;
     long steps;
+    double minutes;             // wall-clock budget of a training run (0: none)
     uint64_t seed;
     ScheduleKind schedule;
     SigmaKind sigma;
@@ -2271,6 +2296,7 @@ static const char* HELP =
 "  --model tiny|small|paper       network preset (default tiny)\n"
 "  --batch B                      images per step (default 128, as the paper)\n"
 "  --steps N                      total training steps (default 100000)\n"
+"  --minutes M                    stop after M minutes of training (checkpoint + samples)\n"
 "  --run DIR                      run folder (default runs/DATA-MODEL)\n"
 "  --resume                       continue the checkpoint in the run folder\n"
 "  --sample-every N               samples + checkpoint every N steps (default 2000)\n"
@@ -2360,6 +2386,7 @@ static void parse_options(int argc, char** argv, Options* o) {
         else if (FLAG("--model")) o->model = VALUE();
         else if (FLAG("--batch")) o->batch = (int)parse_long(a, VALUE(), 1, 4096);
         else if (FLAG("--steps")) o->steps = parse_long(a, VALUE(), 0, 1000000000L);
+        else if (FLAG("--minutes")) o->minutes = parse_double(a, VALUE(), 0.01, 1e7);
         else if (FLAG("--run")) o->run_dir = VALUE();
         else if (FLAG("--resume")) o->resume = 1;
         else if (FLAG("--sample-every")) o->sample_every = (int)parse_long(a, VALUE(), 1, 1000000000L);
@@ -2499,7 +2526,8 @@ static int cmd_train(const Options* o) {
     double t0 = now_seconds(), last = t0, running = -1;
     uint64_t first = tr.step;
     int tty = isatty(2);
-    while ((long)tr.step < o->steps && !stop_requested) {
+    int out_of_time = 0;
+    while ((long)tr.step < o->steps && !stop_requested && !out_of_time) {
         double ts = now_seconds();
         StepStats st = train_step(&tr, &data);
         if (!isfinite(st.loss))
@@ -2519,7 +2547,8 @@ static int cmd_train(const Options* o) {
                     (unsigned long long)tr.step, o->steps, st.loss, running, st.lr, st.grad_norm,
                     (tr.step - first) * o->batch / el, el, eta);
         }
-        if (tr.step % o->sample_every == 0 || (long)tr.step == o->steps) {
+        out_of_time = o->minutes > 0 && now - t0 > 60 * o->minutes;
+        if (tr.step % o->sample_every == 0 || (long)tr.step == o->steps || out_of_time) {
             if (tty) fprintf(stderr, "\n");
             fflush(log);
             save_or_die(&tr, o, ckpt);
@@ -2531,6 +2560,9 @@ static int cmd_train(const Options* o) {
     if (stop_requested) {
         save_or_die(&tr, o, ckpt);
         fprintf(stderr, "interrupted at step %llu; continue with the same command plus --resume\n", (unsigned long long)tr.step);
+    } else if (out_of_time) {
+        fprintf(stderr, "--minutes %g reached at step %llu; continue with the same command plus --resume\n",
+                o->minutes, (unsigned long long)tr.step);
     } else if (tr.step == first) {
         fprintf(stderr, "nothing to do: the run is at step %llu of --steps %ld\n", (unsigned long long)tr.step, o->steps);
     }

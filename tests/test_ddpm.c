@@ -1,0 +1,1785 @@
+// test_ddpm: the C unit tests of ddpm.c.
+//
+//   make tests/test_ddpm && tests/test_ddpm
+//
+// Every check prints one line, "PASS name: detail" or "FAIL name: detail", and the last
+// line is "N passed, N failed" (tests/run.sh sums it); the exit status is 1 if any check
+// failed. ddpm.c is included whole with its main() compiled out, so every static function
+// is reachable. Temporary files go under tests/out/unit/ and are removed at the end.
+//
+// What is checked, by section of ddpm.c:
+//   1    the schedules, against values recomputed here in long double
+//   2-3  q(x_t|x_0) by Monte Carlo, against Eq. (4) and against iterating Eq. (2);
+//        the posterior of Eqs. (6)-(7) against a Bayes product of Gaussians; Eq. (11)
+//   4-5  the Gaussian KL against numerical integration; the decoder's 256 bins sum to 1;
+//        L_T ~ 1e-5 bits/dim (§4); L_simple and its gradient
+//   6    every layer's backward pass against central finite differences, forward passes
+//        against naive loops, matmul against a triple loop, bit-exact determinism, the
+//        whole U-Net's gradient by finite differences, the initialisation, the configs
+//   7    the data loaders on synthetic files, and every bad-data case (fork + exit 1)
+//   8.1  checkpoints: bit-exact round trip, resume, every corruption, failed saves
+//   11   .npy files
+#define DDPM_NO_MAIN
+// The tests use most of ddpm.c but not all of it (e.g. the PNG writers): silence the
+// warnings about the unused static functions of the included file only.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wunused-function"
+#include "../ddpm.c"
+#pragma GCC diagnostic pop
+
+#include <fcntl.h>
+#include <ftw.h>
+#include <stddef.h>
+#include <sys/wait.h>
+
+#define OUT "tests/out/unit"
+
+// float32's unit roundoff: half an ulp at 1, 2^-24 ~ 6e-8. FLT_EPSILON = 2u is one ulp.
+#define U_F32 (FLT_EPSILON / 2)
+
+// ----------------------------------------------------------------------------
+// The harness
+
+static int n_passed, n_failed;
+
+#if defined(__GNUC__)
+__attribute__((format(printf, 3, 4)))
+#endif
+static void check(const char* name, int cond, const char* fmt, ...) {
+    char detail[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(detail, sizeof detail, fmt, ap);
+    va_end(ap);
+    printf("%s %s: %s\n", cond ? "PASS" : "FAIL", name, detail);
+    fflush(stdout);
+    if (cond) n_passed++; else n_failed++;
+}
+
+static void note(const char* fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    printf("NOTE ");
+    vprintf(fmt, ap);
+    printf("\n");
+    va_end(ap);
+    fflush(stdout);
+}
+
+// max |a_i - b_i|; a NaN anywhere makes it infinite, so that it never passes
+static double max_abs_diff(const float* a, const float* b, size_t n) {
+    double m = 0;
+    for (size_t i = 0; i < n; i++) {
+        double d = fabs((double)a[i] - (double)b[i]);
+        if (!(d <= m)) m = isnan(d) ? INFINITY : d;
+    }
+    return m;
+}
+
+static double max_abs(const float* a, size_t n) {
+    double m = 0;
+    for (size_t i = 0; i < n; i++) if (fabs(a[i]) > m) m = fabs(a[i]);
+    return m;
+}
+
+// Passes iff max |got - want| <= tol (an absolute tolerance, chosen by the caller).
+static void check_tensor(const char* name, const float* got, const float* want, size_t n, double tol) {
+    double d = max_abs_diff(got, want, n);
+    check(name, d <= tol, "max |diff| %.3g, tol %.3g (max |ref| %.3g, %zu values)", d, tol, max_abs(want, n), n);
+}
+
+// ----------------------------------------------------------------------------
+// Small utilities
+
+static Rng trng;   // the tests' own random stream, fixed seed
+
+static float* fmalloc(size_t n) { return calloc_check(n, sizeof(float), "test buffer"); }
+
+static float* randn(size_t n, float scale) {
+    float* x = fmalloc(n);
+    rng_normal(&trng, x, n);
+    for (size_t i = 0; i < n; i++) x[i] *= scale;
+    return x;
+}
+
+static float* fcopy(const float* x, size_t n) {
+    float* y = fmalloc(n);
+    memcpy(y, x, n * sizeof(float));
+    return y;
+}
+
+static void set_threads(int n) {
+#ifdef _OPENMP
+    omp_set_num_threads(n);
+#else
+    (void)n;
+#endif
+}
+
+static int get_threads(void) { return max_threads(); }
+
+// matmul sizes its per-thread packing buffers and its tile widths from the thread count
+// seen by gemm_init, once. To compare runs as if the program had been started with
+// different --threads values, drop the buffers and size them again.
+static void gemm_reinit(int threads) {
+    set_threads(threads);
+    free(gemm_pack_buffer);
+    gemm_pack_buffer = NULL;
+    gemm_init();
+}
+
+static void mkdir_or_die(const char* path) {
+    if (mkdir(path, 0755) != 0 && errno != EEXIST) die("test: cannot create %s: %s", path, strerror(errno));
+}
+
+static void write_bytes(const char* path, const void* data, size_t n) {
+    FILE* f = fopen_check(path, "wb", NULL);
+    if (n && fwrite(data, 1, n, f) != n) die("test: cannot write %s", path);
+    if (fclose(f) != 0) die("test: cannot write %s", path);
+}
+
+// Reads a whole file; returns NULL if it cannot be opened. *n gets its size.
+static uint8_t* read_bytes(const char* path, size_t* n) {
+    FILE* f = fopen(path, "rb");
+    if (!f) return NULL;
+    fseek(f, 0, SEEK_END);
+    long size = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    uint8_t* buf = malloc_check(size > 0 ? (size_t)size : 1, "test file");
+    *n = fread(buf, 1, (size_t)size, f);
+    fclose(f);
+    return buf;
+}
+
+static int exists(const char* path) { return access(path, F_OK) == 0; }
+
+static int rm_entry(const char* path, const struct stat* st, int flag, struct FTW* ftw) {
+    (void)st; (void)flag; (void)ftw;
+    chmod(path, 0755);   // a folder a test made read-only
+    return remove(path);
+}
+
+static void rm_rf(const char* path) {
+    if (exists(path)) nftw(path, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
+}
+
+// Runs fn(arg) in a child process whose stderr goes to a file, and checks that it ends
+// the way every user-caused failure in ddpm.c must: exit(1) (not a crash, not a
+// return) with one line "ddpm: ..." that names `must_name` (the offending file).
+static void expect_die(const char* name, void (*fn)(void*), void* arg, const char* must_name) {
+    const char* errpath = OUT "/child_stderr.txt";
+    fflush(stdout);
+    fflush(stderr);
+    pid_t pid = fork();
+    if (pid < 0) { check(name, 0, "fork failed: %s", strerror(errno)); return; }
+    if (pid == 0) {
+        if (!freopen(errpath, "w", stderr)) _exit(3);
+        fn(arg);
+        _exit(0);   // it returned: the bad input was accepted
+    }
+    int status = 0;
+    waitpid(pid, &status, 0);
+    size_t n = 0;
+    uint8_t* msg = read_bytes(errpath, &n);
+    char text[1024] = "";
+    if (msg) { snprintf(text, sizeof text, "%.*s", (int)(n < 1000 ? n : 1000), (const char*)msg); free(msg); }
+    int lines = 0;
+    for (const char* p = text; *p; p++) lines += *p == '\n';
+    size_t len = strlen(text);
+    if (len && text[len - 1] == '\n') text[len - 1] = 0;
+    unlink(errpath);
+    if (WIFSIGNALED(status)) { check(name, 0, "crashed with signal %d", WTERMSIG(status)); return; }
+    int code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+    int ok = code == 1 && lines == 1 && !strncmp(text, "ddpm: ", 6) && strstr(text, must_name);
+    if (code == 0) check(name, 0, "accepted: the call returned without an error");
+    else check(name, ok, "exit %d, %d line(s): \"%s\"%s", code, lines, text,
+               strstr(text, must_name) ? "" : " (does not name the file)");
+}
+
+// ----------------------------------------------------------------------------
+// 1. The noise schedule
+
+static double rel_err(long double got, long double want) {
+    long double d = fabsl(got - want), s = fabsl(want);
+    return (double)(s > 0 ? d / s : d);
+}
+
+static void test_schedule_linear(void) {
+    const int T = 1000;
+    Schedule s;
+    schedule_init(&s, T, SCHEDULE_LINEAR);
+    // Recomputed here in long double, straight from §2, §4 and Eq. (7).
+    double e_beta = 0, e_abar = 0, e_abar_prev = 0, e_sqrt = 0, e_var = 0, e_logvar = 0, e_coef = 0;
+    long double abar = 1, var1 = 0;
+    for (int i = 0; i < T; i++) {
+        long double beta = 1e-4L + (0.02L - 1e-4L) * i / (T - 1), prev = abar;
+        abar *= 1 - beta;
+        long double var = beta * (1 - prev) / (1 - abar);
+        if (i == 1) var1 = var;
+        e_beta = fmax(e_beta, rel_err(s.betas[i], beta));
+        e_beta = fmax(e_beta, rel_err(s.alphas[i], 1 - beta));
+        e_abar = fmax(e_abar, rel_err(s.alphas_cumprod[i], abar));
+        e_abar_prev = fmax(e_abar_prev, rel_err(s.alphas_cumprod_prev[i], prev));
+        e_sqrt = fmax(e_sqrt, rel_err(s.sqrt_alphas_cumprod[i], sqrtl(abar)));
+        e_sqrt = fmax(e_sqrt, rel_err(s.sqrt_one_minus_alphas_cumprod[i], sqrtl(1 - abar)));
+        e_sqrt = fmax(e_sqrt, rel_err(s.sqrt_recip_alphas_cumprod[i], sqrtl(1 / abar)));
+        e_sqrt = fmax(e_sqrt, rel_err(s.sqrt_recipm1_alphas_cumprod[i], sqrtl(1 / abar - 1)));
+        e_var = fmax(e_var, i == 0 ? fabs(s.posterior_variance[0]) : rel_err(s.posterior_variance[i], var));
+        e_coef = fmax(e_coef, rel_err(s.posterior_mean_coef1[i], beta * sqrtl(prev) / (1 - abar)));
+        e_coef = fmax(e_coef, i == 0 ? fabs(s.posterior_mean_coef2[0])
+                                     : rel_err(s.posterior_mean_coef2[i], (1 - prev) * sqrtl(1 - beta) / (1 - abar)));
+    }
+    // the clipped log: beta_tilde_1 = 0 is replaced by beta_tilde_2
+    abar = 1;
+    for (int i = 0; i < T; i++) {
+        long double beta = 1e-4L + (0.02L - 1e-4L) * i / (T - 1), prev = abar;
+        abar *= 1 - beta;
+        long double lv = i == 0 ? logl(var1) : logl(beta * (1 - prev) / (1 - abar));
+        e_logvar = fmax(e_logvar, fabsl(s.posterior_log_variance_clipped[i] - lv));
+    }
+    // Tolerances: beta_t is one formula (a few double roundings: 1e-14). alpha_bar is a
+    // product of up to 1000 factors, each rounded once: <= 1000 * 1.1e-16 ~ 1e-13, so 1e-12.
+    // Everything built on 1 - alpha_bar inherits that error magnified by
+    // alpha_bar / (1 - alpha_bar) <= 1e4 at t = 1: 1e-16 * 1e4 = 1e-12, so 1e-10.
+    check("schedule linear beta_t, alpha_t", e_beta < 1e-14, "max rel err %.2g (tol 1e-14), beta_1 %.6g, beta_T %.6g",
+          e_beta, s.betas[0], s.betas[T - 1]);
+    check("schedule linear alpha_bar_t", e_abar < 1e-12 && e_abar_prev < 1e-12,
+          "max rel err %.2g, prev %.2g (tol 1e-12), alpha_bar_T %.4g", e_abar, e_abar_prev, s.alphas_cumprod[T - 1]);
+    check("schedule linear sqrt terms", e_sqrt < 1e-10, "max rel err %.2g (tol 1e-10)", e_sqrt);
+    check("schedule linear beta_tilde (Eq. 7)", e_var < 1e-10, "max rel err %.2g (tol 1e-10), beta_tilde_1 = %g",
+          e_var, s.posterior_variance[0]);
+    check("schedule linear log beta_tilde clipped", e_logvar < 1e-10, "max abs err %.2g (tol 1e-10), [0] = log beta_tilde_2 = %.6f",
+          e_logvar, s.posterior_log_variance_clipped[0]);
+    check("schedule linear posterior coef1, coef2", e_coef < 1e-10, "max rel err %.2g (tol 1e-10)", e_coef);
+    schedule_free(&s);
+}
+
+static void test_schedule_cosine(void) {
+    const int T = 1000;
+    const long double s0 = 0.008L, pi = acosl(-1.0L);
+    Schedule s;
+    schedule_init(&s, T, SCHEDULE_COSINE);
+    // Nichol & Dhariwal: alpha_bar(t) = f(t) / f(0), f(t) = cos^2(((t/T + s)/(1 + s)) pi/2),
+    // as long as no beta has been clipped (the product then telescopes).
+    long double f0 = cosl(s0 / (1 + s0) * pi / 2);
+    f0 *= f0;
+    double e = 0;
+    int n_unclipped = 0, monotone = 1, in_range = 1;
+    for (int i = 0; i < T; i++) {
+        if (!(s.betas[i] > 0 && s.betas[i] <= 0.999)) in_range = 0;
+        if (i > 0 && s.betas[i] < s.betas[i - 1]) monotone = 0;
+        if (s.betas[i] >= 0.999) break;
+        long double c = cosl(((long double)(i + 1) / T + s0) / (1 + s0) * pi / 2);
+        e = fmax(e, rel_err(s.alphas_cumprod[i], c * c / f0));
+        n_unclipped++;
+    }
+    for (int i = n_unclipped; i < T; i++) {
+        if (!(s.betas[i] > 0 && s.betas[i] <= 0.999)) in_range = 0;
+        if (i > 0 && s.betas[i] < s.betas[i - 1]) monotone = 0;
+    }
+    // each ratio f(t)/f(t-1) carries a few roundings; the product of < 1000 of them
+    // telescopes to within ~1e-13 relative: 1e-9 leaves room for cos near pi/2.
+    check("schedule cosine alpha_bar = f(t)/f(0)", e < 1e-9 && n_unclipped >= T - 5,
+          "max rel err %.2g over the %d unclipped steps (tol 1e-9)", e, n_unclipped);
+    check("schedule cosine betas in (0, 0.999], clipped at T, monotone",
+          in_range && monotone && s.betas[T - 1] == 0.999,
+          "beta_1 %.3g, beta_T %.6g, monotone %d", s.betas[0], s.betas[T - 1], monotone);
+    schedule_free(&s);
+}
+
+// ----------------------------------------------------------------------------
+// 2. The forward process, by Monte Carlo
+
+typedef struct { double mean, var; } Moments;
+
+static Moments moments(const double* x, size_t n) {
+    double s = 0, ss = 0;
+    for (size_t i = 0; i < n; i++) s += x[i];
+    double m = s / n;
+    for (size_t i = 0; i < n; i++) ss += (x[i] - m) * (x[i] - m);
+    return (Moments){m, ss / (n - 1)};
+}
+
+static void test_q_sample_monte_carlo(void) {
+    const int T = 1000, n_q = 200000, n_chain = 100000;
+    const int ts[4] = {0, 99, 499, 999};
+    const float x0_val = 0.7f;
+    Schedule s;
+    schedule_init(&s, T, SCHEDULE_LINEAR);
+    // q_sample at each t, in one jump (Eq. 4)
+    float* x0 = fmalloc(n_q);
+    float* eps = fmalloc(n_q);
+    float* xt = fmalloc(n_q);
+    double* xd = malloc_check(n_q * sizeof(double), "test");
+    for (int i = 0; i < n_q; i++) x0[i] = x0_val;
+    Moments q[4];
+    for (int k = 0; k < 4; k++) {
+        rng_normal(&trng, eps, n_q);
+        q_sample(xt, x0, eps, &ts[k], 1, n_q, &s);
+        for (int i = 0; i < n_q; i++) xd[i] = xt[i];
+        q[k] = moments(xd, n_q);
+    }
+    // the chain of Eq. (2), step by step: x_t = sqrt(1 - beta_t) x_{t-1} + sqrt(beta_t) z
+    double* chain = malloc_check(n_chain * sizeof(double), "test");
+    float* z = fmalloc(n_chain);
+    Moments c[4];
+    for (int i = 0; i < n_chain; i++) chain[i] = x0_val;
+    for (int t = 0, k = 0; t < T; t++) {
+        double a = sqrt(1 - s.betas[t]), b = sqrt(s.betas[t]);
+        rng_normal(&trng, z, n_chain);
+        for (int i = 0; i < n_chain; i++) chain[i] = a * chain[i] + b * z[i];
+        if (t == ts[k]) c[k++] = moments(chain, n_chain);
+        if (k == 4) break;
+    }
+    // Tolerance: 5 standard errors. For n Gaussian samples of variance v, the sample mean
+    // has standard error sqrt(v/n) and the sample variance v sqrt(2/(n-1)). The float
+    // rounding of x_t (~1e-7 relative) is far below either.
+    for (int k = 0; k < 4; k++) {
+        double mu = sqrt(s.alphas_cumprod[ts[k]]) * x0_val, v = 1 - s.alphas_cumprod[ts[k]];
+        double se_m = sqrt(v / n_q), se_v = v * sqrt(2.0 / (n_q - 1));
+        char name[96];
+        snprintf(name, sizeof name, "q_sample moments vs Eq. (4), t = %d", ts[k] + 1);
+        check(name, fabs(q[k].mean - mu) < 5 * se_m && fabs(q[k].var - v) < 5 * se_v,
+              "mean %.6f vs %.6f (%.1f se), var %.6g vs %.6g (%.1f se)", q[k].mean, mu,
+              fabs(q[k].mean - mu) / se_m, q[k].var, v, fabs(q[k].var - v) / se_v);
+        // the chain against q_sample: the difference of two independent estimates
+        double se_m2 = sqrt(v / n_q + v / n_chain), se_v2 = v * sqrt(2.0 / (n_q - 1) + 2.0 / (n_chain - 1));
+        snprintf(name, sizeof name, "q_sample vs iterating Eq. (2), t = %d", ts[k] + 1);
+        check(name, fabs(q[k].mean - c[k].mean) < 5 * se_m2 && fabs(q[k].var - c[k].var) < 5 * se_v2,
+              "chain mean %.6f var %.6g; jump mean %.6f var %.6g (%.1f, %.1f se)", c[k].mean, c[k].var,
+              q[k].mean, q[k].var, fabs(q[k].mean - c[k].mean) / se_m2, fabs(q[k].var - c[k].var) / se_v2);
+    }
+    free(x0); free(eps); free(xt); free(xd); free(chain); free(z);
+    schedule_free(&s);
+}
+
+// ----------------------------------------------------------------------------
+// 2-3. The posterior (Eqs. 6-7), x_0 from eps, Eq. (11), the reverse variances
+
+static void test_posterior_bayes(void) {
+    const int T = 1000;
+    Schedule s;
+    schedule_init(&s, T, SCHEDULE_LINEAR);
+    const int ts[5] = {0, 1, 10, 500, 999};
+    const float x0s[3] = {-1.0f, 0.3f, 0.9f}, xts[3] = {-2.0f, 0.1f, 1.5f};
+    double e_mean = 0, e_var = 0, e_lv = 0;
+    for (int a = 0; a < 5; a++) {
+        int t = ts[a];
+        // the schedule, recomputed independently
+        long double abar_prev = 1, beta = 0;
+        for (int i = 0; i <= t; i++) {
+            beta = 1e-4L + (0.02L - 1e-4L) * i / (T - 1);
+            if (i < t) abar_prev *= 1 - beta;
+        }
+        long double alpha = 1 - beta;
+        for (int b = 0; b < 3; b++)
+            for (int c = 0; c < 3; c++) {
+                float x0 = x0s[b], xt = xts[c], mean;
+                double var, lv;
+                q_posterior_mean_variance(&mean, &var, &lv, &x0, &xt, &t, 1, 1, &s);
+                // Bayes: q(x_{t-1} | x_t, x_0) is proportional to
+                //   q(x_{t-1} | x_0) = N(sqrt(abar_{t-1}) x_0, 1 - abar_{t-1})        (Eq. 4)
+                //   times q(x_t | x_{t-1}) = N(x_t; sqrt(alpha_t) x_{t-1}, beta_t)    (Eq. 2),
+                // a Gaussian in x_{t-1} with precision alpha_t / beta_t and mean x_t / sqrt(alpha_t).
+                // The product has precision 1/v_prior + alpha/beta and a precision-weighted mean.
+                // At t = 1 the prior is a point mass at x_0 (abar_0 = 1).
+                long double m_ref, v_ref;
+                if (t == 0) { m_ref = x0; v_ref = 0; }
+                else {
+                    long double vp = 1 - abar_prev, mp = sqrtl(abar_prev) * x0;
+                    long double prec = 1 / vp + alpha / beta;
+                    m_ref = (mp / vp + sqrtl(alpha) * xt / beta) / prec;
+                    v_ref = 1 / prec;
+                }
+                // mean: two float products and a sum with coefficients in [0, 1] rounded to
+                // float: a few ulps of |x_0| + |x_t|; 1e-6 (u = 6e-8) leaves a margin.
+                e_mean = fmax(e_mean, fabsl(mean - m_ref) / (1e-6 * (fabs(x0) + fabs(xt))));
+                e_var = fmax(e_var, t == 0 ? fabs(var) : rel_err(var, v_ref));
+                if (t > 0) e_lv = fmax(e_lv, fabsl(lv - logl(v_ref)));
+                else e_lv = fmax(e_lv, fabs(lv - log(s.posterior_variance[1])));
+            }
+    }
+    check("posterior mean (Eq. 7) = Bayes product of Gaussians", e_mean <= 1,
+          "worst |diff| / (1e-6 (|x_0| + |x_t|)) = %.3f (pass <= 1); 5 t x 3 x_0 x 3 x_t", e_mean);
+    // variance: double arithmetic on 1 - alpha_bar, as in the schedule test: 1e-10
+    check("posterior variance (Eq. 7) = Bayes product of Gaussians", e_var < 1e-10 && e_lv < 1e-10,
+          "max rel err var %.2g, max abs err log var %.2g (tol 1e-10)", e_var, e_lv);
+    schedule_free(&s);
+}
+
+static void test_reverse_process(void) {
+    const int T = 1000, B = 4, n = 1000;
+    Schedule s;
+    schedule_init(&s, T, SCHEDULE_LINEAR);
+    int t_idx[4] = {0, 100, 500, 999};
+    float* x0 = fmalloc(B * n);
+    for (int i = 0; i < B * n; i++) x0[i] = (float)(2 * rng_uniform(&trng) - 1);
+    float* eps = randn(B * n, 1);
+    float* xt = fmalloc(B * n);
+    float* x0_hat = fmalloc(B * n);
+    q_sample(xt, x0, eps, t_idx, B, n, &s);
+    predict_x0_from_eps(x0_hat, xt, eps, t_idx, B, n, &s);
+    // Error bound: x_t carries ~3u(|x_0| + |eps|) of rounding (float coefficients <= 1);
+    // x0_hat multiplies it by sqrt(1/abar_t) (up to 157 at t = T) and adds ~3u of its own
+    // products: <= ~6u sqrt(1/abar)(|x_0| + 2|eps|). Pass if within 8u of that scale.
+    double worst = 0;
+    for (int b = 0; b < B; b++)
+        for (int i = b * n; i < (b + 1) * n; i++) {
+            double tol = 8 * U_F32 * s.sqrt_recip_alphas_cumprod[t_idx[b]] * (fabs(x0[i]) + 2 * fabs(eps[i]));
+            worst = fmax(worst, fabs(x0_hat[i] - x0[i]) / tol);
+        }
+    check("predict_x0_from_eps inverts q_sample (Eq. 15)", worst <= 1,
+          "worst |x0_hat - x_0| / (8u sqrt(1/abar)(|x_0| + 2|eps|)) = %.3f (pass <= 1), t = 1, 101, 501, 1000", worst);
+
+    // p_mean_variance without clipping = Eq. (11): 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - abar_t) eps)
+    float* eps_theta = randn(B * n, 1);
+    float* mean = fmalloc(B * n);
+    double log_var[4];
+    p_mean_variance(mean, log_var, x0_hat, xt, eps_theta, t_idx, B, n, SIGMA_BETA, 0, &s);
+    // The float path goes through x0_hat (error ~6u sqrt(1/abar)(|x_t| + |eps|)), then
+    // multiplies it by coef1 <= beta/((1 - abar) sqrt(alpha)) * sqrt(abar), which cancels the
+    // sqrt(1/abar): ~10u (|x_t| + |eps|) in all. Pass if within 16u of that scale.
+    worst = 0;
+    for (int b = 0; b < B; b++) {
+        int t = t_idx[b];
+        double beta = s.betas[t], alpha = 1 - beta, abar = s.alphas_cumprod[t];
+        for (int i = b * n; i < (b + 1) * n; i++) {
+            double mu = (xt[i] - beta / sqrt(1 - abar) * eps_theta[i]) / sqrt(alpha);
+            double tol = 16 * U_F32 * (fabs(xt[i]) + fabs(eps_theta[i]));
+            worst = fmax(worst, fabs(mean[i] - mu) / tol);
+        }
+    }
+    check("p_mean_variance unclipped = Eq. (11)", worst <= 1,
+          "worst |mean - mu| / (16u (|x_t| + |eps|)) = %.3f (pass <= 1)", worst);
+
+    // with clip, x0_hat is the unclipped one clamped to [-1, 1]
+    float* x0_clip = fmalloc(B * n);
+    float* mean_clip = fmalloc(B * n);
+    p_mean_variance(mean_clip, NULL, x0_clip, xt, eps_theta, t_idx, B, n, SIGMA_BETA, 1, &s);
+    int clip_ok = 1, n_clipped = 0;
+    for (int i = 0; i < B * n; i++) {
+        float want = x0_hat[i] > 1 ? 1.0f : x0_hat[i] < -1 ? -1.0f : x0_hat[i];
+        clip_ok &= x0_clip[i] == want;
+        n_clipped += x0_hat[i] != want;
+    }
+    check("p_mean_variance clip: x0_hat clamped to [-1, 1]", clip_ok && n_clipped > 0,
+          "%d of %d values clipped, the rest unchanged", n_clipped, B * n);
+
+    // sigma_t^2 = beta_t (with beta_tilde_2 at t = 1), or beta_tilde_t
+    int lv_ok = fabs(log_var[0] - log(s.posterior_variance[1])) < 1e-12;
+    for (int b = 1; b < B; b++) lv_ok &= fabs(log_var[b] - log(s.betas[t_idx[b]])) < 1e-12;
+    lv_ok &= p_log_variance(0, SIGMA_BETA, &s) == log_var[0];
+    check("p_log_variance SIGMA_BETA", lv_ok, "t=1: %.6f = log beta_tilde_2 %.6f (not log beta_1 %.6f); t>1: log beta_t",
+          log_var[0], log(s.posterior_variance[1]), log(s.betas[0]));
+    int tl_ok = fabs(p_log_variance(0, SIGMA_BETA_TILDE, &s) - log(s.posterior_variance[1])) < 1e-12;
+    for (int t = 1; t < T; t += 37) tl_ok &= fabs(p_log_variance(t, SIGMA_BETA_TILDE, &s) - log(s.posterior_variance[t])) < 1e-12;
+    check("p_log_variance SIGMA_BETA_TILDE", tl_ok, "log beta_tilde_t, beta_tilde_2 at t = 1");
+
+    free(x0); free(eps); free(xt); free(x0_hat); free(eps_theta); free(mean); free(x0_clip); free(mean_clip);
+    schedule_free(&s);
+}
+
+// ----------------------------------------------------------------------------
+// 4-5. The bound and the loss
+
+static long double log_normal_pdf(long double x, long double m, long double logvar) {
+    long double d = x - m;
+    return -0.5L * (logl(2 * acosl(-1.0L)) + logvar + d * d / expl(logvar));
+}
+
+static void test_normal_kl(void) {
+    const double cases[5][4] = {
+        {0, 0, 0, 0}, {0.5, log(0.3), -0.2, log(1.7)}, {1, log(2.0), 0, log(0.5)},
+        {-0.3, log(1e-2), 0.1, log(1e-2)}, {0.2, log(4.0), 0.2, log(0.25)}};
+    double worst = 0;
+    char detail[256] = "";
+    for (int c = 0; c < 5; c++) {
+        double m1 = cases[c][0], lv1 = cases[c][1], m2 = cases[c][2], lv2 = cases[c][3];
+        // Simpson's rule for the integral of p log(p/q) over m1 +- 14 sd of p
+        const int n = 40000;
+        long double sd = expl(0.5L * lv1), a = m1 - 14 * sd, h = 28 * sd / n, sum = 0;
+        for (int i = 0; i <= n; i++) {
+            long double x = a + i * h, lp = log_normal_pdf(x, m1, lv1), lq = log_normal_pdf(x, m2, lv2);
+            long double f = expl(lp) * (lp - lq);
+            sum += f * (i == 0 || i == n ? 1 : i % 2 ? 4 : 2);
+        }
+        double integral = (double)(sum * h / 3), kl = normal_kl(m1, lv1, m2, lv2);
+        double err = fabs(kl - integral) / fmax(fabs(integral), 1e-6);
+        worst = fmax(worst, err);
+        size_t l = strlen(detail);
+        snprintf(detail + l, sizeof detail - l, "%s%.6g", c ? ", " : "", kl);
+    }
+    // Simpson with h = 7e-4 sd has error ~h^4 ~ 1e-13; the tails beyond 14 sd hold < 1e-40.
+    check("normal_kl vs numerical integration", worst < 1e-8, "max rel err %.2g (tol 1e-8); KLs %s", worst, detail);
+}
+
+static void test_discretized_decoder(void) {
+    const double means[8] = {-1.2, -1, -0.37, 0, 0.5, 0.999, 1, 1.3};
+    const double scales[5] = {1e-3, 0.02, 0.3, 1, 3};
+    double worst_sum = 0, worst_bin = 0;
+    for (int a = 0; a < 8; a++)
+        for (int b = 0; b < 5; b++) {
+            double mean = means[a], ls = log(scales[b]), total = 0;
+            for (int k = 0; k < 256; k++) {
+                double x = k / 127.5 - 1, ll = discretized_gaussian_log_likelihood(x, mean, ls);
+                total += exp(ll);
+                // the bin's Gaussian mass computed here, end bins extended to -+inf; each
+                // CDF difference is taken in the tail away from the mean (no cancellation)
+                long double r2 = scales[b] * sqrtl(2), lo = (x - 1.0L / 255 - mean) / r2, hi = (x + 1.0L / 255 - mean) / r2;
+                long double p = k == 0 ? 0.5L * erfcl(-hi)                       // P(X < x + 1/255)
+                              : k == 255 ? 0.5L * erfcl(lo)                      // P(X > x - 1/255)
+                              : mean < x ? 0.5L * (erfcl(lo) - erfcl(hi))        // upper tails
+                                         : 0.5L * (erfcl(-hi) - erfcl(-lo));     // lower tails
+                if (p > 1e-6) worst_bin = fmax(worst_bin, fabsl(ll - logl(p)));
+            }
+            worst_sum = fmax(worst_sum, fabs(total - 1));
+        }
+    // Each of the 256 bins is floored at 1e-12 (<= 2.6e-10 extra mass in all), and the CDF
+    // differences telescope to 1 up to double rounding (~256 x 1e-16): 1e-9.
+    check("decoder (Eq. 13): 256 bin probabilities sum to 1", worst_sum < 1e-9,
+          "max |sum - 1| %.2g (tol 1e-9) over 8 means x 5 scales", worst_sum);
+    // bins with mass > 1e-6 are free of the floor and of cancellation (the code takes the
+    // far tail): double erfc is good to a few ulps, so log p agrees to ~1e-10 relative.
+    check("decoder (Eq. 13): bin masses vs erfc", worst_bin < 1e-8, "max |log p - log p_ref| %.2g (tol 1e-8)", worst_bin);
+}
+
+static void test_prior_bpd(void) {
+    Schedule s;
+    schedule_init(&s, 1000, SCHEDULE_LINEAR);
+    const size_t n = 3 * 32 * 32;
+    float* x = fmalloc(n);
+    double lo = 1, hi = 0, worst = 0;
+    for (int img = 0; img < 3; img++) {
+        for (size_t i = 0; i < n; i++)
+            x[i] = img == 0 ? (float)(2 * rng_uniform(&trng) - 1) : img == 1 ? (i % 2 ? 1.0f : -1.0f) : (float)(i % 256) / 127.5f - 1;
+        double bpd = prior_bpd(x, n, &s);
+        lo = fmin(lo, bpd); hi = fmax(hi, bpd);
+        // the closed form, in long double: KL(N(sqrt(ab) x, 1 - ab) || N(0, 1)) per value
+        long double ab = 1, kl = 0;
+        for (int t = 0; t < 1000; t++) ab *= 1 - (1e-4L + (0.02L - 1e-4L) * t / 999);
+        for (size_t i = 0; i < n; i++) kl += 0.5L * (-1 - logl(1 - ab) + (1 - ab) + ab * x[i] * x[i]);
+        worst = fmax(worst, rel_err(bpd, kl / (n * logl(2))));
+    }
+    // §4: L_T = D_KL(q(x_T|x_0) || N(0, I)) ~ 1e-5 bits/dim; 1e-6 < L_T < 1e-4 for data in
+    // [-1, 1] with a spread (a constant 0 image would give ~1e-9). The closed form agrees
+    // to double rounding of 1 - abar and log(1 - abar): 1e-8.
+    check("L_T for the linear schedule ~1e-5 bits/dim (§4)", lo > 1e-6 && hi < 1e-4 && worst < 1e-8,
+          "prior_bpd %.3g .. %.3g bits/dim on 3 images; rel err vs closed form %.2g", lo, hi, worst);
+    free(x);
+    schedule_free(&s);
+}
+
+static void test_l_simple(void) {
+    const size_t N = 37;
+    float* e = randn(N, 1);
+    float* eps = randn(N, 1);
+    float* grad = fmalloc(N);
+    float L = l_simple(grad, e, eps, N);
+    double ref = 0;
+    for (size_t i = 0; i < N; i++) ref += ((double)e[i] - eps[i]) * ((double)e[i] - eps[i]);
+    ref /= N;
+    // the mean is summed in double and returned as float: one rounding, 0.5 ulp
+    check("l_simple value (Eq. 14)", fabs(L - ref) <= U_F32 * ref && l_simple(NULL, e, eps, N) == L,
+          "%.8f vs %.8f (tol u |L|)", L, ref);
+    float* num = fmalloc(N);
+    const float h = 1e-2f;
+    for (size_t i = 0; i < N; i++) {
+        float e0 = e[i];
+        e[i] = e0 + h; float ep = e[i]; double Lp = l_simple(NULL, e, eps, N);
+        e[i] = e0 - h; float em = e[i]; double Lm = l_simple(NULL, e, eps, N);
+        e[i] = e0;
+        num[i] = (float)((Lp - Lm) / ((double)ep - em));
+    }
+    // L is quadratic, so central differences are exact but for the float rounding of
+    // L (u |L| ~ 1e-7) divided by 2h: ~1e-5, against gradients ~2/N ~ 0.05: 1e-3 relative.
+    check_tensor("l_simple gradient vs finite differences", grad, num, N, 1e-3 * max_abs(num, N));
+    free(e); free(eps); free(grad); free(num);
+}
+
+// ----------------------------------------------------------------------------
+// 6. Layers: backward vs central finite differences
+//
+// Each layer is wrapped as an objective L = sum(out * R) for a fixed random R, summed in
+// double. Then dL/dout = R, so backward(dout = R) must give dL/dinput and dL/dweights,
+// which are compared to (L(x + h) - L(x - h)) / 2h for every coordinate (sizes are small).
+// Central differences with h = 1e-2 on a float32 forward pass: the truncation error is
+// h^2/6 |L'''| (zero for layers linear in the variable), and the rounding error is about
+// u |out| sqrt(#outputs touched) |R| / h ~ 1e-5. Tolerances, relative to max |gradient|:
+//   1e-3 for variables the layer is linear in (rounding only, 100x margin),
+//   1e-2 for nonlinear ones (silu, GroupNorm, softmax: h^2 = 1e-4 times curvatures of O(10)).
+
+#define FD_H 1e-2f
+#define TOL_LINEAR 1e-3
+#define TOL_NONLINEAR 1e-2
+
+typedef struct {
+    void (*forward)(void* ctx);   // recomputes *out from the current inputs and weights
+    void* ctx;
+    const float* out;
+    size_t n_out;
+    const float* R;
+} Objective;
+
+static double objective(const Objective* o) {
+    o->forward(o->ctx);
+    double L = 0;
+    for (size_t i = 0; i < o->n_out; i++) L += (double)o->out[i] * o->R[i];
+    return L;
+}
+
+static void numeric_grad(float* g, float* x, size_t n, const Objective* o) {
+    for (size_t i = 0; i < n; i++) {
+        float x0 = x[i];
+        x[i] = x0 + FD_H; float xp = x[i]; double Lp = objective(o);
+        x[i] = x0 - FD_H; float xm = x[i]; double Lm = objective(o);
+        x[i] = x0;
+        g[i] = (float)((Lp - Lm) / ((double)xp - xm));   // the step actually taken in float
+    }
+    o->forward(o->ctx);   // leave the outputs (and saved statistics) at x
+}
+
+// Analytic gradient `ana` of variable x (n values) against central differences.
+static void check_grad(const char* name, const float* ana, float* x, size_t n, const Objective* o, double rel) {
+    float* num = fmalloc(n);
+    numeric_grad(num, x, n, o);
+    check_tensor(name, ana, num, n, rel * max_abs(num, n));
+    free(num);
+}
+
+// ---- convolution ----
+typedef struct { float *x, *w, *b, *out, *col; int B, C_in, H, W, C_out, K, stride; } ConvCase;
+
+static void conv_fwd(void* p) {
+    ConvCase* c = p;
+    conv2d_forward(c->out, c->x, c->w, c->b, c->B, c->C_in, c->H, c->W, c->C_out, c->K, c->stride, c->col);
+}
+
+// A direct convolution with TensorFlow's "SAME" padding, derived independently:
+// pad_total = max((H_out - 1) stride + K - H, 0), of which floor(pad_total / 2) on top/left.
+static void conv_naive(float* out, double* max_absref, const ConvCase* c) {
+    int Ho = c->H / c->stride, Wo = c->W / c->stride;
+    int pt = ((Ho - 1) * c->stride + c->K - c->H) / 2, pl = ((Wo - 1) * c->stride + c->K - c->W) / 2;
+    if (pt < 0) pt = 0;
+    if (pl < 0) pl = 0;
+    *max_absref = 0;
+    for (int b = 0; b < c->B; b++)
+        for (int co = 0; co < c->C_out; co++)
+            for (int oy = 0; oy < Ho; oy++)
+                for (int ox = 0; ox < Wo; ox++) {
+                    double s = c->b[co], sa = fabs(c->b[co]);
+                    for (int ci = 0; ci < c->C_in; ci++)
+                        for (int ky = 0; ky < c->K; ky++)
+                            for (int kx = 0; kx < c->K; kx++) {
+                                int y = oy * c->stride + ky - pt, x = ox * c->stride + kx - pl;
+                                if (y < 0 || y >= c->H || x < 0 || x >= c->W) continue;
+                                double v = (double)c->w[((co * c->C_in + ci) * c->K + ky) * c->K + kx] *
+                                           c->x[((b * c->C_in + ci) * c->H + y) * c->W + x];
+                                s += v; sa += fabs(v);
+                            }
+                    out[((b * c->C_out + co) * Ho + oy) * Wo + ox] = (float)s;
+                    *max_absref = fmax(*max_absref, sa);
+                }
+}
+
+static void test_conv(int K, int stride, int accumulation_check) {
+    ConvCase c = {0};
+    c.B = 2; c.C_in = 3; c.H = 6; c.W = 6; c.C_out = 4; c.K = K; c.stride = stride;
+    int Ho = c.H / stride, Wo = c.W / stride;
+    size_t nx = (size_t)c.B * c.C_in * c.H * c.W, nw = (size_t)c.C_out * c.C_in * K * K, no = (size_t)c.B * c.C_out * Ho * Wo;
+    c.x = randn(nx, 1); c.w = randn(nw, 0.5f); c.b = randn(c.C_out, 0.1f);
+    c.out = fmalloc(no);
+    c.col = fmalloc((size_t)c.C_in * K * K * Ho * Wo);
+    float* dcol = fmalloc((size_t)c.C_in * K * K * Ho * Wo);
+    float* R = randn(no, 1);
+    Objective o = {conv_fwd, &c, c.out, no, R};
+    char name[96], what[48];
+    snprintf(what, sizeof what, "conv2d %dx%d stride %d", K, K, stride);
+
+    conv_fwd(&c);
+    float* ref = fmalloc(no);
+    double absref;
+    conv_naive(ref, &absref, &c);
+    // a dot product of C_in K^2 = 27 float terms: error <= 27 u sum|w x| ~ 1.6e-6 sum|w x|
+    snprintf(name, sizeof name, "%s forward vs direct loop", what);
+    check_tensor(name, c.out, ref, no, 1e-5 * absref);
+
+    float* dx = fmalloc(nx);
+    float* dw = fmalloc(nw);
+    float* db = fmalloc(c.C_out);
+    conv2d_backward(dx, dw, db, R, c.x, c.w, c.B, c.C_in, c.H, c.W, c.C_out, K, stride, c.col, dcol);
+    snprintf(name, sizeof name, "%s d input", what);
+    check_grad(name, dx, c.x, nx, &o, TOL_LINEAR);
+    snprintf(name, sizeof name, "%s d weight", what);
+    check_grad(name, dw, c.w, nw, &o, TOL_LINEAR);
+    snprintf(name, sizeof name, "%s d bias", what);
+    check_grad(name, db, c.b, c.C_out, &o, TOL_LINEAR);
+
+    if (accumulation_check) {
+        // The contract of every backward function: it adds (+=) into dinp and the weight
+        // gradients. A second call must double them, up to the rounding of re-adding the
+        // same terms onto a nonzero start (at most K^2 = 9 additions at magnitude 2|g|:
+        // ~1e-6 of max|g|; tol 1e-5).
+        float* dx1 = fcopy(dx, nx);
+        float* dw1 = fcopy(dw, nw);
+        float* db1 = fcopy(db, c.C_out);
+        conv2d_backward(dx, dw, db, R, c.x, c.w, c.B, c.C_in, c.H, c.W, c.C_out, K, stride, c.col, dcol);
+        for (size_t i = 0; i < nx; i++) dx1[i] *= 2;
+        for (size_t i = 0; i < nw; i++) dw1[i] *= 2;
+        for (int i = 0; i < c.C_out; i++) db1[i] *= 2;
+        double e = fmax(max_abs_diff(dx, dx1, nx) / max_abs(dx1, nx),
+                        fmax(max_abs_diff(dw, dw1, nw) / max_abs(dw1, nw), max_abs_diff(db, db1, c.C_out) / max_abs(db1, c.C_out)));
+        check("backward accumulates (+=): conv2d called twice doubles dinp, dweight, dbias", e < 1e-5,
+              "max rel diff from 2x %.2g (tol 1e-5)", e);
+        free(dx1); free(dw1); free(db1);
+    }
+    free(c.x); free(c.w); free(c.b); free(c.out); free(c.col); free(dcol); free(R); free(ref); free(dx); free(dw); free(db);
+}
+
+// ---- GroupNorm (+ SiLU) ----
+typedef struct { float *x, *gamma, *beta, *out, *mean, *rstd; int B, C, HW, G, silu; } GnCase;
+
+static void gn_fwd(void* p) {
+    GnCase* g = p;
+    groupnorm_forward(g->out, g->mean, g->rstd, g->x, g->gamma, g->beta, g->B, g->C, g->HW, g->G, g->silu);
+}
+
+static void test_groupnorm(void) {
+    GnCase g = {0};
+    g.B = 2; g.C = 6; g.HW = 16; g.G = 3;
+    size_t n = (size_t)g.B * g.C * g.HW;
+    g.x = randn(n, 1.5f);
+    for (size_t i = 0; i < n; i++) g.x[i] += 0.5f;
+    g.gamma = randn(g.C, 0.3f);
+    for (int c = 0; c < g.C; c++) g.gamma[c] += 1;
+    g.beta = randn(g.C, 0.2f);
+    g.out = fmalloc(n); g.mean = fmalloc(g.B * g.G); g.rstd = fmalloc(g.B * g.G);
+    float* R = randn(n, 1);
+    Objective o = {gn_fwd, &g, g.out, n, R};
+    float* ref = fmalloc(n);
+    double worst_fwd = 0;
+    for (int silu = 0; silu <= 1; silu++) {
+        g.silu = silu;
+        gn_fwd(&g);
+        // naive: per (image, group) statistics in double, then the affine map and SiLU
+        int Cg = g.C / g.G;
+        for (int b = 0; b < g.B; b++)
+            for (int gr = 0; gr < g.G; gr++) {
+                double s = 0, ss = 0, m, v;
+                for (int c = gr * Cg; c < (gr + 1) * Cg; c++)
+                    for (int i = 0; i < g.HW; i++) s += g.x[(b * g.C + c) * g.HW + i];
+                m = s / (Cg * g.HW);
+                for (int c = gr * Cg; c < (gr + 1) * Cg; c++)
+                    for (int i = 0; i < g.HW; i++) { double d = g.x[(b * g.C + c) * g.HW + i] - m; ss += d * d; }
+                v = ss / (Cg * g.HW);
+                for (int c = gr * Cg; c < (gr + 1) * Cg; c++)
+                    for (int i = 0; i < g.HW; i++) {
+                        size_t k = (size_t)(b * g.C + c) * g.HW + i;
+                        double y = g.gamma[c] * (g.x[k] - m) / sqrt(v + 1e-6) + g.beta[c];
+                        ref[k] = (float)(silu ? y / (1 + exp(-y)) : y);
+                    }
+            }
+        worst_fwd = fmax(worst_fwd, max_abs_diff(g.out, ref, n));
+
+        float* dx = fmalloc(n);
+        float* dgamma = fmalloc(g.C);
+        float* dbeta = fmalloc(g.C);
+        groupnorm_backward(dx, dgamma, dbeta, R, g.x, g.mean, g.rstd, g.gamma, g.beta, g.B, g.C, g.HW, g.G, silu);
+        char name[96];
+        snprintf(name, sizeof name, "groupnorm silu=%d d input", silu);
+        check_grad(name, dx, g.x, n, &o, TOL_NONLINEAR);
+        snprintf(name, sizeof name, "groupnorm silu=%d d gamma", silu);
+        check_grad(name, dgamma, g.gamma, g.C, &o, silu ? TOL_NONLINEAR : TOL_LINEAR);
+        snprintf(name, sizeof name, "groupnorm silu=%d d beta", silu);
+        check_grad(name, dbeta, g.beta, g.C, &o, silu ? TOL_NONLINEAR : TOL_LINEAR);
+        free(dx); free(dgamma); free(dbeta);
+    }
+    // outputs of O(3) from a handful of float operations and a float rstd: ~1e-6
+    check("groupnorm forward (silu 0 and 1) vs naive", worst_fwd < 1e-5, "max |diff| %.2g (tol 1e-5)", worst_fwd);
+    free(g.x); free(g.gamma); free(g.beta); free(g.out); free(g.mean); free(g.rstd); free(R); free(ref);
+}
+
+// ---- SiLU ----
+typedef struct { float *x, *out; size_t n; } SiluCase;
+static void silu_fwd(void* p) { SiluCase* s = p; silu_forward(s->out, s->x, s->n); }
+
+static void test_silu(void) {
+    SiluCase s = {randn(64, 3), fmalloc(64), 64};
+    float* R = randn(64, 1);
+    Objective o = {silu_fwd, &s, s.out, 64, R};
+    silu_fwd(&s);
+    double e = 0;
+    for (int i = 0; i < 64; i++) e = fmax(e, fabs(s.out[i] - s.x[i] / (1 + exp(-(double)s.x[i]))));
+    float* dx = fmalloc(64);
+    silu_backward(dx, R, s.x, 64);
+    // values up to ~9 through expf and a division: a few ulps, 1e-5
+    check("silu forward = x sigmoid(x)", e < 1e-5, "max |diff| %.2g (tol 1e-5)", e);
+    check_grad("silu d input", dx, s.x, 64, &o, TOL_NONLINEAR);
+    free(s.x); free(s.out); free(R); free(dx);
+}
+
+// ---- Linear ----
+typedef struct { float *x, *w, *b, *out; int B, C_in, C_out; } LinCase;
+static void lin_fwd(void* p) { LinCase* l = p; linear_forward(l->out, l->x, l->w, l->b, l->B, l->C_in, l->C_out); }
+
+static void test_linear(void) {
+    LinCase l = {0};
+    l.B = 3; l.C_in = 7; l.C_out = 5;
+    size_t nx = l.B * l.C_in, nw = l.C_out * l.C_in, no = l.B * l.C_out;
+    l.x = randn(nx, 1); l.w = randn(nw, 0.5f); l.b = randn(l.C_out, 0.1f); l.out = fmalloc(no);
+    float* R = randn(no, 1);
+    Objective o = {lin_fwd, &l, l.out, no, R};
+    lin_fwd(&l);
+    float* ref = fmalloc(no);
+    double absref = 0;
+    for (int b = 0; b < l.B; b++)
+        for (int j = 0; j < l.C_out; j++) {
+            double s = l.b[j], sa = fabs(l.b[j]);
+            for (int i = 0; i < l.C_in; i++) { s += (double)l.x[b * l.C_in + i] * l.w[j * l.C_in + i]; sa += fabs(l.x[b * l.C_in + i] * l.w[j * l.C_in + i]); }
+            ref[b * l.C_out + j] = (float)s;
+            absref = fmax(absref, sa);
+        }
+    check_tensor("linear forward = x W^T + b", l.out, ref, no, 1e-5 * absref);   // 8 terms: <= 8u sum|.|
+    float* dx = fmalloc(nx);
+    float* dw = fmalloc(nw);
+    float* db = fmalloc(l.C_out);
+    linear_backward(dx, dw, db, R, l.x, l.w, l.B, l.C_in, l.C_out);
+    check_grad("linear d input", dx, l.x, nx, &o, TOL_LINEAR);
+    check_grad("linear d weight", dw, l.w, nw, &o, TOL_LINEAR);
+    check_grad("linear d bias", db, l.b, l.C_out, &o, TOL_LINEAR);
+    free(l.x); free(l.w); free(l.b); free(l.out); free(R); free(ref); free(dx); free(dw); free(db);
+}
+
+// ---- attention ----
+typedef struct { float *q, *k, *v, *out, *att; int B, C, N; } AttCase;
+static void att_fwd(void* p) { AttCase* a = p; attention_forward(a->out, a->att, a->q, a->k, a->v, a->B, a->C, a->N); }
+
+static void test_attention(void) {
+    AttCase a = {0};
+    a.B = 2; a.C = 4; a.N = 12;
+    size_t n = (size_t)a.B * a.C * a.N;
+    a.q = randn(n, 1); a.k = randn(n, 1); a.v = randn(n, 1);
+    a.out = fmalloc(n); a.att = fmalloc((size_t)a.B * a.N * a.N);
+    float* R = randn(n, 1);
+    Objective o = {att_fwd, &a, a.out, n, R};
+    att_fwd(&a);
+    // naive: softmax_j(q_i . k_j / sqrt(C)), then the weighted sum of v_j, in double
+    float* ref = fmalloc(n);
+    for (int b = 0; b < a.B; b++)
+        for (int i = 0; i < a.N; i++) {
+            double w[64], mx = -INFINITY, sum = 0;
+            for (int j = 0; j < a.N; j++) {
+                double s = 0;
+                for (int c = 0; c < a.C; c++) s += (double)a.q[(b * a.C + c) * a.N + i] * a.k[(b * a.C + c) * a.N + j];
+                w[j] = s / sqrt((double)a.C);
+                mx = fmax(mx, w[j]);
+            }
+            for (int j = 0; j < a.N; j++) { w[j] = exp(w[j] - mx); sum += w[j]; }
+            for (int c = 0; c < a.C; c++) {
+                double s = 0;
+                for (int j = 0; j < a.N; j++) s += w[j] / sum * a.v[(b * a.C + c) * a.N + j];
+                ref[(b * a.C + c) * a.N + i] = (float)s;
+            }
+        }
+    // convex combinations of O(1) values after float logits of O(3): ~1e-6
+    check_tensor("attention forward vs naive softmax", a.out, ref, n, 1e-5);
+    float* dq = fmalloc(n);
+    float* dk = fmalloc(n);
+    float* dv = fmalloc(n);
+    float* datt = fmalloc((size_t)a.N * a.N);
+    attention_backward(dq, dk, dv, R, a.q, a.k, a.v, a.att, a.B, a.C, a.N, datt);
+    check_grad("attention d q", dq, a.q, n, &o, TOL_NONLINEAR);
+    check_grad("attention d k", dk, a.k, n, &o, TOL_NONLINEAR);
+    check_grad("attention d v", dv, a.v, n, &o, TOL_LINEAR);
+    free(a.q); free(a.k); free(a.v); free(a.out); free(a.att); free(R); free(ref); free(dq); free(dk); free(dv); free(datt);
+}
+
+// ---- upsample, concat, add_channel_bias ----
+typedef struct { float *x, *out; int B, C, H, W; } UpCase;
+static void up_fwd(void* p) { UpCase* u = p; upsample_forward(u->out, u->x, u->B, u->C, u->H, u->W); }
+
+typedef struct { float *a, *b, *out; int B, Ca, Cb, HW; } CatCase;
+static void cat_fwd(void* p) { CatCase* c = p; concat_forward(c->out, c->a, c->b, c->B, c->Ca, c->Cb, c->HW); }
+
+typedef struct { float *h, *v, *out; int B, C, HW; } BiasCase;
+static void bias_fwd(void* p) {
+    BiasCase* c = p;
+    memcpy(c->out, c->h, (size_t)c->B * c->C * c->HW * sizeof(float));
+    add_channel_bias(c->out, c->v, c->B, c->C, c->HW);
+}
+
+static void test_small_layers(void) {
+    // nearest-neighbour upsampling, on a non-square map
+    UpCase u = {0};
+    u.B = 2; u.C = 3; u.H = 3; u.W = 4;
+    size_t nx = (size_t)u.B * u.C * u.H * u.W, no = 4 * nx;
+    u.x = randn(nx, 1); u.out = fmalloc(no);
+    float* R = randn(no, 1);
+    Objective o = {up_fwd, &u, u.out, no, R};
+    up_fwd(&u);
+    int ok = 1;
+    for (int bc = 0; bc < u.B * u.C; bc++)
+        for (int y = 0; y < 2 * u.H; y++)
+            for (int x = 0; x < 2 * u.W; x++)
+                ok &= u.out[(bc * 2 * u.H + y) * 2 * u.W + x] == u.x[(bc * u.H + y / 2) * u.W + x / 2];
+    check("upsample forward: out[y][x] = in[y/2][x/2]", ok, "B 2, C 3, 3x4 -> 6x8, exact");
+    float* dx = fmalloc(nx);
+    upsample_backward(dx, R, u.B, u.C, u.H, u.W);
+    check_grad("upsample d input", dx, u.x, nx, &o, TOL_LINEAR);
+    free(u.x); free(u.out); free(R); free(dx);
+
+    // channel concatenation
+    CatCase c = {0};
+    c.B = 2; c.Ca = 3; c.Cb = 2; c.HW = 5;
+    size_t na = (size_t)c.B * c.Ca * c.HW, nb = (size_t)c.B * c.Cb * c.HW, nc = na + nb;
+    c.a = randn(na, 1); c.b = randn(nb, 1); c.out = fmalloc(nc);
+    R = randn(nc, 1);
+    Objective oc = {cat_fwd, &c, c.out, nc, R};
+    cat_fwd(&c);
+    ok = 1;
+    for (int b = 0; b < c.B; b++)
+        for (int ch = 0; ch < c.Ca + c.Cb; ch++)
+            for (int i = 0; i < c.HW; i++)
+                ok &= c.out[(b * (c.Ca + c.Cb) + ch) * c.HW + i] ==
+                      (ch < c.Ca ? c.a[(b * c.Ca + ch) * c.HW + i] : c.b[(b * c.Cb + ch - c.Ca) * c.HW + i]);
+    check("concat forward: [a ; b] along channels", ok, "B 2, 3 + 2 channels, exact");
+    float* da = fmalloc(na);
+    float* db = fmalloc(nb);
+    concat_backward(da, db, R, c.B, c.Ca, c.Cb, c.HW);
+    check_grad("concat d a", da, c.a, na, &oc, TOL_LINEAR);
+    check_grad("concat d b", db, c.b, nb, &oc, TOL_LINEAR);
+    free(c.a); free(c.b); free(c.out); free(R); free(da); free(db);
+
+    // add_channel_bias; its backward is sum_channel (which writes, not accumulates)
+    BiasCase bc = {0};
+    bc.B = 2; bc.C = 3; bc.HW = 6;
+    size_t nh = (size_t)bc.B * bc.C * bc.HW;
+    bc.h = randn(nh, 1); bc.v = randn(bc.B * bc.C, 1); bc.out = fmalloc(nh);
+    R = randn(nh, 1);
+    Objective ob = {bias_fwd, &bc, bc.out, nh, R};
+    float* dv = fmalloc(bc.B * bc.C);
+    sum_channel(dv, R, bc.B, bc.C, bc.HW);
+    check_grad("add_channel_bias d v = sum_channel", dv, bc.v, bc.B * bc.C, &ob, TOL_LINEAR);
+    free(bc.h); free(bc.v); free(bc.out); free(R); free(dv);
+}
+
+// ---- dropout ----
+typedef struct { float *x, *out; size_t n; float p; uint64_t key; } DropCase;
+static void drop_fwd(void* p) { DropCase* d = p; dropout_forward(d->out, d->x, d->n, d->p, d->key); }
+
+static void test_dropout(void) {
+    const size_t N = 100000;
+    const float p = 0.1f;
+    const uint64_t key = 0x1234abcdULL;
+    float* x = randn(N, 1);
+    for (size_t i = 0; i < N; i++) if (x[i] == 0) x[i] = 1;   // keep "dropped" == "zero"
+    float* y = fmalloc(N);
+    float* y2 = fmalloc(N);
+    dropout_forward(y, x, N, p, key);
+    size_t kept = 0;
+    int scaled_ok = 1;
+    float scale = 1.0f / (1.0f - p);
+    for (size_t i = 0; i < N; i++)
+        if (y[i] != 0) { kept++; scaled_ok &= y[i] == x[i] * scale; }
+    // kept ~ Binomial(N, 1 - p): mean N(1-p), sd sqrt(N p (1-p)) ~ 95; allow 5 sd
+    double mu = N * (1.0 - p), sd = sqrt(N * p * (1.0 - p));
+    check("dropout keeps a fraction 1 - p", fabs(kept - mu) < 5 * sd,
+          "%zu of %zu kept (expected %.0f +- %.0f), p = %.1f", kept, N, mu, 5 * sd, p);
+    check("dropout scales kept values by 1/(1 - p)", scaled_ok, "out = in * %.9g on every kept value", scale);
+    dropout_forward(y2, x, N, p, key);
+    int same = !memcmp(y, y2, N * sizeof(float));
+    dropout_forward(y2, x, N, p, key + 1);
+    int differ = memcmp(y, y2, N * sizeof(float)) != 0;
+    float* yin = fcopy(x, N);
+    dropout_forward(yin, yin, N, p, key);   // in place, as the ResBlock uses it
+    int inplace = !memcmp(y, yin, N * sizeof(float));
+    check("dropout mask: same key same mask, other key other mask, in place ok", same && differ && inplace,
+          "same %d, differ %d, in place %d", same, differ, inplace);
+    // the backward pass rebuilds the mask from the key: dinp = dout / (1 - p) where kept
+    float* dout = randn(N, 1);
+    float* dx = fmalloc(N);
+    dropout_backward(dx, dout, N, p, key);
+    int mask_ok = 1;
+    for (size_t i = 0; i < N; i++) mask_ok &= dx[i] == (y[i] != 0 ? dout[i] * scale : 0.0f);
+    check("dropout backward uses the forward's mask", mask_ok, "dinp = dout * scale exactly where kept, 0 elsewhere");
+    // finite differences on a small case (linear in x)
+    DropCase d = {randn(200, 1), fmalloc(200), 200, 0.3f, 99};
+    float* R = randn(200, 1);
+    Objective o = {drop_fwd, &d, d.out, 200, R};
+    float* g = fmalloc(200);
+    dropout_backward(g, R, 200, d.p, d.key);
+    check_grad("dropout d input", g, d.x, 200, &o, TOL_LINEAR);
+    free(x); free(y); free(y2); free(yin); free(dout); free(dx); free(d.x); free(d.out); free(R); free(g);
+}
+
+// ----------------------------------------------------------------------------
+// 6.1 matmul
+
+// C (+)= op(A) op(B), against a triple loop in double; leading dimensions padded by
+// `pad` so that lda/ldb/ldc differ from the logical widths.
+static void test_matmul_case(int M, int N, int K, int transA, int transB, int pad) {
+    int lda = (transA ? M : K) + pad, ldb = (transB ? K : N) + pad, ldc = N + pad;
+    int rowsA = transA ? K : M, rowsB = transB ? N : K;
+    float* A = randn((size_t)rowsA * lda, 1);
+    float* B = randn((size_t)rowsB * ldb, 1);
+    float* C0 = randn((size_t)M * ldc, 1);
+    float* C = fmalloc((size_t)M * ldc);
+    double worst = 0;
+    int pad_ok = 1;
+    for (int acc = 0; acc <= 1; acc++) {
+        memcpy(C, C0, (size_t)M * ldc * sizeof(float));
+        matmul(C, A, B, M, N, K, lda, ldb, ldc, transA, transB, acc);
+        for (int i = 0; i < M; i++) {
+            for (int j = 0; j < N; j++) {
+                double s = acc ? C0[(size_t)i * ldc + j] : 0, sa = fabs(s);
+                for (int p = 0; p < K; p++) {
+                    double a = transA ? A[(size_t)p * lda + i] : A[(size_t)i * lda + p];
+                    double b = transB ? B[(size_t)j * ldb + p] : B[(size_t)p * ldb + j];
+                    s += a * b; sa += fabs(a * b);
+                }
+                worst = fmax(worst, fabs(C[(size_t)i * ldc + j] - s) / sa);
+            }
+            for (int j = N; j < ldc; j++) pad_ok &= C[(size_t)i * ldc + j] == C0[(size_t)i * ldc + j];
+        }
+    }
+    // Relative to sum_p |a b|: float sums of K terms err by ~sqrt(K) u (random-signed
+    // roundings; 1.3e-6 for K = 513); the worst case K u (3e-5) needs every rounding to
+    // go the same way. 1e-5 is ~8 standard deviations of the typical error.
+    char name[96];
+    snprintf(name, sizeof name, "matmul %dx%dx%d transA %d transB %d%s", M, N, K, transA, transB, pad ? " padded ld" : "");
+    check(name, worst < 1e-5 && pad_ok, "accumulate 0 and 1: max err / sum|a b| %.2g (tol 1e-5), padding untouched %d",
+          worst, pad_ok);
+    free(A); free(B); free(C0); free(C);
+}
+
+static void test_matmul(void) {
+    for (int t = 0; t < 4; t++) test_matmul_case(7, 45, 300, t >> 1, t & 1, 0);
+    for (int t = 0; t < 4; t++) test_matmul_case(130, 70, 513, t >> 1, t & 1, 3);
+    // K = 0 is an empty sum: C = 0, or unchanged when accumulating
+    float A[1] = {1}, B[1] = {1}, C[6] = {1, 2, 3, 4, 5, 6};
+    matmul(C, A, B, 2, 3, 0, 1, 3, 3, 0, 0, 1);
+    int ok = C[0] == 1 && C[5] == 6;
+    matmul(C, A, B, 2, 3, 0, 1, 3, 3, 0, 0, 0);
+    for (int i = 0; i < 6; i++) ok &= C[i] == 0;
+    check("matmul K = 0: empty sum", ok, "accumulate keeps C, overwrite zeroes it");
+
+    // The same bits for any number of threads (the claim of section 6.1), as if the
+    // program had been started with 1 and with 2 threads.
+    int M = 257, N = 301, K = 700, threads = get_threads();
+    float* A2 = randn((size_t)M * K, 1);
+    float* B2 = randn((size_t)K * N, 1);
+    float* C1 = fmalloc((size_t)M * N);
+    float* C2 = fmalloc((size_t)M * N);
+    int same = 1;
+    for (int t = 0; t < 4; t++) {
+        int tA = t >> 1, tB = t & 1;
+        gemm_reinit(1);
+        matmul(C1, A2, B2, M, N, K, tA ? M : K, tB ? K : N, N, tA, tB, 0);
+        gemm_reinit(2);
+        matmul(C2, A2, B2, M, N, K, tA ? M : K, tB ? K : N, N, tA, tB, 0);
+        same &= !memcmp(C1, C2, (size_t)M * N * sizeof(float));
+    }
+    gemm_reinit(threads);
+    check("matmul bit-identical with 1 and 2 threads", same, "%dx%dx%d, all four transposes", M, N, K);
+    free(A2); free(B2); free(C1); free(C2);
+}
+
+// ----------------------------------------------------------------------------
+// 6.10 the timestep embedding
+
+static void test_timestep_embedding(void) {
+    const int dim = 64, half = dim / 2, B = 5;
+    int t[5] = {0, 1, 17, 500, 999};
+    float* out = fmalloc((size_t)B * dim);
+    timestep_embedding(out, t, B, dim);
+    double e = 0;
+    for (int b = 0; b < B; b++)
+        for (int i = 0; i < half; i++) {
+            long double f = expl(-logl(10000.0L) * i / (half - 1)), arg = t[b] * f;
+            e = fmax(e, fabsl(out[b * dim + i] - sinl(arg)));
+            e = fmax(e, fabsl(out[b * dim + half + i] - cosl(arg)));
+        }
+    // values in [-1, 1] rounded once to float (0.5 ulp = u); the double argument is good
+    // to ~1e-13 even at t f_i ~ 1e3 rad. Tolerance one float ulp at 1.
+    check("timestep embedding = [sin(t f_i), cos(t f_i)], f_i = 10000^(-i/(h-1))", e <= FLT_EPSILON,
+          "max |diff| %.2g (tol %.2g), dim 64, t = 0, 1, 17, 500, 999", e, (double)FLT_EPSILON);
+    free(out);
+}
+
+// ----------------------------------------------------------------------------
+// 6.12-6.16 the configuration, the initialisation, the whole U-Net
+
+// A small network with every kind of block: two levels (8x8, 4x4), attention at 4x4,
+// a Downsample, an Upsample, 1x1 shortcuts.
+static Config tiny_config(int in_ch, float dropout) {
+    Config c = {0};
+    c.in_ch = in_ch; c.img = 8; c.ch = 8; c.n_levels = 2; c.ch_mult[0] = 1; c.ch_mult[1] = 2;
+    c.num_res_blocks = 1; c.n_attn = 1; c.attn_res[0] = 4; c.groups = 2; c.dropout = dropout;
+    return c;
+}
+
+// Non-official random weights (as tests/dump_ref.c): the official init's 1e-10 scales
+// would silence whole branches and hide their gradients.
+static void unet_random_params(UNet* m, Rng* rng) {
+    for (int i = 0; i < m->n_tensors; i++) {
+        ParamTensor* t = &m->tensors[i];
+        float* p = m->params + t->offset;
+        size_t fan_in = t->numel / t->shape[0];
+        rng_normal(rng, p, t->numel);
+        for (size_t j = 0; j < t->numel; j++)
+            p[j] = t->init == INIT_UNIFORM ? p[j] / sqrtf((float)fan_in) : t->init == INIT_ONE ? 1.0f + 0.2f * p[j] : 0.1f * p[j];
+    }
+}
+
+static void test_config(void) {
+    Config c;
+    const char* names[3] = {"tiny", "small", "paper"};
+    int all = 1;
+    for (int i = 0; i < 3; i++) all &= preset_find(names[i], &c) && config_check(&c) == NULL;
+    check("presets found and valid", all, "tiny, small, paper");
+    check("preset_find rejects unknown names", !preset_find("huge", &c) && !preset_find("", &c) && !preset_find("Tiny", &c),
+          "huge, \"\", Tiny");
+    Config base = tiny_config(3, 0.1f);
+    const char* err = config_check(&base);
+    check("config_check accepts the test network", err == NULL, "%s", err ? err : "ok");
+
+    // every case must be rejected with a reason
+    struct { const char* what; Config c; } bad[16];
+    int nb = 0;
+    #define BAD(desc, stmt) do { bad[nb].what = desc; bad[nb].c = base; { Config* x = &bad[nb].c; stmt; } nb++; } while (0)
+    BAD("ch 12 not divisible by groups 8", x->ch = 12; x->groups = 8);
+    BAD("groups > ch", x->groups = 16);
+    BAD("attention at 16, never reached (8, 4)", x->attn_res[0] = 16);
+    BAD("attention at 2, never reached (8, 4)", x->attn_res[0] = 2);
+    BAD("ch 0", x->ch = 0);
+    BAD("ch -8", x->ch = -8);
+    BAD("img 0", x->img = 0);
+    BAD("img -8", x->img = -8);
+    BAD("in_ch 0", x->in_ch = 0);
+    BAD("groups 0", x->groups = 0);
+    BAD("num_res_blocks 0", x->num_res_blocks = 0);
+    BAD("n_levels 0", x->n_levels = 0);
+    BAD("ch_mult 0", x->ch_mult[1] = 0);
+    BAD("dropout -0.1", x->dropout = -0.1f);
+    BAD("dropout 1", x->dropout = 1.0f);
+    BAD("img 6 with 3 levels (not divisible by 4)", x->img = 6; x->n_levels = 3; x->ch_mult[2] = 2);
+    #undef BAD
+    int n_rejected = 0;
+    char missed[512] = "";
+    for (int i = 0; i < nb; i++) {
+        const char* e = config_check(&bad[i].c);
+        if (e && *e) n_rejected++;
+        else { size_t l = strlen(missed); snprintf(missed + l, sizeof missed - l, "[%s] ", bad[i].what); }
+    }
+    check("config_check rejects bad configurations", n_rejected == nb, "%d of %d rejected %s", n_rejected, nb, missed);
+    Config g = base;
+    g.ch = 12; g.groups = 8;
+    err = config_check(&g);
+    check("config_check names the flags", err && strstr(err, "--ch") && strstr(err, "--groups"), "\"%s\"", err ? err : "(accepted)");
+}
+
+static void test_unet_init(void) {
+    const char* names[3] = {"paper", "tiny", "small"};
+    const size_t want[3] = {35746307, 1113955, 4437699};
+    for (int i = 0; i < 3; i++) {
+        Config c;
+        preset_find(names[i], &c);
+        UNet m;
+        unet_build(&m, &c, 1);
+        char name[64];
+        snprintf(name, sizeof name, "n_params of preset %s", names[i]);
+        check(name, m.n_params == want[i], "%zu (want %zu), %d tensors, %d blocks", m.n_params, want[i], m.n_tensors, m.n_blocks);
+        unet_free(&m);
+    }
+
+    Config c;
+    preset_find("tiny", &c);
+    UNet m;
+    unet_build(&m, &c, 1);
+    Rng rng;
+    rng_seed(&rng, 7);
+    unet_init(&m, &rng);
+    int bounds_ok = 1, uniform_ok = 1, small_ok = 1, zero_ok = 1, one_ok = 1, n_small = 0, n_zero = 0, n_one = 0;
+    size_t covered = 0;
+    char bad[256] = "";
+    for (int i = 0; i < m.n_tensors; i++) {
+        ParamTensor* t = &m.tensors[i];
+        const float* p = m.params + t->offset;
+        covered += t->numel;
+        size_t len = strlen(t->name);
+        int ends = 0;
+        const char* last[3] = {"conv2.weight", "proj_out.weight", "conv_out.weight"};
+        for (int k = 0; k < 3; k++) { size_t l = strlen(last[k]); ends |= len >= l && !strcmp(t->name + len - l, last[k]); }
+        if (t->init == INIT_UNIFORM) {
+            // the bound from the shape, independently: fan_in = C_in K K, fan_out = C_out K K
+            int K2 = t->ndim == 4 ? t->shape[2] * t->shape[3] : 1;
+            double fi = (double)t->shape[1] * K2, fo = (double)t->shape[0] * K2, scale = ends ? 1e-10 : 1;
+            double bound = sqrt(3 * scale / ((fi + fo) / 2)), mx = 0, ss = 0;
+            for (size_t j = 0; j < t->numel; j++) { mx = fmax(mx, fabs(p[j])); ss += (double)p[j] * p[j]; }
+            if (fabs(t->bound - bound) > 1e-6 * bound || mx > t->bound) {
+                bounds_ok = 0;
+                snprintf(bad, sizeof bad, "%s: bound %g (want %g), max %g", t->name, t->bound, bound, mx);
+            }
+            if (t->numel >= 256) {
+                // U(-b, b): max within 5% of b (P(miss) = 0.95^n < 2e-6), and mean square
+                // b^2/3 within 5 standard errors: sd of x^2 is b^2 sqrt(4/45), so the
+                // relative tolerance is 5 * 3 * sqrt(4/45) / sqrt(n).
+                double ms = ss / t->numel, tol = 5 * 3 * sqrt(4.0 / 45) / sqrt((double)t->numel);
+                if (mx < 0.95 * bound || fabs(ms / (bound * bound / 3) - 1) > tol) uniform_ok = 0;
+            }
+            if (ends) { n_small++; small_ok &= mx < 1e-4 && mx > 0; }
+            else small_ok &= bound > 1e-3;
+        } else if (t->init == INIT_ZERO) {
+            n_zero++;
+            zero_ok &= len > 4 && !strcmp(t->name + len - 4, "bias");
+            for (size_t j = 0; j < t->numel; j++) zero_ok &= p[j] == 0.0f;
+        } else {
+            n_one++;
+            one_ok &= strstr(t->name, "norm") != NULL;
+            for (size_t j = 0; j < t->numel; j++) one_ok &= p[j] == 1.0f;
+        }
+    }
+    check("unet_init: weights within +-init_bound (fan_avg, uniform)", bounds_ok && covered == m.n_params,
+          "%d tensors cover %zu of %zu params %s", m.n_tensors, covered, m.n_params, bad);
+    check("unet_init: roughly uniform (max ~ bound, mean square ~ bound^2/3)", uniform_ok, "tensors of >= 256 values");
+    check("unet_init: conv2, proj_out, conv_out at scale 1e-10 (~1e-6)", small_ok && n_small > 0,
+          "%d such tensors, all |w| < 1e-4, every other bound > 1e-3", n_small);
+    check("unet_init: biases 0, GroupNorm gamma 1, beta 0", zero_ok && one_ok && n_zero > 0 && n_one > 0,
+          "%d zero tensors (all named *bias), %d one tensors (all GroupNorm)", n_zero, n_one);
+    unet_free(&m);
+}
+
+// x_t, t, eps for the whole-network tests
+typedef struct { float *x, *eps, *d; int t[4]; int B; size_t n; } NetInput;
+
+static NetInput net_input(const Config* c, int B) {
+    NetInput in;
+    in.B = B;
+    in.n = (size_t)B * c->in_ch * c->img * c->img;
+    in.x = randn(in.n, 1);
+    in.eps = randn(in.n, 1);
+    in.d = fmalloc(in.n);
+    for (int b = 0; b < 4; b++) in.t[b] = rng_int(&trng, 1000);
+    return in;
+}
+
+static void net_input_free(NetInput* in) { free(in->x); free(in->eps); free(in->d); }
+
+// one forward and backward pass of L_simple; returns the loss (in double)
+static double net_step(UNet* m, NetInput* in) {
+    float* e = unet_forward(m, in->x, in->t, in->B);
+    double L = 0;
+    for (size_t i = 0; i < in->n; i++) L += ((double)e[i] - in->eps[i]) * ((double)e[i] - in->eps[i]);
+    l_simple(in->d, e, in->eps, in->n);
+    unet_zero_grad(m);
+    unet_backward(m, in->d, in->B);
+    return L / in->n;
+}
+
+static void test_unet_determinism(void) {
+    Config c = tiny_config(3, 0.1f);
+    const int B = 2;
+    UNet m;
+    unet_build(&m, &c, B);
+    Rng rng;
+    rng_seed(&rng, 11);
+    unet_random_params(&m, &rng);
+    NetInput in = net_input(&c, B);
+    m.train = 1;               // dropout on, with a fixed key
+    m.dropout_key = 0xfeedULL;
+    net_step(&m, &in);
+    float* g1 = fcopy(m.grads, m.n_params);
+    float* e1 = fcopy(m.eps_theta, in.n);
+    net_step(&m, &in);
+    int same = !memcmp(g1, m.grads, m.n_params * sizeof(float)) && !memcmp(e1, m.eps_theta, in.n * sizeof(float));
+    check("unet: two forward+backward runs give bit-identical grads", same, "%zu params, dropout 0.1 on", m.n_params);
+
+    // thread counts (fresh matmul buffers and tiles, as a different --threads would give)
+    int threads = get_threads();
+    gemm_reinit(1);
+    net_step(&m, &in);
+    float* g_one = fcopy(m.grads, m.n_params);
+    gemm_reinit(2);
+    net_step(&m, &in);
+    same = !memcmp(g_one, m.grads, m.n_params * sizeof(float)) && !memcmp(g1, m.grads, m.n_params * sizeof(float));
+    gemm_reinit(threads);
+    check("unet: grads bit-identical with 1 and 2 threads", same, "forward + backward");
+
+    // a network built for more images than it is given computes the same bits
+    UNet big;
+    unet_build(&big, &c, 3);
+    memcpy(big.params, m.params, m.n_params * sizeof(float));
+    big.train = 1;
+    big.dropout_key = m.dropout_key;
+    net_step(&big, &in);
+    same = big.n_params == m.n_params && !memcmp(g1, big.grads, m.n_params * sizeof(float)) &&
+           !memcmp(e1, big.eps_theta, in.n * sizeof(float));
+    check("unet: batch 2 in a network built for 3 gives the same bits", same, "B_max 3 vs 2");
+    unet_free(&big);
+    free(g1); free(e1); free(g_one);
+    net_input_free(&in);
+    unet_free(&m);
+}
+
+static void test_unet_gradient(void) {
+    Config c = tiny_config(1, 0.0f);
+    const int B = 2, n_probe = 20;
+    UNet m;
+    unet_build(&m, &c, B);
+    Rng rng;
+    rng_seed(&rng, 5);
+    unet_random_params(&m, &rng);
+    m.train = 0;
+    NetInput in = net_input(&c, B);
+    net_step(&m, &in);
+    float* g = fcopy(m.grads, m.n_params);
+    // probe one parameter in each of 20 tensors spread over the network, in order
+    float ana[20], num[20];
+    int which[20];
+    const float h = 1e-2f;
+    double norm_ana = 0, norm_err = 0, worst = 0;
+    for (int k = 0; k < n_probe; k++) {
+        ParamTensor* t = &m.tensors[(int)((k + 0.5) * m.n_tensors / n_probe)];
+        size_t i = t->offset + (size_t)rng_int(&trng, (int)t->numel);
+        which[k] = (int)(t - m.tensors);
+        float p0 = m.params[i];
+        m.params[i] = p0 + h; float pp = m.params[i];
+        float* e = unet_forward(&m, in.x, in.t, B);
+        double Lp = 0, Lm = 0;
+        for (size_t j = 0; j < in.n; j++) Lp += ((double)e[j] - in.eps[j]) * ((double)e[j] - in.eps[j]);
+        m.params[i] = p0 - h; float pm = m.params[i];
+        e = unet_forward(&m, in.x, in.t, B);
+        for (size_t j = 0; j < in.n; j++) Lm += ((double)e[j] - in.eps[j]) * ((double)e[j] - in.eps[j]);
+        m.params[i] = p0;
+        num[k] = (float)((Lp - Lm) / in.n / ((double)pp - pm));
+        ana[k] = g[i];
+        norm_ana += (double)ana[k] * ana[k];
+        norm_err += ((double)ana[k] - num[k]) * ((double)ana[k] - num[k]);
+    }
+    // Normwise relative error over the 20 probes: truncation h^2 |L'''| / 6 through a deep
+    // nonlinear network plus the float rounding of L (~1e-6 relative, / 2h) put single
+    // probes at ~1e-3; 2e-2 normwise leaves a margin and still catches a wrong term
+    // (a missing or doubled contribution is O(1) relative).
+    double rel = sqrt(norm_err / norm_ana);
+    for (int k = 0; k < n_probe; k++) worst = fmax(worst, fabs(ana[k] - num[k]));
+    check("unet: dL_simple/dtheta vs finite differences (20 params)", rel < 2e-2,
+          "normwise rel err %.2g (tol 2e-2), max |diff| %.2g, |grad| rms %.2g", rel, worst, sqrt(norm_ana / n_probe));
+    if (!(rel < 2e-2))
+        for (int k = 0; k < n_probe; k++)
+            printf("    %-40s analytic %+.6e numeric %+.6e\n", m.tensors[which[k]].name, ana[k], num[k]);
+    free(g);
+    net_input_free(&in);
+    unet_free(&m);
+}
+
+// ----------------------------------------------------------------------------
+// 7. The data loaders
+
+static uint8_t cifar_pixel(int n, int i) { return (uint8_t)((n * 37 + i * 11) % 256); }
+static uint8_t fmnist_pixel(int n, int i) { return (uint8_t)((n * 53 + i * 7 + 1) % 256); }
+
+// CIFAR-10 binary: records of a label byte and 3072 bytes (R, G, B planes of 32x32).
+static void write_cifar(const char* path, int count, int first, int bad_label_at, long extra_bytes) {
+    size_t size = (size_t)count * CIFAR_RECORD + extra_bytes;
+    uint8_t* buf = calloc_check(size ? size : 1, 1, "test");
+    for (int r = 0; r < count; r++) {
+        uint8_t* rec = buf + (size_t)r * CIFAR_RECORD;
+        rec[0] = r == bad_label_at ? 10 : (uint8_t)((first + r) % 10);
+        for (int i = 0; i < 3072; i++) rec[1 + i] = cifar_pixel(first + r, i);
+    }
+    write_bytes(path, buf, size);
+    free(buf);
+}
+
+static void put_be32(uint8_t* p, uint32_t v) { p[0] = v >> 24; p[1] = v >> 16; p[2] = v >> 8; p[3] = v; }
+
+// IDX images: magic, N, rows, cols, then N*rows*cols bytes (or `data_n` images' worth).
+static void write_idx_images(const char* path, uint32_t magic, int n, int rows, int cols, int data_n) {
+    size_t size = 16 + (size_t)data_n * rows * cols;
+    uint8_t* buf = calloc_check(size, 1, "test");
+    put_be32(buf, magic); put_be32(buf + 4, n); put_be32(buf + 8, rows); put_be32(buf + 12, cols);
+    for (int k = 0; k < data_n; k++)
+        for (int i = 0; i < rows * cols; i++) buf[16 + (size_t)k * rows * cols + i] = fmnist_pixel(k, i);
+    write_bytes(path, buf, size);
+    free(buf);
+}
+
+static void write_idx_labels(const char* path, uint32_t magic, int n, int bad_label_at) {
+    uint8_t* buf = calloc_check(8 + (size_t)n, 1, "test");
+    put_be32(buf, magic); put_be32(buf + 4, n);
+    for (int k = 0; k < n; k++) buf[8 + k] = k == bad_label_at ? 200 : (uint8_t)((k * 3) % 10);
+    write_bytes(path, buf, 8 + (size_t)n);
+    free(buf);
+}
+
+typedef struct { const char* name; const char* dir; int train; } LoadArgs;
+
+static void load_child(void* p) {
+    LoadArgs* a = p;
+    Dataset d;
+    dataset_load(&d, a->name, a->dir, a->train);
+}
+
+static void test_cifar10(void) {
+    const char* dir = OUT "/data";
+    mkdir_or_die(dir);
+    mkdir_or_die(OUT "/data/cifar-10-batches-bin");
+    const int counts[5] = {2, 3, 1, 2, 1};
+    char path[256];
+    for (int i = 0, first = 0; i < 5; first += counts[i], i++) {
+        snprintf(path, sizeof path, "%s/cifar-10-batches-bin/data_batch_%d.bin", dir, i + 1);
+        write_cifar(path, counts[i], first, -1, 0);
+    }
+    write_cifar(OUT "/data/cifar-10-batches-bin/test_batch.bin", 3, 100, -1, 0);
+
+    Dataset d;
+    dataset_load(&d, "cifar10", dir, 1);
+    int ok = d.N == 9 && d.C == 3 && d.H == 32 && d.W == 32;
+    for (int n = 0; ok && n < d.N; n++) {
+        ok &= d.labels[n] == n % 10;
+        for (int i = 0; i < 3072; i++) ok &= d.pixels[(size_t)n * 3072 + i] == cifar_pixel(n, i);
+    }
+    check("cifar10 train: 5 files, N, labels, pixels", ok, "N %d (want 9), %dx%dx%d", d.N, d.C, d.H, d.W);
+
+    // §3.3: bytes 0..255 scaled linearly to [-1, 1]
+    float x[3072], xf[3072];
+    double e = 0;
+    int ends = 1, n0 = 0, n255 = 0;
+    for (int n = 0; n < d.N; n++) {
+        dataset_image(x, &d, n, 0);
+        for (int i = 0; i < 3072; i++) {
+            int v = d.pixels[(size_t)n * 3072 + i];
+            e = fmax(e, fabs(x[i] - (2.0 * v - 255) / 255));
+            if (v == 0) { n0++; ends &= x[i] == -1.0f; }
+            if (v == 255) { n255++; ends &= x[i] == 1.0f; }
+        }
+    }
+    // v / 127.5 - 1 in float: two roundings of values <= 2: <= 2 ulp at 1 (2 FLT_EPSILON)
+    check("dataset_image scales to [-1, 1]", e <= 2 * FLT_EPSILON && ends && n0 > 0 && n255 > 0,
+          "max |x - (2v-255)/255| %.2g; 0 -> -1 and 255 -> 1 exactly (%d, %d pixels)", e, n0, n255);
+    dataset_image(x, &d, 4, 0);
+    dataset_image(xf, &d, 4, 1);
+    ok = 1;
+    for (int c = 0; c < 3; c++)
+        for (int y = 0; y < 32; y++)
+            for (int xx = 0; xx < 32; xx++) ok &= xf[(c * 32 + y) * 32 + xx] == x[(c * 32 + y) * 32 + 31 - xx];
+    check("dataset_image flip mirrors left-right", ok, "every channel and row");
+    dataset_free(&d);
+
+    dataset_load(&d, "cifar10", dir, 0);
+    ok = d.N == 3;
+    for (int n = 0; ok && n < 3; n++) {
+        ok &= d.labels[n] == (100 + n) % 10;
+        for (int i = 0; i < 3072; i++) ok &= d.pixels[(size_t)n * 3072 + i] == cifar_pixel(100 + n, i);
+    }
+    check("cifar10 test split: test_batch.bin", ok, "N %d (want 3)", d.N);
+    dataset_free(&d);
+
+    // bad data: each in its own folder, loaded as the test split (one file)
+    struct { const char* what; int count, bad_label; long extra; } bad[3] = {
+        {"cifar10 size not a multiple of 3073", 2, -1, 5},
+        {"cifar10 empty file", 0, -1, 0},
+        {"cifar10 label > 9", 3, 1, 0}};
+    for (int k = 0; k < 3; k++) {
+        char bdir[128], sub[160];
+        snprintf(bdir, sizeof bdir, OUT "/bad_cifar%d", k);
+        snprintf(sub, sizeof sub, "%s/cifar-10-batches-bin", bdir);
+        mkdir_or_die(bdir);
+        mkdir_or_die(sub);
+        snprintf(path, sizeof path, "%s/test_batch.bin", sub);
+        write_cifar(path, bad[k].count, 0, bad[k].bad_label, bad[k].extra);
+        LoadArgs a = {"cifar10", bdir, 0};
+        expect_die(bad[k].what, load_child, &a, path);
+    }
+    mkdir_or_die(OUT "/empty");
+    LoadArgs a = {"cifar10", OUT "/empty", 1};
+    expect_die("cifar10 missing file", load_child, &a, OUT "/empty/cifar-10-batches-bin/data_batch_1.bin");
+    LoadArgs u = {"mnist", dir, 1};
+    expect_die("unknown dataset name", load_child, &u, "mnist");
+}
+
+static void test_fashion_mnist(void) {
+    const char* dir = OUT "/data";
+    mkdir_or_die(dir);
+    mkdir_or_die(OUT "/data/fashion-mnist");
+    write_idx_images(OUT "/data/fashion-mnist/train-images-idx3-ubyte", 0x803, 3, 28, 28, 3);
+    write_idx_labels(OUT "/data/fashion-mnist/train-labels-idx1-ubyte", 0x801, 3, -1);
+    write_idx_images(OUT "/data/fashion-mnist/t10k-images-idx3-ubyte", 0x803, 2, 28, 28, 2);
+    write_idx_labels(OUT "/data/fashion-mnist/t10k-labels-idx1-ubyte", 0x801, 2, -1);
+    for (int train = 1; train >= 0; train--) {
+        Dataset d;
+        dataset_load(&d, "fashion-mnist", dir, train);
+        int want_n = train ? 3 : 2, ok = d.N == want_n && d.C == 1 && d.H == 32 && d.W == 32, border = 1;
+        float x[1024];
+        for (int n = 0; ok && n < d.N; n++) {
+            ok &= d.labels[n] == (n * 3) % 10;
+            dataset_image(x, &d, n, 0);
+            for (int y = 0; y < 32; y++)
+                for (int xx = 0; xx < 32; xx++) {
+                    int in = y >= 2 && y < 30 && xx >= 2 && xx < 30;
+                    uint8_t want = in ? fmnist_pixel(n, (y - 2) * 28 + xx - 2) : 0;
+                    ok &= d.pixels[(size_t)n * 1024 + y * 32 + xx] == want;
+                    if (!in) border &= x[y * 32 + xx] == -1.0f;
+                }
+        }
+        check(train ? "fashion-mnist train: 28x28 padded to 32x32, labels" : "fashion-mnist t10k split",
+              ok && border, "N %d (want %d), %dx%dx%d, 2-pixel border = -1: %d", d.N, want_n, d.C, d.H, d.W, border);
+        dataset_free(&d);
+    }
+
+    // bad data, each in its own folder: (images: magic, N, rows, data images; labels: N, bad)
+    struct { const char* what; uint32_t imagic; int n, rows, data_n; uint32_t lmagic; int ln, lbad; int names_labels; } bad[7] = {
+        {"IDX bad magic (gzipped?)", 0x1f8b0808, 3, 28, 3, 0x801, 3, -1, 0},
+        {"IDX truncated (size disagrees with header)", 0x803, 3, 28, 2, 0x801, 3, -1, 0},
+        {"IDX wrong shape 27x28", 0x803, 3, 27, 3, 0x801, 3, -1, 0},
+        {"IDX label count mismatch", 0x803, 3, 28, 3, 0x801, 2, -1, 0},
+        {"IDX label > 9", 0x803, 3, 28, 3, 0x801, 3, 1, 1},
+        {"IDX labels file with the images magic", 0x803, 3, 28, 3, 0x803, 3, -1, 1},
+        {"IDX with zero images", 0x803, 0, 28, 0, 0x801, 0, -1, 0}};
+    for (int k = 0; k < 7; k++) {
+        char bdir[128], sub[160], ipath[256], lpath[256];
+        snprintf(bdir, sizeof bdir, OUT "/bad_fmnist%d", k);
+        snprintf(sub, sizeof sub, "%s/fashion-mnist", bdir);
+        mkdir_or_die(bdir);
+        mkdir_or_die(sub);
+        snprintf(ipath, sizeof ipath, "%s/train-images-idx3-ubyte", sub);
+        snprintf(lpath, sizeof lpath, "%s/train-labels-idx1-ubyte", sub);
+        write_idx_images(ipath, bad[k].imagic, bad[k].n, bad[k].rows, 28, bad[k].data_n);
+        write_idx_labels(lpath, bad[k].lmagic, bad[k].ln, bad[k].lbad);
+        LoadArgs a = {"fashion-mnist", bdir, 1};
+        expect_die(bad[k].what, load_child, &a, bad[k].names_labels ? lpath : ipath);
+    }
+    mkdir_or_die(OUT "/empty");
+    LoadArgs a = {"fashion-mnist", OUT "/empty", 0};
+    expect_die("fashion-mnist missing file", load_child, &a, OUT "/empty/fashion-mnist/t10k-images-idx3-ubyte");
+}
+
+// ----------------------------------------------------------------------------
+// 8.1 Checkpoints
+
+typedef struct { Trainer* tr; const char* path; } CkptArgs;
+
+static void ckpt_load_child(void* p) { CkptArgs* a = p; checkpoint_load(a->tr, a->path); }
+
+static void ckpt_open_child(void* p) {
+    CkptArgs* a = p;
+    CheckpointHeader hd;
+    FILE* f = checkpoint_open(a->path, &hd);
+    fclose(f);
+}
+
+static int same_bytes(const char* path, const uint8_t* want, size_t n) {
+    size_t m = 0;
+    uint8_t* got = read_bytes(path, &m);
+    int same = got && m == n && !memcmp(got, want, n);
+    free(got);
+    return same;
+}
+
+static void test_checkpoints(void) {
+    Config c = tiny_config(3, 0.1f);
+    const char* path = OUT "/ck.ckpt";
+    char err[512] = "";
+    Trainer tr;
+    trainer_init(&tr, &c, 2, SCHEDULE_LINEAR, &PAPER_HYPER, 42);
+    train_step(&tr, NULL);
+    train_step(&tr, NULL);
+    int rc = checkpoint_save(&tr, SCHEDULE_LINEAR, path, err, sizeof err);
+    check("checkpoint_save writes and leaves no .tmp", rc == 0 && exists(path) && !exists(OUT "/ck.ckpt.tmp"),
+          "rc %d %s", rc, err);
+
+    Trainer tr2;
+    trainer_init(&tr2, &c, 2, SCHEDULE_LINEAR, &PAPER_HYPER, 4242);   // other seed: other weights
+    checkpoint_load(&tr2, path);
+    size_t nb = tr.net.n_params * sizeof(float);
+    int arrays = !memcmp(tr.net.params, tr2.net.params, nb) && !memcmp(tr.ema, tr2.ema, nb) &&
+                 !memcmp(tr.adam_m, tr2.adam_m, nb) && !memcmp(tr.adam_v, tr2.adam_v, nb);
+    check("checkpoint round trip: params, ema, adam_m, adam_v bit-identical", arrays, "%zu params each", tr.net.n_params);
+    check("checkpoint round trip: step and RNG state", tr2.step == 2 && !memcmp(tr.rng.s, tr2.rng.s, sizeof tr.rng.s),
+          "step %llu (want 2)", (unsigned long long)tr2.step);
+    // "everything needed to continue bit-exactly": the next step is the same on both
+    train_step(&tr, NULL);
+    train_step(&tr2, NULL);
+    arrays = !memcmp(tr.net.params, tr2.net.params, nb) && !memcmp(tr.ema, tr2.ema, nb) &&
+             !memcmp(tr.adam_m, tr2.adam_m, nb) && !memcmp(tr.adam_v, tr2.adam_v, nb) && tr.step == tr2.step;
+    check("checkpoint resume: the next train_step is bit-identical", arrays, "step %llu", (unsigned long long)tr.step);
+
+    // corrupt files: each must end in exit 1 with one line naming the file
+    size_t size = 0;
+    uint8_t* good = read_bytes(path, &size);
+    uint8_t* buf = malloc_check(size, "test");
+    char bad[128];
+    CkptArgs a = {&tr2, bad};
+
+    snprintf(bad, sizeof bad, OUT "/truncated.ckpt");
+    write_bytes(bad, good, size - 100);
+    expect_die("checkpoint truncated (last 100 bytes dropped)", ckpt_load_child, &a, bad);
+
+    memcpy(buf, good, size);
+    buf[sizeof(CheckpointHeader) + nb / 2] ^= 0x10;   // one bit in the middle of the parameters
+    snprintf(bad, sizeof bad, OUT "/flipped.ckpt");
+    write_bytes(bad, buf, size);
+    expect_die("checkpoint one flipped byte in the parameters (checksum)", ckpt_load_child, &a, bad);
+
+    memcpy(buf, good, size);
+    memcpy(buf, "\x89PNG\r\n\x1a\n", 8);   // a foreign file of the same size
+    for (size_t i = 8; i < size; i++) buf[i] = (uint8_t)rng_u64(&trng);
+    snprintf(bad, sizeof bad, OUT "/foreign.ckpt");
+    write_bytes(bad, buf, size);
+    expect_die("checkpoint foreign file (PNG header, bad magic)", ckpt_load_child, &a, bad);
+
+    memcpy(buf, good, size);
+    int32_t neg = -8;
+    memcpy(buf + offsetof(CheckpointHeader, ch), &neg, 4);
+    snprintf(bad, sizeof bad, OUT "/badheader.ckpt");
+    write_bytes(bad, buf, size);
+    expect_die("checkpoint header with an invalid config (ch -8)", ckpt_open_child, &a, bad);
+
+    snprintf(bad, sizeof bad, OUT "/empty.ckpt");
+    write_bytes(bad, good, 0);
+    expect_die("checkpoint empty file", ckpt_open_child, &a, bad);
+
+    snprintf(bad, sizeof bad, OUT "/missing.ckpt");
+    expect_die("checkpoint missing file", ckpt_load_child, &a, bad);
+
+    Config other = c;
+    other.ch = 12;
+    Trainer tr3;
+    trainer_init(&tr3, &other, 2, SCHEDULE_LINEAR, &PAPER_HYPER, 1);
+    CkptArgs m = {&tr3, path};
+    expect_die("checkpoint into a network of another config (n_params)", ckpt_load_child, &m, path);
+    trainer_free(&tr3);
+
+    // a failed save returns -1 with a message and touches nothing else
+    const char* nowhere = OUT "/no/such/folder/ck.ckpt";
+    err[0] = 0;
+    rc = checkpoint_save(&tr, SCHEDULE_LINEAR, nowhere, err, sizeof err);
+    check("checkpoint_save into a missing folder returns -1 with a message", rc == -1 && strstr(err, nowhere),
+          "rc %d, \"%s\"", rc, err);
+    check("checkpoint_save failure leaves the good checkpoint untouched", same_bytes(path, good, size), "%s", path);
+
+    // saving over a checkpoint in a read-only folder must fail and keep the old file
+    const char* ro = OUT "/ro";
+    const char* ro_path = OUT "/ro/ck.ckpt";
+    mkdir_or_die(ro);
+    rc = checkpoint_save(&tr2, SCHEDULE_LINEAR, ro_path, err, sizeof err);
+    size_t ro_size = 0;
+    uint8_t* ro_good = read_bytes(ro_path, &ro_size);
+    chmod(ro, 0555);
+    int probe = open(OUT "/ro/probe", O_CREAT | O_WRONLY, 0644);
+    if (probe >= 0) {
+        close(probe);
+        unlink(OUT "/ro/probe");
+        note("checkpoint_save into a read-only folder: skipped, chmod 0555 does not stop writes here (running as root?)");
+    } else {
+        train_step(&tr2, NULL);   // something new to save
+        err[0] = 0;
+        int rc2 = checkpoint_save(&tr2, SCHEDULE_LINEAR, ro_path, err, sizeof err);
+        check("checkpoint_save into a read-only folder fails, old file intact",
+              rc == 0 && rc2 == -1 && strstr(err, ro_path) && ro_good && same_bytes(ro_path, ro_good, ro_size) &&
+              !exists(OUT "/ro/ck.ckpt.tmp"), "rc %d, \"%s\"", rc2, err);
+    }
+    chmod(ro, 0755);
+    free(ro_good);
+    free(good);
+    free(buf);
+    trainer_free(&tr);
+    trainer_free(&tr2);
+}
+
+// ----------------------------------------------------------------------------
+// 11. .npy files
+
+static void check_npy(const char* name, const char* path, const float* data, size_t count, const char* shape) {
+    size_t n = 0;
+    uint8_t* f = read_bytes(path, &n);
+    int ok = f && n >= 10 && !memcmp(f, "\x93NUMPY\x01\x00", 8);
+    size_t hl = ok ? (size_t)(f[8] | f[9] << 8) : 0;
+    char header[512] = "";
+    if (ok && 10 + hl <= n && hl < sizeof header) memcpy(header, f + 10, hl);
+    int aligned = ok && (10 + hl) % 64 == 0;
+    int fields = strstr(header, "'descr': '<f4'") && strstr(header, "'fortran_order': False") &&
+                 strstr(header, shape) && hl > 0 && header[hl - 1] == '\n';
+    int data_ok = ok && n == 10 + hl + count * 4 && !memcmp(f + 10 + hl, data, count * 4);
+    char tmp[256];
+    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    check(name, ok && aligned && fields && data_ok && !exists(tmp),
+          "magic %d, data at %zu (multiple of 64: %d), dict has %s: %d, data %d", ok, 10 + hl, aligned, shape, fields, data_ok);
+    free(f);
+}
+
+static void test_npy(void) {
+    float a[30];
+    for (int i = 0; i < 30; i++) a[i] = i * 0.5f - 3;
+    int shape3[3] = {2, 3, 5}, shape1[1] = {7};
+    int r1 = save_npy(OUT "/a.npy", a, 3, shape3);
+    int r2 = save_npy(OUT "/b.npy", a, 1, shape1);
+    check("save_npy returns 0", r1 == 0 && r2 == 0, "%d %d", r1, r2);
+    check_npy("save_npy (2, 3, 5): header, alignment, data", OUT "/a.npy", a, 30, "'shape': (2, 3, 5)");
+    check_npy("save_npy (7,): one-element tuple", OUT "/b.npy", a, 7, "'shape': (7,)");
+    // NumPy itself, when it is installed
+    if (system("/usr/bin/python3 -c 'import numpy' >/dev/null 2>&1") == 0) {
+        int rc = system("/usr/bin/python3 -c \"import numpy as np, sys; a = np.load('" OUT "/a.npy'); "
+                        "b = np.load('" OUT "/b.npy'); "
+                        "sys.exit(0 if a.shape == (2, 3, 5) and a.dtype == np.float32 and "
+                        "(a.ravel() == np.arange(30) * 0.5 - 3).all() and b.shape == (7,) else 1)\"");
+        check("save_npy readable by numpy.load", rc == 0, "shape, dtype and values");
+    } else {
+        note("save_npy via numpy.load: skipped, /usr/bin/python3 has no numpy");
+    }
+}
+
+// ----------------------------------------------------------------------------
+
+int main(int argc, char** argv) {
+    (void)argc;
+    // run from the repository root whatever the working folder (paths are relative)
+    char root[4096];
+    snprintf(root, sizeof root, "%s", argv[0]);
+    char* slash = strrchr(root, '/');
+    if (slash) {
+        *slash = 0;
+        if (chdir(root) != 0 || chdir("..") != 0) die("test: cannot enter the folder of %s", argv[0]);
+    }
+    // The thread tests compare 1 and 2 threads; matmul's buffers must be sized for 2
+    // before anything calls gemm_init, even on a one-core machine.
+    if (get_threads() < 2) set_threads(2);
+    mkdir_or_die("tests/out");
+    rm_rf(OUT);
+    mkdir_or_die(OUT);
+    rng_seed(&trng, 20200611);
+    double t0 = now_seconds();
+
+    test_schedule_linear();
+    test_schedule_cosine();
+    test_q_sample_monte_carlo();
+    test_posterior_bayes();
+    test_reverse_process();
+    test_normal_kl();
+    test_discretized_decoder();
+    test_prior_bpd();
+    test_l_simple();
+    test_conv(3, 1, 1);
+    test_conv(1, 1, 0);
+    test_conv(3, 2, 0);
+    test_groupnorm();
+    test_silu();
+    test_linear();
+    test_attention();
+    test_small_layers();
+    test_dropout();
+    test_matmul();
+    test_timestep_embedding();
+    test_config();
+    test_unet_init();
+    test_unet_determinism();
+    test_unet_gradient();
+    test_cifar10();
+    test_fashion_mnist();
+    test_checkpoints();
+    test_npy();
+
+    rm_rf(OUT);
+    printf("(%.1f s, %d threads)\n", now_seconds() - t0, get_threads());
+    printf("%d passed, %d failed\n", n_passed, n_failed);
+    return n_failed ? 1 : 0;
+}
