@@ -63,14 +63,18 @@ Conventions
 // Every failure a user can cause (a missing file, a bad flag, a full disk) ends in
 // one line on stderr that names the file or flag and says what to do, and exit 1.
 
+// Prints "ddpm: <message><suffix>" as one line and exits with `code`.
+static void fail_v(int code, const char* suffix, const char* fmt, va_list ap) {
+    fprintf(stderr, "ddpm: ");
+    vfprintf(stderr, fmt, ap);
+    fprintf(stderr, "%s\n", suffix);
+    exit(code);
+}
+
 static void die(const char* fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
-    fprintf(stderr, "ddpm: ");
-    vfprintf(stderr, fmt, ap);
-    fprintf(stderr, "\n");
-    va_end(ap);
-    exit(1);
+    fail_v(1, "", fmt, ap);
 }
 
 static void* malloc_check(size_t size, const char* what) {
@@ -2317,14 +2321,11 @@ static const char* HELP =
 "  --threads N                    OpenMP threads (default: all cores)\n"
 "  --help                         this text\n";
 
+// A bad flag or value: exit code 2, as command-line tools do.
 static void usage_error(const char* fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
-    fprintf(stderr, "ddpm: ");
-    vfprintf(stderr, fmt, ap);
-    fprintf(stderr, " (see ./ddpm --help)\n");
-    va_end(ap);
-    exit(2);
+    fail_v(2, " (see ./ddpm --help)", fmt, ap);
 }
 
 static long parse_long(const char* flag, const char* v, long lo, long hi) {

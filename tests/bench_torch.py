@@ -34,6 +34,7 @@ import ctypes
 import json
 import math
 import os
+import re
 import resource
 import statistics
 import sys
@@ -210,19 +211,16 @@ def blas_info():
     try:                                             # OpenBLAS reports its build
         ob = ctypes.CDLL("libopenblas.so.0", mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
         ob.openblas_get_config.restype = ctypes.c_char_p
-        if "openblas" in os.path.basename(path).lower():
+        if "openblas" in path.lower():
             version = ob.openblas_get_config().decode().strip()
     except (OSError, AttributeError):
         pass
     if not version and "/blas/" in path:
         version = "reference (netlib) BLAS"
-    config = torch.__config__.show()
-    flags = {k: v for k, v in (kv.split("=", 1) for kv in
-             config.replace("\n", " ").split("Build settings:")[-1].split(", ")
-             if "=" in kv)}
+    blas_flag = re.search(r"BLAS_INFO=([^,\s]+)", torch.__config__.show())
     return {
         "blas": f"{path} ({version})" if version else path,
-        "blas_info": flags.get("BLAS_INFO", "?").strip(),
+        "blas_info": blas_flag.group(1) if blas_flag else "?",
         "mkldnn": bool(torch.backends.mkldnn.is_available()),
     }
 

@@ -1,0 +1,231 @@
+#!/usr/bin/python3
+"""ddpm.c vs PyTorch on the CPU: run both benchmarks and print one table.
+
+This is what `make bench` runs.  For each (model, batch) configuration it
+runs, one after the other (never at the same time, so they do not fight over
+the cores), the C benchmark
+
+    ./ddpm bench --model M --batch B --steps S
+
+and the PyTorch one
+
+    /usr/bin/python3 tests/bench_torch.py --model M --batch B --steps S
+
+Each prints one line of JSON with the same keys (train_ms, sample_ms,
+fwd_gflop, max_rss_mb, threads, ...).  Every run is a separate process, so
+each peak RSS is that implementation's own.
+
+Usage:
+    /usr/bin/python3 tests/bench_table.py [--quick] [--steps S] [--ddpm PATH]
+
+--quick runs only tiny at batch 32.  If a run fails (non-zero exit or no
+valid JSON) its stderr tail is printed, its cells read FAIL, the table goes
+on, and the script exits with status 1 at the end.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)                       # the repository root
+BENCH_TORCH = os.path.join(HERE, "bench_torch.py")
+PYTHON = "/usr/bin/python3"                        # Debian's python3-torch
+
+CONFIGS = [("tiny", 32), ("tiny", 128), ("small", 32), ("small", 128), ("paper", 8)]
+QUICK_CONFIGS = [("tiny", 32)]
+DEFAULT_STEPS = {"tiny": 10, "small": 10, "paper": 5}
+WARMUP = 2                                         # both sides' default
+REQUIRED = ("train_ms", "sample_ms", "fwd_gflop", "max_rss_mb", "threads")
+
+
+def log(msg):
+    """Progress goes to stderr, so stdout holds only the table."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run_json(cmd, required, timeout):
+    """Run cmd; return (dict, None) on success or (None, error text)."""
+    log("  $ " + " ".join(cmd))
+    try:
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                           timeout=timeout)
+    except FileNotFoundError as e:
+        return None, f"cannot run: {e}"
+    except subprocess.TimeoutExpired:
+        return None, f"timed out after {timeout} s"
+    # The last lines of stderr, indented, to show with an error.
+    tail = "".join("\n    | " + l for l in (p.stderr or "").strip().splitlines()[-15:])
+    if p.returncode != 0:
+        return None, f"exit status {p.returncode}{tail}"
+    # The JSON is the last line of stdout that looks like an object.
+    lines = [l for l in p.stdout.splitlines() if l.strip().startswith("{")]
+    if not lines:
+        return None, f"no JSON line on stdout{tail}"
+    try:
+        d = json.loads(lines[-1])
+    except json.JSONDecodeError as e:
+        return None, f"bad JSON ({e}): {lines[-1][:200]}{tail}"
+    missing = [k for k in required
+               if not isinstance(d.get(k), (int, float)) or isinstance(d.get(k), bool)]
+    if missing:
+        return None, f"JSON lacks numeric {', '.join(missing)}: {lines[-1][:200]}{tail}"
+    return d, None
+
+
+# ---------------------------------------------------------------------------
+# Derived quantities.  A training step counts as 3 forwards (see the FLOP
+# rule in bench_torch.py); rates use the median step time.
+# ---------------------------------------------------------------------------
+
+def images_per_s(d):
+    return d["batch"] / (d["train_ms"] * 1e-3)
+
+
+def train_gflops(d):
+    return 3.0 * d["fwd_gflop"] / (d["train_ms"] * 1e-3)
+
+
+def fmt(v, spec):
+    return "FAIL" if v is None else format(v, spec)
+
+
+def both(c, t, key, spec):
+    """Cells for one quantity: ddpm.c, pytorch."""
+    get = lambda d: None if d is None else key(d)
+    return [fmt(get(c), spec), fmt(get(t), spec)]
+
+
+def ratio(c, t, key):
+    """ddpm.c / pytorch of one quantity (for times: lower is better)."""
+    if c is None or t is None or key(t) == 0:
+        return "-"
+    return f"{key(c) / key(t):.2f}x"
+
+
+def print_table(header1, header2, rows):
+    """Right-aligned columns; header1 holds group titles over column spans."""
+    n = len(header2)
+    width = [max(len(str(r[i])) for r in [header2] + rows) for i in range(n)]
+    # Widen the columns under a group title if the title is wider than them.
+    line1, i = [], 0
+    for title, span in header1:
+        need = len(title) - (sum(width[i:i + span]) + 2 * (span - 1))
+        if need > 0:
+            width[i + span - 1] += need
+        line1.append(title.center(sum(width[i:i + span]) + 2 * (span - 1)))
+        i += span
+    print("  ".join(line1).rstrip())
+    for r in [header2] + rows:
+        print("  ".join(str(v).rjust(w) for v, w in zip(r, width)))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="only tiny at batch 32")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="timed steps per run (default: 10, 5 for paper)")
+    ap.add_argument("--ddpm", default=None,
+                    help="the ddpm binary (default: ./ddpm in the repository root)")
+    ap.add_argument("--timeout", type=int, default=3600,
+                    help="seconds allowed for one benchmark run")
+    args = ap.parse_args()
+    if args.steps is not None and args.steps < 1:
+        ap.error("--steps must be >= 1")
+    ddpm = os.path.abspath(args.ddpm) if args.ddpm else os.path.join(ROOT, "ddpm")
+
+    configs = QUICK_CONFIGS if args.quick else CONFIGS
+    results, failures = [], []     # failures: one-line summaries for stdout
+    for model, batch in configs:
+        steps = args.steps or DEFAULT_STEPS[model]
+        common = ["--model", model, "--batch", str(batch), "--steps", str(steps)]
+        log(f"== {model} batch {batch}, {steps} steps")
+        row = {"model": model, "batch": batch, "steps": steps}
+        for impl, cmd in (("ddpm.c", [ddpm, "bench"] + common),
+                          ("pytorch", [PYTHON, BENCH_TORCH] + common)):
+            d, err = run_json(cmd, REQUIRED, args.timeout)
+            if err:
+                failures.append(f"{impl} {model} batch {batch}: {err.splitlines()[0]}")
+                log(f"  {impl} FAILED: {err}")
+            row[impl] = d
+        results.append(row)
+
+    log("== fp32 ceiling (pytorch, 2048^3 matmul)")
+    ceiling, err = run_json([PYTHON, BENCH_TORCH, "--ceiling"], ("ceiling_gflops",),
+                            args.timeout)
+    if err:
+        failures.append(f"pytorch --ceiling: {err.splitlines()[0]}")
+        log(f"  ceiling FAILED: {err}")
+
+    # ---- the main table ------------------------------------------------
+    header1 = [("", 2), ("train ms/step", 3), ("sample ms/step", 3),
+               ("train img/s", 2), ("train GFLOP/s", 2), ("peak RSS MiB", 2)]
+    header2 = ["model", "batch",
+               "ddpm.c", "pytorch", "ratio", "ddpm.c", "pytorch", "ratio",
+               "ddpm.c", "pytorch", "ddpm.c", "pytorch", "ddpm.c", "pytorch"]
+    rows = []
+    for r in results:
+        c, t = r["ddpm.c"], r["pytorch"]
+        rows.append([r["model"], r["batch"]]
+                    + both(c, t, lambda d: d["train_ms"], ".1f")
+                    + [ratio(c, t, lambda d: d["train_ms"])]
+                    + both(c, t, lambda d: d["sample_ms"], ".1f")
+                    + [ratio(c, t, lambda d: d["sample_ms"])]
+                    + both(c, t, images_per_s, ".1f")
+                    + both(c, t, train_gflops, ".1f")
+                    + both(c, t, lambda d: d["max_rss_mb"], ".0f"))
+    print_table(header1, header2, rows)
+    print("ratio = ddpm.c / pytorch (lower is better for ddpm.c)")
+    print()
+
+    # ---- the fp32 ceiling ------------------------------------------------
+    if ceiling:
+        peak = ceiling["ceiling_gflops"]
+        print(f"fp32 ceiling: {peak:.1f} GFLOP/s (median 2048x2048x2048 matmul, "
+              f"pytorch, {ceiling.get('threads', '?')} threads)")
+        for r in results:
+            cells = []
+            for impl in ("ddpm.c", "pytorch"):
+                d = r[impl]
+                share = "FAIL" if d is None else f"{100 * train_gflops(d) / peak:.1f}%"
+                cells.append(f"{impl} {share:>6}")
+            print(f"  training share of ceiling, {r['model']:>5} batch {r['batch']:<4}: "
+                  + "   ".join(cells))
+    else:
+        print("fp32 ceiling: FAIL")
+    print()
+
+    # ---- footer ------------------------------------------------------------
+    t_any = next((r["pytorch"] for r in results if r["pytorch"]), None) or ceiling
+    threads = {impl: sorted({r[impl]["threads"] for r in results if r[impl]})
+               for impl in ("ddpm.c", "pytorch")}
+    print("FLOPs: multiply-adds of convolutions, dense layers and the two attention "
+          "matmuls, 2 FLOPs each;")
+    print("       a training step = 3 x forward (forward + two backward GEMMs per layer); "
+          "GFLOP/s = 3 * fwd_gflop / median train step.")
+    if t_any:
+        print(f"PyTorch {t_any.get('torch', '?')}: BLAS {t_any.get('blas', '?')}, "
+              f"BLAS_INFO={t_any.get('blas_info', '?')}, mkldnn={t_any.get('mkldnn', '?')}")
+    print("threads: " + ", ".join(f"{impl} {'/'.join(map(str, v)) or '?'}"
+                                  for impl, v in threads.items()))
+    steps = sorted({r["steps"] for r in results})
+    print(f"Times are medians of {'/'.join(map(str, steps))} timed steps after "
+          f"{WARMUP} warm-up steps, one process per run, runs one at a time, "
+          "on a shared (noisy) machine.")
+    # Sanity check: both sides should count the same FLOPs and parameters.
+    for r in results:
+        c, t = r["ddpm.c"], r["pytorch"]
+        if c and t:
+            for key in ("fwd_gflop", "params"):
+                if key in c and key in t and abs(c[key] - t[key]) > 1e-3 * abs(t[key]):
+                    print(f"WARNING: {r['model']} batch {r['batch']}: {key} differs "
+                          f"(ddpm.c {c[key]}, pytorch {t[key]})")
+    for f in failures:
+        print(f"FAILED: {f} (stderr tail printed on stderr)")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
