@@ -471,7 +471,9 @@ static int thread_id(void) {
 #endif
 }
 
-// Called once at start-up (model build), so no step ever allocates.
+// Called once at start-up (model build), so no step ever allocates. Per-thread buffers
+// are sized for the thread count seen here; the parallel loops that use them ask for
+// exactly that many threads (num_threads), so a later omp_set_num_threads is harmless.
 static void gemm_init(void) {
     if (gemm_pack_buffer) return;
     gemm_max_threads = max_threads();
@@ -568,13 +570,15 @@ static void matmul(float* C, const float* A, const float* B, int M, int N, int K
     int nt = (N + nc - 1) / nc;
     double flops = 2.0 * M * N * K;
     // Called from inside a parallel loop (one image per thread), it runs serially with
-    // that thread's packing buffer; thread_id() is then the outer thread's number.
-    int parallel = flops > 2e5 && mt * nt > 1 && !in_parallel();
-    #pragma omp parallel for schedule(static) if (parallel)
+    // that thread's packing buffer. The id is read out here: inside even an inactive
+    // `omp parallel` region the thread number restarts at 0.
+    int parallel = flops > 2e5 && mt * nt > 1 && !in_parallel(), outer = thread_id();
+    #pragma omp parallel for schedule(static) if (parallel) num_threads(gemm_max_threads)
     for (int tile = 0; tile < mt * nt; tile++) {
         int i0 = (tile / nt) * GEMM_MC, j0 = (tile % nt) * nc;
         int mc = M - i0 < GEMM_MC ? M - i0 : GEMM_MC, ncc = N - j0 < nc ? N - j0 : nc;
-        float* Ap = gemm_pack_buffer + (size_t)thread_id() * (GEMM_MC * GEMM_KC + GEMM_KC * GEMM_NC);
+        int tid = parallel ? thread_id() : outer;
+        float* Ap = gemm_pack_buffer + (size_t)tid * (GEMM_MC * GEMM_KC + GEMM_KC * GEMM_NC);
         float* Bp = Ap + GEMM_MC * GEMM_KC;
         for (int p0 = 0; p0 < K; p0 += GEMM_KC) {
             int kc = K - p0 < GEMM_KC ? K - p0 : GEMM_KC;
@@ -641,7 +645,7 @@ static void col2im(float* img, const float* col, int C, int H, int W, int K, int
 static void conv2d_forward(float* out, const float* inp, const float* weight, const float* bias,
                            int B, int C_in, int H, int W, int C_out, int K, int stride, float* col) {
     int HWo = (H / stride) * (W / stride), CKK = C_in * K * K;
-    #pragma omp parallel for schedule(static) if (B > 1)
+    #pragma omp parallel for schedule(static) if (B > 1) num_threads(gemm_max_threads)
     for (int b = 0; b < B; b++) {
         const float* x = inp + (size_t)b * C_in * H * W;
         float* y = out + (size_t)b * C_out * HWo;
@@ -682,7 +686,7 @@ static void conv2d_backward(float* dinp, float* dweight, float* dbias, const flo
     }
     if (!dinp) return;
     // dcol = weight^T . dout, then scatter back onto the image (col2im)
-    #pragma omp parallel for schedule(static) if (B > 1)
+    #pragma omp parallel for schedule(static) if (B > 1) num_threads(gemm_max_threads)
     for (int b = 0; b < B; b++) {
         const float* dy = dout + (size_t)b * C_out * HWo;
         float* dx = dinp + (size_t)b * C_in * H * W;
@@ -1678,6 +1682,7 @@ static void load_fashion_mnist(Dataset* d, const char* dir, int train) {
     FILE* fi = idx_open(ipath, 0x803, 3, idims);
     FILE* fl = idx_open(lpath, 0x801, 1, ldims);
     if (idims[1] != 28 || idims[2] != 28) die("%s: images are %ux%u, expected 28x28", ipath, idims[1], idims[2]);
+    if (idims[0] == 0) die("%s holds no images; the file is corrupt (run `make fashion-mnist`)", ipath);
     if (idims[0] != ldims[0]) die("%s has %u images but %s has %u labels", ipath, idims[0], lpath, ldims[0]);
     snprintf(d->name, sizeof d->name, "fashion-mnist");
     d->N = (int)idims[0]; d->C = 1; d->H = d->W = 32;

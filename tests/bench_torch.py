@@ -178,15 +178,43 @@ def forward_flops(model, config, batch):
 # Which BLAS is this torch using?
 # ---------------------------------------------------------------------------
 
-def mapped_file(addr):
-    """The file that /proc/self/maps says holds address addr (or None)."""
+def mapped_files():
+    """(start, end, path) of every file mapped into this process."""
+    out = []
     with open("/proc/self/maps") as f:
         for line in f:
             parts = line.split()
-            lo, hi = (int(v, 16) for v in parts[0].split("-"))
-            if lo <= addr < hi and len(parts) >= 6:
-                return parts[5]
-    return None
+            if len(parts) >= 6 and parts[5].startswith("/"):
+                lo, hi = (int(v, 16) for v in parts[0].split("-"))
+                out.append((lo, hi, parts[5]))
+    return out
+
+
+def loaded(name):
+    """A ctypes handle on an already-loaded library (None: the global scope)."""
+    return ctypes.CDLL(name, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+
+
+def sgemm_file():
+    """The real file of the sgemm_ that torch's matmuls call.
+
+    A symbol that libtorch_cpu uses is bound by the dynamic linker to the
+    first definition found in (1) the global scope: the python executable,
+    its dependencies and any LD_PRELOAD library, then (2) libtorch_cpu's own
+    dependency tree in load order, where its NEEDED entry libblas.so.3 sits.
+    dlsym() on the dlopen(NULL) handle searches (1); dlsym() on a handle of
+    libtorch_cpu searches (2).  The address found is then looked up in
+    /proc/self/maps, which names the real file behind any symlinks."""
+    maps = mapped_files()
+    torch_cpu = next((p for _, _, p in maps
+                      if os.path.basename(p).startswith("libtorch_cpu")), None)
+    for scope in (None, torch_cpu):
+        try:
+            addr = ctypes.cast(loaded(scope).sgemm_, ctypes.c_void_p).value
+        except (OSError, AttributeError, TypeError):
+            continue                     # not in this scope: try the next
+        return next((p for lo, hi, p in maps if lo <= addr < hi), "?")
+    return "?"
 
 
 def blas_info():
@@ -195,27 +223,21 @@ def blas_info():
     Debian's torch is built with BLAS_INFO=generic: it calls sgemm_ from
     whatever library the dynamic loader found for the soname libblas.so.3
     (Debian's alternatives system picks between the reference BLAS and
-    OpenBLAS; LD_LIBRARY_PATH can override it).  After a matmul we look up
-    sgemm_ in the loaded libblas.so.3 and read /proc/self/maps to find the
-    real file it lives in.  Convolutions mostly go through oneDNN (mkldnn)
-    instead, which has its own kernels."""
+    OpenBLAS; LD_LIBRARY_PATH or LD_PRELOAD can override it).  Convolutions
+    mostly go through oneDNN (mkldnn) instead, which has its own kernels."""
     a = torch.randn(64, 64)
-    torch.mm(a, a)                                   # make sure BLAS is in use
-    path, version = "?", ""
-    try:
-        lib = ctypes.CDLL("libblas.so.3", mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
-        addr = ctypes.cast(lib.sgemm_, ctypes.c_void_p).value
-        path = mapped_file(addr) or "?"
-    except (OSError, AttributeError):
-        pass
-    try:                                             # OpenBLAS reports its build
-        ob = ctypes.CDLL("libopenblas.so.0", mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
-        ob.openblas_get_config.restype = ctypes.c_char_p
-        if "openblas" in path.lower():
-            version = ob.openblas_get_config().decode().strip()
-    except (OSError, AttributeError):
-        pass
-    if not version and "/blas/" in path:
+    torch.mm(a, a)                                   # make sure BLAS is loaded
+    path, version = sgemm_file(), ""
+    if "openblas" in path.lower():                   # OpenBLAS reports its build
+        for name in (path, "libopenblas.so.0"):
+            try:
+                get = loaded(name).openblas_get_config
+                get.restype = ctypes.c_char_p
+                version = get().decode().strip()
+                break
+            except (OSError, AttributeError):
+                pass
+    elif "/blas/" in path:
         version = "reference (netlib) BLAS"
     blas_flag = re.search(r"BLAS_INFO=([^,\s]+)", torch.__config__.show())
     return {

@@ -1,0 +1,436 @@
+#!/bin/sh
+# End-to-end tests of ./ddpm through its command line: training really learns, resume
+# is bit-exact, runs are deterministic across thread counts, Ctrl-C/SIGTERM saves,
+# checkpoints are checked, failed writes and non-finite losses leave the last good
+# checkpoint intact, bad flags are refused with one line, and the small commands work.
+#
+#   sh tests/test_e2e.sh        (from the repository root, after `make ddpm`)
+#
+# Prints one line per check, "PASS name" or "FAIL name: detail", then
+# "N passed, N failed"; exits 1 if any check failed. Works in tests/out/e2e, removed on
+# success. Needs /usr/bin/python3 (no numpy needed) for the synthetic datasets and to
+# read .npy files and checkpoints. Most runs use --threads 1: on a 2-core machine that is
+# busy with something else, OpenMP's spinning threads can make a 2-thread run of this
+# tiny network many times slower; the determinism checks use 1, 2 and the default.
+cd "$(dirname "$0")/.." || exit 1
+PY=${PYTHON:-/usr/bin/python3}
+T=tests/out/e2e
+rm -rf "$T"
+mkdir -p "$T" || exit 1
+start=$(date +%s)
+
+pass=0
+fail=0
+# check NAME STATUS DETAIL: STATUS is a condition's exit status (0 = pass)
+check() {
+    if [ "$2" -eq 0 ]; then
+        echo "PASS $1"
+        pass=$((pass + 1))
+    else
+        echo "FAIL $1: $3"
+        fail=$((fail + 1))
+    fi
+}
+finish() {
+    echo "($(( $(date +%s) - start )) s)"
+    echo "$pass passed, $fail failed"
+    if [ "$fail" -eq 0 ]; then rm -rf "$T"; exit 0; fi
+    echo "(kept $T for inspection)"
+    exit 1
+}
+
+DDPM=${DDPM:-./ddpm}   # another build (ddpm_debug, a patched copy) can be tested with DDPM=path
+if [ ! -x "$DDPM" ]; then
+    check binary 1 "$DDPM not found: run make ddpm first"
+    finish
+fi
+
+# Every command gets a time limit, so a hang is a failure rather than a stuck CI job.
+if command -v timeout >/dev/null 2>&1; then TO="timeout 240"; else TO=""; fi
+
+# ddp NAME ARGS...: run ./ddpm, stdout to $T/NAME.out, stderr to $T/NAME.err, status in $rc
+ddp() {
+    ddp_name=$1; shift
+    $TO "$DDPM" "$@" >"$T/$ddp_name.out" 2>"$T/$ddp_name.err"
+    rc=$?
+}
+nap() { sleep 0.1 2>/dev/null || sleep 1; }
+lines() { wc -l <"$1" | tr -d ' '; }
+one_line() { [ "$(lines "$1")" -eq 1 ]; }
+# one_error FILE: a training run's stderr (progress lines first) ends in its only "ddpm: " line
+one_error() { [ "$(grep -c '^ddpm: ' "$1")" -eq 1 ] && tail -n 1 "$1" | grep -q '^ddpm: '; }
+err_of() { tr '\n' '|' <"$T/$1.err" | cut -c1-300; }
+# last_step CSV: the step column of a log's last row
+last_step() { tail -n 1 "$1" | cut -d, -f1; }
+
+# ---- helpers in Python (standard library only) ----
+cat >"$T/tool.py" <<'EOF'
+import ast, math, os, struct, sys
+
+def fnv(b, h=0xcbf29ce484222325):
+    for x in b:
+        h = ((h ^ x) * 0x100000001b3) & 0xffffffffffffffff
+    return h
+
+cmd = sys.argv[1]
+if cmd == "mkdata":
+    # 4 structured 32x32 RGB images (not noise) in CIFAR-10's binary format: a horizontal
+    # gradient, a vertical gradient, two colour halves, a checkerboard of 8x8 blocks.
+    # Every training file holds the same 4 records (ddpm.c refuses empty files).
+    d = os.path.join(sys.argv[2], "cifar-10-batches-bin")
+    os.makedirs(d, exist_ok=True)
+    recs = b""
+    for k in range(4):
+        r = bytearray([k])
+        for c in range(3):
+            for y in range(32):
+                for x in range(32):
+                    if k == 0: v = x * 8
+                    elif k == 1: v = 255 - y * 8
+                    elif k == 2: v = 230 if (x < 16) == (c == 0) else 20
+                    else: v = 255 if (x // 8 + y // 8) % 2 else 0
+                    r.append(v)
+        recs += bytes(r)
+    for n in ["data_batch_%d.bin" % i for i in range(1, 6)] + ["test_batch.bin"]:
+        open(os.path.join(d, n), "wb").write(recs)
+elif cmd == "xor":          # FILE OFFSET MASK (OFFSET "mid": the middle of the file)
+    b = bytearray(open(sys.argv[2], "rb").read())
+    off = len(b) // 2 if sys.argv[3] == "mid" else int(sys.argv[3])
+    b[off] ^= int(sys.argv[4], 0)
+    open(sys.argv[2], "wb").write(b)
+elif cmd == "checksum":     # FILE: exit 0 if the trailing FNV-1a 64 matches (format as in section 8.1)
+    b = open(sys.argv[2], "rb").read()
+    sys.exit(0 if fnv(b[:-8]) == struct.unpack("<Q", b[-8:])[0] else 1)
+elif cmd == "nan":          # IN OUT: the live parameters set to NaN, checksum re-sealed
+    b = bytearray(open(sys.argv[2], "rb").read())
+    n = struct.unpack_from("<Q", b, 152)[0]      # header: n_params is its last field
+    assert len(b) == 160 + 16 * n + 8
+    b[160:160 + 4 * n] = struct.pack("<f", float("nan")) * n
+    b[-8:] = struct.pack("<Q", fnv(b[:-8]))
+    open(sys.argv[3], "wb").write(b)
+elif cmd == "npy":          # FILE SHAPE: a float32 .npy of that shape, all finite
+    b = open(sys.argv[2], "rb").read()
+    want = tuple(int(s) for s in sys.argv[3].split(","))
+    assert b[:6] == b"\x93NUMPY", "bad magic %r" % b[:6]
+    major = b[6]
+    hl = struct.unpack_from("<H" if major == 1 else "<I", b, 8)[0]
+    start = 10 + hl if major == 1 else 12 + hl
+    hd = ast.literal_eval(b[start - hl:start].decode("latin1"))
+    assert hd["descr"] == "<f4" and not hd["fortran_order"], hd
+    assert tuple(hd["shape"]) == want, "shape %r, want %r" % (hd["shape"], want)
+    assert len(b) - start == 4 * math.prod(want), "data is %d bytes" % (len(b) - start)
+    assert start % 64 == 0, "header not 64-byte aligned"
+    vals = struct.unpack_from("<%df" % math.prod(want), b, start)
+    assert all(math.isfinite(v) for v in vals), "non-finite values"
+    try:
+        import numpy as np
+    except ImportError:
+        print("numpy not importable: checked the header by hand")
+        sys.exit(0)
+    a = np.load(sys.argv[2])
+    assert a.shape == want and a.dtype == np.float32 and np.isfinite(a).all()
+    print("numpy.load: shape", a.shape)
+elif cmd == "trace_t":      # FILE: the trace's t values run from T = 1000 down to 1
+    b = open(sys.argv[2], "rb").read()
+    hl = struct.unpack_from("<H", b, 8)[0]
+    n = (len(b) - 10 - hl) // 4
+    t = struct.unpack_from("<%df" % n, b, 10 + hl)
+    assert t[0] == 1000 and t[-1] == 1 and all(x > y for x, y in zip(t, t[1:])), t
+EOF
+tool() { "$PY" "$T/tool.py" "$@"; }
+
+D=$T/data
+tool mkdata "$D"
+check dataset $? "could not write the synthetic CIFAR-10 files with $PY"
+# A small network: 45k parameters, ~40 ms per batch-4 step on one core.
+NET="--ch 8 --ch-mult 1,2 --num-res-blocks 1 --attn 16 --groups 4"
+
+# ---------------------------------------------------------------------------
+# 9. Smoke: schedule, params, help
+ddp schedule schedule
+f=$T/schedule.out
+[ $rc -eq 0 ] && [ "$(lines "$f")" -eq 1001 ]
+check "schedule: exit 0, 1001 lines" $? "exit $rc, $(lines "$f") lines"
+[ "$(head -n 1 "$f")" = "t,beta,alpha_bar,beta_tilde,log_beta_tilde_clipped,posterior_mean_coef1,posterior_mean_coef2" ]
+check "schedule: header" $? "header is '$(head -n 1 "$f")'"
+[ "$(sed -n 2p "$f" | cut -d, -f1,2)" = "1,0.0001" ] && [ "$(tail -n 1 "$f" | cut -d, -f1,2)" = "1000,0.02" ]
+check "schedule: beta_1 = 0.0001, beta_1000 = 0.02" $? "rows: '$(sed -n 2p "$f")' ... '$(tail -n 1 "$f")'"
+ddp params params --model paper
+grep -Eq '^total +35746307$' "$T/params.out"
+check "params: paper model has 35746307 parameters" $? "exit $rc, $(grep '^total' "$T/params.out")"
+ddp help --help
+[ $rc -eq 0 ] && grep -q '^usage:' "$T/help.out"
+check "--help: exit 0, prints usage" $? "exit $rc"
+
+# ---------------------------------------------------------------------------
+# 1. Overfit a fixed set of 4 images.
+#
+# At initialisation eps_theta is ~0 (the output conv starts at scale 1e-10), so L_simple =
+# mean(eps^2) over 4 x 3072 normals: 1 with a standard deviation of sqrt(2 / 12288) =
+# 0.013. A network whose weights do not move stays at 1 (the --lr 0 control below
+# measures a ratio of 1.00), so a drop of the last-50-step mean to below half of the
+# first-10-step mean is tens of standard deviations from chance. Half is also above the
+# 0.24 that a predictor eps = c_t x_t with the best scale per t would reach on these
+# images (1 - mean_t (1 - abar_t) / (abar_t E[x_0^2] + 1 - abar_t), E[x_0^2] = 0.67),
+# so the check asks that the net learned, not that it memorised. Measured: first-10 mean
+# 0.96, last-50 mean 0.13, ratio 0.14: the threshold 0.5 has a margin of 3.5x.
+# 300 steps take ~12 s on one core.
+OVF="--data-dir $D $NET --batch 4 --no-flip --warmup 0 --sample-every 100000 --sample-n 0 --dropout 0 --threads 1"
+# ratio LOG: mean loss of the last 50 rows / mean of the first 10
+ratio() {
+    awk -F, 'NR > 1 { n++; l[n] = $2 } END {
+        if (n < 60) { print "nan"; exit }
+        for (i = 1; i <= 10; i++) a += l[i]
+        for (i = n - 49; i <= n; i++) b += l[i]
+        printf "%.4f %.4f %.4f\n", a / 10, b / 50, (b / 50) / (a / 10) }' "$1"
+}
+ddp overfit $OVF --steps 300 --lr 1e-3 --run "$T/of"
+[ $rc -eq 0 ] && [ "$(lines "$T/of/log.csv")" -eq 301 ] && [ "$(head -n 1 "$T/of/log.csv")" = "step,loss,lr,grad_norm,images_per_s" ]
+check "overfit: 300 steps, log.csv has its header and 300 rows" $? "exit $rc: $(err_of overfit)"
+r=$(ratio "$T/of/log.csv")
+echo "$r" | awk '{ exit !($3 < 0.5) }'
+check "overfit: last-50 mean loss < 0.5 x first-10 mean" $? "first-10, last-50, ratio: $r"
+ddp overfit0 $OVF --steps 60 --lr 0 --run "$T/of0"
+r0=$(ratio "$T/of0/log.csv")
+[ $rc -eq 0 ] && echo "$r0" | awk '{ exit !($3 > 0.9 && $3 < 1.1) }'
+check "overfit control: with --lr 0 the ratio stays ~1" $? "exit $rc, first-10, last-50, ratio: $r0"
+
+# ---------------------------------------------------------------------------
+# 2, 3, 10. Bit-exact resume, determinism, plain progress lines.
+# Dropout (the preset's 0.1) and flips are on, so every random draw is exercised; the
+# warmup (15 steps) crosses the resume point; checkpoints are also saved at steps 7, 14.
+RUN="--data-dir $D $NET --batch 4 --lr 1e-3 --warmup 15 --sample-every 7 --sample-n 0 --log-every 5"
+ddp A $RUN --steps 20 --run "$T/A" --threads 1
+check "train A: 20 steps, exit 0" $rc "exit $rc: $(err_of A)"
+ddp B1 $RUN --steps 10 --run "$T/B" --threads 1
+ddp B2 $RUN --steps 20 --run "$T/B" --threads 1 --resume
+[ $rc -eq 0 ] && grep -q "resumed .*model.ckpt at step 10$" "$T/B2.err"
+check "train B: 10 steps, then --resume says 'resumed ... at step 10'" $? "exit $rc: $(err_of B2)"
+cmp -s "$T/A/model.ckpt" "$T/B/model.ckpt"
+check "resume: 20 steps == 10 + resume + 10, byte for byte" $? "$(cmp "$T/A/model.ckpt" "$T/B/model.ckpt" 2>&1)"
+cut -d, -f1-4 "$T/A/log.csv" >"$T/A.log4"
+cut -d, -f1-4 "$T/B/log.csv" >"$T/B.log4"
+cmp -s "$T/A.log4" "$T/B.log4"
+check "resume: log.csv rows (step, loss, lr, grad_norm) identical" $? "$(diff "$T/A.log4" "$T/B.log4" | head -n 4 | tr '\n' '|')"
+ddp seed2 $RUN --steps 20 --run "$T/seed2" --seed 2 --threads 1
+[ $rc -eq 0 ] && ! cmp -s "$T/A/model.ckpt" "$T/seed2/model.ckpt"
+check "control: --seed 2 gives a different checkpoint" $? "exit $rc, or identical to seed 1"
+ddp C $RUN --steps 20 --run "$T/C" --threads 1
+cmp -s "$T/A/model.ckpt" "$T/C/model.ckpt"
+check "determinism: same seed and flags twice, identical checkpoints" $? "exit $rc; $(cmp "$T/A/model.ckpt" "$T/C/model.ckpt" 2>&1)"
+# The code promises the same bits for any number of threads (section 6.1's matmul, the
+# per-image loops). Step 1's loss cannot show a difference (eps_theta ~ 0 at init), but
+# its grad_norm and every later loss do.
+ddp T2 $RUN --steps 20 --run "$T/T2" --threads 2
+ddp T2b $RUN --steps 20 --run "$T/T2b" --threads 2
+ddp Td $RUN --steps 20 --run "$T/Td"
+cmp -s "$T/T2/model.ckpt" "$T/T2b/model.ckpt"
+check "determinism: --threads 2 twice, identical checkpoints" $? \
+    "$(cmp "$T/T2/model.ckpt" "$T/T2b/model.ckpt" 2>&1); step 1 grad_norm $(sed -n 2p "$T/T2/log.csv" | cut -d, -f4) vs $(sed -n 2p "$T/T2b/log.csv" | cut -d, -f4)"
+cmp -s "$T/A/model.ckpt" "$T/T2/model.ckpt"
+check "determinism: --threads 2 gives the checkpoint of --threads 1" $? \
+    "$(cmp "$T/A/model.ckpt" "$T/T2/model.ckpt" 2>&1); step 1 grad_norm $(sed -n 2p "$T/A/log.csv" | cut -d, -f4) vs $(sed -n 2p "$T/T2/log.csv" | cut -d, -f4)"
+cmp -s "$T/A/model.ckpt" "$T/Td/model.ckpt"
+check "determinism: the default thread count gives the checkpoint of --threads 1" $? "$(cmp "$T/A/model.ckpt" "$T/Td/model.ckpt" 2>&1)"
+# 10. stderr is not a terminal here: plain lines every --log-every steps, no \r
+[ "$(grep -Ec '^step (5|10|15|20)/20 loss' "$T/A.err")" -eq 4 ] && [ "$(grep -c '^step ' "$T/A.err")" -eq 4 ] &&
+    ! tr '\r' '@' <"$T/A.err" | grep -q @
+check "progress: non-tty stderr has plain 'step N/20' lines at 5, 10, 15, 20" $? "$(grep '^step' "$T/A.err" | cut -c1-20 | tr '\n' '|')"
+ddp done0 $RUN --steps 15 --run "$T/C" --resume --threads 1
+cmp -s "$T/A/model.ckpt" "$T/C/model.ckpt" && [ $rc -eq 0 ] && grep -q "nothing to do" "$T/done0.err"
+check "resume past --steps: exit 0, 'nothing to do', checkpoint untouched" $? "exit $rc: $(err_of done0)"
+
+# ---------------------------------------------------------------------------
+# 4. SIGTERM (what Ctrl-C's SIGINT also does): save, exit 0, resume from there.
+"$DDPM" $RUN --steps 100000 --log-every 1 --sample-every 1000 --threads 1 --run "$T/sig" \
+    >"$T/sig.out" 2>"$T/sig.err" &
+pid=$!
+i=0
+while [ "$(grep -c '^step ' "$T/sig.err")" -lt 3 ] && [ $i -lt 600 ] && kill -0 $pid 2>/dev/null; do
+    nap
+    i=$((i + 1))
+done
+kill -TERM $pid
+i=0   # a watchdog: a run that ignores SIGTERM is killed after 60 s (and fails below)
+while kill -0 $pid 2>/dev/null && [ $i -lt 600 ]; do nap; i=$((i + 1)); done
+kill -KILL $pid 2>/dev/null
+wait $pid
+rc=$?
+n=$(sed -n 's/^interrupted at step \([0-9]*\);.*/\1/p' "$T/sig.err")
+[ $rc -eq 0 ] && [ -n "$n" ] && [ "$n" -ge 3 ] && [ -f "$T/sig/model.ckpt" ]
+check "SIGTERM: exit 0, 'interrupted at step N', model.ckpt written" $? "exit $rc: $(err_of sig)"
+[ -z "$(find "$T/sig" -name '*.tmp')" ]
+check "SIGTERM: no *.tmp left behind" $? "$(find "$T/sig" -name '*.tmp')"
+[ -n "$n" ] && [ "$(last_step "$T/sig/log.csv")" = "$n" ]
+check "SIGTERM: log.csv ends at the saved step" $? "saved step '$n', log ends at $(last_step "$T/sig/log.csv")"
+n=${n:-0}
+ddp sigres $RUN --steps $((n + 2)) --log-every 1 --sample-every 1000 --threads 1 --run "$T/sig" --resume
+[ $rc -eq 0 ] && grep -q "resumed .*model.ckpt at step $n$" "$T/sigres.err" &&
+    grep -q "^step $((n + 2))/$((n + 2)) " "$T/sigres.err" && [ "$(last_step "$T/sig/log.csv")" = "$((n + 2))" ]
+check "SIGTERM: --resume continues from step $n to $((n + 2))" $? "exit $rc: $(err_of sigres)"
+[ "$(cut -d, -f1 "$T/sig/log.csv" | tail -n +2 | awk '$1 != NR { bad = 1 } END { print NR, bad + 0 }')" = "$((n + 2)) 0" ]
+check "SIGTERM: log.csv steps run 1, 2, ..., $((n + 2)) once each" $? "$(cut -d, -f1 "$T/sig/log.csv" | tr '\n' ' ')"
+
+# ---------------------------------------------------------------------------
+# 5. Sampling from a good checkpoint, and refusing bad ones.
+GOOD=$T/of/model.ckpt
+tool checksum "$GOOD"
+check "checkpoint: size and trailing FNV-1a checksum as documented in 8.1" $? "python's FNV-1a 64 disagrees"
+# One run: the grid beside the checkpoint, and with --trace the chain's x_t and x0_hat.
+ddp sample sample --checkpoint "$GOOD" -n 2 --trace --threads 1
+[ $rc -eq 0 ] && [ "$(head -c 4 "$T/of/samples.png" | od -An -c | tr -d ' ')" = "211PNG" ]
+check "sample: -n 2 writes samples.png beside the checkpoint, exit 0" $? "exit $rc: $(err_of sample)"
+ok=0
+for s in x_t.npy x0_hat.npy t.npy x_t.png x0_hat.png; do [ -s "$T/of/samples_trace_$s" ] || ok=1; done
+[ $rc -eq 0 ] && [ $ok -eq 0 ]
+check "sample --trace: samples_trace_{x_t,x0_hat,t}.npy and two PNGs" $? "exit $rc: $(ls "$T/of" | tr '\n' ' ')"
+out=$(tool npy "$T/of/samples_trace_x_t.npy" 11,2,3,32,32 2>&1 && tool npy "$T/of/samples_trace_x0_hat.npy" 11,2,3,32,32 2>&1 &&
+      tool npy "$T/of/samples_trace_t.npy" 11 2>&1 && tool trace_t "$T/of/samples_trace_t.npy" 2>&1)
+check "sample --trace: .npy files load, shapes (11 steps, 2 images, 3, 32, 32), t = 1000 ... 1" $? "$(echo "$out" | tail -n 2 | tr '\n' '|')"
+
+# corrupt CASE FILE: sampling from FILE fails with exit 1 and one stderr line naming FILE
+corrupt() {
+    ddp "bad_$1" sample --checkpoint "$2" -n 1 --out "$T/never.png"
+    [ $rc -eq 1 ] && one_line "$T/bad_$1.err" && grep -qF "$2" "$T/bad_$1.err"
+    check "corrupt checkpoint ($1): exit 1, one line naming the file" $? "exit $rc: $(err_of "bad_$1")"
+}
+size=$(wc -c <"$GOOD" | tr -d ' ')
+head -c 100000 "$GOOD" >"$T/trunc.ckpt"; corrupt truncated "$T/trunc.ckpt"
+head -c $((size - 8)) "$GOOD" >"$T/nosum.ckpt"; corrupt "no checksum" "$T/nosum.ckpt"
+cp "$GOOD" "$T/flip.ckpt"; tool xor "$T/flip.ckpt" mid 0x10; corrupt "byte flipped mid-file" "$T/flip.ckpt"
+cp "$GOOD" "$T/step.ckpt"; tool xor "$T/step.ckpt" 112 0x01; corrupt "header step field flipped" "$T/step.ckpt"
+# The header's --ch field (bytes 24..27) with its top byte flipped: ch = 8 + 2^24.
+cp "$GOOD" "$T/ch.ckpt"; tool xor "$T/ch.ckpt" 27 0x01; corrupt "header ch field flipped" "$T/ch.ckpt"
+# The header's num_res_blocks field (bytes 56..59) with a high bit flipped.
+cp "$GOOD" "$T/nrb.ckpt"; tool xor "$T/nrb.ckpt" 58 0x01; corrupt "header num_res_blocks flipped" "$T/nrb.ckpt"
+corrupt "a PNG" "$T/of/samples.png"
+head -c 1000 /dev/urandom >"$T/random.ckpt"; corrupt "1000 random bytes" "$T/random.ckpt"
+: >"$T/empty.ckpt"; corrupt "empty file" "$T/empty.ckpt"
+corrupt "missing path" "$T/no/such.ckpt"
+corrupt "a directory" "$T/of"
+
+# Training's checkpoint rules.
+ddp exists $OVF --steps 310 --lr 1e-3 --run "$T/of"
+[ $rc -eq 2 ] && one_line "$T/exists.err" && grep -q -- "--resume" "$T/exists.err"
+check "train over an existing checkpoint without --resume: exit 2, one line" $? "exit $rc: $(err_of exists)"
+ddp noresume $OVF --steps 10 --lr 1e-3 --run "$T/nothing" --resume
+[ $rc -eq 2 ] && one_line "$T/noresume.err"
+check "--resume without a checkpoint: exit 2, one line" $? "exit $rc: $(err_of noresume)"
+cp "$GOOD" "$T/of.bak"
+ddp otherch $OVF --steps 310 --lr 1e-3 --run "$T/of" --resume --ch 16
+[ $rc -ne 0 ] && [ $rc -lt 128 ] && one_line "$T/otherch.err" && grep -qF "$GOOD" "$T/otherch.err"
+check "--resume with another --ch: refused, one line naming the checkpoint" $? "exit $rc: $(err_of otherch)"
+ddp othermodel --data-dir $D --model small --batch 4 --steps 310 --run "$T/of" --resume --threads 1
+[ $rc -ne 0 ] && [ $rc -lt 128 ] && one_line "$T/othermodel.err"
+check "--resume with another --model: refused, one line" $? "exit $rc: $(err_of othermodel)"
+ddp othersched $OVF --steps 310 --lr 1e-3 --run "$T/of" --resume --schedule cosine
+[ $rc -ne 0 ] && [ $rc -lt 128 ] && one_line "$T/othersched.err"
+check "--resume with another --schedule: refused, one line" $? "exit $rc: $(err_of othersched)"
+cmp -s "$GOOD" "$T/of.bak"
+check "refused resumes leave the checkpoint untouched" $? "model.ckpt changed"
+mkdir -p "$T/rflip" && cp "$T/flip.ckpt" "$T/rflip/model.ckpt"
+ddp resflip $OVF --steps 310 --lr 1e-3 --run "$T/rflip" --resume
+[ $rc -eq 1 ] && one_line "$T/resflip.err" && grep -qF "$T/rflip/model.ckpt" "$T/resflip.err"
+check "--resume from a corrupt checkpoint: exit 1, one line naming it" $? "exit $rc: $(err_of resflip)"
+
+# ---------------------------------------------------------------------------
+# 6. A failed checkpoint write leaves the previous checkpoint intact.
+# (a) model.ckpt.tmp is a directory, so it cannot be created (chmod does not stop root).
+cp -r "$T/A" "$T/W1"
+mkdir "$T/W1/model.ckpt.tmp"
+ddp w1 $RUN --steps 22 --run "$T/W1" --resume --threads 1
+[ $rc -eq 1 ] && one_error "$T/w1.err" && grep -qF "$T/W1/model.ckpt" "$T/w1.err"
+check "unwritable model.ckpt.tmp: exit 1, one line naming the checkpoint" $? "exit $rc: $(err_of w1)"
+cmp -s "$T/A/model.ckpt" "$T/W1/model.ckpt"
+check "unwritable model.ckpt.tmp: previous checkpoint byte-identical" $? "model.ckpt changed"
+# (b) A full disk, simulated with a file-size limit: writes past it fail with EFBIG
+# (SIGXFSZ is ignored, and an ignored signal stays ignored across exec). 100 blocks of
+# 512 or 1024 bytes are far below the 724 kB checkpoint.
+cp -r "$T/A" "$T/W2"
+( trap '' XFSZ; ulimit -f 100 && exec $TO "$DDPM" $RUN --steps 22 --run "$T/W2" --resume --threads 1 ) \
+    >"$T/w2.out" 2>"$T/w2.err"
+rc=$?
+[ $rc -eq 1 ] && one_error "$T/w2.err" && grep -qF "$T/W2/model.ckpt" "$T/w2.err"
+check "disk full while writing: exit 1, one line naming the checkpoint" $? "exit $rc: $(err_of w2)"
+cmp -s "$T/A/model.ckpt" "$T/W2/model.ckpt" && [ -z "$(find "$T/W2" -name '*.tmp')" ]
+check "disk full while writing: previous checkpoint byte-identical, no *.tmp left" $? "$(ls "$T/W2" | tr '\n' ' ')"
+# Then the same command with room to write succeeds from the intact checkpoint, and the
+# run's log should read like a run that never failed: steps 1..22, once each.
+ddp w2b $RUN --steps 22 --run "$T/W2" --resume --threads 1
+[ $rc -eq 0 ] && grep -q "at step 20$" "$T/w2b.err"
+check "after the failed write, --resume continues from step 20" $? "exit $rc: $(err_of w2b)"
+steps=$(tail -n +2 "$T/W2/log.csv" | cut -d, -f1 | tr '\n' ' ')
+[ "$steps" = "$(awk 'BEGIN { for (i = 1; i <= 22; i++) printf "%d ", i }')" ]
+check "after the failed write and a resume, log.csv has steps 1..22 once each" $? "log.csv steps: $steps"
+
+# ---------------------------------------------------------------------------
+# 8. A non-finite loss stops the run and leaves the last checkpoint untouched.
+# Flags cannot provoke one: --lr 1 (the largest accepted) with --grad-clip 1e9 --warmup 0
+# ran 200 steps with finite losses (GroupNorm bounds the activations). So the live
+# parameters of a checkpoint are set to NaN (EMA, Adam state kept, checksum re-sealed)
+# and that run is resumed: its first step's loss is NaN.
+mkdir -p "$T/nan"
+tool nan "$T/A/model.ckpt" "$T/nan/model.ckpt"
+cp "$T/A/log.csv" "$T/nan/log.csv"
+cp "$T/nan/model.ckpt" "$T/nan.bak"
+ddp nan $RUN --steps 25 --run "$T/nan" --resume --threads 1
+[ $rc -eq 1 ] && one_error "$T/nan.err" && grep -qi "loss became -*nan at step 21" "$T/nan.err" &&
+    grep -qF "$T/nan/model.ckpt" "$T/nan.err"
+check "NaN loss: exit 1, one line 'the loss became nan at step 21' naming the checkpoint" $? "exit $rc: $(err_of nan)"
+cmp -s "$T/nan/model.ckpt" "$T/nan.bak" && [ -z "$(find "$T/nan" -name '*.tmp')" ] && [ "$(last_step "$T/nan/log.csv")" = 20 ]
+check "NaN loss: checkpoint untouched, no *.tmp, no log row for the failed step" $? "log ends at $(last_step "$T/nan/log.csv")"
+
+# ---------------------------------------------------------------------------
+# 7. Bad flags: exit 2 and one line naming the problem. Each command also points at a
+# missing dataset and a scratch run folder, so one that is wrongly accepted fails fast.
+SAFE="--data-dir $T/nodata --run $T/badrun --steps 1"
+bad() {   # bad NAME WORD ARGS...: exit 2, one stderr line containing WORD
+    name=$1; word=$2; shift 2
+    ddp "flag_$name" "$@"
+    [ $rc -eq 2 ] && one_line "$T/flag_$name.err" && grep -qF -- "$word" "$T/flag_$name.err"
+    check "bad flags ($name): exit 2, one line with '$word'" $? "exit $rc: $(err_of "flag_$name")"
+}
+bad "unknown flag" "--bogus" $SAFE --bogus
+bad "--batch 0" "--batch" $SAFE --batch 0
+bad "--batch abc" "abc" $SAFE --batch abc
+bad "--model huge" "huge" $SAFE --model huge
+bad "--data mnist" "mnist" $SAFE --data mnist
+bad "--steps -1" "--steps" $SAFE --steps -1
+bad "--ch 30 --groups 8" "--groups" $SAFE --ch 30 --groups 8
+bad "--attn 3" "--attn 3" $SAFE --attn 3
+bad "--lr 2" "--lr" $SAFE --lr 2
+bad "--seed without value" "--seed" $SAFE --seed
+bad "unknown command" "frobnicate" frobnicate $SAFE
+bad "sample without --checkpoint" "--checkpoint" sample -n 1
+ddp nodata --data cifar10 --data-dir /nonexistent --run "$T/badrun" --steps 1
+[ $rc -eq 1 ] && one_line "$T/nodata.err" && grep -qF 'make cifar10' "$T/nodata.err" &&
+    grep -qF -- '--data fashion-mnist' "$T/nodata.err"
+check "missing CIFAR-10: exit 1, one line pointing at make cifar10 and --data fashion-mnist" $? "exit $rc: $(err_of nodata)"
+[ ! -e "$T/badrun" ]
+check "refused commands create no run folder" $? "$T/badrun exists"
+
+# ---------------------------------------------------------------------------
+# 9. The variational bound, and one short run on the real (offline) Fashion-MNIST.
+ddp bpd bpd --checkpoint "$GOOD" -n 2 --data-dir "$D" --threads 1
+out=$(awk '
+    /^  L_T /         { a = $2; n++ }
+    /^  sum L_/       { b = $3; n++ }
+    /^  L_0 /         { c = $2; n++ }
+    /^  total /       { d = $4; n++ }
+    END {
+        ok = n == 4
+        for (i = 0; i < 4; i++) { v = (i == 0 ? a : i == 1 ? b : i == 2 ? c : d)
+            if (v !~ /^-?[0-9]+\.[0-9]+$/) ok = 0 }
+        s = a + b + c; e = d - s; if (e < 0) e = -e
+        if (ok && (e > 1e-5 || d <= 0)) ok = 0
+        print ok, a, b, c, d }' "$T/bpd.out")
+[ $rc -eq 0 ] && [ "${out%% *}" = 1 ]
+check "bpd -n 2: L_T, sum L_{t-1}, L_0, total finite, total = sum of parts" $? "exit $rc, parsed: $out $(err_of bpd)"
+
+if [ ! -f data/fashion-mnist/train-images-idx3-ubyte ]; then make fashion-mnist >/dev/null 2>&1; fi
+ddp fashion --data fashion-mnist $NET --batch 4 --steps 3 --sample-every 3 --sample-n 4 --threads 1 --run "$T/fm"
+[ $rc -eq 0 ] && [ "$(lines "$T/fm/log.csv")" -eq 4 ] && [ -s "$T/fm/model.ckpt" ] &&
+    [ "$(head -c 4 "$T/fm/samples_0000003.png" 2>/dev/null | od -An -c | tr -d ' ')" = "211PNG" ]
+check "fashion-mnist: 3 steps write log.csv, model.ckpt, samples_0000003.png" $? "exit $rc: $(err_of fashion) $(ls "$T/fm" 2>&1 | tr '\n' ' ')"
+
+finish
