@@ -7,14 +7,20 @@
 #   sh tests/test_e2e.sh        (from the repository root, after `make ddpm`)
 #
 # Prints one line per check, "PASS name" or "FAIL name: detail", then
-# "N passed, N failed"; exits 1 if any check failed. Works in tests/out/e2e, removed on
-# success. Needs /usr/bin/python3 (no numpy needed) for the synthetic datasets and to
-# read .npy files and checkpoints. Most runs use --threads 1: on a 2-core machine that is
+# "N passed, N failed"; exits 1 if any check failed. Works in tests/out/e2e/run.PID,
+# removed on success. Needs /usr/bin/python3 (numpy optional) to write the synthetic
+# datasets and to read .npy files and checkpoints. Most runs use --threads 1: on a 2-core machine that is
 # busy with something else, OpenMP's spinning threads can make a 2-thread run of this
 # tiny network many times slower; the determinism checks use 1, 2 and the default.
 cd "$(dirname "$0")/.." || exit 1
 PY=${PYTHON:-/usr/bin/python3}
-T=tests/out/e2e
+# Each run works in its own folder, so two runs at once (make test while editing) do not
+# delete each other's files; everything else under tests/out/e2e is removed first.
+for d in tests/out/e2e/*; do
+    case ${d##*/} in run.*) kill -0 "${d##*.}" 2>/dev/null && continue ;; esac
+    rm -rf "$d"
+done
+T=tests/out/e2e/run.$$
 rm -rf "$T"
 mkdir -p "$T" || exit 1
 start=$(date +%s)
@@ -34,7 +40,7 @@ check() {
 finish() {
     echo "($(( $(date +%s) - start )) s)"
     echo "$pass passed, $fail failed"
-    if [ "$fail" -eq 0 ]; then rm -rf "$T"; exit 0; fi
+    if [ "$fail" -eq 0 ]; then rm -rf "$T"; rmdir tests/out/e2e 2>/dev/null; exit 0; fi
     echo "(kept $T for inspection)"
     exit 1
 }
@@ -242,10 +248,12 @@ check "resume past --steps: exit 0, 'nothing to do', checkpoint untouched" $? "e
 
 # ---------------------------------------------------------------------------
 # 4. SIGTERM (what Ctrl-C's SIGINT also does): save, exit 0, resume from there.
+: >"$T/sig.err"   # exists before the child opens it, so the loop below can read it
 "$DDPM" $RUN --steps 100000 --log-every 1 --sample-every 1000 --threads 1 --run "$T/sig" \
     >"$T/sig.out" 2>"$T/sig.err" &
 pid=$!
 i=0
+# stderr, not log.csv: the log is written through a stdio buffer, flushed at checkpoints
 while [ "$(grep -c '^step ' "$T/sig.err")" -lt 3 ] && [ $i -lt 600 ] && kill -0 $pid 2>/dev/null; do
     nap
     i=$((i + 1))
