@@ -1962,7 +1962,8 @@ static int checkpoint_save(const Trainer* tr, ScheduleKind sk, const char* path,
     return 0;
 }
 
-// Reads and verifies a checkpoint's header; dies with a one-line reason on any problem.
+// Verifies a checkpoint (size, checksum, header) and returns it positioned after the
+// header; dies with a one-line reason on any problem.
 static FILE* checkpoint_open(const char* path, CheckpointHeader* hd) {
     long size = file_size(path);
     if (size < 0) die("checkpoint %s not found; train first (./ddpm) or pass --checkpoint PATH", path);
@@ -1971,36 +1972,43 @@ static FILE* checkpoint_open(const char* path, CheckpointHeader* hd) {
         die("%s is not a ddpm.c checkpoint (bad magic); pass a file written by ./ddpm train", path);
     if (hd->version != CKPT_VERSION || hd->header_bytes != sizeof *hd)
         die("%s is a version %u checkpoint; this ddpm.c reads version %d", path, hd->version, CKPT_VERSION);
-    Config c = config_from_header(hd);
-    if (hd->n_levels <= 0 || hd->n_levels > MAX_LEVELS || hd->n_attn < 0 || hd->n_attn > MAX_LEVELS ||
-        config_check(&c) || (hd->schedule != SCHEDULE_LINEAR && hd->schedule != SCHEDULE_COSINE) || hd->T != 1000)
-        die("%s: the header holds an invalid configuration; the file is corrupt", path);
+    // Verify the checksum over the whole file before trusting any field of the header:
+    // a flipped bit in `ch` would otherwise ask for terabytes of activations.
     long want = (long)sizeof *hd + 4L * (long)hd->n_params * (long)sizeof(float) + 8;
     if (size != want)
         die("%s is %ld bytes but its header promises %ld: the file is truncated or corrupt; use an older checkpoint",
             path, size, want);
+    Fnv sum = {0xcbf29ce484222325ULL};
+    uint8_t chunk[1 << 16];
+    fseek(f, 0, SEEK_SET);
+    for (long left = size - 8; left > 0;) {
+        size_t k = left < (long)sizeof chunk ? (size_t)left : sizeof chunk;
+        fread_check(chunk, k, f, path);
+        fnv_update(&sum, chunk, k);
+        left -= (long)k;
+    }
+    uint64_t stored;
+    fread_check(&stored, sizeof stored, f, path);
+    if (stored != sum.h) die("%s fails its checksum: the file is corrupt; use an older checkpoint", path);
+    fseek(f, sizeof *hd, SEEK_SET);
+    Config c = config_from_header(hd);
+    if (hd->n_levels <= 0 || hd->n_levels > MAX_LEVELS || hd->n_attn < 0 || hd->n_attn > MAX_LEVELS ||
+        config_check(&c) || (hd->schedule != SCHEDULE_LINEAR && hd->schedule != SCHEDULE_COSINE) || hd->T != 1000)
+        die("%s: the header holds an invalid configuration; the file is corrupt", path);
     return f;
 }
 
-// Loads the four arrays into a trainer built with the header's config, verifying the checksum.
+// Loads the four arrays into a trainer built with the header's config.
 static void checkpoint_load(Trainer* tr, const char* path) {
     CheckpointHeader hd;
     FILE* f = checkpoint_open(path, &hd);
     if (hd.n_params != tr->net.n_params)
         die("%s holds %llu parameters but the network has %zu: the configuration does not match (--model)",
             path, (unsigned long long)hd.n_params, tr->net.n_params);
-    Fnv sum = {0xcbf29ce484222325ULL};
-    fnv_update(&sum, &hd, sizeof hd);
     size_t nb = tr->net.n_params * sizeof(float);
     float* arrays[4] = {tr->net.params, tr->ema, tr->adam_m, tr->adam_v};
-    for (int i = 0; i < 4; i++) {
-        fread_check(arrays[i], nb, f, path);
-        fnv_update(&sum, arrays[i], nb);
-    }
-    uint64_t stored;
-    fread_check(&stored, sizeof stored, f, path);
+    for (int i = 0; i < 4; i++) fread_check(arrays[i], nb, f, path);
     fclose(f);
-    if (stored != sum.h) die("%s fails its checksum: the file is corrupt; use an older checkpoint", path);
     tr->step = hd.step;
     memcpy(tr->rng.s, hd.rng, sizeof hd.rng);
 }
@@ -2496,6 +2504,25 @@ static void save_or_die(Trainer* tr, const Options* o, const char* path) {
     fprintf(stderr, "checkpoint: %s (step %llu)\n", path, (unsigned long long)tr->step);
 }
 
+// On --resume, drop the log rows of steps after the checkpoint (written before a crash,
+// a failed save or a non-finite loss): they are about to be taken again.
+static void log_trim(const char* path, uint64_t step) {
+    FILE* in = fopen(path, "r");
+    if (!in) return;
+    char tmp[4300], line[512];
+    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    FILE* out = fopen_check(tmp, "w", "check that the run folder is writable");
+    int ok = 1;
+    while (fgets(line, sizeof line, in)) {
+        char* end;
+        unsigned long long s = strtoull(line, &end, 10);
+        if (end == line || s <= step) ok &= fputs(line, out) >= 0;   // the header, or an earlier step
+    }
+    fclose(in);
+    ok &= fclose(out) == 0;
+    if (!ok || rename(tmp, path) != 0) die("could not rewrite %s: %s", path, strerror(errno));
+}
+
 static int cmd_train(const Options* o) {
     Config cfg = options_config(o);
     char dir[4096], ckpt[4200], logp[4200];
@@ -2522,6 +2549,7 @@ static int cmd_train(const Options* o) {
             usage_error("%s was trained with another network; resume with the same --data, --model and network flags", ckpt);
         if (hd.schedule != (int)o->schedule) usage_error("%s was trained with another --schedule", ckpt);
         checkpoint_load(&tr, ckpt);
+        log_trim(logp, tr.step);
         fprintf(stderr, "resumed %s at step %llu\n", ckpt, (unsigned long long)tr.step);
     }
     FILE* log = fopen_check(logp, o->resume ? "a" : "w", "check that the run folder is writable");
@@ -2532,13 +2560,13 @@ static int cmd_train(const Options* o) {
     double t0 = now_seconds(), last = t0, running = -1;
     uint64_t first = tr.step;
     int tty = isatty(2);
-    int out_of_time = 0;
+    int out_of_time = 0, saved = 0;
     while ((long)tr.step < o->steps && !stop_requested && !out_of_time) {
         double ts = now_seconds();
         StepStats st = train_step(&tr, &data);
         if (!isfinite(st.loss))
             die("the loss became %g at step %llu; stopped without saving, so %s is the last good state; try a lower --lr",
-                st.loss, (unsigned long long)tr.step + 1, exists || tr.step > first ? ckpt : "no checkpoint");
+                st.loss, (unsigned long long)tr.step + 1, exists || saved ? ckpt : "no checkpoint");
         double now = now_seconds(), ips = o->batch / (now - ts);
         running = running < 0 ? st.loss : 0.98 * running + 0.02 * st.loss;
         fprintf(log, "%llu,%.6f,%.6g,%.6f,%.2f\n", (unsigned long long)tr.step, st.loss, st.lr, st.grad_norm, ips);
@@ -2558,6 +2586,7 @@ static int cmd_train(const Options* o) {
             if (tty) fprintf(stderr, "\n");
             fflush(log);
             save_or_die(&tr, o, ckpt);
+            saved = 1;
             training_samples(&tr, o, dir);
         }
     }
@@ -2577,23 +2606,17 @@ static int cmd_train(const Options* o) {
     return 0;
 }
 
-// Builds a network from a checkpoint with its EMA weights (what sampling and evaluation
-// use), verifying the checksum over the whole file.
+// Builds a network from a checkpoint with its EMA weights: what sampling and evaluation use.
 static ScheduleKind load_ema_model(UNet* m, const char* path, int B_max) {
     CheckpointHeader hd;
     FILE* f = checkpoint_open(path, &hd);
     Config c = config_from_header(&hd);
     unet_build(m, &c, B_max);
     if (hd.n_params != m->n_params) die("%s: its header and its size disagree; the file is corrupt", path);
-    Fnv sum = {0xcbf29ce484222325ULL};
-    fnv_update(&sum, &hd, sizeof hd);
     size_t nb = m->n_params * sizeof(float);
-    float* dst[4] = {m->grads, m->params, m->grads, m->grads};   // keep the EMA, hash the rest
-    for (int i = 0; i < 4; i++) { fread_check(dst[i], nb, f, path); fnv_update(&sum, dst[i], nb); }
-    uint64_t stored;
-    fread_check(&stored, sizeof stored, f, path);
+    fread_check(m->grads, nb, f, path);    // the live parameters: skipped
+    fread_check(m->params, nb, f, path);   // the EMA
     fclose(f);
-    if (stored != sum.h) die("%s fails its checksum: the file is corrupt; use an older checkpoint", path);
     zero(m->grads, m->n_params);
     return (ScheduleKind)hd.schedule;
 }
