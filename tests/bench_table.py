@@ -46,6 +46,16 @@ def log(msg):
     print(msg, file=sys.stderr, flush=True)
 
 
+def load_average():
+    """The 1-minute load average: on this 2-core machine, anything much
+    above 0 while benchmarking means another job is competing for the cores."""
+    try:
+        with open("/proc/loadavg") as f:
+            return float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
 def run_json(cmd, required, timeout):
     """Run cmd; return (dict, None) on success or (None, error text)."""
     log("  $ " + " ".join(cmd))
@@ -137,6 +147,7 @@ def main():
     ddpm = os.path.abspath(args.ddpm) if args.ddpm else os.path.join(ROOT, "ddpm")
 
     configs = QUICK_CONFIGS if args.quick else CONFIGS
+    load_start = load_average()
     results, failures = [], []     # failures: one-line summaries for stdout
     for model, batch in configs:
         steps = args.steps or DEFAULT_STEPS[model]
@@ -214,6 +225,11 @@ def main():
     print(f"Times are medians of {'/'.join(map(str, steps))} timed steps after "
           f"{WARMUP} warm-up steps, one process per run, runs one at a time, "
           "on a shared (noisy) machine.")
+    load_end = load_average()
+    print(f"Load average (1 min): {load_start:.2f} at the start, {load_end:.2f} at the end; "
+          "trust only numbers from an otherwise idle machine")
+    print("(both sides run OpenMP threads, which slow down many-fold when another "
+          "job competes for the cores).")
     # Sanity check: both sides should count the same FLOPs and parameters.
     for r in results:
         c, t = r["ddpm.c"], r["pytorch"]
