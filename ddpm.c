@@ -429,6 +429,7 @@ static float l_simple(float* d_eps_theta, const float* eps_theta, const float* e
 // callers zero what needs zeroing. Shapes are NCHW: B, C, H, W; HW = H * W.
 
 // ---- 6.1 The one matrix multiplication ----
+// (Not in the paper: it is where the 35.7M-parameter network of Appendix B spends its time.)
 // Convolutions (by im2col), linear layers and attention all reduce to
 //   C[M,N] (+)= op(A)[M,K] op(B)[K,N],  op(A)[i,p] = transA ? A[p*lda + i] : A[i*lda + p]
 // so this is the one kernel worth making fast. It is the classic blocked design of
@@ -596,6 +597,7 @@ static void matmul(float* C, const float* A, const float* B, int M, int N, int K
 }
 
 // ---- 6.2 Convolution: conv2d_forward / conv2d_backward ----
+// The U-Net of §4 / Appendix B is built of 3x3 convolutions (1x1 for shortcuts and attention).
 // K x K kernel, stride 1 or 2, output H/stride x W/stride. Stride 1 pads K/2 on every
 // side ("SAME"). Stride 2 is the official Downsample: TensorFlow's "SAME" for an even
 // input pads 0 on the top/left and 1 on the bottom/right.
@@ -843,7 +845,8 @@ static void dropout_backward(float* dinp, const float* dout, size_t N, float p, 
 }
 
 // ---- 6.7 Attention: attention_forward / attention_backward ----
-// The core of the official AttnBlock (a non-local / self-attention layer over the H*W
+// §4: "self-attention at the 16 x 16 feature map resolution". The core of the official
+// AttnBlock (a non-local / self-attention layer over the H*W
 // positions of each image), given q, k, v of shape (B, C, N), N = H*W:
 //   att[i, j] = softmax_j( sum_c q[c, i] k[c, j] / sqrt(C) ),   out[c, i] = sum_j att[i, j] v[c, j]
 // att (B, N, N) is saved for the backward pass.
@@ -2606,8 +2609,9 @@ static int cmd_train(const Options* o) {
     return 0;
 }
 
-// Builds a network from a checkpoint with its EMA weights: what sampling and evaluation use.
-static ScheduleKind load_ema_model(UNet* m, const char* path, int B_max) {
+// Builds a network from a checkpoint with its EMA weights (what sampling and evaluation
+// use) and the noise schedule it was trained with.
+static void load_ema_model(UNet* m, Schedule* s, const char* path, int B_max) {
     CheckpointHeader hd;
     FILE* f = checkpoint_open(path, &hd);
     Config c = config_from_header(&hd);
@@ -2618,7 +2622,7 @@ static ScheduleKind load_ema_model(UNet* m, const char* path, int B_max) {
     fread_check(m->params, nb, f, path);   // the EMA
     fclose(f);
     zero(m->grads, m->n_params);
-    return (ScheduleKind)hd.schedule;
+    schedule_init(s, hd.T, (ScheduleKind)hd.schedule);
 }
 
 static void default_beside(char* out, size_t len, const char* ckpt, const char* name) {
@@ -2631,9 +2635,8 @@ static int cmd_sample(const Options* o) {
     if (!o->checkpoint) usage_error("sample needs --checkpoint PATH");
     int n = o->n > 0 ? o->n : 64, Bm = n < 64 ? n : 64;
     UNet m;
-    ScheduleKind sk = load_ema_model(&m, o->checkpoint, Bm);
     Schedule s;
-    schedule_init(&s, 1000, sk);
+    load_ema_model(&m, &s, o->checkpoint, Bm);
     size_t sz = (size_t)m.cfg.in_ch * m.cfg.img * m.cfg.img;
     float* imgs = malloc_check((size_t)n * sz * sizeof(float), "samples");
     Trace trace = {0}, *tp = NULL;
@@ -2685,11 +2688,10 @@ static int cmd_bpd(const Options* o) {
     if (!o->checkpoint) usage_error("bpd needs --checkpoint PATH");
     int n = o->n > 0 ? o->n : 32, Bm = n < 32 ? n : 32;
     UNet m;
-    ScheduleKind sk = load_ema_model(&m, o->checkpoint, Bm);
+    Schedule s;
+    load_ema_model(&m, &s, o->checkpoint, Bm);
     Dataset test;
     dataset_load(&test, m.cfg.in_ch == 1 ? "fashion-mnist" : o->data, o->data_dir, 0);
-    Schedule s;
-    schedule_init(&s, 1000, sk);
     install_signal_handlers();
     Rng rng;
     rng_seed(&rng, o->seed);
