@@ -428,11 +428,12 @@ static float l_simple(float* d_eps_theta, const float* eps_theta, const float* e
 // tensor read twice (a skip connection) simply receives both contributions; the
 // callers zero what needs zeroing. Shapes are NCHW: B, C, H, W; HW = H * W.
 
-// ---- 6.1 The one matrix multiplication ----
-// (Not in the paper: it is where the 35.7M-parameter network of Appendix B spends its time.)
-// Convolutions (by im2col), linear layers and attention all reduce to
+// ---- 6.1 The matrix multiplication ----
+// (Not in the paper, nor are the kernels of 6.2: they are where the network of
+// Appendix B spends its time.) Linear layers, attention and the input gradient of the
+// stride-2 convolution reduce to
 //   C[M,N] (+)= op(A)[M,K] op(B)[K,N],  op(A)[i,p] = transA ? A[p*lda + i] : A[i*lda + p]
-// so this is the one kernel worth making fast. It is the classic blocked design of
+// (the convolutions themselves have their own direct kernel, 6.2). It is the classic blocked design of
 // BLIS/GotoBLAS, in plain C: copy ("pack") a KC-deep slab of A into MR-row panels and
 // of B into NR-column panels, so the innermost kernel streams both contiguously and
 // keeps an MR x NR block of C in registers. The compiler vectorises the j loop
@@ -598,33 +599,358 @@ static void matmul(float* C, const float* A, const float* B, int M, int N, int K
 
 // ---- 6.2 Convolution: conv2d_forward / conv2d_backward ----
 // The U-Net of §4 / Appendix B is built of 3x3 convolutions (1x1 for shortcuts and attention).
-// K x K kernel, stride 1 or 2, output H/stride x W/stride. Stride 1 pads K/2 on every
-// side ("SAME"). Stride 2 is the official Downsample: TensorFlow's "SAME" for an even
-// input pads 0 on the top/left and 1 on the bottom/right.
-// weight (C_out, C_in, K, K), bias (C_out). Per image the convolution is one matmul,
-//   out[C_out, HW_out] = weight[C_out, C_in*K*K] . col[C_in*K*K, HW_out],
-// where col ("im2col") lists, for every output pixel, the input pixels under the kernel.
-// col is scratch for one image: the images are done one after another and the matmul
-// is parallel inside, which keeps weight-gradient sums in a fixed order.
+// K x K kernel (3 or 1), stride 1 or 2, output H/stride x W/stride. Stride 1 pads K/2 on
+// every side ("SAME"). Stride 2 (3x3 only) is the official Downsample: TensorFlow's
+// "SAME" for an even input pads 0 on the top/left and 1 on the bottom/right.
+// weight (C_out, C_in, K, K), bias (C_out):
+//   out[b, o, h, w] = bias[o] + sum_{c, i, j} weight[o, c, i, j] inp[b, c, s h + i - pad, s w + j - pad]
+//
+// The convolution runs "direct", with no im2col copy. Copy each input plane into an
+// (H+2) x (W+2) grid with a zero border, and number the grid's cells row by row with
+// pitch Wp = W + 2. Output pixel (h, w) gets the flat index p = h Wp + w, and the 9
+// inputs under its kernel sit at p + i Wp + j: one offset per tap, the same for every
+// pixel. So out[o, p .. p+47] for 48 consecutive p is a sum of weight * (48 consecutive
+// floats of a padded plane): contiguous vector loads, no gather. The price is 2 junk
+// columns per row (p with w >= W), computed and dropped.
+//   1x1: no border is needed, so the input is used as it is (pitch W, no junk).
+//   stride 2: split each input plane into its 4 phases x[2h + a, 2w + b], each a padded
+//   (H/2) x (W/2) grid; tap (i, j) then reads phase (i mod 2, j mod 2) at a fixed offset,
+//   and the stride-2 convolution becomes a stride-1 one over the phases.
+// The register tile is 8 output channels x 48 flat pixels (24 vectors of 16 floats);
+// each step loads 3 vectors of the input and broadcasts 8 weights into 24 fused
+// multiply-adds, and the tile sums over all C_in x K x K taps before it is stored once.
+//
+// Backward, with dy on the output's grid:
+//   dinp  is the same direct convolution of (padded) dy with the weights transposed
+//         (o <-> c) and flipped (tap i, j -> 2 - i, 2 - j); for stride 2 it is
+//         weight^T . dy scattered back onto the image (col2im), image by image;
+//   dweight[o, c, i, j] = sum_{b, h, w} dy[b, o, h, w] xgrid[b, c, tap (i, j) + h Wp + w];
+//         a reduction over pixels, so its tile is 32 output channels (2 vectors of a
+//         transposed dy, [pixel][o]) x 9 taps, each tap a broadcast input value.
+// Every output element is summed by one thread in a fixed order, so the bits do not
+// depend on the number of threads.
+#define CONV_MR 8                // output channels per register tile
+#define CONV_NV 3                // vectors of 16 pixels per register tile
+#define CONV_NR (16 * CONV_NV)
+#define CONV_DW_CO 32            // weight-gradient tile: output channels (2 vectors)
+#define CONV_DW_K 9              // weight-gradient tile: taps (one 3x3 channel)
+// Long float sums (here, in GroupNorm and in softmax) run in 16 interleaved partial sums,
+// "lanes": a plain s += x[i] is one chain of dependent adds the compiler may not
+// reorder, while the lanes are independent and become vector adds. The order is fixed,
+// so the bits are too.
+#define LANES 16
+
+// sum of n floats in lanes, the lanes added in double.
+static double lane_sum(const float* x, int n) {
+    float s[LANES] = {0};
+    int i = 0;
+    for (; i + LANES <= n; i += LANES)
+        for (int l = 0; l < LANES; l++) s[l] += x[i + l];
+    for (; i < n; i++) s[i % LANES] += x[i];
+    double sum = 0;
+    for (int l = 0; l < LANES; l++) sum += s[l];
+    return sum;
+}
 
 static int conv_pad(int K, int stride) { return stride == 1 ? K / 2 : 0; }
+static int round_up(int n, int m) { return (n + m - 1) / m * m; }
+// Columns of the weight matrix per weight-gradient tile (<= CONV_DW_K), for T taps.
+static int conv_dw_group(int T) { return T == 1 ? 8 : T; }
 
-static void im2col(float* col, const float* img, int C, int H, int W, int K, int stride) {
-    int Ho = H / stride, Wo = W / stride, pad = conv_pad(K, stride);
-    for (int row = 0; row < C * K * K; row++) {
-        int c = row / (K * K), ki = (row / K) % K, kj = row % K;
-        float* dst = col + (size_t)row * Ho * Wo;
-        for (int oy = 0; oy < Ho; oy++) {
-            int y = oy * stride + ki - pad;
-            for (int ox = 0; ox < Wo; ox++) {
-                int x = ox * stride + kj - pad;
-                dst[oy * Wo + ox] = (y < 0 || y >= H || x < 0 || x >= W) ? 0.0f : img[((size_t)c * H + y) * W + x];
+typedef enum { CONV_PADDED, CONV_PLAIN, CONV_PHASES } ConvMode;
+
+// The input grid of one channel and the offsets of the kernel's taps in it.
+typedef struct {
+    ConvMode mode;       // padded (3x3 stride 1), plain (1x1), phases (3x3 stride 2)
+    int H, W, Wp;        // output size; row pitch of the input grid
+    int L, Lr;           // flat output positions (H Wp, junk columns included), rounded up to CONV_NR
+    size_t P, S;         // one grid, with room for the last tile's overrun; one channel (1 or 4 grids)
+    int T, toff[9];      // taps (K*K) and their offsets from the output's flat index
+    // where output pixel (h, w) of channel o goes: o out_plane + out_off + h out_pitch + w out_step
+    // (an image of H x W, but for one phase of the fused upsampling conv of 6.8)
+    int out_pitch, out_step, out_off;
+    size_t out_plane;
+} ConvGeom;
+
+// H, W: the input's size.
+static ConvGeom conv_geom(int H, int W, int K, int stride) {
+    ConvGeom g = {0};
+    g.H = H / stride; g.W = W / stride; g.T = K * K;
+    g.mode = stride == 2 ? CONV_PHASES : K == 3 || H * W < CONV_NR ? CONV_PADDED : CONV_PLAIN;
+    g.Wp = g.mode == CONV_PLAIN ? g.W : g.W + 2;
+    g.L = g.H * g.Wp;
+    g.Lr = round_up(g.L, CONV_NR);
+    g.P = g.mode == CONV_PLAIN ? (size_t)g.L : (size_t)round_up(g.Lr + 2 * g.Wp + 2, 16);
+    g.S = g.mode == CONV_PHASES ? 4 * g.P : g.P;
+    g.out_pitch = g.W; g.out_step = 1; g.out_off = 0; g.out_plane = (size_t)g.H * g.W;
+    for (int i = 0; i < K; i++)
+        for (int j = 0; j < K; j++) {
+            int* t = &g.toff[i * K + j];
+            if (g.mode == CONV_PHASES) *t = (int)(((i % 2) * 2 + j % 2) * g.P) + (i / 2 + 1) * g.Wp + j / 2 + 1;
+            else if (g.mode == CONV_PLAIN) *t = 0;
+            else *t = K == 1 ? g.Wp + 1 : i * g.Wp + j;   // a tiny 1x1 (H W < 48) reads the grid's centre
+        }
+    return g;
+}
+
+// Scratch of one conv call (the caller owns it, sized by conv2d_workspace_floats):
+//   planes   B x max(C_in, C_out) input grids: the input, later the output gradient
+//   dyt      B x HW_out x C_out (rounded up to 32): the output gradient transposed, for dweight
+//   packed   the weights in 8-row panels
+//   dwacc    the weight-gradient tiles being summed
+//   dcol     stride 2 only: weight^T . dy of one image per thread, for col2im
+typedef struct { float *planes, *dyt, *packed, *dwacc, *dcol; } ConvWork;
+
+static ConvWork conv_work(float* ws, int B, int C_in, int H, int W, int C_out, int K, int stride,
+                          int threads, size_t* total) {
+    ConvGeom g = conv_geom(H, W, K, stride);
+    int C_max = C_in > C_out ? C_in : C_out, CoP = round_up(C_out, CONV_DW_CO);
+    size_t n[5] = {g.mode == CONV_PLAIN ? 0 : (size_t)B * C_max * g.S,
+                   (size_t)B * g.H * g.W * CoP,
+                   (size_t)round_up(C_max, CONV_MR) * C_max * g.T,
+                   (size_t)CoP * CONV_DW_K * ((C_in * g.T + conv_dw_group(g.T) - 1) / conv_dw_group(g.T)),
+                   stride == 2 ? (size_t)threads * C_in * g.T * g.H * g.W : 0};
+    float* p[5];
+    *total = 0;
+    for (int i = 0; i < 5; i++) { p[i] = ws ? ws + *total : NULL; *total += n[i]; }
+    return (ConvWork){p[0], p[1], p[2], p[3], p[4]};
+}
+
+// The floats of scratch a conv2d_forward + conv2d_backward of this shape needs.
+static size_t conv2d_workspace_floats(int B, int C_in, int H, int W, int C_out, int K, int stride, int threads) {
+    size_t total;
+    conv_work(NULL, B, C_in, H, W, C_out, K, stride, threads, &total);
+    return total;
+}
+
+// One H x W plane into the padded grid at xp (zero border, zero slack), read with a
+// step of `step` pixels from x (1, or 2 for a stride-2 phase).
+static void conv_pad_grid(float* xp, const float* x, int H, int W, int step, int x_pitch, ConvGeom g) {
+    memset(xp, 0, (g.Wp + 1) * sizeof(float));       // top border, and row 0's left border
+    for (int h = 0; h < H; h++) {
+        float* row = xp + (size_t)(h + 1) * g.Wp + 1;
+        const float* src = x + (size_t)h * step * x_pitch;
+        for (int w = 0; w < W; w++) row[w] = src[w * step];
+        row[W] = row[W + 1] = 0.0f;                     // this row's right border, the next row's left
+    }
+    size_t tail = (size_t)(H + 1) * g.Wp + 1;
+    memset(xp + tail, 0, (g.P - tail) * sizeof(float));   // bottom border and slack
+}
+
+// C channels of one image (each H_in x W_in) into their grids: one padded grid each,
+// or 4 phase grids each for stride 2.
+static void conv_pad_image(float* xp, const float* x, int C, ConvGeom g) {
+    int phases = g.mode == CONV_PHASES, W_in = phases ? 2 * g.W : g.W, H_in = phases ? 2 * g.H : g.H;
+    for (int c = 0; c < C; c++, xp += g.S, x += (size_t)H_in * W_in) {
+        if (!phases) { conv_pad_grid(xp, x, g.H, g.W, 1, W_in, g); continue; }
+        for (int a = 0; a < 2; a++)
+            for (int b = 0; b < 2; b++)
+                conv_pad_grid(xp + (a * 2 + b) * g.P, x + (size_t)a * W_in + b, g.H, g.W, 2, W_in, g);
+    }
+}
+
+// The batch's input grids (a plain 1x1 needs none: it reads the input where it is).
+static const float* conv_grids(float* planes, const float* x, int B, int C, ConvGeom g) {
+    if (g.mode == CONV_PLAIN) return x;
+    int phases = g.mode == CONV_PHASES;
+    size_t in_image = (size_t)C * g.H * g.W * (phases ? 4 : 1);
+    #pragma omp parallel for schedule(static) num_threads(gemm_max_threads)
+    for (int b = 0; b < B; b++) conv_pad_image(planes + (size_t)b * C * g.S, x + (size_t)b * in_image, C, g);
+    return planes;
+}
+
+// The weights as panels of 8 rows: packed[panel][c][tap][r]. flip = 0: rows are output
+// channels, columns (c, tap) as stored. flip = 1: rows are input channels, columns
+// (output channel, flipped tap), the matrix of the input gradient. Rows past the end are 0.
+static void conv_pack_weights(float* packed, const float* weight, int C_out, int C_in, int T, int flip) {
+    int rows = flip ? C_in : C_out, cols = flip ? C_out : C_in;
+    for (int i0 = 0; i0 < rows; i0 += CONV_MR)
+        for (int c = 0; c < cols; c++)
+            for (int t = 0; t < T; t++)
+                for (int r = 0; r < CONV_MR; r++) {
+                    int i = i0 + r;
+                    *packed++ = i >= rows ? 0.0f
+                              : flip ? weight[((size_t)c * C_in + i) * T + (T - 1 - t)]
+                                     : weight[((size_t)i * C_in + c) * T + t];
+                }
+}
+
+// The register tile: tile[r][j] = sum_{c, t} a[c][t][r] x[c S + toff[t] + j], j < 48.
+// `a` is one 8-row panel, x the first input grid (at the tile's first pixel).
+// Called with T a constant (9, 4 or 1), so the compiler unrolls the taps.
+static inline void conv_tile(float tile[CONV_MR][CONV_NR], const float* restrict a, const float* restrict x,
+                             int C, size_t S, int T, const int* toff) {
+#if defined(__GNUC__)
+    vec16 acc[CONV_MR][CONV_NV];
+    memset(acc, 0, sizeof acc);
+    for (int c = 0; c < C; c++, x += S)
+        for (int t = 0; t < T; t++, a += CONV_MR) {
+            const float* xt = x + toff[t];
+            vec16 v0, v1, v2;   // CONV_NV = 3
+            memcpy(&v0, xt, sizeof v0);
+            memcpy(&v1, xt + 16, sizeof v1);
+            memcpy(&v2, xt + 32, sizeof v2);
+            for (int r = 0; r < CONV_MR; r++) {
+                acc[r][0] += a[r] * v0;
+                acc[r][1] += a[r] * v1;
+                acc[r][2] += a[r] * v2;
             }
+        }
+    memcpy(tile, acc, sizeof acc);
+#else
+    memset(tile, 0, sizeof(float) * CONV_MR * CONV_NR);
+    for (int c = 0; c < C; c++, x += S)
+        for (int t = 0; t < T; t++, a += CONV_MR)
+            for (int r = 0; r < CONV_MR; r++)
+                for (int j = 0; j < CONV_NR; j++) tile[r][j] += a[r] * x[toff[t] + j];
+#endif
+}
+
+// Write (bias == NULL: add) the tile at flat index p0 into rows o0.. of an image out
+// (C x H x W), from column `skip` on, dropping the junk columns.
+static void conv_store_tile(float* out, float tile[CONV_MR][CONV_NR], int o0, int C, int p0, int skip,
+                            ConvGeom g, const float* bias) {
+    int rows = C - o0 < CONV_MR ? C - o0 : CONV_MR;
+    for (int j = skip; j < CONV_NR;) {
+        int p = p0 + j, h = p / g.Wp, w = p % g.Wp;
+        if (h >= g.H) break;
+        if (w >= g.W) { j += g.Wp - w; continue; }
+        int n = g.W - w < CONV_NR - j ? g.W - w : CONV_NR - j, s = g.out_step;
+        for (int r = 0; r < rows; r++) {
+            float* dst = out + (o0 + r) * g.out_plane + g.out_off + (size_t)h * g.out_pitch + (size_t)w * s;
+            const float* src = tile[r] + j;
+            if (s == 1 && bias) for (int k = 0; k < n; k++) dst[k] = bias[o0 + r] + src[k];
+            else if (s == 1)    for (int k = 0; k < n; k++) dst[k] += src[k];
+            else if (bias)      for (int k = 0; k < n; k++) dst[k * s] = bias[o0 + r] + src[k];
+            else                for (int k = 0; k < n; k++) dst[k * s] += src[k];
+        }
+        j += n;
+    }
+}
+
+// out (B, C_out, H, W) = (or +=, if bias is NULL) the direct convolution of the input
+// grids (B x C_in of them) with packed weights. Work items are (image, 48 pixels). A
+// plain 1x1 has no slack after its planes, so its last tile is moved back to end at
+// the image's last pixel, and stores only the columns not done yet.
+static void conv_direct(float* out, const float* planes, const float* packed, const float* bias,
+                        int B, int C_in, int C_out, ConvGeom g) {
+    int n_p = g.Lr / CONV_NR, n_m = (C_out + CONV_MR - 1) / CONV_MR;
+    size_t panel = (size_t)CONV_MR * C_in * g.T;
+    #pragma omp parallel for schedule(static) num_threads(gemm_max_threads)
+    for (int item = 0; item < B * n_p; item++) {
+        int b = item / n_p, p0 = (item % n_p) * CONV_NR, skip = 0;
+        if (g.mode == CONV_PLAIN && p0 + CONV_NR > g.L) { skip = p0 + CONV_NR - g.L; p0 = g.L - CONV_NR; }
+        const float* x = planes + (size_t)b * C_in * g.S + p0;
+        float* y = out + (size_t)b * C_out * g.out_plane;
+        float tile[CONV_MR][CONV_NR];
+        for (int m = 0; m < n_m; m++) {
+            if (g.T == 9)      conv_tile(tile, packed + m * panel, x, C_in, g.S, 9, g.toff);
+            else if (g.T == 4) conv_tile(tile, packed + m * panel, x, C_in, g.S, 4, g.toff);
+            else               conv_tile(tile, packed + m * panel, x, C_in, g.S, 1, g.toff);
+            conv_store_tile(y, tile, m * CONV_MR, C_out, p0, skip, g, bias);
         }
     }
 }
 
-// The adjoint of im2col: scatter-add col back onto the image.
+// The output gradient of the batch, dy[b, o, pixel (h, w) of g's output map], into
+// dyt[b][h W + w][o] (C_out rounded up to CoP, the extra channels zero), 16 channels at a time.
+static void conv_transpose_dy(float* dyt, const float* dy, int B, int C_out, int CoP, ConvGeom g) {
+    int HW = g.H * g.W;
+    #pragma omp parallel for schedule(static) num_threads(gemm_max_threads)
+    for (int b = 0; b < B; b++) {
+        const float* d = dy + (size_t)b * C_out * g.out_plane + g.out_off;
+        float* t = dyt + (size_t)b * HW * CoP;
+        for (int o0 = 0; o0 < CoP; o0 += 16)
+            for (int h = 0; h < g.H; h++)
+                for (int w = 0; w < g.W; w++)
+                    for (int o = o0; o < o0 + 16; o++)
+                        t[(size_t)(h * g.W + w) * CoP + o] =
+                            o < C_out ? d[o * g.out_plane + (size_t)h * g.out_pitch + (size_t)w * g.out_step] : 0.0f;
+    }
+}
+
+// dbias += the sum of dy over images and pixels.
+static void conv_dbias(float* dbias, const float* dout, int B, int C_out, size_t HWo) {
+    #pragma omp parallel for schedule(static) num_threads(gemm_max_threads)
+    for (int co = 0; co < C_out; co++) {
+        double sum = 0;
+        for (int b = 0; b < B; b++) sum += lane_sum(dout + ((size_t)b * C_out + co) * HWo, (int)HWo);
+        dbias[co] += (float)sum;
+    }
+}
+
+// The weight-gradient tile: acc[t][o] += sum_{h, w} x[off[t] + h Wp + w] dyt[h W + w][o]
+// for 32 channels o and n <= 9 taps t, kept in memory between images. Called with n
+// a constant (9, 8 or 4) so the compiler unrolls the taps.
+static inline void conv_dw_tile(float* restrict accmem, const float* restrict dyt, int CoP,
+                                const float* restrict x, const int* off, int n, ConvGeom g) {
+#if defined(__GNUC__)
+    vec16 acc[CONV_DW_K][2];
+    memcpy(acc, accmem, sizeof acc);
+    for (int h = 0; h < g.H; h++) {
+        const float* xr = x + (size_t)h * g.Wp;
+        const float* d = dyt + (size_t)h * g.W * CoP;
+        for (int w = 0; w < g.W; w++, d += CoP) {
+            vec16 d0, d1;
+            memcpy(&d0, d, sizeof d0);
+            memcpy(&d1, d + 16, sizeof d1);
+            for (int t = 0; t < n; t++) {
+                float xv = xr[w + off[t]];
+                acc[t][0] += xv * d0;
+                acc[t][1] += xv * d1;
+            }
+        }
+    }
+    memcpy(accmem, acc, sizeof acc);
+#else
+    for (int h = 0; h < g.H; h++)
+        for (int w = 0; w < g.W; w++)
+            for (int t = 0; t < n; t++)
+                for (int o = 0; o < CONV_DW_CO; o++)
+                    accmem[t * CONV_DW_CO + o] += x[off[t] + h * g.Wp + w] * dyt[((size_t)h * g.W + w) * CoP + o];
+#endif
+}
+
+// dweight += dy . xgrid (see above). Tiles are (32 output channels, a group of columns
+// of the weight matrix: one channel's 9 taps (3x3), 4 taps (6.8's 2x2), or 8 channels
+// of a 1x1, so that channel counts divide evenly). Each thread owns a fixed range of
+// tiles and walks the images in order.
+static void conv_dweight(float* dweight, float* dwacc, const float* planes, const float* dyt,
+                         int B, int C_in, int C_out, ConvGeom g) {
+    int CoP = round_up(C_out, CONV_DW_CO), Kc = C_in * g.T, G = conv_dw_group(g.T);
+    int n_groups = (Kc + G - 1) / G, n_tiles = (CoP / CONV_DW_CO) * n_groups;
+    memset(dwacc, 0, (size_t)n_tiles * CONV_DW_K * CONV_DW_CO * sizeof(float));
+    #pragma omp parallel num_threads(gemm_max_threads)
+    {
+#ifdef _OPENMP
+        int nth = omp_get_num_threads();
+#else
+        int nth = 1;
+#endif
+        int id = thread_id(), lo = n_tiles * id / nth, hi = n_tiles * (id + 1) / nth;
+        for (int b = 0; b < B; b++)
+            for (int tile = lo; tile < hi; tile++) {
+                int o0 = (tile / n_groups) * CONV_DW_CO, k0 = (tile % n_groups) * G;
+                int n = Kc - k0 < G ? Kc - k0 : G, off[CONV_DW_K];
+                for (int t = 0; t < n; t++) off[t] = (int)(((k0 + t) / g.T) * g.S) + g.toff[(k0 + t) % g.T];
+                const float* x = planes + (size_t)b * C_in * g.S;
+                const float* d = dyt + (size_t)b * g.H * g.W * CoP + o0;
+                float* acc = dwacc + (size_t)tile * CONV_DW_K * CONV_DW_CO;
+                if (n == 9)      conv_dw_tile(acc, d, CoP, x, off, 9, g);
+                else if (n == 8) conv_dw_tile(acc, d, CoP, x, off, 8, g);
+                else if (n == 4) conv_dw_tile(acc, d, CoP, x, off, 4, g);
+                else             conv_dw_tile(acc, d, CoP, x, off, n, g);
+            }
+    }
+    for (int o = 0; o < C_out; o++)
+        for (int k = 0; k < Kc; k++) {
+            int tile = (o / CONV_DW_CO) * n_groups + k / G;
+            dweight[(size_t)o * Kc + k] += dwacc[((size_t)tile * CONV_DW_K + k % G) * CONV_DW_CO + o % CONV_DW_CO];
+        }
+}
+
+// The input gradient of the stride-2 conv: per image, dcol = weight^T . dy (the matmul
+// of 6.1), then col2im scatters each column back onto the input pixels it came from.
 static void col2im(float* img, const float* col, int C, int H, int W, int K, int stride) {
     int Ho = H / stride, Wo = W / stride, pad = conv_pad(K, stride);
     for (int c = 0; c < C; c++)
@@ -642,61 +968,43 @@ static void col2im(float* img, const float* col, int C, int H, int W, int K, int
         }
 }
 
-// out (B, C_out, H/stride, W/stride). Images are independent, so threads take whole
-// images, each with its own slice of col (scratch: max_threads x C_in*K*K*HW_out floats).
-static void conv2d_forward(float* out, const float* inp, const float* weight, const float* bias,
-                           int B, int C_in, int H, int W, int C_out, int K, int stride, float* col) {
+static void conv_strided_dinp(float* dinp, float* dcol, const float* dout, const float* weight,
+                              int B, int C_in, int H, int W, int C_out, int K, int stride) {
     int HWo = (H / stride) * (W / stride), CKK = C_in * K * K;
     #pragma omp parallel for schedule(static) if (B > 1) num_threads(gemm_max_threads)
     for (int b = 0; b < B; b++) {
-        const float* x = inp + (size_t)b * C_in * H * W;
-        float* y = out + (size_t)b * C_out * HWo;
-        const float* cols = x;   // a 1x1 stride-1 conv needs no im2col: col is the image
-        if (K != 1 || stride != 1) {
-            float* mine = col + (size_t)thread_id() * CKK * HWo;
-            im2col(mine, x, C_in, H, W, K, stride);
-            cols = mine;
-        }
-        for (int co = 0; co < C_out; co++)
-            for (int i = 0; i < HWo; i++) y[(size_t)co * HWo + i] = bias[co];
-        matmul(y, weight, cols, C_out, HWo, CKK, CKK, HWo, HWo, 0, 0, 1);
+        float* mine = dcol + (size_t)(B > 1 ? thread_id() : 0) * CKK * HWo;
+        matmul(mine, weight, dout + (size_t)b * C_out * HWo, CKK, HWo, C_out, CKK, HWo, HWo, 1, 0, 0);
+        col2im(dinp + (size_t)b * C_in * H * W, mine, C_in, H, W, K, stride);
     }
 }
 
-// dinp may be NULL (the network input needs no gradient); col and dcol are scratch of
-// max_threads x C_in*K*K*HW_out floats. The weight gradient sums over images in order
-// (one image at a time, the matmul parallel inside), so its bits do not depend on the
-// number of threads; the input gradient is per image, so threads take whole images.
+// out (B, C_out, H/stride, W/stride). ws: conv2d_workspace_floats(...) floats of scratch.
+static void conv2d_forward(float* out, const float* inp, const float* weight, const float* bias,
+                           int B, int C_in, int H, int W, int C_out, int K, int stride, float* ws) {
+    ConvGeom g = conv_geom(H, W, K, stride);
+    size_t total;
+    ConvWork w = conv_work(ws, B, C_in, H, W, C_out, K, stride, gemm_max_threads, &total);
+    conv_pack_weights(w.packed, weight, C_out, C_in, g.T, 0);
+    conv_direct(out, conv_grids(w.planes, inp, B, C_in, g), w.packed, bias, B, C_in, C_out, g);
+}
+
+// dinp may be NULL (the network input needs no gradient).
 static void conv2d_backward(float* dinp, float* dweight, float* dbias, const float* dout,
                             const float* inp, const float* weight,
-                            int B, int C_in, int H, int W, int C_out, int K, int stride,
-                            float* col, float* dcol) {
-    int HWo = (H / stride) * (W / stride), CKK = C_in * K * K;
-    int direct = K == 1 && stride == 1;
-    for (int b = 0; b < B; b++) {
-        const float* x = inp + (size_t)b * C_in * H * W;
-        const float* dy = dout + (size_t)b * C_out * HWo;
-        const float* cols = x;
-        if (!direct) { im2col(col, x, C_in, H, W, K, stride); cols = col; }
-        // out = weight . col + bias  =>  dweight += dout . col^T,  dbias += sum over pixels
-        matmul(dweight, dy, cols, C_out, CKK, HWo, HWo, HWo, CKK, 0, 1, 1);
-        for (int co = 0; co < C_out; co++) {
-            float s = 0;
-            for (int i = 0; i < HWo; i++) s += dy[(size_t)co * HWo + i];
-            dbias[co] += s;
-        }
-    }
+                            int B, int C_in, int H, int W, int C_out, int K, int stride, float* ws) {
+    ConvGeom g = conv_geom(H, W, K, stride);
+    int HWo = g.H * g.W, CoP = round_up(C_out, CONV_DW_CO);
+    size_t total;
+    ConvWork w = conv_work(ws, B, C_in, H, W, C_out, K, stride, gemm_max_threads, &total);
+    conv_dbias(dbias, dout, B, C_out, HWo);
+    const float* x = conv_grids(w.planes, inp, B, C_in, g);
+    conv_transpose_dy(w.dyt, dout, B, C_out, CoP, g);
+    conv_dweight(dweight, w.dwacc, x, w.dyt, B, C_in, C_out, g);
     if (!dinp) return;
-    // dcol = weight^T . dout, then scatter back onto the image (col2im)
-    #pragma omp parallel for schedule(static) if (B > 1) num_threads(gemm_max_threads)
-    for (int b = 0; b < B; b++) {
-        const float* dy = dout + (size_t)b * C_out * HWo;
-        float* dx = dinp + (size_t)b * C_in * H * W;
-        if (direct) { matmul(dx, weight, dy, CKK, HWo, C_out, CKK, HWo, HWo, 1, 0, 1); continue; }
-        float* mine = dcol + (size_t)thread_id() * CKK * HWo;
-        matmul(mine, weight, dy, CKK, HWo, C_out, CKK, HWo, HWo, 1, 0, 0);
-        col2im(dx, mine, C_in, H, W, K, stride);
-    }
+    if (stride != 1) { conv_strided_dinp(dinp, w.dcol, dout, weight, B, C_in, H, W, C_out, K, stride); return; }
+    conv_pack_weights(w.packed, weight, C_out, C_in, g.T, 1);
+    conv_direct(dinp, conv_grids(w.planes, dout, B, C_out, g), w.packed, NULL, B, C_out, C_in, g);
 }
 
 // ---- 6.3 Linear: linear_forward / linear_backward ----
@@ -717,14 +1025,40 @@ static void linear_backward(float* dinp, float* dweight, float* dbias, const flo
 
 // ---- 6.4 SiLU: silu_forward / silu_backward ----
 // The official code's "nonlinearity" is swish: silu(x) = x sigmoid(x).
-static float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
+// It runs on every activation of the network, twice per training step, so its exp
+// must vectorise. libm's expf is a function call the compiler cannot vectorise; this
+// one is plain arithmetic: x = n ln2 + r with |r| <= ln2/2 (ln2 split in two parts so
+// n ln2 is exact), Cephes' degree-6 polynomial for e^r, and 2^n written straight
+// into the exponent bits. Relative error below 3e-7 (tests/ checks it against exp);
+// a NaN stays NaN, and x is clamped to [-87, 88] where expf would under/overflow.
+static inline float exp_approx(float x) {
+    x = x > 88.0f ? 88.0f : x < -87.0f ? -87.0f : x;   // a NaN fails both tests and stays
+    const float shift = 12582912.0f;                   // 1.5 * 2^23: adding it rounds to an integer
+    float t = x * 1.44269504f + shift, n = t - shift;  // n = round(x / ln2), in [-126, 127]
+    float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    uint32_t bits;                                     // t's low mantissa bits hold n
+    memcpy(&bits, &t, sizeof bits);
+    bits = (bits + 127u) << 23;                        // the float 2^n
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+static inline float sigmoidf(float x) { return 1.0f / (1.0f + exp_approx(-x)); }
 
 static void silu_forward(float* out, const float* inp, size_t N) {
     for (size_t i = 0; i < N; i++) out[i] = inp[i] * sigmoidf(inp[i]);
 }
 
 // d silu / dx = s (1 + x (1 - s)), s = sigmoid(x)
-static float silu_grad(float x) {
+static inline float silu_grad(float x) {
     float s = sigmoidf(x);
     return s * (1.0f + x * (1.0f - s));
 }
@@ -741,6 +1075,9 @@ static void silu_backward(float* dinp, const float* dout, const float* inp, size
 // takes a flag `silu` and fuses it: one pass over memory instead of two, and nothing
 // but mean and rstd (B*G floats) is stored. The backward pass recomputes xhat and n
 // from the input, which costs a few flops and saves two activation tensors per layer.
+// Sums run over each channel's HW values in 16 interleaved float lanes (the compiler
+// turns the lane loop into vector adds; the order is fixed, so the bits are too), and
+// the lanes of each channel are then added in double.
 #define GN_EPS 1e-6
 
 // out = [silu](gamma xhat + beta) with given statistics; also used to recompute.
@@ -761,21 +1098,40 @@ static void groupnorm_apply(float* out, const float* inp, const float* mean, con
     }
 }
 
-// mean, rstd: (B, G), saved for the backward pass.
+// sum_i (x_i - shift) and sum_i (x_i - shift)^2 over n floats, in lanes.
+static void lane_sums(const float* x, int n, float shift, double* s, double* ss) {
+    float a[LANES] = {0}, q[LANES] = {0};
+    int i = 0;
+    for (; i + LANES <= n; i += LANES)
+        for (int l = 0; l < LANES; l++) { float d = x[i + l] - shift; a[l] += d; q[l] += d * d; }
+    for (; i < n; i++) { float d = x[i] - shift; a[i % LANES] += d; q[i % LANES] += d * d; }
+    for (int l = 0; l < LANES; l++) { *s += a[l]; *ss += q[l]; }
+}
+
+// mean, rstd: (B, G), saved for the backward pass. Two passes over the group (it is in
+// cache): the mean, then the variance around it, which keeps var >= 0 and accurate
+// even when |mean| >> std.
 static void groupnorm_forward(float* out, float* mean, float* rstd, const float* inp,
                               const float* gamma, const float* beta, int B, int C, int HW, int G, int silu) {
     int Cg = C / G;
-    size_t n = (size_t)Cg * HW;
+    double n = (double)Cg * HW;
     #pragma omp parallel for schedule(static) if ((size_t)B * C * HW > 65536)
     for (int bg = 0; bg < B * G; bg++) {
         const float* x = inp + ((size_t)(bg / G) * C + (size_t)(bg % G) * Cg) * HW;  // a group is contiguous
-        double s = 0, ss = 0;   // double sums: a group can hold 10^5 values
-        for (size_t i = 0; i < n; i++) { s += x[i]; ss += (double)x[i] * x[i]; }
-        double m = s / n, var = ss / n - m * m;
-        mean[bg] = (float)m;
+        double s = 0, ss = 0, d = 0, dd = 0;
+        for (int c = 0; c < Cg; c++) lane_sums(x + (size_t)c * HW, HW, 0.0f, &s, &ss);
+        float m = (float)(s / n);
+        for (int c = 0; c < Cg; c++) lane_sums(x + (size_t)c * HW, HW, m, &d, &dd);
+        double var = dd / n - (d / n) * (d / n);   // d/n: the float mean's own rounding
+        mean[bg] = m;
         rstd[bg] = (float)(1.0 / sqrt(fmax(var, 0.0) + GN_EPS));
     }
     groupnorm_apply(out, inp, mean, rstd, gamma, beta, B, C, HW, G, silu);
+}
+
+// dn = dout * silu'(n) (or dout without the SiLU), for one channel of HW values.
+static inline float gn_dn(float dy, float xhat, float gamma, float beta, int silu) {
+    return silu ? dy * silu_grad(gamma * xhat + beta) : dy;
 }
 
 // With dn = dout * silu'(n) (or dout without the SiLU):
@@ -796,17 +1152,23 @@ static void groupnorm_backward(float* dinp, float* dgamma, float* dbeta, const f
             for (int c = g * Cg; c < (g + 1) * Cg; c++) {
                 const float* x = inp + ((size_t)b * C + c) * HW;
                 const float* dy = dout + ((size_t)b * C + c) * HW;
-                double sdn = 0, sdn_xhat = 0;
-                for (int i = 0; i < HW; i++) {
-                    float xhat = (x[i] - m) * r, dn = dy[i];
-                    if (silu) dn *= silu_grad(gamma[c] * xhat + beta[c]);
-                    sdn += dn;
-                    sdn_xhat += dn * xhat;
+                float ga = gamma[c], be = beta[c], a[LANES] = {0}, q[LANES] = {0};
+                int i = 0;
+                for (; i + LANES <= HW; i += LANES)
+                    for (int l = 0; l < LANES; l++) {
+                        float xhat = (x[i + l] - m) * r, dn = gn_dn(dy[i + l], xhat, ga, be, silu);
+                        a[l] += dn; q[l] += dn * xhat;
+                    }
+                for (; i < HW; i++) {
+                    float xhat = (x[i] - m) * r, dn = gn_dn(dy[i], xhat, ga, be, silu);
+                    a[i % LANES] += dn; q[i % LANES] += dn * xhat;
                 }
+                double sdn = 0, sdn_xhat = 0;
+                for (int l = 0; l < LANES; l++) { sdn += a[l]; sdn_xhat += q[l]; }
                 dbeta[c] += (float)sdn;
                 dgamma[c] += (float)sdn_xhat;
-                sum_dxhat += sdn * gamma[c];
-                sum_dxhat_xhat += sdn_xhat * gamma[c];
+                sum_dxhat += sdn * ga;
+                sum_dxhat_xhat += sdn_xhat * ga;
             }
             float mean_dxhat = (float)(sum_dxhat / ((double)Cg * HW));
             float mean_dxhat_xhat = (float)(sum_dxhat_xhat / ((double)Cg * HW));
@@ -814,10 +1176,10 @@ static void groupnorm_backward(float* dinp, float* dgamma, float* dbeta, const f
                 const float* x = inp + ((size_t)b * C + c) * HW;
                 const float* dy = dout + ((size_t)b * C + c) * HW;
                 float* dx = dinp + ((size_t)b * C + c) * HW;
+                float ga = gamma[c], be = beta[c];
                 for (int i = 0; i < HW; i++) {
-                    float xhat = (x[i] - m) * r, dn = dy[i];
-                    if (silu) dn *= silu_grad(gamma[c] * xhat + beta[c]);
-                    dx[i] += r * (dn * gamma[c] - mean_dxhat - xhat * mean_dxhat_xhat);
+                    float xhat = (x[i] - m) * r, dn = gn_dn(dy[i], xhat, ga, be, silu);
+                    dx[i] += r * (dn * ga - mean_dxhat - xhat * mean_dxhat_xhat);
                 }
             }
         }
@@ -849,68 +1211,164 @@ static void dropout_backward(float* dinp, const float* dout, size_t N, float p, 
 // AttnBlock (a non-local / self-attention layer over the H*W
 // positions of each image), given q, k, v of shape (B, C, N), N = H*W:
 //   att[i, j] = softmax_j( sum_c q[c, i] k[c, j] / sqrt(C) ),   out[c, i] = sum_j att[i, j] v[c, j]
-// att (B, N, N) is saved for the backward pass.
+// att (B, N, N) is saved for the backward pass. Threads take whole images (the matmuls
+// inside then run on one thread), so each image's sums keep one order.
+
+// softmax_j(row[j] * scale) in place. The max and the sum run in lanes, as GroupNorm's
+// sums do, so they vectorise; the sum's lanes are added in double.
+static void softmax_row(float* row, int N, float scale) {
+    float mx[LANES], s[LANES] = {0};
+    for (int l = 0; l < LANES; l++) mx[l] = -INFINITY;
+    for (int j = 0; j < N; j++) row[j] *= scale;
+    int j = 0;
+    for (; j + LANES <= N; j += LANES)
+        for (int l = 0; l < LANES; l++) mx[l] = row[j + l] > mx[l] ? row[j + l] : mx[l];
+    for (; j < N; j++) mx[j % LANES] = row[j] > mx[j % LANES] ? row[j] : mx[j % LANES];
+    float m = mx[0];
+    for (int l = 1; l < LANES; l++) m = mx[l] > m ? mx[l] : m;
+    for (j = 0; j + LANES <= N; j += LANES)
+        for (int l = 0; l < LANES; l++) { row[j + l] = exp_approx(row[j + l] - m); s[l] += row[j + l]; }
+    for (; j < N; j++) { row[j] = exp_approx(row[j] - m); s[j % LANES] += row[j]; }
+    double sum = 0;
+    for (int l = 0; l < LANES; l++) sum += s[l];
+    float inv = (float)(1.0 / sum);
+    for (j = 0; j < N; j++) row[j] *= inv;
+}
+
 static void attention_forward(float* out, float* att, const float* q, const float* k, const float* v,
                               int B, int C, int N) {
     float scale = 1.0f / sqrtf((float)C);
+    #pragma omp parallel for schedule(static) if (B > 1) num_threads(gemm_max_threads)
     for (int b = 0; b < B; b++) {
         const float *qb = q + (size_t)b * C * N, *kb = k + (size_t)b * C * N, *vb = v + (size_t)b * C * N;
         float* a = att + (size_t)b * N * N;
         matmul(a, qb, kb, N, N, C, N, N, N, 1, 0, 0);   // a = q^T k
-        #pragma omp parallel for schedule(static)
-        for (int i = 0; i < N; i++) {                   // a = softmax_j(a * scale)
-            float* row = a + (size_t)i * N, mx = -INFINITY;
-            double sum = 0;
-            for (int j = 0; j < N; j++) { row[j] *= scale; mx = fmaxf(mx, row[j]); }
-            for (int j = 0; j < N; j++) { row[j] = expf(row[j] - mx); sum += row[j]; }
-            for (int j = 0; j < N; j++) row[j] = (float)(row[j] / sum);
-        }
+        for (int i = 0; i < N; i++) softmax_row(a + (size_t)i * N, N, scale);
         matmul(out + (size_t)b * C * N, vb, a, C, N, N, N, N, N, 0, 1, 0);   // out = v att^T
     }
 }
 
-// datt: scratch of N*N floats.
+// datt: scratch of N*N floats per thread.
 //   dv += dout att,  datt = dout^T v,  ds = att * (datt - rowsum(att * datt)) / sqrt(C),
 //   dq += k ds^T,  dk += q ds
 static void attention_backward(float* dq, float* dk, float* dv, const float* dout,
                                const float* q, const float* k, const float* v, const float* att,
                                int B, int C, int N, float* datt) {
     float scale = 1.0f / sqrtf((float)C);
+    #pragma omp parallel for schedule(static) if (B > 1) num_threads(gemm_max_threads)
     for (int b = 0; b < B; b++) {
         size_t o = (size_t)b * C * N;
         const float* a = att + (size_t)b * N * N;
+        float* da = datt + (size_t)(B > 1 ? thread_id() : 0) * N * N;
         matmul(dv + o, dout + o, a, C, N, N, N, N, N, 0, 0, 1);
-        matmul(datt, dout + o, v + o, N, N, C, N, N, N, 1, 0, 0);
-        #pragma omp parallel for schedule(static)
+        matmul(da, dout + o, v + o, N, N, C, N, N, N, 1, 0, 0);
         for (int i = 0; i < N; i++) {   // softmax backward, row by row
             const float* ar = a + (size_t)i * N;
-            float* dr = datt + (size_t)i * N;
+            float* dr = da + (size_t)i * N, d[LANES] = {0};
+            int j = 0;
+            for (; j + LANES <= N; j += LANES)
+                for (int l = 0; l < LANES; l++) d[l] += ar[j + l] * dr[j + l];
+            for (; j < N; j++) d[j % LANES] += ar[j] * dr[j];
             double dot = 0;
-            for (int j = 0; j < N; j++) dot += (double)ar[j] * dr[j];
-            for (int j = 0; j < N; j++) dr[j] = ar[j] * (dr[j] - (float)dot) * scale;
+            for (int l = 0; l < LANES; l++) dot += d[l];
+            for (j = 0; j < N; j++) dr[j] = ar[j] * (dr[j] - (float)dot) * scale;
         }
-        matmul(dq + o, k + o, datt, C, N, N, N, N, N, 0, 1, 1);
-        matmul(dk + o, q + o, datt, C, N, N, N, N, N, 0, 0, 1);
+        matmul(dq + o, k + o, da, C, N, N, N, N, N, 0, 1, 1);
+        matmul(dk + o, q + o, da, C, N, N, N, N, N, 0, 0, 1);
     }
 }
 
-// ---- 6.8 Nearest-neighbour upsampling: upsample_forward / upsample_backward ----
-// out (B, C, 2H, 2W): out[c, y, x] = inp[c, y/2, x/2]. The official Upsample follows it
-// with a 3x3 convolution.
-static void upsample_forward(float* out, const float* inp, int B, int C, int H, int W) {
-    #pragma omp parallel for schedule(static) if ((size_t)B * C * H * W > 65536)
-    for (int bc = 0; bc < B * C; bc++)
-        for (int y = 0; y < 2 * H; y++)
-            for (int x = 0; x < 2 * W; x++)
-                out[((size_t)bc * 2 * H + y) * 2 * W + x] = inp[((size_t)bc * H + y / 2) * W + x / 2];
+// ---- 6.8 Upsampling: upconv_forward / upconv_backward ----
+// The official Upsample is nearest-neighbour 2x, then a 3x3 convolution (C -> C):
+//   up[c, 2h + p, 2w + q] = x[c, h, w],   out = conv3x3(up).
+// It is never materialised. Every output pixel of phase (p, q) (row parity p, column
+// parity q) reads the same 2 x 2 block of x, rows h + a + p - 1, columns w + b + q - 1
+// (a, b in {0, 1}), so that phase of out is a 2x2 convolution of x with summed weights:
+//   wc[p, q][o, c, a, b] = sum of weight[o, c, i, j] over taps i with up_tap(p, i) = a
+//                          and j with up_tap(q, j) = b.
+// Four 2x2 convolutions at the low resolution do 16 multiply-adds per input pixel
+// where the 3x3 at the high resolution does 36. They run on the direct kernel of 6.2
+// (4 taps, output written to every second pixel); the backward pass is the same
+// kernel's, per phase, and the phase weight gradients are summed back onto the 3x3 taps.
+
+// Which of the 2 low-resolution rows (0: upper) tap i of output phase p reads.
+static int up_tap(int p, int i) { return (p + i + 1) / 2 - p; }
+
+// The phase-(p, q) geometry on low-resolution grids g (H x W). Forward: taps (a, b) at
+// rows a + p, columns b + q of the padded grid, output to every second pixel of the
+// 2H x 2W image. Input gradient (dx = 1): the flipped taps over padded phase grids of
+// dy, channel stride 4 grids; output the H x W image.
+static ConvGeom upconv_geom(ConvGeom g, int p, int q, int dx) {
+    ConvGeom u = g;
+    u.T = 4;
+    for (int a = 0; a < 2; a++)
+        for (int b = 0; b < 2; b++)
+            u.toff[a * 2 + b] = dx ? (1 + a - p) * g.Wp + 1 + b - q : (a + p) * g.Wp + b + q;
+    if (dx) { u.S = 4 * g.P; return u; }
+    u.out_pitch = 4 * g.W; u.out_step = 2; u.out_off = p * 2 * g.W + q; u.out_plane = (size_t)4 * g.H * g.W;
+    return u;
 }
 
-static void upsample_backward(float* dinp, const float* dout, int B, int C, int H, int W) {
-    #pragma omp parallel for schedule(static) if ((size_t)B * C * H * W > 65536)
-    for (int bc = 0; bc < B * C; bc++)
-        for (int y = 0; y < 2 * H; y++)
-            for (int x = 0; x < 2 * W; x++)
-                dinp[((size_t)bc * H + y / 2) * W + x / 2] += dout[((size_t)bc * 2 * H + y) * 2 * W + x];
+// wc[phase][o][c][a b] from weight[o][c][i j].
+static void upconv_combine(float* wc, const float* weight, int C_out, int C_in) {
+    size_t n = (size_t)C_out * C_in;
+    memset(wc, 0, 16 * n * sizeof(float));
+    for (int ph = 0; ph < 4; ph++)
+        for (size_t oc = 0; oc < n; oc++)
+            for (int i = 0; i < 3; i++)
+                for (int j = 0; j < 3; j++)
+                    wc[(ph * n + oc) * 4 + up_tap(ph / 2, i) * 2 + up_tap(ph % 2, j)] += weight[oc * 9 + i * 3 + j];
+}
+
+// Scratch: the 6.2 layout of a stride-2 conv onto H x W (phase grids of the 2H x 2W
+// gradient), then the combined weights and one phase's weight gradient.
+static size_t upconv_workspace_floats(int B, int C_in, int H, int W, int C_out, int threads) {
+    return conv2d_workspace_floats(B, C_in, 2 * H, 2 * W, C_out, 3, 2, threads) + (size_t)20 * C_out * C_in;
+}
+
+// inp (B, C_in, H, W) -> out (B, C_out, 2H, 2W).
+static void upconv_forward(float* out, const float* inp, const float* weight, const float* bias,
+                           int B, int C_in, int H, int W, int C_out, float* ws) {
+    size_t total;
+    ConvWork w = conv_work(ws, B, C_in, 2 * H, 2 * W, C_out, 3, 2, gemm_max_threads, &total);
+    float* wc = ws + total;
+    ConvGeom g = conv_geom(H, W, 3, 1);
+    const float* x = conv_grids(w.planes, inp, B, C_in, g);
+    upconv_combine(wc, weight, C_out, C_in);
+    for (int ph = 0; ph < 4; ph++) {
+        conv_pack_weights(w.packed, wc + (size_t)ph * C_out * C_in * 4, C_out, C_in, 4, 0);
+        conv_direct(out, x, w.packed, bias, B, C_in, C_out, upconv_geom(g, ph / 2, ph % 2, 0));
+    }
+}
+
+static void upconv_backward(float* dinp, float* dweight, float* dbias, const float* dout,
+                            const float* inp, const float* weight, int B, int C_in, int H, int W, int C_out,
+                            float* ws) {
+    size_t total, n = (size_t)C_out * C_in;
+    ConvWork w = conv_work(ws, B, C_in, 2 * H, 2 * W, C_out, 3, 2, gemm_max_threads, &total);
+    float *wc = ws + total, *dwc = wc + 16 * n;
+    int CoP = round_up(C_out, CONV_DW_CO);
+    ConvGeom g = conv_geom(H, W, 3, 1);
+    conv_dbias(dbias, dout, B, C_out, (size_t)4 * H * W);
+    const float* x = conv_grids(w.planes, inp, B, C_in, g);
+    for (int ph = 0; ph < 4; ph++) {   // dwc = phase (p, q)'s 2x2 weight gradient, then onto the 3x3 taps
+        int p = ph / 2, q = ph % 2;
+        ConvGeom u = upconv_geom(g, p, q, 0);
+        conv_transpose_dy(w.dyt, dout, B, C_out, CoP, u);
+        memset(dwc, 0, 4 * n * sizeof(float));
+        conv_dweight(dwc, w.dwacc, x, w.dyt, B, C_in, C_out, u);
+        for (size_t oc = 0; oc < n; oc++)
+            for (int i = 0; i < 3; i++)
+                for (int j = 0; j < 3; j++) dweight[oc * 9 + i * 3 + j] += dwc[oc * 4 + up_tap(p, i) * 2 + up_tap(q, j)];
+    }
+    if (!dinp) return;
+    ConvGeom phases = conv_geom(2 * H, 2 * W, 3, 2);   // dy's 4 phase grids per channel
+    const float* d = conv_grids(w.planes, dout, B, C_out, phases);
+    upconv_combine(wc, weight, C_out, C_in);
+    for (int ph = 0; ph < 4; ph++) {
+        conv_pack_weights(w.packed, wc + (size_t)ph * n * 4, C_out, C_in, 4, 1);
+        conv_direct(dinp, d + ph * g.P, w.packed, NULL, B, C_out, C_in, upconv_geom(g, ph / 2, ph % 2, 1));
+    }
 }
 
 // ---- 6.9 Channel concatenation: concat_forward / concat_backward ----
@@ -954,11 +1412,8 @@ static void add_channel_bias(float* h, const float* v, int B, int C, int HW) {
 
 // dv[b, c] = sum over pixels of dh[b, c, :]   (the backward of add_channel_bias)
 static void sum_channel(float* dv, const float* dh, int B, int C, int HW) {
-    for (size_t bc = 0; bc < (size_t)B * C; bc++) {
-        float s = 0;
-        for (int i = 0; i < HW; i++) s += dh[bc * HW + i];
-        dv[bc] = s;
-    }
+    #pragma omp parallel for schedule(static) if ((size_t)B * C * HW > 65536)
+    for (int bc = 0; bc < B * C; bc++) dv[bc] = (float)lane_sum(dh + (size_t)bc * HW, HW);
 }
 
 static void add_inplace(float* y, const float* x, size_t N) {
@@ -1120,10 +1575,11 @@ typedef struct {
     float* work;
     float* scratch[N_SCRATCH];  // each (B, max C, max HW) over all blocks
     float* ping[2];             // gradients of tensors read by exactly one block
-    float *col, *dcol;          // im2col of one image per thread
-    float *datt;                // (HW, HW) of one image
+    float *conv_ws;             // scratch of one convolution call (6.2)
+    float *datt;                // (HW, HW) of one image per thread
     float *tproj;               // (B, max C): a ResBlock's timestep projection
-    size_t max_numel, max_col;  // per image; found by the first layout pass
+    size_t max_numel;           // per image; found by the first layout pass
+    size_t max_conv_ws;         // the largest conv2d_workspace_floats, for B_max images
     int max_attn_hw, n_transient;
     // state of the current step
     int train;                  // dropout on (training) or off (sampling, evaluation)
@@ -1166,8 +1622,10 @@ static float init_bound(float scale, int fan_in, int fan_out) {
 }
 
 static void conv_make(UNet* m, Arena* P, Conv2d* c, const char* group, const char* name,
-                      int C_in, int C_out, int K, int stride, float scale) {
+                      int C_in, int C_out, int K, int stride, int H, float scale) {
     char n[48];
+    size_t need = conv2d_workspace_floats(m->B_max, C_in, H, H, C_out, K, stride, gemm_max_threads);
+    if (need > m->max_conv_ws) m->max_conv_ws = need;
     int ws[4] = {C_out, C_in, K, K}, bs[1] = {C_out};
     c->C_in = C_in; c->C_out = C_out; c->K = K; c->stride = stride;
     snprintf(n, sizeof n, "%s%sweight", name ? name : "", name ? "." : "");
@@ -1235,18 +1693,16 @@ static Flow resblock_make(UNet* m, Arenas* ar, Flow in, const Flow* skip, int C_
     Block* k = block_new(m, BLOCK_RES, name, a, b);
     int C_x = in.C + (skip ? skip->C : 0), G = m->cfg.groups, H = in.H, Bm = m->B_max;
     groupnorm_make(m, &ar->P, &k->norm1, k->name, "norm1", C_x, G);
-    conv_make(m, &ar->P, &k->conv1, k->name, "conv1", C_x, C_out, 3, 1, 1.0f);
+    conv_make(m, &ar->P, &k->conv1, k->name, "conv1", C_x, C_out, 3, 1, H, 1.0f);
     linear_make(m, &ar->P, &k->temb_proj, k->name, "temb_proj", 4 * m->cfg.ch, C_out);
     groupnorm_make(m, &ar->P, &k->norm2, k->name, "norm2", C_out, G);
-    conv_make(m, &ar->P, &k->conv2, k->name, "conv2", C_out, C_out, 3, 1, 1e-10f);
-    if (C_x != C_out) conv_make(m, &ar->P, &k->nin_shortcut, k->name, "nin_shortcut", C_x, C_out, 1, 1, 1.0f);
+    conv_make(m, &ar->P, &k->conv2, k->name, "conv2", C_out, C_out, 3, 1, H, 1e-10f);
+    if (C_x != C_out) conv_make(m, &ar->P, &k->nin_shortcut, k->name, "nin_shortcut", C_x, C_out, 1, 1, H, 1.0f);
     k->mean1 = take(&ar->A, Bm * G); k->rstd1 = take(&ar->A, Bm * G);
     k->mean2 = take(&ar->A, Bm * G); k->rstd2 = take(&ar->A, Bm * G);
     k->h1 = take(&ar->A, (size_t)Bm * C_out * H * H);
     Flow out = flow_new(m, ar, C_out, H, persistent);
     block_connect(m, k, in, skip, out);
-    size_t col = (size_t)C_x * 9 * H * H;
-    if (col > m->max_col) m->max_col = col;
     return out;
 }
 
@@ -1254,10 +1710,10 @@ static Flow attnblock_make(UNet* m, Arenas* ar, Flow in, int persistent, const c
     Block* k = block_new(m, BLOCK_ATTN, name, a, b);
     int C = in.C, G = m->cfg.groups, HW = in.H * in.H, Bm = m->B_max;
     groupnorm_make(m, &ar->P, &k->norm, k->name, "norm", C, G);
-    conv_make(m, &ar->P, &k->q, k->name, "q", C, C, 1, 1, 1.0f);
-    conv_make(m, &ar->P, &k->k, k->name, "k", C, C, 1, 1, 1.0f);
-    conv_make(m, &ar->P, &k->v, k->name, "v", C, C, 1, 1, 1.0f);
-    conv_make(m, &ar->P, &k->proj_out, k->name, "proj_out", C, C, 1, 1, 1e-10f);
+    conv_make(m, &ar->P, &k->q, k->name, "q", C, C, 1, 1, in.H, 1.0f);
+    conv_make(m, &ar->P, &k->k, k->name, "k", C, C, 1, 1, in.H, 1.0f);
+    conv_make(m, &ar->P, &k->v, k->name, "v", C, C, 1, 1, in.H, 1.0f);
+    conv_make(m, &ar->P, &k->proj_out, k->name, "proj_out", C, C, 1, 1, in.H, 1e-10f);
     k->mean = take(&ar->A, Bm * G); k->rstd = take(&ar->A, Bm * G);
     k->qa = take(&ar->A, (size_t)Bm * C * HW); k->ka = take(&ar->A, (size_t)Bm * C * HW);
     k->va = take(&ar->A, (size_t)Bm * C * HW); k->o = take(&ar->A, (size_t)Bm * C * HW);
@@ -1271,13 +1727,15 @@ static Flow attnblock_make(UNet* m, Arenas* ar, Flow in, int persistent, const c
 // Downsample (stride-2 conv) and Upsample (nearest 2x, then conv), both C -> C.
 static Flow resample_make(UNet* m, Arenas* ar, Flow in, BlockKind kind, int persistent, const char* name, int a) {
     Block* k = block_new(m, kind, name, a, 0);
-    conv_make(m, &ar->P, &k->conv, k->name, "conv", in.C, in.C, 3, kind == BLOCK_DOWN ? 2 : 1, 1.0f);
+    conv_make(m, &ar->P, &k->conv, k->name, "conv", in.C, in.C, 3, kind == BLOCK_DOWN ? 2 : 1,
+              kind == BLOCK_DOWN ? in.H : 2 * in.H, 1.0f);
     int H_out = kind == BLOCK_DOWN ? in.H / 2 : in.H * 2;
     Flow out = flow_new(m, ar, in.C, H_out, persistent);
     block_connect(m, k, in, NULL, out);
-    size_t col = (size_t)in.C * 9 * H_out * H_out;
-    if (col > m->max_col) m->max_col = col;
-    if ((size_t)in.C * H_out * H_out > m->max_numel) m->max_numel = (size_t)in.C * H_out * H_out;
+    if (kind == BLOCK_UP) {   // the fused upsampling conv (6.8) needs a little more scratch
+        size_t need = upconv_workspace_floats(m->B_max, in.C, in.H, in.H, in.C, gemm_max_threads);
+        if (need > m->max_conv_ws) m->max_conv_ws = need;
+    }
     return out;
 }
 
@@ -1295,8 +1753,7 @@ static void unet_layout(UNet* m, Arenas* ar) {
     m->d_temb_act = take(&ar->G, (size_t)Bm * E); m->d_temb = take(&ar->G, (size_t)Bm * E);
     m->d_temb_a = take(&ar->G, (size_t)Bm * E); m->d_temb_h = take(&ar->G, (size_t)Bm * E);
     m->x = take(&ar->A, (size_t)Bm * c->in_ch * S * S);
-    conv_make(m, &ar->P, &m->conv_in, "conv_in", NULL, c->in_ch, ch, 3, 1, 1.0f);
-    if ((size_t)c->in_ch * 9 * S * S > m->max_col) m->max_col = (size_t)c->in_ch * 9 * S * S;
+    conv_make(m, &ar->P, &m->conv_in, "conv_in", NULL, c->in_ch, ch, 3, 1, S, 1.0f);
     // Down path: every output is kept (hs) for a skip connection.
     Flow hs[4 * MAX_LEVELS * 8];
     int n_hs = 0;
@@ -1333,7 +1790,7 @@ static void unet_layout(UNet* m, Arenas* ar) {
     m->h_last = h.x;
     m->d_h_last = h.dx;
     groupnorm_make(m, &ar->P, &m->norm_out, "norm_out", NULL, ch, G);
-    conv_make(m, &ar->P, &m->conv_out, "conv_out", NULL, ch, c->in_ch, 3, 1, 1e-10f);
+    conv_make(m, &ar->P, &m->conv_out, "conv_out", NULL, ch, c->in_ch, 3, 1, S, 1e-10f);
     m->mean_out = take(&ar->A, (size_t)Bm * G); m->rstd_out = take(&ar->A, (size_t)Bm * G);
     m->eps_theta = take(&ar->A, (size_t)Bm * c->in_ch * S * S);
 }
@@ -1352,12 +1809,12 @@ static void unet_build(UNet* m, const Config* cfg, int B_max) {
     m->n_params = sizing.P.used;
     m->n_acts = sizing.A.used;
     m->n_grad_acts = sizing.G.used;
-    size_t per = (size_t)B_max * m->max_numel, att = (size_t)m->max_attn_hw * m->max_attn_hw;
+    size_t per = (size_t)B_max * m->max_numel;
+    size_t att = (size_t)gemm_max_threads * m->max_attn_hw * m->max_attn_hw;   // datt, per thread
     int max_mult = 1;
     for (int i = 0; i < cfg->n_levels; i++) if (cfg->ch_mult[i] > max_mult) max_mult = cfg->ch_mult[i];
     size_t tproj = (size_t)B_max * cfg->ch * max_mult;
-    size_t col = (size_t)max_threads() * m->max_col;   // one im2col slice per thread
-    m->n_work = (N_SCRATCH + 2) * per + 2 * col + att + tproj;
+    m->n_work = (N_SCRATCH + 2) * per + m->max_conv_ws + att + tproj;
     m->params = calloc_check(m->n_params, sizeof(float), "parameters");
     m->grads = calloc_check(m->n_params, sizeof(float), "gradients");
     m->acts = calloc_check(m->n_acts, sizeof(float), "activations");
@@ -1367,8 +1824,7 @@ static void unet_build(UNet* m, const Config* cfg, int B_max) {
     for (int i = 0; i < N_SCRATCH; i++, w += per) m->scratch[i] = w;
     m->ping[0] = w; w += per;
     m->ping[1] = w; w += per;
-    m->col = w; w += col;
-    m->dcol = w; w += col;
+    m->conv_ws = w; w += m->max_conv_ws;
     m->datt = w; w += att;
     m->tproj = w;
     Arenas carve = {{m->params, 0}, {m->acts, 0}, {m->grad_acts, 0}};
@@ -1411,14 +1867,14 @@ static void resblock_forward(UNet* m, Block* k, int B) {
     if (k->skip) { concat_forward(m->scratch[0], k->in, k->skip, B, k->C_in, k->C_skip, HW); x = m->scratch[0]; }
     float* a = m->scratch[1];
     groupnorm_forward(a, k->mean1, k->rstd1, x, k->norm1.gamma, k->norm1.beta, B, C_x, HW, G, 1);
-    conv2d_forward(k->h1, a, k->conv1.w, k->conv1.b, B, C_x, H, W, C, 3, 1, m->col);
+    conv2d_forward(k->h1, a, k->conv1.w, k->conv1.b, B, C_x, H, W, C, 3, 1, m->conv_ws);
     linear_forward(m->tproj, m->temb_act, k->temb_proj.w, k->temb_proj.b, B, 4 * m->cfg.ch, C);
     add_channel_bias(k->h1, m->tproj, B, C, HW);
     groupnorm_forward(a, k->mean2, k->rstd2, k->h1, k->norm2.gamma, k->norm2.beta, B, C, HW, G, 1);
     if (dropout_on(m)) dropout_forward(a, a, N, m->cfg.dropout, block_key(m, k));
-    conv2d_forward(k->out, a, k->conv2.w, k->conv2.b, B, C, H, W, C, 3, 1, m->col);
+    conv2d_forward(k->out, a, k->conv2.w, k->conv2.b, B, C, H, W, C, 3, 1, m->conv_ws);
     if (k->nin_shortcut.w) {
-        conv2d_forward(m->scratch[2], x, k->nin_shortcut.w, k->nin_shortcut.b, B, C_x, H, W, C, 1, 1, m->col);
+        conv2d_forward(m->scratch[2], x, k->nin_shortcut.w, k->nin_shortcut.b, B, C_x, H, W, C, 1, 1, m->conv_ws);
         add_inplace(k->out, m->scratch[2], N);
     } else {
         add_inplace(k->out, x, N);
@@ -1428,7 +1884,7 @@ static void resblock_forward(UNet* m, Block* k, int B) {
 static void resblock_backward(UNet* m, Block* k, int B) {
     int C_x = k->C_in + k->C_skip, C = k->C_out, H = k->H, W = k->W, HW = H * W, G = m->cfg.groups;
     size_t N = (size_t)B * C * HW;
-    float **s = m->scratch, *col = m->col, *dcol = m->dcol;
+    float **s = m->scratch;
     const float* x = k->in;
     float* dx = k->din;
     if (k->skip) {   // x = concat(in, skip): rebuild it, and collect its gradient apart
@@ -1440,7 +1896,7 @@ static void resblock_backward(UNet* m, Block* k, int B) {
     // out = shortcut(x) + h2
     if (k->nin_shortcut.w)
         conv2d_backward(dx, k->nin_shortcut.dw, k->nin_shortcut.db, k->dout, x, k->nin_shortcut.w,
-                        B, C_x, H, W, C, 1, 1, col, dcol);
+                        B, C_x, H, W, C, 1, 1, m->conv_ws);
     else
         add_inplace(dx, k->dout, N);
     // h2 = conv2(a2): recompute a2 = dropout(silu(norm2(h1))) rather than store it
@@ -1448,7 +1904,7 @@ static void resblock_backward(UNet* m, Block* k, int B) {
     groupnorm_apply(a2, k->h1, k->mean2, k->rstd2, k->norm2.gamma, k->norm2.beta, B, C, HW, G, 1);
     if (dropout_on(m)) dropout_forward(a2, a2, N, m->cfg.dropout, block_key(m, k));
     zero(da2, N);
-    conv2d_backward(da2, k->conv2.dw, k->conv2.db, k->dout, a2, k->conv2.w, B, C, H, W, C, 3, 1, col, dcol);
+    conv2d_backward(da2, k->conv2.dw, k->conv2.db, k->dout, a2, k->conv2.w, B, C, H, W, C, 3, 1, m->conv_ws);
     // a2 = dropout(silu(norm2(h1)))
     if (dropout_on(m)) {
         float* t = a2;   // a2 is no longer needed: reuse it for the gradient behind dropout
@@ -1467,7 +1923,7 @@ static void resblock_backward(UNet* m, Block* k, int B) {
     float *a1 = s[1], *da1 = s[2];
     groupnorm_apply(a1, x, k->mean1, k->rstd1, k->norm1.gamma, k->norm1.beta, B, C_x, HW, G, 1);
     zero(da1, (size_t)B * C_x * HW);
-    conv2d_backward(da1, k->conv1.dw, k->conv1.db, dh1, a1, k->conv1.w, B, C_x, H, W, C, 3, 1, col, dcol);
+    conv2d_backward(da1, k->conv1.dw, k->conv1.db, dh1, a1, k->conv1.w, B, C_x, H, W, C, 3, 1, m->conv_ws);
     groupnorm_backward(dx, k->norm1.dgamma, k->norm1.dbeta, da1, x, k->mean1, k->rstd1,
                        k->norm1.gamma, k->norm1.beta, B, C_x, HW, G, 1);
     if (k->skip) concat_backward(k->din, k->dskip, dx, B, k->C_in, k->C_skip, HW);
@@ -1479,31 +1935,31 @@ static void attnblock_forward(UNet* m, Block* k, int B) {
     int C = k->C_in, H = k->H, W = k->W, HW = H * W;
     float* n = m->scratch[0];
     groupnorm_forward(n, k->mean, k->rstd, k->in, k->norm.gamma, k->norm.beta, B, C, HW, m->cfg.groups, 0);
-    conv2d_forward(k->qa, n, k->q.w, k->q.b, B, C, H, W, C, 1, 1, m->col);
-    conv2d_forward(k->ka, n, k->k.w, k->k.b, B, C, H, W, C, 1, 1, m->col);
-    conv2d_forward(k->va, n, k->v.w, k->v.b, B, C, H, W, C, 1, 1, m->col);
+    conv2d_forward(k->qa, n, k->q.w, k->q.b, B, C, H, W, C, 1, 1, m->conv_ws);
+    conv2d_forward(k->ka, n, k->k.w, k->k.b, B, C, H, W, C, 1, 1, m->conv_ws);
+    conv2d_forward(k->va, n, k->v.w, k->v.b, B, C, H, W, C, 1, 1, m->conv_ws);
     attention_forward(k->o, k->att, k->qa, k->ka, k->va, B, C, HW);
-    conv2d_forward(k->out, k->o, k->proj_out.w, k->proj_out.b, B, C, H, W, C, 1, 1, m->col);
+    conv2d_forward(k->out, k->o, k->proj_out.w, k->proj_out.b, B, C, H, W, C, 1, 1, m->conv_ws);
     add_inplace(k->out, k->in, (size_t)B * C * HW);
 }
 
 static void attnblock_backward(UNet* m, Block* k, int B) {
     int C = k->C_in, H = k->H, W = k->W, HW = H * W;
     size_t N = (size_t)B * C * HW;
-    float **s = m->scratch, *col = m->col, *dcol = m->dcol;
+    float **s = m->scratch;
     float *n = s[0], *do_ = s[1], *dq = s[2], *dk = s[3], *dv = s[4];
     add_inplace(k->din, k->dout, N);   // the residual connection
     zero(do_, N);
-    conv2d_backward(do_, k->proj_out.dw, k->proj_out.db, k->dout, k->o, k->proj_out.w, B, C, H, W, C, 1, 1, col, dcol);
+    conv2d_backward(do_, k->proj_out.dw, k->proj_out.db, k->dout, k->o, k->proj_out.w, B, C, H, W, C, 1, 1, m->conv_ws);
     zero(dq, N); zero(dk, N); zero(dv, N);
     attention_backward(dq, dk, dv, do_, k->qa, k->ka, k->va, k->att, B, C, HW, m->datt);
     // n = norm(x), recomputed; its gradient sums the three projections
     groupnorm_apply(n, k->in, k->mean, k->rstd, k->norm.gamma, k->norm.beta, B, C, HW, m->cfg.groups, 0);
     float* dn = do_;
     zero(dn, N);
-    conv2d_backward(dn, k->q.dw, k->q.db, dq, n, k->q.w, B, C, H, W, C, 1, 1, col, dcol);
-    conv2d_backward(dn, k->k.dw, k->k.db, dk, n, k->k.w, B, C, H, W, C, 1, 1, col, dcol);
-    conv2d_backward(dn, k->v.dw, k->v.db, dv, n, k->v.w, B, C, H, W, C, 1, 1, col, dcol);
+    conv2d_backward(dn, k->q.dw, k->q.db, dq, n, k->q.w, B, C, H, W, C, 1, 1, m->conv_ws);
+    conv2d_backward(dn, k->k.dw, k->k.db, dk, n, k->k.w, B, C, H, W, C, 1, 1, m->conv_ws);
+    conv2d_backward(dn, k->v.dw, k->v.db, dv, n, k->v.w, B, C, H, W, C, 1, 1, m->conv_ws);
     groupnorm_backward(k->din, k->norm.dgamma, k->norm.dbeta, dn, k->in, k->mean, k->rstd,
                        k->norm.gamma, k->norm.beta, B, C, HW, m->cfg.groups, 0);
 }
@@ -1512,23 +1968,18 @@ static void attnblock_backward(UNet* m, Block* k, int B) {
 static void resample_forward(UNet* m, Block* k, int B) {
     int C = k->C_in, H = k->H, W = k->W;
     if (k->kind == BLOCK_DOWN) {
-        conv2d_forward(k->out, k->in, k->conv.w, k->conv.b, B, C, H, W, C, 3, 2, m->col);
+        conv2d_forward(k->out, k->in, k->conv.w, k->conv.b, B, C, H, W, C, 3, 2, m->conv_ws);
     } else {
-        upsample_forward(m->scratch[0], k->in, B, C, H, W);
-        conv2d_forward(k->out, m->scratch[0], k->conv.w, k->conv.b, B, C, 2 * H, 2 * W, C, 3, 1, m->col);
+        upconv_forward(k->out, k->in, k->conv.w, k->conv.b, B, C, H, W, C, m->conv_ws);
     }
 }
 
 static void resample_backward(UNet* m, Block* k, int B) {
     int C = k->C_in, H = k->H, W = k->W;
     if (k->kind == BLOCK_DOWN) {
-        conv2d_backward(k->din, k->conv.dw, k->conv.db, k->dout, k->in, k->conv.w, B, C, H, W, C, 3, 2, m->col, m->dcol);
+        conv2d_backward(k->din, k->conv.dw, k->conv.db, k->dout, k->in, k->conv.w, B, C, H, W, C, 3, 2, m->conv_ws);
     } else {
-        float *up = m->scratch[0], *dup = m->scratch[1];
-        upsample_forward(up, k->in, B, C, H, W);
-        zero(dup, (size_t)B * C * 4 * H * W);
-        conv2d_backward(dup, k->conv.dw, k->conv.db, k->dout, up, k->conv.w, B, C, 2 * H, 2 * W, C, 3, 1, m->col, m->dcol);
-        upsample_backward(k->din, dup, B, C, H, W);
+        upconv_backward(k->din, k->conv.dw, k->conv.db, k->dout, k->in, k->conv.w, B, C, H, W, C, m->conv_ws);
     }
 }
 
@@ -1545,7 +1996,7 @@ static float* unet_forward(UNet* m, const float* x_t, const int* t_idx, int B) {
     silu_forward(m->temb_act, m->temb, (size_t)B * E);   // every ResBlock uses silu(temb)
     memcpy(m->x, x_t, (size_t)B * c->in_ch * S * S * sizeof(float));
     conv2d_forward(m->h0, m->x, m->conv_in.w, m->conv_in.b,
-                   B, c->in_ch, S, S, ch, 3, 1, m->col);
+                   B, c->in_ch, S, S, ch, 3, 1, m->conv_ws);
     for (int i = 0; i < m->n_blocks; i++) {
         Block* k = &m->blocks[i];
         if (k->kind == BLOCK_RES) resblock_forward(m, k, B);
@@ -1554,7 +2005,7 @@ static float* unet_forward(UNet* m, const float* x_t, const int* t_idx, int B) {
     }
     float* a = m->scratch[0];
     groupnorm_forward(a, m->mean_out, m->rstd_out, m->h_last, m->norm_out.gamma, m->norm_out.beta, B, ch, S * S, c->groups, 1);
-    conv2d_forward(m->eps_theta, a, m->conv_out.w, m->conv_out.b, B, ch, S, S, c->in_ch, 3, 1, m->col);
+    conv2d_forward(m->eps_theta, a, m->conv_out.w, m->conv_out.b, B, ch, S, S, c->in_ch, 3, 1, m->conv_ws);
     return m->eps_theta;
 }
 
@@ -1567,7 +2018,7 @@ static void unet_backward(UNet* m, const float* d_eps_theta, int B) {
     float *a = m->scratch[0], *da = m->scratch[1];
     groupnorm_apply(a, m->h_last, m->mean_out, m->rstd_out, m->norm_out.gamma, m->norm_out.beta, B, ch, S * S, c->groups, 1);
     zero(da, (size_t)B * ch * S * S);
-    conv2d_backward(da, m->conv_out.dw, m->conv_out.db, d_eps_theta, a, m->conv_out.w, B, ch, S, S, c->in_ch, 3, 1, m->col, m->dcol);
+    conv2d_backward(da, m->conv_out.dw, m->conv_out.db, d_eps_theta, a, m->conv_out.w, B, ch, S, S, c->in_ch, 3, 1, m->conv_ws);
     zero(m->d_h_last, (size_t)B * ch * S * S);
     groupnorm_backward(m->d_h_last, m->norm_out.dgamma, m->norm_out.dbeta, da, m->h_last, m->mean_out, m->rstd_out,
                        m->norm_out.gamma, m->norm_out.beta, B, ch, S * S, c->groups, 1);
@@ -1580,7 +2031,7 @@ static void unet_backward(UNet* m, const float* d_eps_theta, int B) {
     }
     // h0 = conv_in(x): the input x_t needs no gradient
     conv2d_backward(NULL, m->conv_in.dw, m->conv_in.db, m->d_h0, m->x, m->conv_in.w,
-                    B, c->in_ch, S, S, ch, 3, 1, m->col, m->dcol);
+                    B, c->in_ch, S, S, ch, 3, 1, m->conv_ws);
     // the timestep MLP, backwards: temb_act = silu(temb), temb = dense1(silu(dense0(sin)))
     silu_backward(m->d_temb, m->d_temb_act, m->temb, (size_t)B * E);
     linear_backward(m->d_temb_a, m->dense1.dw, m->dense1.db, m->d_temb, m->temb_a, m->dense1.w, B, E, E);
@@ -1805,11 +2256,26 @@ static void trainer_free(Trainer* tr) {
     free(tr->x0); free(tr->eps); free(tr->x_t); free(tr->d_eps_theta); free(tr->t_idx);
 }
 
-// The global L2 norm of the gradient, summed in double in a fixed order.
+// The global L2 norm of the gradient, summed in double in a fixed order: 256 fixed
+// chunks (threads take chunks; the chunk boundaries do not depend on the thread
+// count), each in 8 lanes, then the chunk sums in order.
 static double grad_global_norm(const float* g, size_t n) {
-    double s = 0;
-    for (size_t i = 0; i < n; i++) s += (double)g[i] * g[i];
-    return sqrt(s);
+    enum { CHUNKS = 256, L = 8 };
+    double part[CHUNKS];
+    size_t len = (n + CHUNKS - 1) / CHUNKS;
+    #pragma omp parallel for schedule(static)
+    for (int c = 0; c < CHUNKS; c++) {
+        size_t i = c * len, end = i + len < n ? i + len : n;
+        double s[L] = {0};
+        for (; i + L <= end; i += L)
+            for (int l = 0; l < L; l++) s[l] += (double)g[i + l] * g[i + l];
+        for (; i < end; i++) s[0] += (double)g[i] * g[i];
+        part[c] = 0;
+        for (int l = 0; l < L; l++) part[c] += s[l];
+    }
+    double total = 0;
+    for (int c = 0; c < CHUNKS; c++) total += part[c];
+    return sqrt(total);
 }
 
 // Adam (Kingma & Ba 2015) with bias correction, as TensorFlow's AdamOptimizer:

@@ -695,9 +695,8 @@ static void test_conv(int K, int stride, int accumulation_check) {
     size_t nx = (size_t)c.B * c.C_in * c.H * c.W, nw = (size_t)c.C_out * c.C_in * K * K, no = (size_t)c.B * c.C_out * Ho * Wo;
     c.x = randn(nx, 1); c.w = randn(nw, 0.5f); c.b = randn(c.C_out, 0.1f);
     c.out = fmalloc(no);
-    // col and dcol: one image's im2col per thread (threads take whole images)
-    c.col = fmalloc((size_t)max_threads() * c.C_in * K * K * Ho * Wo);
-    float* dcol = fmalloc((size_t)max_threads() * c.C_in * K * K * Ho * Wo);
+    gemm_init();
+    c.col = fmalloc(conv2d_workspace_floats(c.B, c.C_in, c.H, c.W, c.C_out, K, stride, gemm_max_threads));
     float* R = randn(no, 1);
     Objective o = {conv_fwd, &c, c.out, no, R};
     char name[96], what[48];
@@ -714,7 +713,7 @@ static void test_conv(int K, int stride, int accumulation_check) {
     float* dx = fmalloc(nx);
     float* dw = fmalloc(nw);
     float* db = fmalloc(c.C_out);
-    conv2d_backward(dx, dw, db, R, c.x, c.w, c.B, c.C_in, c.H, c.W, c.C_out, K, stride, c.col, dcol);
+    conv2d_backward(dx, dw, db, R, c.x, c.w, c.B, c.C_in, c.H, c.W, c.C_out, K, stride, c.col);
     snprintf(name, sizeof name, "%s d input", what);
     check_grad(name, dx, c.x, nx, &o, TOL_LINEAR);
     snprintf(name, sizeof name, "%s d weight", what);
@@ -730,7 +729,7 @@ static void test_conv(int K, int stride, int accumulation_check) {
         float* dx1 = fcopy(dx, nx);
         float* dw1 = fcopy(dw, nw);
         float* db1 = fcopy(db, c.C_out);
-        conv2d_backward(dx, dw, db, R, c.x, c.w, c.B, c.C_in, c.H, c.W, c.C_out, K, stride, c.col, dcol);
+        conv2d_backward(dx, dw, db, R, c.x, c.w, c.B, c.C_in, c.H, c.W, c.C_out, K, stride, c.col);
         for (size_t i = 0; i < nx; i++) dx1[i] *= 2;
         for (size_t i = 0; i < nw; i++) dw1[i] *= 2;
         for (int i = 0; i < c.C_out; i++) db1[i] *= 2;
@@ -740,50 +739,120 @@ static void test_conv(int K, int stride, int accumulation_check) {
               "max rel diff from 2x %.2g (tol 1e-5)", e);
         free(dx1); free(dw1); free(db1);
     }
-    free(c.x); free(c.w); free(c.b); free(c.out); free(c.col); free(dcol); free(R); free(ref); free(dx); free(dw); free(db);
+    free(c.x); free(c.w); free(c.b); free(c.out); free(c.col); free(R); free(ref); free(dx); free(dw); free(db);
 }
 
-// conv2d runs images on parallel threads (each with its own im2col slice and matmul
-// packing buffer); the result must have the same bits as on one thread, every time.
-// A race shows only when two threads work at the same moment, so one image's work is
-// made ~10 ms, longer than a scheduler time slice: the threads overlap even when they
-// share a core on a loaded machine. Repeated until a difference, at most 8 times.
-static void test_conv_threads(void) {
-    const int B = 2, C = 64, H = 32, K = 3, reps = 8;
-    size_t nx = (size_t)B * C * H * H, nw = (size_t)C * C * K * K, ncol = (size_t)max_threads() * C * K * K * H * H;
+// The plain, obviously correct backward of a stride-1 "SAME" convolution, in double:
+// the oracle for the tiled kernels of 6.2 (direct input gradient, transposed-dy weight
+// gradient). Each output gradient dy[b, o, h, w] is spread back along the same loops as
+// conv_naive's forward sum. Also returns sum |terms| per tensor, for rounding tolerances.
+static void conv_naive_backward(double* dx, double* dw, double* db, double abs_sum[3], const float* dy,
+                                const float* x, const float* w, int B, int C_in, int H, int W, int C_out, int K) {
+    int pad = K / 2;
+    memset(dx, 0, sizeof(double) * B * C_in * H * W);
+    memset(dw, 0, sizeof(double) * C_out * C_in * K * K);
+    memset(db, 0, sizeof(double) * C_out);
+    double* ax = calloc_check((size_t)B * C_in * H * W, sizeof(double), "test buffer");
+    double* aw = calloc_check((size_t)C_out * C_in * K * K, sizeof(double), "test buffer");
+    abs_sum[0] = abs_sum[1] = abs_sum[2] = 0;
+    for (int b = 0; b < B; b++)
+        for (int o = 0; o < C_out; o++)
+            for (int h = 0; h < H; h++)
+                for (int v = 0; v < W; v++) {
+                    double g = dy[((b * C_out + o) * H + h) * W + v];
+                    db[o] += g;
+                    abs_sum[2] = fmax(abs_sum[2], fabs(db[o]));
+                    for (int c = 0; c < C_in; c++)
+                        for (int i = 0; i < K; i++)
+                            for (int j = 0; j < K; j++) {
+                                int y = h + i - pad, u = v + j - pad;
+                                if (y < 0 || y >= H || u < 0 || u >= W) continue;
+                                size_t xi = ((size_t)(b * C_in + c) * H + y) * W + u, wi = ((size_t)(o * C_in + c) * K + i) * K + j;
+                                dx[xi] += g * w[wi]; ax[xi] += fabs(g * w[wi]);
+                                dw[wi] += g * x[xi]; aw[wi] += fabs(g * x[xi]);
+                            }
+                }
+    for (size_t i = 0; i < (size_t)B * C_in * H * W; i++) abs_sum[0] = fmax(abs_sum[0], ax[i]);
+    for (size_t i = 0; i < (size_t)C_out * C_in * K * K; i++) abs_sum[1] = fmax(abs_sum[1], aw[i]);
+    free(ax); free(aw);
+}
+
+static double max_abs_diff_d(const float* got, const double* want, size_t n) {
+    double d = 0;
+    for (size_t i = 0; i < n; i++) d = fmax(d, fabs(got[i] - want[i]));
+    return d;
+}
+
+// The tiled stride-1 paths against the oracles, on shapes that exercise every edge:
+// C_out not a multiple of the 8-channel or 32-channel tiles, C_in x taps not a multiple
+// of 9, W not a multiple of 16, and pixel tiles that straddle rows and the image's end.
+static void test_conv_oracle(int K, int B, int C_in, int C_out, int H, int W) {
+    ConvCase c = {0};
+    c.B = B; c.C_in = C_in; c.H = H; c.W = W; c.C_out = C_out; c.K = K; c.stride = 1;
+    size_t nx = (size_t)B * C_in * H * W, nw = (size_t)C_out * C_in * K * K, no = (size_t)B * C_out * H * W;
+    c.x = randn(nx, 1); c.w = randn(nw, 0.3f); c.b = randn(C_out, 0.1f);
+    c.out = fmalloc(no);
+    gemm_init();
+    c.col = fmalloc(conv2d_workspace_floats(B, C_in, H, W, C_out, K, 1, gemm_max_threads));
+    float *ref = fmalloc(no), *dy = randn(no, 1), *dx = fmalloc(nx), *dw = fmalloc(nw), *db = fmalloc(C_out);
+    double absref, abs_sum[3];
+    double *rdx = calloc_check(nx, sizeof(double), "test buffer"), *rdw = calloc_check(nw, sizeof(double), "test buffer");
+    double* rdb = calloc_check(C_out, sizeof(double), "test buffer");
+    conv_fwd(&c);
+    conv_naive(ref, &absref, &c);
+    conv2d_backward(dx, dw, db, dy, c.x, c.w, B, C_in, H, W, C_out, K, 1, c.col);
+    conv_naive_backward(rdx, rdw, rdb, abs_sum, dy, c.x, c.w, B, C_in, H, W, C_out, K);
+    // float sums of n terms: |error| <= n u sum|terms| (u = 6e-8); n <= B H W here
+    double e[4] = {max_abs_diff(c.out, ref, no) / absref, max_abs_diff_d(dx, rdx, nx) / abs_sum[0],
+                   max_abs_diff_d(dw, rdw, nw) / abs_sum[1], max_abs_diff_d(db, rdb, C_out) / fmax(abs_sum[2], 1e-30)};
+    double worst = fmax(fmax(e[0], e[1]), fmax(e[2], e[3]));
+    check("conv2d tiled kernels vs plain loops (forward, d input, d weight, d bias)", worst < 1e-5,
+          "%dx%d, B %d, C_in %d, C_out %d, %dx%d: relative errors %.2g %.2g %.2g %.2g (tol 1e-5)",
+          K, K, B, C_in, C_out, H, W, e[0], e[1], e[2], e[3]);
+    free(c.x); free(c.w); free(c.b); free(c.out); free(c.col); free(ref); free(dy); free(dx); free(dw); free(db);
+    free(rdx); free(rdw); free(rdb);
+}
+
+// conv2d runs on parallel threads (work items of 48 pixels of one image; weight-gradient
+// tiles owned by one thread each; for stride 2, whole images with their own im2col
+// slices); the result must have the same bits as on one thread, every time. The thread
+// count is set as --threads sets it (gemm_reinit). A race shows only when two threads
+// work at the same moment, so the call is made ~10 ms, longer than a scheduler time
+// slice: the threads overlap even when they share a core on a loaded machine. Repeated
+// until a difference, at most 8 times.
+static void test_conv_threads(int K, int stride) {
+    const int B = 2, C = 64, H = 32, reps = 8, Ho = H / stride;
+    size_t nx = (size_t)B * C * H * H, ny = (size_t)B * C * Ho * Ho, nw = (size_t)C * C * K * K;
+    int threads = get_threads(), many = threads > 1 ? threads : 2;
     float* x = randn(nx, 1);
     float* w = randn(nw, 0.1f);
     float* b = randn(C, 0.1f);
-    float* dy = randn(nx, 1);
-    float* col = fmalloc(ncol);
-    float* dcol = fmalloc(ncol);
-    float* y1 = fmalloc(nx);
-    float* y2 = fmalloc(nx);
-    float* dx1 = fmalloc(nx);
-    float* dx2 = fmalloc(nx);
-    float* dw1 = fmalloc(nw);
-    float* dw2 = fmalloc(nw);
-    float* db = fmalloc(C);
-    int threads = get_threads(), bad_fwd = 0, bad_bwd = 0;
-    set_threads(1);
-    conv2d_forward(y1, x, w, b, B, C, H, H, C, K, 1, col);
-    conv2d_backward(dx1, dw1, db, dy, x, w, B, C, H, H, C, K, 1, col, dcol);
-    set_threads(threads > 1 ? threads : 2);
+    float* dy = randn(ny, 1);
+    float* ws = fmalloc(conv2d_workspace_floats(B, C, H, H, C, K, stride, many));
+    float *y1 = fmalloc(ny), *y2 = fmalloc(ny), *dx1 = fmalloc(nx), *dx2 = fmalloc(nx);
+    float *dw1 = fmalloc(nw), *dw2 = fmalloc(nw), *db1 = fmalloc(C), *db2 = fmalloc(C);
+    int bad_fwd = 0, bad_bwd = 0;
+    gemm_reinit(1);
+    conv2d_forward(y1, x, w, b, B, C, H, H, C, K, stride, ws);
+    conv2d_backward(dx1, dw1, db1, dy, x, w, B, C, H, H, C, K, stride, ws);
+    gemm_reinit(many);
     int r = 0;
     for (; r < reps && !bad_fwd && !bad_bwd; r++) {
         memset(dx2, 0, nx * sizeof(float));
         memset(dw2, 0, nw * sizeof(float));
-        conv2d_forward(y2, x, w, b, B, C, H, H, C, K, 1, col);
-        conv2d_backward(dx2, dw2, db, dy, x, w, B, C, H, H, C, K, 1, col, dcol);
-        bad_fwd += memcmp(y1, y2, nx * sizeof(float)) != 0;
-        bad_bwd += memcmp(dx1, dx2, nx * sizeof(float)) != 0 || memcmp(dw1, dw2, nw * sizeof(float)) != 0;
+        memset(db2, 0, C * sizeof(float));
+        conv2d_forward(y2, x, w, b, B, C, H, H, C, K, stride, ws);
+        conv2d_backward(dx2, dw2, db2, dy, x, w, B, C, H, H, C, K, stride, ws);
+        bad_fwd += memcmp(y1, y2, ny * sizeof(float)) != 0;
+        bad_bwd += memcmp(dx1, dx2, nx * sizeof(float)) != 0 || memcmp(dw1, dw2, nw * sizeof(float)) != 0 ||
+                   memcmp(db1, db2, C * sizeof(float)) != 0;
     }
-    set_threads(threads);
+    gemm_reinit(threads);
     check("conv2d forward and backward: same bits on 1 thread and on several", !bad_fwd && !bad_bwd,
-          "%d runs, forward differs %d, backward differs %d (B %d, C %d, %dx%d, max |diff| %.3g)", r, bad_fwd,
-          bad_bwd, B, C, H, H, fmax(max_abs_diff(y1, y2, nx), max_abs_diff(dx1, dx2, nx)));
-    free(x); free(w); free(b); free(dy); free(col); free(dcol); free(y1); free(y2);
-    free(dx1); free(dx2); free(dw1); free(dw2); free(db);
+          "%dx%d stride %d, %d runs on %d threads, forward differs %d, backward differs %d (max |diff| %.3g)",
+          K, K, stride, r, many, bad_fwd, bad_bwd, fmax(max_abs_diff(y1, y2, ny), max_abs_diff(dw1, dw2, nw)));
+    free(x); free(w); free(b); free(dy); free(ws); free(y1); free(y2);
+    free(dx1); free(dx2); free(dw1); free(dw2); free(db1); free(db2);
 }
 
 // ---- GroupNorm (+ SiLU) ----
@@ -936,7 +1005,8 @@ static void test_attention(void) {
     float* dq = fmalloc(n);
     float* dk = fmalloc(n);
     float* dv = fmalloc(n);
-    float* datt = fmalloc((size_t)a.N * a.N);
+    gemm_init();
+    float* datt = fmalloc((size_t)gemm_max_threads * a.N * a.N);   // one N x N per thread
     attention_backward(dq, dk, dv, R, a.q, a.k, a.v, a.att, a.B, a.C, a.N, datt);
     check_grad("attention d q", dq, a.q, n, &o, TOL_NONLINEAR);
     check_grad("attention d k", dk, a.k, n, &o, TOL_NONLINEAR);
@@ -944,9 +1014,45 @@ static void test_attention(void) {
     free(a.q); free(a.k); free(a.v); free(a.out); free(a.att); free(R); free(ref); free(dq); free(dk); free(dv); free(datt);
 }
 
-// ---- upsample, concat, add_channel_bias ----
-typedef struct { float *x, *out; int B, C, H, W; } UpCase;
-static void up_fwd(void* p) { UpCase* u = p; upsample_forward(u->out, u->x, u->B, u->C, u->H, u->W); }
+// ---- the fused upsampling conv, concat, add_channel_bias ----
+// The plain Upsample (the oracle for upconv_forward / upconv_backward of 6.8): nearest
+// neighbour 2x, out[c, y, x] = inp[c, y/2, x/2], then conv_naive on it; backward: the
+// conv's oracle on the upsampled image, then each 2x2 block of its input gradient summed.
+static void upsample_plain(float* out, const float* inp, int BC, int H, int W) {
+    for (int bc = 0; bc < BC; bc++)
+        for (int y = 0; y < 2 * H; y++)
+            for (int x = 0; x < 2 * W; x++) out[((size_t)bc * 2 * H + y) * 2 * W + x] = inp[((size_t)bc * H + y / 2) * W + x / 2];
+}
+
+static void test_upconv(int B, int C_in, int C_out, int H, int W) {
+    size_t nx = (size_t)B * C_in * H * W, nu = 4 * nx, nw = (size_t)C_out * C_in * 9, no = (size_t)B * C_out * 4 * H * W;
+    ConvCase c = {0};   // the plain conv on the upsampled image
+    c.B = B; c.C_in = C_in; c.H = 2 * H; c.W = 2 * W; c.C_out = C_out; c.K = 3; c.stride = 1;
+    float* x = randn(nx, 1);
+    c.x = fmalloc(nu); c.w = randn(nw, 0.3f); c.b = randn(C_out, 0.1f);
+    upsample_plain(c.x, x, B * C_in, H, W);
+    gemm_init();
+    float* ws = fmalloc(upconv_workspace_floats(B, C_in, H, W, C_out, gemm_max_threads));
+    float *out = fmalloc(no), *ref = fmalloc(no), *dy = randn(no, 1), *dx = fmalloc(nx), *dw = fmalloc(nw), *db = fmalloc(C_out);
+    double absref, abs_sum[3];
+    double *rdu = calloc_check(nu, sizeof(double), "test buffer"), *rdw = calloc_check(nw, sizeof(double), "test buffer");
+    double *rdb = calloc_check(C_out, sizeof(double), "test buffer"), *rdx = calloc_check(nx, sizeof(double), "test buffer");
+    upconv_forward(out, x, c.w, c.b, B, C_in, H, W, C_out, ws);
+    conv_naive(ref, &absref, &c);
+    upconv_backward(dx, dw, db, dy, x, c.w, B, C_in, H, W, C_out, ws);
+    conv_naive_backward(rdu, rdw, rdb, abs_sum, dy, c.x, c.w, B, C_in, 2 * H, 2 * W, C_out, 3);
+    for (int bc = 0; bc < B * C_in; bc++)   // the adjoint of the upsampling
+        for (int y = 0; y < 2 * H; y++)
+            for (int v = 0; v < 2 * W; v++) rdx[((size_t)bc * H + y / 2) * W + v / 2] += rdu[((size_t)bc * 2 * H + y) * 2 * W + v];
+    double e[4] = {max_abs_diff(out, ref, no) / absref, max_abs_diff_d(dx, rdx, nx) / (4 * abs_sum[0]),
+                   max_abs_diff_d(dw, rdw, nw) / abs_sum[1], max_abs_diff_d(db, rdb, C_out) / fmax(abs_sum[2], 1e-30)};
+    double worst = fmax(fmax(e[0], e[1]), fmax(e[2], e[3]));
+    check("upsample + 3x3 conv fused (4 phase 2x2 convs) vs upsample then plain conv loops", worst < 1e-5,
+          "B %d, C_in %d, C_out %d, %dx%d -> %dx%d: relative errors %.2g %.2g %.2g %.2g (tol 1e-5)",
+          B, C_in, C_out, H, W, 2 * H, 2 * W, e[0], e[1], e[2], e[3]);
+    free(x); free(c.x); free(c.w); free(c.b); free(ws); free(out); free(ref); free(dy); free(dx); free(dw); free(db);
+    free(rdu); free(rdw); free(rdb); free(rdx);
+}
 
 typedef struct { float *a, *b, *out; int B, Ca, Cb, HW; } CatCase;
 static void cat_fwd(void* p) { CatCase* c = p; concat_forward(c->out, c->a, c->b, c->B, c->Ca, c->Cb, c->HW); }
@@ -959,25 +1065,8 @@ static void bias_fwd(void* p) {
 }
 
 static void test_small_layers(void) {
-    // nearest-neighbour upsampling, on a non-square map
-    UpCase u = {0};
-    u.B = 2; u.C = 3; u.H = 3; u.W = 4;
-    size_t nx = (size_t)u.B * u.C * u.H * u.W, no = 4 * nx;
-    u.x = randn(nx, 1); u.out = fmalloc(no);
-    float* R = randn(no, 1);
-    Objective o = {up_fwd, &u, u.out, no, R};
-    up_fwd(&u);
-    int ok = 1;
-    for (int bc = 0; bc < u.B * u.C; bc++)
-        for (int y = 0; y < 2 * u.H; y++)
-            for (int x = 0; x < 2 * u.W; x++)
-                ok &= u.out[(bc * 2 * u.H + y) * 2 * u.W + x] == u.x[(bc * u.H + y / 2) * u.W + x / 2];
-    check("upsample forward: out[y][x] = in[y/2][x/2]", ok, "B 2, C 3, 3x4 -> 6x8, exact");
-    float* dx = fmalloc(nx);
-    upsample_backward(dx, R, u.B, u.C, u.H, u.W);
-    check_grad("upsample d input", dx, u.x, nx, &o, TOL_LINEAR);
-    free(u.x); free(u.out); free(R); free(dx);
-
+    int ok;
+    float* R;
     // channel concatenation
     CatCase c = {0};
     c.B = 2; c.Ca = 3; c.Cb = 2; c.HW = 5;
@@ -1852,7 +1941,15 @@ int main(int argc, char** argv) {
     test_conv(3, 1, 1);
     test_conv(1, 1, 0);
     test_conv(3, 2, 0);
-    test_conv_threads();
+    test_conv_oracle(3, 3, 13, 40, 9, 7);
+    test_conv_oracle(1, 2, 22, 35, 5, 11);
+    test_conv_oracle(1, 2, 17, 9, 8, 8);
+    test_conv_oracle(3, 1, 64, 64, 32, 32);
+    test_upconv(2, 5, 11, 3, 5);
+    test_upconv(2, 32, 40, 8, 8);
+    test_conv_threads(3, 1);
+    test_conv_threads(1, 1);
+    test_conv_threads(3, 2);
     test_groupnorm();
     test_silu();
     test_linear();
