@@ -440,11 +440,13 @@ static float l_simple(float* d_eps_theta, const float* eps_theta, const float* e
 // (-O3 -march=native). OpenMP splits C into tiles; each tile is owned by one thread
 // and sums over K in the same order whatever the tile size, so the result has the
 // same bits for any number of threads.
-#define GEMM_MR 12
-#define GEMM_NR 32
+#define GEMM_MR 8
+#define GEMM_NV 2                // vectors of 16 floats per row of the register block
+#define GEMM_NR (16 * GEMM_NV)
 #define GEMM_MC 96
 #define GEMM_KC 512
 #define GEMM_NC 1024
+_Static_assert(GEMM_MC % GEMM_MR == 0 && GEMM_NC % GEMM_NR == 0, "packing buffers hold whole panels");
 
 static float* gemm_pack_buffer;   // per thread: MC*KC floats of A, then KC*NC of B
 static int gemm_max_threads;
@@ -532,16 +534,26 @@ static void gemm_pack_b(float* Bp, const float* B, int ldb, int transB, int p0, 
 typedef float vec16 __attribute__((vector_size(64)));
 static void gemm_micro(int kc, const float* restrict a, const float* restrict b,
                        float* restrict C, int ldc, int m, int n, int accumulate) {
-    vec16 acc[GEMM_MR][2];
+    vec16 acc[GEMM_MR][GEMM_NV];
     memset(acc, 0, sizeof acc);
     for (int p = 0; p < kc; p++, a += GEMM_MR, b += GEMM_NR) {
-        vec16 b0, b1;
-        memcpy(&b0, b, sizeof b0);
-        memcpy(&b1, b + 16, sizeof b1);
-        for (int r = 0; r < GEMM_MR; r++) {
-            acc[r][0] += a[r] * b0;
-            acc[r][1] += a[r] * b1;
-        }
+        vec16 bv[GEMM_NV];
+        for (int v = 0; v < GEMM_NV; v++) memcpy(&bv[v], b + 16 * v, sizeof bv[v]);
+        for (int r = 0; r < GEMM_MR; r++)
+            for (int v = 0; v < GEMM_NV; v++) acc[r][v] += a[r] * bv[v];
+    }
+    if (m == GEMM_MR && n == GEMM_NR) {   // a full tile: whole vectors in and out
+        for (int r = 0; r < GEMM_MR; r++)
+            for (int v = 0; v < GEMM_NV; v++) {
+                float* c = C + (size_t)r * ldc + 16 * v;
+                if (accumulate) {
+                    vec16 cv;
+                    memcpy(&cv, c, sizeof cv);
+                    acc[r][v] += cv;
+                }
+                memcpy(c, &acc[r][v], sizeof acc[r][v]);
+            }
+        return;
     }
     float out[GEMM_MR][GEMM_NR];
     memcpy(out, acc, sizeof out);
@@ -640,12 +652,23 @@ static void matmul(float* C, const float* A, const float* B, int M, int N, int K
 // so the bits are too.
 #define LANES 16
 
-// sum of n floats in lanes, the lanes added in double.
+// sum of n floats in lanes, the lanes added in double. (With GCC/Clang the 16 lanes
+// are one vector; the plain C loop computes the same bits.)
 static double lane_sum(const float* x, int n) {
     float s[LANES] = {0};
     int i = 0;
+#if defined(__GNUC__)
+    vec16 v = {0};
+    for (; i + LANES <= n; i += LANES) {
+        vec16 t;
+        memcpy(&t, x + i, sizeof t);
+        v += t;
+    }
+    memcpy(s, &v, sizeof s);
+#else
     for (; i + LANES <= n; i += LANES)
         for (int l = 0; l < LANES; l++) s[l] += x[i + l];
+#endif
     for (; i < n; i++) s[i % LANES] += x[i];
     double sum = 0;
     for (int l = 0; l < LANES; l++) sum += s[l];
@@ -1098,14 +1121,30 @@ static void groupnorm_apply(float* out, const float* inp, const float* mean, con
     }
 }
 
-// sum_i (x_i - shift) and sum_i (x_i - shift)^2 over n floats, in lanes.
-static void lane_sums(const float* x, int n, float shift, double* s, double* ss) {
-    float a[LANES] = {0}, q[LANES] = {0};
-    int i = 0;
-    for (; i + LANES <= n; i += LANES)
-        for (int l = 0; l < LANES; l++) { float d = x[i + l] - shift; a[l] += d; q[l] += d * d; }
-    for (; i < n; i++) { float d = x[i] - shift; a[i % LANES] += d; q[i % LANES] += d * d; }
-    for (int l = 0; l < LANES; l++) { *s += a[l]; *ss += q[l]; }
+// sum_i (x_i - shift) and sum_i (x_i - shift)^2 over n floats: in lanes, 4096 values at
+// a time, each block's lanes then added in double (a group can hold 10^5 values).
+static void lane_sums(const float* x, size_t n, float shift, double* s, double* ss) {
+    for (size_t i0 = 0; i0 < n; i0 += 4096) {
+        size_t end = i0 + 4096 < n ? i0 + 4096 : n, i = i0;
+        float a[LANES] = {0}, q[LANES] = {0};
+#if defined(__GNUC__)
+        vec16 va = {0}, vq = {0};
+        for (; i + LANES <= end; i += LANES) {
+            vec16 d;
+            memcpy(&d, x + i, sizeof d);
+            d -= shift;
+            va += d;
+            vq += d * d;
+        }
+        memcpy(a, &va, sizeof a);
+        memcpy(q, &vq, sizeof q);
+#else
+        for (; i + LANES <= end; i += LANES)
+            for (int l = 0; l < LANES; l++) { float d = x[i + l] - shift; a[l] += d; q[l] += d * d; }
+#endif
+        for (; i < end; i++) { float d = x[i] - shift; a[0] += d; q[0] += d * d; }
+        for (int l = 0; l < LANES; l++) { *s += a[l]; *ss += q[l]; }
+    }
 }
 
 // mean, rstd: (B, G), saved for the backward pass. Two passes over the group (it is in
@@ -1114,14 +1153,14 @@ static void lane_sums(const float* x, int n, float shift, double* s, double* ss)
 static void groupnorm_forward(float* out, float* mean, float* rstd, const float* inp,
                               const float* gamma, const float* beta, int B, int C, int HW, int G, int silu) {
     int Cg = C / G;
-    double n = (double)Cg * HW;
+    size_t n = (size_t)Cg * HW;
     #pragma omp parallel for schedule(static) if ((size_t)B * C * HW > 65536)
     for (int bg = 0; bg < B * G; bg++) {
         const float* x = inp + ((size_t)(bg / G) * C + (size_t)(bg % G) * Cg) * HW;  // a group is contiguous
         double s = 0, ss = 0, d = 0, dd = 0;
-        for (int c = 0; c < Cg; c++) lane_sums(x + (size_t)c * HW, HW, 0.0f, &s, &ss);
+        lane_sums(x, n, 0.0f, &s, &ss);
         float m = (float)(s / n);
-        for (int c = 0; c < Cg; c++) lane_sums(x + (size_t)c * HW, HW, m, &d, &dd);
+        lane_sums(x, n, m, &d, &dd);
         double var = dd / n - (d / n) * (d / n);   // d/n: the float mean's own rounding
         mean[bg] = m;
         rstd[bg] = (float)(1.0 / sqrt(fmax(var, 0.0) + GN_EPS));
@@ -1152,19 +1191,19 @@ static void groupnorm_backward(float* dinp, float* dgamma, float* dbeta, const f
             for (int c = g * Cg; c < (g + 1) * Cg; c++) {
                 const float* x = inp + ((size_t)b * C + c) * HW;
                 const float* dy = dout + ((size_t)b * C + c) * HW;
-                float ga = gamma[c], be = beta[c], a[LANES] = {0}, q[LANES] = {0};
-                int i = 0;
-                for (; i + LANES <= HW; i += LANES)
-                    for (int l = 0; l < LANES; l++) {
-                        float xhat = (x[i + l] - m) * r, dn = gn_dn(dy[i + l], xhat, ga, be, silu);
-                        a[l] += dn; q[l] += dn * xhat;
-                    }
-                for (; i < HW; i++) {
-                    float xhat = (x[i] - m) * r, dn = gn_dn(dy[i], xhat, ga, be, silu);
-                    a[i % LANES] += dn; q[i % LANES] += dn * xhat;
-                }
+                float ga = gamma[c], be = beta[c];
                 double sdn = 0, sdn_xhat = 0;
-                for (int l = 0; l < LANES; l++) { sdn += a[l]; sdn_xhat += q[l]; }
+                for (int i0 = 0; i0 < HW; i0 += 256) {   // dn and xhat 256 at a time, then their sums
+                    int n = HW - i0 < 256 ? HW - i0 : 256;
+                    float xh[256], dn[256];
+                    for (int i = 0; i < n; i++) {
+                        xh[i] = (x[i0 + i] - m) * r;
+                        dn[i] = gn_dn(dy[i0 + i], xh[i], ga, be, silu);
+                    }
+                    for (int i = 0; i < n; i++) xh[i] *= dn[i];
+                    sdn += lane_sum(dn, n);
+                    sdn_xhat += lane_sum(xh, n);
+                }
                 dbeta[c] += (float)sdn;
                 dgamma[c] += (float)sdn_xhat;
                 sum_dxhat += sdn * ga;
