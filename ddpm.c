@@ -532,11 +532,11 @@ static void gemm_pack_b(float* Bp, const float* B, int ldb, int transB, int p0, 
 // with AVX2 or SSE the compiler splits each vector into 2 or 4 parts.
 #if defined(__GNUC__)
 typedef float vec16 __attribute__((vector_size(64)));
-static void gemm_micro(int kc, const float* restrict a, const float* restrict b,
+static void gemm_micro(int kc, const float* restrict a, const float* restrict b, int ldb,
                        float* restrict C, int ldc, int m, int n, int accumulate) {
     vec16 acc[GEMM_MR][GEMM_NV];
     memset(acc, 0, sizeof acc);
-    for (int p = 0; p < kc; p++, a += GEMM_MR, b += GEMM_NR) {
+    for (int p = 0; p < kc; p++, a += GEMM_MR, b += ldb) {
         vec16 bv[GEMM_NV];
         for (int v = 0; v < GEMM_NV; v++) memcpy(&bv[v], b + 16 * v, sizeof bv[v]);
         for (int r = 0; r < GEMM_MR; r++)
@@ -558,10 +558,10 @@ static void gemm_micro(int kc, const float* restrict a, const float* restrict b,
     float out[GEMM_MR][GEMM_NR];
     memcpy(out, acc, sizeof out);
 #else
-static void gemm_micro(int kc, const float* restrict a, const float* restrict b,
+static void gemm_micro(int kc, const float* restrict a, const float* restrict b, int ldb,
                        float* restrict C, int ldc, int m, int n, int accumulate) {
     float out[GEMM_MR][GEMM_NR] = {{0}};
-    for (int p = 0; p < kc; p++, a += GEMM_MR, b += GEMM_NR)
+    for (int p = 0; p < kc; p++, a += GEMM_MR, b += ldb)
         for (int r = 0; r < GEMM_MR; r++)
             for (int c = 0; c < GEMM_NR; c++) out[r][c] += a[r] * b[c];
 #endif
@@ -596,11 +596,16 @@ static void matmul(float* C, const float* A, const float* B, int M, int N, int K
         float* Bp = Ap + GEMM_MC * GEMM_KC;
         for (int p0 = 0; p0 < K; p0 += GEMM_KC) {
             int kc = K - p0 < GEMM_KC ? K - p0 : GEMM_KC;
+            // B is read where it lies when its rows hold whole NR-wide panels; only a
+            // transposed B, or the last partial panel, is packed.
+            int in_place = transB ? 0 : ncc / GEMM_NR * GEMM_NR;
             gemm_pack_a(Ap, A, lda, transA, i0, mc, p0, kc);
-            gemm_pack_b(Bp, B, ldb, transB, p0, kc, j0, ncc);
+            if (in_place < ncc) gemm_pack_b(Bp, B, ldb, transB, p0, kc, j0 + in_place, ncc - in_place);
             for (int jr = 0; jr < ncc; jr += GEMM_NR)
                 for (int ir = 0; ir < mc; ir += GEMM_MR)
-                    gemm_micro(kc, Ap + (size_t)ir * kc, Bp + (size_t)jr * kc,
+                    gemm_micro(kc, Ap + (size_t)ir * kc,
+                               jr < in_place ? B + (size_t)p0 * ldb + j0 + jr : Bp + (size_t)(jr - in_place) * kc,
+                               jr < in_place ? ldb : GEMM_NR,
                                C + (size_t)(i0 + ir) * ldc + j0 + jr, ldc,
                                mc - ir < GEMM_MR ? mc - ir : GEMM_MR,
                                ncc - jr < GEMM_NR ? ncc - jr : GEMM_NR,
