@@ -1182,7 +1182,10 @@ static inline float gn_dn(float dy, float xhat, float gamma, float beta, int sil
 //   dbeta_c += sum dn,  dgamma_c += sum dn xhat,  dxhat = dn gamma,
 //   dx = rstd (dxhat - mean_group(dxhat) - xhat mean_group(dxhat xhat)).
 // Threads split the groups; each group runs over the images in order, so dgamma and
-// dbeta are summed in the same order whatever the number of threads.
+// dbeta are summed in the same order whatever the number of threads. dn costs an exp
+// and a division per value, so the first pass keeps it (on the stack, when the group
+// fits in GN_KEEP floats) for the second.
+#define GN_KEEP 16384
 static void groupnorm_backward(float* dinp, float* dgamma, float* dbeta, const float* dout,
                                const float* inp, const float* mean, const float* rstd,
                                const float* gamma, const float* beta, int B, int C, int HW, int G, int silu) {
@@ -1190,8 +1193,8 @@ static void groupnorm_backward(float* dinp, float* dgamma, float* dbeta, const f
     #pragma omp parallel for schedule(static) if ((size_t)B * C * HW > 65536)
     for (int g = 0; g < G; g++)
         for (int b = 0; b < B; b++) {
-            int bg = b * G + g;
-            float m = mean[bg], r = rstd[bg];
+            int bg = b * G + g, kept = Cg * HW <= GN_KEEP;
+            float m = mean[bg], r = rstd[bg], keep[GN_KEEP];
             double sum_dxhat = 0, sum_dxhat_xhat = 0;
             for (int c = g * Cg; c < (g + 1) * Cg; c++) {
                 const float* x = inp + ((size_t)b * C + c) * HW;
@@ -1200,7 +1203,8 @@ static void groupnorm_backward(float* dinp, float* dgamma, float* dbeta, const f
                 double sdn = 0, sdn_xhat = 0;
                 for (int i0 = 0; i0 < HW; i0 += 256) {   // dn and xhat 256 at a time, then their sums
                     int n = HW - i0 < 256 ? HW - i0 : 256;
-                    float xh[256], dn[256];
+                    float xh[256], local[256];
+                    float* dn = kept ? keep + (size_t)(c - g * Cg) * HW + i0 : local;
                     for (int i = 0; i < n; i++) {
                         xh[i] = (x[i0 + i] - m) * r;
                         dn[i] = gn_dn(dy[i0 + i], xh[i], ga, be, silu);
@@ -1221,9 +1225,15 @@ static void groupnorm_backward(float* dinp, float* dgamma, float* dbeta, const f
                 const float* dy = dout + ((size_t)b * C + c) * HW;
                 float* dx = dinp + ((size_t)b * C + c) * HW;
                 float ga = gamma[c], be = beta[c];
-                for (int i = 0; i < HW; i++) {
-                    float xhat = (x[i] - m) * r, dn = gn_dn(dy[i], xhat, ga, be, silu);
-                    dx[i] += r * (dn * ga - mean_dxhat - xhat * mean_dxhat_xhat);
+                if (kept) {
+                    const float* dn = keep + (size_t)(c - g * Cg) * HW;
+                    for (int i = 0; i < HW; i++)
+                        dx[i] += r * (dn[i] * ga - mean_dxhat - (x[i] - m) * r * mean_dxhat_xhat);
+                } else {
+                    for (int i = 0; i < HW; i++) {
+                        float xhat = (x[i] - m) * r, dn = gn_dn(dy[i], xhat, ga, be, silu);
+                        dx[i] += r * (dn * ga - mean_dxhat - xhat * mean_dxhat_xhat);
+                    }
                 }
             }
         }
@@ -1570,6 +1580,7 @@ typedef struct {
     Conv2d conv1, conv2, nin_shortcut;   // nin_shortcut only when C_in + C_skip != C_out
     Linear temb_proj;
     float *mean1, *rstd1, *h1, *mean2, *rstd2;   // saved: (B, G), (B, C_out, H, W)
+    float *a1, *a2;     // saved: silu(norm1(x)) (B, C_in + C_skip, H, W), dropout(silu(norm2(h1))) (B, C_out, H, W)
     // BLOCK_ATTN: out = x + proj_out(attention(q(n), k(n), v(n))), n = norm(x)
     GroupNorm norm;
     Conv2d q, k, v, proj_out;
@@ -1745,6 +1756,8 @@ static Flow resblock_make(UNet* m, Arenas* ar, Flow in, const Flow* skip, int C_
     k->mean1 = take(&ar->A, Bm * G); k->rstd1 = take(&ar->A, Bm * G);
     k->mean2 = take(&ar->A, Bm * G); k->rstd2 = take(&ar->A, Bm * G);
     k->h1 = take(&ar->A, (size_t)Bm * C_out * H * H);
+    k->a1 = take(&ar->A, (size_t)Bm * C_x * H * H);
+    k->a2 = take(&ar->A, (size_t)Bm * C_out * H * H);
     Flow out = flow_new(m, ar, C_out, H, persistent);
     block_connect(m, k, in, skip, out);
     return out;
@@ -1909,14 +1922,13 @@ static void resblock_forward(UNet* m, Block* k, int B) {
     size_t N = (size_t)B * C * HW;
     const float* x = k->in;
     if (k->skip) { concat_forward(m->scratch[0], k->in, k->skip, B, k->C_in, k->C_skip, HW); x = m->scratch[0]; }
-    float* a = m->scratch[1];
-    groupnorm_forward(a, k->mean1, k->rstd1, x, k->norm1.gamma, k->norm1.beta, B, C_x, HW, G, 1);
-    conv2d_forward(k->h1, a, k->conv1.w, k->conv1.b, B, C_x, H, W, C, 3, 1, m->conv_ws);
+    groupnorm_forward(k->a1, k->mean1, k->rstd1, x, k->norm1.gamma, k->norm1.beta, B, C_x, HW, G, 1);
+    conv2d_forward(k->h1, k->a1, k->conv1.w, k->conv1.b, B, C_x, H, W, C, 3, 1, m->conv_ws);
     linear_forward(m->tproj, m->temb_act, k->temb_proj.w, k->temb_proj.b, B, 4 * m->cfg.ch, C);
     add_channel_bias(k->h1, m->tproj, B, C, HW);
-    groupnorm_forward(a, k->mean2, k->rstd2, k->h1, k->norm2.gamma, k->norm2.beta, B, C, HW, G, 1);
-    if (dropout_on(m)) dropout_forward(a, a, N, m->cfg.dropout, block_key(m, k));
-    conv2d_forward(k->out, a, k->conv2.w, k->conv2.b, B, C, H, W, C, 3, 1, m->conv_ws);
+    groupnorm_forward(k->a2, k->mean2, k->rstd2, k->h1, k->norm2.gamma, k->norm2.beta, B, C, HW, G, 1);
+    if (dropout_on(m)) dropout_forward(k->a2, k->a2, N, m->cfg.dropout, block_key(m, k));
+    conv2d_forward(k->out, k->a2, k->conv2.w, k->conv2.b, B, C, H, W, C, 3, 1, m->conv_ws);
     if (k->nin_shortcut.w) {
         conv2d_forward(m->scratch[2], x, k->nin_shortcut.w, k->nin_shortcut.b, B, C_x, H, W, C, 1, 1, m->conv_ws);
         add_inplace(k->out, m->scratch[2], N);
@@ -1943,15 +1955,12 @@ static void resblock_backward(UNet* m, Block* k, int B) {
                         B, C_x, H, W, C, 1, 1, m->conv_ws);
     else
         add_inplace(dx, k->dout, N);
-    // h2 = conv2(a2): recompute a2 = dropout(silu(norm2(h1))) rather than store it
-    float *a2 = s[1], *da2 = s[2], *dh1 = s[3];
-    groupnorm_apply(a2, k->h1, k->mean2, k->rstd2, k->norm2.gamma, k->norm2.beta, B, C, HW, G, 1);
-    if (dropout_on(m)) dropout_forward(a2, a2, N, m->cfg.dropout, block_key(m, k));
+    // h2 = conv2(a2), a2 = dropout(silu(norm2(h1))) as saved by the forward pass
+    float *da2 = s[2], *dh1 = s[3];
     zero(da2, N);
-    conv2d_backward(da2, k->conv2.dw, k->conv2.db, k->dout, a2, k->conv2.w, B, C, H, W, C, 3, 1, m->conv_ws);
-    // a2 = dropout(silu(norm2(h1)))
-    if (dropout_on(m)) {
-        float* t = a2;   // a2 is no longer needed: reuse it for the gradient behind dropout
+    conv2d_backward(da2, k->conv2.dw, k->conv2.db, k->dout, k->a2, k->conv2.w, B, C, H, W, C, 3, 1, m->conv_ws);
+    if (dropout_on(m)) {   // the mask is rebuilt from its key
+        float* t = s[1];
         zero(t, N);
         dropout_backward(t, da2, N, m->cfg.dropout, block_key(m, k));
         da2 = t;
@@ -1963,11 +1972,10 @@ static void resblock_backward(UNet* m, Block* k, int B) {
     sum_channel(m->tproj, dh1, B, C, HW);
     linear_backward(m->d_temb_act, k->temb_proj.dw, k->temb_proj.db, m->tproj, m->temb_act,
                     k->temb_proj.w, B, 4 * m->cfg.ch, C);
-    // a1 = silu(norm1(x)): recompute it, then through conv1 and norm1
-    float *a1 = s[1], *da1 = s[2];
-    groupnorm_apply(a1, x, k->mean1, k->rstd1, k->norm1.gamma, k->norm1.beta, B, C_x, HW, G, 1);
+    // a1 = silu(norm1(x)), saved: through conv1 and norm1
+    float* da1 = s[2];
     zero(da1, (size_t)B * C_x * HW);
-    conv2d_backward(da1, k->conv1.dw, k->conv1.db, dh1, a1, k->conv1.w, B, C_x, H, W, C, 3, 1, m->conv_ws);
+    conv2d_backward(da1, k->conv1.dw, k->conv1.db, dh1, k->a1, k->conv1.w, B, C_x, H, W, C, 3, 1, m->conv_ws);
     groupnorm_backward(dx, k->norm1.dgamma, k->norm1.dbeta, da1, x, k->mean1, k->rstd1,
                        k->norm1.gamma, k->norm1.beta, B, C_x, HW, G, 1);
     if (k->skip) concat_backward(k->din, k->dskip, dx, B, k->C_in, k->C_skip, HW);

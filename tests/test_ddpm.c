@@ -863,6 +863,51 @@ static void gn_fwd(void* p) {
     groupnorm_forward(g->out, g->mean, g->rstd, g->x, g->gamma, g->beta, g->B, g->C, g->HW, g->G, g->silu);
 }
 
+// GroupNorm+SiLU backward against a plain double-precision oracle (with the forward's
+// own mean and rstd), on a group that fits GN_KEEP (dn kept between the passes) and
+// on one that does not (dn recomputed): both paths of groupnorm_backward.
+static void test_groupnorm_paths(void) {
+    for (int big = 0; big <= 1; big++) {
+        int B = 2, C = 4, G = 2, HW = big ? GN_KEEP / 2 + 64 : 96, Cg = C / G;   // big: Cg HW > GN_KEEP
+        size_t n = (size_t)B * C * HW;
+        float *x = randn(n, 1.2f), *gamma = randn(C, 0.3f), *beta = randn(C, 0.2f), *dy = randn(n, 1);
+        float *out = fmalloc(n), *mean = fmalloc(B * G), *rstd = fmalloc(B * G), *dx = fmalloc(n);
+        float *dgamma = fmalloc(C), *dbeta = fmalloc(C);
+        double* rdx = calloc_check(n, sizeof(double), "test buffer");
+        groupnorm_forward(out, mean, rstd, x, gamma, beta, B, C, HW, G, 1);
+        groupnorm_backward(dx, dgamma, dbeta, dy, x, mean, rstd, gamma, beta, B, C, HW, G, 1);
+        double worst_p = 0, max_p = 0;
+        double *rdg = calloc_check(C, sizeof(double), "test buffer"), *rdb = calloc_check(C, sizeof(double), "test buffer");
+        for (int b = 0; b < B; b++)
+            for (int g = 0; g < G; g++) {
+                double m = mean[b * G + g], r = rstd[b * G + g], s1 = 0, s2 = 0, N = (double)Cg * HW;
+                for (int pass = 0; pass < 2; pass++)
+                    for (int c = g * Cg; c < (g + 1) * Cg; c++)
+                        for (int i = 0; i < HW; i++) {
+                            size_t k = ((size_t)b * C + c) * HW + i;
+                            double xh = (x[k] - m) * r, y = gamma[c] * xh + beta[c], s = 1 / (1 + exp(-y));
+                            double dn = dy[k] * s * (1 + y * (1 - s));
+                            if (pass == 0) { s1 += dn * gamma[c]; s2 += dn * gamma[c] * xh; rdb[c] += dn; rdg[c] += dn * xh; }
+                            else rdx[k] = r * (dn * gamma[c] - s1 / N - xh * s2 / N);
+                        }
+            }
+        for (int c = 0; c < C; c++) {
+            worst_p = fmax(worst_p, fmax(fabs(dgamma[c] - rdg[c]), fabs(dbeta[c] - rdb[c])));
+            max_p = fmax(max_p, fmax(fabs(rdg[c]), fabs(rdb[c])));
+        }
+        double max_x = 0;
+        for (size_t k = 0; k < n; k++) max_x = fmax(max_x, fabs(rdx[k]));
+        double ex = max_abs_diff_d(dx, rdx, n) / max_x, ep = worst_p / max_p;
+        // float sums of up to 16K values in lanes, exp_approx and float rstd: ~2e-7 relative seen
+        check(big ? "groupnorm+silu backward vs double oracle, group too big to keep dn"
+                  : "groupnorm+silu backward vs double oracle, dn kept between passes",
+              ex < 1e-5 && ep < 1e-5, "Cg*HW %d (GN_KEEP %d): rel err d input %.2g, d gamma/beta %.2g (tol 1e-5)",
+              Cg * HW, GN_KEEP, ex, ep);
+        free(x); free(gamma); free(beta); free(dy); free(out); free(mean); free(rstd); free(dx);
+        free(dgamma); free(dbeta); free(rdx); free(rdg); free(rdb);
+    }
+}
+
 static void test_groupnorm(void) {
     GnCase g = {0};
     g.B = 2; g.C = 6; g.HW = 16; g.G = 3;
@@ -1951,6 +1996,7 @@ int main(int argc, char** argv) {
     test_conv_threads(1, 1);
     test_conv_threads(3, 2);
     test_groupnorm();
+    test_groupnorm_paths();
     test_silu();
     test_linear();
     test_attention();
