@@ -792,15 +792,18 @@ static const float* conv_grids(float* planes, const float* x, int B, int C, Conv
 // (output channel, flipped tap), the matrix of the input gradient. Rows past the end are 0.
 static void conv_pack_weights(float* packed, const float* weight, int C_out, int C_in, int T, int flip) {
     int rows = flip ? C_in : C_out, cols = flip ? C_out : C_in;
-    for (int i0 = 0; i0 < rows; i0 += CONV_MR)
+    #pragma omp parallel for schedule(static) num_threads(gemm_max_threads)
+    for (int i0 = 0; i0 < rows; i0 += CONV_MR) {
+        float* p = packed + (size_t)i0 * cols * T;
         for (int c = 0; c < cols; c++)
             for (int t = 0; t < T; t++)
                 for (int r = 0; r < CONV_MR; r++) {
                     int i = i0 + r;
-                    *packed++ = i >= rows ? 0.0f
-                              : flip ? weight[((size_t)c * C_in + i) * T + (T - 1 - t)]
-                                     : weight[((size_t)i * C_in + c) * T + t];
+                    *p++ = i >= rows ? 0.0f
+                         : flip ? weight[((size_t)c * C_in + i) * T + (T - 1 - t)]
+                                : weight[((size_t)i * C_in + c) * T + t];
                 }
+    }
 }
 
 // The register tile: tile[r][j] = sum_{c, t} a[c][t][r] x[c S + toff[t] + j], j < 48.
@@ -970,6 +973,7 @@ static void conv_dweight(float* dweight, float* dwacc, const float* planes, cons
                 else             conv_dw_tile(acc, d, CoP, x, off, n, g);
             }
     }
+    #pragma omp parallel for schedule(static) num_threads(gemm_max_threads)
     for (int o = 0; o < C_out; o++)
         for (int k = 0; k < Kc; k++) {
             int tile = (o / CONV_DW_CO) * n_groups + k / G;
@@ -1367,6 +1371,7 @@ static ConvGeom upconv_geom(ConvGeom g, int p, int q, int dx) {
 static void upconv_combine(float* wc, const float* weight, int C_out, int C_in) {
     size_t n = (size_t)C_out * C_in;
     memset(wc, 0, 16 * n * sizeof(float));
+    #pragma omp parallel for collapse(2) schedule(static) num_threads(gemm_max_threads)
     for (int ph = 0; ph < 4; ph++)
         for (size_t oc = 0; oc < n; oc++)
             for (int i = 0; i < 3; i++)
@@ -1428,6 +1433,7 @@ static void upconv_backward(float* dinp, float* dweight, float* dbias, const flo
 // ---- 6.9 Channel concatenation: concat_forward / concat_backward ----
 // The U-Net's skip connections: out (B, Ca + Cb, HW) = [a ; b] along channels.
 static void concat_forward(float* out, const float* a, const float* b, int B, int Ca, int Cb, int HW) {
+    #pragma omp parallel for schedule(static) if ((size_t)B * (Ca + Cb) * HW > 65536)
     for (int i = 0; i < B; i++) {
         memcpy(out + (size_t)i * (Ca + Cb) * HW, a + (size_t)i * Ca * HW, (size_t)Ca * HW * sizeof(float));
         memcpy(out + ((size_t)i * (Ca + Cb) + Ca) * HW, b + (size_t)i * Cb * HW, (size_t)Cb * HW * sizeof(float));
@@ -1435,6 +1441,7 @@ static void concat_forward(float* out, const float* a, const float* b, int B, in
 }
 
 static void concat_backward(float* da, float* db, const float* dout, int B, int Ca, int Cb, int HW) {
+    #pragma omp parallel for schedule(static) if ((size_t)B * (Ca + Cb) * HW > 65536)
     for (int i = 0; i < B; i++) {
         const float* d = dout + (size_t)i * (Ca + Cb) * HW;
         for (size_t j = 0; j < (size_t)Ca * HW; j++) da[(size_t)i * Ca * HW + j] += d[j];
@@ -1460,6 +1467,7 @@ static void timestep_embedding(float* out, const int* t_idx, int B, int dim) {
 // ---- 6.11 Small helpers of the blocks ----
 // h[b, c, :] += v[b, c]: the timestep projection added to every pixel of a channel.
 static void add_channel_bias(float* h, const float* v, int B, int C, int HW) {
+    #pragma omp parallel for schedule(static) if ((size_t)B * C * HW > 65536)
     for (size_t bc = 0; bc < (size_t)B * C; bc++)
         for (int i = 0; i < HW; i++) h[bc * HW + i] += v[bc];
 }
@@ -1910,7 +1918,11 @@ static uint64_t block_key(const UNet* m, const Block* k) {
 
 static int dropout_on(const UNet* m) { return m->train && m->cfg.dropout > 0; }
 
-static void zero(float* x, size_t n) { memset(x, 0, n * sizeof(float)); }
+static void zero(float* x, size_t n) {
+    size_t chunk = 65536;
+    #pragma omp parallel for schedule(static) if (n > chunk)
+    for (size_t i = 0; i < n; i += chunk) memset(x + i, 0, (n - i < chunk ? n - i : chunk) * sizeof(float));
+}
 
 // ResBlock (Appendix B; official resnet_block):
 //   x  = in, or concat(in, skip) on the up path
