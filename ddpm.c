@@ -48,6 +48,7 @@ Conventions
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/time.h>
@@ -84,8 +85,23 @@ static void* malloc_check(size_t size, const char* what) {
     return p;
 }
 
+// Zeroed memory. A big buffer (the parameters, activations and scratch of the network)
+// is aligned to 2 MiB and, where Linux offers it, marked for transparent huge pages: a
+// training step sweeps hundreds of MiB, and with 4 KiB pages every 1024 floats need
+// their own TLB entry (huge pages made a step about 7% faster here).
 static void* calloc_check(size_t n, size_t size, const char* what) {
-    void* p = calloc(n ? n : 1, size ? size : 1);
+    size_t bytes = (n ? n : 1) * (size ? size : 1), huge = (size_t)2 << 20;
+    void* p;
+    if (bytes >= 2 * huge) {
+        size_t rounded = (bytes + huge - 1) / huge * huge;
+        p = aligned_alloc(huge, rounded);
+#ifdef MADV_HUGEPAGE
+        if (p) madvise(p, rounded, MADV_HUGEPAGE);
+#endif
+        if (p) memset(p, 0, rounded);
+    } else {
+        p = calloc(n ? n : 1, size ? size : 1);
+    }
     if (!p) die("out of memory allocating %.1f MiB for %s; try a smaller --batch or --model",
                 (double)n * size / 1048576.0, what);
     return p;
@@ -1011,32 +1027,48 @@ static void conv_strided_dinp(float* dinp, float* dcol, const float* dout, const
     }
 }
 
-// out (B, C_out, H/stride, W/stride). ws: conv2d_workspace_floats(...) floats of scratch.
-static void conv2d_forward(float* out, const float* inp, const float* weight, const float* bias,
-                           int B, int C_in, int H, int W, int C_out, int K, int stride, float* ws) {
+// A producer can write a 3x3 stride-1 conv's input straight into its padded grids
+// (B x C_in grids of conv_grid_floats(H, W) floats, border and slack zero): then
+// `in_grids` is 1 and the conv copies nothing. The ResBlock's GroupNorm+SiLU does.
+static size_t conv_grid_floats(int H, int W) { return conv_geom(H, W, 3, 1).P; }
+
+static void conv_forward(float* out, const float* inp, int in_grids, const float* weight, const float* bias,
+                         int B, int C_in, int H, int W, int C_out, int K, int stride, float* ws) {
     ConvGeom g = conv_geom(H, W, K, stride);
     size_t total;
     ConvWork w = conv_work(ws, B, C_in, H, W, C_out, K, stride, gemm_max_threads, &total);
     conv_pack_weights(w.packed, weight, C_out, C_in, g.T, 0);
-    conv_direct(out, conv_grids(w.planes, inp, B, C_in, g), w.packed, bias, B, C_in, C_out, g);
+    conv_direct(out, in_grids ? inp : conv_grids(w.planes, inp, B, C_in, g), w.packed, bias, B, C_in, C_out, g);
 }
 
-// dinp may be NULL (the network input needs no gradient).
-static void conv2d_backward(float* dinp, float* dweight, float* dbias, const float* dout,
-                            const float* inp, const float* weight,
-                            int B, int C_in, int H, int W, int C_out, int K, int stride, float* ws) {
+// out (B, C_out, H/stride, W/stride). ws: conv2d_workspace_floats(...) floats of scratch.
+static void conv2d_forward(float* out, const float* inp, const float* weight, const float* bias,
+                           int B, int C_in, int H, int W, int C_out, int K, int stride, float* ws) {
+    conv_forward(out, inp, 0, weight, bias, B, C_in, H, W, C_out, K, stride, ws);
+}
+
+static void conv_backward(float* dinp, float* dweight, float* dbias, const float* dout,
+                          const float* inp, int in_grids, const float* weight,
+                          int B, int C_in, int H, int W, int C_out, int K, int stride, float* ws) {
     ConvGeom g = conv_geom(H, W, K, stride);
     int HWo = g.H * g.W, CoP = round_up(C_out, CONV_DW_CO);
     size_t total;
     ConvWork w = conv_work(ws, B, C_in, H, W, C_out, K, stride, gemm_max_threads, &total);
     conv_dbias(dbias, dout, B, C_out, HWo);
-    const float* x = conv_grids(w.planes, inp, B, C_in, g);
+    const float* x = in_grids ? inp : conv_grids(w.planes, inp, B, C_in, g);
     conv_transpose_dy(w.dyt, dout, B, C_out, CoP, g);
     conv_dweight(dweight, w.dwacc, x, w.dyt, B, C_in, C_out, g);
     if (!dinp) return;
     if (stride != 1) { conv_strided_dinp(dinp, w.dcol, dout, weight, B, C_in, H, W, C_out, K, stride); return; }
     conv_pack_weights(w.packed, weight, C_out, C_in, g.T, 1);
     conv_direct(dinp, conv_grids(w.planes, dout, B, C_out, g), w.packed, NULL, B, C_out, C_in, g);
+}
+
+// dinp may be NULL (the network input needs no gradient).
+static void conv2d_backward(float* dinp, float* dweight, float* dbias, const float* dout,
+                            const float* inp, const float* weight,
+                            int B, int C_in, int H, int W, int C_out, int K, int stride, float* ws) {
+    conv_backward(dinp, dweight, dbias, dout, inp, 0, weight, B, C_in, H, W, C_out, K, stride, ws);
 }
 
 // ---- 6.3 Linear: linear_forward / linear_backward ----
@@ -1113,19 +1145,27 @@ static void silu_backward(float* dinp, const float* dout, const float* inp, size
 #define GN_EPS 1e-6
 
 // out = [silu](gamma xhat + beta) with given statistics; also used to recompute.
+// grid_W = 0: out is (B, C, H, W) like inp. grid_W = W: out is the padded grids of a
+// 3x3 conv's input (6.2), so that conv need not copy it.
 static void groupnorm_apply(float* out, const float* inp, const float* mean, const float* rstd,
-                            const float* gamma, const float* beta, int B, int C, int HW, int G, int silu) {
-    int Cg = C / G;
+                            const float* gamma, const float* beta, int B, int C, int HW, int G, int silu,
+                            int grid_W) {
+    int Cg = C / G, W = grid_W ? grid_W : HW, H = HW / W;
+    ConvGeom grid = conv_geom(H, W, 3, 1);
+    size_t plane = grid_W ? grid.P : (size_t)HW;
+    int pitch = grid_W ? grid.Wp : W, off = grid_W ? grid.Wp + 1 : 0;
     #pragma omp parallel for schedule(static) if ((size_t)B * C * HW > 65536)
     for (int bg = 0; bg < B * G; bg++) {
         int b = bg / G, g = bg % G;
         float m = mean[bg], r = rstd[bg];
         for (int c = g * Cg; c < (g + 1) * Cg; c++) {
-            const float* x = inp + ((size_t)b * C + c) * HW;
-            float* y = out + ((size_t)b * C + c) * HW;
             float sc = r * gamma[c], sh = beta[c] - m * sc;
-            if (silu) for (int i = 0; i < HW; i++) { float n = x[i] * sc + sh; y[i] = n * sigmoidf(n); }
-            else      for (int i = 0; i < HW; i++) y[i] = x[i] * sc + sh;
+            for (int h = 0; h < H; h++) {
+                const float* x = inp + ((size_t)b * C + c) * HW + (size_t)h * W;
+                float* y = out + ((size_t)b * C + c) * plane + off + (size_t)h * pitch;
+                if (silu) for (int i = 0; i < W; i++) { float n = x[i] * sc + sh; y[i] = n * sigmoidf(n); }
+                else      for (int i = 0; i < W; i++) y[i] = x[i] * sc + sh;
+            }
         }
     }
 }
@@ -1160,7 +1200,8 @@ static void lane_sums(const float* x, size_t n, float shift, double* s, double* 
 // cache): the mean, then the variance around it, which keeps var >= 0 and accurate
 // even when |mean| >> std.
 static void groupnorm_forward(float* out, float* mean, float* rstd, const float* inp,
-                              const float* gamma, const float* beta, int B, int C, int HW, int G, int silu) {
+                              const float* gamma, const float* beta, int B, int C, int HW, int G, int silu,
+                              int grid_W) {
     int Cg = C / G;
     size_t n = (size_t)Cg * HW;
     #pragma omp parallel for schedule(static) if ((size_t)B * C * HW > 65536)
@@ -1174,7 +1215,7 @@ static void groupnorm_forward(float* out, float* mean, float* rstd, const float*
         mean[bg] = m;
         rstd[bg] = (float)(1.0 / sqrt(fmax(var, 0.0) + GN_EPS));
     }
-    groupnorm_apply(out, inp, mean, rstd, gamma, beta, B, C, HW, G, silu);
+    groupnorm_apply(out, inp, mean, rstd, gamma, beta, B, C, HW, G, silu, grid_W);
 }
 
 // dn = dout * silu'(n) (or dout without the SiLU), for one channel of HW values.
@@ -1252,10 +1293,18 @@ static int dropout_keep(uint64_t key, size_t i, float p) {
     return hash_u32(key, i) >= (uint32_t)(p * 4294967296.0);
 }
 
-static void dropout_forward(float* out, const float* inp, size_t N, float p, uint64_t key) {
+// In place on the padded grids of 6.2 that hold a ResBlock's (B, C, H, W) activation
+// (conv2 reads them as they are); element i is pixel i of the plain (B, C, H, W) layout.
+static void dropout_forward_grid(float* grid, int B, int C, int H, int W, float p, uint64_t key) {
     float scale = 1.0f / (1.0f - p);
-    #pragma omp parallel for schedule(static) if (N > 65536)
-    for (size_t i = 0; i < N; i++) out[i] = dropout_keep(key, i, p) ? inp[i] * scale : 0.0f;
+    ConvGeom g = conv_geom(H, W, 3, 1);
+    #pragma omp parallel for schedule(static) if ((size_t)B * C * H * W > 65536)
+    for (int bc = 0; bc < B * C; bc++)
+        for (int h = 0; h < H; h++) {
+            float* y = grid + (size_t)bc * g.P + (size_t)(h + 1) * g.Wp + 1;
+            size_t i0 = ((size_t)bc * H + h) * W;
+            for (int w = 0; w < W; w++) y[w] = dropout_keep(key, i0 + w, p) ? y[w] * scale : 0.0f;
+        }
 }
 
 static void dropout_backward(float* dinp, const float* dout, size_t N, float p, uint64_t key) {
@@ -1588,7 +1637,7 @@ typedef struct {
     Conv2d conv1, conv2, nin_shortcut;   // nin_shortcut only when C_in + C_skip != C_out
     Linear temb_proj;
     float *mean1, *rstd1, *h1, *mean2, *rstd2;   // saved: (B, G), (B, C_out, H, W)
-    float *a1, *a2;     // saved: silu(norm1(x)) (B, C_in + C_skip, H, W), dropout(silu(norm2(h1))) (B, C_out, H, W)
+    float *a1, *a2;     // saved: silu(norm1(x)), dropout(silu(norm2(h1))), as padded conv grids (6.2)
     // BLOCK_ATTN: out = x + proj_out(attention(q(n), k(n), v(n))), n = norm(x)
     GroupNorm norm;
     Conv2d q, k, v, proj_out;
@@ -1764,8 +1813,8 @@ static Flow resblock_make(UNet* m, Arenas* ar, Flow in, const Flow* skip, int C_
     k->mean1 = take(&ar->A, Bm * G); k->rstd1 = take(&ar->A, Bm * G);
     k->mean2 = take(&ar->A, Bm * G); k->rstd2 = take(&ar->A, Bm * G);
     k->h1 = take(&ar->A, (size_t)Bm * C_out * H * H);
-    k->a1 = take(&ar->A, (size_t)Bm * C_x * H * H);
-    k->a2 = take(&ar->A, (size_t)Bm * C_out * H * H);
+    k->a1 = take(&ar->A, (size_t)Bm * C_x * conv_grid_floats(H, H));    // written as conv1's grids
+    k->a2 = take(&ar->A, (size_t)Bm * C_out * conv_grid_floats(H, H));  // written as conv2's grids
     Flow out = flow_new(m, ar, C_out, H, persistent);
     block_connect(m, k, in, skip, out);
     return out;
@@ -1934,13 +1983,13 @@ static void resblock_forward(UNet* m, Block* k, int B) {
     size_t N = (size_t)B * C * HW;
     const float* x = k->in;
     if (k->skip) { concat_forward(m->scratch[0], k->in, k->skip, B, k->C_in, k->C_skip, HW); x = m->scratch[0]; }
-    groupnorm_forward(k->a1, k->mean1, k->rstd1, x, k->norm1.gamma, k->norm1.beta, B, C_x, HW, G, 1);
-    conv2d_forward(k->h1, k->a1, k->conv1.w, k->conv1.b, B, C_x, H, W, C, 3, 1, m->conv_ws);
+    groupnorm_forward(k->a1, k->mean1, k->rstd1, x, k->norm1.gamma, k->norm1.beta, B, C_x, HW, G, 1, W);
+    conv_forward(k->h1, k->a1, 1, k->conv1.w, k->conv1.b, B, C_x, H, W, C, 3, 1, m->conv_ws);
     linear_forward(m->tproj, m->temb_act, k->temb_proj.w, k->temb_proj.b, B, 4 * m->cfg.ch, C);
     add_channel_bias(k->h1, m->tproj, B, C, HW);
-    groupnorm_forward(k->a2, k->mean2, k->rstd2, k->h1, k->norm2.gamma, k->norm2.beta, B, C, HW, G, 1);
-    if (dropout_on(m)) dropout_forward(k->a2, k->a2, N, m->cfg.dropout, block_key(m, k));
-    conv2d_forward(k->out, k->a2, k->conv2.w, k->conv2.b, B, C, H, W, C, 3, 1, m->conv_ws);
+    groupnorm_forward(k->a2, k->mean2, k->rstd2, k->h1, k->norm2.gamma, k->norm2.beta, B, C, HW, G, 1, W);
+    if (dropout_on(m)) dropout_forward_grid(k->a2, B, C, H, W, m->cfg.dropout, block_key(m, k));
+    conv_forward(k->out, k->a2, 1, k->conv2.w, k->conv2.b, B, C, H, W, C, 3, 1, m->conv_ws);
     if (k->nin_shortcut.w) {
         conv2d_forward(m->scratch[2], x, k->nin_shortcut.w, k->nin_shortcut.b, B, C_x, H, W, C, 1, 1, m->conv_ws);
         add_inplace(k->out, m->scratch[2], N);
@@ -1970,7 +2019,7 @@ static void resblock_backward(UNet* m, Block* k, int B) {
     // h2 = conv2(a2), a2 = dropout(silu(norm2(h1))) as saved by the forward pass
     float *da2 = s[2], *dh1 = s[3];
     zero(da2, N);
-    conv2d_backward(da2, k->conv2.dw, k->conv2.db, k->dout, k->a2, k->conv2.w, B, C, H, W, C, 3, 1, m->conv_ws);
+    conv_backward(da2, k->conv2.dw, k->conv2.db, k->dout, k->a2, 1, k->conv2.w, B, C, H, W, C, 3, 1, m->conv_ws);
     if (dropout_on(m)) {   // the mask is rebuilt from its key
         float* t = s[1];
         zero(t, N);
@@ -1987,7 +2036,7 @@ static void resblock_backward(UNet* m, Block* k, int B) {
     // a1 = silu(norm1(x)), saved: through conv1 and norm1
     float* da1 = s[2];
     zero(da1, (size_t)B * C_x * HW);
-    conv2d_backward(da1, k->conv1.dw, k->conv1.db, dh1, k->a1, k->conv1.w, B, C_x, H, W, C, 3, 1, m->conv_ws);
+    conv_backward(da1, k->conv1.dw, k->conv1.db, dh1, k->a1, 1, k->conv1.w, B, C_x, H, W, C, 3, 1, m->conv_ws);
     groupnorm_backward(dx, k->norm1.dgamma, k->norm1.dbeta, da1, x, k->mean1, k->rstd1,
                        k->norm1.gamma, k->norm1.beta, B, C_x, HW, G, 1);
     if (k->skip) concat_backward(k->din, k->dskip, dx, B, k->C_in, k->C_skip, HW);
@@ -1998,7 +2047,7 @@ static void resblock_backward(UNet* m, Block* k, int B) {
 static void attnblock_forward(UNet* m, Block* k, int B) {
     int C = k->C_in, H = k->H, W = k->W, HW = H * W;
     float* n = m->scratch[0];
-    groupnorm_forward(n, k->mean, k->rstd, k->in, k->norm.gamma, k->norm.beta, B, C, HW, m->cfg.groups, 0);
+    groupnorm_forward(n, k->mean, k->rstd, k->in, k->norm.gamma, k->norm.beta, B, C, HW, m->cfg.groups, 0, 0);
     conv2d_forward(k->qa, n, k->q.w, k->q.b, B, C, H, W, C, 1, 1, m->conv_ws);
     conv2d_forward(k->ka, n, k->k.w, k->k.b, B, C, H, W, C, 1, 1, m->conv_ws);
     conv2d_forward(k->va, n, k->v.w, k->v.b, B, C, H, W, C, 1, 1, m->conv_ws);
@@ -2018,7 +2067,7 @@ static void attnblock_backward(UNet* m, Block* k, int B) {
     zero(dq, N); zero(dk, N); zero(dv, N);
     attention_backward(dq, dk, dv, do_, k->qa, k->ka, k->va, k->att, B, C, HW, m->datt);
     // n = norm(x), recomputed; its gradient sums the three projections
-    groupnorm_apply(n, k->in, k->mean, k->rstd, k->norm.gamma, k->norm.beta, B, C, HW, m->cfg.groups, 0);
+    groupnorm_apply(n, k->in, k->mean, k->rstd, k->norm.gamma, k->norm.beta, B, C, HW, m->cfg.groups, 0, 0);
     float* dn = do_;
     zero(dn, N);
     conv2d_backward(dn, k->q.dw, k->q.db, dq, n, k->q.w, B, C, H, W, C, 1, 1, m->conv_ws);
@@ -2068,7 +2117,7 @@ static float* unet_forward(UNet* m, const float* x_t, const int* t_idx, int B) {
         else resample_forward(m, k, B);
     }
     float* a = m->scratch[0];
-    groupnorm_forward(a, m->mean_out, m->rstd_out, m->h_last, m->norm_out.gamma, m->norm_out.beta, B, ch, S * S, c->groups, 1);
+    groupnorm_forward(a, m->mean_out, m->rstd_out, m->h_last, m->norm_out.gamma, m->norm_out.beta, B, ch, S * S, c->groups, 1, 0);
     conv2d_forward(m->eps_theta, a, m->conv_out.w, m->conv_out.b, B, ch, S, S, c->in_ch, 3, 1, m->conv_ws);
     return m->eps_theta;
 }
@@ -2080,7 +2129,7 @@ static void unet_backward(UNet* m, const float* d_eps_theta, int B) {
     zero(m->grad_acts, m->n_grad_acts);   // skip-connection and timestep gradients
     // eps_theta = conv_out(silu(norm_out(h_last)))
     float *a = m->scratch[0], *da = m->scratch[1];
-    groupnorm_apply(a, m->h_last, m->mean_out, m->rstd_out, m->norm_out.gamma, m->norm_out.beta, B, ch, S * S, c->groups, 1);
+    groupnorm_apply(a, m->h_last, m->mean_out, m->rstd_out, m->norm_out.gamma, m->norm_out.beta, B, ch, S * S, c->groups, 1, 0);
     zero(da, (size_t)B * ch * S * S);
     conv2d_backward(da, m->conv_out.dw, m->conv_out.db, d_eps_theta, a, m->conv_out.w, B, ch, S, S, c->in_ch, 3, 1, m->conv_ws);
     zero(m->d_h_last, (size_t)B * ch * S * S);

@@ -860,7 +860,7 @@ typedef struct { float *x, *gamma, *beta, *out, *mean, *rstd; int B, C, HW, G, s
 
 static void gn_fwd(void* p) {
     GnCase* g = p;
-    groupnorm_forward(g->out, g->mean, g->rstd, g->x, g->gamma, g->beta, g->B, g->C, g->HW, g->G, g->silu);
+    groupnorm_forward(g->out, g->mean, g->rstd, g->x, g->gamma, g->beta, g->B, g->C, g->HW, g->G, g->silu, 0);
 }
 
 // GroupNorm+SiLU backward against a plain double-precision oracle (with the forward's
@@ -874,7 +874,7 @@ static void test_groupnorm_paths(void) {
         float *out = fmalloc(n), *mean = fmalloc(B * G), *rstd = fmalloc(B * G), *dx = fmalloc(n);
         float *dgamma = fmalloc(C), *dbeta = fmalloc(C);
         double* rdx = calloc_check(n, sizeof(double), "test buffer");
-        groupnorm_forward(out, mean, rstd, x, gamma, beta, B, C, HW, G, 1);
+        groupnorm_forward(out, mean, rstd, x, gamma, beta, B, C, HW, G, 1, 0);
         groupnorm_backward(dx, dgamma, dbeta, dy, x, mean, rstd, gamma, beta, B, C, HW, G, 1);
         double worst_p = 0, max_p = 0;
         double *rdg = calloc_check(C, sizeof(double), "test buffer"), *rdb = calloc_check(C, sizeof(double), "test buffer");
@@ -1148,6 +1148,25 @@ static void test_small_layers(void) {
 }
 
 // ---- dropout ----
+// dropout_forward_grid works in place on padded conv grids (6.2). This runs it on a
+// plain (1, 1, H, W) tensor: pad, drop, read the interior back, and count any nonzero
+// border or slack value (the conv reads those as the zero padding).
+static int bad_border;
+static void dropout_forward(float* out, const float* inp, size_t N, float p, uint64_t key) {
+    int W = 100, H = (int)(N / W);   // N is a multiple of 100 in these tests
+    size_t P = conv_grid_floats(H, W);
+    float* grid = fmalloc(P);
+    for (int h = 0; h < H; h++) memcpy(grid + (size_t)(h + 1) * (W + 2) + 1, inp + (size_t)h * W, W * sizeof(float));
+    dropout_forward_grid(grid, 1, 1, H, W, p, key);
+    for (size_t j = 0; j < P; j++) {
+        size_t h = j / (W + 2), w = j % (W + 2);
+        int inside = h >= 1 && h <= (size_t)H && w >= 1 && w <= (size_t)W;
+        if (inside) out[(h - 1) * W + w - 1] = grid[j];
+        else bad_border += grid[j] != 0;
+    }
+    free(grid);
+}
+
 typedef struct { float *x, *out; size_t n; float p; uint64_t key; } DropCase;
 static void drop_fwd(void* p) { DropCase* d = p; dropout_forward(d->out, d->x, d->n, d->p, d->key); }
 
@@ -1179,6 +1198,8 @@ static void test_dropout(void) {
     int inplace = !memcmp(y, yin, N * sizeof(float));
     check("dropout mask: same key same mask, other key other mask, in place ok", same && differ && inplace,
           "same %d, differ %d, in place %d", same, differ, inplace);
+    check("dropout on conv grids leaves the zero border and slack alone", bad_border == 0,
+          "%d nonzero values outside the image", bad_border);
     // the backward pass rebuilds the mask from the key: dinp = dout / (1 - p) where kept
     float* dout = randn(N, 1);
     float* dx = fmalloc(N);
