@@ -1318,70 +1318,81 @@ static void dropout_backward(float* dinp, const float* dout, size_t N, float p, 
 // AttnBlock (a non-local / self-attention layer over the H*W
 // positions of each image), given q, k, v of shape (B, C, N), N = H*W:
 //   att[i, j] = softmax_j( sum_c q[c, i] k[c, j] / sqrt(C) ),   out[c, i] = sum_j att[i, j] v[c, j]
-// att (B, N, N) is saved for the backward pass. Threads take whole images (the matmuls
-// inside then run on one thread), so each image's sums keep one order.
+// The code keeps att transposed, attT[j, i] = att[i, j] (B, N, N), saved for the
+// backward pass: then attT = k^T q and out = v attT are plain matmuls (no transposed
+// copy of an N x N operand), and each softmax runs down a column of attT, which
+// vectorises across the columns i. Threads take whole images (the matmuls inside then
+// run on one thread), so each image's sums keep one order.
 
-// softmax_j(row[j] * scale) in place. The max and the sum run in lanes, as GroupNorm's
-// sums do, so they vectorise; the sum's lanes are added in double.
-static void softmax_row(float* row, int N, float scale) {
-    float mx[LANES], s[LANES] = {0};
-    for (int l = 0; l < LANES; l++) mx[l] = -INFINITY;
-    for (int j = 0; j < N; j++) row[j] *= scale;
-    int j = 0;
-    for (; j + LANES <= N; j += LANES)
-        for (int l = 0; l < LANES; l++) mx[l] = row[j + l] > mx[l] ? row[j + l] : mx[l];
-    for (; j < N; j++) mx[j % LANES] = row[j] > mx[j % LANES] ? row[j] : mx[j % LANES];
-    float m = mx[0];
-    for (int l = 1; l < LANES; l++) m = mx[l] > m ? mx[l] : m;
-    for (j = 0; j + LANES <= N; j += LANES)
-        for (int l = 0; l < LANES; l++) { row[j + l] = exp_approx(row[j + l] - m); s[l] += row[j + l]; }
-    for (; j < N; j++) { row[j] = exp_approx(row[j] - m); s[j % LANES] += row[j]; }
-    double sum = 0;
-    for (int l = 0; l < LANES; l++) sum += s[l];
-    float inv = (float)(1.0 / sum);
-    for (j = 0; j < N; j++) row[j] *= inv;
+// attT[:, i] = softmax over j of (attT[j, i] * scale), for every column i, in place;
+// 256 columns at a time, their max and sum built row by row (sums in double).
+static void softmax_columns(float* a, int N, float scale) {
+    for (int i0 = 0; i0 < N; i0 += 256) {
+        int n = N - i0 < 256 ? N - i0 : 256;
+        float mx[256], inv[256];
+        double s[256];
+        for (int i = 0; i < n; i++) { mx[i] = -INFINITY; s[i] = 0; }
+        for (int j = 0; j < N; j++) {
+            float* row = a + (size_t)j * N + i0;
+            for (int i = 0; i < n; i++) { row[i] *= scale; mx[i] = row[i] > mx[i] ? row[i] : mx[i]; }
+        }
+        for (int j = 0; j < N; j++) {
+            float* row = a + (size_t)j * N + i0;
+            for (int i = 0; i < n; i++) row[i] = exp_approx(row[i] - mx[i]);
+            for (int i = 0; i < n; i++) s[i] += row[i];
+        }
+        for (int i = 0; i < n; i++) inv[i] = (float)(1.0 / s[i]);
+        for (int j = 0; j < N; j++) {
+            float* row = a + (size_t)j * N + i0;
+            for (int i = 0; i < n; i++) row[i] *= inv[i];
+        }
+    }
 }
 
-static void attention_forward(float* out, float* att, const float* q, const float* k, const float* v,
+static void attention_forward(float* out, float* attT, const float* q, const float* k, const float* v,
                               int B, int C, int N) {
     float scale = 1.0f / sqrtf((float)C);
     #pragma omp parallel for schedule(static) if (B > 1) num_threads(gemm_max_threads)
     for (int b = 0; b < B; b++) {
-        const float *qb = q + (size_t)b * C * N, *kb = k + (size_t)b * C * N, *vb = v + (size_t)b * C * N;
-        float* a = att + (size_t)b * N * N;
-        matmul(a, qb, kb, N, N, C, N, N, N, 1, 0, 0);   // a = q^T k
-        for (int i = 0; i < N; i++) softmax_row(a + (size_t)i * N, N, scale);
-        matmul(out + (size_t)b * C * N, vb, a, C, N, N, N, N, N, 0, 1, 0);   // out = v att^T
+        size_t o = (size_t)b * C * N;
+        float* a = attT + (size_t)b * N * N;
+        matmul(a, k + o, q + o, N, N, C, N, N, N, 1, 0, 0);   // attT = k^T q
+        softmax_columns(a, N, scale);
+        matmul(out + o, v + o, a, C, N, N, N, N, N, 0, 0, 0);  // out = v attT
     }
 }
 
-// datt: scratch of N*N floats per thread.
-//   dv += dout att,  datt = dout^T v,  ds = att * (datt - rowsum(att * datt)) / sqrt(C),
-//   dq += k ds^T,  dk += q ds
+// datt: scratch of N*N floats per thread, for dattT.
+//   dv += dout attT^T,  dattT = v^T dout,
+//   dsT[j, i] = attT[j, i] (dattT[j, i] - sum_j' attT[j', i] dattT[j', i]) / sqrt(C),
+//   dq += k dsT,  dk += q dsT^T
 static void attention_backward(float* dq, float* dk, float* dv, const float* dout,
-                               const float* q, const float* k, const float* v, const float* att,
+                               const float* q, const float* k, const float* v, const float* attT,
                                int B, int C, int N, float* datt) {
     float scale = 1.0f / sqrtf((float)C);
     #pragma omp parallel for schedule(static) if (B > 1) num_threads(gemm_max_threads)
     for (int b = 0; b < B; b++) {
         size_t o = (size_t)b * C * N;
-        const float* a = att + (size_t)b * N * N;
+        const float* a = attT + (size_t)b * N * N;
         float* da = datt + (size_t)(B > 1 ? thread_id() : 0) * N * N;
-        matmul(dv + o, dout + o, a, C, N, N, N, N, N, 0, 0, 1);
-        matmul(da, dout + o, v + o, N, N, C, N, N, N, 1, 0, 0);
-        for (int i = 0; i < N; i++) {   // softmax backward, row by row
-            const float* ar = a + (size_t)i * N;
-            float* dr = da + (size_t)i * N, d[LANES] = {0};
-            int j = 0;
-            for (; j + LANES <= N; j += LANES)
-                for (int l = 0; l < LANES; l++) d[l] += ar[j + l] * dr[j + l];
-            for (; j < N; j++) d[j % LANES] += ar[j] * dr[j];
-            double dot = 0;
-            for (int l = 0; l < LANES; l++) dot += d[l];
-            for (j = 0; j < N; j++) dr[j] = ar[j] * (dr[j] - (float)dot) * scale;
+        matmul(dv + o, dout + o, a, C, N, N, N, N, N, 0, 1, 1);
+        matmul(da, v + o, dout + o, N, N, C, N, N, N, 1, 0, 0);
+        for (int i0 = 0; i0 < N; i0 += 256) {   // softmax backward, down the columns
+            int n = N - i0 < 256 ? N - i0 : 256;
+            double dot[256];
+            float d[256];
+            for (int i = 0; i < n; i++) dot[i] = 0;
+            for (int j = 0; j < N; j++)
+                for (int i = 0; i < n; i++) dot[i] += a[(size_t)j * N + i0 + i] * da[(size_t)j * N + i0 + i];
+            for (int i = 0; i < n; i++) d[i] = (float)dot[i];
+            for (int j = 0; j < N; j++) {
+                const float* ar = a + (size_t)j * N + i0;
+                float* dr = da + (size_t)j * N + i0;
+                for (int i = 0; i < n; i++) dr[i] = ar[i] * (dr[i] - d[i]) * scale;
+            }
         }
-        matmul(dq + o, k + o, da, C, N, N, N, N, N, 0, 1, 1);
-        matmul(dk + o, q + o, da, C, N, N, N, N, N, 0, 0, 1);
+        matmul(dq + o, k + o, da, C, N, N, N, N, N, 0, 0, 1);
+        matmul(dk + o, q + o, da, C, N, N, N, N, N, 0, 1, 1);
     }
 }
 
@@ -1641,7 +1652,7 @@ typedef struct {
     // BLOCK_ATTN: out = x + proj_out(attention(q(n), k(n), v(n))), n = norm(x)
     GroupNorm norm;
     Conv2d q, k, v, proj_out;
-    float *mean, *rstd, *qa, *ka, *va, *att, *o;  // saved: (B, G), (B, C, HW) x3, (B, HW, HW), (B, C, HW)
+    float *mean, *rstd, *qa, *ka, *va, *att, *o;  // saved: (B, G), (B, C, HW) x3, attT (B, HW, HW), (B, C, HW)
     // BLOCK_DOWN: out = conv (3x3, stride 2);  BLOCK_UP: out = conv (3x3) of upsample(x)
     Conv2d conv;
     const float *in, *skip;
