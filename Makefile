@@ -28,6 +28,12 @@ endif
 ifeq ($(NATIVE),yes)
   CFLAGS += -march=native
   $(info ddpm.c: -march=native ........ found)
+  # On AVX-512 machines GCC still prefers 256-bit vectors for the loops it vectorises
+  # itself (GroupNorm, SiLU, softmax); 512 bits measured ~1% faster per step here.
+  WIDE := $(shell echo 'int main(void){return 0;}' | $(CC) -march=native -mprefer-vector-width=512 -x c - -o /dev/null 2>/dev/null && echo yes)
+  ifeq ($(WIDE),yes)
+    CFLAGS += -mprefer-vector-width=512
+  endif
 else
   $(info ddpm.c: -march=native ........ not used)
 endif
