@@ -159,13 +159,24 @@ static double rng_uniform(Rng* r) { return (rng_u64(r) >> 11) * 0x1.0p-53; }
 // uniform integer in [0, n)
 static int rng_int(Rng* r, int n) { return (int)(rng_uniform(r) * n); }
 
-// n standard normals by Box-Muller, two per pair of uniforms (the last spare dropped)
+// n standard normals by Box-Muller, two per pair of uniforms (the last spare dropped).
+// The uniforms come from the one stream in order, 2048 at a time; the log, sin and cos
+// of each pair (the costly part) are then done by whichever thread: same bits.
 static void rng_normal(Rng* r, float* out, size_t n) {
-    for (size_t i = 0; i < n; i += 2) {
-        double u1 = 1.0 - rng_uniform(r), u2 = rng_uniform(r);   // u1 in (0, 1]
-        double rad = sqrt(-2.0 * log(u1)), th = 2.0 * M_PI * u2;
-        out[i] = (float)(rad * cos(th));
-        if (i + 1 < n) out[i + 1] = (float)(rad * sin(th));
+    enum { CHUNK = 2048 };   // values per chunk (even)
+    double u[CHUNK];
+    for (size_t i0 = 0; i0 < n; i0 += CHUNK) {
+        int m = n - i0 < CHUNK ? (int)(n - i0) : CHUNK, pairs = (m + 1) / 2;
+        for (int j = 0; j < 2 * pairs; j += 2) {
+            u[j] = 1.0 - rng_uniform(r);   // in (0, 1]
+            u[j + 1] = rng_uniform(r);
+        }
+        #pragma omp parallel for schedule(static) if (m > 256)
+        for (int j = 0; j < pairs; j++) {
+            double rad = sqrt(-2.0 * log(u[2 * j])), th = 2.0 * M_PI * u[2 * j + 1];
+            out[i0 + 2 * j] = (float)(rad * cos(th));
+            if (2 * j + 1 < m) out[i0 + 2 * j + 1] = (float)(rad * sin(th));
+        }
     }
 }
 
