@@ -460,11 +460,11 @@ static float l_simple(float* d_eps_theta, const float* eps_theta, const float* e
 // Appendix B spends its time.) Linear layers, attention and the input gradient of the
 // stride-2 convolution reduce to
 //   C[M,N] (+)= op(A)[M,K] op(B)[K,N],  op(A)[i,p] = transA ? A[p*lda + i] : A[i*lda + p]
-// (the convolutions themselves have their own direct kernel, 6.2). It is the classic blocked design of
-// BLIS/GotoBLAS, in plain C: copy ("pack") a KC-deep slab of A into MR-row panels and
-// of B into NR-column panels, so the innermost kernel streams both contiguously and
-// keeps an MR x NR block of C in registers. The compiler vectorises the j loop
-// (-O3 -march=native). OpenMP splits C into tiles; each tile is owned by one thread
+// (the convolutions themselves have their own direct kernel, 6.2). It is the classic
+// blocked design of BLIS/GotoBLAS, in plain C: copy ("pack") a KC-deep slab of A into
+// MR-row panels and of B into NR-column panels (B's rows are read where they lie when
+// B is not transposed), so the innermost kernel streams both and keeps an MR x NR block
+// of C in registers. OpenMP splits C into tiles; each tile is owned by one thread
 // and sums over K in the same order whatever the tile size, so the result has the
 // same bits for any number of threads.
 #define GEMM_MR 8
@@ -1104,7 +1104,7 @@ static void linear_backward(float* dinp, float* dweight, float* dbias, const flo
 // must vectorise. libm's expf is a function call the compiler cannot vectorise; this
 // one is plain arithmetic: x = n ln2 + r with |r| <= ln2/2 (ln2 split in two parts so
 // n ln2 is exact), Cephes' degree-6 polynomial for e^r, and 2^n written straight
-// into the exponent bits. Relative error below 3e-7 (tests/ checks it against exp);
+// into the exponent bits. Relative error about 1e-7 (tests/ checks < 2e-7 against exp);
 // a NaN stays NaN, and x is clamped to [-87, 88] where expf would under/overflow.
 static inline float exp_approx(float x) {
     x = x > 88.0f ? 88.0f : x < -87.0f ? -87.0f : x;   // a NaN fails both tests and stays

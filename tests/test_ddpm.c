@@ -814,7 +814,7 @@ static void test_conv_oracle(int K, int B, int C_in, int C_out, int H, int W) {
 }
 
 // conv2d runs on parallel threads (work items of 48 pixels of one image; weight-gradient
-// tiles owned by one thread each; for stride 2, whole images with their own im2col
+// tiles owned by one thread each; for the stride-2 input gradient, whole images with their own col2im
 // slices); the result must have the same bits as on one thread, every time. The thread
 // count is set as --threads sets it (gemm_reinit). A race shows only when two threads
 // work at the same moment, so the call is made ~10 ms, longer than a scheduler time
@@ -966,6 +966,21 @@ static void test_groupnorm(void) {
 // ---- SiLU ----
 typedef struct { float *x, *out; size_t n; } SiluCase;
 static void silu_fwd(void* p) { SiluCase* s = p; silu_forward(s->out, s->x, s->n); }
+
+// exp_approx (6.4) against libm's exp in double, over the range it serves, plus its
+// edges: clamped at -87 and 88 (where expf would under/overflow), NaN in, NaN out.
+static void test_exp_approx(void) {
+    double worst = 0, at = 0;
+    for (int i = 0; i <= 400000; i++) {
+        float x = -87.0f + 175.0f * (float)i / 400000.0f;
+        double rel = fabs(exp_approx(x) - exp((double)x)) / exp((double)x);
+        if (rel > worst) { worst = rel; at = x; }
+    }
+    check("exp_approx vs exp on [-87, 88]", worst < 2e-7, "max relative error %.2g at x = %.4g (tol 2e-7, float eps 1.2e-7)", worst, at);
+    int edges = exp_approx(-200.0f) == exp_approx(-87.0f) && exp_approx(200.0f) == exp_approx(88.0f) &&
+                isnan(exp_approx(NAN)) && isfinite(exp_approx(88.0f)) && exp_approx(-87.0f) > 0;
+    check("exp_approx: clamps outside [-87, 88], keeps NaN", edges, "exp(-200) -> exp(-87), exp(200) -> exp(88), NaN stays");
+}
 
 static void test_silu(void) {
     SiluCase s = {randn(64, 3), fmalloc(64), 64};
@@ -2018,6 +2033,7 @@ int main(int argc, char** argv) {
     test_conv_threads(3, 2);
     test_groupnorm();
     test_groupnorm_paths();
+    test_exp_approx();
     test_silu();
     test_linear();
     test_attention();
