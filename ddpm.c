@@ -676,6 +676,10 @@ static void matmul(float* C, const float* A, const float* B, int M, int N, int K
 #define CONV_MR 8                // output channels per register tile
 #define CONV_NV 3                // vectors of 16 pixels per register tile
 #define CONV_NR (16 * CONV_NV)
+#define CONV_MR_WIDE 4           // the wide tile: 4 output channels
+#define CONV_NV_WIDE 5           //   x 80 pixels, for maps whose flat length is a multiple of 80
+#define CONV_NV_MAX 5
+#define CONV_NR_MAX (16 * CONV_NV_MAX)
 #define CONV_DW_CO 32            // weight-gradient tile: output channels (2 vectors)
 #define CONV_DW_K 9              // weight-gradient tile: taps (one 3x3 channel)
 // Long float sums (here, in GroupNorm and in softmax) run in 16 interleaved partial sums,
@@ -718,7 +722,8 @@ typedef enum { CONV_PADDED, CONV_PLAIN, CONV_PHASES } ConvMode;
 typedef struct {
     ConvMode mode;       // padded (3x3 stride 1), plain (1x1), phases (3x3 stride 2)
     int H, W, Wp;        // output size; row pitch of the input grid
-    int L, Lr;           // flat output positions (H Wp, junk columns included), rounded up to CONV_NR
+    int L, Lr;           // flat output positions (H Wp, junk columns included), rounded up to nr
+    int mr, nr;          // the register tile: output channels x flat pixels
     size_t P, S;         // one grid, with room for the last tile's overrun; one channel (1 or 4 grids)
     int T, toff[9];      // taps (K*K) and their offsets from the output's flat index
     // where output pixel (h, w) of channel o goes: o out_plane + out_off + h out_pitch + w out_step
@@ -734,7 +739,12 @@ static ConvGeom conv_geom(int H, int W, int K, int stride) {
     g.mode = stride == 2 ? CONV_PHASES : K == 3 || H * W < CONV_NR ? CONV_PADDED : CONV_PLAIN;
     g.Wp = g.mode == CONV_PLAIN ? g.W : g.W + 2;
     g.L = g.H * g.Wp;
-    g.Lr = round_up(g.L, CONV_NR);
+    // the tile that wastes fewer pixels past the end (8 x 8: 80 = 8 rows of 10; 48 would
+    // compute 96); a plain 1x1 needs the tile to fit in the image.
+    int wide = round_up(g.L, 16 * CONV_NV_WIDE) < round_up(g.L, CONV_NR) && (g.mode != CONV_PLAIN || g.L >= 16 * CONV_NV_WIDE);
+    g.mr = wide ? CONV_MR_WIDE : CONV_MR;
+    g.nr = wide ? 16 * CONV_NV_WIDE : CONV_NR;
+    g.Lr = round_up(g.L, g.nr);
     g.P = g.mode == CONV_PLAIN ? (size_t)g.L : (size_t)round_up(g.Lr + 2 * g.Wp + 2, 16);
     g.S = g.mode == CONV_PHASES ? 4 * g.P : g.P;
     g.out_pitch = g.W; g.out_step = 1; g.out_off = 0; g.out_plane = (size_t)g.H * g.W;
@@ -833,50 +843,48 @@ static void conv_pack_weights(float* packed, const float* weight, int C_out, int
     }
 }
 
-// The register tile: tile[r][j] = sum_{c, t} a[c][t][r] x[c S + toff[t] + j], j < 48.
-// `a` is one 8-row panel, x the first input grid (at the tile's first pixel).
-// Called with T a constant (9, 4 or 1), so the compiler unrolls the taps.
-static inline void conv_tile(float tile[CONV_MR][CONV_NR], const float* restrict a, const float* restrict x,
-                             int C, size_t S, int T, const int* toff) {
+// The register tile: tile[r][j] = sum_{c, t} a[c][t][r] x[c S + toff[t] + j] for
+// r < MR rows and j < 16 NV pixels, stored row by row. `a` is an 8-row panel (at the
+// tile's first row), x the first input grid (at the tile's first pixel). Called with
+// MR and NV constants, so that acc lives in registers. (Unrolling the taps as well
+// runs the 4 x 80 tile out of registers.)
+static inline void conv_tile(float* restrict tile, const float* restrict a, const float* restrict x,
+                             int C, size_t S, int T, const int* toff, int MR, int NV) {
 #if defined(__GNUC__)
-    vec16 acc[CONV_MR][CONV_NV];
+    vec16 acc[CONV_MR][CONV_NV_MAX];
     memset(acc, 0, sizeof acc);
     for (int c = 0; c < C; c++, x += S)
         for (int t = 0; t < T; t++, a += CONV_MR) {
             const float* xt = x + toff[t];
-            vec16 v0, v1, v2;   // CONV_NV = 3
-            memcpy(&v0, xt, sizeof v0);
-            memcpy(&v1, xt + 16, sizeof v1);
-            memcpy(&v2, xt + 32, sizeof v2);
-            for (int r = 0; r < CONV_MR; r++) {
-                acc[r][0] += a[r] * v0;
-                acc[r][1] += a[r] * v1;
-                acc[r][2] += a[r] * v2;
-            }
+            vec16 v[CONV_NV_MAX];
+            for (int j = 0; j < NV; j++) memcpy(&v[j], xt + 16 * j, sizeof v[j]);
+            for (int r = 0; r < MR; r++)
+                for (int j = 0; j < NV; j++) acc[r][j] += a[r] * v[j];
         }
-    memcpy(tile, acc, sizeof acc);
+    for (int r = 0; r < MR; r++)
+        for (int j = 0; j < NV; j++) memcpy(tile + (r * NV + j) * 16, &acc[r][j], sizeof acc[r][j]);
 #else
-    memset(tile, 0, sizeof(float) * CONV_MR * CONV_NR);
+    memset(tile, 0, sizeof(float) * MR * NV * 16);
     for (int c = 0; c < C; c++, x += S)
         for (int t = 0; t < T; t++, a += CONV_MR)
-            for (int r = 0; r < CONV_MR; r++)
-                for (int j = 0; j < CONV_NR; j++) tile[r][j] += a[r] * x[toff[t] + j];
+            for (int r = 0; r < MR; r++)
+                for (int j = 0; j < 16 * NV; j++) tile[r * NV * 16 + j] += a[r] * x[toff[t] + j];
 #endif
 }
 
 // Write (bias == NULL: add) the tile at flat index p0 into rows o0.. of an image out
 // (C x H x W), from column `skip` on, dropping the junk columns.
-static void conv_store_tile(float* out, float tile[CONV_MR][CONV_NR], int o0, int C, int p0, int skip,
+static void conv_store_tile(float* out, const float* tile, int o0, int C, int p0, int skip,
                             ConvGeom g, const float* bias) {
-    int rows = C - o0 < CONV_MR ? C - o0 : CONV_MR;
-    for (int j = skip; j < CONV_NR;) {
+    int rows = C - o0 < g.mr ? C - o0 : g.mr;
+    for (int j = skip; j < g.nr;) {
         int p = p0 + j, h = p / g.Wp, w = p % g.Wp;
         if (h >= g.H) break;
         if (w >= g.W) { j += g.Wp - w; continue; }
-        int n = g.W - w < CONV_NR - j ? g.W - w : CONV_NR - j, s = g.out_step;
+        int n = g.W - w < g.nr - j ? g.W - w : g.nr - j, s = g.out_step;
         for (int r = 0; r < rows; r++) {
             float* dst = out + (o0 + r) * g.out_plane + g.out_off + (size_t)h * g.out_pitch + (size_t)w * s;
-            const float* src = tile[r] + j;
+            const float* src = tile + r * g.nr + j;
             if (s == 1 && bias) for (int k = 0; k < n; k++) dst[k] = bias[o0 + r] + src[k];
             else if (s == 1)    for (int k = 0; k < n; k++) dst[k] += src[k];
             else if (bias)      for (int k = 0; k < n; k++) dst[k * s] = bias[o0 + r] + src[k];
@@ -887,26 +895,31 @@ static void conv_store_tile(float* out, float tile[CONV_MR][CONV_NR], int o0, in
 }
 
 // out (B, C_out, H, W) = (or +=, if bias is NULL) the direct convolution of the input
-// grids (B x C_in of them) with packed weights. Work items are (image, 48 pixels). A
-// plain 1x1 has no slack after its planes, so its last tile is moved back to end at
-// the image's last pixel, and stores only the columns not done yet.
+// grids (B x C_in of them) with packed weights. Work items are (image, 48 or 80 pixels).
+// A plain 1x1 has no slack after its planes, so its last tile is moved back to end at
+// the image's last pixel, and stores only the columns not done yet. n_ph > 1: the four
+// phases of 6.8's upsampling conv, g[0..3] (taps and output pixels differ), weights
+// packed one phase after another; each item does all four, so the 2 x 2 output blocks
+// are complete while their cache lines are still at hand.
 static void conv_direct(float* out, const float* planes, const float* packed, const float* bias,
-                        int B, int C_in, int C_out, ConvGeom g) {
-    int n_p = g.Lr / CONV_NR, n_m = (C_out + CONV_MR - 1) / CONV_MR;
-    size_t panel = (size_t)CONV_MR * C_in * g.T;
+                        int B, int C_in, int C_out, const ConvGeom* g, int n_ph) {
+    int n_p = g->Lr / g->nr, n_m = (C_out + g->mr - 1) / g->mr, T = g->T;
+    size_t panel = (size_t)CONV_MR * C_in * T, phase = (size_t)round_up(C_out, CONV_MR) * C_in * T;
     #pragma omp parallel for schedule(static) num_threads(gemm_max_threads)
     for (int item = 0; item < B * n_p; item++) {
-        int b = item / n_p, p0 = (item % n_p) * CONV_NR, skip = 0;
-        if (g.mode == CONV_PLAIN && p0 + CONV_NR > g.L) { skip = p0 + CONV_NR - g.L; p0 = g.L - CONV_NR; }
-        const float* x = planes + (size_t)b * C_in * g.S + p0;
-        float* y = out + (size_t)b * C_out * g.out_plane;
-        float tile[CONV_MR][CONV_NR];
-        for (int m = 0; m < n_m; m++) {
-            if (g.T == 9)      conv_tile(tile, packed + m * panel, x, C_in, g.S, 9, g.toff);
-            else if (g.T == 4) conv_tile(tile, packed + m * panel, x, C_in, g.S, 4, g.toff);
-            else               conv_tile(tile, packed + m * panel, x, C_in, g.S, 1, g.toff);
-            conv_store_tile(y, tile, m * CONV_MR, C_out, p0, skip, g, bias);
-        }
+        int b = item / n_p, p0 = (item % n_p) * g->nr, skip = 0;
+        if (g->mode == CONV_PLAIN && p0 + g->nr > g->L) { skip = p0 + g->nr - g->L; p0 = g->L - g->nr; }
+        const float* x = planes + (size_t)b * C_in * g->S + p0;
+        float* y = out + (size_t)b * C_out * g->out_plane;
+        float tile[CONV_MR * CONV_NR_MAX];
+        for (int m = 0; m < n_m; m++)
+            for (int ph = 0; ph < n_ph; ph++) {
+                int o0 = m * g->mr;
+                const float* a = packed + ph * phase + (o0 / CONV_MR) * panel + o0 % CONV_MR;
+                if (g->nr == CONV_NR) conv_tile(tile, a, x, C_in, g->S, T, g[ph].toff, CONV_MR, CONV_NV);
+                else                  conv_tile(tile, a, x, C_in, g->S, T, g[ph].toff, CONV_MR_WIDE, CONV_NV_WIDE);
+                conv_store_tile(y, tile, o0, C_out, p0, skip, g[ph], bias);
+            }
     }
 }
 
@@ -1049,7 +1062,7 @@ static void conv_forward(float* out, const float* inp, int in_grids, const float
     size_t total;
     ConvWork w = conv_work(ws, B, C_in, H, W, C_out, K, stride, gemm_max_threads, &total);
     conv_pack_weights(w.packed, weight, C_out, C_in, g.T, 0);
-    conv_direct(out, in_grids ? inp : conv_grids(w.planes, inp, B, C_in, g), w.packed, bias, B, C_in, C_out, g);
+    conv_direct(out, in_grids ? inp : conv_grids(w.planes, inp, B, C_in, g), w.packed, bias, B, C_in, C_out, &g, 1);
 }
 
 // out (B, C_out, H/stride, W/stride). ws: conv2d_workspace_floats(...) floats of scratch.
@@ -1072,7 +1085,7 @@ static void conv_backward(float* dinp, float* dweight, float* dbias, const float
     if (!dinp) return;
     if (stride != 1) { conv_strided_dinp(dinp, w.dcol, dout, weight, B, C_in, H, W, C_out, K, stride); return; }
     conv_pack_weights(w.packed, weight, C_out, C_in, g.T, 1);
-    conv_direct(dinp, conv_grids(w.planes, dout, B, C_out, g), w.packed, NULL, B, C_out, C_in, g);
+    conv_direct(dinp, conv_grids(w.planes, dout, B, C_out, g), w.packed, NULL, B, C_out, C_in, &g, 1);
 }
 
 // dinp may be NULL (the network input needs no gradient).
@@ -1155,30 +1168,38 @@ static void silu_backward(float* dinp, const float* dout, const float* inp, size
 // the lanes of each channel are then added in double.
 #define GN_EPS 1e-6
 
-// out = [silu](gamma xhat + beta) with given statistics; also used to recompute.
-// grid_W = 0: out is (B, C, H, W) like inp. grid_W = W: out is the padded grids of a
-// 3x3 conv's input (6.2), so that conv need not copy it.
+// Where the output goes. grid_W = 0: out is (B, C, H, W) like inp. grid_W = W: out is
+// the padded grids of a 3x3 conv's input (6.2), so that conv need not copy it.
+typedef struct { int H, W, pitch, off; size_t plane; } GnLayout;
+
+static GnLayout gn_layout(int HW, int grid_W) {
+    int W = grid_W ? grid_W : HW, H = HW / W;
+    ConvGeom grid = conv_geom(H, W, 3, 1);
+    return (GnLayout){H, W, grid_W ? grid.Wp : W, grid_W ? grid.Wp + 1 : 0, grid_W ? grid.P : (size_t)HW};
+}
+
+// out = [silu](gamma xhat + beta) for group g of image b, with its statistics m, r.
+static void gn_apply_group(float* out, const float* inp, int b, int g, float m, float r,
+                           const float* gamma, const float* beta, int C, int HW, int Cg, int silu, GnLayout L) {
+    for (int c = g * Cg; c < (g + 1) * Cg; c++) {
+        float sc = r * gamma[c], sh = beta[c] - m * sc;
+        for (int h = 0; h < L.H; h++) {
+            const float* x = inp + ((size_t)b * C + c) * HW + (size_t)h * L.W;
+            float* y = out + ((size_t)b * C + c) * L.plane + L.off + (size_t)h * L.pitch;
+            if (silu) for (int i = 0; i < L.W; i++) { float n = x[i] * sc + sh; y[i] = n * sigmoidf(n); }
+            else      for (int i = 0; i < L.W; i++) y[i] = x[i] * sc + sh;
+        }
+    }
+}
+
+// The same for every group, with saved statistics: the backward pass recomputes with it.
 static void groupnorm_apply(float* out, const float* inp, const float* mean, const float* rstd,
                             const float* gamma, const float* beta, int B, int C, int HW, int G, int silu,
                             int grid_W) {
-    int Cg = C / G, W = grid_W ? grid_W : HW, H = HW / W;
-    ConvGeom grid = conv_geom(H, W, 3, 1);
-    size_t plane = grid_W ? grid.P : (size_t)HW;
-    int pitch = grid_W ? grid.Wp : W, off = grid_W ? grid.Wp + 1 : 0;
+    GnLayout L = gn_layout(HW, grid_W);
     #pragma omp parallel for schedule(static) if ((size_t)B * C * HW > 65536)
-    for (int bg = 0; bg < B * G; bg++) {
-        int b = bg / G, g = bg % G;
-        float m = mean[bg], r = rstd[bg];
-        for (int c = g * Cg; c < (g + 1) * Cg; c++) {
-            float sc = r * gamma[c], sh = beta[c] - m * sc;
-            for (int h = 0; h < H; h++) {
-                const float* x = inp + ((size_t)b * C + c) * HW + (size_t)h * W;
-                float* y = out + ((size_t)b * C + c) * plane + off + (size_t)h * pitch;
-                if (silu) for (int i = 0; i < W; i++) { float n = x[i] * sc + sh; y[i] = n * sigmoidf(n); }
-                else      for (int i = 0; i < W; i++) y[i] = x[i] * sc + sh;
-            }
-        }
-    }
+    for (int bg = 0; bg < B * G; bg++)
+        gn_apply_group(out, inp, bg / G, bg % G, mean[bg], rstd[bg], gamma, beta, C, HW, C / G, silu, L);
 }
 
 // sum_i (x_i - shift) and sum_i (x_i - shift)^2 over n floats: in lanes, 4096 values at
@@ -1209,12 +1230,13 @@ static void lane_sums(const float* x, size_t n, float shift, double* s, double* 
 
 // mean, rstd: (B, G), saved for the backward pass. Two passes over the group (it is in
 // cache): the mean, then the variance around it, which keeps var >= 0 and accurate
-// even when |mean| >> std.
+// even when |mean| >> std; then the output, while the group is still in cache.
 static void groupnorm_forward(float* out, float* mean, float* rstd, const float* inp,
                               const float* gamma, const float* beta, int B, int C, int HW, int G, int silu,
                               int grid_W) {
     int Cg = C / G;
     size_t n = (size_t)Cg * HW;
+    GnLayout L = gn_layout(HW, grid_W);
     #pragma omp parallel for schedule(static) if ((size_t)B * C * HW > 65536)
     for (int bg = 0; bg < B * G; bg++) {
         const float* x = inp + ((size_t)(bg / G) * C + (size_t)(bg % G) * Cg) * HW;  // a group is contiguous
@@ -1225,8 +1247,8 @@ static void groupnorm_forward(float* out, float* mean, float* rstd, const float*
         double var = dd / n - (d / n) * (d / n);   // d/n: the float mean's own rounding
         mean[bg] = m;
         rstd[bg] = (float)(1.0 / sqrt(fmax(var, 0.0) + GN_EPS));
+        gn_apply_group(out, inp, bg / G, bg % G, m, rstd[bg], gamma, beta, C, HW, Cg, silu, L);
     }
-    groupnorm_apply(out, inp, mean, rstd, gamma, beta, B, C, HW, G, silu, grid_W);
 }
 
 // dn = dout * silu'(n) (or dout without the SiLU), for one channel of HW values.
@@ -1336,7 +1358,8 @@ static void dropout_backward(float* dinp, const float* dout, size_t N, float p, 
 // run on one thread), so each image's sums keep one order.
 
 // attT[:, i] = softmax over j of (attT[j, i] * scale), for every column i, in place;
-// 256 columns at a time, their max and sum built row by row (sums in double).
+// 256 columns at a time, their max and sum built row by row (sums in double). The scale
+// (> 0) goes inside the exponent, exp(scale (a - max)), so the max pass only reads.
 static void softmax_columns(float* a, int N, float scale) {
     for (int i0 = 0; i0 < N; i0 += 256) {
         int n = N - i0 < 256 ? N - i0 : 256;
@@ -1344,12 +1367,12 @@ static void softmax_columns(float* a, int N, float scale) {
         double s[256];
         for (int i = 0; i < n; i++) { mx[i] = -INFINITY; s[i] = 0; }
         for (int j = 0; j < N; j++) {
-            float* row = a + (size_t)j * N + i0;
-            for (int i = 0; i < n; i++) { row[i] *= scale; mx[i] = row[i] > mx[i] ? row[i] : mx[i]; }
+            const float* row = a + (size_t)j * N + i0;
+            for (int i = 0; i < n; i++) mx[i] = row[i] > mx[i] ? row[i] : mx[i];
         }
         for (int j = 0; j < N; j++) {
             float* row = a + (size_t)j * N + i0;
-            for (int i = 0; i < n; i++) row[i] = exp_approx(row[i] - mx[i]);
+            for (int i = 0; i < n; i++) row[i] = exp_approx((row[i] - mx[i]) * scale);
             for (int i = 0; i < n; i++) s[i] += row[i];
         }
         for (int i = 0; i < n; i++) inv[i] = (float)(1.0 / s[i]);
@@ -1360,13 +1383,15 @@ static void softmax_columns(float* a, int N, float scale) {
     }
 }
 
+// attT == NULL (sampling: there is no backward pass to save it for): each thread's
+// attT lives in its own N*N slice of scratch, which stays in cache.
 static void attention_forward(float* out, float* attT, const float* q, const float* k, const float* v,
-                              int B, int C, int N) {
+                              int B, int C, int N, float* scratch) {
     float scale = 1.0f / sqrtf((float)C);
     #pragma omp parallel for schedule(static) if (B > 1) num_threads(gemm_max_threads)
     for (int b = 0; b < B; b++) {
         size_t o = (size_t)b * C * N;
-        float* a = attT + (size_t)b * N * N;
+        float* a = attT ? attT + (size_t)b * N * N : scratch + (size_t)(B > 1 ? thread_id() : 0) * N * N;
         matmul(a, k + o, q + o, N, N, C, N, N, N, 1, 0, 0);   // attT = k^T q
         softmax_columns(a, N, scale);
         matmul(out + o, v + o, a, C, N, N, N, N, N, 0, 0, 0);  // out = v attT
@@ -1451,9 +1476,11 @@ static void upconv_combine(float* wc, const float* weight, int C_out, int C_in) 
 }
 
 // Scratch: the 6.2 layout of a stride-2 conv onto H x W (phase grids of the 2H x 2W
-// gradient), then the combined weights and one phase's weight gradient.
+// gradient), then the combined weights, and one phase's weight gradient (backward) or
+// the four phases' packed weights (forward).
 static size_t upconv_workspace_floats(int B, int C_in, int H, int W, int C_out, int threads) {
-    return conv2d_workspace_floats(B, C_in, 2 * H, 2 * W, C_out, 3, 2, threads) + (size_t)20 * C_out * C_in;
+    return conv2d_workspace_floats(B, C_in, 2 * H, 2 * W, C_out, 3, 2, threads) +
+           (size_t)16 * C_out * C_in + (size_t)16 * round_up(C_out, CONV_MR) * C_in;
 }
 
 // inp (B, C_in, H, W) -> out (B, C_out, 2H, 2W).
@@ -1463,12 +1490,16 @@ static void upconv_forward(float* out, const float* inp, const float* weight, co
     ConvWork w = conv_work(ws, B, C_in, 2 * H, 2 * W, C_out, 3, 2, gemm_max_threads, &total);
     float* wc = ws + total;
     ConvGeom g = conv_geom(H, W, 3, 1);
+    float* packed = wc + (size_t)16 * C_out * C_in;
+    size_t phase = (size_t)round_up(C_out, CONV_MR) * C_in * 4;
     const float* x = conv_grids(w.planes, inp, B, C_in, g);
     upconv_combine(wc, weight, C_out, C_in);
+    ConvGeom u[4];
     for (int ph = 0; ph < 4; ph++) {
-        conv_pack_weights(w.packed, wc + (size_t)ph * C_out * C_in * 4, C_out, C_in, 4, 0);
-        conv_direct(out, x, w.packed, bias, B, C_in, C_out, upconv_geom(g, ph / 2, ph % 2, 0));
+        u[ph] = upconv_geom(g, ph / 2, ph % 2, 0);
+        conv_pack_weights(packed + ph * phase, wc + (size_t)ph * C_out * C_in * 4, C_out, C_in, 4, 0);
     }
+    conv_direct(out, x, packed, bias, B, C_in, C_out, u, 4);
 }
 
 static void upconv_backward(float* dinp, float* dweight, float* dbias, const float* dout,
@@ -1497,7 +1528,8 @@ static void upconv_backward(float* dinp, float* dweight, float* dbias, const flo
     upconv_combine(wc, weight, C_out, C_in);
     for (int ph = 0; ph < 4; ph++) {
         conv_pack_weights(w.packed, wc + (size_t)ph * n * 4, C_out, C_in, 4, 1);
-        conv_direct(dinp, d + ph * g.P, w.packed, NULL, B, C_out, C_in, upconv_geom(g, ph / 2, ph % 2, 1));
+        ConvGeom u = upconv_geom(g, ph / 2, ph % 2, 1);
+        conv_direct(dinp, d + ph * g.P, w.packed, NULL, B, C_out, C_in, &u, 1);
     }
 }
 
@@ -1717,6 +1749,8 @@ typedef struct {
     int max_attn_hw, n_transient;
     // state of the current step
     int train;                  // dropout on (training) or off (sampling, evaluation)
+    int no_grad;                // no backward pass follows (sampling, evaluation): the
+                                // forward need not keep the attention weights
     uint64_t dropout_key;       // drawn from the RNG once per step
 } UNet;
 
@@ -2073,7 +2107,7 @@ static void attnblock_forward(UNet* m, Block* k, int B) {
     conv2d_forward(k->qa, n, k->q.w, k->q.b, B, C, H, W, C, 1, 1, m->conv_ws);
     conv2d_forward(k->ka, n, k->k.w, k->k.b, B, C, H, W, C, 1, 1, m->conv_ws);
     conv2d_forward(k->va, n, k->v.w, k->v.b, B, C, H, W, C, 1, 1, m->conv_ws);
-    attention_forward(k->o, k->att, k->qa, k->ka, k->va, B, C, HW);
+    attention_forward(k->o, m->no_grad ? NULL : k->att, k->qa, k->ka, k->va, B, C, HW, m->datt);
     conv2d_forward(k->out, k->o, k->proj_out.w, k->proj_out.b, B, C, H, W, C, 1, 1, m->conv_ws);
     add_inplace(k->out, k->in, (size_t)B * C * HW);
 }
@@ -2460,6 +2494,7 @@ static StepStats train_step(Trainer* tr, const Dataset* data) {
     draw_batch(tr, data);
     q_sample(tr->x_t, tr->x0, tr->eps, tr->t_idx, B, n, &tr->sched);   // Eq. (4)
     m->train = 1;
+    m->no_grad = 0;
     float* eps_theta = unet_forward(m, tr->x_t, tr->t_idx, B);
     StepStats st;
     st.loss = l_simple(tr->d_eps_theta, eps_theta, tr->eps, B * n);  // Eq. (14)
@@ -2694,6 +2729,7 @@ static int p_sample_loop(UNet* m, const Schedule* s, float* out, int n_images, S
     SampleBuffers sb;
     sample_buffers_init(&sb, Bm, n);
     m->train = 0;
+    m->no_grad = 1;
     double t0 = now_seconds();
     long total = (long)((n_images + Bm - 1) / Bm) * T, done = 0;
     for (int start = 0; start < n_images; start += Bm) {
@@ -2740,6 +2776,7 @@ static BoundBpd eval_bpd(UNet* m, const Schedule* s, const Dataset* test, int n_
     double* lv_p = malloc_check((size_t)Bm * sizeof(double), "evaluation buffers");
     BoundBpd r = {0, 0, 0, 0, 0};
     m->train = 0;
+    m->no_grad = 1;
     double t0 = now_seconds();
     long total = (long)((n_images + Bm - 1) / Bm) * T, done = 0;
     for (int start = 0; start < n_images && !stop_requested; start += Bm) {
@@ -3389,6 +3426,7 @@ static int cmd_bench(const Options* o) {
     sample_buffers_init(&sb, B, n);
     rng_normal(&tr.rng, tr.x_t, B * n);
     tr.net.train = 0;
+    tr.net.no_grad = 1;
     for (int i = 0; i < W + S; i++) {
         double t0 = now_seconds();
         for (int b = 0; b < B; b++) sb.t_idx[b] = 500;

@@ -784,8 +784,9 @@ static double max_abs_diff_d(const float* got, const double* want, size_t n) {
 }
 
 // The tiled stride-1 paths against the oracles, on shapes that exercise every edge:
-// C_out not a multiple of the 8-channel or 32-channel tiles, C_in x taps not a multiple
-// of 9, W not a multiple of 16, and pixel tiles that straddle rows and the image's end.
+// C_out not a multiple of the 8-channel (or, on the 80-pixel tile, 4-channel) or
+// 32-channel tiles, C_in x taps not a multiple of 9, W not a multiple of 16, and pixel
+// tiles that straddle rows and the image's end.
 static void test_conv_oracle(int K, int B, int C_in, int C_out, int H, int W) {
     ConvCase c = {0};
     c.B = B; c.C_in = C_in; c.H = H; c.W = W; c.C_out = C_out; c.K = K; c.stride = 1;
@@ -1031,7 +1032,7 @@ static void test_linear(void) {
 
 // ---- attention ----
 typedef struct { float *q, *k, *v, *out, *att; int B, C, N; } AttCase;
-static void att_fwd(void* p) { AttCase* a = p; attention_forward(a->out, a->att, a->q, a->k, a->v, a->B, a->C, a->N); }
+static void att_fwd(void* p) { AttCase* a = p; attention_forward(a->out, a->att, a->q, a->k, a->v, a->B, a->C, a->N, NULL); }
 
 static void test_attention(void) {
     AttCase a = {0};
@@ -1067,6 +1068,12 @@ static void test_attention(void) {
     float* dv = fmalloc(n);
     gemm_init();
     float* datt = fmalloc((size_t)gemm_max_threads * a.N * a.N);   // one N x N per thread
+    // sampling keeps no weights: each thread's go to its slice of the scratch instead
+    float* out2 = fmalloc(n);
+    attention_forward(out2, NULL, a.q, a.k, a.v, a.B, a.C, a.N, datt);
+    check("attention forward without saved weights (per-thread scratch): same bits",
+          !memcmp(out2, a.out, n * sizeof(float)), "max |diff| %.3g", max_abs_diff(out2, a.out, n));
+    free(out2);
     attention_backward(dq, dk, dv, R, a.q, a.k, a.v, a.att, a.B, a.C, a.N, datt);
     check_grad("attention d q", dq, a.q, n, &o, TOL_NONLINEAR);
     check_grad("attention d k", dk, a.k, n, &o, TOL_NONLINEAR);
@@ -2026,6 +2033,8 @@ int main(int argc, char** argv) {
     test_conv_oracle(1, 2, 22, 35, 5, 11);
     test_conv_oracle(1, 2, 17, 9, 8, 8);
     test_conv_oracle(3, 1, 64, 64, 32, 32);
+    test_conv_oracle(3, 2, 13, 10, 8, 8);     // the 4 x 80 tile, its last rows partial
+    test_conv_oracle(1, 2, 17, 9, 15, 10);    // 4 x 80 on a plain 1x1, last tile moved back
     test_upconv(2, 5, 11, 3, 5);
     test_upconv(2, 32, 40, 8, 8);
     test_conv_threads(3, 1);
