@@ -649,13 +649,14 @@ static void matmul(float* C, const float* A, const float* B, int M, int N, int K
 // weight (C_out, C_in, K, K), bias (C_out):
 //   out[b, o, h, w] = bias[o] + sum_{c, i, j} weight[o, c, i, j] inp[b, c, s h + i - pad, s w + j - pad]
 //
-// The convolution runs "direct", with no im2col copy. Copy each input plane into an
-// (H+2) x (W+2) grid with a zero border, and number the grid's cells row by row with
-// pitch Wp = W + 2. Output pixel (h, w) gets the flat index p = h Wp + w, and the 9
-// inputs under its kernel sit at p + i Wp + j: one offset per tap, the same for every
-// pixel. So out[o, p .. p+47] for 48 consecutive p is a sum of weight * (48 consecutive
-// floats of a padded plane): contiguous vector loads, no gather. The price is 2 junk
-// columns per row (p with w >= W), computed and dropped.
+// The convolution runs "direct", with no im2col copy. Copy each input plane into a
+// grid with a zero border, and number the grid's cells row by row with pitch
+// Wp = W + 1: one zero column serves as the right border of a row and the left border
+// of the next. Output pixel (h, w) gets the flat index p = h Wp + w, and the 9 inputs
+// under its kernel sit at p + i Wp + j: one offset per tap, the same for every pixel.
+// So out[o, p .. p+47] for 48 consecutive p is a sum of weight * (48 consecutive
+// floats of a padded plane): contiguous vector loads, no gather. The price is a junk
+// column per row (p with w = W), computed and dropped.
 //   1x1: no border is needed, so the input is used as it is (pitch W, no junk).
 //   stride 2: split each input plane into its 4 phases x[2h + a, 2w + b], each a padded
 //   (H/2) x (W/2) grid; tap (i, j) then reads phase (i mod 2, j mod 2) at a fixed offset,
@@ -737,7 +738,7 @@ static ConvGeom conv_geom(int H, int W, int K, int stride) {
     ConvGeom g = {0};
     g.H = H / stride; g.W = W / stride; g.T = K * K;
     g.mode = stride == 2 ? CONV_PHASES : K == 3 || H * W < CONV_NR ? CONV_PADDED : CONV_PLAIN;
-    g.Wp = g.mode == CONV_PLAIN ? g.W : g.W + 2;
+    g.Wp = g.mode == CONV_PLAIN ? g.W : g.W + 1;
     g.L = g.H * g.Wp;
     // the tile that wastes fewer pixels past the end (8 x 8: 80 = 8 rows of 10; 48 would
     // compute 96); a plain 1x1 needs the tile to fit in the image.
@@ -796,7 +797,7 @@ static void conv_pad_grid(float* xp, const float* x, int H, int W, int step, int
         float* row = xp + (size_t)(h + 1) * g.Wp + 1;
         const float* src = x + (size_t)h * step * x_pitch;
         for (int w = 0; w < W; w++) row[w] = src[w * step];
-        row[W] = row[W + 1] = 0.0f;                     // this row's right border, the next row's left
+        row[W] = 0.0f;                                  // this row's right border, the next row's left
     }
     size_t tail = (size_t)(H + 1) * g.Wp + 1;
     memset(xp + tail, 0, (g.P - tail) * sizeof(float));   // bottom border and slack
@@ -852,7 +853,8 @@ static inline void conv_tile(float* restrict tile, const float* restrict a, cons
                              int C, size_t S, int T, const int* toff, int MR, int NV) {
 #if defined(__GNUC__)
     vec16 acc[CONV_MR][CONV_NV_MAX];
-    memset(acc, 0, sizeof acc);
+    for (int r = 0; r < MR; r++)
+        for (int j = 0; j < NV; j++) acc[r][j] = (vec16){0};
     for (int c = 0; c < C; c++, x += S)
         for (int t = 0; t < T; t++, a += CONV_MR) {
             const float* xt = x + toff[t];

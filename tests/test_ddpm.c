@@ -1176,12 +1176,12 @@ static void test_small_layers(void) {
 static int bad_border;
 static void dropout_forward(float* out, const float* inp, size_t N, float p, uint64_t key) {
     int W = 100, H = (int)(N / W);   // N is a multiple of 100 in these tests
-    size_t P = conv_grid_floats(H, W);
+    size_t P = conv_grid_floats(H, W), Wp = conv_geom(H, W, 3, 1).Wp;   // pitch: W + 1
     float* grid = fmalloc(P);
-    for (int h = 0; h < H; h++) memcpy(grid + (size_t)(h + 1) * (W + 2) + 1, inp + (size_t)h * W, W * sizeof(float));
+    for (int h = 0; h < H; h++) memcpy(grid + (h + 1) * Wp + 1, inp + (size_t)h * W, W * sizeof(float));
     dropout_forward_grid(grid, 1, 1, H, W, p, key);
     for (size_t j = 0; j < P; j++) {
-        size_t h = j / (W + 2), w = j % (W + 2);
+        size_t h = j / Wp, w = j % Wp;
         int inside = h >= 1 && h <= (size_t)H && w >= 1 && w <= (size_t)W;
         if (inside) out[(h - 1) * W + w - 1] = grid[j];
         else bad_border += grid[j] != 0;
