@@ -3,7 +3,8 @@
 #   make                 build ./ddpm and fetch CIFAR-10 into data/ (offline: says so, still succeeds)
 #   make debug           ./ddpm_debug: -O0 -g, for stepping through with gdb (see README)
 #   make test            C tests, gradients vs PyTorch autograd, end-to-end training tests
-#   make bench           ddpm.c vs PyTorch, side by side (tests/bench_table.py)
+#   make bench           ddpm.c vs PyTorch, side by side (tests/bench_table.py; about 15 min;
+#                        BENCH_ARGS="--quick --rounds 1" for one minute on tiny only)
 #   make cifar10         download + check + unpack CIFAR-10 (binary version) into data/
 #   make fashion-mnist   unpack Debian's dataset-fashion-mnist into data/ (offline)
 #   make clean
@@ -88,7 +89,7 @@ test: ddpm tests/test_ddpm tests/dump_ref fashion-mnist
 	@PYTHON=$(PYTHON) sh tests/run.sh
 
 bench: ddpm
-	$(PYTHON) tests/bench_table.py
+	$(PYTHON) tests/bench_table.py $(BENCH_ARGS)
 
 cifar10:
 	@sh data/get_cifar10.sh

@@ -15,8 +15,15 @@ Each prints one line of JSON with the same keys (train_ms, sample_ms,
 fwd_gflop, max_rss_mb, threads, ...).  Every run is a separate process, so
 each peak RSS is that implementation's own.
 
+The machine is shared and its speed drifts by several per cent within a
+minute, so the pair is run --rounds times (default 3), alternating which side
+goes first.  A ratio is the median of the rounds' ratios (each round's two runs
+are adjacent in time, so drift cancels), and the per-round ratios are printed
+under the table, so the spread is in plain sight.  Times are the medians over
+rounds of each run's median step.
+
 Usage:
-    /usr/bin/python3 tests/bench_table.py [--quick] [--steps S] [--ddpm PATH]
+    /usr/bin/python3 tests/bench_table.py [--quick] [--rounds R] [--steps S] [--ddpm PATH]
 
 --quick runs only tiny at batch 32.  If a run fails (non-zero exit or no
 valid JSON) its stderr tail is printed, its cells read FAIL, the table goes
@@ -98,6 +105,21 @@ def train_gflops(d):
     return 3.0 * d["fwd_gflop"] / (d["train_ms"] * 1e-3)
 
 
+def median(v):
+    v = sorted(v)
+    n = len(v)
+    return v[n // 2] if n % 2 else 0.5 * (v[n // 2 - 1] + v[n // 2])
+
+
+def combine(runs):
+    """One result from a config's rounds: median times, the largest peak RSS."""
+    d = dict(runs[0])
+    for key in ("train_ms", "sample_ms"):
+        d[key] = median([r[key] for r in runs])
+    d["max_rss_mb"] = max(r["max_rss_mb"] for r in runs)
+    return d
+
+
 def fmt(v, spec):
     return "FAIL" if v is None else format(v, spec)
 
@@ -108,11 +130,17 @@ def both(c, t, key, spec):
     return [fmt(get(c), spec), fmt(get(t), spec)]
 
 
-def ratio(c, t, key):
-    """ddpm.c / pytorch of one quantity (for times: lower is better)."""
-    if c is None or t is None or key(t) == 0:
-        return "-"
-    return f"{key(c) / key(t):.2f}x"
+def round_ratios(r, key):
+    """ddpm.c / pytorch of one time, round by round ([] if a side failed)."""
+    if r["ddpm.c"] is None or r["pytorch"] is None:
+        return []
+    return [c[key] / t[key] for c, t in zip(r["runs"]["ddpm.c"], r["runs"]["pytorch"]) if t[key] > 0]
+
+
+def ratio(r, key):
+    """The median over rounds of ddpm.c / pytorch (for times: lower is better)."""
+    v = round_ratios(r, key)
+    return f"{median(v):.2f}x" if v else "-"
 
 
 def print_table(header1, header2, rows):
@@ -135,6 +163,8 @@ def print_table(header1, header2, rows):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="only tiny at batch 32")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="runs of each side per configuration, alternating (default 3)")
     ap.add_argument("--steps", type=int, default=None,
                     help="timed steps per run (default: 10, 5 for paper)")
     ap.add_argument("--ddpm", default=None,
@@ -144,6 +174,8 @@ def main():
     args = ap.parse_args()
     if args.steps is not None and args.steps < 1:
         ap.error("--steps must be >= 1")
+    if args.rounds < 1:
+        ap.error("--rounds must be >= 1")
     ddpm = os.path.abspath(args.ddpm) if args.ddpm else os.path.join(ROOT, "ddpm")
 
     configs = QUICK_CONFIGS if args.quick else CONFIGS
@@ -152,15 +184,24 @@ def main():
     for model, batch in configs:
         steps = args.steps or DEFAULT_STEPS[model]
         common = ["--model", model, "--batch", str(batch), "--steps", str(steps)]
-        log(f"== {model} batch {batch}, {steps} steps")
-        row = {"model": model, "batch": batch, "steps": steps}
-        for impl, cmd in (("ddpm.c", [ddpm, "bench"] + common),
-                          ("pytorch", [PYTHON, BENCH_TORCH] + common)):
-            d, err = run_json(cmd, REQUIRED, args.timeout)
-            if err:
-                failures.append(f"{impl} {model} batch {batch}: {err.splitlines()[0]}")
-                log(f"  {impl} FAILED: {err}")
-            row[impl] = d
+        row = {"model": model, "batch": batch, "steps": steps,
+               "runs": {"ddpm.c": [], "pytorch": []}}
+        cmds = {"ddpm.c": [ddpm, "bench"] + common, "pytorch": [PYTHON, BENCH_TORCH] + common}
+        failed = set()
+        for rnd in range(args.rounds):
+            log(f"== {model} batch {batch}, {steps} steps, round {rnd + 1} of {args.rounds}")
+            for impl in (("ddpm.c", "pytorch") if rnd % 2 == 0 else ("pytorch", "ddpm.c")):
+                if impl in failed:
+                    continue
+                d, err = run_json(cmds[impl], REQUIRED, args.timeout)
+                if err:
+                    failed.add(impl)
+                    failures.append(f"{impl} {model} batch {batch}: {err.splitlines()[0]}")
+                    log(f"  {impl} FAILED: {err}")
+                else:
+                    row["runs"][impl].append(d)
+        for impl in ("ddpm.c", "pytorch"):
+            row[impl] = None if impl in failed else combine(row["runs"][impl])
         results.append(row)
 
     log("== fp32 ceiling (pytorch, 2048^3 matmul)")
@@ -181,14 +222,18 @@ def main():
         c, t = r["ddpm.c"], r["pytorch"]
         rows.append([r["model"], r["batch"]]
                     + both(c, t, lambda d: d["train_ms"], ".1f")
-                    + [ratio(c, t, lambda d: d["train_ms"])]
+                    + [ratio(r, "train_ms")]
                     + both(c, t, lambda d: d["sample_ms"], ".1f")
-                    + [ratio(c, t, lambda d: d["sample_ms"])]
+                    + [ratio(r, "sample_ms")]
                     + both(c, t, images_per_s, ".1f")
                     + both(c, t, train_gflops, ".1f")
                     + both(c, t, lambda d: d["max_rss_mb"], ".0f"))
     print_table(header1, header2, rows)
-    print("ratio = ddpm.c / pytorch (lower is better for ddpm.c)")
+    print("ratio = ddpm.c / pytorch (lower is better for ddpm.c), the median of the rounds' ratios:")
+    for r in results:
+        cells = [f"{what} " + (" ".join(f"{v:.2f}" for v in round_ratios(r, key)) or "-")
+                 for what, key in (("train", "train_ms"), ("sample", "sample_ms"))]
+        print(f"  {r['model']:>5} batch {r['batch']:<4} round by round: " + ",  ".join(cells))
     print()
 
     # ---- the fp32 ceiling ------------------------------------------------
@@ -224,7 +269,7 @@ def main():
     steps = sorted({r["steps"] for r in results})
     print(f"Times are medians of {'/'.join(map(str, steps))} timed steps after "
           f"{WARMUP} warm-up steps, one process per run, runs one at a time, "
-          "on a shared (noisy) machine.")
+          f"then the median over {args.rounds} round(s), on a shared (noisy) machine.")
     load_end = load_average()
     print(f"Load average (1 min): {load_start:.2f} at the start, {load_end:.2f} at the end; "
           "trust only numbers from an otherwise idle machine")
