@@ -789,29 +789,28 @@ static size_t conv2d_workspace_floats(int B, int C_in, int H, int W, int C_out, 
     return total;
 }
 
-// One H x W plane into the padded grid at xp (zero border, zero slack), read with a
-// step of `step` pixels from x (1, or 2 for a stride-2 phase).
-static void conv_pad_grid(float* xp, const float* x, int H, int W, int step, int x_pitch, ConvGeom g) {
-    memset(xp, 0, (g.Wp + 1) * sizeof(float));       // top border, and row 0's left border
-    for (int h = 0; h < H; h++) {
-        float* row = xp + (size_t)(h + 1) * g.Wp + 1;
-        const float* src = x + (size_t)h * step * x_pitch;
-        for (int w = 0; w < W; w++) row[w] = src[w * step];
-        row[W] = 0.0f;                                  // this row's right border, the next row's left
-    }
-    size_t tail = (size_t)(H + 1) * g.Wp + 1;
+// The cells of one grid outside its H x W image: border and slack, all zero.
+static void conv_zero_border(float* xp, ConvGeom g) {
+    memset(xp, 0, (g.Wp + 1) * sizeof(float));          // top border, and row 0's left border
+    for (int h = 0; h < g.H; h++) xp[(size_t)(h + 1) * g.Wp + 1 + g.W] = 0.0f;   // right = next row's left
+    size_t tail = (size_t)(g.H + 1) * g.Wp + 1;
     memset(xp + tail, 0, (g.P - tail) * sizeof(float));   // bottom border and slack
 }
 
 // C channels of one image (each H_in x W_in) into their grids: one padded grid each,
-// or 4 phase grids each for stride 2.
+// or 4 phase grids each for stride 2, filled row by row: input row y goes to the
+// phases (y mod 2, 0) (its even pixels) and (y mod 2, 1) (its odd pixels).
 static void conv_pad_image(float* xp, const float* x, int C, ConvGeom g) {
     int phases = g.mode == CONV_PHASES, W_in = phases ? 2 * g.W : g.W, H_in = phases ? 2 * g.H : g.H;
     for (int c = 0; c < C; c++, xp += g.S, x += (size_t)H_in * W_in) {
-        if (!phases) { conv_pad_grid(xp, x, g.H, g.W, 1, W_in, g); continue; }
-        for (int a = 0; a < 2; a++)
-            for (int b = 0; b < 2; b++)
-                conv_pad_grid(xp + (a * 2 + b) * g.P, x + (size_t)a * W_in + b, g.H, g.W, 2, W_in, g);
+        for (int ph = 0; ph < (phases ? 4 : 1); ph++) conv_zero_border(xp + ph * g.P, g);
+        for (int y = 0; y < H_in; y++) {
+            const float* src = x + (size_t)y * W_in;
+            if (!phases) { memcpy(xp + (size_t)(y + 1) * g.Wp + 1, src, g.W * sizeof(float)); continue; }
+            float* even = xp + (size_t)(y % 2) * 2 * g.P + (size_t)(y / 2 + 1) * g.Wp + 1;
+            float* odd = even + g.P;
+            for (int w = 0; w < g.W; w++) { even[w] = src[2 * w]; odd[w] = src[2 * w + 1]; }
+        }
     }
 }
 

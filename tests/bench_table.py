@@ -23,7 +23,8 @@ under the table, so the spread is in plain sight.  Times are the medians over
 rounds of each run's median step.
 
 Usage:
-    /usr/bin/python3 tests/bench_table.py [--quick] [--rounds R] [--steps S] [--ddpm PATH]
+    /usr/bin/python3 tests/bench_table.py [--quick | --only MODEL:BATCH ...] [--rounds R]
+                                          [--steps S] [--ddpm PATH]
 
 --quick runs only tiny at batch 32.  If a run fails (non-zero exit or no
 valid JSON) its stderr tail is printed, its cells read FAIL, the table goes
@@ -163,6 +164,8 @@ def print_table(header1, header2, rows):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="only tiny at batch 32")
+    ap.add_argument("--only", action="append", default=[], metavar="MODEL:BATCH",
+                    help="run only this configuration (repeatable), e.g. --only tiny:128")
     ap.add_argument("--rounds", type=int, default=3,
                     help="runs of each side per configuration, alternating (default 3)")
     ap.add_argument("--steps", type=int, default=None,
@@ -179,6 +182,13 @@ def main():
     ddpm = os.path.abspath(args.ddpm) if args.ddpm else os.path.join(ROOT, "ddpm")
 
     configs = QUICK_CONFIGS if args.quick else CONFIGS
+    if args.only:
+        configs = []
+        for spec in args.only:
+            model, _, batch = spec.partition(":")
+            if model not in DEFAULT_STEPS or not batch.isdigit() or int(batch) < 1:
+                ap.error(f"--only {spec}: want MODEL:BATCH, MODEL one of {', '.join(DEFAULT_STEPS)}")
+            configs.append((model, int(batch)))
     load_start = load_average()
     results, failures = [], []     # failures: one-line summaries for stdout
     for model, batch in configs:
