@@ -873,11 +873,10 @@ static inline void conv_tile(float* restrict tile, const float* restrict a, cons
 #endif
 }
 
-// Write (bias == NULL: add) the tile at flat index p0 into rows o0.. of an image out
-// (C x H x W), from column `skip` on, dropping the junk columns.
-static void conv_store_tile(float* out, const float* tile, int o0, int C, int p0, int skip,
+// Write (bias == NULL: add) `rows` rows of the tile at flat index p0 into channels
+// o0.. of an image out (C x H x W), from column `skip` on, dropping the junk columns.
+static void conv_store_tile(float* out, const float* tile, int o0, int rows, int p0, int skip,
                             ConvGeom g, const float* bias) {
-    int rows = C - o0 < g.mr ? C - o0 : g.mr;
     for (int j = skip; j < g.nr;) {
         int p = p0 + j, h = p / g.Wp, w = p % g.Wp;
         if (h >= g.H) break;
@@ -904,7 +903,9 @@ static void conv_store_tile(float* out, const float* tile, int o0, int C, int p0
 // are complete while their cache lines are still at hand.
 static void conv_direct(float* out, const float* planes, const float* packed, const float* bias,
                         int B, int C_in, int C_out, const ConvGeom* g, int n_ph) {
-    int n_p = g->Lr / g->nr, n_m = (C_out + g->mr - 1) / g->mr, T = g->T;
+    // A 3-channel output (conv_out) would waste 5 of the 8 rows: 4-row tiles then.
+    int narrow = g->nr == CONV_NR && C_out <= CONV_MR_WIDE, mr = narrow ? CONV_MR_WIDE : g->mr;
+    int n_p = g->Lr / g->nr, n_m = (C_out + mr - 1) / mr, T = g->T;
     size_t panel = (size_t)CONV_MR * C_in * T, phase = (size_t)round_up(C_out, CONV_MR) * C_in * T;
     #pragma omp parallel for schedule(static) num_threads(gemm_max_threads)
     for (int item = 0; item < B * n_p; item++) {
@@ -915,11 +916,12 @@ static void conv_direct(float* out, const float* planes, const float* packed, co
         float tile[CONV_MR * CONV_NR_MAX];
         for (int m = 0; m < n_m; m++)
             for (int ph = 0; ph < n_ph; ph++) {
-                int o0 = m * g->mr;
+                int o0 = m * mr, rows = C_out - o0 < mr ? C_out - o0 : mr;
                 const float* a = packed + ph * phase + (o0 / CONV_MR) * panel + o0 % CONV_MR;
-                if (g->nr == CONV_NR) conv_tile(tile, a, x, C_in, g->S, T, g[ph].toff, CONV_MR, CONV_NV);
-                else                  conv_tile(tile, a, x, C_in, g->S, T, g[ph].toff, CONV_MR_WIDE, CONV_NV_WIDE);
-                conv_store_tile(y, tile, o0, C_out, p0, skip, g[ph], bias);
+                if (narrow)                conv_tile(tile, a, x, C_in, g->S, T, g[ph].toff, CONV_MR_WIDE, CONV_NV);
+                else if (g->nr == CONV_NR) conv_tile(tile, a, x, C_in, g->S, T, g[ph].toff, CONV_MR, CONV_NV);
+                else                       conv_tile(tile, a, x, C_in, g->S, T, g[ph].toff, CONV_MR_WIDE, CONV_NV_WIDE);
+                conv_store_tile(y, tile, o0, rows, p0, skip, g[ph], bias);
             }
     }
 }
@@ -1731,6 +1733,7 @@ typedef struct {
     float *h0, *d_h0;           // (B, ch, img, img): conv_in's output, the first skip
     float *h_last;              // (B, ch, img, img): the up path's output
     float *mean_out, *rstd_out; // (B, G)
+    float *a_out;               // silu(norm_out(h_last)), as conv_out's input grids (6.2)
     float *eps_theta;           // (B, in_ch, img, img): the output
     // gradients of the activations that must live across blocks (one buffer)
     size_t n_grad_acts;
@@ -1963,6 +1966,7 @@ static void unet_layout(UNet* m, Arenas* ar) {
     groupnorm_make(m, &ar->P, &m->norm_out, "norm_out", NULL, ch, G);
     conv_make(m, &ar->P, &m->conv_out, "conv_out", NULL, ch, c->in_ch, 3, 1, S, 1e-10f);
     m->mean_out = take(&ar->A, (size_t)Bm * G); m->rstd_out = take(&ar->A, (size_t)Bm * G);
+    m->a_out = take(&ar->A, (size_t)Bm * ch * conv_grid_floats(S, S));
     m->eps_theta = take(&ar->A, (size_t)Bm * c->in_ch * S * S);
 }
 
@@ -2173,9 +2177,9 @@ static float* unet_forward(UNet* m, const float* x_t, const int* t_idx, int B) {
         else if (k->kind == BLOCK_ATTN) attnblock_forward(m, k, B);
         else resample_forward(m, k, B);
     }
-    float* a = m->scratch[0];
-    groupnorm_forward(a, m->mean_out, m->rstd_out, m->h_last, m->norm_out.gamma, m->norm_out.beta, B, ch, S * S, c->groups, 1, 0);
-    conv2d_forward(m->eps_theta, a, m->conv_out.w, m->conv_out.b, B, ch, S, S, c->in_ch, 3, 1, m->conv_ws);
+    groupnorm_forward(m->a_out, m->mean_out, m->rstd_out, m->h_last, m->norm_out.gamma, m->norm_out.beta,
+                      B, ch, S * S, c->groups, 1, S);
+    conv_forward(m->eps_theta, m->a_out, 1, m->conv_out.w, m->conv_out.b, B, ch, S, S, c->in_ch, 3, 1, m->conv_ws);
     return m->eps_theta;
 }
 
@@ -2184,11 +2188,11 @@ static void unet_backward(UNet* m, const float* d_eps_theta, int B) {
     const Config* c = &m->cfg;
     int ch = c->ch, E = 4 * ch, S = c->img;
     zero(m->grad_acts, m->n_grad_acts);   // skip-connection and timestep gradients
-    // eps_theta = conv_out(silu(norm_out(h_last)))
-    float *a = m->scratch[0], *da = m->scratch[1];
-    groupnorm_apply(a, m->h_last, m->mean_out, m->rstd_out, m->norm_out.gamma, m->norm_out.beta, B, ch, S * S, c->groups, 1, 0);
+    // eps_theta = conv_out(a_out), a_out = silu(norm_out(h_last)) as saved by the forward pass
+    float* da = m->scratch[1];
     zero(da, (size_t)B * ch * S * S);
-    conv2d_backward(da, m->conv_out.dw, m->conv_out.db, d_eps_theta, a, m->conv_out.w, B, ch, S, S, c->in_ch, 3, 1, m->conv_ws);
+    conv_backward(da, m->conv_out.dw, m->conv_out.db, d_eps_theta, m->a_out, 1, m->conv_out.w,
+                  B, ch, S, S, c->in_ch, 3, 1, m->conv_ws);
     zero(m->d_h_last, (size_t)B * ch * S * S);
     groupnorm_backward(m->d_h_last, m->norm_out.dgamma, m->norm_out.dbeta, da, m->h_last, m->mean_out, m->rstd_out,
                        m->norm_out.gamma, m->norm_out.beta, B, ch, S * S, c->groups, 1);

@@ -784,8 +784,8 @@ static double max_abs_diff_d(const float* got, const double* want, size_t n) {
 }
 
 // The tiled stride-1 paths against the oracles, on shapes that exercise every edge:
-// C_out not a multiple of the 8-channel (or, on the 80-pixel tile, 4-channel) or
-// 32-channel tiles, C_in x taps not a multiple of 9, W not a multiple of 16, and pixel
+// C_out not a multiple of the 8-channel (or, on the 80-pixel tile and for <= 4
+// channels, 4-channel) or 32-channel tiles, C_in x taps not a multiple of 9, W not a multiple of 16, and pixel
 // tiles that straddle rows and the image's end.
 static void test_conv_oracle(int K, int B, int C_in, int C_out, int H, int W) {
     ConvCase c = {0};
@@ -2035,6 +2035,7 @@ int main(int argc, char** argv) {
     test_conv_oracle(3, 1, 64, 64, 32, 32);
     test_conv_oracle(3, 2, 13, 10, 8, 8);     // the 4 x 80 tile, its last rows partial
     test_conv_oracle(1, 2, 17, 9, 15, 10);    // 4 x 80 on a plain 1x1, last tile moved back
+    test_conv_oracle(3, 2, 3, 3, 7, 13);      // 4-row tiles for <= 4 channels (conv_out; d input)
     test_upconv(2, 5, 11, 3, 5);
     test_upconv(2, 32, 40, 8, 8);
     test_conv_threads(3, 1);
