@@ -605,15 +605,15 @@ static void matmul(float* C, const float* A, const float* B, int M, int N, int K
         return;
     }
     gemm_init();
-    // Make at least 2 tiles per thread when the matrix allows, for load balance.
+    // Called from inside a parallel loop (one image per thread), or when small, it runs
+    // serially, with the calling thread's packing buffer. The id is read out here: inside
+    // even an inactive `omp parallel` region the thread number restarts at 0.
+    int serial = 2.0 * M * N * K <= 2e5 || in_parallel(), outer = thread_id();
+    // In parallel, make at least 2 tiles per thread when the matrix allows, for load
+    // balance. (Serially a split would only pack A once more.)
     int mt = (M + GEMM_MC - 1) / GEMM_MC, nc = GEMM_NC;
-    while (nc > GEMM_NR && mt * ((N + nc - 1) / nc) < 2 * gemm_max_threads) nc /= 2;
-    int nt = (N + nc - 1) / nc;
-    double flops = 2.0 * M * N * K;
-    // Called from inside a parallel loop (one image per thread), it runs serially with
-    // that thread's packing buffer. The id is read out here: inside even an inactive
-    // `omp parallel` region the thread number restarts at 0.
-    int parallel = flops > 2e5 && mt * nt > 1 && !in_parallel(), outer = thread_id();
+    while (!serial && nc > GEMM_NR && mt * ((N + nc - 1) / nc) < 2 * gemm_max_threads) nc /= 2;
+    int nt = (N + nc - 1) / nc, parallel = !serial && mt * nt > 1;
     #pragma omp parallel for schedule(static) if (parallel) num_threads(gemm_max_threads)
     for (int tile = 0; tile < mt * nt; tile++) {
         int i0 = (tile / nt) * GEMM_MC, j0 = (tile % nt) * nc;
@@ -664,6 +664,9 @@ static void matmul(float* C, const float* A, const float* B, int M, int N, int K
 // The register tile is 8 output channels x 48 flat pixels (24 vectors of 16 floats);
 // each step loads 3 vectors of the input and broadcasts 8 weights into 24 fused
 // multiply-adds, and the tile sums over all C_in x K x K taps before it is stored once.
+// Two variants waste less where 8 x 48 would: 4 channels x 80 pixels on an 8 x 8 map
+// (8 rows of pitch 9 fit one 80-pixel tile, where 48-pixel tiles compute 96), and
+// 4 channels x 48 pixels for a conv with at most 4 outputs (conv_out: 3 channels).
 //
 // Backward, with dy on the output's grid:
 //   dinp  is the same direct convolution of (padded) dy with the weights transposed
@@ -678,7 +681,7 @@ static void matmul(float* C, const float* A, const float* B, int M, int N, int K
 #define CONV_NV 3                // vectors of 16 pixels per register tile
 #define CONV_NR (16 * CONV_NV)
 #define CONV_MR_WIDE 4           // the wide tile: 4 output channels
-#define CONV_NV_WIDE 5           //   x 80 pixels, for maps whose flat length is a multiple of 80
+#define CONV_NV_WIDE 5           //   x 80 pixels, where that wastes fewer pixels (8 x 8 maps)
 #define CONV_NV_MAX 5
 #define CONV_NR_MAX (16 * CONV_NV_MAX)
 #define CONV_DW_CO 32            // weight-gradient tile: output channels (2 vectors)
@@ -740,8 +743,8 @@ static ConvGeom conv_geom(int H, int W, int K, int stride) {
     g.mode = stride == 2 ? CONV_PHASES : K == 3 || H * W < CONV_NR ? CONV_PADDED : CONV_PLAIN;
     g.Wp = g.mode == CONV_PLAIN ? g.W : g.W + 1;
     g.L = g.H * g.Wp;
-    // the tile that wastes fewer pixels past the end (8 x 8: 80 = 8 rows of 10; 48 would
-    // compute 96); a plain 1x1 needs the tile to fit in the image.
+    // the tile that wastes fewer pixels past the end (8 x 8: 72 = 8 rows of 9 fit in 80; 48
+    // would compute 96); a plain 1x1 needs the tile to fit in the image.
     int wide = round_up(g.L, 16 * CONV_NV_WIDE) < round_up(g.L, CONV_NR) && (g.mode != CONV_PLAIN || g.L >= 16 * CONV_NV_WIDE);
     g.mr = wide ? CONV_MR_WIDE : CONV_MR;
     g.nr = wide ? 16 * CONV_NV_WIDE : CONV_NR;
