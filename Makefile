@@ -45,6 +45,7 @@ ifeq ($(OPENMP),yes)
   CFLAGS += -fopenmp
   $(info ddpm.c: OpenMP ............... found)
 else
+  CFLAGS += -Wno-unknown-pragmas
   $(info ddpm.c: OpenMP ............... not found, building single-threaded)
 endif
 
