@@ -3,7 +3,7 @@
 #   make                 build ./ddpm and fetch CIFAR-10 into data/ (offline: says so, still succeeds)
 #   make debug           ./ddpm_debug: -O0 -g, for stepping through with gdb (see README)
 #   make test            C tests, gradients vs PyTorch autograd, end-to-end training tests
-#   make bench           ddpm.c vs PyTorch, side by side (tests/bench_table.py; about 15 min;
+#   make bench           ddpm.c vs PyTorch, side by side (tests/bench_table.py; about 20 min;
 #                        BENCH_ARGS="--quick --rounds 1" for one minute on tiny only)
 #   make cifar10         download + check + unpack CIFAR-10 (binary version) into data/
 #   make fashion-mnist   unpack Debian's dataset-fashion-mnist into data/ (offline)
