@@ -717,6 +717,8 @@ static double lane_sum(const float* x, int n) {
 
 static int conv_pad(int K, int stride) { return stride == 1 ? K / 2 : 0; }
 static int round_up(int n, int m) { return (n + m - 1) / m * m; }
+// Floats of a conv's weights packed into 8-row panels (conv_pack_weights).
+static size_t conv_packed_floats(int rows, int cols, int T) { return (size_t)round_up(rows, CONV_MR) * cols * T; }
 // Columns of the weight matrix per weight-gradient tile (<= CONV_DW_K), for T taps.
 static int conv_dw_group(int T) { return T == 1 ? 8 : T; }
 
@@ -776,7 +778,7 @@ static ConvWork conv_work(float* ws, int B, int C_in, int H, int W, int C_out, i
     int C_max = C_in > C_out ? C_in : C_out, CoP = round_up(C_out, CONV_DW_CO);
     size_t n[5] = {g.mode == CONV_PLAIN ? 0 : (size_t)B * C_max * g.S,
                    (size_t)B * g.H * g.W * CoP,
-                   (size_t)round_up(C_max, CONV_MR) * C_max * g.T,
+                   conv_packed_floats(C_max, C_max, g.T),
                    (size_t)CoP * CONV_DW_K * ((C_in * g.T + conv_dw_group(g.T) - 1) / conv_dw_group(g.T)),
                    stride == 2 ? (size_t)threads * C_in * g.T * g.H * g.W : 0};
     float* p[5];
@@ -909,7 +911,7 @@ static void conv_direct(float* out, const float* planes, const float* packed, co
     // A 3-channel output (conv_out) would waste 5 of the 8 rows: 4-row tiles then.
     int narrow = g->nr == CONV_NR && C_out <= CONV_MR_WIDE, mr = narrow ? CONV_MR_WIDE : g->mr;
     int n_p = g->Lr / g->nr, n_m = (C_out + mr - 1) / mr, T = g->T;
-    size_t panel = (size_t)CONV_MR * C_in * T, phase = (size_t)round_up(C_out, CONV_MR) * C_in * T;
+    size_t panel = (size_t)CONV_MR * C_in * T, phase = conv_packed_floats(C_out, C_in, T);
     #pragma omp parallel for schedule(static) num_threads(gemm_max_threads)
     for (int item = 0; item < B * n_p; item++) {
         int b = item / n_p, p0 = (item % n_p) * g->nr, skip = 0;
@@ -1486,7 +1488,7 @@ static void upconv_combine(float* wc, const float* weight, int C_out, int C_in) 
 // the four phases' packed weights (forward).
 static size_t upconv_workspace_floats(int B, int C_in, int H, int W, int C_out, int threads) {
     return conv2d_workspace_floats(B, C_in, 2 * H, 2 * W, C_out, 3, 2, threads) +
-           (size_t)16 * C_out * C_in + (size_t)16 * round_up(C_out, CONV_MR) * C_in;
+           (size_t)16 * C_out * C_in + 4 * conv_packed_floats(C_out, C_in, 4);
 }
 
 // inp (B, C_in, H, W) -> out (B, C_out, 2H, 2W).
@@ -1497,7 +1499,7 @@ static void upconv_forward(float* out, const float* inp, const float* weight, co
     float* wc = ws + total;
     ConvGeom g = conv_geom(H, W, 3, 1);
     float* packed = wc + (size_t)16 * C_out * C_in;
-    size_t phase = (size_t)round_up(C_out, CONV_MR) * C_in * 4;
+    size_t phase = conv_packed_floats(C_out, C_in, 4);
     const float* x = conv_grids(w.planes, inp, B, C_in, g);
     upconv_combine(wc, weight, C_out, C_in);
     ConvGeom u[4];

@@ -36,6 +36,7 @@ import json
 import os
 import subprocess
 import sys
+from statistics import median
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)                       # the repository root
@@ -104,12 +105,6 @@ def images_per_s(d):
 
 def train_gflops(d):
     return 3.0 * d["fwd_gflop"] / (d["train_ms"] * 1e-3)
-
-
-def median(v):
-    v = sorted(v)
-    n = len(v)
-    return v[n // 2] if n % 2 else 0.5 * (v[n // 2 - 1] + v[n // 2])
 
 
 def combine(runs):
