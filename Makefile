@@ -2,7 +2,8 @@
 #
 #   make                 build ./ddpm and fetch CIFAR-10 into data/ (offline: says so, still succeeds)
 #   make debug           ./ddpm_debug: -O0 -g, for stepping through with gdb (see README)
-#   make test            C tests, gradients vs PyTorch autograd, end-to-end training tests
+#   make test            C tests (on every kernel variant this machine runs, ARM64 under qemu),
+#                        gradients vs PyTorch autograd, end-to-end training tests
 #   make bench           ddpm.c vs PyTorch, side by side (tests/bench_table.py; about 20 min;
 #                        BENCH_ARGS="--quick --rounds 1" for one minute on tiny only)
 #   make cifar10         download + check + unpack CIFAR-10 (binary version) into data/
@@ -86,7 +87,33 @@ tests/test_ddpm: tests/test_ddpm.c ddpm.c $(STB_DEP)
 tests/dump_ref: tests/dump_ref.c ddpm.c $(STB_DEP)
 	$(CC) $(CFLAGS) -Wno-unused-function tests/dump_ref.c -o $@ $(LDLIBS)
 
-test: ddpm tests/test_ddpm tests/dump_ref fashion-mnist
+# The unit tests once more for every kernel variant of ddpm.c's section 6.0 that this
+# compiler can build: x86-64-v2 (SSE), v3 (AVX2 + FMA), v4 (AVX-512), the plain C loops
+# (-DDDPM_NO_SIMD), and ARM64 NEON with the cross compiler (tests/run.sh runs it under
+# qemu-user). tests/run.sh runs each one the CPU can execute and says which it skips.
+VARIANT_CFLAGS = $(filter-out -march=native -mprefer-vector-width=512,$(CFLAGS)) -Wno-unused-function
+X86_LEVELS := $(shell for v in 2 3 4; do echo 'int main(void){return 0;}' | $(CC) -march=x86-64-v$$v -x c - -o /dev/null 2>/dev/null && echo v$$v; done)
+AARCH64_CC ?= aarch64-linux-gnu-gcc
+AARCH64 := $(shell echo 'int main(void){return 0;}' | $(AARCH64_CC) -fopenmp -x c - -o /dev/null 2>/dev/null && echo yes)
+VARIANTS = $(X86_LEVELS:%=tests/test_ddpm_%) tests/test_ddpm_novec
+ifeq ($(AARCH64),yes)
+  VARIANTS += tests/test_ddpm_arm64
+endif
+
+tests/test_ddpm_v%: tests/test_ddpm.c ddpm.c $(STB_DEP)
+	$(CC) $(VARIANT_CFLAGS) -march=x86-64-v$* tests/test_ddpm.c -o $@ $(LDLIBS)
+
+tests/test_ddpm_novec: tests/test_ddpm.c ddpm.c $(STB_DEP)
+	$(CC) $(VARIANT_CFLAGS) -DDDPM_NO_SIMD tests/test_ddpm.c -o $@ $(LDLIBS)
+
+# -fno-tree-loop-vectorize: GCC 12's aarch64 loop vectoriser crashes (internal compiler
+# error in vect_transform_reduction) on the tests' double-precision reductions. The
+# kernels' explicit NEON vectors do not depend on it.
+tests/test_ddpm_arm64: tests/test_ddpm.c ddpm.c $(STB_DEP)
+	$(AARCH64_CC) -O3 -fno-tree-loop-vectorize -std=c11 -Wall -Wextra -ffp-contract=fast -fopenmp \
+	    -I$(STB_DIR) -Wno-unused-function tests/test_ddpm.c -o $@ -lm
+
+test: ddpm tests/test_ddpm tests/dump_ref $(VARIANTS) fashion-mnist
 	@PYTHON=$(PYTHON) sh tests/run.sh
 
 bench: ddpm
@@ -99,4 +126,5 @@ fashion-mnist:
 	@sh data/get_fashion_mnist.sh
 
 clean:
-	rm -rf ddpm ddpm_debug tests/test_ddpm tests/dump_ref tests/out build
+	rm -rf ddpm ddpm_debug tests/test_ddpm tests/test_ddpm_v2 tests/test_ddpm_v3 tests/test_ddpm_v4 \
+	    tests/test_ddpm_novec tests/test_ddpm_arm64 tests/dump_ref tests/out build

@@ -455,9 +455,125 @@ static float l_simple(float* d_eps_theta, const float* eps_theta, const float* e
 // tensor read twice (a skip connection) simply receives both contributions; the
 // callers zero what needs zeroing. Shapes are NCHW: B, C, H, W; HW = H * W.
 
+// ---- 6.0 Vectors and register tiles, chosen per target ----
+// (Not in the paper, nor is anything up to 6.2's end: this is where the network of
+// Appendix B spends its time.) The kernels below are written once, for vectors of VW
+// floats (GCC/Clang vector extensions), and each keeps a tile of its result in
+// registers while it sums. How big that tile can be depends on the machine: its
+// accumulators, plus the vectors it loads and the value it broadcasts, must fit the
+// register file, or the compiler spills them to the stack and the kernel runs many times
+// slower. So the vector width and every tile's shape are chosen here, once, from the
+// target the compiler builds for (BLIS does the same: one algorithm, a micro-kernel
+// shape per architecture). Shapes are rows x vectors:
+//   conv     CONV_MR output channels x CONV_NV vectors of pixels (6.2)
+//   wide     CONV_MR_WIDE x CONV_NV_WIDE, for maps the main tile covers badly (6.2)
+//   dweight  CONV_DW_K taps x CONV_DW_NV vectors of output channels (6.2)
+//   gemm     GEMM_MR rows x GEMM_NV vectors of columns (6.1)
+// A tile of R rows x V vectors costs R V accumulators + V loaded vectors + 1 broadcast
+// (+ 1 product when there is no fused multiply-add).
+// -DDDPM_NO_SIMD builds the plain C loops instead (what a compiler without vector
+// extensions gets); tests/ runs every variant this machine can execute.
+#if defined(DDPM_NO_SIMD) || !defined(__GNUC__)
+#define DDPM_SIMD 0
+#else
+#define DDPM_SIMD 1
+#endif
+#if DDPM_SIMD && defined(__AVX512F__)
+// AVX-512: 32 registers of 16 floats. conv 8 x 3 = 24 accumulators + 3 loads + 1
+// broadcast = 28; wide 4 x 5 = 20 + 5 + 1 (8 x 8 maps: 72 flat pixels fit 80, where
+// 48-pixel tiles compute 96); dweight 9 taps x 2 = 18 + 2 + 1 (one 3x3 channel, 32
+// output channels); gemm 8 x 2 = 16 + 2 + 1.
+#define DDPM_ISA "avx512"
+#define VW 16
+#define VEC_REGS 32
+#define CONV_MR 8
+#define CONV_NV 3
+#define CONV_MR_WIDE 4
+#define CONV_NV_WIDE 5
+#define CONV_DW_K 9
+#define CONV_DW_K1 8
+#define CONV_DW_NV 2
+#define GEMM_MR 8
+#define GEMM_NV 2
+#elif DDPM_SIMD && defined(__AVX__) && defined(__FMA__)
+// AVX2 (or AVX) with FMA: 16 registers of 8 floats. conv 4 x 3 = 12 + 3 + 1 = 16 (24
+// pixels: the 72 flat pixels of an 8 x 8 map are 3 tiles, so no wide tile is needed);
+// dweight 6 taps x 2 = 12 + 2 + 1 (16 output channels; the 9 taps of a 3x3 channel
+// take groups of 6 across channels); gemm 6 x 2 = 12 + 2 + 1, BLIS's Haswell shape.
+#define DDPM_ISA "avx2"
+#define VW 8
+#define VEC_REGS 16
+#define CONV_MR 4
+#define CONV_NV 3
+#define CONV_MR_WIDE 4
+#define CONV_NV_WIDE 3
+#define CONV_DW_K 6
+#define CONV_DW_K1 6
+#define CONV_DW_NV 2
+#define GEMM_MR 6
+#define GEMM_NV 2
+#elif DDPM_SIMD && (defined(__ARM_NEON) || defined(__aarch64__))
+// ARM64 NEON: 32 registers of 4 floats, fused multiply-add by vector lane. conv 8 x 3 =
+// 24 + 3 + 2 (the 8 weights as two vectors); wide 4 x 5 = 20 + 5 + 1; dweight 9 x 2 =
+// 18 + 2 + 1 (8 output channels); gemm 8 x 3 = 24 + 3 + 2, BLIS's Cortex-A57 shape.
+#define DDPM_ISA "neon"
+#define VW 4
+#define VEC_REGS 32
+#define CONV_MR 8
+#define CONV_NV 3
+#define CONV_MR_WIDE 4
+#define CONV_NV_WIDE 5
+#define CONV_DW_K 9
+#define CONV_DW_K1 8
+#define CONV_DW_NV 2
+#define GEMM_MR 8
+#define GEMM_NV 3
+#else
+// SSE2 (x86-64's baseline), AVX without FMA, any other GCC target, and the plain C
+// build: 16 registers of 4 floats assumed, and a separate multiply and add (one more
+// register for the product). conv 4 x 2 = 8 + 2 + 1 + 1; dweight 4 x 2 = 8 + 2 + 1 + 1;
+// gemm 4 x 2 = 8 + 2 + 1 + 1. The plain build keeps these shapes for its loops.
+#if DDPM_SIMD && defined(__SSE2__)
+#define DDPM_ISA "sse2"
+#elif DDPM_SIMD
+#define DDPM_ISA "generic-vector"
+#else
+#define DDPM_ISA "plain"
+#endif
+#define VW 4
+#define VEC_REGS 16
+#define CONV_MR 4
+#define CONV_NV 2
+#define CONV_MR_WIDE 4
+#define CONV_NV_WIDE 2
+#define CONV_DW_K 4
+#define CONV_DW_K1 4
+#define CONV_DW_NV 2
+#define GEMM_MR 4
+#define GEMM_NV 2
+#endif
+#if DDPM_SIMD
+typedef float vecf __attribute__((vector_size(4 * VW)));   // VW floats
+// Loads and stores at any float address. (memcpy into an array of vectors does the
+// same, but GCC then keeps the array on the stack: measured 4x slower on AVX2.)
+typedef float vecf_u __attribute__((vector_size(4 * VW), aligned(4), may_alias));
+static inline vecf vload(const float* p) { return *(const vecf_u*)p; }
+static inline void vstore(float* p, vecf v) { *(vecf_u*)p = v; }
+#endif
+#define CONV_NR (VW * CONV_NV)             // pixels per conv tile
+#define CONV_NR_WIDE (VW * CONV_NV_WIDE)
+#define CONV_NV_MAX (CONV_NV > CONV_NV_WIDE ? CONV_NV : CONV_NV_WIDE)
+#define CONV_NR_MAX (VW * CONV_NV_MAX)
+#define CONV_DW_CO (VW * CONV_DW_NV)       // output channels per weight-gradient tile
+#define GEMM_NR (VW * GEMM_NV)
+_Static_assert(CONV_MR % CONV_MR_WIDE == 0, "the wide tile reads rows of CONV_MR-row weight panels");
+_Static_assert(CONV_MR * CONV_NV + CONV_NV + 1 <= VEC_REGS && CONV_MR_WIDE * CONV_NV_WIDE + CONV_NV_WIDE + 1 <= VEC_REGS &&
+               CONV_DW_K * CONV_DW_NV + CONV_DW_NV + 1 <= VEC_REGS && GEMM_MR * GEMM_NV + GEMM_NV + 1 <= VEC_REGS,
+               "every tile's accumulators, loads and broadcast fit the register file");
+static int round_up(int n, int m) { return (n + m - 1) / m * m; }
+
 // ---- 6.1 The matrix multiplication ----
-// (Not in the paper, nor are the kernels of 6.2: they are where the network of
-// Appendix B spends its time.) Linear layers, attention and the input gradient of the
+// Linear layers, attention and the input gradient of the
 // stride-2 convolution reduce to
 //   C[M,N] (+)= op(A)[M,K] op(B)[K,N],  op(A)[i,p] = transA ? A[p*lda + i] : A[i*lda + p]
 // (the convolutions themselves have their own direct kernel, 6.2). It is the classic
@@ -467,12 +583,9 @@ static float l_simple(float* d_eps_theta, const float* eps_theta, const float* e
 // of C in registers. OpenMP splits C into tiles; each tile is owned by one thread
 // and sums over K in the same order whatever the tile size, so the result has the
 // same bits for any number of threads.
-#define GEMM_MR 8
-#define GEMM_NV 2                // vectors of 16 floats per row of the register block
-#define GEMM_NR (16 * GEMM_NV)
 #define GEMM_MC 96
 #define GEMM_KC 512
-#define GEMM_NC 1024
+#define GEMM_NC (GEMM_NR * (1024 / GEMM_NR))
 _Static_assert(GEMM_MC % GEMM_MR == 0 && GEMM_NC % GEMM_NR == 0, "packing buffers hold whole panels");
 
 static float* gemm_pack_buffer;   // per thread: MC*KC floats of A, then KC*NC of B
@@ -552,41 +665,31 @@ static void gemm_pack_b(float* Bp, const float* B, int ldb, int transB, int p0, 
     }
 }
 
-// The register-blocked inner kernel: an MR x NR block of C, kc terms deep. The block
-// lives in MR x 2 vectors of 16 floats (GCC/Clang vector extensions, plain C
-// otherwise): each step broadcasts one value of A's panel and does 2*MR fused
-// multiply-adds with a row of B's panel. With AVX-512 that is 2*MR zmm registers;
-// with AVX2 or SSE the compiler splits each vector into 2 or 4 parts.
-#if defined(__GNUC__)
-typedef float vec16 __attribute__((vector_size(64)));
+// The register-blocked inner kernel: an MR x NR block of C, kc terms deep, in MR x NV
+// vectors (6.0): each step broadcasts one value of A's panel and does MR NV fused
+// multiply-adds with a row of B's panel.
 static void gemm_micro(int kc, const float* restrict a, const float* restrict b, int ldb,
                        float* restrict C, int ldc, int m, int n, int accumulate) {
-    vec16 acc[GEMM_MR][GEMM_NV];
+#if DDPM_SIMD
+    vecf acc[GEMM_MR][GEMM_NV];
     memset(acc, 0, sizeof acc);
     for (int p = 0; p < kc; p++, a += GEMM_MR, b += ldb) {
-        vec16 bv[GEMM_NV];
-        for (int v = 0; v < GEMM_NV; v++) memcpy(&bv[v], b + 16 * v, sizeof bv[v]);
+        vecf bv[GEMM_NV];
+        for (int v = 0; v < GEMM_NV; v++) bv[v] = vload(b + VW * v);
         for (int r = 0; r < GEMM_MR; r++)
             for (int v = 0; v < GEMM_NV; v++) acc[r][v] += a[r] * bv[v];
     }
     if (m == GEMM_MR && n == GEMM_NR) {   // a full tile: whole vectors in and out
         for (int r = 0; r < GEMM_MR; r++)
             for (int v = 0; v < GEMM_NV; v++) {
-                float* c = C + (size_t)r * ldc + 16 * v;
-                if (accumulate) {
-                    vec16 cv;
-                    memcpy(&cv, c, sizeof cv);
-                    acc[r][v] += cv;
-                }
-                memcpy(c, &acc[r][v], sizeof acc[r][v]);
+                float* c = C + (size_t)r * ldc + VW * v;
+                vstore(c, accumulate ? acc[r][v] + vload(c) : acc[r][v]);
             }
         return;
     }
     float out[GEMM_MR][GEMM_NR];
     memcpy(out, acc, sizeof out);
 #else
-static void gemm_micro(int kc, const float* restrict a, const float* restrict b, int ldb,
-                       float* restrict C, int ldc, int m, int n, int accumulate) {
     float out[GEMM_MR][GEMM_NR] = {{0}};
     for (int p = 0; p < kc; p++, a += GEMM_MR, b += ldb)
         for (int r = 0; r < GEMM_MR; r++)
@@ -612,7 +715,7 @@ static void matmul(float* C, const float* A, const float* B, int M, int N, int K
     // In parallel, make at least 2 tiles per thread when the matrix allows, for load
     // balance. (Serially a split would only pack A once more.)
     int mt = (M + GEMM_MC - 1) / GEMM_MC, nc = GEMM_NC;
-    while (!serial && nc > GEMM_NR && mt * ((N + nc - 1) / nc) < 2 * gemm_max_threads) nc /= 2;
+    while (!serial && nc > GEMM_NR && mt * ((N + nc - 1) / nc) < 2 * gemm_max_threads) nc = round_up(nc / 2, GEMM_NR);
     int nt = (N + nc - 1) / nc, parallel = !serial && mt * nt > 1;
     #pragma omp parallel for schedule(static) if (parallel) num_threads(gemm_max_threads)
     for (int tile = 0; tile < mt * nt; tile++) {
@@ -661,50 +764,40 @@ static void matmul(float* C, const float* A, const float* B, int M, int N, int K
 //   stride 2: split each input plane into its 4 phases x[2h + a, 2w + b], each a padded
 //   (H/2) x (W/2) grid; tap (i, j) then reads phase (i mod 2, j mod 2) at a fixed offset,
 //   and the stride-2 convolution becomes a stride-1 one over the phases.
-// The register tile is 8 output channels x 48 flat pixels (24 vectors of 16 floats);
-// each step loads 3 vectors of the input and broadcasts 8 weights into 24 fused
-// multiply-adds, and the tile sums over all C_in x K x K taps before it is stored once.
-// Two variants waste less where 8 x 48 would: 4 channels x 80 pixels on an 8 x 8 map
-// (8 rows of pitch 9 fit one 80-pixel tile, where 48-pixel tiles compute 96), and
-// 4 channels x 48 pixels for a conv with at most 4 outputs (conv_out: 3 channels).
+// The register tile (6.0 gives its shape per target; 8 output channels x 48 flat pixels
+// on AVX-512) sums over all C_in x K x K taps before it is stored once: each step loads
+// CONV_NV vectors of the input and broadcasts CONV_MR weights into CONV_MR x CONV_NV
+// fused multiply-adds. Two variants waste less where the main tile would: the wide
+// tile on maps it covers with less overrun (on AVX-512, 4 channels x 80 pixels on an
+// 8 x 8 map, whose 8 rows of pitch 9 fit one tile where 48-pixel tiles compute 96), and
+// CONV_MR_WIDE rows for a conv with at most that many outputs (conv_out: 3 channels).
 //
 // Backward, with dy on the output's grid:
 //   dinp  is the same direct convolution of (padded) dy with the weights transposed
 //         (o <-> c) and flipped (tap i, j -> 2 - i, 2 - j); for stride 2 it is
 //         weight^T . dy scattered back onto the image (col2im), image by image;
 //   dweight[o, c, i, j] = sum_{b, h, w} dy[b, o, h, w] xgrid[b, c, tap (i, j) + h Wp + w];
-//         a reduction over pixels, so its tile is 32 output channels (2 vectors of a
-//         transposed dy, [pixel][o]) x 9 taps, each tap a broadcast input value.
+//         a reduction over pixels, so its tile is CONV_DW_CO output channels (vectors
+//         of a transposed dy, [pixel][o]) x CONV_DW_K columns (c, tap) of the weight
+//         matrix, each a broadcast input value.
 // Every output element is summed by one thread in a fixed order, so the bits do not
 // depend on the number of threads.
-#define CONV_MR 8                // output channels per register tile
-#define CONV_NV 3                // vectors of 16 pixels per register tile
-#define CONV_NR (16 * CONV_NV)
-#define CONV_MR_WIDE 4           // the wide tile: 4 output channels
-#define CONV_NV_WIDE 5           //   x 80 pixels, where that wastes fewer pixels (8 x 8 maps)
-#define CONV_NV_MAX 5
-#define CONV_NR_MAX (16 * CONV_NV_MAX)
-#define CONV_DW_CO 32            // weight-gradient tile: output channels (2 vectors)
-#define CONV_DW_K 9              // weight-gradient tile: taps (one 3x3 channel)
 // Long float sums (here, in GroupNorm and in softmax) run in 16 interleaved partial sums,
 // "lanes": a plain s += x[i] is one chain of dependent adds the compiler may not
 // reorder, while the lanes are independent and become vector adds. The order is fixed,
 // so the bits are too.
 #define LANES 16
 
-// sum of n floats in lanes, the lanes added in double. (With GCC/Clang the 16 lanes
-// are one vector; the plain C loop computes the same bits.)
+// sum of n floats in lanes, the lanes added in double. (With vectors the 16 lanes
+// are 16 / VW vectors; the plain C loop computes the same bits.)
 static double lane_sum(const float* x, int n) {
     float s[LANES] = {0};
     int i = 0;
-#if defined(__GNUC__)
-    vec16 v = {0};
-    for (; i + LANES <= n; i += LANES) {
-        vec16 t;
-        memcpy(&t, x + i, sizeof t);
-        v += t;
-    }
-    memcpy(s, &v, sizeof s);
+#if DDPM_SIMD
+    vecf v[LANES / VW] = {{0}};
+    for (; i + LANES <= n; i += LANES)
+        for (int k = 0; k < LANES / VW; k++) v[k] += vload(x + i + k * VW);
+    memcpy(s, v, sizeof s);
 #else
     for (; i + LANES <= n; i += LANES)
         for (int l = 0; l < LANES; l++) s[l] += x[i + l];
@@ -716,11 +809,11 @@ static double lane_sum(const float* x, int n) {
 }
 
 static int conv_pad(int K, int stride) { return stride == 1 ? K / 2 : 0; }
-static int round_up(int n, int m) { return (n + m - 1) / m * m; }
-// Floats of a conv's weights packed into 8-row panels (conv_pack_weights).
+// Floats of a conv's weights packed into CONV_MR-row panels (conv_pack_weights).
 static size_t conv_packed_floats(int rows, int cols, int T) { return (size_t)round_up(rows, CONV_MR) * cols * T; }
-// Columns of the weight matrix per weight-gradient tile (<= CONV_DW_K), for T taps.
-static int conv_dw_group(int T) { return T == 1 ? 8 : T; }
+// Columns (c, tap) of the weight matrix per weight-gradient tile, for T taps: all of a
+// channel's taps when they fit the tile, else CONV_DW_K at a time across channels.
+static int conv_dw_group(int T) { return T == 1 ? CONV_DW_K1 : T <= CONV_DW_K ? T : CONV_DW_K; }
 
 typedef enum { CONV_PADDED, CONV_PLAIN, CONV_PHASES } ConvMode;
 
@@ -747,9 +840,9 @@ static ConvGeom conv_geom(int H, int W, int K, int stride) {
     g.L = g.H * g.Wp;
     // the tile that wastes fewer pixels past the end (8 x 8: 72 = 8 rows of 9 fit in 80; 48
     // would compute 96); a plain 1x1 needs the tile to fit in the image.
-    int wide = round_up(g.L, 16 * CONV_NV_WIDE) < round_up(g.L, CONV_NR) && (g.mode != CONV_PLAIN || g.L >= 16 * CONV_NV_WIDE);
+    int wide = round_up(g.L, CONV_NR_WIDE) < round_up(g.L, CONV_NR) && (g.mode != CONV_PLAIN || g.L >= CONV_NR_WIDE);
     g.mr = wide ? CONV_MR_WIDE : CONV_MR;
-    g.nr = wide ? 16 * CONV_NV_WIDE : CONV_NR;
+    g.nr = wide ? CONV_NR_WIDE : CONV_NR;
     g.Lr = round_up(g.L, g.nr);
     g.P = g.mode == CONV_PLAIN ? (size_t)g.L : (size_t)round_up(g.Lr + 2 * g.Wp + 2, 16);
     g.S = g.mode == CONV_PHASES ? 4 * g.P : g.P;
@@ -849,32 +942,32 @@ static void conv_pack_weights(float* packed, const float* weight, int C_out, int
 }
 
 // The register tile: tile[r][j] = sum_{c, t} a[c][t][r] x[c S + toff[t] + j] for
-// r < MR rows and j < 16 NV pixels, stored row by row. `a` is an 8-row panel (at the
-// tile's first row), x the first input grid (at the tile's first pixel). Called with
-// MR and NV constants, so that acc lives in registers. (Unrolling the taps as well
-// runs the 4 x 80 tile out of registers.)
+// r < MR rows and j < VW NV pixels, stored row by row. `a` is a CONV_MR-row panel (at
+// the tile's first row), x the first input grid (at the tile's first pixel). Called
+// with MR and NV constants, so that acc lives in registers. (Unrolling the taps as
+// well runs AVX-512's 4 x 80 tile out of registers.)
 static inline void conv_tile(float* restrict tile, const float* restrict a, const float* restrict x,
                              int C, size_t S, int T, const int* toff, int MR, int NV) {
-#if defined(__GNUC__)
-    vec16 acc[CONV_MR][CONV_NV_MAX];
+#if DDPM_SIMD
+    vecf acc[CONV_MR][CONV_NV_MAX];
     for (int r = 0; r < MR; r++)
-        for (int j = 0; j < NV; j++) acc[r][j] = (vec16){0};
+        for (int j = 0; j < NV; j++) acc[r][j] = (vecf){0};
     for (int c = 0; c < C; c++, x += S)
         for (int t = 0; t < T; t++, a += CONV_MR) {
             const float* xt = x + toff[t];
-            vec16 v[CONV_NV_MAX];
-            for (int j = 0; j < NV; j++) memcpy(&v[j], xt + 16 * j, sizeof v[j]);
+            vecf v[CONV_NV_MAX];
+            for (int j = 0; j < NV; j++) v[j] = vload(xt + VW * j);
             for (int r = 0; r < MR; r++)
                 for (int j = 0; j < NV; j++) acc[r][j] += a[r] * v[j];
         }
     for (int r = 0; r < MR; r++)
-        for (int j = 0; j < NV; j++) memcpy(tile + (r * NV + j) * 16, &acc[r][j], sizeof acc[r][j]);
+        for (int j = 0; j < NV; j++) vstore(tile + (r * NV + j) * VW, acc[r][j]);
 #else
-    memset(tile, 0, sizeof(float) * MR * NV * 16);
+    memset(tile, 0, sizeof(float) * MR * NV * VW);
     for (int c = 0; c < C; c++, x += S)
         for (int t = 0; t < T; t++, a += CONV_MR)
             for (int r = 0; r < MR; r++)
-                for (int j = 0; j < 16 * NV; j++) tile[r * NV * 16 + j] += a[r] * x[toff[t] + j];
+                for (int j = 0; j < VW * NV; j++) tile[r * NV * VW + j] += a[r] * x[toff[t] + j];
 #endif
 }
 
@@ -900,7 +993,7 @@ static void conv_store_tile(float* out, const float* tile, int o0, int rows, int
 }
 
 // out (B, C_out, H, W) = (or +=, if bias is NULL) the direct convolution of the input
-// grids (B x C_in of them) with packed weights. Work items are (image, 48 or 80 pixels).
+// grids (B x C_in of them) with packed weights. Work items are (image, one tile of pixels).
 // A plain 1x1 has no slack after its planes, so its last tile is moved back to end at
 // the image's last pixel, and stores only the columns not done yet. n_ph > 1: the four
 // phases of 6.8's upsampling conv, g[0..3] (taps and output pixels differ), weights
@@ -908,7 +1001,7 @@ static void conv_store_tile(float* out, const float* tile, int o0, int rows, int
 // are complete while their cache lines are still at hand.
 static void conv_direct(float* out, const float* planes, const float* packed, const float* bias,
                         int B, int C_in, int C_out, const ConvGeom* g, int n_ph) {
-    // A 3-channel output (conv_out) would waste 5 of the 8 rows: 4-row tiles then.
+    // A 3-channel output (conv_out) would waste 5 of 8 rows: CONV_MR_WIDE-row tiles then.
     int narrow = g->nr == CONV_NR && C_out <= CONV_MR_WIDE, mr = narrow ? CONV_MR_WIDE : g->mr;
     int n_p = g->Lr / g->nr, n_m = (C_out + mr - 1) / mr, T = g->T;
     size_t panel = (size_t)CONV_MR * C_in * T, phase = conv_packed_floats(C_out, C_in, T);
@@ -932,17 +1025,17 @@ static void conv_direct(float* out, const float* planes, const float* packed, co
 }
 
 // The output gradient of the batch, dy[b, o, pixel (h, w) of g's output map], into
-// dyt[b][h W + w][o] (C_out rounded up to CoP, the extra channels zero), 16 channels at a time.
+// dyt[b][h W + w][o] (C_out rounded up to CoP, the extra channels zero), a tile's channels at a time.
 static void conv_transpose_dy(float* dyt, const float* dy, int B, int C_out, int CoP, ConvGeom g) {
     int HW = g.H * g.W;
     #pragma omp parallel for schedule(static) num_threads(gemm_max_threads)
     for (int b = 0; b < B; b++) {
         const float* d = dy + (size_t)b * C_out * g.out_plane + g.out_off;
         float* t = dyt + (size_t)b * HW * CoP;
-        for (int o0 = 0; o0 < CoP; o0 += 16)
+        for (int o0 = 0; o0 < CoP; o0 += CONV_DW_CO)
             for (int h = 0; h < g.H; h++)
                 for (int w = 0; w < g.W; w++)
-                    for (int o = o0; o < o0 + 16; o++)
+                    for (int o = o0; o < o0 + CONV_DW_CO; o++)
                         t[(size_t)(h * g.W + w) * CoP + o] =
                             o < C_out ? d[o * g.out_plane + (size_t)h * g.out_pitch + (size_t)w * g.out_step] : 0.0f;
     }
@@ -959,28 +1052,28 @@ static void conv_dbias(float* dbias, const float* dout, int B, int C_out, size_t
 }
 
 // The weight-gradient tile: acc[t][o] += sum_{h, w} x[off[t] + h Wp + w] dyt[h W + w][o]
-// for 32 channels o and n <= 9 taps t, kept in memory between images. Called with n
-// a constant (9, 8 or 4) so the compiler unrolls the taps.
+// for CONV_DW_CO channels o and n <= CONV_DW_K columns t, kept in memory between
+// images. Called with n a constant where it can be, so the compiler unrolls the taps.
 static inline void conv_dw_tile(float* restrict accmem, const float* restrict dyt, int CoP,
                                 const float* restrict x, const int* off, int n, ConvGeom g) {
-#if defined(__GNUC__)
-    vec16 acc[CONV_DW_K][2];
-    memcpy(acc, accmem, sizeof acc);
+#if DDPM_SIMD
+    vecf acc[CONV_DW_K][CONV_DW_NV];
+    for (int t = 0; t < n; t++)
+        for (int v = 0; v < CONV_DW_NV; v++) acc[t][v] = vload(accmem + (t * CONV_DW_NV + v) * VW);
     for (int h = 0; h < g.H; h++) {
         const float* xr = x + (size_t)h * g.Wp;
         const float* d = dyt + (size_t)h * g.W * CoP;
         for (int w = 0; w < g.W; w++, d += CoP) {
-            vec16 d0, d1;
-            memcpy(&d0, d, sizeof d0);
-            memcpy(&d1, d + 16, sizeof d1);
+            vecf dv[CONV_DW_NV];
+            for (int v = 0; v < CONV_DW_NV; v++) dv[v] = vload(d + VW * v);
             for (int t = 0; t < n; t++) {
                 float xv = xr[w + off[t]];
-                acc[t][0] += xv * d0;
-                acc[t][1] += xv * d1;
+                for (int v = 0; v < CONV_DW_NV; v++) acc[t][v] += xv * dv[v];
             }
         }
     }
-    memcpy(accmem, acc, sizeof acc);
+    for (int t = 0; t < n; t++)
+        for (int v = 0; v < CONV_DW_NV; v++) vstore(accmem + (t * CONV_DW_NV + v) * VW, acc[t][v]);
 #else
     for (int h = 0; h < g.H; h++)
         for (int w = 0; w < g.W; w++)
@@ -990,10 +1083,10 @@ static inline void conv_dw_tile(float* restrict accmem, const float* restrict dy
 #endif
 }
 
-// dweight += dy . xgrid (see above). Tiles are (32 output channels, a group of columns
-// of the weight matrix: one channel's 9 taps (3x3), 4 taps (6.8's 2x2), or 8 channels
-// of a 1x1, so that channel counts divide evenly). Each thread owns a fixed range of
-// tiles and walks the images in order.
+// dweight += dy . xgrid (see above). Tiles are (CONV_DW_CO output channels, a group of
+// columns (c, tap) of the weight matrix, conv_dw_group: on AVX-512 one channel's 9 taps
+// (3x3), 4 taps (6.8's 2x2), or 8 channels of a 1x1, so that channel counts divide
+// evenly). Each thread owns a fixed range of tiles and walks the images in order.
 static void conv_dweight(float* dweight, float* dwacc, const float* planes, const float* dyt,
                          int B, int C_in, int C_out, ConvGeom g) {
     int CoP = round_up(C_out, CONV_DW_CO), Kc = C_in * g.T, G = conv_dw_group(g.T);
@@ -1015,10 +1108,10 @@ static void conv_dweight(float* dweight, float* dwacc, const float* planes, cons
                 const float* x = planes + (size_t)b * C_in * g.S;
                 const float* d = dyt + (size_t)b * g.H * g.W * CoP + o0;
                 float* acc = dwacc + (size_t)tile * CONV_DW_K * CONV_DW_CO;
-                if (n == 9)      conv_dw_tile(acc, d, CoP, x, off, 9, g);
-                else if (n == 8) conv_dw_tile(acc, d, CoP, x, off, 8, g);
-                else if (n == 4) conv_dw_tile(acc, d, CoP, x, off, 4, g);
-                else             conv_dw_tile(acc, d, CoP, x, off, n, g);
+                if (n == CONV_DW_K)       conv_dw_tile(acc, d, CoP, x, off, CONV_DW_K, g);
+                else if (n == CONV_DW_K1) conv_dw_tile(acc, d, CoP, x, off, CONV_DW_K1, g);
+                else if (n == 4)          conv_dw_tile(acc, d, CoP, x, off, 4, g);
+                else                      conv_dw_tile(acc, d, CoP, x, off, n, g);
             }
     }
     #pragma omp parallel for schedule(static) num_threads(gemm_max_threads)
@@ -1216,17 +1309,16 @@ static void lane_sums(const float* x, size_t n, float shift, double* s, double* 
     for (size_t i0 = 0; i0 < n; i0 += 4096) {
         size_t end = i0 + 4096 < n ? i0 + 4096 : n, i = i0;
         float a[LANES] = {0}, q[LANES] = {0};
-#if defined(__GNUC__)
-        vec16 va = {0}, vq = {0};
-        for (; i + LANES <= end; i += LANES) {
-            vec16 d;
-            memcpy(&d, x + i, sizeof d);
-            d -= shift;
-            va += d;
-            vq += d * d;
-        }
-        memcpy(a, &va, sizeof a);
-        memcpy(q, &vq, sizeof q);
+#if DDPM_SIMD
+        vecf va[LANES / VW] = {{0}}, vq[LANES / VW] = {{0}};
+        for (; i + LANES <= end; i += LANES)
+            for (int k = 0; k < LANES / VW; k++) {
+                vecf d = vload(x + i + k * VW) - shift;
+                va[k] += d;
+                vq[k] += d * d;
+            }
+        memcpy(a, va, sizeof a);
+        memcpy(q, vq, sizeof q);
 #else
         for (; i + LANES <= end; i += LANES)
             for (int l = 0; l < LANES; l++) { float d = x[i + l] - shift; a[l] += d; q[l] += d * d; }
@@ -2915,6 +3007,78 @@ static int save_trace_png(const char* path, const float* frames, const Trace* tr
 //   ./ddpm params  [--model NAME]
 //   ./ddpm bench   [--model NAME] [--batch B] [--steps N]
 
+// ---- 11.1 Measuring the kernels: what ./ddpm bench reports beside the step times ----
+// The machine's fused multiply-add peak at this build's vector width (6.0), measured:
+// every thread runs VEC_REGS - 4 independent chains acc = acc * m + c on VW-float
+// vectors that stay in registers, enough chains to cover the FMA latency of every
+// core this was tried on (4 cycles, 2 pipes). The best of 5 rounds of ~0.1 s.
+#define PEAK_CHAINS (VEC_REGS - 4)
+static double fma_peak_gflops(void) {
+    double best = 0;
+    long iters = 1 << 14;
+    for (int round = 0; round < 5; round++) {
+        double t0 = now_seconds(), sink = 0;
+        #pragma omp parallel num_threads(gemm_max_threads) reduction(+ : sink)
+        {
+            float m = 0.999999f, c = 1e-7f * (float)(thread_id() + 1);
+#if DDPM_SIMD
+            vecf acc[PEAK_CHAINS];
+            for (int k = 0; k < PEAK_CHAINS; k++) acc[k] = (vecf){0} + (float)k;
+            for (long i = 0; i < iters; i++)
+                for (int k = 0; k < PEAK_CHAINS; k++) acc[k] = acc[k] * m + c;
+            for (int k = 0; k < PEAK_CHAINS; k++)
+                for (int l = 0; l < VW; l++) sink += acc[k][l];
+#else
+            float acc[PEAK_CHAINS][VW];
+            for (int k = 0; k < PEAK_CHAINS; k++)
+                for (int l = 0; l < VW; l++) acc[k][l] = (float)k;
+            for (long i = 0; i < iters; i++)
+                for (int k = 0; k < PEAK_CHAINS; k++)
+                    for (int l = 0; l < VW; l++) acc[k][l] = acc[k][l] * m + c;
+            for (int k = 0; k < PEAK_CHAINS; k++)
+                for (int l = 0; l < VW; l++) sink += acc[k][l];
+#endif
+        }
+        double dt = now_seconds() - t0;
+        if (sink == 12345.678) puts("");   // keeps the chains alive
+        if (dt < 0.1) { iters *= 2; round--; continue; }
+        double gf = 2.0 * PEAK_CHAINS * VW * iters * gemm_max_threads / dt / 1e9;
+        if (gf > best) best = gf;
+    }
+    return best;
+}
+
+// One 3x3 convolution of the model's shapes, forward and backward (input and weight
+// gradients), timed over `reps` calls after one untimed: GFLOP/s as "fwd/bwd".
+static void bench_conv3x3(int B, int C, int H, int reps, double* fwd, double* bwd) {
+    size_t nx = (size_t)B * C * H * H, nw = (size_t)C * C * 9;
+    float* x = malloc_check(nx * sizeof(float), "bench buffers");
+    float* y = malloc_check(nx * sizeof(float), "bench buffers");
+    float* dx = malloc_check(nx * sizeof(float), "bench buffers");
+    float* w = malloc_check(nw * sizeof(float), "bench buffers");
+    float* dw = malloc_check(nw * sizeof(float), "bench buffers");
+    float* bias = calloc_check(C, sizeof(float), "bench buffers");
+    float* db = calloc_check(C, sizeof(float), "bench buffers");
+    float* ws = malloc_check(conv2d_workspace_floats(B, C, H, H, C, 3, 1, gemm_max_threads) * sizeof(float), "bench buffers");
+    Rng r;
+    rng_seed(&r, 1);
+    rng_normal(&r, x, nx);
+    rng_normal(&r, w, nw);
+    memset(dx, 0, nx * sizeof(float));
+    double flop = 2.0 * B * C * C * 9 * H * H;
+    for (int pass = 0; pass < 2; pass++) {
+        double t0 = 0;
+        for (int i = 0; i <= reps; i++) {
+            if (i == 1) t0 = now_seconds();
+            if (pass == 0) conv2d_forward(y, x, w, bias, B, C, H, H, C, 3, 1, ws);
+            else conv2d_backward(dx, dw, db, y, x, w, B, C, H, H, C, 3, 1, ws);
+        }
+        double dt = (now_seconds() - t0) / reps;
+        if (pass == 0) *fwd = flop / dt / 1e9; else *bwd = 2 * flop / dt / 1e9;
+    }
+    free(x); free(y); free(dx); free(w); free(dw); free(bias); free(db); free(ws);
+}
+
 #ifndef DDPM_NO_MAIN
 
 static void on_signal(int sig) { (void)sig; stop_requested = 1; }
@@ -3445,8 +3609,21 @@ static int cmd_bench(const Options* o) {
         if (i >= W) ts[i - W] = 1e3 * (now_seconds() - t0);
     }
     struct rusage ru;
-    getrusage(RUSAGE_SELF, &ru);
-    printf("{\"impl\": \"ddpm.c\", \"model\": \"%s\", \"batch\": %d, \"threads\": %d, \"params\": %zu, "
+    getrusage(RUSAGE_SELF, &ru);   // before the kernel timings below, which allocate their own
+    // What the binary was built for (6.0), the machine's FMA peak at that width, and
+    // the model's 3x3 convolutions one resolution at a time (C -> C, the batch's size).
+    double peak = fma_peak_gflops();
+    printf("{\"impl\": \"ddpm.c\", \"isa\": \"%s\", \"vector_floats\": %d, \"registers\": %d, "
+           "\"tiles\": \"conv %dx%d, wide %dx%d, dweight %dx%d, gemm %dx%d\", \"fma_peak_gflops\": %.1f, \"conv3x3\": [",
+           DDPM_ISA, VW, VEC_REGS, CONV_MR, CONV_NR, CONV_MR_WIDE, CONV_NR_WIDE, CONV_DW_K, CONV_DW_CO,
+           GEMM_MR, GEMM_NR, peak);
+    for (int l = 0; l < cfg.n_levels; l++) {
+        int C = cfg.ch * cfg.ch_mult[l], H = cfg.img >> l;
+        double f, b;
+        bench_conv3x3(B, C, H, S > 5 ? 5 : S, &f, &b);
+        printf("%s{\"C\": %d, \"H\": %d, \"fwd_gflops\": %.1f, \"bwd_gflops\": %.1f}", l ? ", " : "", C, H, f, b);
+    }
+    printf("], \"model\": \"%s\", \"batch\": %d, \"threads\": %d, \"params\": %zu, "
            "\"train_ms_all\": [", o->model, B, max_threads(), tr.net.n_params);
     for (int i = 0; i < S; i++) printf("%s%.3f", i ? ", " : "", tt[i]);
     printf("], \"sample_ms_all\": [");

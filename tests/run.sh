@@ -31,6 +31,38 @@ suite() {   # suite NAME COMMAND...: run one suite, show its output, count it
 
 suite unit tests/test_ddpm
 
+# The unit tests again on every other kernel variant of ddpm.c's section 6.0 that this
+# CPU can execute (the Makefile builds those its compilers can). x86 levels need their
+# instruction sets in /proc/cpuinfo; ARM64 runs under qemu-user.
+cpu_flags=" $(grep -m 1 '^flags' /proc/cpuinfo 2>/dev/null | cut -d: -f2) "
+missing_flag() {   # missing_flag FLAG...: print the first flag the CPU lacks
+    for f in "$@"; do
+        case "$cpu_flags" in *" $f "*) ;; *) echo "$f"; return ;; esac
+    done
+}
+variant() {   # variant NAME FLAG...: run tests/test_ddpm_NAME if it was built and the CPU has FLAGs
+    name=$1; shift
+    if [ ! -x tests/test_ddpm_$name ]; then
+        echo "NOTE skipped unit-$name: not built (the compiler cannot target it)"; return
+    fi
+    lack=$(missing_flag "$@")
+    if [ -n "$lack" ]; then echo "NOTE skipped unit-$name: no $lack"; return; fi
+    suite unit-$name tests/test_ddpm_$name
+}
+variant v2 ssse3 sse4_1 sse4_2 popcnt cx16
+variant v3 avx avx2 fma bmi1 bmi2 f16c movbe
+variant v4 avx512f avx512bw avx512cd avx512dq avx512vl
+variant novec
+qemu=$(command -v qemu-aarch64-static || command -v qemu-aarch64)
+if [ -x tests/test_ddpm_arm64 ] && [ -n "$qemu" ]; then
+    suite unit-arm64 "$qemu" -L /usr/aarch64-linux-gnu tests/test_ddpm_arm64
+elif [ "$CI" = "true" ]; then
+    echo "== unit-arm64: FAILED: needs gcc-aarch64-linux-gnu and qemu-user-static (see .ci/run)"
+    total_fail=$((total_fail + 1))
+else
+    echo "NOTE skipped unit-arm64: needs gcc-aarch64-linux-gnu and qemu-user-static (apt-get install them to run it)"
+fi
+
 if $PYTHON -c 'import torch' 2>/dev/null; then
     tests/dump_ref tiny 2 tests/out/ref_tiny.bin >/dev/null &&
     tests/dump_ref paper 2 tests/out/ref_paper.bin >/dev/null
