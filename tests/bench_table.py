@@ -65,6 +65,24 @@ def load_average():
         return float("nan")
 
 
+def cpu_summary():
+    """The CPU the figures come from: model name, family/model, and its vector ISA."""
+    info = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                info.setdefault(k.strip(), v.strip())
+    except OSError:
+        return "unknown (no /proc/cpuinfo)"
+    flags = set(info.get("flags", "").split())
+    isa = [f for f in ("avx2", "fma", "avx512f") if f in flags] or ["no avx2"]
+    if "avx512f" not in flags:
+        isa.append("no avx512f")
+    return (f"{info.get('model name', '?')} (family {info.get('cpu family', '?')}, "
+            f"model {info.get('model', '?')}), {os.cpu_count()} cores, {' '.join(isa)}")
+
+
 def run_json(cmd, required, timeout):
     """Run cmd; return (dict, None) on success or (None, error text)."""
     log("  $ " + " ".join(cmd))
@@ -258,6 +276,37 @@ def main():
         print("fp32 ceiling: FAIL")
     print()
 
+    # ---- what ddpm.c was built for, and its share of the FMA peak --------
+    c_runs = [d for r in results for d in r["runs"]["ddpm.c"]]
+    if c_runs and "fma_peak_gflops" in c_runs[0]:
+        b = c_runs[0]
+        fma = median([d["fma_peak_gflops"] for d in c_runs])
+        print(f"ddpm.c built for {b['isa']}: {b['vector_floats']}-float vectors, "
+              f"{b['registers']} registers; tiles (rows x columns) {b['tiles']}")
+        print(f"FMA peak at that width: {fma:.1f} GFLOP/s (./ddpm bench's FMA loop, median of "
+              f"{len(c_runs)} runs, {b['threads']} threads)")
+        for r in results:
+            cells = []
+            for impl in ("ddpm.c", "pytorch"):
+                d = r[impl]
+                tr = "FAIL" if d is None else f"{100 * train_gflops(d) / fma:.1f}%"
+                sa = "FAIL" if d is None else f"{100 * d['fwd_gflop'] / (d['sample_ms'] * 1e-3) / fma:.1f}%"
+                cells.append(f"{impl} train {tr:>6} sample {sa:>6}")
+            print(f"  share of FMA peak, {r['model']:>5} batch {r['batch']:<4}: " + "   ".join(cells))
+        print("  3x3 convolutions of ddpm.c (C -> C at H x H, that batch), share of FMA peak, "
+              "forward / backward (input + weight gradients):")
+        for r in results:
+            runs = r["runs"]["ddpm.c"]
+            if not runs:
+                continue
+            cells = []
+            for i, k in enumerate(runs[0]["conv3x3"]):
+                f = median([d["conv3x3"][i]["fwd_gflops"] for d in runs])
+                g = median([d["conv3x3"][i]["bwd_gflops"] for d in runs])
+                cells.append(f"{k['C']}@{k['H']}x{k['H']} {100 * f / fma:.0f}%/{100 * g / fma:.0f}%")
+            print(f"    {r['model']:>5} batch {r['batch']:<4}: " + ", ".join(cells))
+        print()
+
     # ---- footer ------------------------------------------------------------
     t_any = next((r["pytorch"] for r in results if r["pytorch"]), None) or ceiling
     threads = {impl: sorted({r[impl]["threads"] for r in results if r[impl]})
@@ -269,6 +318,10 @@ def main():
     if t_any:
         print(f"PyTorch {t_any.get('torch', '?')}: BLAS {t_any.get('blas', '?')}, "
               f"BLAS_INFO={t_any.get('blas_info', '?')}, mkldnn={t_any.get('mkldnn', '?')}")
+        if "netlib" in str(t_any.get("blas", "")).lower():
+            print("WARNING: PyTorch runs on the reference (netlib) BLAS, several times slower than "
+                  "OpenBLAS: apt-get install libopenblas0-openmp for a fair comparison")
+    print("CPU: " + cpu_summary())
     print("threads: " + ", ".join(f"{impl} {'/'.join(map(str, v)) or '?'}"
                                   for impl, v in threads.items()))
     steps = sorted({r["steps"] for r in results})
