@@ -125,6 +125,22 @@ def train_gflops(d):
     return 3.0 * d["fwd_gflop"] / (d["train_ms"] * 1e-3)
 
 
+def sample_gflops(d):
+    return d["fwd_gflop"] / (d["sample_ms"] * 1e-3)
+
+
+def print_shares(title, results, peak, rates):
+    """One line per config: each side's rates (label, function of a result) as % of peak."""
+    for r in results:
+        cells = []
+        for impl in ("ddpm.c", "pytorch"):
+            d = r[impl]
+            parts = [label + ("FAIL" if d is None else f"{100 * rate(d) / peak:.1f}%").rjust(6)
+                     for label, rate in rates]
+            cells.append(f"{impl} " + " ".join(parts))
+        print(f"  {title}, {r['model']:>5} batch {r['batch']:<4}: " + "   ".join(cells))
+
+
 def combine(runs):
     """One result from a config's rounds: median times, the largest peak RSS."""
     d = dict(runs[0])
@@ -264,14 +280,7 @@ def main():
         peak = ceiling["ceiling_gflops"]
         print(f"fp32 ceiling: {peak:.1f} GFLOP/s (median 2048x2048x2048 matmul, "
               f"pytorch, {ceiling.get('threads', '?')} threads)")
-        for r in results:
-            cells = []
-            for impl in ("ddpm.c", "pytorch"):
-                d = r[impl]
-                share = "FAIL" if d is None else f"{100 * train_gflops(d) / peak:.1f}%"
-                cells.append(f"{impl} {share:>6}")
-            print(f"  training share of ceiling, {r['model']:>5} batch {r['batch']:<4}: "
-                  + "   ".join(cells))
+        print_shares("training share of ceiling", results, peak, [("", train_gflops)])
     else:
         print("fp32 ceiling: FAIL")
     print()
@@ -285,14 +294,8 @@ def main():
               f"{b['registers']} registers; tiles (rows x columns) {b['tiles']}")
         print(f"FMA peak at that width: {fma:.1f} GFLOP/s (./ddpm bench's FMA loop, median of "
               f"{len(c_runs)} runs, {b['threads']} threads)")
-        for r in results:
-            cells = []
-            for impl in ("ddpm.c", "pytorch"):
-                d = r[impl]
-                tr = "FAIL" if d is None else f"{100 * train_gflops(d) / fma:.1f}%"
-                sa = "FAIL" if d is None else f"{100 * d['fwd_gflop'] / (d['sample_ms'] * 1e-3) / fma:.1f}%"
-                cells.append(f"{impl} train {tr:>6} sample {sa:>6}")
-            print(f"  share of FMA peak, {r['model']:>5} batch {r['batch']:<4}: " + "   ".join(cells))
+        print_shares("share of FMA peak", results, fma,
+                     [("train ", train_gflops), ("sample ", sample_gflops)])
         print("  3x3 convolutions of ddpm.c (C -> C at H x H, that batch), share of FMA peak, "
               "forward / backward (input + weight gradients):")
         for r in results:

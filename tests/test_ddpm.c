@@ -2020,9 +2020,9 @@ int main(int argc, char** argv) {
     mkdir_or_die(OUT);
     rng_seed(&trng, 20200611);
     double t0 = now_seconds();
-    note("kernels built for %s: %d-float vectors, %d registers; tiles conv %dx%d, wide %dx%d, "
-         "dweight %dx%d, gemm %dx%d", DDPM_ISA, VW, VEC_REGS, CONV_MR, CONV_NR, CONV_MR_WIDE,
-         CONV_NR_WIDE, CONV_DW_K, CONV_DW_CO, GEMM_MR, GEMM_NR);
+    note("kernels built for %s: %d-float %s, %d registers; tiles conv %dx%d, wide %dx%d, "
+         "dweight %dx%d, gemm %dx%d", DDPM_ISA, VW, DDPM_SIMD ? "vectors" : "rows (no vector types)",
+         VEC_REGS, CONV_MR, CONV_NR, CONV_MR_WIDE, CONV_NR_WIDE, CONV_DW_K, CONV_DW_CO, GEMM_MR, GEMM_NR);
 
     test_schedule_linear();
     test_schedule_cosine();
