@@ -478,29 +478,16 @@ static float l_simple(float* d_eps_theta, const float* eps_theta, const float* e
 #else
 #define DDPM_SIMD 1
 #endif
-#if !DDPM_SIMD
-// The plain C build: no vector types, and no tile held in registers; the compiler
-// vectorises the tile loops itself, with the accumulators in memory, and does that best
-// on long rows of contiguous floats. So it gets AVX-512's shapes (below) in 16-float
-// rows: measured 4.4x faster than with the SSE2 shapes on a Zen 3 (AVX2).
-#define DDPM_ISA "plain"
-#define VW 16
-#define VEC_REGS 32
-#define CONV_MR 8
-#define CONV_NV 3
-#define CONV_MR_WIDE 4
-#define CONV_NV_WIDE 5
-#define CONV_DW_K 9
-#define CONV_DW_K1 8
-#define CONV_DW_NV 2
-#define GEMM_MR 8
-#define GEMM_NV 2
-#elif defined(__AVX512F__)
+#if !DDPM_SIMD || defined(__AVX512F__)
 // AVX-512: 32 registers of 16 floats. conv 8 x 3 = 24 accumulators + 3 loads + 1
 // broadcast = 28; wide 4 x 5 = 20 + 5 + 1 (8 x 8 maps: 72 flat pixels fit 80, where
 // 48-pixel tiles compute 96); dweight 9 taps x 2 = 18 + 2 + 1 (one 3x3 channel, 32
 // output channels); gemm 8 x 2 = 16 + 2 + 1.
-#define DDPM_ISA "avx512"
+// The plain C build takes the same shapes, in rows of 16 floats: it has no vector types
+// and holds no tile in registers; the compiler vectorises its tile loops itself, with the
+// accumulators in memory, and does that best on long contiguous rows (measured 4.4x
+// faster than with the SSE2 shapes below, on a Zen 3 with AVX2).
+#define DDPM_ISA (DDPM_SIMD ? "avx512" : "plain")
 #define VW 16
 #define VEC_REGS 32
 #define CONV_MR 8
@@ -3012,16 +2999,6 @@ static int save_trace_png(const char* path, const float* frames, const Trace* tr
     return r;
 }
 
-// ----------------------------------------------------------------------------
-// 12. main: the command line
-//
-//   ./ddpm [train] [flags]      Alg. 1 on a dataset, with samples and checkpoints
-//   ./ddpm sample  --checkpoint PATH [-n 64] [--trace]
-//   ./ddpm bpd     --checkpoint PATH [-n 32]
-//   ./ddpm schedule [--schedule linear|cosine]
-//   ./ddpm params  [--model NAME]
-//   ./ddpm bench   [--model NAME] [--batch B] [--steps N]
-
 // ---- 11.1 Measuring the kernels: what ./ddpm bench reports beside the step times ----
 // The machine's fused multiply-add peak at this build's vector width (6.0), measured:
 // every thread runs VEC_REGS - 4 independent chains acc = acc * m + c on VW-float
@@ -3093,6 +3070,16 @@ static void bench_conv3x3(int B, int C, int H, int reps, double* fwd, double* bw
     }
     free(x); free(y); free(dx); free(w); free(dw); free(bias); free(db); free(ws);
 }
+
+// ----------------------------------------------------------------------------
+// 12. main: the command line
+//
+//   ./ddpm [train] [flags]      Alg. 1 on a dataset, with samples and checkpoints
+//   ./ddpm sample  --checkpoint PATH [-n 64] [--trace]
+//   ./ddpm bpd     --checkpoint PATH [-n 32]
+//   ./ddpm schedule [--schedule linear|cosine]
+//   ./ddpm params  [--model NAME]
+//   ./ddpm bench   [--model NAME] [--batch B] [--steps N]
 
 #ifndef DDPM_NO_MAIN
 
