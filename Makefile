@@ -115,8 +115,7 @@ tests/test_ddpm_novec: tests/test_ddpm.c ddpm.c $(STB_DEP)
 # error in vect_transform_reduction) on the tests' double-precision reductions. The
 # kernels' explicit NEON vectors do not depend on it.
 tests/test_ddpm_arm64: tests/test_ddpm.c ddpm.c $(STB_DEP)
-	$(AARCH64_CC) -O3 -fno-tree-loop-vectorize -std=c11 -Wall -Wextra -ffp-contract=fast -fno-trapping-math -fopenmp \
-	    -I$(STB_DIR) -Wno-unused-function tests/test_ddpm.c -o $@ -lm
+	$(AARCH64_CC) $(VARIANT_CFLAGS) -fno-tree-loop-vectorize tests/test_ddpm.c -o $@ $(LDLIBS)
 
 test: ddpm tests/test_ddpm tests/dump_ref $(VARIANTS) fashion-mnist
 	@PYTHON=$(PYTHON) sh tests/run.sh

@@ -3005,36 +3005,39 @@ static int save_trace_png(const char* path, const float* frames, const Trace* tr
 // vectors that stay in registers, enough chains to cover the FMA latency of every
 // core this was tried on (4 cycles, 2 pipes). The best of 5 rounds of ~0.1 s.
 #define PEAK_CHAINS (VEC_REGS - 4)
-static double fma_peak_gflops(void) {
-    double best = 0;
-    long iters = 1 << 14;
-    for (int round = 0; round < 5; round++) {
-        double t0 = now_seconds(), sink = 0;
-        #pragma omp parallel num_threads(gemm_max_threads) reduction(+ : sink)
-        {
-            float m = 0.999999f, c = 1e-7f * (float)(thread_id() + 1);
+static double fma_chains_seconds(long iters) {
+    double t0 = now_seconds(), sink = 0;
+    #pragma omp parallel num_threads(gemm_max_threads) reduction(+ : sink)
+    {
+        float m = 0.999999f, c = 1e-7f * (float)(thread_id() + 1);
 #if DDPM_SIMD
-            vecf acc[PEAK_CHAINS];
-            for (int k = 0; k < PEAK_CHAINS; k++) acc[k] = (vecf){0} + (float)k;
-            for (long i = 0; i < iters; i++)
-                for (int k = 0; k < PEAK_CHAINS; k++) acc[k] = acc[k] * m + c;
-            for (int k = 0; k < PEAK_CHAINS; k++)
-                for (int l = 0; l < VW; l++) sink += acc[k][l];
+        vecf acc[PEAK_CHAINS];
+        for (int k = 0; k < PEAK_CHAINS; k++) acc[k] = (vecf){0} + (float)k;
+        for (long i = 0; i < iters; i++)
+            for (int k = 0; k < PEAK_CHAINS; k++) acc[k] = acc[k] * m + c;
+        for (int k = 0; k < PEAK_CHAINS; k++)
+            for (int l = 0; l < VW; l++) sink += acc[k][l];
 #else
-            float acc[PEAK_CHAINS][VW];
+        float acc[PEAK_CHAINS][VW];
+        for (int k = 0; k < PEAK_CHAINS; k++)
+            for (int l = 0; l < VW; l++) acc[k][l] = (float)k;
+        for (long i = 0; i < iters; i++)
             for (int k = 0; k < PEAK_CHAINS; k++)
-                for (int l = 0; l < VW; l++) acc[k][l] = (float)k;
-            for (long i = 0; i < iters; i++)
-                for (int k = 0; k < PEAK_CHAINS; k++)
-                    for (int l = 0; l < VW; l++) acc[k][l] = acc[k][l] * m + c;
-            for (int k = 0; k < PEAK_CHAINS; k++)
-                for (int l = 0; l < VW; l++) sink += acc[k][l];
+                for (int l = 0; l < VW; l++) acc[k][l] = acc[k][l] * m + c;
+        for (int k = 0; k < PEAK_CHAINS; k++)
+            for (int l = 0; l < VW; l++) sink += acc[k][l];
 #endif
-        }
-        double dt = now_seconds() - t0;
-        if (sink == 12345.678) puts("");   // keeps the chains alive
-        if (dt < 0.1) { iters *= 2; round--; continue; }
-        double gf = 2.0 * PEAK_CHAINS * VW * iters * gemm_max_threads / dt / 1e9;
+    }
+    if (sink == 12345.678) puts("");   // uses the chains' results, so they are computed
+    return now_seconds() - t0;
+}
+
+static double fma_peak_gflops(void) {
+    long iters = 1 << 14;
+    while (fma_chains_seconds(iters) < 0.1) iters *= 2;
+    double best = 0;
+    for (int round = 0; round < 5; round++) {
+        double gf = 2.0 * PEAK_CHAINS * VW * iters * gemm_max_threads / fma_chains_seconds(iters) / 1e9;
         if (gf > best) best = gf;
     }
     return best;
