@@ -16,21 +16,37 @@ Build and run:
     ./ddpm sample --checkpoint runs/cifar10-tiny/model.ckpt -n 64
     ./ddpm --help                        # every subcommand and flag
     make test                            # gradients vs PyTorch autograd, and more
+    make debug                           # ./ddpm_debug: the reference layers at -O0 -g, for gdb
 
-Table of contents (section -> paper)
-    0. Plumbing ................ checked I/O and allocation, the one RNG
-    1. The noise schedule ...... §2, §4: beta_t linear 1e-4..0.02, T = 1000 (and cosine)
-    2. The forward process ..... Eq. (2), (4): q(x_t | x_0); Eq. (6)-(7): q(x_{t-1} | x_t, x_0)
-    3. The reverse process ..... Eq. (1), (11): p_theta(x_{t-1} | x_t) with eps-parameterisation
-    4. The variational bound ... Eq. (3), (5): KL terms, L_T, and the decoder L_0 of Eq. (13)
-    5. The training loss ....... Eq. (14): L_simple and its gradient w.r.t. eps_theta
-    6. The network eps_theta ... §4, Appendix B: a PixelCNN++-like U-Net, forward + backward
-    7. The data ................ §3.3: images scaled to [-1, 1]; CIFAR-10 and Fashion-MNIST
-    8. Training, Alg. 1 ........ Adam, warmup, clipping, EMA; checkpoints
-    9. Sampling, Alg. 2 ........ and progressive generation, Eq. (15), Fig. 6
-   10. Evaluation .............. the bound of Eq. (5) in bits/dim (Table 1's NLL)
-   11. Pictures and files ...... PNG grids, .npy arrays
-   12. main .................... the command line
+The file is a lecture in four parts. A first reading stops after Part II.
+
+  Part I. The paper ............ what the diffusion model computes, and Algorithms 1 and 2
+     1. Plumbing ................ checked allocation, the one RNG, progress
+     2. The noise schedule ...... §2, §4: beta_t linear 1e-4..0.02, T = 1000 (and cosine)
+     3. The forward process ..... Eq. (2), (4): q(x_t | x_0); Eq. (6)-(7): q(x_{t-1} | x_t, x_0)
+     4. The reverse process ..... Eq. (1), (8)-(11): p_theta(x_{t-1} | x_t), eps-parameterisation
+     5. The variational bound ... Eq. (3), (5): KL terms, L_T, and the decoder L_0 of Eq. (13)
+     6. The training loss ....... Eq. (12), (14): L_simple and its gradient w.r.t. eps_theta
+     7. The network, seen from outside: eps_theta(x_t, t) as Algorithms 1 and 2 call it
+     8. The data batch .......... §3.3: images scaled to [-1, 1]; random flips
+     9. Training, Alg. 1 ........ Adam, warmup, clipping, EMA (§4, Appendix B)
+    10. Sampling, Alg. 2 ........ and progressive generation, Eq. (15), Fig. 6
+    11. Evaluation .............. the bound of Eq. (5) in bits/dim (Table 1's NLL), Eq. (16)
+  Part II. The network eps_theta (§4, Appendix B), from the whole down to its parts
+    12. The U-Net's parts ....... parameters, layers, blocks, and the table of layers used
+    13. eps_theta(x_t, t) ....... the U-Net forward and backward
+    14. The blocks .............. ResBlock, AttnBlock, Downsample, Upsample
+    15. The layout .............. presets, parameter tensors, one buffer per role
+    16. The layers .............. plain reference implementations, forward beside backward
+  Part III. Fast kernels (an appendix: skip it on a first reading)
+    17. Vectors, the matrix multiplication, the direct convolution, and fused versions
+        of the layers of 16; -DDDPM_PLAIN leaves all of Part III out
+  Part IV. Plumbing
+    18. Datasets on disk ........ CIFAR-10 binary, Fashion-MNIST IDX
+    19. Checkpoints ............. checksummed, written atomically, bit-exact resume
+    20. Pictures and files ...... PNG grids, .npy arrays
+    21. Measuring ............... what ./ddpm bench reports beside the step times
+    22. main .................... the command line
 
 Conventions
     Tensors are float32, NCHW: B images, C channels, H x W pixels.
@@ -58,11 +74,16 @@ Conventions
 #include <omp.h>
 #endif
 
+// ============================================================================
+// Part I. The paper
+// ============================================================================
+
 // ----------------------------------------------------------------------------
-// 0. Plumbing: checked helpers and the one RNG
+// 1. Plumbing: checked allocation, the one RNG, progress
 //
 // Every failure a user can cause (a missing file, a bad flag, a full disk) ends in
 // one line on stderr that names the file or flag and says what to do, and exit 1.
+// (The file and checkpoint helpers are in Part IV.)
 
 // Prints "ddpm: <message><suffix>" as one line and exits with `code`.
 static void fail_v(int code, const char* suffix, const char* fmt, va_list ap) {
@@ -88,7 +109,7 @@ static void* malloc_check(size_t size, const char* what) {
 // Zeroed memory. A big buffer (the parameters, activations and scratch of the network)
 // is aligned to 2 MiB and, where Linux offers it, marked for transparent huge pages: a
 // training step sweeps hundreds of MiB, and with 4 KiB pages every 1024 floats need
-// their own TLB entry (huge pages made a step about 7% faster here).
+// their own TLB entry, so the sweep would keep missing the TLB.
 static void* calloc_check(size_t n, size_t size, const char* what) {
     size_t bytes = (n ? n : 1) * (size ? size : 1), huge = (size_t)2 << 20;
     void* p;
@@ -107,23 +128,19 @@ static void* calloc_check(size_t n, size_t size, const char* what) {
     return p;
 }
 
-static FILE* fopen_check(const char* path, const char* mode, const char* hint) {
-    FILE* f = fopen(path, mode);
-    if (!f) die("cannot open %s: %s%s%s", path, strerror(errno), hint ? "; " : "", hint ? hint : "");
-    return f;
-}
-
-// Reads exactly n bytes or dies naming the file: a short read means a truncated file.
-static void fread_check(void* dst, size_t n, FILE* f, const char* path) {
-    if (fread(dst, 1, n, f) != n)
-        die("%s is truncated or unreadable (wanted %zu more bytes); re-create or re-download it",
-            path, n);
-}
-
 static double now_seconds(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return ts.tv_sec + 1e-9 * ts.tv_nsec;
+}
+
+// The OpenMP thread count, or 1 without OpenMP.
+static int max_threads(void) {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
 }
 
 // The one random number generator: xoshiro256** (Blackman & Vigna), seeded through
@@ -188,8 +205,22 @@ static uint32_t hash_u32(uint64_t key, uint64_t i) {
     return (uint32_t)(splitmix64(&x) >> 32);
 }
 
+
+// Set by Ctrl-C / SIGTERM (the handler is installed by main, section 22): long loops
+// stop at the next step and the command saves what it has.
+static volatile sig_atomic_t stop_requested = 0;
+
+// "what done/total, elapsed, ETA" on stderr: redrawn in place on a terminal, every
+// tenth of the way in a log file.
+static void progress_line(const char* what, long done, long total, double t0) {
+    double el = now_seconds() - t0, eta = done > 0 ? el * (total - done) / done : 0;
+    if (isatty(2)) fprintf(stderr, "\r%s %ld/%ld  %.0fs elapsed, ETA %.0fs   ", what, done, total, el, eta);
+    else if (done == total || done % (total / 10 > 0 ? total / 10 : 1) == 0)
+        fprintf(stderr, "%s %ld/%ld  %.0fs elapsed, ETA %.0fs\n", what, done, total, el, eta);
+    if (isatty(2) && done == total) fprintf(stderr, "\n");
+}
 // ----------------------------------------------------------------------------
-// 1. The noise schedule (§2, §4)
+// 2. The noise schedule (§2, §4)
 //
 // The forward process adds Gaussian noise with variances beta_1..beta_T. §4 fixes
 // T = 1000 and beta linear from 1e-4 to 0.02, "small relative to data scaled to
@@ -239,7 +270,7 @@ static void make_betas(double* betas, int T, ScheduleKind kind) {
 
 static void schedule_init(Schedule* s, int T, ScheduleKind kind) {
     s->T = T;
-    double* p = s->buffer = malloc_check(13 * (size_t)T * sizeof(double), "the schedule");
+    double* p = s->buffer = malloc_check(12 * (size_t)T * sizeof(double), "the schedule");
     double** fields[] = {&s->betas, &s->alphas, &s->alphas_cumprod, &s->alphas_cumprod_prev,
                          &s->sqrt_alphas_cumprod, &s->sqrt_one_minus_alphas_cumprod,
                          &s->sqrt_recip_alphas_cumprod, &s->sqrt_recipm1_alphas_cumprod,
@@ -272,7 +303,7 @@ static void schedule_init(Schedule* s, int T, ScheduleKind kind) {
 static void schedule_free(Schedule* s) { free(s->buffer); }
 
 // ----------------------------------------------------------------------------
-// 2. The forward process q (§2)
+// 3. The forward process q (§2)
 //
 // Eq. (2): q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I). Composing Gaussians
 // gives x_t in one jump from x_0, which is what makes training cheap (Alg. 1 needs no
@@ -320,13 +351,17 @@ static void predict_x0_from_eps(float* x_0, const float* x_t, const float* eps, 
 }
 
 // ----------------------------------------------------------------------------
-// 3. The reverse process p_theta (§3.2)
+// 4. The reverse process p_theta (§3.2)
 //
 // Eq. (1): p_theta(x_{t-1} | x_t) = N(mu_theta(x_t, t), sigma_t^2 I). §3.2 fixes the
 // variance to one of two choices that give "similar results":
 //   sigma_t^2 = beta_t        (optimal for x_0 ~ N(0, I); the official "fixedlarge")
 //   sigma_t^2 = beta_tilde_t  (optimal for x_0 deterministic; "fixedsmall")
 // and parameterises the mean by a noise predictor eps_theta,
+// Why eps: with sigma_t fixed, Eq. (8) makes each term of the bound a squared error
+// between means, L_{t-1} = E_q[ ||mu_tilde_t(x_t, x_0) - mu_theta(x_t, t)||^2 / (2 sigma_t^2) ] + C,
+// and Eqs. (9)-(10) write x_0 through x_t and the noise (Eq. 4), which turns the target
+// mu_tilde_t into 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - alpha_bar_t) eps). So predict eps:
 //   Eq. (11): mu_theta(x_t, t) = 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - alpha_bar_t) eps_theta).
 // Eq. (11) is exactly mu_tilde_t(x_t, x0_hat) with x0_hat from predict_x0_from_eps, which
 // is how we compute it: that way x0_hat can be clipped to [-1, 1] first, as the official
@@ -356,7 +391,7 @@ static void p_mean_variance(float* mean, double* log_var, float* x0_hat,
 }
 
 // ----------------------------------------------------------------------------
-// 4. The variational bound (§2, §3.3)
+// 5. The variational bound (§2, §3.3)
 //
 // Eq. (3): E[-log p_theta(x_0)] <= L. Eq. (5) splits L into KLs between Gaussians:
 //   L = D_KL(q(x_T|x_0) || p(x_T))                           L_T, no parameters
@@ -418,10 +453,11 @@ static double vb_term_bpd(const float* x_0, const float* mean_q, double logvar_q
 }
 
 // ----------------------------------------------------------------------------
-// 5. The training loss, Eq. (14)
+// 6. The training loss, Eq. (14)
 //
-// With the eps-parameterisation, L_{t-1} (Eq. 12) is a weighted squared error between
-// the true noise and the predicted noise. §3.4 drops the weight ("L_simple"), which
+// With the eps-parameterisation, Eq. (11) in Eq. (8) gives Eq. (12): L_{t-1} - C is a squared
+// error between the true noise and the predicted one, weighted by
+// beta_t^2 / (2 sigma_t^2 alpha_t (1 - alpha_bar_t)). §3.4 drops the weight ("L_simple"), which
 // trains better (Table 2):
 //   Eq. (14): L_simple = E_{t, x_0, eps} || eps - eps_theta(sqrt(abar_t) x_0 + sqrt(1-abar_t) eps, t) ||^2
 // We average over every pixel of every image in the batch (the official code's
@@ -438,1260 +474,17 @@ static float l_simple(float* d_eps_theta, const float* eps_theta, const float* e
     return (float)(sum / N);
 }
 
+
 // ----------------------------------------------------------------------------
-// 6. The network eps_theta(x_t, t) (§4, Appendix B)
+// 7. The network, seen from outside: eps_theta(x_t, t)
 //
-// "We use a U-Net backbone similar to an unmasked PixelCNN++ with group normalization
-// throughout. Parameters are shared across time, which is specified to the network
-// using the Transformer sinusoidal position embedding. We use self-attention at the
-// 16 x 16 feature map resolution." (§4). The layout below is the official CIFAR-10
-// model (35.7M parameters with the `paper` preset); the compact presets shrink it
-// for a CPU.
-//
-// Layers come in pairs, forward then backward, with the same argument order:
-//   xxx_forward(out, <saved stats>, inp, <weights>, <dims>)
-//   xxx_backward(dinp, <dweights>, dout, inp, <weights>, <saved stats>, <dims>)
-// Backward functions accumulate (+=) into dinp and into the weight gradients, so a
-// tensor read twice (a skip connection) simply receives both contributions; the
-// callers zero what needs zeroing. Shapes are NCHW: B, C, H, W; HW = H * W.
-
-// ---- 6.0 Vectors and register tiles, chosen per target ----
-// (Not in the paper, nor is anything up to 6.2's end: this is where the network of
-// Appendix B spends its time.) The kernels below are written once, for vectors of VW
-// floats (GCC/Clang vector extensions), and each keeps a tile of its result in
-// registers while it sums. How big that tile can be depends on the machine: its
-// accumulators, plus the vectors it loads and the value it broadcasts, must fit the
-// register file, or the compiler spills them to the stack and the kernel runs many times
-// slower. So the vector width and every tile's shape are chosen here, once, from the
-// target the compiler builds for (BLIS does the same: one algorithm, a micro-kernel
-// shape per architecture). Shapes are rows x vectors:
-//   conv     CONV_MR output channels x CONV_NV vectors of pixels (6.2)
-//   wide     CONV_MR_WIDE x CONV_NV_WIDE, for maps the main tile covers badly (6.2)
-//   dweight  CONV_DW_K taps x CONV_DW_NV vectors of output channels (6.2)
-//   gemm     GEMM_MR rows x GEMM_NV vectors of columns (6.1)
-// A tile of R rows x V vectors costs R V accumulators + V loaded vectors + 1 broadcast
-// (+ 1 product when there is no fused multiply-add).
-// -DDDPM_NO_SIMD builds the plain C loops instead (what a compiler without vector
-// extensions gets); tests/ runs every variant this machine can execute.
-#if defined(DDPM_NO_SIMD) || !defined(__GNUC__)
-#define DDPM_SIMD 0
-#else
-#define DDPM_SIMD 1
-#endif
-#if !DDPM_SIMD || defined(__AVX512F__)
-// AVX-512: 32 registers of 16 floats. conv 8 x 3 = 24 accumulators + 3 loads + 1
-// broadcast = 28; wide 4 x 5 = 20 + 5 + 1 (8 x 8 maps: 72 flat pixels fit 80, where
-// 48-pixel tiles compute 96); dweight 9 taps x 2 = 18 + 2 + 1 (one 3x3 channel, 32
-// output channels); gemm 8 x 2 = 16 + 2 + 1.
-// The plain C build takes the same shapes, in rows of 16 floats: it has no vector types
-// and holds no tile in registers; the compiler vectorises its tile loops itself, with the
-// accumulators in memory, and does that best on long contiguous rows (measured 4.4x
-// faster than with the SSE2 shapes below, on a Zen 3 with AVX2).
-#define DDPM_ISA (DDPM_SIMD ? "avx512" : "plain")
-#define VW 16
-#define VEC_REGS 32
-#define CONV_MR 8
-#define CONV_NV 3
-#define CONV_MR_WIDE 4
-#define CONV_NV_WIDE 5
-#define CONV_DW_K 9
-#define CONV_DW_K1 8
-#define CONV_DW_NV 2
-#define GEMM_MR 8
-#define GEMM_NV 2
-#elif defined(__AVX__) && defined(__FMA__)
-// AVX2 (or AVX) with FMA: 16 registers of 8 floats. conv 4 x 3 = 12 + 3 + 1 = 16 (24
-// pixels: the 72 flat pixels of an 8 x 8 map are 3 tiles, so no wide tile is needed);
-// dweight 6 taps x 2 = 12 + 2 + 1 (16 output channels; the 9 taps of a 3x3 channel
-// take groups of 6 across channels); gemm 6 x 2 = 12 + 2 + 1, BLIS's Haswell shape.
-#define DDPM_ISA "avx2"
-#define VW 8
-#define VEC_REGS 16
-#define CONV_MR 4
-#define CONV_NV 3
-#define CONV_MR_WIDE 4
-#define CONV_NV_WIDE 3
-#define CONV_DW_K 6
-#define CONV_DW_K1 6
-#define CONV_DW_NV 2
-#define GEMM_MR 6
-#define GEMM_NV 2
-#elif defined(__ARM_NEON) || defined(__aarch64__)
-// ARM64 NEON: 32 registers of 4 floats, fused multiply-add by vector lane. conv 8 x 3 =
-// 24 + 3 + 2 (the 8 weights as two vectors); wide 4 x 5 = 20 + 5 + 1; dweight 9 x 2 =
-// 18 + 2 + 1 (8 output channels); gemm 8 x 3 = 24 + 3 + 2, BLIS's Cortex-A57 shape.
-#define DDPM_ISA "neon"
-#define VW 4
-#define VEC_REGS 32
-#define CONV_MR 8
-#define CONV_NV 3
-#define CONV_MR_WIDE 4
-#define CONV_NV_WIDE 5
-#define CONV_DW_K 9
-#define CONV_DW_K1 8
-#define CONV_DW_NV 2
-#define GEMM_MR 8
-#define GEMM_NV 3
-#else
-// SSE2 (x86-64's baseline), AVX without FMA, and any other GCC target: 16 registers of
-// 4 floats assumed, and a separate multiply and add (one more register for the
-// product). conv 4 x 2 = 8 + 2 + 1 + 1; dweight 4 x 2 = 8 + 2 + 1 + 1; gemm 4 x 2 =
-// 8 + 2 + 1 + 1.
-#if defined(__SSE2__)
-#define DDPM_ISA "sse2"
-#else
-#define DDPM_ISA "generic-vector"
-#endif
-#define VW 4
-#define VEC_REGS 16
-#define CONV_MR 4
-#define CONV_NV 2
-#define CONV_MR_WIDE 4
-#define CONV_NV_WIDE 2
-#define CONV_DW_K 4
-#define CONV_DW_K1 4
-#define CONV_DW_NV 2
-#define GEMM_MR 4
-#define GEMM_NV 2
-#endif
-#if DDPM_SIMD
-typedef float vecf __attribute__((vector_size(4 * VW)));   // VW floats
-// Loads and stores at any float address. (memcpy into an array of vectors does the
-// same, but GCC then keeps the array on the stack: measured 4x slower on AVX2.)
-typedef float vecf_u __attribute__((vector_size(4 * VW), aligned(4), may_alias));
-static inline vecf vload(const float* p) { return *(const vecf_u*)p; }
-static inline void vstore(float* p, vecf v) { *(vecf_u*)p = v; }
-#endif
-#define CONV_NR (VW * CONV_NV)             // pixels per conv tile
-#define CONV_NR_WIDE (VW * CONV_NV_WIDE)
-#define CONV_NV_MAX (CONV_NV > CONV_NV_WIDE ? CONV_NV : CONV_NV_WIDE)
-#define CONV_NR_MAX (VW * CONV_NV_MAX)
-#define CONV_DW_CO (VW * CONV_DW_NV)       // output channels per weight-gradient tile
-#define GEMM_NR (VW * GEMM_NV)
-_Static_assert(CONV_MR % CONV_MR_WIDE == 0, "the wide tile reads rows of CONV_MR-row weight panels");
-_Static_assert(CONV_MR * CONV_NV + CONV_NV + 1 <= VEC_REGS && CONV_MR_WIDE * CONV_NV_WIDE + CONV_NV_WIDE + 1 <= VEC_REGS &&
-               CONV_DW_K * CONV_DW_NV + CONV_DW_NV + 1 <= VEC_REGS && GEMM_MR * GEMM_NV + GEMM_NV + 1 <= VEC_REGS,
-               "every tile's accumulators, loads and broadcast fit the register file");
-static int round_up(int n, int m) { return (n + m - 1) / m * m; }
-
-// ---- 6.1 The matrix multiplication ----
-// Linear layers, attention and the input gradient of the
-// stride-2 convolution reduce to
-//   C[M,N] (+)= op(A)[M,K] op(B)[K,N],  op(A)[i,p] = transA ? A[p*lda + i] : A[i*lda + p]
-// (the convolutions themselves have their own direct kernel, 6.2). It is the classic
-// blocked design of BLIS/GotoBLAS, in plain C: copy ("pack") a KC-deep slab of A into
-// MR-row panels and of B into NR-column panels (B's rows are read where they lie when
-// B is not transposed), so the innermost kernel streams both and keeps an MR x NR block
-// of C in registers. OpenMP splits C into tiles; each tile is owned by one thread
-// and sums over K in the same order whatever the tile size, so the result has the
-// same bits for any number of threads.
-#define GEMM_MC 96
-#define GEMM_KC 512
-#define GEMM_NC (GEMM_NR * (1024 / GEMM_NR))
-_Static_assert(GEMM_MC % GEMM_MR == 0 && GEMM_NC % GEMM_NR == 0, "packing buffers hold whole panels");
-
-static float* gemm_pack_buffer;   // per thread: MC*KC floats of A, then KC*NC of B
-static int gemm_max_threads;
-
-static int max_threads(void) {
-#ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
-}
-
-static int in_parallel(void) {
-#ifdef _OPENMP
-    return omp_in_parallel();
-#else
-    return 0;
-#endif
-}
-
-static int thread_id(void) {
-#ifdef _OPENMP
-    return omp_get_thread_num();
-#else
-    return 0;
-#endif
-}
-
-// Called once at start-up (model build), so no step ever allocates. Per-thread buffers
-// are sized for the thread count seen here; the parallel loops that use them ask for
-// exactly that many threads (num_threads), so a later omp_set_num_threads is harmless.
-static void gemm_init(void) {
-    if (gemm_pack_buffer) return;
-    gemm_max_threads = max_threads();
-    gemm_pack_buffer = malloc_check((size_t)gemm_max_threads * (GEMM_MC * GEMM_KC + GEMM_KC * GEMM_NC) * sizeof(float), "matmul packing buffers");
-}
-
-// Copy op(A)[i0:i0+mc, p0:p0+kc] into panels of MR rows: Ap[panel][p][r], zero-padded.
-// The loops run along memory (rows of A, or columns when transposed) so reads stream.
-static void gemm_pack_a(float* Ap, const float* A, int lda, int transA, int i0, int mc, int p0, int kc) {
-    for (int ir = 0; ir < mc; ir += GEMM_MR, Ap += (size_t)GEMM_MR * kc) {
-        int m = mc - ir < GEMM_MR ? mc - ir : GEMM_MR;
-        if (transA) {
-            for (int p = 0; p < kc; p++) {
-                const float* src = A + (size_t)(p0 + p) * lda + i0 + ir;
-                for (int r = 0; r < m; r++) Ap[p * GEMM_MR + r] = src[r];
-                for (int r = m; r < GEMM_MR; r++) Ap[p * GEMM_MR + r] = 0.0f;
-            }
-        } else {
-            for (int r = 0; r < GEMM_MR; r++) {
-                const float* src = A + (size_t)(i0 + ir + r) * lda + p0;
-                for (int p = 0; p < kc; p++) Ap[p * GEMM_MR + r] = r < m ? src[p] : 0.0f;
-            }
-        }
-    }
-}
-
-// Copy op(B)[p0:p0+kc, j0:j0+nc] into panels of NR columns: Bp[panel][p][c], zero-padded.
-static void gemm_pack_b(float* Bp, const float* B, int ldb, int transB, int p0, int kc, int j0, int nc) {
-    for (int jr = 0; jr < nc; jr += GEMM_NR, Bp += (size_t)GEMM_NR * kc) {
-        int n = nc - jr < GEMM_NR ? nc - jr : GEMM_NR;
-        if (!transB) {
-            for (int p = 0; p < kc; p++) {
-                const float* src = B + (size_t)(p0 + p) * ldb + j0 + jr;
-                for (int c = 0; c < n; c++) Bp[p * GEMM_NR + c] = src[c];
-                for (int c = n; c < GEMM_NR; c++) Bp[p * GEMM_NR + c] = 0.0f;
-            }
-        } else {
-            for (int pb = 0; pb < kc; pb += 16)   // a transpose in 16-deep tiles
-                for (int c = 0; c < GEMM_NR; c++) {
-                    const float* src = B + (size_t)(j0 + jr + c) * ldb + p0;
-                    int pe = pb + 16 < kc ? pb + 16 : kc;
-                    for (int p = pb; p < pe; p++) Bp[p * GEMM_NR + c] = c < n ? src[p] : 0.0f;
-                }
-        }
-    }
-}
-
-// The register-blocked inner kernel: an MR x NR block of C, kc terms deep, in MR x NV
-// vectors (6.0): each step broadcasts one value of A's panel and does MR NV fused
-// multiply-adds with a row of B's panel.
-static void gemm_micro(int kc, const float* restrict a, const float* restrict b, int ldb,
-                       float* restrict C, int ldc, int m, int n, int accumulate) {
-#if DDPM_SIMD
-    vecf acc[GEMM_MR][GEMM_NV];
-    memset(acc, 0, sizeof acc);
-    for (int p = 0; p < kc; p++, a += GEMM_MR, b += ldb) {
-        vecf bv[GEMM_NV];
-        for (int v = 0; v < GEMM_NV; v++) bv[v] = vload(b + VW * v);
-        for (int r = 0; r < GEMM_MR; r++)
-            for (int v = 0; v < GEMM_NV; v++) acc[r][v] += a[r] * bv[v];
-    }
-    if (m == GEMM_MR && n == GEMM_NR) {   // a full tile: whole vectors in and out
-        for (int r = 0; r < GEMM_MR; r++)
-            for (int v = 0; v < GEMM_NV; v++) {
-                float* c = C + (size_t)r * ldc + VW * v;
-                vstore(c, accumulate ? acc[r][v] + vload(c) : acc[r][v]);
-            }
-        return;
-    }
-    float out[GEMM_MR][GEMM_NR];
-    memcpy(out, acc, sizeof out);
-#else
-    float out[GEMM_MR][GEMM_NR] = {{0}};
-    for (int p = 0; p < kc; p++, a += GEMM_MR, b += ldb)
-        for (int r = 0; r < GEMM_MR; r++)
-            for (int c = 0; c < GEMM_NR; c++) out[r][c] += a[r] * b[c];
-#endif
-    for (int r = 0; r < m; r++)
-        for (int c = 0; c < n; c++)
-            C[(size_t)r * ldc + c] = accumulate ? C[(size_t)r * ldc + c] + out[r][c] : out[r][c];
-}
-
-static void matmul(float* C, const float* A, const float* B, int M, int N, int K,
-                   int lda, int ldb, int ldc, int transA, int transB, int accumulate) {
-    if (M <= 0 || N <= 0) return;
-    if (K <= 0) {   // an empty sum
-        if (!accumulate) for (int i = 0; i < M; i++) memset(C + (size_t)i * ldc, 0, N * sizeof(float));
-        return;
-    }
-    gemm_init();
-    // Called from inside a parallel loop (one image per thread), or when small, it runs
-    // serially, with the calling thread's packing buffer. The id is read out here: inside
-    // even an inactive `omp parallel` region the thread number restarts at 0.
-    int serial = 2.0 * M * N * K <= 2e5 || in_parallel(), outer = thread_id();
-    // In parallel, make at least 2 tiles per thread when the matrix allows, for load
-    // balance. (Serially a split would only pack A once more.)
-    int mt = (M + GEMM_MC - 1) / GEMM_MC, nc = GEMM_NC;
-    while (!serial && nc > GEMM_NR && mt * ((N + nc - 1) / nc) < 2 * gemm_max_threads) nc = round_up(nc / 2, GEMM_NR);
-    int nt = (N + nc - 1) / nc, parallel = !serial && mt * nt > 1;
-    #pragma omp parallel for schedule(static) if (parallel) num_threads(gemm_max_threads)
-    for (int tile = 0; tile < mt * nt; tile++) {
-        int i0 = (tile / nt) * GEMM_MC, j0 = (tile % nt) * nc;
-        int mc = M - i0 < GEMM_MC ? M - i0 : GEMM_MC, ncc = N - j0 < nc ? N - j0 : nc;
-        int tid = parallel ? thread_id() : outer;
-        float* Ap = gemm_pack_buffer + (size_t)tid * (GEMM_MC * GEMM_KC + GEMM_KC * GEMM_NC);
-        float* Bp = Ap + GEMM_MC * GEMM_KC;
-        for (int p0 = 0; p0 < K; p0 += GEMM_KC) {
-            int kc = K - p0 < GEMM_KC ? K - p0 : GEMM_KC;
-            // B is read where it lies when its rows hold whole NR-wide panels; only a
-            // transposed B, or the last partial panel, is packed.
-            int in_place = transB ? 0 : ncc / GEMM_NR * GEMM_NR;
-            gemm_pack_a(Ap, A, lda, transA, i0, mc, p0, kc);
-            if (in_place < ncc) gemm_pack_b(Bp, B, ldb, transB, p0, kc, j0 + in_place, ncc - in_place);
-            for (int jr = 0; jr < ncc; jr += GEMM_NR)
-                for (int ir = 0; ir < mc; ir += GEMM_MR)
-                    gemm_micro(kc, Ap + (size_t)ir * kc,
-                               jr < in_place ? B + (size_t)p0 * ldb + j0 + jr : Bp + (size_t)(jr - in_place) * kc,
-                               jr < in_place ? ldb : GEMM_NR,
-                               C + (size_t)(i0 + ir) * ldc + j0 + jr, ldc,
-                               mc - ir < GEMM_MR ? mc - ir : GEMM_MR,
-                               ncc - jr < GEMM_NR ? ncc - jr : GEMM_NR,
-                               accumulate || p0 > 0);
-        }
-    }
-}
-
-// ---- 6.2 Convolution: conv2d_forward / conv2d_backward ----
-// The U-Net of §4 / Appendix B is built of 3x3 convolutions (1x1 for shortcuts and attention).
-// K x K kernel (3 or 1), stride 1 or 2, output H/stride x W/stride. Stride 1 pads K/2 on
-// every side ("SAME"). Stride 2 (3x3 only) is the official Downsample: TensorFlow's
-// "SAME" for an even input pads 0 on the top/left and 1 on the bottom/right.
-// weight (C_out, C_in, K, K), bias (C_out):
-//   out[b, o, h, w] = bias[o] + sum_{c, i, j} weight[o, c, i, j] inp[b, c, s h + i - pad, s w + j - pad]
-//
-// The convolution runs "direct", with no im2col copy. Copy each input plane into a
-// grid with a zero border, and number the grid's cells row by row with pitch
-// Wp = W + 1: one zero column serves as the right border of a row and the left border
-// of the next. Output pixel (h, w) gets the flat index p = h Wp + w, and the 9 inputs
-// under its kernel sit at p + i Wp + j: one offset per tap, the same for every pixel.
-// So out[o, p .. p+n-1] for n consecutive p is a sum of weight * (n consecutive
-// floats of a padded plane): contiguous vector loads, no gather. The price is a junk
-// column per row (p with w = W), computed and dropped.
-//   1x1: no border is needed, so the input is used as it is (pitch W, no junk).
-//   stride 2: split each input plane into its 4 phases x[2h + a, 2w + b], each a padded
-//   (H/2) x (W/2) grid; tap (i, j) then reads phase (i mod 2, j mod 2) at a fixed offset,
-//   and the stride-2 convolution becomes a stride-1 one over the phases.
-// The register tile (6.0 gives its shape per target; 8 output channels x 48 flat pixels
-// on AVX-512) sums over all C_in x K x K taps before it is stored once: each step loads
-// CONV_NV vectors of the input and broadcasts CONV_MR weights into CONV_MR x CONV_NV
-// fused multiply-adds. Two variants waste less where the main tile would: the wide
-// tile on maps it covers with less overrun (on AVX-512, 4 channels x 80 pixels on an
-// 8 x 8 map, whose 8 rows of pitch 9 fit one tile where 48-pixel tiles compute 96), and
-// CONV_MR_WIDE rows for a conv with at most that many outputs (conv_out: 3 channels).
-//
-// Backward, with dy on the output's grid:
-//   dinp  is the same direct convolution of (padded) dy with the weights transposed
-//         (o <-> c) and flipped (tap i, j -> 2 - i, 2 - j); for stride 2 it is
-//         weight^T . dy scattered back onto the image (col2im), image by image;
-//   dweight[o, c, i, j] = sum_{b, h, w} dy[b, o, h, w] xgrid[b, c, tap (i, j) + h Wp + w];
-//         a reduction over pixels, so its tile is CONV_DW_CO output channels (vectors
-//         of a transposed dy, [pixel][o]) x CONV_DW_K columns (c, tap) of the weight
-//         matrix, each a broadcast input value.
-// Every output element is summed by one thread in a fixed order, so the bits do not
-// depend on the number of threads.
-// Long float sums (here, in GroupNorm and in softmax) run in 16 interleaved partial sums,
-// "lanes": a plain s += x[i] is one chain of dependent adds the compiler may not
-// reorder, while the lanes are independent and become vector adds. The order is fixed,
-// so the bits are too.
-#define LANES 16
-
-// sum of n floats in lanes, the lanes added in double. (With vectors the 16 lanes
-// are 16 / VW vectors; the plain C loop computes the same bits.)
-static double lane_sum(const float* x, int n) {
-    float s[LANES] = {0};
-    int i = 0;
-#if DDPM_SIMD
-    vecf v[LANES / VW] = {{0}};
-    for (; i + LANES <= n; i += LANES)
-        for (int k = 0; k < LANES / VW; k++) v[k] += vload(x + i + k * VW);
-    memcpy(s, v, sizeof s);
-#else
-    for (; i + LANES <= n; i += LANES)
-        for (int l = 0; l < LANES; l++) s[l] += x[i + l];
-#endif
-    for (; i < n; i++) s[i % LANES] += x[i];
-    double sum = 0;
-    for (int l = 0; l < LANES; l++) sum += s[l];
-    return sum;
-}
-
-static int conv_pad(int K, int stride) { return stride == 1 ? K / 2 : 0; }
-// Floats of a conv's weights packed into CONV_MR-row panels (conv_pack_weights).
-static size_t conv_packed_floats(int rows, int cols, int T) { return (size_t)round_up(rows, CONV_MR) * cols * T; }
-// Columns (c, tap) of the weight matrix per weight-gradient tile, for T taps: all of a
-// channel's taps when they fit the tile, else CONV_DW_K at a time across channels.
-static int conv_dw_group(int T) { return T == 1 ? CONV_DW_K1 : T <= CONV_DW_K ? T : CONV_DW_K; }
-
-typedef enum { CONV_PADDED, CONV_PLAIN, CONV_PHASES } ConvMode;
-
-// The input grid of one channel and the offsets of the kernel's taps in it.
-typedef struct {
-    ConvMode mode;       // padded (3x3 stride 1), plain (1x1), phases (3x3 stride 2)
-    int H, W, Wp;        // output size; row pitch of the input grid
-    int L, Lr;           // flat output positions (H Wp, junk columns included), rounded up to nr
-    int mr, nr;          // the register tile: output channels x flat pixels
-    size_t P, S;         // one grid, with room for the last tile's overrun; one channel (1 or 4 grids)
-    int T, toff[9];      // taps (K*K) and their offsets from the output's flat index
-    // where output pixel (h, w) of channel o goes: o out_plane + out_off + h out_pitch + w out_step
-    // (an image of H x W, but for one phase of the fused upsampling conv of 6.8)
-    int out_pitch, out_step, out_off;
-    size_t out_plane;
-} ConvGeom;
-
-// H, W: the input's size.
-static ConvGeom conv_geom(int H, int W, int K, int stride) {
-    ConvGeom g = {0};
-    g.H = H / stride; g.W = W / stride; g.T = K * K;
-    g.mode = stride == 2 ? CONV_PHASES : K == 3 || H * W < CONV_NR ? CONV_PADDED : CONV_PLAIN;
-    g.Wp = g.mode == CONV_PLAIN ? g.W : g.W + 1;
-    g.L = g.H * g.Wp;
-    // the tile that wastes fewer pixels past the end (AVX-512 on 8 x 8: 72 = 8 rows of 9
-    // fit in 80, 48 would compute 96); a plain 1x1 needs the tile to fit in the image.
-    int wide = round_up(g.L, CONV_NR_WIDE) < round_up(g.L, CONV_NR) && (g.mode != CONV_PLAIN || g.L >= CONV_NR_WIDE);
-    g.mr = wide ? CONV_MR_WIDE : CONV_MR;
-    g.nr = wide ? CONV_NR_WIDE : CONV_NR;
-    g.Lr = round_up(g.L, g.nr);
-    g.P = g.mode == CONV_PLAIN ? (size_t)g.L : (size_t)round_up(g.Lr + 2 * g.Wp + 2, 16);
-    g.S = g.mode == CONV_PHASES ? 4 * g.P : g.P;
-    g.out_pitch = g.W; g.out_step = 1; g.out_off = 0; g.out_plane = (size_t)g.H * g.W;
-    for (int i = 0; i < K; i++)
-        for (int j = 0; j < K; j++) {
-            int* t = &g.toff[i * K + j];
-            if (g.mode == CONV_PHASES) *t = (int)(((i % 2) * 2 + j % 2) * g.P) + (i / 2 + 1) * g.Wp + j / 2 + 1;
-            else if (g.mode == CONV_PLAIN) *t = 0;
-            else *t = K == 1 ? g.Wp + 1 : i * g.Wp + j;   // a tiny 1x1 (H W < CONV_NR) reads the grid's centre
-        }
-    return g;
-}
-
-// Scratch of one conv call (the caller owns it, sized by conv2d_workspace_floats):
-//   planes   B x max(C_in, C_out) input grids: the input, later the output gradient
-//   dyt      B x HW_out x C_out (rounded up to 32): the output gradient transposed, for dweight
-//   packed   the weights in 8-row panels
-//   dwacc    the weight-gradient tiles being summed
-//   dcol     stride 2 only: weight^T . dy of one image per thread, for col2im
-typedef struct { float *planes, *dyt, *packed, *dwacc, *dcol; } ConvWork;
-
-static ConvWork conv_work(float* ws, int B, int C_in, int H, int W, int C_out, int K, int stride,
-                          int threads, size_t* total) {
-    ConvGeom g = conv_geom(H, W, K, stride);
-    int C_max = C_in > C_out ? C_in : C_out, CoP = round_up(C_out, CONV_DW_CO);
-    size_t n[5] = {g.mode == CONV_PLAIN ? 0 : (size_t)B * C_max * g.S,
-                   (size_t)B * g.H * g.W * CoP,
-                   conv_packed_floats(C_max, C_max, g.T),
-                   (size_t)CoP * CONV_DW_K * ((C_in * g.T + conv_dw_group(g.T) - 1) / conv_dw_group(g.T)),
-                   stride == 2 ? (size_t)threads * C_in * g.T * g.H * g.W : 0};
-    float* p[5];
-    *total = 0;
-    for (int i = 0; i < 5; i++) { p[i] = ws ? ws + *total : NULL; *total += n[i]; }
-    return (ConvWork){p[0], p[1], p[2], p[3], p[4]};
-}
-
-// The floats of scratch a conv2d_forward + conv2d_backward of this shape needs.
-static size_t conv2d_workspace_floats(int B, int C_in, int H, int W, int C_out, int K, int stride, int threads) {
-    size_t total;
-    conv_work(NULL, B, C_in, H, W, C_out, K, stride, threads, &total);
-    return total;
-}
-
-// The cells of one grid outside its H x W image: border and slack, all zero.
-static void conv_zero_border(float* xp, ConvGeom g) {
-    memset(xp, 0, (g.Wp + 1) * sizeof(float));          // top border, and row 0's left border
-    for (int h = 0; h < g.H; h++) xp[(size_t)(h + 1) * g.Wp + 1 + g.W] = 0.0f;   // right = next row's left
-    size_t tail = (size_t)(g.H + 1) * g.Wp + 1;
-    memset(xp + tail, 0, (g.P - tail) * sizeof(float));   // bottom border and slack
-}
-
-// C channels of one image (each H_in x W_in) into their grids: one padded grid each,
-// or 4 phase grids each for stride 2, filled row by row: input row y goes to the
-// phases (y mod 2, 0) (its even pixels) and (y mod 2, 1) (its odd pixels).
-static void conv_pad_image(float* xp, const float* x, int C, ConvGeom g) {
-    int phases = g.mode == CONV_PHASES, W_in = phases ? 2 * g.W : g.W, H_in = phases ? 2 * g.H : g.H;
-    for (int c = 0; c < C; c++, xp += g.S, x += (size_t)H_in * W_in) {
-        for (int ph = 0; ph < (phases ? 4 : 1); ph++) conv_zero_border(xp + ph * g.P, g);
-        for (int y = 0; y < H_in; y++) {
-            const float* src = x + (size_t)y * W_in;
-            if (!phases) { memcpy(xp + (size_t)(y + 1) * g.Wp + 1, src, g.W * sizeof(float)); continue; }
-            float* even = xp + (size_t)(y % 2) * 2 * g.P + (size_t)(y / 2 + 1) * g.Wp + 1;
-            float* odd = even + g.P;
-            for (int w = 0; w < g.W; w++) { even[w] = src[2 * w]; odd[w] = src[2 * w + 1]; }
-        }
-    }
-}
-
-// The batch's input grids (a plain 1x1 needs none: it reads the input where it is).
-static const float* conv_grids(float* planes, const float* x, int B, int C, ConvGeom g) {
-    if (g.mode == CONV_PLAIN) return x;
-    int phases = g.mode == CONV_PHASES;
-    size_t in_image = (size_t)C * g.H * g.W * (phases ? 4 : 1);
-    #pragma omp parallel for schedule(static) num_threads(gemm_max_threads)
-    for (int b = 0; b < B; b++) conv_pad_image(planes + (size_t)b * C * g.S, x + (size_t)b * in_image, C, g);
-    return planes;
-}
-
-// The weights as panels of 8 rows: packed[panel][c][tap][r]. flip = 0: rows are output
-// channels, columns (c, tap) as stored. flip = 1: rows are input channels, columns
-// (output channel, flipped tap), the matrix of the input gradient. Rows past the end are 0.
-static void conv_pack_weights(float* packed, const float* weight, int C_out, int C_in, int T, int flip) {
-    int rows = flip ? C_in : C_out, cols = flip ? C_out : C_in;
-    #pragma omp parallel for schedule(static) num_threads(gemm_max_threads)
-    for (int i0 = 0; i0 < rows; i0 += CONV_MR) {
-        float* p = packed + (size_t)i0 * cols * T;
-        for (int c = 0; c < cols; c++)
-            for (int t = 0; t < T; t++)
-                for (int r = 0; r < CONV_MR; r++) {
-                    int i = i0 + r;
-                    *p++ = i >= rows ? 0.0f
-                         : flip ? weight[((size_t)c * C_in + i) * T + (T - 1 - t)]
-                                : weight[((size_t)i * C_in + c) * T + t];
-                }
-    }
-}
-
-// The register tile: tile[r][j] = sum_{c, t} a[c][t][r] x[c S + toff[t] + j] for
-// r < MR rows and j < VW NV pixels, stored row by row. `a` is a CONV_MR-row panel (at
-// the tile's first row), x the first input grid (at the tile's first pixel). Called
-// with MR and NV constants, so that acc lives in registers. (Unrolling the taps as
-// well runs AVX-512's 4 x 80 tile out of registers.)
-static inline void conv_tile(float* restrict tile, const float* restrict a, const float* restrict x,
-                             int C, size_t S, int T, const int* toff, int MR, int NV) {
-#if DDPM_SIMD
-    vecf acc[CONV_MR][CONV_NV_MAX];
-    for (int r = 0; r < MR; r++)
-        for (int j = 0; j < NV; j++) acc[r][j] = (vecf){0};
-    for (int c = 0; c < C; c++, x += S)
-        for (int t = 0; t < T; t++, a += CONV_MR) {
-            const float* xt = x + toff[t];
-            vecf v[CONV_NV_MAX];
-            for (int j = 0; j < NV; j++) v[j] = vload(xt + VW * j);
-            for (int r = 0; r < MR; r++)
-                for (int j = 0; j < NV; j++) acc[r][j] += a[r] * v[j];
-        }
-    for (int r = 0; r < MR; r++)
-        for (int j = 0; j < NV; j++) vstore(tile + (r * NV + j) * VW, acc[r][j]);
-#else
-    memset(tile, 0, sizeof(float) * MR * NV * VW);
-    for (int c = 0; c < C; c++, x += S)
-        for (int t = 0; t < T; t++, a += CONV_MR)
-            for (int r = 0; r < MR; r++)
-                for (int j = 0; j < VW * NV; j++) tile[r * NV * VW + j] += a[r] * x[toff[t] + j];
-#endif
-}
-
-// Write (bias == NULL: add) `rows` rows of the tile at flat index p0 into channels
-// o0.. of an image out (C x H x W), from column `skip` on, dropping the junk columns.
-static void conv_store_tile(float* out, const float* tile, int o0, int rows, int p0, int skip,
-                            ConvGeom g, const float* bias) {
-    for (int j = skip; j < g.nr;) {
-        int p = p0 + j, h = p / g.Wp, w = p % g.Wp;
-        if (h >= g.H) break;
-        if (w >= g.W) { j += g.Wp - w; continue; }
-        int n = g.W - w < g.nr - j ? g.W - w : g.nr - j, s = g.out_step;
-        for (int r = 0; r < rows; r++) {
-            float* dst = out + (o0 + r) * g.out_plane + g.out_off + (size_t)h * g.out_pitch + (size_t)w * s;
-            const float* src = tile + r * g.nr + j;
-            if (s == 1 && bias) for (int k = 0; k < n; k++) dst[k] = bias[o0 + r] + src[k];
-            else if (s == 1)    for (int k = 0; k < n; k++) dst[k] += src[k];
-            else if (bias)      for (int k = 0; k < n; k++) dst[k * s] = bias[o0 + r] + src[k];
-            else                for (int k = 0; k < n; k++) dst[k * s] += src[k];
-        }
-        j += n;
-    }
-}
-
-// out (B, C_out, H, W) = (or +=, if bias is NULL) the direct convolution of the input
-// grids (B x C_in of them) with packed weights. Work items are (image, one tile of pixels).
-// A plain 1x1 has no slack after its planes, so its last tile is moved back to end at
-// the image's last pixel, and stores only the columns not done yet. n_ph > 1: the four
-// phases of 6.8's upsampling conv, g[0..3] (taps and output pixels differ), weights
-// packed one phase after another; each item does all four, so the 2 x 2 output blocks
-// are complete while their cache lines are still at hand.
-static void conv_direct(float* out, const float* planes, const float* packed, const float* bias,
-                        int B, int C_in, int C_out, const ConvGeom* g, int n_ph) {
-    // A 3-channel output (conv_out) would waste 5 of 8 rows: CONV_MR_WIDE-row tiles then.
-    int narrow = g->nr == CONV_NR && C_out <= CONV_MR_WIDE, mr = narrow ? CONV_MR_WIDE : g->mr;
-    int n_p = g->Lr / g->nr, n_m = (C_out + mr - 1) / mr, T = g->T;
-    size_t panel = (size_t)CONV_MR * C_in * T, phase = conv_packed_floats(C_out, C_in, T);
-    #pragma omp parallel for schedule(static) num_threads(gemm_max_threads)
-    for (int item = 0; item < B * n_p; item++) {
-        int b = item / n_p, p0 = (item % n_p) * g->nr, skip = 0;
-        if (g->mode == CONV_PLAIN && p0 + g->nr > g->L) { skip = p0 + g->nr - g->L; p0 = g->L - g->nr; }
-        const float* x = planes + (size_t)b * C_in * g->S + p0;
-        float* y = out + (size_t)b * C_out * g->out_plane;
-        float tile[CONV_MR * CONV_NR_MAX];
-        for (int m = 0; m < n_m; m++)
-            for (int ph = 0; ph < n_ph; ph++) {
-                int o0 = m * mr, rows = C_out - o0 < mr ? C_out - o0 : mr;
-                const float* a = packed + ph * phase + (o0 / CONV_MR) * panel + o0 % CONV_MR;
-                if (narrow)                conv_tile(tile, a, x, C_in, g->S, T, g[ph].toff, CONV_MR_WIDE, CONV_NV);
-                else if (g->nr == CONV_NR) conv_tile(tile, a, x, C_in, g->S, T, g[ph].toff, CONV_MR, CONV_NV);
-                else                       conv_tile(tile, a, x, C_in, g->S, T, g[ph].toff, CONV_MR_WIDE, CONV_NV_WIDE);
-                conv_store_tile(y, tile, o0, rows, p0, skip, g[ph], bias);
-            }
-    }
-}
-
-// The output gradient of the batch, dy[b, o, pixel (h, w) of g's output map], into
-// dyt[b][h W + w][o] (C_out rounded up to CoP, the extra channels zero), a tile's channels at a time.
-static void conv_transpose_dy(float* dyt, const float* dy, int B, int C_out, int CoP, ConvGeom g) {
-    int HW = g.H * g.W;
-    #pragma omp parallel for schedule(static) num_threads(gemm_max_threads)
-    for (int b = 0; b < B; b++) {
-        const float* d = dy + (size_t)b * C_out * g.out_plane + g.out_off;
-        float* t = dyt + (size_t)b * HW * CoP;
-        for (int o0 = 0; o0 < CoP; o0 += CONV_DW_CO)
-            for (int h = 0; h < g.H; h++)
-                for (int w = 0; w < g.W; w++)
-                    for (int o = o0; o < o0 + CONV_DW_CO; o++)
-                        t[(size_t)(h * g.W + w) * CoP + o] =
-                            o < C_out ? d[o * g.out_plane + (size_t)h * g.out_pitch + (size_t)w * g.out_step] : 0.0f;
-    }
-}
-
-// dbias += the sum of dy over images and pixels.
-static void conv_dbias(float* dbias, const float* dout, int B, int C_out, size_t HWo) {
-    #pragma omp parallel for schedule(static) num_threads(gemm_max_threads)
-    for (int co = 0; co < C_out; co++) {
-        double sum = 0;
-        for (int b = 0; b < B; b++) sum += lane_sum(dout + ((size_t)b * C_out + co) * HWo, (int)HWo);
-        dbias[co] += (float)sum;
-    }
-}
-
-// The weight-gradient tile: acc[t][o] += sum_{h, w} x[off[t] + h Wp + w] dyt[h W + w][o]
-// for CONV_DW_CO channels o and n <= CONV_DW_K columns t, kept in memory between
-// images. Called with n a constant where it can be, so the compiler unrolls the taps.
-static inline void conv_dw_tile(float* restrict accmem, const float* restrict dyt, int CoP,
-                                const float* restrict x, const int* off, int n, ConvGeom g) {
-#if DDPM_SIMD
-    vecf acc[CONV_DW_K][CONV_DW_NV];
-    for (int t = 0; t < n; t++)
-        for (int v = 0; v < CONV_DW_NV; v++) acc[t][v] = vload(accmem + (t * CONV_DW_NV + v) * VW);
-    for (int h = 0; h < g.H; h++) {
-        const float* xr = x + (size_t)h * g.Wp;
-        const float* d = dyt + (size_t)h * g.W * CoP;
-        for (int w = 0; w < g.W; w++, d += CoP) {
-            vecf dv[CONV_DW_NV];
-            for (int v = 0; v < CONV_DW_NV; v++) dv[v] = vload(d + VW * v);
-            for (int t = 0; t < n; t++) {
-                float xv = xr[w + off[t]];
-                for (int v = 0; v < CONV_DW_NV; v++) acc[t][v] += xv * dv[v];
-            }
-        }
-    }
-    for (int t = 0; t < n; t++)
-        for (int v = 0; v < CONV_DW_NV; v++) vstore(accmem + (t * CONV_DW_NV + v) * VW, acc[t][v]);
-#else
-    for (int h = 0; h < g.H; h++)
-        for (int w = 0; w < g.W; w++)
-            for (int t = 0; t < n; t++)
-                for (int o = 0; o < CONV_DW_CO; o++)
-                    accmem[t * CONV_DW_CO + o] += x[off[t] + h * g.Wp + w] * dyt[((size_t)h * g.W + w) * CoP + o];
-#endif
-}
-
-// dweight += dy . xgrid (see above). Tiles are (CONV_DW_CO output channels, a group of
-// columns (c, tap) of the weight matrix, conv_dw_group: on AVX-512 one channel's 9 taps
-// (3x3), 4 taps (6.8's 2x2), or 8 channels of a 1x1, so that channel counts divide
-// evenly). Each thread owns a fixed range of tiles and walks the images in order.
-static void conv_dweight(float* dweight, float* dwacc, const float* planes, const float* dyt,
-                         int B, int C_in, int C_out, ConvGeom g) {
-    int CoP = round_up(C_out, CONV_DW_CO), Kc = C_in * g.T, G = conv_dw_group(g.T);
-    int n_groups = (Kc + G - 1) / G, n_tiles = (CoP / CONV_DW_CO) * n_groups;
-    memset(dwacc, 0, (size_t)n_tiles * CONV_DW_K * CONV_DW_CO * sizeof(float));
-    #pragma omp parallel num_threads(gemm_max_threads)
-    {
-#ifdef _OPENMP
-        int nth = omp_get_num_threads();
-#else
-        int nth = 1;
-#endif
-        int id = thread_id(), lo = n_tiles * id / nth, hi = n_tiles * (id + 1) / nth;
-        for (int b = 0; b < B; b++)
-            for (int tile = lo; tile < hi; tile++) {
-                int o0 = (tile / n_groups) * CONV_DW_CO, k0 = (tile % n_groups) * G;
-                int n = Kc - k0 < G ? Kc - k0 : G, off[CONV_DW_K];
-                for (int t = 0; t < n; t++) off[t] = (int)(((k0 + t) / g.T) * g.S) + g.toff[(k0 + t) % g.T];
-                const float* x = planes + (size_t)b * C_in * g.S;
-                const float* d = dyt + (size_t)b * g.H * g.W * CoP + o0;
-                float* acc = dwacc + (size_t)tile * CONV_DW_K * CONV_DW_CO;
-                if (n == CONV_DW_K)       conv_dw_tile(acc, d, CoP, x, off, CONV_DW_K, g);
-                else if (n == CONV_DW_K1) conv_dw_tile(acc, d, CoP, x, off, CONV_DW_K1, g);
-                else if (n == 4)          conv_dw_tile(acc, d, CoP, x, off, 4, g);
-                else                      conv_dw_tile(acc, d, CoP, x, off, n, g);
-            }
-    }
-    #pragma omp parallel for schedule(static) num_threads(gemm_max_threads)
-    for (int o = 0; o < C_out; o++)
-        for (int k = 0; k < Kc; k++) {
-            int tile = (o / CONV_DW_CO) * n_groups + k / G;
-            dweight[(size_t)o * Kc + k] += dwacc[((size_t)tile * CONV_DW_K + k % G) * CONV_DW_CO + o % CONV_DW_CO];
-        }
-}
-
-// The input gradient of the stride-2 conv: per image, dcol = weight^T . dy (the matmul
-// of 6.1), then col2im scatters each column back onto the input pixels it came from.
-static void col2im(float* img, const float* col, int C, int H, int W, int K, int stride) {
-    int Ho = H / stride, Wo = W / stride, pad = conv_pad(K, stride);
-    for (int c = 0; c < C; c++)
-        for (int k = 0; k < K * K; k++) {
-            int ki = k / K, kj = k % K;
-            const float* src = col + ((size_t)c * K * K + k) * Ho * Wo;
-            for (int oy = 0; oy < Ho; oy++) {
-                int y = oy * stride + ki - pad;
-                if (y < 0 || y >= H) continue;
-                for (int ox = 0; ox < Wo; ox++) {
-                    int x = ox * stride + kj - pad;
-                    if (x >= 0 && x < W) img[((size_t)c * H + y) * W + x] += src[oy * Wo + ox];
-                }
-            }
-        }
-}
-
-static void conv_strided_dinp(float* dinp, float* dcol, const float* dout, const float* weight,
-                              int B, int C_in, int H, int W, int C_out, int K, int stride) {
-    int HWo = (H / stride) * (W / stride), CKK = C_in * K * K;
-    #pragma omp parallel for schedule(static) if (B > 1) num_threads(gemm_max_threads)
-    for (int b = 0; b < B; b++) {
-        float* mine = dcol + (size_t)(B > 1 ? thread_id() : 0) * CKK * HWo;
-        matmul(mine, weight, dout + (size_t)b * C_out * HWo, CKK, HWo, C_out, CKK, HWo, HWo, 1, 0, 0);
-        col2im(dinp + (size_t)b * C_in * H * W, mine, C_in, H, W, K, stride);
-    }
-}
-
-// A producer can write a 3x3 stride-1 conv's input straight into its padded grids
-// (B x C_in grids of conv_grid_floats(H, W) floats, border and slack zero): then
-// `in_grids` is 1 and the conv copies nothing. The ResBlock's GroupNorm+SiLU does.
-static size_t conv_grid_floats(int H, int W) { return conv_geom(H, W, 3, 1).P; }
-
-static void conv_forward(float* out, const float* inp, int in_grids, const float* weight, const float* bias,
-                         int B, int C_in, int H, int W, int C_out, int K, int stride, float* ws) {
-    ConvGeom g = conv_geom(H, W, K, stride);
-    size_t total;
-    ConvWork w = conv_work(ws, B, C_in, H, W, C_out, K, stride, gemm_max_threads, &total);
-    conv_pack_weights(w.packed, weight, C_out, C_in, g.T, 0);
-    conv_direct(out, in_grids ? inp : conv_grids(w.planes, inp, B, C_in, g), w.packed, bias, B, C_in, C_out, &g, 1);
-}
-
-// out (B, C_out, H/stride, W/stride). ws: conv2d_workspace_floats(...) floats of scratch.
-static void conv2d_forward(float* out, const float* inp, const float* weight, const float* bias,
-                           int B, int C_in, int H, int W, int C_out, int K, int stride, float* ws) {
-    conv_forward(out, inp, 0, weight, bias, B, C_in, H, W, C_out, K, stride, ws);
-}
-
-static void conv_backward(float* dinp, float* dweight, float* dbias, const float* dout,
-                          const float* inp, int in_grids, const float* weight,
-                          int B, int C_in, int H, int W, int C_out, int K, int stride, float* ws) {
-    ConvGeom g = conv_geom(H, W, K, stride);
-    int HWo = g.H * g.W, CoP = round_up(C_out, CONV_DW_CO);
-    size_t total;
-    ConvWork w = conv_work(ws, B, C_in, H, W, C_out, K, stride, gemm_max_threads, &total);
-    conv_dbias(dbias, dout, B, C_out, HWo);
-    const float* x = in_grids ? inp : conv_grids(w.planes, inp, B, C_in, g);
-    conv_transpose_dy(w.dyt, dout, B, C_out, CoP, g);
-    conv_dweight(dweight, w.dwacc, x, w.dyt, B, C_in, C_out, g);
-    if (!dinp) return;
-    if (stride != 1) { conv_strided_dinp(dinp, w.dcol, dout, weight, B, C_in, H, W, C_out, K, stride); return; }
-    conv_pack_weights(w.packed, weight, C_out, C_in, g.T, 1);
-    conv_direct(dinp, conv_grids(w.planes, dout, B, C_out, g), w.packed, NULL, B, C_out, C_in, &g, 1);
-}
-
-// dinp may be NULL (the network input needs no gradient).
-static void conv2d_backward(float* dinp, float* dweight, float* dbias, const float* dout,
-                            const float* inp, const float* weight,
-                            int B, int C_in, int H, int W, int C_out, int K, int stride, float* ws) {
-    conv_backward(dinp, dweight, dbias, dout, inp, 0, weight, B, C_in, H, W, C_out, K, stride, ws);
-}
-
-// ---- 6.3 Linear: linear_forward / linear_backward ----
-// out (B, C_out) = inp (B, C_in) . weight^T + bias, weight (C_out, C_in) as in PyTorch.
-static void linear_forward(float* out, const float* inp, const float* weight, const float* bias,
-                           int B, int C_in, int C_out) {
-    for (int b = 0; b < B; b++) memcpy(out + (size_t)b * C_out, bias, C_out * sizeof(float));
-    matmul(out, inp, weight, B, C_out, C_in, C_in, C_in, C_out, 0, 1, 1);
-}
-
-static void linear_backward(float* dinp, float* dweight, float* dbias, const float* dout,
-                            const float* inp, const float* weight, int B, int C_in, int C_out) {
-    matmul(dweight, dout, inp, C_out, C_in, B, C_out, C_in, C_in, 1, 0, 1);  // dW += dout^T . inp
-    for (int b = 0; b < B; b++)
-        for (int o = 0; o < C_out; o++) dbias[o] += dout[(size_t)b * C_out + o];
-    if (dinp) matmul(dinp, dout, weight, B, C_in, C_out, C_out, C_in, C_in, 0, 0, 1);  // dinp += dout . W
-}
-
-// ---- 6.4 SiLU: silu_forward / silu_backward ----
-// The official code's "nonlinearity" is swish: silu(x) = x sigmoid(x).
-// It runs on every activation of the network, twice per training step, so its exp
-// must vectorise. libm's expf is a function call the compiler cannot vectorise; this
-// one is plain arithmetic: x = n ln2 + r with |r| <= ln2/2 (ln2 split in two parts so
-// n ln2 is exact), Cephes' degree-6 polynomial for e^r, and 2^n written straight
-// into the exponent bits. Relative error about 1e-7 (tests/ checks < 2e-7 against exp);
-// a NaN stays NaN, and x is clamped to [-87, 88] where expf would under/overflow.
-static inline float exp_approx(float x) {
-    x = x > 88.0f ? 88.0f : x < -87.0f ? -87.0f : x;   // a NaN fails both tests and stays
-    const float shift = 12582912.0f;                   // 1.5 * 2^23: adding it rounds to an integer
-    float t = x * 1.44269504f + shift, n = t - shift;  // n = round(x / ln2), in [-126, 127]
-    float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    uint32_t bits;                                     // t's low mantissa bits hold n
-    memcpy(&bits, &t, sizeof bits);
-    bits = (bits + 127u) << 23;                        // the float 2^n
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
-}
-
-static inline float sigmoidf(float x) { return 1.0f / (1.0f + exp_approx(-x)); }
-
-static void silu_forward(float* out, const float* inp, size_t N) {
-    for (size_t i = 0; i < N; i++) out[i] = inp[i] * sigmoidf(inp[i]);
-}
-
-// d silu / dx = s (1 + x (1 - s)), s = sigmoid(x)
-static inline float silu_grad(float x) {
-    float s = sigmoidf(x);
-    return s * (1.0f + x * (1.0f - s));
-}
-
-static void silu_backward(float* dinp, const float* dout, const float* inp, size_t N) {
-    for (size_t i = 0; i < N; i++) dinp[i] += dout[i] * silu_grad(inp[i]);
-}
-
-// ---- 6.5 GroupNorm (+ SiLU): groupnorm_forward / groupnorm_backward ----
-// "group normalization throughout" (§4; Wu & He 2018): the C channels are split into G
-// groups, and each (image, group) is normalised by its own mean and variance:
-//   xhat = (x - mean) * rstd,  rstd = 1 / sqrt(var + 1e-6),  n = gamma_c xhat + beta_c.
-// In the U-Net every GroupNorm but the attention's is followed by SiLU, so the pair
-// takes a flag `silu` and fuses it: one pass over memory instead of two, and nothing
-// but mean and rstd (B*G floats) is stored. The backward pass recomputes xhat and n
-// from the input, which costs a few flops and saves two activation tensors per layer.
-// Sums run over each channel's HW values in 16 interleaved float lanes (the compiler
-// turns the lane loop into vector adds; the order is fixed, so the bits are too), and
-// the lanes of each channel are then added in double.
-#define GN_EPS 1e-6
-
-// Where the output goes. grid_W = 0: out is (B, C, H, W) like inp. grid_W = W: out is
-// the padded grids of a 3x3 conv's input (6.2), so that conv need not copy it.
-typedef struct { int H, W, pitch, off; size_t plane; } GnLayout;
-
-static GnLayout gn_layout(int HW, int grid_W) {
-    int W = grid_W ? grid_W : HW, H = HW / W;
-    ConvGeom grid = conv_geom(H, W, 3, 1);
-    return (GnLayout){H, W, grid_W ? grid.Wp : W, grid_W ? grid.Wp + 1 : 0, grid_W ? grid.P : (size_t)HW};
-}
-
-// out = [silu](gamma xhat + beta) for group g of image b, with its statistics m, r.
-static void gn_apply_group(float* out, const float* inp, int b, int g, float m, float r,
-                           const float* gamma, const float* beta, int C, int HW, int Cg, int silu, GnLayout L) {
-    for (int c = g * Cg; c < (g + 1) * Cg; c++) {
-        float sc = r * gamma[c], sh = beta[c] - m * sc;
-        for (int h = 0; h < L.H; h++) {
-            const float* x = inp + ((size_t)b * C + c) * HW + (size_t)h * L.W;
-            float* y = out + ((size_t)b * C + c) * L.plane + L.off + (size_t)h * L.pitch;
-            if (silu) for (int i = 0; i < L.W; i++) { float n = x[i] * sc + sh; y[i] = n * sigmoidf(n); }
-            else      for (int i = 0; i < L.W; i++) y[i] = x[i] * sc + sh;
-        }
-    }
-}
-
-// The same for every group, with saved statistics: the backward pass recomputes with it.
-static void groupnorm_apply(float* out, const float* inp, const float* mean, const float* rstd,
-                            const float* gamma, const float* beta, int B, int C, int HW, int G, int silu,
-                            int grid_W) {
-    GnLayout L = gn_layout(HW, grid_W);
-    #pragma omp parallel for schedule(static) if ((size_t)B * C * HW > 65536)
-    for (int bg = 0; bg < B * G; bg++)
-        gn_apply_group(out, inp, bg / G, bg % G, mean[bg], rstd[bg], gamma, beta, C, HW, C / G, silu, L);
-}
-
-// sum_i (x_i - shift) and sum_i (x_i - shift)^2 over n floats: in lanes, 4096 values at
-// a time, each block's lanes then added in double (a group can hold 10^5 values).
-static void lane_sums(const float* x, size_t n, float shift, double* s, double* ss) {
-    for (size_t i0 = 0; i0 < n; i0 += 4096) {
-        size_t end = i0 + 4096 < n ? i0 + 4096 : n, i = i0;
-        float a[LANES] = {0}, q[LANES] = {0};
-#if DDPM_SIMD
-        vecf va[LANES / VW] = {{0}}, vq[LANES / VW] = {{0}};
-        for (; i + LANES <= end; i += LANES)
-            for (int k = 0; k < LANES / VW; k++) {
-                vecf d = vload(x + i + k * VW) - shift;
-                va[k] += d;
-                vq[k] += d * d;
-            }
-        memcpy(a, va, sizeof a);
-        memcpy(q, vq, sizeof q);
-#else
-        for (; i + LANES <= end; i += LANES)
-            for (int l = 0; l < LANES; l++) { float d = x[i + l] - shift; a[l] += d; q[l] += d * d; }
-#endif
-        for (; i < end; i++) { float d = x[i] - shift; a[0] += d; q[0] += d * d; }
-        for (int l = 0; l < LANES; l++) { *s += a[l]; *ss += q[l]; }
-    }
-}
-
-// mean, rstd: (B, G), saved for the backward pass. Two passes over the group (it is in
-// cache): the mean, then the variance around it, which keeps var >= 0 and accurate
-// even when |mean| >> std; then the output, while the group is still in cache.
-static void groupnorm_forward(float* out, float* mean, float* rstd, const float* inp,
-                              const float* gamma, const float* beta, int B, int C, int HW, int G, int silu,
-                              int grid_W) {
-    int Cg = C / G;
-    size_t n = (size_t)Cg * HW;
-    GnLayout L = gn_layout(HW, grid_W);
-    #pragma omp parallel for schedule(static) if ((size_t)B * C * HW > 65536)
-    for (int bg = 0; bg < B * G; bg++) {
-        const float* x = inp + ((size_t)(bg / G) * C + (size_t)(bg % G) * Cg) * HW;  // a group is contiguous
-        double s = 0, ss = 0, d = 0, dd = 0;
-        lane_sums(x, n, 0.0f, &s, &ss);
-        float m = (float)(s / n);
-        lane_sums(x, n, m, &d, &dd);
-        double var = dd / n - (d / n) * (d / n);   // d/n: the float mean's own rounding
-        mean[bg] = m;
-        rstd[bg] = (float)(1.0 / sqrt(fmax(var, 0.0) + GN_EPS));
-        gn_apply_group(out, inp, bg / G, bg % G, m, rstd[bg], gamma, beta, C, HW, Cg, silu, L);
-    }
-}
-
-// dn = dout * silu'(n) (or dout without the SiLU), for one channel of HW values.
-static inline float gn_dn(float dy, float xhat, float gamma, float beta, int silu) {
-    return silu ? dy * silu_grad(gamma * xhat + beta) : dy;
-}
-
-// With dn = dout * silu'(n) (or dout without the SiLU):
-//   dbeta_c += sum dn,  dgamma_c += sum dn xhat,  dxhat = dn gamma,
-//   dx = rstd (dxhat - mean_group(dxhat) - xhat mean_group(dxhat xhat)).
-// Threads split the groups; each group runs over the images in order, so dgamma and
-// dbeta are summed in the same order whatever the number of threads. dn costs an exp
-// and a division per value, so the first pass keeps it (on the stack, when the group
-// fits in GN_KEEP floats) for the second.
-#define GN_KEEP 16384
-static void groupnorm_backward(float* dinp, float* dgamma, float* dbeta, const float* dout,
-                               const float* inp, const float* mean, const float* rstd,
-                               const float* gamma, const float* beta, int B, int C, int HW, int G, int silu) {
-    int Cg = C / G;
-    #pragma omp parallel for schedule(static) if ((size_t)B * C * HW > 65536)
-    for (int g = 0; g < G; g++)
-        for (int b = 0; b < B; b++) {
-            int bg = b * G + g, kept = Cg * HW <= GN_KEEP;
-            float m = mean[bg], r = rstd[bg], keep[GN_KEEP];
-            double sum_dxhat = 0, sum_dxhat_xhat = 0;
-            for (int c = g * Cg; c < (g + 1) * Cg; c++) {
-                const float* x = inp + ((size_t)b * C + c) * HW;
-                const float* dy = dout + ((size_t)b * C + c) * HW;
-                float ga = gamma[c], be = beta[c];
-                double sdn = 0, sdn_xhat = 0;
-                for (int i0 = 0; i0 < HW; i0 += 256) {   // dn and xhat 256 at a time, then their sums
-                    int n = HW - i0 < 256 ? HW - i0 : 256;
-                    float xh[256], local[256];
-                    float* dn = kept ? keep + (size_t)(c - g * Cg) * HW + i0 : local;
-                    for (int i = 0; i < n; i++) {
-                        xh[i] = (x[i0 + i] - m) * r;
-                        dn[i] = gn_dn(dy[i0 + i], xh[i], ga, be, silu);
-                    }
-                    for (int i = 0; i < n; i++) xh[i] *= dn[i];
-                    sdn += lane_sum(dn, n);
-                    sdn_xhat += lane_sum(xh, n);
-                }
-                dbeta[c] += (float)sdn;
-                dgamma[c] += (float)sdn_xhat;
-                sum_dxhat += sdn * ga;
-                sum_dxhat_xhat += sdn_xhat * ga;
-            }
-            float mean_dxhat = (float)(sum_dxhat / ((double)Cg * HW));
-            float mean_dxhat_xhat = (float)(sum_dxhat_xhat / ((double)Cg * HW));
-            for (int c = g * Cg; c < (g + 1) * Cg; c++) {
-                const float* x = inp + ((size_t)b * C + c) * HW;
-                const float* dy = dout + ((size_t)b * C + c) * HW;
-                float* dx = dinp + ((size_t)b * C + c) * HW;
-                float ga = gamma[c], be = beta[c];
-                if (kept) {
-                    const float* dn = keep + (size_t)(c - g * Cg) * HW;
-                    for (int i = 0; i < HW; i++)
-                        dx[i] += r * (dn[i] * ga - mean_dxhat - (x[i] - m) * r * mean_dxhat_xhat);
-                } else {
-                    for (int i = 0; i < HW; i++) {
-                        float xhat = (x[i] - m) * r, dn = gn_dn(dy[i], xhat, ga, be, silu);
-                        dx[i] += r * (dn * ga - mean_dxhat - xhat * mean_dxhat_xhat);
-                    }
-                }
-            }
-        }
-}
-
-// ---- 6.6 Dropout: dropout_forward / dropout_backward ----
-// "dropout 0.1" on CIFAR-10 (Appendix B), inside each ResBlock. Inverted dropout: keep
-// each value with probability 1 - p and scale it by 1/(1 - p), so that nothing changes
-// at evaluation. The mask is never stored: element i is kept iff hash(key, i) >= p 2^32,
-// so the backward pass rebuilds it from the same key. In place is allowed.
-static int dropout_keep(uint64_t key, size_t i, float p) {
-    return hash_u32(key, i) >= (uint32_t)(p * 4294967296.0);
-}
-
-// In place on the padded grids of 6.2 that hold a ResBlock's (B, C, H, W) activation
-// (conv2 reads them as they are); element i is pixel i of the plain (B, C, H, W) layout.
-static void dropout_forward_grid(float* grid, int B, int C, int H, int W, float p, uint64_t key) {
-    float scale = 1.0f / (1.0f - p);
-    ConvGeom g = conv_geom(H, W, 3, 1);
-    #pragma omp parallel for schedule(static) if ((size_t)B * C * H * W > 65536)
-    for (int bc = 0; bc < B * C; bc++)
-        for (int h = 0; h < H; h++) {
-            float* y = grid + (size_t)bc * g.P + (size_t)(h + 1) * g.Wp + 1;
-            size_t i0 = ((size_t)bc * H + h) * W;
-            for (int w = 0; w < W; w++) y[w] = dropout_keep(key, i0 + w, p) ? y[w] * scale : 0.0f;
-        }
-}
-
-static void dropout_backward(float* dinp, const float* dout, size_t N, float p, uint64_t key) {
-    float scale = 1.0f / (1.0f - p);
-    #pragma omp parallel for schedule(static) if (N > 65536)
-    for (size_t i = 0; i < N; i++) if (dropout_keep(key, i, p)) dinp[i] += dout[i] * scale;
-}
-
-// ---- 6.7 Attention: attention_forward / attention_backward ----
-// §4: "self-attention at the 16 x 16 feature map resolution". The core of the official
-// AttnBlock (a non-local / self-attention layer over the H*W
-// positions of each image), given q, k, v of shape (B, C, N), N = H*W:
-//   att[i, j] = softmax_j( sum_c q[c, i] k[c, j] / sqrt(C) ),   out[c, i] = sum_j att[i, j] v[c, j]
-// The code keeps att transposed, attT[j, i] = att[i, j] (B, N, N), saved for the
-// backward pass: then attT = k^T q and out = v attT are plain matmuls (no transposed
-// copy of an N x N operand), and each softmax runs down a column of attT, which
-// vectorises across the columns i. Threads take whole images (the matmuls inside then
-// run on one thread), so each image's sums keep one order.
-
-// attT[:, i] = softmax over j of (attT[j, i] * scale), for every column i, in place;
-// 256 columns at a time, their max and sum built row by row (sums in double). The scale
-// (> 0) goes inside the exponent, exp(scale (a - max)), so the max pass only reads.
-static void softmax_columns(float* a, int N, float scale) {
-    for (int i0 = 0; i0 < N; i0 += 256) {
-        int n = N - i0 < 256 ? N - i0 : 256;
-        float mx[256], inv[256];
-        double s[256];
-        for (int i = 0; i < n; i++) { mx[i] = -INFINITY; s[i] = 0; }
-        for (int j = 0; j < N; j++) {
-            const float* row = a + (size_t)j * N + i0;
-            for (int i = 0; i < n; i++) mx[i] = row[i] > mx[i] ? row[i] : mx[i];
-        }
-        for (int j = 0; j < N; j++) {
-            float* row = a + (size_t)j * N + i0;
-            for (int i = 0; i < n; i++) row[i] = exp_approx((row[i] - mx[i]) * scale);
-            for (int i = 0; i < n; i++) s[i] += row[i];
-        }
-        for (int i = 0; i < n; i++) inv[i] = (float)(1.0 / s[i]);
-        for (int j = 0; j < N; j++) {
-            float* row = a + (size_t)j * N + i0;
-            for (int i = 0; i < n; i++) row[i] *= inv[i];
-        }
-    }
-}
-
-// attT == NULL (sampling: there is no backward pass to save it for): each thread's
-// attT lives in its own N*N slice of scratch, which stays in cache.
-static void attention_forward(float* out, float* attT, const float* q, const float* k, const float* v,
-                              int B, int C, int N, float* scratch) {
-    float scale = 1.0f / sqrtf((float)C);
-    #pragma omp parallel for schedule(static) if (B > 1) num_threads(gemm_max_threads)
-    for (int b = 0; b < B; b++) {
-        size_t o = (size_t)b * C * N;
-        float* a = attT ? attT + (size_t)b * N * N : scratch + (size_t)(B > 1 ? thread_id() : 0) * N * N;
-        matmul(a, k + o, q + o, N, N, C, N, N, N, 1, 0, 0);   // attT = k^T q
-        softmax_columns(a, N, scale);
-        matmul(out + o, v + o, a, C, N, N, N, N, N, 0, 0, 0);  // out = v attT
-    }
-}
-
-// datt: scratch of N*N floats per thread, for dattT.
-//   dv += dout attT^T,  dattT = v^T dout,
-//   dsT[j, i] = attT[j, i] (dattT[j, i] - sum_j' attT[j', i] dattT[j', i]) / sqrt(C),
-//   dq += k dsT,  dk += q dsT^T
-static void attention_backward(float* dq, float* dk, float* dv, const float* dout,
-                               const float* q, const float* k, const float* v, const float* attT,
-                               int B, int C, int N, float* datt) {
-    float scale = 1.0f / sqrtf((float)C);
-    #pragma omp parallel for schedule(static) if (B > 1) num_threads(gemm_max_threads)
-    for (int b = 0; b < B; b++) {
-        size_t o = (size_t)b * C * N;
-        const float* a = attT + (size_t)b * N * N;
-        float* da = datt + (size_t)(B > 1 ? thread_id() : 0) * N * N;
-        matmul(dv + o, dout + o, a, C, N, N, N, N, N, 0, 1, 1);
-        matmul(da, v + o, dout + o, N, N, C, N, N, N, 1, 0, 0);
-        for (int i0 = 0; i0 < N; i0 += 256) {   // softmax backward, down the columns
-            int n = N - i0 < 256 ? N - i0 : 256;
-            double dot[256];
-            float d[256];
-            for (int i = 0; i < n; i++) dot[i] = 0;
-            for (int j = 0; j < N; j++)
-                for (int i = 0; i < n; i++) dot[i] += a[(size_t)j * N + i0 + i] * da[(size_t)j * N + i0 + i];
-            for (int i = 0; i < n; i++) d[i] = (float)dot[i];
-            for (int j = 0; j < N; j++) {
-                const float* ar = a + (size_t)j * N + i0;
-                float* dr = da + (size_t)j * N + i0;
-                for (int i = 0; i < n; i++) dr[i] = ar[i] * (dr[i] - d[i]) * scale;
-            }
-        }
-        matmul(dq + o, k + o, da, C, N, N, N, N, N, 0, 0, 1);
-        matmul(dk + o, q + o, da, C, N, N, N, N, N, 0, 1, 1);
-    }
-}
-
-// ---- 6.8 Upsampling: upconv_forward / upconv_backward ----
-// The official Upsample is nearest-neighbour 2x, then a 3x3 convolution (C -> C):
-//   up[c, 2h + p, 2w + q] = x[c, h, w],   out = conv3x3(up).
-// It is never materialised. Every output pixel of phase (p, q) (row parity p, column
-// parity q) reads the same 2 x 2 block of x, rows h + a + p - 1, columns w + b + q - 1
-// (a, b in {0, 1}), so that phase of out is a 2x2 convolution of x with summed weights:
-//   wc[p, q][o, c, a, b] = sum of weight[o, c, i, j] over taps i with up_tap(p, i) = a
-//                          and j with up_tap(q, j) = b.
-// Four 2x2 convolutions at the low resolution do 16 multiply-adds per input pixel
-// where the 3x3 at the high resolution does 36. They run on the direct kernel of 6.2
-// (4 taps, output written to every second pixel); the backward pass is the same
-// kernel's, per phase, and the phase weight gradients are summed back onto the 3x3 taps.
-
-// Which of the 2 low-resolution rows (0: upper) tap i of output phase p reads.
-static int up_tap(int p, int i) { return (p + i + 1) / 2 - p; }
-
-// The phase-(p, q) geometry on low-resolution grids g (H x W). Forward: taps (a, b) at
-// rows a + p, columns b + q of the padded grid, output to every second pixel of the
-// 2H x 2W image. Input gradient (dx = 1): the flipped taps over padded phase grids of
-// dy, channel stride 4 grids; output the H x W image.
-static ConvGeom upconv_geom(ConvGeom g, int p, int q, int dx) {
-    ConvGeom u = g;
-    u.T = 4;
-    for (int a = 0; a < 2; a++)
-        for (int b = 0; b < 2; b++)
-            u.toff[a * 2 + b] = dx ? (1 + a - p) * g.Wp + 1 + b - q : (a + p) * g.Wp + b + q;
-    if (dx) { u.S = 4 * g.P; return u; }
-    u.out_pitch = 4 * g.W; u.out_step = 2; u.out_off = p * 2 * g.W + q; u.out_plane = (size_t)4 * g.H * g.W;
-    return u;
-}
-
-// wc[phase][o][c][a b] from weight[o][c][i j].
-static void upconv_combine(float* wc, const float* weight, int C_out, int C_in) {
-    size_t n = (size_t)C_out * C_in;
-    memset(wc, 0, 16 * n * sizeof(float));
-    #pragma omp parallel for collapse(2) schedule(static) num_threads(gemm_max_threads)
-    for (int ph = 0; ph < 4; ph++)
-        for (size_t oc = 0; oc < n; oc++)
-            for (int i = 0; i < 3; i++)
-                for (int j = 0; j < 3; j++)
-                    wc[(ph * n + oc) * 4 + up_tap(ph / 2, i) * 2 + up_tap(ph % 2, j)] += weight[oc * 9 + i * 3 + j];
-}
-
-// Scratch: the 6.2 layout of a stride-2 conv onto H x W (phase grids of the 2H x 2W
-// gradient), then the combined weights, and one phase's weight gradient (backward) or
-// the four phases' packed weights (forward).
-static size_t upconv_workspace_floats(int B, int C_in, int H, int W, int C_out, int threads) {
-    return conv2d_workspace_floats(B, C_in, 2 * H, 2 * W, C_out, 3, 2, threads) +
-           (size_t)16 * C_out * C_in + 4 * conv_packed_floats(C_out, C_in, 4);
-}
-
-// inp (B, C_in, H, W) -> out (B, C_out, 2H, 2W).
-static void upconv_forward(float* out, const float* inp, const float* weight, const float* bias,
-                           int B, int C_in, int H, int W, int C_out, float* ws) {
-    size_t total;
-    ConvWork w = conv_work(ws, B, C_in, 2 * H, 2 * W, C_out, 3, 2, gemm_max_threads, &total);
-    float* wc = ws + total;
-    ConvGeom g = conv_geom(H, W, 3, 1);
-    float* packed = wc + (size_t)16 * C_out * C_in;
-    size_t phase = conv_packed_floats(C_out, C_in, 4);
-    const float* x = conv_grids(w.planes, inp, B, C_in, g);
-    upconv_combine(wc, weight, C_out, C_in);
-    ConvGeom u[4];
-    for (int ph = 0; ph < 4; ph++) {
-        u[ph] = upconv_geom(g, ph / 2, ph % 2, 0);
-        conv_pack_weights(packed + ph * phase, wc + (size_t)ph * C_out * C_in * 4, C_out, C_in, 4, 0);
-    }
-    conv_direct(out, x, packed, bias, B, C_in, C_out, u, 4);
-}
-
-static void upconv_backward(float* dinp, float* dweight, float* dbias, const float* dout,
-                            const float* inp, const float* weight, int B, int C_in, int H, int W, int C_out,
-                            float* ws) {
-    size_t total, n = (size_t)C_out * C_in;
-    ConvWork w = conv_work(ws, B, C_in, 2 * H, 2 * W, C_out, 3, 2, gemm_max_threads, &total);
-    float *wc = ws + total, *dwc = wc + 16 * n;
-    int CoP = round_up(C_out, CONV_DW_CO);
-    ConvGeom g = conv_geom(H, W, 3, 1);
-    conv_dbias(dbias, dout, B, C_out, (size_t)4 * H * W);
-    const float* x = conv_grids(w.planes, inp, B, C_in, g);
-    for (int ph = 0; ph < 4; ph++) {   // dwc = phase (p, q)'s 2x2 weight gradient, then onto the 3x3 taps
-        int p = ph / 2, q = ph % 2;
-        ConvGeom u = upconv_geom(g, p, q, 0);
-        conv_transpose_dy(w.dyt, dout, B, C_out, CoP, u);
-        memset(dwc, 0, 4 * n * sizeof(float));
-        conv_dweight(dwc, w.dwacc, x, w.dyt, B, C_in, C_out, u);
-        for (size_t oc = 0; oc < n; oc++)
-            for (int i = 0; i < 3; i++)
-                for (int j = 0; j < 3; j++) dweight[oc * 9 + i * 3 + j] += dwc[oc * 4 + up_tap(p, i) * 2 + up_tap(q, j)];
-    }
-    if (!dinp) return;
-    ConvGeom phases = conv_geom(2 * H, 2 * W, 3, 2);   // dy's 4 phase grids per channel
-    const float* d = conv_grids(w.planes, dout, B, C_out, phases);
-    upconv_combine(wc, weight, C_out, C_in);
-    for (int ph = 0; ph < 4; ph++) {
-        conv_pack_weights(w.packed, wc + (size_t)ph * n * 4, C_out, C_in, 4, 1);
-        ConvGeom u = upconv_geom(g, ph / 2, ph % 2, 1);
-        conv_direct(dinp, d + ph * g.P, w.packed, NULL, B, C_out, C_in, &u, 1);
-    }
-}
-
-// ---- 6.9 Channel concatenation: concat_forward / concat_backward ----
-// The U-Net's skip connections: out (B, Ca + Cb, HW) = [a ; b] along channels.
-static void concat_forward(float* out, const float* a, const float* b, int B, int Ca, int Cb, int HW) {
-    #pragma omp parallel for schedule(static) if ((size_t)B * (Ca + Cb) * HW > 65536)
-    for (int i = 0; i < B; i++) {
-        memcpy(out + (size_t)i * (Ca + Cb) * HW, a + (size_t)i * Ca * HW, (size_t)Ca * HW * sizeof(float));
-        memcpy(out + ((size_t)i * (Ca + Cb) + Ca) * HW, b + (size_t)i * Cb * HW, (size_t)Cb * HW * sizeof(float));
-    }
-}
-
-static void concat_backward(float* da, float* db, const float* dout, int B, int Ca, int Cb, int HW) {
-    #pragma omp parallel for schedule(static) if ((size_t)B * (Ca + Cb) * HW > 65536)
-    for (int i = 0; i < B; i++) {
-        const float* d = dout + (size_t)i * (Ca + Cb) * HW;
-        for (size_t j = 0; j < (size_t)Ca * HW; j++) da[(size_t)i * Ca * HW + j] += d[j];
-        for (size_t j = 0; j < (size_t)Cb * HW; j++) db[(size_t)i * Cb * HW + j] += d[(size_t)Ca * HW + j];
-    }
-}
-
-// ---- 6.10 The timestep embedding (§4: "the Transformer sinusoidal position embedding") ----
-// emb[b] = [sin(t_b f_0) .. sin(t_b f_{h-1}), cos(t_b f_0) .. cos(t_b f_{h-1})], h = dim/2,
-// f_i = exp(-ln(10000) i / (h - 1)). t is the 0-based index, as in the official code.
-// No backward: t is an integer input. Computed in double: t f_i reaches 10^3 radians,
-// where float arguments would already be off by ~1e-4.
-static void timestep_embedding(float* out, const int* t_idx, int B, int dim) {
-    int half = dim / 2;
-    for (int b = 0; b < B; b++)
-        for (int i = 0; i < half; i++) {
-            double arg = t_idx[b] * exp(-log(10000.0) * i / (half - 1));
-            out[(size_t)b * dim + i] = (float)sin(arg);
-            out[(size_t)b * dim + half + i] = (float)cos(arg);
-        }
-}
-
-// ---- 6.11 Small helpers of the blocks ----
-// h[b, c, :] += v[b, c]: the timestep projection added to every pixel of a channel.
-static void add_channel_bias(float* h, const float* v, int B, int C, int HW) {
-    #pragma omp parallel for schedule(static) if ((size_t)B * C * HW > 65536)
-    for (size_t bc = 0; bc < (size_t)B * C; bc++)
-        for (int i = 0; i < HW; i++) h[bc * HW + i] += v[bc];
-}
-
-// dv[b, c] = sum over pixels of dh[b, c, :]   (the backward of add_channel_bias)
-static void sum_channel(float* dv, const float* dh, int B, int C, int HW) {
-    #pragma omp parallel for schedule(static) if ((size_t)B * C * HW > 65536)
-    for (int bc = 0; bc < B * C; bc++) dv[bc] = (float)lane_sum(dh + (size_t)bc * HW, HW);
-}
-
-static void add_inplace(float* y, const float* x, size_t N) {
-    #pragma omp parallel for schedule(static) if (N > 65536)
-    for (size_t i = 0; i < N; i++) y[i] += x[i];
-}
-
-// ---- 6.12 The configuration ----
+// Algorithms 1 and 2 need the network only as a function: x_t and t in, the predicted
+// noise eps_theta(x_t, t) out (the official code passes it around as `denoise_fn`),
+// and, for training, the gradient of the loss with respect to its parameters. What it
+// is inside (§4: "a U-Net backbone similar to an unmasked PixelCNN++") is Part II. This
+// section is all of it the diffusion code sees: its configuration, its parameter and
+// gradient buffers, and six functions.
 #define MAX_LEVELS 6
-#define MAX_BLOCKS 128
-#define MAX_PARAM_TENSORS 1024
 
 typedef struct {
     int in_ch;                     // image channels: 3 (CIFAR-10) or 1 (Fashion-MNIST)
@@ -1706,628 +499,43 @@ typedef struct {
     float dropout;                 // 0.1 on CIFAR-10 (Appendix B)
 } Config;
 
-typedef struct { const char* name; Config cfg; } Preset;
-
-// `paper` is the official CIFAR-10 model of Appendix B: 35.7M parameters. The two
-// compact presets keep its shape (three levels, attention at 16x16) at a size a CPU
-// can train in hours rather than weeks.
-static const Preset PRESETS[] = {
-    {"tiny",  {3, 32, 32, 3, {1, 2, 2}, 1, 1, {16}, 8, 0.1f}},
-    {"small", {3, 32, 64, 3, {1, 2, 2}, 1, 1, {16}, 32, 0.1f}},
-    {"paper", {3, 32, 128, 4, {1, 2, 2, 2}, 2, 1, {16}, 32, 0.1f}},
-};
-#define N_PRESETS (int)(sizeof(PRESETS) / sizeof(PRESETS[0]))
-
-static int preset_find(const char* name, Config* out) {
-    for (int i = 0; i < N_PRESETS; i++)
-        if (!strcmp(PRESETS[i].name, name)) { *out = PRESETS[i].cfg; return 1; }
-    return 0;
-}
-
-static int config_has_attn(const Config* c, int res) {
-    for (int i = 0; i < c->n_attn; i++) if (c->attn_res[i] == res) return 1;
-    return 0;
-}
-
-// Returns NULL if the configuration is usable, else a one-line reason naming the flag.
-static const char* config_check(const Config* c) {
-    static char msg[256];
-    if (c->in_ch <= 0 || c->in_ch > 16) return "--in-ch must be between 1 and 16";
-    if (c->ch <= 0 || c->ch % 2) return "--ch must be a positive even number";
-    if (c->ch < 4) return "--ch must be at least 4 (the sinusoidal embedding needs ch/2 >= 2)";
-    if (c->n_levels <= 0 || c->n_levels > MAX_LEVELS) return "--ch-mult needs 1 to 6 comma-separated levels";
-    if (c->num_res_blocks <= 0) return "--num-res-blocks must be positive";
-    if (c->groups <= 0) return "--groups must be positive";
-    if (c->dropout < 0 || c->dropout >= 1) return "--dropout must be in [0, 1)";
-    if (c->img <= 0 || c->img % (1 << (c->n_levels - 1)))
-        return "the image side must be divisible by 2^(levels-1): use fewer --ch-mult levels";
-    if (c->ch % c->groups) {
-        snprintf(msg, sizeof msg, "--ch %d is not divisible by --groups %d", c->ch, c->groups);
-        return msg;
-    }
-    for (int i = 0; i < c->n_levels; i++) {
-        if (c->ch_mult[i] <= 0) return "--ch-mult entries must be positive";
-        // every channel count of the net is a sum of multiples of ch, so ch % groups is
-        // enough for all GroupNorms
-    }
-    for (int a = 0; a < c->n_attn; a++) {
-        int ok = 0;
-        for (int i = 0; i < c->n_levels; i++) ok |= (c->img >> i) == c->attn_res[a];
-        if (!ok) {
-            snprintf(msg, sizeof msg, "--attn %d: the network never reaches %dx%d (resolutions are %d down to %d)",
-                     c->attn_res[a], c->attn_res[a], c->attn_res[a], c->img, c->img >> (c->n_levels - 1));
-            return msg;
-        }
-    }
-    return NULL;
-}
-
-// ---- 6.13 Parameters, layers and blocks ----
-typedef enum { INIT_UNIFORM, INIT_ZERO, INIT_ONE } InitKind;
-
-typedef struct {
-    char name[64];        // PyTorch state_dict name, e.g. "down.0.block.1.conv1.weight"
-    char group[32];       // the block it belongs to, e.g. "down.0.block.1"
-    int ndim, shape[4];
-    size_t offset, numel; // into UNet.params (and UNet.grads, same layout)
-    InitKind init;
-    float bound;          // INIT_UNIFORM: U(-bound, bound)
-} ParamTensor;
-
-typedef struct { float *w, *b, *dw, *db; int C_in, C_out, K, stride; } Conv2d;  // w (C_out, C_in, K, K)
-typedef struct { float *w, *b, *dw, *db; int C_in, C_out; } Linear;            // w (C_out, C_in)
-typedef struct { float *gamma, *beta, *dgamma, *dbeta; int C, G; } GroupNorm;  // (C)
-
-typedef enum { BLOCK_RES, BLOCK_ATTN, BLOCK_DOWN, BLOCK_UP } BlockKind;
-
-// One block of the U-Net. Its input is `in` (and, for ResBlocks of the up path,
-// concatenated with `skip`), its output `out`; all are views into UNet.acts, with the
-// gradients din, dskip, dout in UNet.grad_acts or UNet.work.
-typedef struct {
-    BlockKind kind;
-    char name[32];
-    int C_in, C_skip, C_out, H, W;  // input (C_in + C_skip, H, W) -> output (C_out, H', W')
-    // BLOCK_RES: out = shortcut(x) + conv2(dropout(silu(norm2(h1)))),
-    //            h1 = conv1(silu(norm1(x))) + temb_proj(silu(temb))
-    GroupNorm norm1, norm2;
-    Conv2d conv1, conv2, nin_shortcut;   // nin_shortcut only when C_in + C_skip != C_out
-    Linear temb_proj;
-    float *mean1, *rstd1, *h1, *mean2, *rstd2;   // saved: (B, G), (B, C_out, H, W)
-    float *a1, *a2;     // saved: silu(norm1(x)), dropout(silu(norm2(h1))), as padded conv grids (6.2)
-    // BLOCK_ATTN: out = x + proj_out(attention(q(n), k(n), v(n))), n = norm(x)
-    GroupNorm norm;
-    Conv2d q, k, v, proj_out;
-    float *mean, *rstd, *qa, *ka, *va, *att, *o;  // saved: (B, G), (B, C, HW) x3, attT (B, HW, HW), (B, C, HW)
-    // BLOCK_DOWN: out = conv (3x3, stride 2);  BLOCK_UP: out = conv (3x3) of upsample(x)
-    Conv2d conv;
-    const float *in, *skip;
-    float *out;
-    float *din, *dskip, *dout;
-    int din_transient;   // din is a shared ping-pong buffer: zero it before this block's backward
-} Block;
-
-#define N_SCRATCH 5
+typedef struct UNetLayers UNetLayers;   // the layers, activations and scratch (section 12)
 
 typedef struct {
     Config cfg;
     int B_max;                  // activations are sized for this many images
-    // parameters and their gradients: one buffer each, same layout, described by tensors[]
     size_t n_params;
-    float* params;
-    float* grads;
-    ParamTensor tensors[MAX_PARAM_TENSORS];
-    int n_tensors;
-    // the layers, in the order they run
-    Linear dense0, dense1;      // the timestep MLP: ch -> 4ch -> 4ch
-    Conv2d conv_in;
-    Block blocks[MAX_BLOCKS];
-    int n_blocks;
-    GroupNorm norm_out;
-    Conv2d conv_out;
-    // saved activations (one buffer), each for B_max images
-    size_t n_acts;
-    float* acts;
-    float *temb_sin, *temb_h, *temb_a, *temb, *temb_act;  // (B, ch), then (B, 4ch) x4
-    float *x;                   // (B, in_ch, img, img): the input x_t
-    float *h0, *d_h0;           // (B, ch, img, img): conv_in's output, the first skip
-    float *h_last;              // (B, ch, img, img): the up path's output
-    float *mean_out, *rstd_out; // (B, G)
-    float *a_out;               // silu(norm_out(h_last)), as conv_out's input grids (6.2)
-    float *eps_theta;           // (B, in_ch, img, img): the output
-    // gradients of the activations that must live across blocks (one buffer)
-    size_t n_grad_acts;
-    float* grad_acts;
-    float *d_temb_act, *d_temb, *d_temb_a, *d_temb_h;   // (B, 4ch)
-    float *d_h_last;
-    // temporaries of one block, forward or backward (one buffer)
-    size_t n_work;
-    float* work;
-    float* scratch[N_SCRATCH];  // each (B, max C, max HW) over all blocks
-    float* ping[2];             // gradients of tensors read by exactly one block
-    float *conv_ws;             // scratch of one convolution call (6.2)
-    float *datt;                // (HW, HW) of one image per thread
-    float *tproj;               // (B, max C): a ResBlock's timestep projection
-    size_t max_numel;           // per image; found by the first layout pass
-    size_t max_conv_ws;         // the largest conv2d_workspace_floats, for B_max images
-    int max_attn_hw, n_transient;
-    // state of the current step
+    float* params;              // (n_params): every parameter of the network, one buffer
+    float* grads;               // (n_params): their gradients, in the same layout
     int train;                  // dropout on (training) or off (sampling, evaluation)
     int no_grad;                // no backward pass follows (sampling, evaluation): the
-                                // forward need not keep the attention weights
+                                // forward need not keep what only the backward reads
     uint64_t dropout_key;       // drawn from the RNG once per step
+    UNetLayers* L;
 } UNet;
 
-typedef struct { float* base; size_t used; } Arena;
-
-// Carve n floats from an arena; on the sizing pass (base NULL) only count them.
-static float* take(Arena* a, size_t n) {
-    float* p = a->base ? a->base + a->used : NULL;
-    a->used += n;
-    return p;
-}
-
-// Register one parameter tensor; returns its view and sets *grad to its gradient view.
-static float* param_add(UNet* m, Arena* P, float** grad, const char* group, const char* name,
-                        int ndim, const int* shape, InitKind init, float bound) {
-    if (m->n_tensors >= MAX_PARAM_TENSORS) die("too many parameter tensors; raise MAX_PARAM_TENSORS");
-    ParamTensor* t = &m->tensors[m->n_tensors++];
-    snprintf(t->name, sizeof t->name, "%s.%s", group, name);
-    snprintf(t->group, sizeof t->group, "%s", group);
-    t->ndim = ndim;
-    t->numel = 1;
-    for (int i = 0; i < ndim; i++) { t->shape[i] = shape[i]; t->numel *= shape[i]; }
-    t->offset = P->used;
-    t->init = init;
-    t->bound = bound;
-    float* p = take(P, t->numel);
-    *grad = p ? m->grads + t->offset : NULL;
-    return p;
-}
-
-// The official initialiser: variance scaling, fan_avg, uniform:
-//   bound = sqrt(3 scale / ((fan_in + fan_out) / 2)); biases 0. scale is 1, except 1e-10
-// for the last layer of every residual branch and the output conv, so that each block
-// starts as (almost) the identity.
-static float init_bound(float scale, int fan_in, int fan_out) {
-    return sqrtf(3.0f * scale / ((fan_in + fan_out) / 2.0f));
-}
-
-static void conv_make(UNet* m, Arena* P, Conv2d* c, const char* group, const char* name,
-                      int C_in, int C_out, int K, int stride, int H, float scale) {
-    char n[48];
-    size_t need = conv2d_workspace_floats(m->B_max, C_in, H, H, C_out, K, stride, gemm_max_threads);
-    if (need > m->max_conv_ws) m->max_conv_ws = need;
-    int ws[4] = {C_out, C_in, K, K}, bs[1] = {C_out};
-    c->C_in = C_in; c->C_out = C_out; c->K = K; c->stride = stride;
-    snprintf(n, sizeof n, "%s%sweight", name ? name : "", name ? "." : "");
-    c->w = param_add(m, P, &c->dw, group, n, 4, ws, INIT_UNIFORM, init_bound(scale, C_in * K * K, C_out * K * K));
-    snprintf(n, sizeof n, "%s%sbias", name ? name : "", name ? "." : "");
-    c->b = param_add(m, P, &c->db, group, n, 1, bs, INIT_ZERO, 0);
-}
-
-static void linear_make(UNet* m, Arena* P, Linear* l, const char* group, const char* name, int C_in, int C_out) {
-    char n[48];
-    int ws[2] = {C_out, C_in}, bs[1] = {C_out};
-    l->C_in = C_in; l->C_out = C_out;
-    snprintf(n, sizeof n, "%s%sweight", name ? name : "", name ? "." : "");
-    l->w = param_add(m, P, &l->dw, group, n, 2, ws, INIT_UNIFORM, init_bound(1.0f, C_in, C_out));
-    snprintf(n, sizeof n, "%s%sbias", name ? name : "", name ? "." : "");
-    l->b = param_add(m, P, &l->db, group, n, 1, bs, INIT_ZERO, 0);
-}
-
-static void groupnorm_make(UNet* m, Arena* P, GroupNorm* g, const char* group, const char* name, int C, int G) {
-    char n[48];
-    int s[1] = {C};
-    g->C = C; g->G = G;
-    snprintf(n, sizeof n, "%s%sweight", name ? name : "", name ? "." : "");
-    g->gamma = param_add(m, P, &g->dgamma, group, n, 1, s, INIT_ONE, 0);
-    snprintf(n, sizeof n, "%s%sbias", name ? name : "", name ? "." : "");
-    g->beta = param_add(m, P, &g->dbeta, group, n, 1, s, INIT_ZERO, 0);
-}
-
-// ---- 6.14 The layout: walking the architecture once to size, once to carve ----
-// A tensor flowing between blocks. Tensors kept for a skip connection are read by two
-// blocks, so their gradient has its own buffer and sums two contributions; every other
-// tensor is read by exactly one block, right after it is written, so its gradient
-// can live in one of two ping-pong buffers (consecutive ones alternate).
-typedef struct { float* x; float* dx; int C, H, persistent; } Flow;
-
-typedef struct { Arena P, A, G; } Arenas;
-
-static Flow flow_new(UNet* m, Arenas* ar, int C, int H, int persistent) {
-    size_t numel = (size_t)C * H * H;
-    Flow f = {take(&ar->A, m->B_max * numel), NULL, C, H, persistent};
-    f.dx = persistent ? take(&ar->G, m->B_max * numel) : m->ping[m->n_transient++ % 2];
-    if (numel > m->max_numel) m->max_numel = numel;
-    return f;
-}
-
-static Block* block_new(UNet* m, BlockKind kind, const char* fmt, int a, int b) {
-    if (m->n_blocks >= MAX_BLOCKS) die("too many blocks; raise MAX_BLOCKS");
-    Block* k = &m->blocks[m->n_blocks++];
-    memset(k, 0, sizeof *k);
-    k->kind = kind;
-    snprintf(k->name, sizeof k->name, fmt, a, b);
-    return k;
-}
-
-static void block_connect(UNet* m, Block* k, Flow in, const Flow* skip, Flow out) {
-    k->in = in.x; k->din = in.dx; k->din_transient = !in.persistent;
-    k->C_in = in.C; k->H = k->W = in.H;
-    if (skip) { k->skip = skip->x; k->dskip = skip->dx; k->C_skip = skip->C; }
-    k->out = out.x; k->dout = out.dx; k->C_out = out.C;
-    size_t need = (size_t)(k->C_in + k->C_skip) * in.H * in.H;   // a concatenated input
-    if (need > m->max_numel) m->max_numel = need;
-}
-
-static Flow resblock_make(UNet* m, Arenas* ar, Flow in, const Flow* skip, int C_out, int persistent, const char* name, int a, int b) {
-    Block* k = block_new(m, BLOCK_RES, name, a, b);
-    int C_x = in.C + (skip ? skip->C : 0), G = m->cfg.groups, H = in.H, Bm = m->B_max;
-    groupnorm_make(m, &ar->P, &k->norm1, k->name, "norm1", C_x, G);
-    conv_make(m, &ar->P, &k->conv1, k->name, "conv1", C_x, C_out, 3, 1, H, 1.0f);
-    linear_make(m, &ar->P, &k->temb_proj, k->name, "temb_proj", 4 * m->cfg.ch, C_out);
-    groupnorm_make(m, &ar->P, &k->norm2, k->name, "norm2", C_out, G);
-    conv_make(m, &ar->P, &k->conv2, k->name, "conv2", C_out, C_out, 3, 1, H, 1e-10f);
-    if (C_x != C_out) conv_make(m, &ar->P, &k->nin_shortcut, k->name, "nin_shortcut", C_x, C_out, 1, 1, H, 1.0f);
-    k->mean1 = take(&ar->A, Bm * G); k->rstd1 = take(&ar->A, Bm * G);
-    k->mean2 = take(&ar->A, Bm * G); k->rstd2 = take(&ar->A, Bm * G);
-    k->h1 = take(&ar->A, (size_t)Bm * C_out * H * H);
-    k->a1 = take(&ar->A, (size_t)Bm * C_x * conv_grid_floats(H, H));    // written as conv1's grids
-    k->a2 = take(&ar->A, (size_t)Bm * C_out * conv_grid_floats(H, H));  // written as conv2's grids
-    Flow out = flow_new(m, ar, C_out, H, persistent);
-    block_connect(m, k, in, skip, out);
-    return out;
-}
-
-static Flow attnblock_make(UNet* m, Arenas* ar, Flow in, int persistent, const char* name, int a, int b) {
-    Block* k = block_new(m, BLOCK_ATTN, name, a, b);
-    int C = in.C, G = m->cfg.groups, HW = in.H * in.H, Bm = m->B_max;
-    groupnorm_make(m, &ar->P, &k->norm, k->name, "norm", C, G);
-    conv_make(m, &ar->P, &k->q, k->name, "q", C, C, 1, 1, in.H, 1.0f);
-    conv_make(m, &ar->P, &k->k, k->name, "k", C, C, 1, 1, in.H, 1.0f);
-    conv_make(m, &ar->P, &k->v, k->name, "v", C, C, 1, 1, in.H, 1.0f);
-    conv_make(m, &ar->P, &k->proj_out, k->name, "proj_out", C, C, 1, 1, in.H, 1e-10f);
-    k->mean = take(&ar->A, Bm * G); k->rstd = take(&ar->A, Bm * G);
-    k->qa = take(&ar->A, (size_t)Bm * C * HW); k->ka = take(&ar->A, (size_t)Bm * C * HW);
-    k->va = take(&ar->A, (size_t)Bm * C * HW); k->o = take(&ar->A, (size_t)Bm * C * HW);
-    k->att = take(&ar->A, (size_t)Bm * HW * HW);
-    if (HW > m->max_attn_hw) m->max_attn_hw = HW;
-    Flow out = flow_new(m, ar, C, in.H, persistent);
-    block_connect(m, k, in, NULL, out);
-    return out;
-}
-
-// Downsample (stride-2 conv) and Upsample (nearest 2x, then conv), both C -> C.
-static Flow resample_make(UNet* m, Arenas* ar, Flow in, BlockKind kind, int persistent, const char* name, int a) {
-    Block* k = block_new(m, kind, name, a, 0);
-    conv_make(m, &ar->P, &k->conv, k->name, "conv", in.C, in.C, 3, kind == BLOCK_DOWN ? 2 : 1,
-              kind == BLOCK_DOWN ? in.H : 2 * in.H, 1.0f);
-    int H_out = kind == BLOCK_DOWN ? in.H / 2 : in.H * 2;
-    Flow out = flow_new(m, ar, in.C, H_out, persistent);
-    block_connect(m, k, in, NULL, out);
-    if (kind == BLOCK_UP) {   // the fused upsampling conv (6.8) needs a little more scratch
-        size_t need = upconv_workspace_floats(m->B_max, in.C, in.H, in.H, in.C, gemm_max_threads);
-        if (need > m->max_conv_ws) m->max_conv_ws = need;
-    }
-    return out;
-}
-
-// The official U-Net (diffusion_tf/models/unet.py), block by block.
-static void unet_layout(UNet* m, Arenas* ar) {
-    const Config* c = &m->cfg;
-    int Bm = m->B_max, ch = c->ch, E = 4 * ch, S = c->img, G = c->groups;
-    m->n_tensors = m->n_blocks = m->n_transient = 0;
-    // timestep embedding: sinusoid -> dense0 -> silu -> dense1 (-> silu in every ResBlock)
-    linear_make(m, &ar->P, &m->dense0, "temb", "dense0", ch, E);
-    linear_make(m, &ar->P, &m->dense1, "temb", "dense1", E, E);
-    m->temb_sin = take(&ar->A, (size_t)Bm * ch);
-    m->temb_h = take(&ar->A, (size_t)Bm * E); m->temb_a = take(&ar->A, (size_t)Bm * E);
-    m->temb = take(&ar->A, (size_t)Bm * E); m->temb_act = take(&ar->A, (size_t)Bm * E);
-    m->d_temb_act = take(&ar->G, (size_t)Bm * E); m->d_temb = take(&ar->G, (size_t)Bm * E);
-    m->d_temb_a = take(&ar->G, (size_t)Bm * E); m->d_temb_h = take(&ar->G, (size_t)Bm * E);
-    m->x = take(&ar->A, (size_t)Bm * c->in_ch * S * S);
-    conv_make(m, &ar->P, &m->conv_in, "conv_in", NULL, c->in_ch, ch, 3, 1, S, 1.0f);
-    // Down path: every output is kept (hs) for a skip connection.
-    Flow hs[4 * MAX_LEVELS * 8];
-    int n_hs = 0;
-    hs[n_hs++] = flow_new(m, ar, ch, S, 1);
-    m->h0 = hs[0].x;
-    m->d_h0 = hs[0].dx;
-    for (int i = 0; i < c->n_levels; i++) {
-        for (int j = 0; j < c->num_res_blocks; j++) {
-            int attn = config_has_attn(c, hs[n_hs - 1].H);
-            Flow h = resblock_make(m, ar, hs[n_hs - 1], NULL, ch * c->ch_mult[i], !attn, "down.%d.block.%d", i, j);
-            if (attn) h = attnblock_make(m, ar, h, 1, "down.%d.attn.%d", i, j);
-            hs[n_hs++] = h;
-        }
-        if (i != c->n_levels - 1) {
-            hs[n_hs] = resample_make(m, ar, hs[n_hs - 1], BLOCK_DOWN, 1, "down.%d.downsample", i);
-            n_hs++;
-        }
-    }
-    // Middle: ResBlock, AttnBlock, ResBlock at the lowest resolution.
-    Flow h = hs[n_hs - 1];
-    h = resblock_make(m, ar, h, NULL, h.C, 0, "mid.block_1", 0, 0);
-    h = attnblock_make(m, ar, h, 0, "mid.attn_1", 0, 0);
-    h = resblock_make(m, ar, h, NULL, h.C, 0, "mid.block_2", 0, 0);
-    // Up path: num_res_blocks + 1 ResBlocks per level, each on concat(h, skip).
-    for (int i = c->n_levels - 1; i >= 0; i--) {
-        for (int j = 0; j < c->num_res_blocks + 1; j++) {
-            Flow skip = hs[--n_hs];
-            h = resblock_make(m, ar, h, &skip, ch * c->ch_mult[i], 0, "up.%d.block.%d", i, j);
-            if (config_has_attn(c, h.H)) h = attnblock_make(m, ar, h, 0, "up.%d.attn.%d", i, j);
-        }
-        if (i != 0) h = resample_make(m, ar, h, BLOCK_UP, 0, "up.%d.upsample", i);
-    }
-    // Out: GroupNorm, SiLU, 3x3 conv to the image channels.
-    m->h_last = h.x;
-    m->d_h_last = h.dx;
-    groupnorm_make(m, &ar->P, &m->norm_out, "norm_out", NULL, ch, G);
-    conv_make(m, &ar->P, &m->conv_out, "conv_out", NULL, ch, c->in_ch, 3, 1, S, 1e-10f);
-    m->mean_out = take(&ar->A, (size_t)Bm * G); m->rstd_out = take(&ar->A, (size_t)Bm * G);
-    m->a_out = take(&ar->A, (size_t)Bm * ch * conv_grid_floats(S, S));
-    m->eps_theta = take(&ar->A, (size_t)Bm * c->in_ch * S * S);
-}
-
-// Build the network for batches of up to B_max images: size everything, allocate each
-// buffer once, then carve the named views. Nothing is allocated after this.
-static void unet_build(UNet* m, const Config* cfg, int B_max) {
-    const char* err = config_check(cfg);
-    if (err) die("%s", err);
-    memset(m, 0, sizeof *m);
-    m->cfg = *cfg;
-    m->B_max = B_max;
-    gemm_init();
-    Arenas sizing = {{NULL, 0}, {NULL, 0}, {NULL, 0}};
-    unet_layout(m, &sizing);
-    m->n_params = sizing.P.used;
-    m->n_acts = sizing.A.used;
-    m->n_grad_acts = sizing.G.used;
-    size_t per = (size_t)B_max * m->max_numel;
-    size_t att = (size_t)gemm_max_threads * m->max_attn_hw * m->max_attn_hw;   // datt, per thread
-    int max_mult = 1;
-    for (int i = 0; i < cfg->n_levels; i++) if (cfg->ch_mult[i] > max_mult) max_mult = cfg->ch_mult[i];
-    size_t tproj = (size_t)B_max * cfg->ch * max_mult;
-    m->n_work = (N_SCRATCH + 2) * per + m->max_conv_ws + att + tproj;
-    m->params = calloc_check(m->n_params, sizeof(float), "parameters");
-    m->grads = calloc_check(m->n_params, sizeof(float), "gradients");
-    m->acts = calloc_check(m->n_acts, sizeof(float), "activations");
-    m->grad_acts = calloc_check(m->n_grad_acts, sizeof(float), "activation gradients");
-    m->work = calloc_check(m->n_work, sizeof(float), "work buffers");
-    float* w = m->work;
-    for (int i = 0; i < N_SCRATCH; i++, w += per) m->scratch[i] = w;
-    m->ping[0] = w; w += per;
-    m->ping[1] = w; w += per;
-    m->conv_ws = w; w += m->max_conv_ws;
-    m->datt = w; w += att;
-    m->tproj = w;
-    Arenas carve = {{m->params, 0}, {m->acts, 0}, {m->grad_acts, 0}};
-    unet_layout(m, &carve);
-}
-
-static void unet_free(UNet* m) {
-    free(m->params); free(m->grads); free(m->acts); free(m->grad_acts); free(m->work);
-}
-
-// Official initialisation (see init_bound), drawn in the order of tensors[].
-static void unet_init(UNet* m, Rng* rng) {
-    for (int i = 0; i < m->n_tensors; i++) {
-        ParamTensor* t = &m->tensors[i];
-        float* p = m->params + t->offset;
-        for (size_t j = 0; j < t->numel; j++)
-            p[j] = t->init == INIT_ONE ? 1.0f : t->init == INIT_ZERO ? 0.0f
-                 : (float)((2.0 * rng_uniform(rng) - 1.0) * t->bound);
-    }
-}
-
-// ---- 6.15 The blocks, forward and backward ----
-static uint64_t block_key(const UNet* m, const Block* k) {
-    return m->dropout_key ^ (0x9e3779b97f4a7c15ULL * (uint64_t)(k - m->blocks + 1));
-}
-
-static int dropout_on(const UNet* m) { return m->train && m->cfg.dropout > 0; }
-
-static void zero(float* x, size_t n) {
-    size_t chunk = 65536;
-    #pragma omp parallel for schedule(static) if (n > chunk)
-    for (size_t i = 0; i < n; i += chunk) memset(x + i, 0, (n - i < chunk ? n - i : chunk) * sizeof(float));
-}
-
-// ResBlock (Appendix B; official resnet_block):
-//   x  = in, or concat(in, skip) on the up path
-//   h1 = conv1(silu(norm1(x))) + temb_proj(silu(temb))     [broadcast over H x W]
-//   h2 = conv2(dropout(silu(norm2(h1))))
-//   out = shortcut(x) + h2,   shortcut = identity or a 1x1 conv ("nin") if channels change
-static void resblock_forward(UNet* m, Block* k, int B) {
-    int C_x = k->C_in + k->C_skip, C = k->C_out, H = k->H, W = k->W, HW = H * W, G = m->cfg.groups;
-    size_t N = (size_t)B * C * HW;
-    const float* x = k->in;
-    if (k->skip) { concat_forward(m->scratch[0], k->in, k->skip, B, k->C_in, k->C_skip, HW); x = m->scratch[0]; }
-    groupnorm_forward(k->a1, k->mean1, k->rstd1, x, k->norm1.gamma, k->norm1.beta, B, C_x, HW, G, 1, W);
-    conv_forward(k->h1, k->a1, 1, k->conv1.w, k->conv1.b, B, C_x, H, W, C, 3, 1, m->conv_ws);
-    linear_forward(m->tproj, m->temb_act, k->temb_proj.w, k->temb_proj.b, B, 4 * m->cfg.ch, C);
-    add_channel_bias(k->h1, m->tproj, B, C, HW);
-    groupnorm_forward(k->a2, k->mean2, k->rstd2, k->h1, k->norm2.gamma, k->norm2.beta, B, C, HW, G, 1, W);
-    if (dropout_on(m)) dropout_forward_grid(k->a2, B, C, H, W, m->cfg.dropout, block_key(m, k));
-    conv_forward(k->out, k->a2, 1, k->conv2.w, k->conv2.b, B, C, H, W, C, 3, 1, m->conv_ws);
-    if (k->nin_shortcut.w) {
-        conv2d_forward(m->scratch[2], x, k->nin_shortcut.w, k->nin_shortcut.b, B, C_x, H, W, C, 1, 1, m->conv_ws);
-        add_inplace(k->out, m->scratch[2], N);
-    } else {
-        add_inplace(k->out, x, N);
-    }
-}
-
-static void resblock_backward(UNet* m, Block* k, int B) {
-    int C_x = k->C_in + k->C_skip, C = k->C_out, H = k->H, W = k->W, HW = H * W, G = m->cfg.groups;
-    size_t N = (size_t)B * C * HW;
-    float **s = m->scratch;
-    const float* x = k->in;
-    float* dx = k->din;
-    if (k->skip) {   // x = concat(in, skip): rebuild it, and collect its gradient apart
-        concat_forward(s[0], k->in, k->skip, B, k->C_in, k->C_skip, HW);
-        x = s[0];
-        dx = s[4];
-        zero(dx, (size_t)B * C_x * HW);
-    }
-    // out = shortcut(x) + h2
-    if (k->nin_shortcut.w)
-        conv2d_backward(dx, k->nin_shortcut.dw, k->nin_shortcut.db, k->dout, x, k->nin_shortcut.w,
-                        B, C_x, H, W, C, 1, 1, m->conv_ws);
-    else
-        add_inplace(dx, k->dout, N);
-    // h2 = conv2(a2), a2 = dropout(silu(norm2(h1))) as saved by the forward pass
-    float *da2 = s[2], *dh1 = s[3];
-    zero(da2, N);
-    conv_backward(da2, k->conv2.dw, k->conv2.db, k->dout, k->a2, 1, k->conv2.w, B, C, H, W, C, 3, 1, m->conv_ws);
-    if (dropout_on(m)) {   // the mask is rebuilt from its key
-        float* t = s[1];
-        zero(t, N);
-        dropout_backward(t, da2, N, m->cfg.dropout, block_key(m, k));
-        da2 = t;
-    }
-    zero(dh1, N);
-    groupnorm_backward(dh1, k->norm2.dgamma, k->norm2.dbeta, da2, k->h1, k->mean2, k->rstd2,
-                       k->norm2.gamma, k->norm2.beta, B, C, HW, G, 1);
-    // h1 = conv1(a1) + temb_proj(silu(temb)): the projection gets the per-channel sums
-    sum_channel(m->tproj, dh1, B, C, HW);
-    linear_backward(m->d_temb_act, k->temb_proj.dw, k->temb_proj.db, m->tproj, m->temb_act,
-                    k->temb_proj.w, B, 4 * m->cfg.ch, C);
-    // a1 = silu(norm1(x)), saved: through conv1 and norm1
-    float* da1 = s[2];
-    zero(da1, (size_t)B * C_x * HW);
-    conv_backward(da1, k->conv1.dw, k->conv1.db, dh1, k->a1, 1, k->conv1.w, B, C_x, H, W, C, 3, 1, m->conv_ws);
-    groupnorm_backward(dx, k->norm1.dgamma, k->norm1.dbeta, da1, x, k->mean1, k->rstd1,
-                       k->norm1.gamma, k->norm1.beta, B, C_x, HW, G, 1);
-    if (k->skip) concat_backward(k->din, k->dskip, dx, B, k->C_in, k->C_skip, HW);
-}
-
-// AttnBlock (official attn_block): n = norm(x); q, k, v = 1x1 convs of n;
-//   out = x + proj_out(attention(q, k, v))
-static void attnblock_forward(UNet* m, Block* k, int B) {
-    int C = k->C_in, H = k->H, W = k->W, HW = H * W;
-    float* n = m->scratch[0];
-    groupnorm_forward(n, k->mean, k->rstd, k->in, k->norm.gamma, k->norm.beta, B, C, HW, m->cfg.groups, 0, 0);
-    conv2d_forward(k->qa, n, k->q.w, k->q.b, B, C, H, W, C, 1, 1, m->conv_ws);
-    conv2d_forward(k->ka, n, k->k.w, k->k.b, B, C, H, W, C, 1, 1, m->conv_ws);
-    conv2d_forward(k->va, n, k->v.w, k->v.b, B, C, H, W, C, 1, 1, m->conv_ws);
-    attention_forward(k->o, m->no_grad ? NULL : k->att, k->qa, k->ka, k->va, B, C, HW, m->datt);
-    conv2d_forward(k->out, k->o, k->proj_out.w, k->proj_out.b, B, C, H, W, C, 1, 1, m->conv_ws);
-    add_inplace(k->out, k->in, (size_t)B * C * HW);
-}
-
-static void attnblock_backward(UNet* m, Block* k, int B) {
-    int C = k->C_in, H = k->H, W = k->W, HW = H * W;
-    size_t N = (size_t)B * C * HW;
-    float **s = m->scratch;
-    float *n = s[0], *do_ = s[1], *dq = s[2], *dk = s[3], *dv = s[4];
-    add_inplace(k->din, k->dout, N);   // the residual connection
-    zero(do_, N);
-    conv2d_backward(do_, k->proj_out.dw, k->proj_out.db, k->dout, k->o, k->proj_out.w, B, C, H, W, C, 1, 1, m->conv_ws);
-    zero(dq, N); zero(dk, N); zero(dv, N);
-    attention_backward(dq, dk, dv, do_, k->qa, k->ka, k->va, k->att, B, C, HW, m->datt);
-    // n = norm(x), recomputed; its gradient sums the three projections
-    groupnorm_apply(n, k->in, k->mean, k->rstd, k->norm.gamma, k->norm.beta, B, C, HW, m->cfg.groups, 0, 0);
-    float* dn = do_;
-    zero(dn, N);
-    conv2d_backward(dn, k->q.dw, k->q.db, dq, n, k->q.w, B, C, H, W, C, 1, 1, m->conv_ws);
-    conv2d_backward(dn, k->k.dw, k->k.db, dk, n, k->k.w, B, C, H, W, C, 1, 1, m->conv_ws);
-    conv2d_backward(dn, k->v.dw, k->v.db, dv, n, k->v.w, B, C, H, W, C, 1, 1, m->conv_ws);
-    groupnorm_backward(k->din, k->norm.dgamma, k->norm.dbeta, dn, k->in, k->mean, k->rstd,
-                       k->norm.gamma, k->norm.beta, B, C, HW, m->cfg.groups, 0);
-}
-
-// Downsample: 3x3 conv, stride 2.  Upsample: nearest 2x, then 3x3 conv.
-static void resample_forward(UNet* m, Block* k, int B) {
-    int C = k->C_in, H = k->H, W = k->W;
-    if (k->kind == BLOCK_DOWN) {
-        conv2d_forward(k->out, k->in, k->conv.w, k->conv.b, B, C, H, W, C, 3, 2, m->conv_ws);
-    } else {
-        upconv_forward(k->out, k->in, k->conv.w, k->conv.b, B, C, H, W, C, m->conv_ws);
-    }
-}
-
-static void resample_backward(UNet* m, Block* k, int B) {
-    int C = k->C_in, H = k->H, W = k->W;
-    if (k->kind == BLOCK_DOWN) {
-        conv2d_backward(k->din, k->conv.dw, k->conv.db, k->dout, k->in, k->conv.w, B, C, H, W, C, 3, 2, m->conv_ws);
-    } else {
-        upconv_backward(k->din, k->conv.dw, k->conv.db, k->dout, k->in, k->conv.w, B, C, H, W, C, m->conv_ws);
-    }
-}
-
-// ---- 6.16 eps_theta(x_t, t): the whole network ----
-// x_t (B, in_ch, img, img), t_idx (B) -> m->eps_theta (B, in_ch, img, img)
-static float* unet_forward(UNet* m, const float* x_t, const int* t_idx, int B) {
-    const Config* c = &m->cfg;
-    int ch = c->ch, E = 4 * ch, S = c->img;
-    if (B > m->B_max) die("internal: batch %d exceeds the %d images the network was built for", B, m->B_max);
-    timestep_embedding(m->temb_sin, t_idx, B, ch);
-    linear_forward(m->temb_h, m->temb_sin, m->dense0.w, m->dense0.b, B, ch, E);
-    silu_forward(m->temb_a, m->temb_h, (size_t)B * E);
-    linear_forward(m->temb, m->temb_a, m->dense1.w, m->dense1.b, B, E, E);
-    silu_forward(m->temb_act, m->temb, (size_t)B * E);   // every ResBlock uses silu(temb)
-    memcpy(m->x, x_t, (size_t)B * c->in_ch * S * S * sizeof(float));
-    conv2d_forward(m->h0, m->x, m->conv_in.w, m->conv_in.b,
-                   B, c->in_ch, S, S, ch, 3, 1, m->conv_ws);
-    for (int i = 0; i < m->n_blocks; i++) {
-        Block* k = &m->blocks[i];
-        if (k->kind == BLOCK_RES) resblock_forward(m, k, B);
-        else if (k->kind == BLOCK_ATTN) attnblock_forward(m, k, B);
-        else resample_forward(m, k, B);
-    }
-    groupnorm_forward(m->a_out, m->mean_out, m->rstd_out, m->h_last, m->norm_out.gamma, m->norm_out.beta,
-                      B, ch, S * S, c->groups, 1, S);
-    conv_forward(m->eps_theta, m->a_out, 1, m->conv_out.w, m->conv_out.b, B, ch, S, S, c->in_ch, 3, 1, m->conv_ws);
-    return m->eps_theta;
-}
-
-// d_eps_theta (B, in_ch, img, img) -> m->grads (accumulated: call zero_grad first).
-static void unet_backward(UNet* m, const float* d_eps_theta, int B) {
-    const Config* c = &m->cfg;
-    int ch = c->ch, E = 4 * ch, S = c->img;
-    zero(m->grad_acts, m->n_grad_acts);   // skip-connection and timestep gradients
-    // eps_theta = conv_out(a_out), a_out = silu(norm_out(h_last)) as saved by the forward pass
-    float* da = m->scratch[1];
-    zero(da, (size_t)B * ch * S * S);
-    conv_backward(da, m->conv_out.dw, m->conv_out.db, d_eps_theta, m->a_out, 1, m->conv_out.w,
-                  B, ch, S, S, c->in_ch, 3, 1, m->conv_ws);
-    zero(m->d_h_last, (size_t)B * ch * S * S);
-    groupnorm_backward(m->d_h_last, m->norm_out.dgamma, m->norm_out.dbeta, da, m->h_last, m->mean_out, m->rstd_out,
-                       m->norm_out.gamma, m->norm_out.beta, B, ch, S * S, c->groups, 1);
-    for (int i = m->n_blocks - 1; i >= 0; i--) {
-        Block* k = &m->blocks[i];
-        if (k->din_transient) zero(k->din, (size_t)B * k->C_in * k->H * k->W);
-        if (k->kind == BLOCK_RES) resblock_backward(m, k, B);
-        else if (k->kind == BLOCK_ATTN) attnblock_backward(m, k, B);
-        else resample_backward(m, k, B);
-    }
-    // h0 = conv_in(x): the input x_t needs no gradient
-    conv2d_backward(NULL, m->conv_in.dw, m->conv_in.db, m->d_h0, m->x, m->conv_in.w,
-                    B, c->in_ch, S, S, ch, 3, 1, m->conv_ws);
-    // the timestep MLP, backwards: temb_act = silu(temb), temb = dense1(silu(dense0(sin)))
-    silu_backward(m->d_temb, m->d_temb_act, m->temb, (size_t)B * E);
-    linear_backward(m->d_temb_a, m->dense1.dw, m->dense1.db, m->d_temb, m->temb_a, m->dense1.w, B, E, E);
-    silu_backward(m->d_temb_h, m->d_temb_a, m->temb_h, (size_t)B * E);
-    linear_backward(NULL, m->dense0.dw, m->dense0.db, m->d_temb_h, m->temb_sin, m->dense0.w, B, ch, E);
-}
-
-static void unet_zero_grad(UNet* m) { zero(m->grads, m->n_params); }
+// Builds the network for batches of up to B_max images; every buffer it will ever use
+// is allocated here, once (dies with a one-line reason if cfg is unusable).
+static void unet_build(UNet* m, const Config* cfg, int B_max);
+static void unet_free(UNet* m);
+// The official initialisation, drawn from rng.
+static void unet_init(UNet* m, Rng* rng);
+// x_t (B, in_ch, img, img), t_idx (B) -> eps_theta (B, in_ch, img, img), B <= B_max.
+// The result lives in the network's activations until the next forward.
+static float* unet_forward(UNet* m, const float* x_t, const int* t_idx, int B);
+// d_eps_theta (B, in_ch, img, img), after unet_forward on the same batch -> m->grads,
+// accumulated (+=): unet_zero_grad first.
+static void unet_backward(UNet* m, const float* d_eps_theta, int B);
+static void unet_zero_grad(UNet* m);
 
 // ----------------------------------------------------------------------------
-// 7. The data (§3.3, §4)
+// 8. The data batch (§3.3, Appendix B)
 //
 // §3.3: "We assume that image data consists of integers in {0, 1, ..., 255} scaled
 // linearly to [-1, 1]. This ensures that the neural network reverse process operates
 // on consistently scaled inputs starting from the standard normal prior p(x_T)."
-// Datasets stay as bytes in memory; a batch is scaled as it is drawn.
-//
-//   CIFAR-10, binary version: data/cifar-10-batches-bin/data_batch_{1..5}.bin (train)
-//     and test_batch.bin; each record is 3073 bytes: a label, then 1024 R, 1024 G,
-//     1024 B bytes of a 32x32 image (already NCHW).
-//   Fashion-MNIST: data/fashion-mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte, the
-//     IDX format (big-endian magic 0x803 / 0x801, then the dimensions). 28x28 images are
-//     padded to 32x32 with the background value 0, so the same U-Net fits both.
+// Datasets stay as bytes in memory (read from disk in section 18); a batch is scaled as
+// it is drawn.
 
 typedef struct {
     char name[32];
@@ -2335,106 +543,6 @@ typedef struct {
     uint8_t* pixels;   // (N, C, H, W)
     uint8_t* labels;   // (N), 0..9
 } Dataset;
-
-static long file_size(const char* path) {
-    struct stat st;
-    return stat(path, &st) == 0 ? (long)st.st_size : -1;
-}
-
-#define CIFAR_RECORD 3073
-
-static void load_cifar10(Dataset* d, const char* dir, int train) {
-    const char* files_train[] = {"data_batch_1.bin", "data_batch_2.bin", "data_batch_3.bin", "data_batch_4.bin", "data_batch_5.bin"};
-    const char* files_test[] = {"test_batch.bin"};
-    const char** files = train ? files_train : files_test;
-    int n_files = train ? 5 : 1;
-    char path[4096];
-    long counts[5], total = 0;
-    for (int i = 0; i < n_files; i++) {
-        snprintf(path, sizeof path, "%s/cifar-10-batches-bin/%s", dir, files[i]);
-        long size = file_size(path);
-        if (size < 0) die("%s not found; run `make cifar10` to download CIFAR-10, or use --data fashion-mnist offline", path);
-        if (size == 0 || size % CIFAR_RECORD)
-            die("%s has %ld bytes, not a whole number of %d-byte CIFAR-10 records; delete it and run `make cifar10` again",
-                path, size, CIFAR_RECORD);
-        counts[i] = size / CIFAR_RECORD;
-        total += counts[i];
-    }
-    snprintf(d->name, sizeof d->name, "cifar10");
-    d->N = (int)total; d->C = 3; d->H = d->W = 32;
-    d->pixels = malloc_check((size_t)total * 3072, "CIFAR-10 images");
-    d->labels = malloc_check((size_t)total, "CIFAR-10 labels");
-    uint8_t rec[CIFAR_RECORD];
-    long n = 0;
-    for (int i = 0; i < n_files; i++) {
-        snprintf(path, sizeof path, "%s/cifar-10-batches-bin/%s", dir, files[i]);
-        FILE* f = fopen_check(path, "rb", "run `make cifar10`");
-        for (long r = 0; r < counts[i]; r++, n++) {
-            fread_check(rec, CIFAR_RECORD, f, path);
-            if (rec[0] > 9) die("%s: record %ld has label %d, not 0..9; this is not a CIFAR-10 binary file (run `make cifar10`)", path, r, rec[0]);
-            d->labels[n] = rec[0];
-            memcpy(d->pixels + (size_t)n * 3072, rec + 1, 3072);
-        }
-        fclose(f);
-    }
-}
-
-static uint32_t read_be32(FILE* f, const char* path) {
-    uint8_t b[4];
-    fread_check(b, 4, f, path);
-    return (uint32_t)b[0] << 24 | (uint32_t)b[1] << 16 | (uint32_t)b[2] << 8 | b[3];
-}
-
-// Opens an IDX file, checks its magic and dimensions, returns it positioned at the data.
-static FILE* idx_open(const char* path, uint32_t magic, int ndim, uint32_t* dims) {
-    long size = file_size(path);
-    if (size < 0) die("%s not found; run `make fashion-mnist` (needs Debian's dataset-fashion-mnist)", path);
-    FILE* f = fopen_check(path, "rb", "run `make fashion-mnist`");
-    uint32_t m = read_be32(f, path);
-    if (m != magic) die("%s: bad IDX magic 0x%08x (want 0x%08x); is it gzipped? run `make fashion-mnist`", path, m, magic);
-    long need = 4 + 4L * ndim, count = 1;
-    for (int i = 0; i < ndim; i++) { dims[i] = read_be32(f, path); count *= dims[i]; }
-    if (size != need + count)
-        die("%s has %ld bytes, the header promises %ld; the file is truncated or corrupt (run `make fashion-mnist`)",
-            path, size, need + count);
-    return f;
-}
-
-static void load_fashion_mnist(Dataset* d, const char* dir, int train) {
-    char ipath[4096], lpath[4096];
-    const char* split = train ? "train" : "t10k";
-    snprintf(ipath, sizeof ipath, "%s/fashion-mnist/%s-images-idx3-ubyte", dir, split);
-    snprintf(lpath, sizeof lpath, "%s/fashion-mnist/%s-labels-idx1-ubyte", dir, split);
-    uint32_t idims[3], ldims[1];
-    FILE* fi = idx_open(ipath, 0x803, 3, idims);
-    FILE* fl = idx_open(lpath, 0x801, 1, ldims);
-    if (idims[1] != 28 || idims[2] != 28) die("%s: images are %ux%u, expected 28x28", ipath, idims[1], idims[2]);
-    if (idims[0] == 0) die("%s holds no images; the file is corrupt (run `make fashion-mnist`)", ipath);
-    if (idims[0] != ldims[0]) die("%s has %u images but %s has %u labels", ipath, idims[0], lpath, ldims[0]);
-    snprintf(d->name, sizeof d->name, "fashion-mnist");
-    d->N = (int)idims[0]; d->C = 1; d->H = d->W = 32;
-    d->pixels = calloc_check((size_t)d->N, 1024, "Fashion-MNIST images");   // zero = background
-    d->labels = malloc_check((size_t)d->N, "Fashion-MNIST labels");
-    uint8_t img[784];
-    for (int n = 0; n < d->N; n++) {
-        fread_check(img, 784, fi, ipath);
-        for (int y = 0; y < 28; y++) memcpy(d->pixels + (size_t)n * 1024 + (y + 2) * 32 + 2, img + y * 28, 28);
-    }
-    fread_check(d->labels, d->N, fl, lpath);
-    for (int n = 0; n < d->N; n++)
-        if (d->labels[n] > 9) die("%s: label %d of image %d is not 0..9; the file is corrupt (run `make fashion-mnist`)", lpath, d->labels[n], n);
-    fclose(fi);
-    fclose(fl);
-}
-
-static void dataset_load(Dataset* d, const char* name, const char* dir, int train) {
-    memset(d, 0, sizeof *d);
-    if (!strcmp(name, "cifar10")) load_cifar10(d, dir, train);
-    else if (!strcmp(name, "fashion-mnist")) load_fashion_mnist(d, dir, train);
-    else die("--data %s: unknown dataset; use cifar10 or fashion-mnist", name);
-}
-
-static void dataset_free(Dataset* d) { free(d->pixels); free(d->labels); }
 
 // Image i of the dataset as floats in [-1, 1] (§3.3), mirrored left-right if flip.
 static void dataset_image(float* x, const Dataset* d, int i, int flip) {
@@ -2460,7 +568,7 @@ static void dataset_batch(float* x0, const Dataset* d, int B, int flips, Rng* rn
 }
 
 // ----------------------------------------------------------------------------
-// 8. Training: Algorithm 1 (§3.4, §4, Appendix B)
+// 9. Training: Algorithm 1 (§3.4, §4, Appendix B)
 //
 //   Algorithm 1 Training
 //   1: repeat
@@ -2615,10 +723,2693 @@ static StepStats train_step(Trainer* tr, const Dataset* data) {
     return st;
 }
 
-// ---- 8.1 Checkpoints ----
+// ----------------------------------------------------------------------------
+// 10. Sampling: Algorithm 2 (§3.2) and progressive generation (§4.3, Fig. 6)
+//
+//   Algorithm 2 Sampling
+//   1: x_T ~ N(0, I)
+//   2: for t = T, ..., 1 do
+//   3:   z ~ N(0, I) if t > 1, else z = 0
+//   4:   x_{t-1} = 1/sqrt(alpha_t) (x_t - (1 - alpha_t)/sqrt(1 - abar_t) eps_theta(x_t, t)) + sigma_t z
+//   5: end for
+//   6: return x_0
+//
+// Line 4 is mu_theta of Eq. (11) plus noise; p_mean_variance computes it through
+// x0_hat (Eq. 15), clipped to [-1, 1] as the official sampler does (clip_denoised).
+// To watch it in gdb (`make debug`, README): break p_sample if t_idx[0] == 500,
+// then print x_t[0]@4 and eps_theta[0]@4.
+
+typedef struct {
+    float *mean, *x0_hat, *z;   // (B, C, H, W) each
+    double* log_var;            // (B): log sigma_t^2
+    int* t_idx;                 // (B)
+} SampleBuffers;
+
+static void sample_buffers_init(SampleBuffers* sb, int B, size_t n) {
+    sb->mean = malloc_check((size_t)B * n * sizeof(float), "sampling buffers");
+    sb->x0_hat = malloc_check((size_t)B * n * sizeof(float), "sampling buffers");
+    sb->z = malloc_check((size_t)B * n * sizeof(float), "sampling buffers");
+    sb->log_var = malloc_check((size_t)B * sizeof(double), "sampling buffers");
+    sb->t_idx = malloc_check((size_t)B * sizeof(int), "sampling buffers");
+}
+
+static void sample_buffers_free(SampleBuffers* sb) {
+    free(sb->mean); free(sb->x0_hat); free(sb->z); free(sb->log_var); free(sb->t_idx);
+}
+
+// Alg. 2, lines 3-4 (the official p_sample): x_t is overwritten by x_{t-1}, for B images
+// at steps t_idx[b]. z is drawn for the whole batch unless every image is at t = 1.
+static void p_sample(float* x_t, const float* eps_theta, const int* t_idx, int B, size_t n,
+                     SigmaKind kind, const Schedule* s, SampleBuffers* sb, Rng* rng) {
+    p_mean_variance(sb->mean, sb->log_var, sb->x0_hat, x_t, eps_theta, t_idx, B, n, kind, 1, s);
+    int any_noise = 0;
+    for (int b = 0; b < B; b++) any_noise |= t_idx[b] > 0;
+    if (any_noise) rng_normal(rng, sb->z, (size_t)B * n);                // z ~ N(0, I) if t > 1
+    for (int b = 0; b < B; b++) {
+        float sigma = t_idx[b] > 0 ? (float)exp(0.5 * sb->log_var[b]) : 0.0f;   // else z = 0
+        for (size_t i = b * n; i < (b + 1) * n; i++) x_t[i] = sb->mean[i] + (sigma > 0 ? sigma * sb->z[i] : 0.0f);
+    }
+}
+
+// Optional record of the chain for Fig. 6: x_t and x0_hat at chosen steps.
+typedef struct {
+    int every;            // record when (t_idx + 1) % every == 0, and at t_idx = 0
+    int n_images, n_steps, max_steps;
+    int* steps;           // t (1-based) of each record
+    float *x_t, *x0_hat;  // (max_steps, n_images, C, H, W)
+} Trace;
+
+static void trace_record(Trace* tr, const float* x_t, const float* x0_hat, int t_idx, size_t n) {
+    if (!tr || tr->n_steps >= tr->max_steps || ((t_idx + 1) % tr->every && t_idx != 0)) return;
+    size_t k = (size_t)tr->n_steps++ * tr->n_images * n;
+    memcpy(tr->x_t + k, x_t, tr->n_images * n * sizeof(float));
+    memcpy(tr->x0_hat + k, x0_hat, tr->n_images * n * sizeof(float));
+    tr->steps[tr->n_steps - 1] = t_idx + 1;
+}
+
+// Alg. 2 for n_images, in batches of the network's B_max. Returns 0 if interrupted.
+static int p_sample_loop(UNet* m, const Schedule* s, float* out, int n_images, SigmaKind kind,
+                         Rng* rng, Trace* trace, int progress) {
+    int Bm = m->B_max, T = s->T;
+    size_t n = (size_t)m->cfg.in_ch * m->cfg.img * m->cfg.img;
+    SampleBuffers sb;
+    sample_buffers_init(&sb, Bm, n);
+    m->train = 0;
+    m->no_grad = 1;
+    double t0 = now_seconds();
+    long total = (long)((n_images + Bm - 1) / Bm) * T, done = 0;
+    for (int start = 0; start < n_images; start += Bm) {
+        int B = n_images - start < Bm ? n_images - start : Bm;
+        float* x_t = out + (size_t)start * n;
+        rng_normal(rng, x_t, (size_t)B * n);                  // x_T ~ N(0, I)
+        for (int t_idx = T - 1; t_idx >= 0; t_idx--) {        // t = T, ..., 1
+            if (stop_requested) { sample_buffers_free(&sb); return 0; }
+            for (int b = 0; b < B; b++) sb.t_idx[b] = t_idx;
+            const float* eps_theta = unet_forward(m, x_t, sb.t_idx, B);
+            p_sample(x_t, eps_theta, sb.t_idx, B, n, kind, s, &sb, rng);
+            if (start == 0) trace_record(trace, x_t, sb.x0_hat, t_idx, n);
+            if (progress) progress_line("sampling: step", ++done, total, t0);
+        }
+    }
+    sample_buffers_free(&sb);
+    return 1;
+}
+
+// ----------------------------------------------------------------------------
+// 11. Evaluation: the variational bound in bits/dim (Eq. 5, Table 1's NLL column)
+//
+// For each test image, every term of Eq. (5) is estimated with one draw of x_t ~ q(x_t|x_0)
+// per t (Eq. 4): L_T by prior_bpd, L_{t-1} for t = 2..T and L_0 by vb_term_bpd, with
+// x0_hat clipped to [-1, 1] as the official evaluation does. The paper reports
+// <= 3.70 (L, fixed isotropic Sigma) and <= 3.75 (L_simple) bits/dim on CIFAR-10 with
+// the full model and 10,000 test images; a small CPU model on a few images gives a rough
+// estimate of the same quantity. §4.3 reads L as a codelength (Eq. 16 writes it with
+// the marginals q(x_t)): L_T + sum_{t>1} L_{t-1} is the rate, the bits to send x_T,
+// ..., x_1 (1.78 bits/dim on CIFAR-10), and L_0 the distortion (1.97); eval_bpd
+// reports the three parts apart (prior, terms, decoder).
+
+typedef struct { double prior, terms, decoder, total; int n; } BoundBpd;
+
+static BoundBpd eval_bpd(UNet* m, const Schedule* s, const Dataset* test, int n_images, SigmaKind kind, Rng* rng) {
+    int Bm = m->B_max, T = s->T;
+    size_t n = (size_t)m->cfg.in_ch * m->cfg.img * m->cfg.img;
+    if (n_images > test->N) n_images = test->N;
+    float* x0 = malloc_check((size_t)Bm * n * sizeof(float), "evaluation buffers");
+    float* eps = malloc_check((size_t)Bm * n * sizeof(float), "evaluation buffers");
+    float* x_t = malloc_check((size_t)Bm * n * sizeof(float), "evaluation buffers");
+    float* mean_q = malloc_check((size_t)Bm * n * sizeof(float), "evaluation buffers");
+    float* mean_p = malloc_check((size_t)Bm * n * sizeof(float), "evaluation buffers");
+    float* x0_hat = malloc_check((size_t)Bm * n * sizeof(float), "evaluation buffers");
+    int* t_idx = malloc_check((size_t)Bm * sizeof(int), "evaluation buffers");
+    double* lv_q = malloc_check((size_t)Bm * sizeof(double), "evaluation buffers");
+    double* lv_p = malloc_check((size_t)Bm * sizeof(double), "evaluation buffers");
+    BoundBpd r = {0, 0, 0, 0, 0};
+    m->train = 0;
+    m->no_grad = 1;
+    double t0 = now_seconds();
+    long total = (long)((n_images + Bm - 1) / Bm) * T, done = 0;
+    for (int start = 0; start < n_images && !stop_requested; start += Bm) {
+        int B = n_images - start < Bm ? n_images - start : Bm;
+        for (int b = 0; b < B; b++) {
+            dataset_image(x0 + b * n, test, start + b, 0);
+            r.prior += prior_bpd(x0 + b * n, n, s);
+        }
+        for (int t = T - 1; t >= 0 && !stop_requested; t--) {
+            for (int b = 0; b < B; b++) t_idx[b] = t;
+            rng_normal(rng, eps, (size_t)B * n);
+            q_sample(x_t, x0, eps, t_idx, B, n, s);
+            q_posterior_mean_variance(mean_q, NULL, lv_q, x0, x_t, t_idx, B, n, s);
+            const float* eps_theta = unet_forward(m, x_t, t_idx, B);
+            p_mean_variance(mean_p, lv_p, x0_hat, x_t, eps_theta, t_idx, B, n, kind, 1, s);
+            for (int b = 0; b < B; b++) {
+                double v = vb_term_bpd(x0 + b * n, mean_q + b * n, lv_q[b], mean_p + b * n, lv_p[b], t, n);
+                if (t == 0) r.decoder += v; else r.terms += v;
+            }
+            progress_line("bound: step", ++done, total, t0);
+        }
+        r.n += B;
+    }
+    if (r.n) { r.prior /= r.n; r.terms /= r.n; r.decoder /= r.n; }
+    r.total = r.prior + r.terms + r.decoder;
+    free(x0); free(eps); free(x_t); free(mean_q); free(mean_p); free(x0_hat); free(t_idx); free(lv_q); free(lv_p);
+    return r;
+}
+
+// ============================================================================
+// Part II. The network eps_theta(x_t, t) (§4, Appendix B)
+// ============================================================================
+//
+// "We use a U-Net backbone similar to an unmasked PixelCNN++ with group normalization
+// throughout. Parameters are shared across time, which is specified to the network
+// using the Transformer sinusoidal position embedding. We use self-attention at the
+// 16 x 16 feature map resolution." (§4). The layout below is the official CIFAR-10
+// model (diffusion_tf/models/unet.py; 35.7M parameters with the `paper` preset); the
+// compact presets shrink it for a CPU. This part reads from the whole down to the
+// parts: the types (12), the whole network forward and backward (13), its blocks (14),
+// how its buffers are laid out (15), and every layer as a plain reference (16).
+
+// ----------------------------------------------------------------------------
+// 12. The U-Net's parts: parameter tensors, layers, blocks
+#define MAX_BLOCKS 128
+#define MAX_PARAM_TENSORS 1024
+
+typedef enum { INIT_UNIFORM, INIT_ZERO, INIT_ONE } InitKind;
+
+typedef struct {
+    char name[64];        // PyTorch state_dict name, e.g. "down.0.block.1.conv1.weight"
+    char group[32];       // the block it belongs to, e.g. "down.0.block.1"
+    int ndim, shape[4];
+    size_t offset, numel; // into UNet.params (and UNet.grads, same layout)
+    InitKind init;
+    float bound;          // INIT_UNIFORM: U(-bound, bound)
+} ParamTensor;
+
+typedef struct { float *w, *b, *dw, *db; int C_in, C_out, K, stride; } Conv2d;  // w (C_out, C_in, K, K)
+typedef struct { float *w, *b, *dw, *db; int C_in, C_out; } Linear;            // w (C_out, C_in)
+typedef struct { float *gamma, *beta, *dgamma, *dbeta; int C, G; } GroupNorm;  // (C)
+
+typedef enum { BLOCK_RES, BLOCK_ATTN, BLOCK_DOWN, BLOCK_UP } BlockKind;
+
+// One block of the U-Net. Its input is `in` (and, for ResBlocks of the up path,
+// concatenated with `skip`), its output `out`; all are views into UNet.acts, with the
+// gradients din, dskip, dout in UNet.grad_acts or UNet.work.
+typedef struct {
+    BlockKind kind;
+    char name[32];
+    int C_in, C_skip, C_out, H, W;  // input (C_in + C_skip, H, W) -> output (C_out, H', W')
+    // BLOCK_RES: out = shortcut(x) + conv2(dropout(silu(norm2(h1)))),
+    //            h1 = conv1(silu(norm1(x))) + temb_proj(silu(temb))
+    GroupNorm norm1, norm2;
+    Conv2d conv1, conv2, nin_shortcut;   // nin_shortcut only when C_in + C_skip != C_out
+    Linear temb_proj;
+    float *mean1, *rstd1, *h1, *mean2, *rstd2;   // saved: (B, G), (B, C_out, H, W)
+    float *a1, *a2;     // saved: silu(norm1(x)), dropout(silu(norm2(h1))), as padded conv grids (6.2)
+    // BLOCK_ATTN: out = x + proj_out(attention(q(n), k(n), v(n))), n = norm(x)
+    GroupNorm norm;
+    Conv2d q, k, v, proj_out;
+    float *mean, *rstd, *qa, *ka, *va, *att, *o;  // saved: (B, G), (B, C, HW) x3, attT (B, HW, HW), (B, C, HW)
+    // BLOCK_DOWN: out = conv (3x3, stride 2);  BLOCK_UP: out = conv (3x3) of upsample(x)
+    Conv2d conv;
+    const float *in, *skip;
+    float *out;
+    float *din, *dskip, *dout;
+    int din_transient;   // din is a shared ping-pong buffer: zero it before this block's backward
+} Block;
+
+#define N_SCRATCH 5
+
+struct UNetLayers {
+    // what each parameter tensor is and where it lives in UNet.params (and UNet.grads)
+    ParamTensor tensors[MAX_PARAM_TENSORS];
+    int n_tensors;
+    // the layers, in the order they run
+    Linear dense0, dense1;      // the timestep MLP: ch -> 4ch -> 4ch
+    Conv2d conv_in;
+    Block blocks[MAX_BLOCKS];
+    int n_blocks;
+    GroupNorm norm_out;
+    Conv2d conv_out;
+    // saved activations (one buffer), each for B_max images
+    size_t n_acts;
+    float* acts;
+    float *temb_sin, *temb_h, *temb_a, *temb, *temb_act;  // (B, ch), then (B, 4ch) x4
+    float *x;                   // (B, in_ch, img, img): the input x_t
+    float *h0, *d_h0;           // (B, ch, img, img): conv_in's output, the first skip
+    float *h_last;              // (B, ch, img, img): the up path's output
+    float *mean_out, *rstd_out; // (B, G)
+    float *a_out;               // silu(norm_out(h_last)), as conv_out's input (conv_input_floats)
+    float *eps_theta;           // (B, in_ch, img, img): the output
+    // gradients of the activations that must live across blocks (one buffer)
+    size_t n_grad_acts;
+    float* grad_acts;
+    float *d_temb_act, *d_temb, *d_temb_a, *d_temb_h;   // (B, 4ch)
+    float *d_h_last;
+    // temporaries of one block, forward or backward (one buffer)
+    size_t n_work;
+    float* work;
+    float* scratch[N_SCRATCH];  // each (B, max C, max HW) over all blocks
+    float* ping[2];             // gradients of tensors read by exactly one block
+    float *conv_ws;             // scratch of one layer call (conv2d_workspace_floats)
+    float *datt;                // (HW, HW) of one image per thread
+    float *tproj;               // (B, max C): a ResBlock's timestep projection
+    size_t max_numel;           // per image; found by the first layout pass
+    size_t max_conv_ws;         // the largest workspace of any layer, for B_max images
+    int max_attn_hw, n_transient;
+};
+
+// ---- 12.1 The layers, as the network calls them ----
+// Every layer has a plain reference implementation in section 16, a screenful with its
+// forward beside its backward, and the costly ones also have a fast kernel in Part III.
+// The network calls the names in this table. Built with -DDDPM_PLAIN (make plain, make
+// debug) they are the references, and Part III is not compiled at all; otherwise they
+// are the fast kernels. tests/ checks every fast kernel against its reference.
+//
+// Arguments run outputs, inputs, weights, dims, scratch:
+//   xxx_forward(out, <saved for backward>, inp, <weights>, <dims>, <scratch>)
+//   xxx_backward(dinp, <dweights>, dout, inp, <weights>, <saved>, <dims>, <scratch>)
+// Backward functions accumulate (+=) into dinp and into the weight gradients, so a
+// tensor read twice (a skip connection) simply receives both contributions; the
+// callers zero what needs zeroing. dinp may be NULL where no input gradient is needed.
+#ifdef DDPM_PLAIN
+#define LAYER(name) name##_ref
+#else
+#define LAYER(name) name##_fast
+#endif
+
+// The thread count the layers' scratch is sized for, and that their parallel loops
+// ask for: read once, by layers_init (unet_build calls it), so no step allocates.
+static int kernel_threads;
+#define layers_init LAYER(layers_init)
+static void layers_init(void);
+
+// Convolution, K x K (3 or 1), stride 1 ("SAME" padding) or 2 (the official Downsample):
+//   out (B, C_out, H/stride, W/stride) = inp (B, C_in, H, W) * weight (C_out, C_in, K, K) + bias (C_out)
+// ws: conv2d_workspace_floats(...) floats of scratch.
+#define conv2d_forward LAYER(conv2d_forward)
+#define conv2d_backward LAYER(conv2d_backward)
+#define conv2d_workspace_floats LAYER(conv2d_workspace_floats)
+static void conv2d_forward(float* out, const float* inp, const float* weight, const float* bias,
+                           int B, int C_in, int H, int W, int C_out, int K, int stride, float* ws);
+static void conv2d_backward(float* dinp, float* dweight, float* dbias, const float* dout,
+                            const float* inp, const float* weight,
+                            int B, int C_in, int H, int W, int C_out, int K, int stride, float* ws);
+static size_t conv2d_workspace_floats(int B, int C_in, int H, int W, int C_out, int K, int stride, int threads);
+
+// The input of a 3x3 stride-1 convolution, written by GroupNorm+SiLU, kept for the
+// backward pass in the layout that convolution reads (the reference: plain
+// (B, C, H, W); Part III: zero-bordered grids, conv_input_floats(H, W) floats a channel).
+//   groupnorm_silu_conv_input:  a = silu(groupnorm(x)), stored as a conv input
+//   dropout_conv_input:         a = dropout(a), in place
+//   conv3x3_forward / backward: conv2d with K = 3, stride 1, reading such an input
+//                               (its input gradient da is plain (B, C_in, H, W))
+#define conv_input_floats LAYER(conv_input_floats)
+#define groupnorm_silu_conv_input LAYER(groupnorm_silu_conv_input)
+#define dropout_conv_input LAYER(dropout_conv_input)
+#define conv3x3_forward LAYER(conv3x3_forward)
+#define conv3x3_backward LAYER(conv3x3_backward)
+static size_t conv_input_floats(int H, int W);
+static void groupnorm_silu_conv_input(float* a, float* mean, float* rstd, const float* x, const float* gamma,
+                                      const float* beta, int B, int C, int H, int W, int G);
+static void dropout_conv_input(float* a, int B, int C, int H, int W, float p, uint64_t key);
+static void conv3x3_forward(float* out, const float* a, const float* weight, const float* bias,
+                            int B, int C_in, int H, int W, int C_out, float* ws);
+static void conv3x3_backward(float* da, float* dweight, float* dbias, const float* dout, const float* a,
+                             const float* weight, int B, int C_in, int H, int W, int C_out, float* ws);
+
+// Nearest-neighbour 2x upsampling, then a 3x3 convolution (the official Upsample):
+//   out (B, C_out, 2H, 2W) = conv3x3(upsample(inp (B, C_in, H, W)))
+#define upsample_conv_forward LAYER(upsample_conv_forward)
+#define upsample_conv_backward LAYER(upsample_conv_backward)
+#define upsample_conv_workspace_floats LAYER(upsample_conv_workspace_floats)
+static void upsample_conv_forward(float* out, const float* inp, const float* weight, const float* bias,
+                                  int B, int C_in, int H, int W, int C_out, float* ws);
+static void upsample_conv_backward(float* dinp, float* dweight, float* dbias, const float* dout,
+                                   const float* inp, const float* weight, int B, int C_in, int H, int W,
+                                   int C_out, float* ws);
+static size_t upsample_conv_workspace_floats(int B, int C_in, int H, int W, int C_out, int threads);
+
+// Linear: out (B, C_out) = inp (B, C_in) . weight^T + bias, weight (C_out, C_in) as in PyTorch.
+#define linear_forward LAYER(linear_forward)
+#define linear_backward LAYER(linear_backward)
+static void linear_forward(float* out, const float* inp, const float* weight, const float* bias,
+                           int B, int C_in, int C_out);
+static void linear_backward(float* dinp, float* dweight, float* dbias, const float* dout,
+                            const float* inp, const float* weight, int B, int C_in, int C_out);
+
+// SiLU ("swish", the official nonlinearity): out = inp sigmoid(inp), N values.
+#define silu_forward LAYER(silu_forward)
+#define silu_backward LAYER(silu_backward)
+static void silu_forward(float* out, const float* inp, size_t N);
+static void silu_backward(float* dinp, const float* dout, const float* inp, size_t N);
+
+// GroupNorm over G groups of channels, then SiLU if `silu`: (B, C, HW) -> (B, C, HW);
+// mean, rstd (B, G) are saved for the backward pass.
+#define groupnorm_forward LAYER(groupnorm_forward)
+#define groupnorm_backward LAYER(groupnorm_backward)
+static void groupnorm_forward(float* out, float* mean, float* rstd, const float* inp,
+                              const float* gamma, const float* beta, int B, int C, int HW, int G, int silu);
+static void groupnorm_backward(float* dinp, float* dgamma, float* dbeta, const float* dout,
+                               const float* inp, const float* gamma, const float* beta,
+                               const float* mean, const float* rstd, int B, int C, int HW, int G, int silu);
+
+// Self-attention over the N = H W positions of each image: q, k, v, out (B, C, N),
+// attT (B, N, N) the softmax weights, transposed, saved for the backward pass (NULL in
+// sampling: then they go to scratch, N x N floats per thread).
+#define attention_forward LAYER(attention_forward)
+#define attention_backward LAYER(attention_backward)
+static void attention_forward(float* out, float* attT, const float* q, const float* k, const float* v,
+                              int B, int C, int N, float* scratch);
+static void attention_backward(float* dq, float* dk, float* dv, const float* dout,
+                               const float* q, const float* k, const float* v, const float* attT,
+                               int B, int C, int N, float* scratch);
+
+// dv[b, c] = sum of dh[b, c, :] over the pixels: the backward of add_channel_bias.
+#define sum_channel LAYER(sum_channel)
+static void sum_channel(float* dv, const float* dh, int B, int C, int HW);
+
+// Layers with one implementation, in section 16: plain loops already.
+static void dropout_forward(float* out, const float* inp, size_t N, float p, uint64_t key);
+static void dropout_backward(float* dinp, const float* dout, size_t N, float p, uint64_t key);
+static void concat_forward(float* out, const float* a, const float* b, int B, int Ca, int Cb, int HW);
+static void concat_backward(float* da, float* db, const float* dout, int B, int Ca, int Cb, int HW);
+static void timestep_embedding(float* out, const int* t_idx, int B, int dim);
+static void add_channel_bias(float* h, const float* v, int B, int C, int HW);
+static void add_inplace(float* y, const float* x, size_t N);
+static void zero(float* x, size_t n);
+
+// ----------------------------------------------------------------------------
+// 13. eps_theta(x_t, t): the whole network, forward and backward
+//
+//   temb = silu(dense1(silu(dense0(sinusoid(t)))))            the timestep embedding
+//   h    = conv_in(x_t)
+//   down path: per level, num_res_blocks ResBlocks (+ AttnBlock at 16x16), Downsample;
+//              every output is kept for a skip connection
+//   middle:    ResBlock, AttnBlock, ResBlock
+//   up path:   per level, num_res_blocks + 1 ResBlocks on concat(h, skip) (+ AttnBlock),
+//              Upsample
+//   eps_theta = conv_out(silu(norm_out(h)))
+// The blocks are listed in L->blocks in the order they run (section 15 builds the list),
+// so the forward pass walks the list and the backward pass walks it back.
+
+static void resblock_forward(UNet* m, Block* k, int B);
+static void resblock_backward(UNet* m, Block* k, int B);
+static void attnblock_forward(UNet* m, Block* k, int B);
+static void attnblock_backward(UNet* m, Block* k, int B);
+static void resample_forward(UNet* m, Block* k, int B);
+static void resample_backward(UNet* m, Block* k, int B);
+static void norm_silu_conv_forward(float* h, float* a, float* mean, float* rstd, const float* x,
+                                   const GroupNorm* n, const Conv2d* c, int B, int H, int W,
+                                   float p, uint64_t key, float* ws);
+static void norm_silu_conv_backward(float* dx, GroupNorm* n, Conv2d* c, const float* dh, const float* x,
+                                    const float* a, const float* mean, const float* rstd, int B, int H, int W,
+                                    float p, uint64_t key, float* tmp1, float* tmp2, float* ws);
+
+static float* unet_forward(UNet* m, const float* x_t, const int* t_idx, int B) {
+    UNetLayers* L = m->L;
+    const Config* c = &m->cfg;
+    int ch = c->ch, E = 4 * ch, S = c->img;
+    if (B > m->B_max) die("internal: batch %d exceeds the %d images the network was built for", B, m->B_max);
+    timestep_embedding(L->temb_sin, t_idx, B, ch);
+    linear_forward(L->temb_h, L->temb_sin, L->dense0.w, L->dense0.b, B, ch, E);
+    silu_forward(L->temb_a, L->temb_h, (size_t)B * E);
+    linear_forward(L->temb, L->temb_a, L->dense1.w, L->dense1.b, B, E, E);
+    silu_forward(L->temb_act, L->temb, (size_t)B * E);   // every ResBlock uses silu(temb)
+    memcpy(L->x, x_t, (size_t)B * c->in_ch * S * S * sizeof(float));
+    conv2d_forward(L->h0, L->x, L->conv_in.w, L->conv_in.b, B, c->in_ch, S, S, ch, 3, 1, L->conv_ws);
+    for (int i = 0; i < L->n_blocks; i++) {
+        Block* k = &L->blocks[i];
+        if (k->kind == BLOCK_RES) resblock_forward(m, k, B);
+        else if (k->kind == BLOCK_ATTN) attnblock_forward(m, k, B);
+        else resample_forward(m, k, B);
+    }
+    norm_silu_conv_forward(L->eps_theta, L->a_out, L->mean_out, L->rstd_out, L->h_last, &L->norm_out, &L->conv_out,
+                           B, S, S, 0, 0, L->conv_ws);
+    return L->eps_theta;
+}
+
+static void unet_backward(UNet* m, const float* d_eps_theta, int B) {
+    UNetLayers* L = m->L;
+    const Config* c = &m->cfg;
+    int ch = c->ch, E = 4 * ch, S = c->img;
+    zero(L->grad_acts, L->n_grad_acts);   // skip-connection and timestep gradients
+    // eps_theta = conv_out(silu(norm_out(h_last)))
+    zero(L->d_h_last, (size_t)B * ch * S * S);
+    norm_silu_conv_backward(L->d_h_last, &L->norm_out, &L->conv_out, d_eps_theta, L->h_last, L->a_out,
+                            L->mean_out, L->rstd_out, B, S, S, 0, 0, L->scratch[1], L->scratch[2], L->conv_ws);
+    for (int i = L->n_blocks - 1; i >= 0; i--) {
+        Block* k = &L->blocks[i];
+        if (k->din_transient) zero(k->din, (size_t)B * k->C_in * k->H * k->W);
+        if (k->kind == BLOCK_RES) resblock_backward(m, k, B);
+        else if (k->kind == BLOCK_ATTN) attnblock_backward(m, k, B);
+        else resample_backward(m, k, B);
+    }
+    // h0 = conv_in(x): the input x_t needs no gradient
+    conv2d_backward(NULL, L->conv_in.dw, L->conv_in.db, L->d_h0, L->x, L->conv_in.w,
+                    B, c->in_ch, S, S, ch, 3, 1, L->conv_ws);
+    // the timestep MLP, backwards: temb_act = silu(temb), temb = dense1(silu(dense0(sin)))
+    silu_backward(L->d_temb, L->d_temb_act, L->temb, (size_t)B * E);
+    linear_backward(L->d_temb_a, L->dense1.dw, L->dense1.db, L->d_temb, L->temb_a, L->dense1.w, B, E, E);
+    silu_backward(L->d_temb_h, L->d_temb_a, L->temb_h, (size_t)B * E);
+    linear_backward(NULL, L->dense0.dw, L->dense0.db, L->d_temb_h, L->temb_sin, L->dense0.w, B, ch, E);
+}
+
+static void unet_zero_grad(UNet* m) { zero(m->grads, m->n_params); }
+
+// ----------------------------------------------------------------------------
+// 14. The blocks, forward and backward (Appendix B; the official resnet_block,
+// attn_block, downsample and upsample)
+
+static uint64_t block_key(const UNet* m, const Block* k) {
+    return m->dropout_key ^ (0x9e3779b97f4a7c15ULL * (uint64_t)(k - m->L->blocks + 1));
+}
+
+static float dropout_p(const UNet* m) { return m->train ? m->cfg.dropout : 0.0f; }
+
+// The unit the U-Net is built of, twice in every ResBlock and once before the output:
+//   h = conv3x3(dropout(silu(groupnorm(x))))      (p = 0: no dropout)
+// a = dropout(silu(groupnorm(x))) is kept for the backward pass, as a conv input (12.1),
+// with GroupNorm's mean and rstd. The dropout mask is never stored: key rebuilds it.
+static void norm_silu_conv_forward(float* h, float* a, float* mean, float* rstd, const float* x,
+                                   const GroupNorm* n, const Conv2d* c, int B, int H, int W,
+                                   float p, uint64_t key, float* ws) {
+    groupnorm_silu_conv_input(a, mean, rstd, x, n->gamma, n->beta, B, n->C, H, W, n->G);
+    if (p > 0) dropout_conv_input(a, B, n->C, H, W, p, key);
+    conv3x3_forward(h, a, c->w, c->b, B, c->C_in, H, W, c->C_out, ws);
+}
+
+// dx += d/dx of the above; tmp1, tmp2: (B, C_in, H, W) of scratch each.
+static void norm_silu_conv_backward(float* dx, GroupNorm* n, Conv2d* c, const float* dh, const float* x,
+                                    const float* a, const float* mean, const float* rstd, int B, int H, int W,
+                                    float p, uint64_t key, float* tmp1, float* tmp2, float* ws) {
+    size_t N = (size_t)B * n->C * H * W;
+    float* da = tmp1;
+    zero(da, N);
+    conv3x3_backward(da, c->dw, c->db, dh, a, c->w, B, c->C_in, H, W, c->C_out, ws);   // h = conv3x3(a)
+    if (p > 0) {   // a = dropout(a'): the mask is rebuilt from its key
+        zero(tmp2, N);
+        dropout_backward(tmp2, da, N, p, key);
+        da = tmp2;
+    }
+    groupnorm_backward(dx, n->dgamma, n->dbeta, da, x, n->gamma, n->beta, mean, rstd,   // a' = silu(norm(x))
+                       B, n->C, H * W, n->G, 1);
+}
+
+// ResBlock:
+//   x  = in, or concat(in, skip) on the up path
+//   h1 = conv1(silu(norm1(x))) + temb_proj(silu(temb))     [broadcast over H x W]
+//   h2 = conv2(dropout(silu(norm2(h1))))
+//   out = shortcut(x) + h2,   shortcut = identity or a 1x1 conv ("nin") if channels change
+static void resblock_forward(UNet* m, Block* k, int B) {
+    UNetLayers* L = m->L;
+    int C_x = k->C_in + k->C_skip, C = k->C_out, H = k->H, W = k->W, HW = H * W;
+    size_t N = (size_t)B * C * HW;
+    const float* x = k->in;
+    if (k->skip) { concat_forward(L->scratch[0], k->in, k->skip, B, k->C_in, k->C_skip, HW); x = L->scratch[0]; }
+    norm_silu_conv_forward(k->h1, k->a1, k->mean1, k->rstd1, x, &k->norm1, &k->conv1, B, H, W, 0, 0, L->conv_ws);
+    linear_forward(L->tproj, L->temb_act, k->temb_proj.w, k->temb_proj.b, B, 4 * m->cfg.ch, C);
+    add_channel_bias(k->h1, L->tproj, B, C, HW);
+    norm_silu_conv_forward(k->out, k->a2, k->mean2, k->rstd2, k->h1, &k->norm2, &k->conv2, B, H, W,
+                           dropout_p(m), block_key(m, k), L->conv_ws);
+    if (k->nin_shortcut.w) {
+        conv2d_forward(L->scratch[2], x, k->nin_shortcut.w, k->nin_shortcut.b, B, C_x, H, W, C, 1, 1, L->conv_ws);
+        add_inplace(k->out, L->scratch[2], N);
+    } else {
+        add_inplace(k->out, x, N);
+    }
+}
+
+static void resblock_backward(UNet* m, Block* k, int B) {
+    UNetLayers* L = m->L;
+    int C_x = k->C_in + k->C_skip, C = k->C_out, H = k->H, W = k->W, HW = H * W;
+    size_t N = (size_t)B * C * HW;
+    float **s = L->scratch;
+    const float* x = k->in;
+    float* dx = k->din;
+    if (k->skip) {   // x = concat(in, skip): rebuild it, and collect its gradient apart
+        concat_forward(s[0], k->in, k->skip, B, k->C_in, k->C_skip, HW);
+        x = s[0];
+        dx = s[4];
+        zero(dx, (size_t)B * C_x * HW);
+    }
+    // out = shortcut(x) + h2
+    if (k->nin_shortcut.w)
+        conv2d_backward(dx, k->nin_shortcut.dw, k->nin_shortcut.db, k->dout, x, k->nin_shortcut.w,
+                        B, C_x, H, W, C, 1, 1, L->conv_ws);
+    else
+        add_inplace(dx, k->dout, N);
+    // h2 = conv2(dropout(silu(norm2(h1))))
+    float* dh1 = s[3];
+    zero(dh1, N);
+    norm_silu_conv_backward(dh1, &k->norm2, &k->conv2, k->dout, k->h1, k->a2, k->mean2, k->rstd2, B, H, W,
+                            dropout_p(m), block_key(m, k), s[2], s[1], L->conv_ws);
+    // h1 = conv1(silu(norm1(x))) + temb_proj(silu(temb)): the projection gets the per-channel sums
+    sum_channel(L->tproj, dh1, B, C, HW);
+    linear_backward(L->d_temb_act, k->temb_proj.dw, k->temb_proj.db, L->tproj, L->temb_act,
+                    k->temb_proj.w, B, 4 * m->cfg.ch, C);
+    norm_silu_conv_backward(dx, &k->norm1, &k->conv1, dh1, x, k->a1, k->mean1, k->rstd1, B, H, W,
+                            0, 0, s[2], s[1], L->conv_ws);
+    if (k->skip) concat_backward(k->din, k->dskip, dx, B, k->C_in, k->C_skip, HW);
+}
+
+// AttnBlock: n = norm(x); q, k, v = 1x1 convs of n;
+//   out = x + proj_out(attention(q, k, v))
+static void attnblock_forward(UNet* m, Block* k, int B) {
+    UNetLayers* L = m->L;
+    int C = k->C_in, H = k->H, W = k->W, HW = H * W;
+    float* n = L->scratch[0];
+    groupnorm_forward(n, k->mean, k->rstd, k->in, k->norm.gamma, k->norm.beta, B, C, HW, m->cfg.groups, 0);
+    conv2d_forward(k->qa, n, k->q.w, k->q.b, B, C, H, W, C, 1, 1, L->conv_ws);
+    conv2d_forward(k->ka, n, k->k.w, k->k.b, B, C, H, W, C, 1, 1, L->conv_ws);
+    conv2d_forward(k->va, n, k->v.w, k->v.b, B, C, H, W, C, 1, 1, L->conv_ws);
+    attention_forward(k->o, m->no_grad ? NULL : k->att, k->qa, k->ka, k->va, B, C, HW, L->datt);
+    conv2d_forward(k->out, k->o, k->proj_out.w, k->proj_out.b, B, C, H, W, C, 1, 1, L->conv_ws);
+    add_inplace(k->out, k->in, (size_t)B * C * HW);
+}
+
+static void attnblock_backward(UNet* m, Block* k, int B) {
+    UNetLayers* L = m->L;
+    int C = k->C_in, H = k->H, W = k->W, HW = H * W;
+    size_t N = (size_t)B * C * HW;
+    float **s = L->scratch;
+    float *n = s[0], *do_ = s[1], *dq = s[2], *dk = s[3], *dv = s[4];
+    add_inplace(k->din, k->dout, N);   // the residual connection
+    zero(do_, N);
+    conv2d_backward(do_, k->proj_out.dw, k->proj_out.db, k->dout, k->o, k->proj_out.w, B, C, H, W, C, 1, 1, L->conv_ws);
+    zero(dq, N); zero(dk, N); zero(dv, N);
+    attention_backward(dq, dk, dv, do_, k->qa, k->ka, k->va, k->att, B, C, HW, L->datt);
+    // n = norm(x), recomputed (the same mean and rstd again); its gradient sums the three projections
+    groupnorm_forward(n, k->mean, k->rstd, k->in, k->norm.gamma, k->norm.beta, B, C, HW, m->cfg.groups, 0);
+    float* dn = do_;
+    zero(dn, N);
+    conv2d_backward(dn, k->q.dw, k->q.db, dq, n, k->q.w, B, C, H, W, C, 1, 1, L->conv_ws);
+    conv2d_backward(dn, k->k.dw, k->k.db, dk, n, k->k.w, B, C, H, W, C, 1, 1, L->conv_ws);
+    conv2d_backward(dn, k->v.dw, k->v.db, dv, n, k->v.w, B, C, H, W, C, 1, 1, L->conv_ws);
+    groupnorm_backward(k->din, k->norm.dgamma, k->norm.dbeta, dn, k->in, k->norm.gamma, k->norm.beta,
+                       k->mean, k->rstd, B, C, HW, m->cfg.groups, 0);
+}
+
+// Downsample: 3x3 conv, stride 2.  Upsample: nearest 2x, then 3x3 conv.
+static void resample_forward(UNet* m, Block* k, int B) {
+    int C = k->C_in, H = k->H, W = k->W;
+    if (k->kind == BLOCK_DOWN)
+        conv2d_forward(k->out, k->in, k->conv.w, k->conv.b, B, C, H, W, C, 3, 2, m->L->conv_ws);
+    else
+        upsample_conv_forward(k->out, k->in, k->conv.w, k->conv.b, B, C, H, W, C, m->L->conv_ws);
+}
+
+static void resample_backward(UNet* m, Block* k, int B) {
+    int C = k->C_in, H = k->H, W = k->W;
+    if (k->kind == BLOCK_DOWN)
+        conv2d_backward(k->din, k->conv.dw, k->conv.db, k->dout, k->in, k->conv.w, B, C, H, W, C, 3, 2, m->L->conv_ws);
+    else
+        upsample_conv_backward(k->din, k->conv.dw, k->conv.db, k->dout, k->in, k->conv.w, B, C, H, W, C, m->L->conv_ws);
+}
+
+// ----------------------------------------------------------------------------
+// 15. The layout: presets, parameter tensors, and one buffer per role
+//
+// unet_layout walks the architecture of section 13 once to count every tensor, and once
+// more to carve the views out of one buffer each: parameters (UNet.params, with the
+// same layout in UNet.grads and in the trainer's Adam moments and EMA), saved
+// activations, activation gradients, and the work space of one block.
+
+typedef struct { const char* name; Config cfg; } Preset;
+
+// `paper` is the official CIFAR-10 model of Appendix B: 35.7M parameters. The two
+// compact presets keep its shape (three levels, attention at 16x16) at a size a CPU
+// can train in hours rather than weeks.
+static const Preset PRESETS[] = {
+    {"tiny",  {3, 32, 32, 3, {1, 2, 2}, 1, 1, {16}, 8, 0.1f}},
+    {"small", {3, 32, 64, 3, {1, 2, 2}, 1, 1, {16}, 32, 0.1f}},
+    {"paper", {3, 32, 128, 4, {1, 2, 2, 2}, 2, 1, {16}, 32, 0.1f}},
+};
+#define N_PRESETS (int)(sizeof(PRESETS) / sizeof(PRESETS[0]))
+
+static int preset_find(const char* name, Config* out) {
+    for (int i = 0; i < N_PRESETS; i++)
+        if (!strcmp(PRESETS[i].name, name)) { *out = PRESETS[i].cfg; return 1; }
+    return 0;
+}
+
+static int config_has_attn(const Config* c, int res) {
+    for (int i = 0; i < c->n_attn; i++) if (c->attn_res[i] == res) return 1;
+    return 0;
+}
+
+// Returns NULL if the configuration is usable, else a one-line reason naming the flag.
+static const char* config_check(const Config* c) {
+    static char msg[256];
+    if (c->in_ch <= 0 || c->in_ch > 16) return "--in-ch must be between 1 and 16";
+    if (c->ch <= 0 || c->ch % 2) return "--ch must be a positive even number";
+    if (c->ch < 4) return "--ch must be at least 4 (the sinusoidal embedding needs ch/2 >= 2)";
+    if (c->n_levels <= 0 || c->n_levels > MAX_LEVELS) return "--ch-mult needs 1 to 6 comma-separated levels";
+    if (c->num_res_blocks <= 0) return "--num-res-blocks must be positive";
+    if (c->groups <= 0) return "--groups must be positive";
+    if (c->dropout < 0 || c->dropout >= 1) return "--dropout must be in [0, 1)";
+    if (c->img <= 0 || c->img % (1 << (c->n_levels - 1)))
+        return "the image side must be divisible by 2^(levels-1): use fewer --ch-mult levels";
+    if (c->ch % c->groups) {
+        snprintf(msg, sizeof msg, "--ch %d is not divisible by --groups %d", c->ch, c->groups);
+        return msg;
+    }
+    for (int i = 0; i < c->n_levels; i++) {
+        if (c->ch_mult[i] <= 0) return "--ch-mult entries must be positive";
+        // every channel count of the net is a sum of multiples of ch, so ch % groups is
+        // enough for all GroupNorms
+    }
+    for (int a = 0; a < c->n_attn; a++) {
+        int ok = 0;
+        for (int i = 0; i < c->n_levels; i++) ok |= (c->img >> i) == c->attn_res[a];
+        if (!ok) {
+            snprintf(msg, sizeof msg, "--attn %d: the network never reaches %dx%d (resolutions are %d down to %d)",
+                     c->attn_res[a], c->attn_res[a], c->attn_res[a], c->img, c->img >> (c->n_levels - 1));
+            return msg;
+        }
+    }
+    return NULL;
+}
+
+typedef struct { float* base; size_t used; } Arena;
+
+// Carve n floats from an arena; on the sizing pass (base NULL) only count them.
+static float* take(Arena* a, size_t n) {
+    float* p = a->base ? a->base + a->used : NULL;
+    a->used += n;
+    return p;
+}
+
+// Register one parameter tensor; returns its view and sets *grad to its gradient view.
+static float* param_add(UNet* m, Arena* P, float** grad, const char* group, const char* name,
+                        int ndim, const int* shape, InitKind init, float bound) {
+    if (m->L->n_tensors >= MAX_PARAM_TENSORS) die("too many parameter tensors; raise MAX_PARAM_TENSORS");
+    ParamTensor* t = &m->L->tensors[m->L->n_tensors++];
+    snprintf(t->name, sizeof t->name, "%s.%s", group, name);
+    snprintf(t->group, sizeof t->group, "%s", group);
+    t->ndim = ndim;
+    t->numel = 1;
+    for (int i = 0; i < ndim; i++) { t->shape[i] = shape[i]; t->numel *= shape[i]; }
+    t->offset = P->used;
+    t->init = init;
+    t->bound = bound;
+    float* p = take(P, t->numel);
+    *grad = p ? m->grads + t->offset : NULL;
+    return p;
+}
+
+// The official initialiser: variance scaling, fan_avg, uniform:
+//   bound = sqrt(3 scale / ((fan_in + fan_out) / 2)); biases 0. scale is 1, except 1e-10
+// for the last layer of every residual branch and the output conv, so that each block
+// starts as (almost) the identity.
+static float init_bound(float scale, int fan_in, int fan_out) {
+    return sqrtf(3.0f * scale / ((fan_in + fan_out) / 2.0f));
+}
+
+static void conv_make(UNet* m, Arena* P, Conv2d* c, const char* group, const char* name,
+                      int C_in, int C_out, int K, int stride, int H, float scale) {
+    char n[48];
+    size_t need = conv2d_workspace_floats(m->B_max, C_in, H, H, C_out, K, stride, kernel_threads);
+    if (need > m->L->max_conv_ws) m->L->max_conv_ws = need;
+    int ws[4] = {C_out, C_in, K, K}, bs[1] = {C_out};
+    c->C_in = C_in; c->C_out = C_out; c->K = K; c->stride = stride;
+    snprintf(n, sizeof n, "%s%sweight", name ? name : "", name ? "." : "");
+    c->w = param_add(m, P, &c->dw, group, n, 4, ws, INIT_UNIFORM, init_bound(scale, C_in * K * K, C_out * K * K));
+    snprintf(n, sizeof n, "%s%sbias", name ? name : "", name ? "." : "");
+    c->b = param_add(m, P, &c->db, group, n, 1, bs, INIT_ZERO, 0);
+}
+
+static void linear_make(UNet* m, Arena* P, Linear* l, const char* group, const char* name, int C_in, int C_out) {
+    char n[48];
+    int ws[2] = {C_out, C_in}, bs[1] = {C_out};
+    l->C_in = C_in; l->C_out = C_out;
+    snprintf(n, sizeof n, "%s%sweight", name ? name : "", name ? "." : "");
+    l->w = param_add(m, P, &l->dw, group, n, 2, ws, INIT_UNIFORM, init_bound(1.0f, C_in, C_out));
+    snprintf(n, sizeof n, "%s%sbias", name ? name : "", name ? "." : "");
+    l->b = param_add(m, P, &l->db, group, n, 1, bs, INIT_ZERO, 0);
+}
+
+static void groupnorm_make(UNet* m, Arena* P, GroupNorm* g, const char* group, const char* name, int C, int G) {
+    char n[48];
+    int s[1] = {C};
+    g->C = C; g->G = G;
+    snprintf(n, sizeof n, "%s%sweight", name ? name : "", name ? "." : "");
+    g->gamma = param_add(m, P, &g->dgamma, group, n, 1, s, INIT_ONE, 0);
+    snprintf(n, sizeof n, "%s%sbias", name ? name : "", name ? "." : "");
+    g->beta = param_add(m, P, &g->dbeta, group, n, 1, s, INIT_ZERO, 0);
+}
+
+// A tensor flowing between blocks. Tensors kept for a skip connection are read by two
+// blocks, so their gradient has its own buffer and sums two contributions; every other
+// tensor is read by exactly one block, right after it is written, so its gradient
+// can live in one of two ping-pong buffers (consecutive ones alternate).
+typedef struct { float* x; float* dx; int C, H, persistent; } Flow;
+
+typedef struct { Arena P, A, G; } Arenas;
+
+static Flow flow_new(UNet* m, Arenas* ar, int C, int H, int persistent) {
+    size_t numel = (size_t)C * H * H;
+    Flow f = {take(&ar->A, m->B_max * numel), NULL, C, H, persistent};
+    f.dx = persistent ? take(&ar->G, m->B_max * numel) : m->L->ping[m->L->n_transient++ % 2];
+    if (numel > m->L->max_numel) m->L->max_numel = numel;
+    return f;
+}
+
+static Block* block_new(UNet* m, BlockKind kind, const char* fmt, int a, int b) {
+    if (m->L->n_blocks >= MAX_BLOCKS) die("too many blocks; raise MAX_BLOCKS");
+    Block* k = &m->L->blocks[m->L->n_blocks++];
+    memset(k, 0, sizeof *k);
+    k->kind = kind;
+    snprintf(k->name, sizeof k->name, fmt, a, b);
+    return k;
+}
+
+static void block_connect(UNet* m, Block* k, Flow in, const Flow* skip, Flow out) {
+    k->in = in.x; k->din = in.dx; k->din_transient = !in.persistent;
+    k->C_in = in.C; k->H = k->W = in.H;
+    if (skip) { k->skip = skip->x; k->dskip = skip->dx; k->C_skip = skip->C; }
+    k->out = out.x; k->dout = out.dx; k->C_out = out.C;
+    size_t need = (size_t)(k->C_in + k->C_skip) * in.H * in.H;   // a concatenated input
+    if (need > m->L->max_numel) m->L->max_numel = need;
+}
+
+static Flow resblock_make(UNet* m, Arenas* ar, Flow in, const Flow* skip, int C_out, int persistent, const char* name, int a, int b) {
+    Block* k = block_new(m, BLOCK_RES, name, a, b);
+    int C_x = in.C + (skip ? skip->C : 0), G = m->cfg.groups, H = in.H, Bm = m->B_max;
+    groupnorm_make(m, &ar->P, &k->norm1, k->name, "norm1", C_x, G);
+    conv_make(m, &ar->P, &k->conv1, k->name, "conv1", C_x, C_out, 3, 1, H, 1.0f);
+    linear_make(m, &ar->P, &k->temb_proj, k->name, "temb_proj", 4 * m->cfg.ch, C_out);
+    groupnorm_make(m, &ar->P, &k->norm2, k->name, "norm2", C_out, G);
+    conv_make(m, &ar->P, &k->conv2, k->name, "conv2", C_out, C_out, 3, 1, H, 1e-10f);
+    if (C_x != C_out) conv_make(m, &ar->P, &k->nin_shortcut, k->name, "nin_shortcut", C_x, C_out, 1, 1, H, 1.0f);
+    k->mean1 = take(&ar->A, Bm * G); k->rstd1 = take(&ar->A, Bm * G);
+    k->mean2 = take(&ar->A, Bm * G); k->rstd2 = take(&ar->A, Bm * G);
+    k->h1 = take(&ar->A, (size_t)Bm * C_out * H * H);
+    k->a1 = take(&ar->A, (size_t)Bm * C_x * conv_input_floats(H, H));    // written as conv1's grids
+    k->a2 = take(&ar->A, (size_t)Bm * C_out * conv_input_floats(H, H));  // written as conv2's grids
+    Flow out = flow_new(m, ar, C_out, H, persistent);
+    block_connect(m, k, in, skip, out);
+    return out;
+}
+
+static Flow attnblock_make(UNet* m, Arenas* ar, Flow in, int persistent, const char* name, int a, int b) {
+    Block* k = block_new(m, BLOCK_ATTN, name, a, b);
+    int C = in.C, G = m->cfg.groups, HW = in.H * in.H, Bm = m->B_max;
+    groupnorm_make(m, &ar->P, &k->norm, k->name, "norm", C, G);
+    conv_make(m, &ar->P, &k->q, k->name, "q", C, C, 1, 1, in.H, 1.0f);
+    conv_make(m, &ar->P, &k->k, k->name, "k", C, C, 1, 1, in.H, 1.0f);
+    conv_make(m, &ar->P, &k->v, k->name, "v", C, C, 1, 1, in.H, 1.0f);
+    conv_make(m, &ar->P, &k->proj_out, k->name, "proj_out", C, C, 1, 1, in.H, 1e-10f);
+    k->mean = take(&ar->A, Bm * G); k->rstd = take(&ar->A, Bm * G);
+    k->qa = take(&ar->A, (size_t)Bm * C * HW); k->ka = take(&ar->A, (size_t)Bm * C * HW);
+    k->va = take(&ar->A, (size_t)Bm * C * HW); k->o = take(&ar->A, (size_t)Bm * C * HW);
+    k->att = take(&ar->A, (size_t)Bm * HW * HW);
+    if (HW > m->L->max_attn_hw) m->L->max_attn_hw = HW;
+    Flow out = flow_new(m, ar, C, in.H, persistent);
+    block_connect(m, k, in, NULL, out);
+    return out;
+}
+
+// Downsample (stride-2 conv) and Upsample (nearest 2x, then conv), both C -> C.
+static Flow resample_make(UNet* m, Arenas* ar, Flow in, BlockKind kind, int persistent, const char* name, int a) {
+    Block* k = block_new(m, kind, name, a, 0);
+    conv_make(m, &ar->P, &k->conv, k->name, "conv", in.C, in.C, 3, kind == BLOCK_DOWN ? 2 : 1,
+              kind == BLOCK_DOWN ? in.H : 2 * in.H, 1.0f);
+    int H_out = kind == BLOCK_DOWN ? in.H / 2 : in.H * 2;
+    Flow out = flow_new(m, ar, in.C, H_out, persistent);
+    block_connect(m, k, in, NULL, out);
+    if (kind == BLOCK_UP) {   // the upsampling conv needs its own scratch
+        size_t need = upsample_conv_workspace_floats(m->B_max, in.C, in.H, in.H, in.C, kernel_threads);
+        if (need > m->L->max_conv_ws) m->L->max_conv_ws = need;
+    }
+    return out;
+}
+
+// The official U-Net (diffusion_tf/models/unet.py), block by block.
+static void unet_layout(UNet* m, Arenas* ar) {
+    UNetLayers* L = m->L;
+    const Config* c = &m->cfg;
+    int Bm = m->B_max, ch = c->ch, E = 4 * ch, S = c->img, G = c->groups;
+    L->n_tensors = L->n_blocks = L->n_transient = 0;
+    // timestep embedding: sinusoid -> dense0 -> silu -> dense1 (-> silu in every ResBlock)
+    linear_make(m, &ar->P, &L->dense0, "temb", "dense0", ch, E);
+    linear_make(m, &ar->P, &L->dense1, "temb", "dense1", E, E);
+    L->temb_sin = take(&ar->A, (size_t)Bm * ch);
+    L->temb_h = take(&ar->A, (size_t)Bm * E); L->temb_a = take(&ar->A, (size_t)Bm * E);
+    L->temb = take(&ar->A, (size_t)Bm * E); L->temb_act = take(&ar->A, (size_t)Bm * E);
+    L->d_temb_act = take(&ar->G, (size_t)Bm * E); L->d_temb = take(&ar->G, (size_t)Bm * E);
+    L->d_temb_a = take(&ar->G, (size_t)Bm * E); L->d_temb_h = take(&ar->G, (size_t)Bm * E);
+    L->x = take(&ar->A, (size_t)Bm * c->in_ch * S * S);
+    conv_make(m, &ar->P, &L->conv_in, "conv_in", NULL, c->in_ch, ch, 3, 1, S, 1.0f);
+    // Down path: every output is kept (hs) for a skip connection.
+    Flow hs[4 * MAX_LEVELS * 8];
+    int n_hs = 0;
+    hs[n_hs++] = flow_new(m, ar, ch, S, 1);
+    L->h0 = hs[0].x;
+    L->d_h0 = hs[0].dx;
+    for (int i = 0; i < c->n_levels; i++) {
+        for (int j = 0; j < c->num_res_blocks; j++) {
+            int attn = config_has_attn(c, hs[n_hs - 1].H);
+            Flow h = resblock_make(m, ar, hs[n_hs - 1], NULL, ch * c->ch_mult[i], !attn, "down.%d.block.%d", i, j);
+            if (attn) h = attnblock_make(m, ar, h, 1, "down.%d.attn.%d", i, j);
+            hs[n_hs++] = h;
+        }
+        if (i != c->n_levels - 1) {
+            hs[n_hs] = resample_make(m, ar, hs[n_hs - 1], BLOCK_DOWN, 1, "down.%d.downsample", i);
+            n_hs++;
+        }
+    }
+    // Middle: ResBlock, AttnBlock, ResBlock at the lowest resolution.
+    Flow h = hs[n_hs - 1];
+    h = resblock_make(m, ar, h, NULL, h.C, 0, "mid.block_1", 0, 0);
+    h = attnblock_make(m, ar, h, 0, "mid.attn_1", 0, 0);
+    h = resblock_make(m, ar, h, NULL, h.C, 0, "mid.block_2", 0, 0);
+    // Up path: num_res_blocks + 1 ResBlocks per level, each on concat(h, skip).
+    for (int i = c->n_levels - 1; i >= 0; i--) {
+        for (int j = 0; j < c->num_res_blocks + 1; j++) {
+            Flow skip = hs[--n_hs];
+            h = resblock_make(m, ar, h, &skip, ch * c->ch_mult[i], 0, "up.%d.block.%d", i, j);
+            if (config_has_attn(c, h.H)) h = attnblock_make(m, ar, h, 0, "up.%d.attn.%d", i, j);
+        }
+        if (i != 0) h = resample_make(m, ar, h, BLOCK_UP, 0, "up.%d.upsample", i);
+    }
+    // Out: GroupNorm, SiLU, 3x3 conv to the image channels.
+    L->h_last = h.x;
+    L->d_h_last = h.dx;
+    groupnorm_make(m, &ar->P, &L->norm_out, "norm_out", NULL, ch, G);
+    conv_make(m, &ar->P, &L->conv_out, "conv_out", NULL, ch, c->in_ch, 3, 1, S, 1e-10f);
+    L->mean_out = take(&ar->A, (size_t)Bm * G); L->rstd_out = take(&ar->A, (size_t)Bm * G);
+    L->a_out = take(&ar->A, (size_t)Bm * ch * conv_input_floats(S, S));
+    L->eps_theta = take(&ar->A, (size_t)Bm * c->in_ch * S * S);
+}
+
+// Build the network for batches of up to B_max images: size everything, allocate each
+// buffer once, then carve the named views. Nothing is allocated after this.
+static void unet_build(UNet* m, const Config* cfg, int B_max) {
+    const char* err = config_check(cfg);
+    if (err) die("%s", err);
+    memset(m, 0, sizeof *m);
+    m->cfg = *cfg;
+    m->B_max = B_max;
+    UNetLayers* L = m->L = calloc_check(1, sizeof *m->L, "the network's layers");
+    layers_init();
+    Arenas sizing = {{NULL, 0}, {NULL, 0}, {NULL, 0}};
+    unet_layout(m, &sizing);
+    m->n_params = sizing.P.used;
+    L->n_acts = sizing.A.used;
+    L->n_grad_acts = sizing.G.used;
+    size_t per = (size_t)B_max * L->max_numel;
+    size_t att = (size_t)kernel_threads * L->max_attn_hw * L->max_attn_hw;   // datt, per thread
+    int max_mult = 1;
+    for (int i = 0; i < cfg->n_levels; i++) if (cfg->ch_mult[i] > max_mult) max_mult = cfg->ch_mult[i];
+    size_t tproj = (size_t)B_max * cfg->ch * max_mult;
+    L->n_work = (N_SCRATCH + 2) * per + L->max_conv_ws + att + tproj;
+    m->params = calloc_check(m->n_params, sizeof(float), "parameters");
+    m->grads = calloc_check(m->n_params, sizeof(float), "gradients");
+    L->acts = calloc_check(L->n_acts, sizeof(float), "activations");
+    L->grad_acts = calloc_check(L->n_grad_acts, sizeof(float), "activation gradients");
+    L->work = calloc_check(L->n_work, sizeof(float), "work buffers");
+    float* w = L->work;
+    for (int i = 0; i < N_SCRATCH; i++, w += per) L->scratch[i] = w;
+    L->ping[0] = w; w += per;
+    L->ping[1] = w; w += per;
+    L->conv_ws = w; w += L->max_conv_ws;
+    L->datt = w; w += att;
+    L->tproj = w;
+    Arenas carve = {{m->params, 0}, {L->acts, 0}, {L->grad_acts, 0}};
+    unet_layout(m, &carve);
+}
+
+static void unet_free(UNet* m) {
+    free(m->params); free(m->grads); free(m->L->acts); free(m->L->grad_acts); free(m->L->work); free(m->L);
+}
+
+// Official initialisation (see init_bound), drawn in the order of tensors[].
+static void unet_init(UNet* m, Rng* rng) {
+    for (int i = 0; i < m->L->n_tensors; i++) {
+        ParamTensor* t = &m->L->tensors[i];
+        float* p = m->params + t->offset;
+        for (size_t j = 0; j < t->numel; j++)
+            p[j] = t->init == INIT_ONE ? 1.0f : t->init == INIT_ZERO ? 0.0f
+                 : (float)((2.0 * rng_uniform(rng) - 1.0) * t->bound);
+    }
+}
+
+// ----------------------------------------------------------------------------
+// 16. The layers: plain reference implementations
+//
+// "The algorithmic reference", as llm.c calls the naive matmul it keeps beside its tuned
+// one: loops that can be checked against the formula above them, forward beside
+// backward, serial, with long sums in double. They are what -DDDPM_PLAIN runs and what
+// gdb steps through in `make debug`; tests/ checks every kernel of Part III against them,
+// and the PyTorch comparison runs on both builds.
+
+// (In the default build only tests/ calls them: no warning for that.)
+#ifndef DDPM_PLAIN
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wunused-function"
+#endif
+
+static void layers_init_ref(void) { kernel_threads = max_threads(); }
+
+// ---- 16.1 Convolution: conv2d_forward_ref / conv2d_backward_ref ----
+// The U-Net of §4 / Appendix B is built of 3x3 convolutions (1x1 for shortcuts and
+// attention, and 3x3 stride 2 to downsample). Padding is TensorFlow's "SAME", as in the
+// official model: stride 1 pads K/2 on every side; stride 2 (on an even input) pads 0
+// on the top/left and 1 on the bottom/right.
+//   out[b, o, y, x] = bias[o] + sum_{c, i, j} weight[o, c, i, j] inp[b, c, s y + i - pad, s x + j - pad]
+// with inputs outside the image read as 0.
+static int conv_pad(int K, int stride) { return stride == 1 ? K / 2 : 0; }
+
+static size_t conv2d_workspace_floats_ref(int B, int C_in, int H, int W, int C_out, int K, int stride, int threads) {
+    (void)B; (void)C_in; (void)H; (void)W; (void)C_out; (void)K; (void)stride; (void)threads;
+    return 0;
+}
+
+static void conv2d_forward_ref(float* out, const float* inp, const float* weight, const float* bias,
+                               int B, int C_in, int H, int W, int C_out, int K, int stride, float* ws) {
+    (void)ws;
+    int Ho = H / stride, Wo = W / stride, pad = conv_pad(K, stride);
+    for (int b = 0; b < B; b++)
+        for (int o = 0; o < C_out; o++) {
+            float* y = out + ((size_t)b * C_out + o) * Ho * Wo;
+            for (int p = 0; p < Ho * Wo; p++) y[p] = bias[o];
+            for (int c = 0; c < C_in; c++)   // each weight adds a shifted copy of an input plane
+                for (int i = 0; i < K; i++)
+                    for (int j = 0; j < K; j++) {
+                        float w = weight[(((size_t)o * C_in + c) * K + i) * K + j];
+                        const float* x = inp + ((size_t)b * C_in + c) * H * W;
+                        for (int oy = 0; oy < Ho; oy++) {
+                            int iy = stride * oy + i - pad;
+                            if (iy < 0 || iy >= H) continue;
+                            for (int ox = 0; ox < Wo; ox++) {
+                                int ix = stride * ox + j - pad;
+                                if (ix >= 0 && ix < W) y[oy * Wo + ox] += w * x[iy * W + ix];
+                            }
+                        }
+                    }
+        }
+}
+
+// Each term weight[o, c, i, j] inp[b, c, iy, ix] of the forward sum sends dout[b, o, oy, ox]
+// back to both of its factors, and the bias receives every dout of its channel:
+//   dinp[b, c, iy, ix] += weight[o, c, i, j] dout[b, o, oy, ox]
+//   dweight[o, c, i, j] += sum_{b, oy, ox} inp[b, c, iy, ix] dout[b, o, oy, ox]
+//   dbias[o] += sum_{b, oy, ox} dout[b, o, oy, ox]
+static void conv2d_backward_ref(float* dinp, float* dweight, float* dbias, const float* dout,
+                                const float* inp, const float* weight,
+                                int B, int C_in, int H, int W, int C_out, int K, int stride, float* ws) {
+    (void)ws;
+    int Ho = H / stride, Wo = W / stride, pad = conv_pad(K, stride);
+    for (int o = 0; o < C_out; o++) {
+        double sb = 0;
+        for (int b = 0; b < B; b++)
+            for (int p = 0; p < Ho * Wo; p++) sb += dout[((size_t)b * C_out + o) * Ho * Wo + p];
+        dbias[o] += (float)sb;
+        for (int c = 0; c < C_in; c++)
+            for (int i = 0; i < K; i++)
+                for (int j = 0; j < K; j++) {
+                    double sw = 0;
+                    for (int b = 0; b < B; b++) {
+                        const float* x = inp + ((size_t)b * C_in + c) * H * W;
+                        const float* dy = dout + ((size_t)b * C_out + o) * Ho * Wo;
+                        float w = weight[(((size_t)o * C_in + c) * K + i) * K + j];
+                        float* dx = dinp ? dinp + ((size_t)b * C_in + c) * H * W : NULL;
+                        for (int oy = 0; oy < Ho; oy++) {
+                            int iy = stride * oy + i - pad;
+                            if (iy < 0 || iy >= H) continue;
+                            for (int ox = 0; ox < Wo; ox++) {
+                                int ix = stride * ox + j - pad;
+                                if (ix < 0 || ix >= W) continue;
+                                sw += (double)x[iy * W + ix] * dy[oy * Wo + ox];
+                                if (dx) dx[iy * W + ix] += w * dy[oy * Wo + ox];
+                            }
+                        }
+                    }
+                    dweight[(((size_t)o * C_in + c) * K + i) * K + j] += (float)sw;
+                }
+    }
+}
+
+// The input of a 3x3 conv kept as it is: plain (B, C, H, W). (Part III keeps it as the
+// zero-bordered grids its convolution reads, and writes them straight from GroupNorm.)
+static size_t conv_input_floats_ref(int H, int W) { return (size_t)H * W; }
+
+static void conv3x3_forward_ref(float* out, const float* a, const float* weight, const float* bias,
+                                int B, int C_in, int H, int W, int C_out, float* ws) {
+    conv2d_forward_ref(out, a, weight, bias, B, C_in, H, W, C_out, 3, 1, ws);
+}
+
+static void conv3x3_backward_ref(float* da, float* dweight, float* dbias, const float* dout, const float* a,
+                                 const float* weight, int B, int C_in, int H, int W, int C_out, float* ws) {
+    conv2d_backward_ref(da, dweight, dbias, dout, a, weight, B, C_in, H, W, C_out, 3, 1, ws);
+}
+
+// ---- 16.2 Linear: linear_forward_ref / linear_backward_ref ----
+//   out[b, o] = bias[o] + sum_i inp[b, i] weight[o, i]
+static void linear_forward_ref(float* out, const float* inp, const float* weight, const float* bias,
+                               int B, int C_in, int C_out) {
+    for (int b = 0; b < B; b++)
+        for (int o = 0; o < C_out; o++) {
+            double s = bias[o];
+            for (int i = 0; i < C_in; i++) s += (double)inp[(size_t)b * C_in + i] * weight[(size_t)o * C_in + i];
+            out[(size_t)b * C_out + o] = (float)s;
+        }
+}
+
+//   dinp[b, i] += sum_o dout[b, o] weight[o, i],  dweight[o, i] += sum_b dout[b, o] inp[b, i],
+//   dbias[o] += sum_b dout[b, o]
+static void linear_backward_ref(float* dinp, float* dweight, float* dbias, const float* dout,
+                                const float* inp, const float* weight, int B, int C_in, int C_out) {
+    for (int o = 0; o < C_out; o++) {
+        double sb = 0;
+        for (int b = 0; b < B; b++) sb += dout[(size_t)b * C_out + o];
+        dbias[o] += (float)sb;
+        for (int i = 0; i < C_in; i++) {
+            double sw = 0;
+            for (int b = 0; b < B; b++) sw += (double)dout[(size_t)b * C_out + o] * inp[(size_t)b * C_in + i];
+            dweight[(size_t)o * C_in + i] += (float)sw;
+        }
+    }
+    if (dinp)
+        for (int b = 0; b < B; b++)
+            for (int i = 0; i < C_in; i++) {
+                double s = 0;
+                for (int o = 0; o < C_out; o++) s += (double)dout[(size_t)b * C_out + o] * weight[(size_t)o * C_in + i];
+                dinp[(size_t)b * C_in + i] += (float)s;
+            }
+}
+
+// ---- 16.3 SiLU: silu_forward_ref / silu_backward_ref ----
+// The official code's nonlinearity, swish: silu(x) = x sigmoid(x).
+static float sigmoid_ref(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+static void silu_forward_ref(float* out, const float* inp, size_t N) {
+    for (size_t i = 0; i < N; i++) out[i] = inp[i] * sigmoid_ref(inp[i]);
+}
+
+// d silu / dx = s + x s (1 - s) = s (1 + x (1 - s)),  s = sigmoid(x)
+static float silu_grad_ref(float x) {
+    float s = sigmoid_ref(x);
+    return s * (1.0f + x * (1.0f - s));
+}
+
+static void silu_backward_ref(float* dinp, const float* dout, const float* inp, size_t N) {
+    for (size_t i = 0; i < N; i++) dinp[i] += dout[i] * silu_grad_ref(inp[i]);
+}
+
+// ---- 16.4 GroupNorm (+ SiLU): groupnorm_forward_ref / groupnorm_backward_ref ----
+// "group normalization throughout" (§4; Wu & He 2018): the C channels are split into G
+// groups of C/G, and each (image, group), C/G x HW values, is normalised by its own
+// mean and variance, then scaled and shifted per channel:
+//   xhat = (x - mean) rstd,  rstd = 1 / sqrt(var + 1e-6),  n = gamma_c xhat + beta_c,
+//   out = silu(n) if silu, else n.
+// In the U-Net every GroupNorm but the attention's is followed by SiLU, hence the flag.
+// In NCHW the values of one (image, group) are contiguous: x = inp + (b G + g) (C/G) HW.
+#define GN_EPS 1e-6
+
+static void groupnorm_forward_ref(float* out, float* mean, float* rstd, const float* inp,
+                                  const float* gamma, const float* beta, int B, int C, int HW, int G, int silu) {
+    int Cg = C / G;
+    size_t n = (size_t)Cg * HW;
+    for (int bg = 0; bg < B * G; bg++) {
+        const float* x = inp + (size_t)bg * n;
+        float* y = out + (size_t)bg * n;
+        double s = 0, ss = 0;
+        for (size_t i = 0; i < n; i++) s += x[i];
+        double mu = s / n;
+        for (size_t i = 0; i < n; i++) ss += (x[i] - mu) * (x[i] - mu);
+        mean[bg] = (float)mu;
+        rstd[bg] = (float)(1.0 / sqrt(ss / n + GN_EPS));
+        for (int cg = 0; cg < Cg; cg++) {
+            int c = (bg % G) * Cg + cg;
+            for (int i = 0; i < HW; i++) {
+                float v = gamma[c] * (x[cg * HW + i] - mean[bg]) * rstd[bg] + beta[c];
+                y[cg * HW + i] = silu ? v * sigmoid_ref(v) : v;
+            }
+        }
+    }
+}
+
+// With dn = dout silu'(n) (or dout, without the SiLU), per (image, group):
+//   dbeta_c += sum dn,  dgamma_c += sum dn xhat,  dxhat = dn gamma_c,
+//   dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)), the means over the group
+// (mean and rstd depend on every x of the group: the last two terms are their share).
+static void groupnorm_backward_ref(float* dinp, float* dgamma, float* dbeta, const float* dout,
+                                   const float* inp, const float* gamma, const float* beta,
+                                   const float* mean, const float* rstd, int B, int C, int HW, int G, int silu) {
+    int Cg = C / G;
+    size_t n = (size_t)Cg * HW;
+    for (int bg = 0; bg < B * G; bg++) {
+        const float *x = inp + (size_t)bg * n, *dy = dout + (size_t)bg * n;
+        float m = mean[bg], r = rstd[bg];
+        double sum_dxhat = 0, sum_dxhat_xhat = 0;
+        for (int pass = 0; pass < 2; pass++)
+            for (int cg = 0; cg < Cg; cg++) {
+                int c = (bg % G) * Cg + cg;
+                double sdn = 0, sdn_xhat = 0;
+                for (int i = 0; i < HW; i++) {
+                    float xhat = (x[cg * HW + i] - m) * r, v = gamma[c] * xhat + beta[c];
+                    float dn = silu ? dy[cg * HW + i] * silu_grad_ref(v) : dy[cg * HW + i];
+                    if (pass == 0) { sdn += dn; sdn_xhat += (double)dn * xhat; continue; }
+                    dinp[(size_t)bg * n + cg * HW + i] +=
+                        r * (float)(dn * gamma[c] - sum_dxhat / n - xhat * sum_dxhat_xhat / n);
+                }
+                if (pass == 1) continue;
+                dbeta[c] += (float)sdn;
+                dgamma[c] += (float)sdn_xhat;
+                sum_dxhat += sdn * gamma[c];
+                sum_dxhat_xhat += sdn_xhat * gamma[c];
+            }
+    }
+}
+
+// a = silu(groupnorm(x)) as the next 3x3 conv's input: plain, like x.
+static void groupnorm_silu_conv_input_ref(float* a, float* mean, float* rstd, const float* x, const float* gamma,
+                                          const float* beta, int B, int C, int H, int W, int G) {
+    groupnorm_forward_ref(a, mean, rstd, x, gamma, beta, B, C, H * W, G, 1);
+}
+
+// ---- 16.5 Dropout: dropout_forward / dropout_backward ----
+// "dropout 0.1" on CIFAR-10 (Appendix B), inside each ResBlock. Inverted dropout: keep
+// each value with probability 1 - p and scale it by 1/(1 - p), so that nothing changes
+// at evaluation. The mask is never stored: element i is kept iff hash(key, i) >= p 2^32,
+// so the backward pass rebuilds it from the same key. In place is allowed.
+static int dropout_keep(uint64_t key, size_t i, float p) {
+    return hash_u32(key, i) >= (uint32_t)(p * 4294967296.0);
+}
+
+static void dropout_forward(float* out, const float* inp, size_t N, float p, uint64_t key) {
+    float scale = 1.0f / (1.0f - p);
+    for (size_t i = 0; i < N; i++) out[i] = dropout_keep(key, i, p) ? inp[i] * scale : 0.0f;
+}
+
+static void dropout_backward(float* dinp, const float* dout, size_t N, float p, uint64_t key) {
+    float scale = 1.0f / (1.0f - p);
+    #pragma omp parallel for schedule(static) if (N > 65536)
+    for (size_t i = 0; i < N; i++) if (dropout_keep(key, i, p)) dinp[i] += dout[i] * scale;
+}
+
+static void dropout_conv_input_ref(float* a, int B, int C, int H, int W, float p, uint64_t key) {
+    dropout_forward(a, a, (size_t)B * C * H * W, p, key);
+}
+
+// ---- 16.6 Attention: attention_forward_ref / attention_backward_ref ----
+// §4: "self-attention at the 16 x 16 feature map resolution". The core of the official
+// AttnBlock (a non-local / self-attention layer over the N = H W positions of each image),
+// given q, k, v of shape (B, C, N):
+//   att[i, j] = softmax_j( sum_c q[c, i] k[c, j] / sqrt(C) ),   out[c, i] = sum_j att[i, j] v[c, j]
+// att is saved transposed, attT[j, i] = att[i, j], the layout the fast kernel wants.
+static void attention_forward_ref(float* out, float* attT, const float* q, const float* k, const float* v,
+                                  int B, int C, int N, float* scratch) {
+    double scale = 1.0 / sqrt((double)C);
+    for (int b = 0; b < B; b++) {
+        const float *qb = q + (size_t)b * C * N, *kb = k + (size_t)b * C * N, *vb = v + (size_t)b * C * N;
+        float* a = attT ? attT + (size_t)b * N * N : scratch;
+        for (int i = 0; i < N; i++) {
+            double mx = -INFINITY, sum = 0;
+            for (int j = 0; j < N; j++) {
+                double s = 0;
+                for (int c = 0; c < C; c++) s += (double)qb[c * N + i] * kb[c * N + j];
+                a[(size_t)j * N + i] = (float)(s * scale);
+                mx = fmax(mx, s * scale);
+            }
+            for (int j = 0; j < N; j++) sum += exp(a[(size_t)j * N + i] - mx);
+            for (int j = 0; j < N; j++) a[(size_t)j * N + i] = (float)(exp(a[(size_t)j * N + i] - mx) / sum);
+        }
+        for (int c = 0; c < C; c++)
+            for (int i = 0; i < N; i++) {
+                double s = 0;
+                for (int j = 0; j < N; j++) s += (double)a[(size_t)j * N + i] * vb[c * N + j];
+                out[(size_t)b * C * N + c * N + i] = (float)s;
+            }
+    }
+}
+
+// With datt[i, j] = sum_c dout[c, i] v[c, j] and the softmax's backward
+//   ds[i, j] = att[i, j] (datt[i, j] - sum_j' att[i, j'] datt[i, j']) / sqrt(C):
+//   dv[c, j] += sum_i att[i, j] dout[c, i],  dq[c, i] += sum_j ds[i, j] k[c, j],
+//   dk[c, j] += sum_i ds[i, j] q[c, i].   scratch: N x N floats, for ds.
+static void attention_backward_ref(float* dq, float* dk, float* dv, const float* dout,
+                                   const float* q, const float* k, const float* v, const float* attT,
+                                   int B, int C, int N, float* scratch) {
+    double scale = 1.0 / sqrt((double)C);
+    float* ds = scratch;   // ds[i N + j]
+    for (int b = 0; b < B; b++) {
+        size_t o = (size_t)b * C * N;
+        const float* a = attT + (size_t)b * N * N;   // att[i, j] = a[j N + i]
+        for (int c = 0; c < C; c++)
+            for (int j = 0; j < N; j++) {
+                double s = 0;
+                for (int i = 0; i < N; i++) s += (double)a[(size_t)j * N + i] * dout[o + c * N + i];
+                dv[o + c * N + j] += (float)s;
+            }
+        for (int i = 0; i < N; i++) {
+            double dot = 0;
+            for (int j = 0; j < N; j++) {
+                double datt = 0;
+                for (int c = 0; c < C; c++) datt += (double)dout[o + c * N + i] * v[o + c * N + j];
+                ds[(size_t)i * N + j] = (float)datt;
+                dot += a[(size_t)j * N + i] * datt;
+            }
+            for (int j = 0; j < N; j++)
+                ds[(size_t)i * N + j] = (float)(a[(size_t)j * N + i] * (ds[(size_t)i * N + j] - dot) * scale);
+        }
+        for (int c = 0; c < C; c++)
+            for (int i = 0; i < N; i++) {
+                double sq = 0, sk = 0;
+                for (int j = 0; j < N; j++) {
+                    sq += (double)ds[(size_t)i * N + j] * k[o + c * N + j];
+                    sk += (double)ds[(size_t)j * N + i] * q[o + c * N + j];   // i plays j here
+                }
+                dq[o + c * N + i] += (float)sq;
+                dk[o + c * N + i] += (float)sk;
+            }
+    }
+}
+
+// ---- 16.7 Upsampling: upsample_forward / upsample_backward, and the official Upsample ----
+// Nearest neighbour, 2x: up[c, y, x] = inp[c, y/2, x/2] (integer division). Backward:
+// each input pixel receives the gradients of the 2 x 2 block it was copied to.
+static void upsample_forward(float* up, const float* inp, int BC, int H, int W) {
+    for (int bc = 0; bc < BC; bc++)
+        for (int y = 0; y < 2 * H; y++)
+            for (int x = 0; x < 2 * W; x++)
+                up[((size_t)bc * 2 * H + y) * 2 * W + x] = inp[((size_t)bc * H + y / 2) * W + x / 2];
+}
+
+static void upsample_backward(float* dinp, const float* dup, int BC, int H, int W) {
+    for (int bc = 0; bc < BC; bc++)
+        for (int y = 0; y < 2 * H; y++)
+            for (int x = 0; x < 2 * W; x++)
+                dinp[((size_t)bc * H + y / 2) * W + x / 2] += dup[((size_t)bc * 2 * H + y) * 2 * W + x];
+}
+
+// The official Upsample: out = conv3x3(upsample(inp)). ws holds the upsampled input
+// and (backward) its gradient, B C_in 2H 2W floats each.
+static size_t upsample_conv_workspace_floats_ref(int B, int C_in, int H, int W, int C_out, int threads) {
+    (void)C_out; (void)threads;
+    return 2 * (size_t)B * C_in * 4 * H * W;
+}
+
+static void upsample_conv_forward_ref(float* out, const float* inp, const float* weight, const float* bias,
+                                      int B, int C_in, int H, int W, int C_out, float* ws) {
+    upsample_forward(ws, inp, B * C_in, H, W);
+    conv2d_forward_ref(out, ws, weight, bias, B, C_in, 2 * H, 2 * W, C_out, 3, 1, NULL);
+}
+
+static void upsample_conv_backward_ref(float* dinp, float* dweight, float* dbias, const float* dout,
+                                       const float* inp, const float* weight, int B, int C_in, int H, int W,
+                                       int C_out, float* ws) {
+    size_t n_up = (size_t)B * C_in * 4 * H * W;
+    float *up = ws, *dup = ws + n_up;
+    upsample_forward(up, inp, B * C_in, H, W);
+    memset(dup, 0, n_up * sizeof(float));
+    conv2d_backward_ref(dinp ? dup : NULL, dweight, dbias, dout, up, weight, B, C_in, 2 * H, 2 * W, C_out, 3, 1, NULL);
+    if (dinp) upsample_backward(dinp, dup, B * C_in, H, W);
+}
+
+// ---- 16.8 Channel concatenation: concat_forward / concat_backward ----
+// The U-Net's skip connections: out (B, Ca + Cb, HW) = [a ; b] along channels.
+static void concat_forward(float* out, const float* a, const float* b, int B, int Ca, int Cb, int HW) {
+    #pragma omp parallel for schedule(static) if ((size_t)B * (Ca + Cb) * HW > 65536)
+    for (int i = 0; i < B; i++) {
+        memcpy(out + (size_t)i * (Ca + Cb) * HW, a + (size_t)i * Ca * HW, (size_t)Ca * HW * sizeof(float));
+        memcpy(out + ((size_t)i * (Ca + Cb) + Ca) * HW, b + (size_t)i * Cb * HW, (size_t)Cb * HW * sizeof(float));
+    }
+}
+
+static void concat_backward(float* da, float* db, const float* dout, int B, int Ca, int Cb, int HW) {
+    #pragma omp parallel for schedule(static) if ((size_t)B * (Ca + Cb) * HW > 65536)
+    for (int i = 0; i < B; i++) {
+        const float* d = dout + (size_t)i * (Ca + Cb) * HW;
+        for (size_t j = 0; j < (size_t)Ca * HW; j++) da[(size_t)i * Ca * HW + j] += d[j];
+        for (size_t j = 0; j < (size_t)Cb * HW; j++) db[(size_t)i * Cb * HW + j] += d[(size_t)Ca * HW + j];
+    }
+}
+
+// ---- 16.9 The timestep embedding (§4: "the Transformer sinusoidal position embedding") ----
+// emb[b] = [sin(t_b f_0) .. sin(t_b f_{h-1}), cos(t_b f_0) .. cos(t_b f_{h-1})], h = dim/2,
+// f_i = exp(-ln(10000) i / (h - 1)). t is the 0-based index, as in the official code.
+// No backward: t is an integer input. Computed in double: t f_i reaches 10^3 radians,
+// where float arguments would already be off by ~1e-4.
+static void timestep_embedding(float* out, const int* t_idx, int B, int dim) {
+    int half = dim / 2;
+    for (int b = 0; b < B; b++)
+        for (int i = 0; i < half; i++) {
+            double arg = t_idx[b] * exp(-log(10000.0) * i / (half - 1));
+            out[(size_t)b * dim + i] = (float)sin(arg);
+            out[(size_t)b * dim + half + i] = (float)cos(arg);
+        }
+}
+
+// ---- 16.10 Small helpers of the blocks ----
+// h[b, c, :] += v[b, c]: the timestep projection added to every pixel of a channel.
+static void add_channel_bias(float* h, const float* v, int B, int C, int HW) {
+    #pragma omp parallel for schedule(static) if ((size_t)B * C * HW > 65536)
+    for (size_t bc = 0; bc < (size_t)B * C; bc++)
+        for (int i = 0; i < HW; i++) h[bc * HW + i] += v[bc];
+}
+
+// dv[b, c] = sum over pixels of dh[b, c, :]   (the backward of add_channel_bias; it
+// writes, not accumulates: its caller's projection gradient starts there)
+static void sum_channel_ref(float* dv, const float* dh, int B, int C, int HW) {
+    for (int bc = 0; bc < B * C; bc++) {
+        double s = 0;
+        for (int i = 0; i < HW; i++) s += dh[(size_t)bc * HW + i];
+        dv[bc] = (float)s;
+    }
+}
+
+static void add_inplace(float* y, const float* x, size_t N) {
+    #pragma omp parallel for schedule(static) if (N > 65536)
+    for (size_t i = 0; i < N; i++) y[i] += x[i];
+}
+
+static void zero(float* x, size_t n) {
+    size_t chunk = 65536;
+    #pragma omp parallel for schedule(static) if (n > chunk)
+    for (size_t i = 0; i < n; i += chunk) memset(x + i, 0, (n - i < chunk ? n - i : chunk) * sizeof(float));
+}
+
+#ifndef DDPM_PLAIN
+#pragma GCC diagnostic pop
+#endif
+
+// ============================================================================
+// Part III. Fast kernels (an appendix: skip it on a first reading)
+// ============================================================================
+//
+// Nothing here is in the paper. This is where the network of Part II spends its time,
+// made fast: the same layers as section 16, with the same results up to the rounding of
+// a different order of sums (tests/ checks every one against its reference). The
+// convolutions run "direct" on zero-bordered grids (17.2), and the GroupNorm+SiLU before
+// a 3x3 convolution writes those grids itself (17.4): that seam is why section 12.1 has
+// the "conv input" functions. -DDDPM_PLAIN leaves this part out.
+#ifndef DDPM_PLAIN
+
+// ----------------------------------------------------------------------------
+// 17. Fast kernels
+//
+// ---- 17.0 Vectors and register tiles, chosen per target ----
+// The kernels below are written once, for vectors of VW
+// floats (GCC/Clang vector extensions), and each keeps a tile of its result in
+// registers while it sums. How big that tile can be depends on the machine: its
+// accumulators, plus the vectors it loads and the value it broadcasts, must fit the
+// register file, or the compiler spills them to the stack and the kernel runs many times
+// slower. So the vector width and every tile's shape are chosen here, once, from the
+// target the compiler builds for (BLIS does the same: one algorithm, a micro-kernel
+// shape per architecture). Shapes are rows x vectors:
+//   conv     CONV_MR output channels x CONV_NV vectors of pixels (17.2)
+//   wide     CONV_MR_WIDE x CONV_NV_WIDE, for maps the main tile covers badly (17.2)
+//   dweight  CONV_DW_K taps x CONV_DW_NV vectors of output channels (17.2)
+//   gemm     GEMM_MR rows x GEMM_NV vectors of columns (17.1)
+// A tile of R rows x V vectors costs R V accumulators + V loaded vectors + 1 broadcast
+// (+ 1 product when there is no fused multiply-add).
+// -DDDPM_NO_SIMD builds the same kernels as loops over arrays instead of vectors (what a
+// compiler without vector extensions gets); tests/ runs every variant this machine can
+// execute.
+#if defined(DDPM_NO_SIMD) || !defined(__GNUC__)
+#define DDPM_SIMD 0
+#else
+#define DDPM_SIMD 1
+#endif
+#if !DDPM_SIMD || defined(__AVX512F__)
+// AVX-512: 32 registers of 16 floats. conv 8 x 3 = 24 accumulators + 3 loads + 1
+// broadcast = 28; wide 4 x 5 = 20 + 5 + 1 (8 x 8 maps: 72 flat pixels fit 80, where
+// 48-pixel tiles compute 96); dweight 9 taps x 2 = 18 + 2 + 1 (one 3x3 channel, 32
+// output channels); gemm 8 x 2 = 16 + 2 + 1.
+// The no-SIMD build takes the same shapes, in rows of 16 floats: it has no vector types
+// and holds no tile in registers; the compiler vectorises its tile loops itself, with the
+// accumulators in memory, and it does that best on long contiguous rows, where short
+// SSE2-shaped rows leave it mostly loop overhead.
+#define DDPM_ISA (DDPM_SIMD ? "avx512" : "no-simd")
+#define VW 16
+#define VEC_REGS 32
+#define CONV_MR 8
+#define CONV_NV 3
+#define CONV_MR_WIDE 4
+#define CONV_NV_WIDE 5
+#define CONV_DW_K 9
+#define CONV_DW_K1 8
+#define CONV_DW_NV 2
+#define GEMM_MR 8
+#define GEMM_NV 2
+#elif defined(__AVX__) && defined(__FMA__)
+// AVX2 (or AVX) with FMA: 16 registers of 8 floats. conv 4 x 3 = 12 + 3 + 1 = 16 (24
+// pixels: the 72 flat pixels of an 8 x 8 map are 3 tiles, so no wide tile is needed);
+// dweight 6 taps x 2 = 12 + 2 + 1 (16 output channels; the 9 taps of a 3x3 channel
+// take groups of 6 across channels); gemm 6 x 2 = 12 + 2 + 1, BLIS's Haswell shape.
+#define DDPM_ISA "avx2"
+#define VW 8
+#define VEC_REGS 16
+#define CONV_MR 4
+#define CONV_NV 3
+#define CONV_MR_WIDE 4
+#define CONV_NV_WIDE 3
+#define CONV_DW_K 6
+#define CONV_DW_K1 6
+#define CONV_DW_NV 2
+#define GEMM_MR 6
+#define GEMM_NV 2
+#elif defined(__ARM_NEON) || defined(__aarch64__)
+// ARM64 NEON: 32 registers of 4 floats, fused multiply-add by vector lane. conv 8 x 3 =
+// 24 + 3 + 2 (the 8 weights as two vectors); wide 4 x 5 = 20 + 5 + 1; dweight 9 x 2 =
+// 18 + 2 + 1 (8 output channels); gemm 8 x 3 = 24 + 3 + 2, BLIS's Cortex-A57 shape.
+#define DDPM_ISA "neon"
+#define VW 4
+#define VEC_REGS 32
+#define CONV_MR 8
+#define CONV_NV 3
+#define CONV_MR_WIDE 4
+#define CONV_NV_WIDE 5
+#define CONV_DW_K 9
+#define CONV_DW_K1 8
+#define CONV_DW_NV 2
+#define GEMM_MR 8
+#define GEMM_NV 3
+#else
+// SSE2 (x86-64's baseline), AVX without FMA, and any other GCC target: 16 registers of
+// 4 floats assumed, and a separate multiply and add (one more register for the
+// product). conv 4 x 2 = 8 + 2 + 1 + 1; dweight 4 x 2 = 8 + 2 + 1 + 1; gemm 4 x 2 =
+// 8 + 2 + 1 + 1.
+#if defined(__SSE2__)
+#define DDPM_ISA "sse2"
+#else
+#define DDPM_ISA "generic-vector"
+#endif
+#define VW 4
+#define VEC_REGS 16
+#define CONV_MR 4
+#define CONV_NV 2
+#define CONV_MR_WIDE 4
+#define CONV_NV_WIDE 2
+#define CONV_DW_K 4
+#define CONV_DW_K1 4
+#define CONV_DW_NV 2
+#define GEMM_MR 4
+#define GEMM_NV 2
+#endif
+#if DDPM_SIMD
+typedef float vecf __attribute__((vector_size(4 * VW)));   // VW floats
+// Loads and stores at any float address. (memcpy into an array of vectors does the
+// same, but GCC then keeps the array on the stack, and every FMA of a tile waits on a
+// store and a load.)
+typedef float vecf_u __attribute__((vector_size(4 * VW), aligned(4), may_alias));
+static inline vecf vload(const float* p) { return *(const vecf_u*)p; }
+static inline void vstore(float* p, vecf v) { *(vecf_u*)p = v; }
+#endif
+#define CONV_NR (VW * CONV_NV)             // pixels per conv tile
+#define CONV_NR_WIDE (VW * CONV_NV_WIDE)
+#define CONV_NV_MAX (CONV_NV > CONV_NV_WIDE ? CONV_NV : CONV_NV_WIDE)
+#define CONV_NR_MAX (VW * CONV_NV_MAX)
+#define CONV_DW_CO (VW * CONV_DW_NV)       // output channels per weight-gradient tile
+#define GEMM_NR (VW * GEMM_NV)
+_Static_assert(CONV_MR % CONV_MR_WIDE == 0, "the wide tile reads rows of CONV_MR-row weight panels");
+_Static_assert(CONV_MR * CONV_NV + CONV_NV + 1 <= VEC_REGS && CONV_MR_WIDE * CONV_NV_WIDE + CONV_NV_WIDE + 1 <= VEC_REGS &&
+               CONV_DW_K * CONV_DW_NV + CONV_DW_NV + 1 <= VEC_REGS && GEMM_MR * GEMM_NV + GEMM_NV + 1 <= VEC_REGS,
+               "every tile's accumulators, loads and broadcast fit the register file");
+static int round_up(int n, int m) { return (n + m - 1) / m * m; }
+
+
+// ---- 17.1 The matrix multiplication ----
+// Linear layers, attention and the input gradient of the
+// stride-2 convolution reduce to
+//   C[M,N] (+)= op(A)[M,K] op(B)[K,N],  op(A)[i,p] = transA ? A[p*lda + i] : A[i*lda + p]
+// (the convolutions themselves have their own direct kernel, 17.2). It is the classic
+// blocked design of BLIS/GotoBLAS, in plain C: copy ("pack") a KC-deep slab of A into
+// MR-row panels and of B into NR-column panels (B's rows are read where they lie when
+// B is not transposed), so the innermost kernel streams both and keeps an MR x NR block
+// of C in registers. OpenMP splits C into tiles; each tile is owned by one thread
+// and sums over K in the same order whatever the tile size, so the result has the
+// same bits for any number of threads.
+#define GEMM_MC 96
+#define GEMM_KC 512
+#define GEMM_NC (GEMM_NR * (1024 / GEMM_NR))
+_Static_assert(GEMM_MC % GEMM_MR == 0 && GEMM_NC % GEMM_NR == 0, "packing buffers hold whole panels");
+
+static float* gemm_pack_buffer;   // per thread: MC*KC floats of A, then KC*NC of B
+
+static int thread_id(void) {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
+static int in_parallel(void) {
+#ifdef _OPENMP
+    return omp_in_parallel();
+#else
+    return 0;
+#endif
+}
+
+
+// Called once at start-up (model build), so no step ever allocates. Per-thread buffers
+// are sized for the thread count seen here; the parallel loops that use them ask for
+// exactly that many threads (num_threads), so a later omp_set_num_threads is harmless.
+static void gemm_init(void) {
+    if (gemm_pack_buffer) return;
+    kernel_threads = max_threads();
+    gemm_pack_buffer = malloc_check((size_t)kernel_threads * (GEMM_MC * GEMM_KC + GEMM_KC * GEMM_NC) * sizeof(float), "matmul packing buffers");
+}
+
+// Copy op(A)[i0:i0+mc, p0:p0+kc] into panels of MR rows: Ap[panel][p][r], zero-padded.
+// The loops run along memory (rows of A, or columns when transposed) so reads stream.
+static void gemm_pack_a(float* Ap, const float* A, int lda, int transA, int i0, int mc, int p0, int kc) {
+    for (int ir = 0; ir < mc; ir += GEMM_MR, Ap += (size_t)GEMM_MR * kc) {
+        int m = mc - ir < GEMM_MR ? mc - ir : GEMM_MR;
+        if (transA) {
+            for (int p = 0; p < kc; p++) {
+                const float* src = A + (size_t)(p0 + p) * lda + i0 + ir;
+                for (int r = 0; r < m; r++) Ap[p * GEMM_MR + r] = src[r];
+                for (int r = m; r < GEMM_MR; r++) Ap[p * GEMM_MR + r] = 0.0f;
+            }
+        } else {
+            for (int r = 0; r < GEMM_MR; r++) {
+                const float* src = A + (size_t)(i0 + ir + r) * lda + p0;
+                for (int p = 0; p < kc; p++) Ap[p * GEMM_MR + r] = r < m ? src[p] : 0.0f;
+            }
+        }
+    }
+}
+
+// Copy op(B)[p0:p0+kc, j0:j0+nc] into panels of NR columns: Bp[panel][p][c], zero-padded.
+static void gemm_pack_b(float* Bp, const float* B, int ldb, int transB, int p0, int kc, int j0, int nc) {
+    for (int jr = 0; jr < nc; jr += GEMM_NR, Bp += (size_t)GEMM_NR * kc) {
+        int n = nc - jr < GEMM_NR ? nc - jr : GEMM_NR;
+        if (!transB) {
+            for (int p = 0; p < kc; p++) {
+                const float* src = B + (size_t)(p0 + p) * ldb + j0 + jr;
+                for (int c = 0; c < n; c++) Bp[p * GEMM_NR + c] = src[c];
+                for (int c = n; c < GEMM_NR; c++) Bp[p * GEMM_NR + c] = 0.0f;
+            }
+        } else {
+            for (int pb = 0; pb < kc; pb += 16)   // a transpose in 16-deep tiles
+                for (int c = 0; c < GEMM_NR; c++) {
+                    const float* src = B + (size_t)(j0 + jr + c) * ldb + p0;
+                    int pe = pb + 16 < kc ? pb + 16 : kc;
+                    for (int p = pb; p < pe; p++) Bp[p * GEMM_NR + c] = c < n ? src[p] : 0.0f;
+                }
+        }
+    }
+}
+
+// The register-blocked inner kernel: an MR x NR block of C, kc terms deep, in MR x NV
+// vectors (17.0): each step broadcasts one value of A's panel and does MR NV fused
+// multiply-adds with a row of B's panel.
+static void gemm_micro(int kc, const float* restrict a, const float* restrict b, int ldb,
+                       float* restrict C, int ldc, int m, int n, int accumulate) {
+#if DDPM_SIMD
+    vecf acc[GEMM_MR][GEMM_NV];
+    memset(acc, 0, sizeof acc);
+    for (int p = 0; p < kc; p++, a += GEMM_MR, b += ldb) {
+        vecf bv[GEMM_NV];
+        for (int v = 0; v < GEMM_NV; v++) bv[v] = vload(b + VW * v);
+        for (int r = 0; r < GEMM_MR; r++)
+            for (int v = 0; v < GEMM_NV; v++) acc[r][v] += a[r] * bv[v];
+    }
+    if (m == GEMM_MR && n == GEMM_NR) {   // a full tile: whole vectors in and out
+        for (int r = 0; r < GEMM_MR; r++)
+            for (int v = 0; v < GEMM_NV; v++) {
+                float* c = C + (size_t)r * ldc + VW * v;
+                vstore(c, accumulate ? acc[r][v] + vload(c) : acc[r][v]);
+            }
+        return;
+    }
+    float out[GEMM_MR][GEMM_NR];
+    memcpy(out, acc, sizeof out);
+#else
+    float out[GEMM_MR][GEMM_NR] = {{0}};
+    for (int p = 0; p < kc; p++, a += GEMM_MR, b += ldb)
+        for (int r = 0; r < GEMM_MR; r++)
+            for (int c = 0; c < GEMM_NR; c++) out[r][c] += a[r] * b[c];
+#endif
+    for (int r = 0; r < m; r++)
+        for (int c = 0; c < n; c++)
+            C[(size_t)r * ldc + c] = accumulate ? C[(size_t)r * ldc + c] + out[r][c] : out[r][c];
+}
+
+static void matmul(float* C, const float* A, const float* B, int M, int N, int K,
+                   int lda, int ldb, int ldc, int transA, int transB, int accumulate) {
+    if (M <= 0 || N <= 0) return;
+    if (K <= 0) {   // an empty sum
+        if (!accumulate) for (int i = 0; i < M; i++) memset(C + (size_t)i * ldc, 0, N * sizeof(float));
+        return;
+    }
+    gemm_init();
+    // Called from inside a parallel loop (one image per thread), or when small, it runs
+    // serially, with the calling thread's packing buffer. The id is read out here: inside
+    // even an inactive `omp parallel` region the thread number restarts at 0.
+    int serial = 2.0 * M * N * K <= 2e5 || in_parallel(), outer = thread_id();
+    // In parallel, make at least 2 tiles per thread when the matrix allows, for load
+    // balance. (Serially a split would only pack A once more.)
+    int mt = (M + GEMM_MC - 1) / GEMM_MC, nc = GEMM_NC;
+    while (!serial && nc > GEMM_NR && mt * ((N + nc - 1) / nc) < 2 * kernel_threads) nc = round_up(nc / 2, GEMM_NR);
+    int nt = (N + nc - 1) / nc, parallel = !serial && mt * nt > 1;
+    #pragma omp parallel for schedule(static) if (parallel) num_threads(kernel_threads)
+    for (int tile = 0; tile < mt * nt; tile++) {
+        int i0 = (tile / nt) * GEMM_MC, j0 = (tile % nt) * nc;
+        int mc = M - i0 < GEMM_MC ? M - i0 : GEMM_MC, ncc = N - j0 < nc ? N - j0 : nc;
+        int tid = parallel ? thread_id() : outer;
+        float* Ap = gemm_pack_buffer + (size_t)tid * (GEMM_MC * GEMM_KC + GEMM_KC * GEMM_NC);
+        float* Bp = Ap + GEMM_MC * GEMM_KC;
+        for (int p0 = 0; p0 < K; p0 += GEMM_KC) {
+            int kc = K - p0 < GEMM_KC ? K - p0 : GEMM_KC;
+            // B is read where it lies when its rows hold whole NR-wide panels; only a
+            // transposed B, or the last partial panel, is packed.
+            int in_place = transB ? 0 : ncc / GEMM_NR * GEMM_NR;
+            gemm_pack_a(Ap, A, lda, transA, i0, mc, p0, kc);
+            if (in_place < ncc) gemm_pack_b(Bp, B, ldb, transB, p0, kc, j0 + in_place, ncc - in_place);
+            for (int jr = 0; jr < ncc; jr += GEMM_NR)
+                for (int ir = 0; ir < mc; ir += GEMM_MR)
+                    gemm_micro(kc, Ap + (size_t)ir * kc,
+                               jr < in_place ? B + (size_t)p0 * ldb + j0 + jr : Bp + (size_t)(jr - in_place) * kc,
+                               jr < in_place ? ldb : GEMM_NR,
+                               C + (size_t)(i0 + ir) * ldc + j0 + jr, ldc,
+                               mc - ir < GEMM_MR ? mc - ir : GEMM_MR,
+                               ncc - jr < GEMM_NR ? ncc - jr : GEMM_NR,
+                               accumulate || p0 > 0);
+        }
+    }
+}
+
+
+// ---- 17.2 Convolution: conv2d_forward_fast / conv2d_backward_fast ----
+// The convolution of 16.1 (K = 3 or 1, stride 1 or 2, "SAME" padding) runs "direct",
+// with no im2col copy. Copy each input plane into a grid with a zero border, and number
+// the grid's cells row by row with pitch Wp = W + 1: one zero column serves as the right border of a row and the left border
+// of the next. Output pixel (h, w) gets the flat index p = h Wp + w, and the 9 inputs
+// under its kernel sit at p + i Wp + j: one offset per tap, the same for every pixel.
+// So out[o, p .. p+n-1] for n consecutive p is a sum of weight * (n consecutive
+// floats of a padded plane): contiguous vector loads, no gather. The price is a junk
+// column per row (p with w = W), computed and dropped.
+//   1x1: no border is needed, so the input is used as it is (pitch W, no junk).
+//   stride 2: split each input plane into its 4 phases x[2h + a, 2w + b], each a padded
+//   (H/2) x (W/2) grid; tap (i, j) then reads phase (i mod 2, j mod 2) at a fixed offset,
+//   and the stride-2 convolution becomes a stride-1 one over the phases.
+// The register tile (17.0 gives its shape per target; 8 output channels x 48 flat pixels
+// on AVX-512) sums over all C_in x K x K taps before it is stored once: each step loads
+// CONV_NV vectors of the input and broadcasts CONV_MR weights into CONV_MR x CONV_NV
+// fused multiply-adds. Two variants waste less where the main tile would: the wide
+// tile on maps it covers with less overrun (on AVX-512, 4 channels x 80 pixels on an
+// 8 x 8 map, whose 8 rows of pitch 9 fit one tile where 48-pixel tiles compute 96), and
+// CONV_MR_WIDE rows for a conv with at most that many outputs (conv_out: 3 channels).
+//
+// Backward, with dy on the output's grid:
+//   dinp  is the same direct convolution of (padded) dy with the weights transposed
+//         (o <-> c) and flipped (tap i, j -> 2 - i, 2 - j); for stride 2 it is
+//         weight^T . dy scattered back onto the image (col2im), image by image;
+//   dweight[o, c, i, j] = sum_{b, h, w} dy[b, o, h, w] xgrid[b, c, tap (i, j) + h Wp + w];
+//         a reduction over pixels, so its tile is CONV_DW_CO output channels (vectors
+//         of a transposed dy, [pixel][o]) x CONV_DW_K columns (c, tap) of the weight
+//         matrix, each a broadcast input value.
+// Every output element is summed by one thread in a fixed order, so the bits do not
+// depend on the number of threads.
+// Long float sums (here, in GroupNorm and in softmax) run in 16 interleaved partial sums,
+// "lanes": a plain s += x[i] is one chain of dependent adds the compiler may not
+// reorder, while the lanes are independent and become vector adds. The order is fixed,
+// so the bits are too.
+#define LANES 16
+
+// sum of n floats in lanes, the lanes added in double. (With vectors the 16 lanes
+// are 16 / VW vectors; the plain C loop computes the same bits.)
+static double lane_sum(const float* x, int n) {
+    float s[LANES] = {0};
+    int i = 0;
+#if DDPM_SIMD
+    vecf v[LANES / VW] = {{0}};
+    for (; i + LANES <= n; i += LANES)
+        for (int k = 0; k < LANES / VW; k++) v[k] += vload(x + i + k * VW);
+    memcpy(s, v, sizeof s);
+#else
+    for (; i + LANES <= n; i += LANES)
+        for (int l = 0; l < LANES; l++) s[l] += x[i + l];
+#endif
+    for (; i < n; i++) s[i % LANES] += x[i];
+    double sum = 0;
+    for (int l = 0; l < LANES; l++) sum += s[l];
+    return sum;
+}
+
+// Floats of a conv's weights packed into CONV_MR-row panels (conv_pack_weights).
+static size_t conv_packed_floats(int rows, int cols, int T) { return (size_t)round_up(rows, CONV_MR) * cols * T; }
+// Columns (c, tap) of the weight matrix per weight-gradient tile, for T taps: all of a
+// channel's taps when they fit the tile, else CONV_DW_K at a time across channels.
+static int conv_dw_group(int T) { return T == 1 ? CONV_DW_K1 : T <= CONV_DW_K ? T : CONV_DW_K; }
+
+typedef enum { CONV_PADDED, CONV_PLAIN, CONV_PHASES } ConvMode;
+
+// The input grid of one channel and the offsets of the kernel's taps in it.
+typedef struct {
+    ConvMode mode;       // padded (3x3 stride 1), plain (1x1), phases (3x3 stride 2)
+    int H, W, Wp;        // output size; row pitch of the input grid
+    int L, Lr;           // flat output positions (H Wp, junk columns included), rounded up to nr
+    int mr, nr;          // the register tile: output channels x flat pixels
+    size_t P, S;         // one grid, with room for the last tile's overrun; one channel (1 or 4 grids)
+    int T, toff[9];      // taps (K*K) and their offsets from the output's flat index
+    // where output pixel (h, w) of channel o goes: o out_plane + out_off + h out_pitch + w out_step
+    // (an image of H x W, but for one phase of the fused upsampling conv of 17.7)
+    int out_pitch, out_step, out_off;
+    size_t out_plane;
+} ConvGeom;
+
+// H, W: the input's size.
+static ConvGeom conv_geom(int H, int W, int K, int stride) {
+    ConvGeom g = {0};
+    g.H = H / stride; g.W = W / stride; g.T = K * K;
+    g.mode = stride == 2 ? CONV_PHASES : K == 3 || H * W < CONV_NR ? CONV_PADDED : CONV_PLAIN;
+    g.Wp = g.mode == CONV_PLAIN ? g.W : g.W + 1;
+    g.L = g.H * g.Wp;
+    // the tile that wastes fewer pixels past the end (AVX-512 on 8 x 8: 72 = 8 rows of 9
+    // fit in 80, 48 would compute 96); a plain 1x1 needs the tile to fit in the image.
+    int wide = round_up(g.L, CONV_NR_WIDE) < round_up(g.L, CONV_NR) && (g.mode != CONV_PLAIN || g.L >= CONV_NR_WIDE);
+    g.mr = wide ? CONV_MR_WIDE : CONV_MR;
+    g.nr = wide ? CONV_NR_WIDE : CONV_NR;
+    g.Lr = round_up(g.L, g.nr);
+    g.P = g.mode == CONV_PLAIN ? (size_t)g.L : (size_t)round_up(g.Lr + 2 * g.Wp + 2, 16);
+    g.S = g.mode == CONV_PHASES ? 4 * g.P : g.P;
+    g.out_pitch = g.W; g.out_step = 1; g.out_off = 0; g.out_plane = (size_t)g.H * g.W;
+    for (int i = 0; i < K; i++)
+        for (int j = 0; j < K; j++) {
+            int* t = &g.toff[i * K + j];
+            if (g.mode == CONV_PHASES) *t = (int)(((i % 2) * 2 + j % 2) * g.P) + (i / 2 + 1) * g.Wp + j / 2 + 1;
+            else if (g.mode == CONV_PLAIN) *t = 0;
+            else *t = K == 1 ? g.Wp + 1 : i * g.Wp + j;   // a tiny 1x1 (H W < CONV_NR) reads the grid's centre
+        }
+    return g;
+}
+
+// Scratch of one conv call (the caller owns it, sized by conv2d_workspace_floats):
+//   planes   B x max(C_in, C_out) input grids: the input, later the output gradient
+//   dyt      B x HW_out x C_out (rounded up to 32): the output gradient transposed, for dweight
+//   packed   the weights in 8-row panels
+//   dwacc    the weight-gradient tiles being summed
+//   dcol     stride 2 only: weight^T . dy of one image per thread, for col2im
+typedef struct { float *planes, *dyt, *packed, *dwacc, *dcol; } ConvWork;
+
+static ConvWork conv_work(float* ws, int B, int C_in, int H, int W, int C_out, int K, int stride,
+                          int threads, size_t* total) {
+    ConvGeom g = conv_geom(H, W, K, stride);
+    int C_max = C_in > C_out ? C_in : C_out, CoP = round_up(C_out, CONV_DW_CO);
+    size_t n[5] = {g.mode == CONV_PLAIN ? 0 : (size_t)B * C_max * g.S,
+                   (size_t)B * g.H * g.W * CoP,
+                   conv_packed_floats(C_max, C_max, g.T),
+                   (size_t)CoP * CONV_DW_K * ((C_in * g.T + conv_dw_group(g.T) - 1) / conv_dw_group(g.T)),
+                   stride == 2 ? (size_t)threads * C_in * g.T * g.H * g.W : 0};
+    float* p[5];
+    *total = 0;
+    for (int i = 0; i < 5; i++) { p[i] = ws ? ws + *total : NULL; *total += n[i]; }
+    return (ConvWork){p[0], p[1], p[2], p[3], p[4]};
+}
+
+// The floats of scratch a conv2d_forward + conv2d_backward of this shape needs.
+static size_t conv2d_workspace_floats_fast(int B, int C_in, int H, int W, int C_out, int K, int stride, int threads) {
+    size_t total;
+    conv_work(NULL, B, C_in, H, W, C_out, K, stride, threads, &total);
+    return total;
+}
+
+// The cells of one grid outside its H x W image: border and slack, all zero.
+static void conv_zero_border(float* xp, ConvGeom g) {
+    memset(xp, 0, (g.Wp + 1) * sizeof(float));          // top border, and row 0's left border
+    for (int h = 0; h < g.H; h++) xp[(size_t)(h + 1) * g.Wp + 1 + g.W] = 0.0f;   // right = next row's left
+    size_t tail = (size_t)(g.H + 1) * g.Wp + 1;
+    memset(xp + tail, 0, (g.P - tail) * sizeof(float));   // bottom border and slack
+}
+
+// C channels of one image (each H_in x W_in) into their grids: one padded grid each,
+// or 4 phase grids each for stride 2, filled row by row: input row y goes to the
+// phases (y mod 2, 0) (its even pixels) and (y mod 2, 1) (its odd pixels).
+static void conv_pad_image(float* xp, const float* x, int C, ConvGeom g) {
+    int phases = g.mode == CONV_PHASES, W_in = phases ? 2 * g.W : g.W, H_in = phases ? 2 * g.H : g.H;
+    for (int c = 0; c < C; c++, xp += g.S, x += (size_t)H_in * W_in) {
+        for (int ph = 0; ph < (phases ? 4 : 1); ph++) conv_zero_border(xp + ph * g.P, g);
+        for (int y = 0; y < H_in; y++) {
+            const float* src = x + (size_t)y * W_in;
+            if (!phases) { memcpy(xp + (size_t)(y + 1) * g.Wp + 1, src, g.W * sizeof(float)); continue; }
+            float* even = xp + (size_t)(y % 2) * 2 * g.P + (size_t)(y / 2 + 1) * g.Wp + 1;
+            float* odd = even + g.P;
+            for (int w = 0; w < g.W; w++) { even[w] = src[2 * w]; odd[w] = src[2 * w + 1]; }
+        }
+    }
+}
+
+// The batch's input grids (a plain 1x1 needs none: it reads the input where it is).
+static const float* conv_grids(float* planes, const float* x, int B, int C, ConvGeom g) {
+    if (g.mode == CONV_PLAIN) return x;
+    int phases = g.mode == CONV_PHASES;
+    size_t in_image = (size_t)C * g.H * g.W * (phases ? 4 : 1);
+    #pragma omp parallel for schedule(static) num_threads(kernel_threads)
+    for (int b = 0; b < B; b++) conv_pad_image(planes + (size_t)b * C * g.S, x + (size_t)b * in_image, C, g);
+    return planes;
+}
+
+// The weights as panels of 8 rows: packed[panel][c][tap][r]. flip = 0: rows are output
+// channels, columns (c, tap) as stored. flip = 1: rows are input channels, columns
+// (output channel, flipped tap), the matrix of the input gradient. Rows past the end are 0.
+static void conv_pack_weights(float* packed, const float* weight, int C_out, int C_in, int T, int flip) {
+    int rows = flip ? C_in : C_out, cols = flip ? C_out : C_in;
+    #pragma omp parallel for schedule(static) num_threads(kernel_threads)
+    for (int i0 = 0; i0 < rows; i0 += CONV_MR) {
+        float* p = packed + (size_t)i0 * cols * T;
+        for (int c = 0; c < cols; c++)
+            for (int t = 0; t < T; t++)
+                for (int r = 0; r < CONV_MR; r++) {
+                    int i = i0 + r;
+                    *p++ = i >= rows ? 0.0f
+                         : flip ? weight[((size_t)c * C_in + i) * T + (T - 1 - t)]
+                                : weight[((size_t)i * C_in + c) * T + t];
+                }
+    }
+}
+
+// The register tile: tile[r][j] = sum_{c, t} a[c][t][r] x[c S + toff[t] + j] for
+// r < MR rows and j < VW NV pixels, stored row by row. `a` is a CONV_MR-row panel (at
+// the tile's first row), x the first input grid (at the tile's first pixel). Called
+// with MR and NV constants, so that acc lives in registers. (Unrolling the taps as
+// well runs AVX-512's 4 x 80 tile out of registers.)
+static inline void conv_tile(float* restrict tile, const float* restrict a, const float* restrict x,
+                             int C, size_t S, int T, const int* toff, int MR, int NV) {
+#if DDPM_SIMD
+    vecf acc[CONV_MR][CONV_NV_MAX];
+    for (int r = 0; r < MR; r++)
+        for (int j = 0; j < NV; j++) acc[r][j] = (vecf){0};
+    for (int c = 0; c < C; c++, x += S)
+        for (int t = 0; t < T; t++, a += CONV_MR) {
+            const float* xt = x + toff[t];
+            vecf v[CONV_NV_MAX];
+            for (int j = 0; j < NV; j++) v[j] = vload(xt + VW * j);
+            for (int r = 0; r < MR; r++)
+                for (int j = 0; j < NV; j++) acc[r][j] += a[r] * v[j];
+        }
+    for (int r = 0; r < MR; r++)
+        for (int j = 0; j < NV; j++) vstore(tile + (r * NV + j) * VW, acc[r][j]);
+#else
+    memset(tile, 0, sizeof(float) * MR * NV * VW);
+    for (int c = 0; c < C; c++, x += S)
+        for (int t = 0; t < T; t++, a += CONV_MR)
+            for (int r = 0; r < MR; r++)
+                for (int j = 0; j < VW * NV; j++) tile[r * NV * VW + j] += a[r] * x[toff[t] + j];
+#endif
+}
+
+// Write (bias == NULL: add) `rows` rows of the tile at flat index p0 into channels
+// o0.. of an image out (C x H x W), from column `skip` on, dropping the junk columns.
+static void conv_store_tile(float* out, const float* tile, int o0, int rows, int p0, int skip,
+                            ConvGeom g, const float* bias) {
+    for (int j = skip; j < g.nr;) {
+        int p = p0 + j, h = p / g.Wp, w = p % g.Wp;
+        if (h >= g.H) break;
+        if (w >= g.W) { j += g.Wp - w; continue; }
+        int n = g.W - w < g.nr - j ? g.W - w : g.nr - j, s = g.out_step;
+        for (int r = 0; r < rows; r++) {
+            float* dst = out + (o0 + r) * g.out_plane + g.out_off + (size_t)h * g.out_pitch + (size_t)w * s;
+            const float* src = tile + r * g.nr + j;
+            if (s == 1 && bias) for (int k = 0; k < n; k++) dst[k] = bias[o0 + r] + src[k];
+            else if (s == 1)    for (int k = 0; k < n; k++) dst[k] += src[k];
+            else if (bias)      for (int k = 0; k < n; k++) dst[k * s] = bias[o0 + r] + src[k];
+            else                for (int k = 0; k < n; k++) dst[k * s] += src[k];
+        }
+        j += n;
+    }
+}
+
+// out (B, C_out, H, W) = (or +=, if bias is NULL) the direct convolution of the input
+// grids (B x C_in of them) with packed weights. Work items are (image, one tile of pixels).
+// A plain 1x1 has no slack after its planes, so its last tile is moved back to end at
+// the image's last pixel, and stores only the columns not done yet. n_ph > 1: the four
+// phases of 17.7's upsampling conv, g[0..3] (taps and output pixels differ), weights
+// packed one phase after another; each item does all four, so the 2 x 2 output blocks
+// are complete while their cache lines are still at hand.
+static void conv_direct(float* out, const float* planes, const float* packed, const float* bias,
+                        int B, int C_in, int C_out, const ConvGeom* g, int n_ph) {
+    // A 3-channel output (conv_out) would waste 5 of 8 rows: CONV_MR_WIDE-row tiles then.
+    int narrow = g->nr == CONV_NR && C_out <= CONV_MR_WIDE, mr = narrow ? CONV_MR_WIDE : g->mr;
+    int n_p = g->Lr / g->nr, n_m = (C_out + mr - 1) / mr, T = g->T;
+    size_t panel = (size_t)CONV_MR * C_in * T, phase = conv_packed_floats(C_out, C_in, T);
+    #pragma omp parallel for schedule(static) num_threads(kernel_threads)
+    for (int item = 0; item < B * n_p; item++) {
+        int b = item / n_p, p0 = (item % n_p) * g->nr, skip = 0;
+        if (g->mode == CONV_PLAIN && p0 + g->nr > g->L) { skip = p0 + g->nr - g->L; p0 = g->L - g->nr; }
+        const float* x = planes + (size_t)b * C_in * g->S + p0;
+        float* y = out + (size_t)b * C_out * g->out_plane;
+        float tile[CONV_MR * CONV_NR_MAX];
+        for (int m = 0; m < n_m; m++)
+            for (int ph = 0; ph < n_ph; ph++) {
+                int o0 = m * mr, rows = C_out - o0 < mr ? C_out - o0 : mr;
+                const float* a = packed + ph * phase + (o0 / CONV_MR) * panel + o0 % CONV_MR;
+                if (narrow)                conv_tile(tile, a, x, C_in, g->S, T, g[ph].toff, CONV_MR_WIDE, CONV_NV);
+                else if (g->nr == CONV_NR) conv_tile(tile, a, x, C_in, g->S, T, g[ph].toff, CONV_MR, CONV_NV);
+                else                       conv_tile(tile, a, x, C_in, g->S, T, g[ph].toff, CONV_MR_WIDE, CONV_NV_WIDE);
+                conv_store_tile(y, tile, o0, rows, p0, skip, g[ph], bias);
+            }
+    }
+}
+
+// The output gradient of the batch, dy[b, o, pixel (h, w) of g's output map], into
+// dyt[b][h W + w][o] (C_out rounded up to CoP, the extra channels zero), a tile's channels at a time.
+static void conv_transpose_dy(float* dyt, const float* dy, int B, int C_out, int CoP, ConvGeom g) {
+    int HW = g.H * g.W;
+    #pragma omp parallel for schedule(static) num_threads(kernel_threads)
+    for (int b = 0; b < B; b++) {
+        const float* d = dy + (size_t)b * C_out * g.out_plane + g.out_off;
+        float* t = dyt + (size_t)b * HW * CoP;
+        for (int o0 = 0; o0 < CoP; o0 += CONV_DW_CO)
+            for (int h = 0; h < g.H; h++)
+                for (int w = 0; w < g.W; w++)
+                    for (int o = o0; o < o0 + CONV_DW_CO; o++)
+                        t[(size_t)(h * g.W + w) * CoP + o] =
+                            o < C_out ? d[o * g.out_plane + (size_t)h * g.out_pitch + (size_t)w * g.out_step] : 0.0f;
+    }
+}
+
+// dbias += the sum of dy over images and pixels.
+static void conv_dbias(float* dbias, const float* dout, int B, int C_out, size_t HWo) {
+    #pragma omp parallel for schedule(static) num_threads(kernel_threads)
+    for (int co = 0; co < C_out; co++) {
+        double sum = 0;
+        for (int b = 0; b < B; b++) sum += lane_sum(dout + ((size_t)b * C_out + co) * HWo, (int)HWo);
+        dbias[co] += (float)sum;
+    }
+}
+
+// The weight-gradient tile: acc[t][o] += sum_{h, w} x[off[t] + h Wp + w] dyt[h W + w][o]
+// for CONV_DW_CO channels o and n <= CONV_DW_K columns t, kept in memory between
+// images. Called with n a constant where it can be, so the compiler unrolls the taps.
+static inline void conv_dw_tile(float* restrict accmem, const float* restrict dyt, int CoP,
+                                const float* restrict x, const int* off, int n, ConvGeom g) {
+#if DDPM_SIMD
+    vecf acc[CONV_DW_K][CONV_DW_NV];
+    for (int t = 0; t < n; t++)
+        for (int v = 0; v < CONV_DW_NV; v++) acc[t][v] = vload(accmem + (t * CONV_DW_NV + v) * VW);
+    for (int h = 0; h < g.H; h++) {
+        const float* xr = x + (size_t)h * g.Wp;
+        const float* d = dyt + (size_t)h * g.W * CoP;
+        for (int w = 0; w < g.W; w++, d += CoP) {
+            vecf dv[CONV_DW_NV];
+            for (int v = 0; v < CONV_DW_NV; v++) dv[v] = vload(d + VW * v);
+            for (int t = 0; t < n; t++) {
+                float xv = xr[w + off[t]];
+                for (int v = 0; v < CONV_DW_NV; v++) acc[t][v] += xv * dv[v];
+            }
+        }
+    }
+    for (int t = 0; t < n; t++)
+        for (int v = 0; v < CONV_DW_NV; v++) vstore(accmem + (t * CONV_DW_NV + v) * VW, acc[t][v]);
+#else
+    for (int h = 0; h < g.H; h++)
+        for (int w = 0; w < g.W; w++)
+            for (int t = 0; t < n; t++)
+                for (int o = 0; o < CONV_DW_CO; o++)
+                    accmem[t * CONV_DW_CO + o] += x[off[t] + h * g.Wp + w] * dyt[((size_t)h * g.W + w) * CoP + o];
+#endif
+}
+
+// dweight += dy . xgrid (see above). Tiles are (CONV_DW_CO output channels, a group of
+// columns (c, tap) of the weight matrix, conv_dw_group: on AVX-512 one channel's 9 taps
+// (3x3), 4 taps (17.7's 2x2), or 8 channels of a 1x1, so that channel counts divide
+// evenly). Each thread owns a fixed range of tiles and walks the images in order.
+static void conv_dweight(float* dweight, float* dwacc, const float* planes, const float* dyt,
+                         int B, int C_in, int C_out, ConvGeom g) {
+    int CoP = round_up(C_out, CONV_DW_CO), Kc = C_in * g.T, G = conv_dw_group(g.T);
+    int n_groups = (Kc + G - 1) / G, n_tiles = (CoP / CONV_DW_CO) * n_groups;
+    memset(dwacc, 0, (size_t)n_tiles * CONV_DW_K * CONV_DW_CO * sizeof(float));
+    #pragma omp parallel num_threads(kernel_threads)
+    {
+#ifdef _OPENMP
+        int nth = omp_get_num_threads();
+#else
+        int nth = 1;
+#endif
+        int id = thread_id(), lo = n_tiles * id / nth, hi = n_tiles * (id + 1) / nth;
+        for (int b = 0; b < B; b++)
+            for (int tile = lo; tile < hi; tile++) {
+                int o0 = (tile / n_groups) * CONV_DW_CO, k0 = (tile % n_groups) * G;
+                int n = Kc - k0 < G ? Kc - k0 : G, off[CONV_DW_K];
+                for (int t = 0; t < n; t++) off[t] = (int)(((k0 + t) / g.T) * g.S) + g.toff[(k0 + t) % g.T];
+                const float* x = planes + (size_t)b * C_in * g.S;
+                const float* d = dyt + (size_t)b * g.H * g.W * CoP + o0;
+                float* acc = dwacc + (size_t)tile * CONV_DW_K * CONV_DW_CO;
+                if (n == CONV_DW_K)       conv_dw_tile(acc, d, CoP, x, off, CONV_DW_K, g);
+                else if (n == CONV_DW_K1) conv_dw_tile(acc, d, CoP, x, off, CONV_DW_K1, g);
+                else if (n == 4)          conv_dw_tile(acc, d, CoP, x, off, 4, g);
+                else                      conv_dw_tile(acc, d, CoP, x, off, n, g);
+            }
+    }
+    #pragma omp parallel for schedule(static) num_threads(kernel_threads)
+    for (int o = 0; o < C_out; o++)
+        for (int k = 0; k < Kc; k++) {
+            int tile = (o / CONV_DW_CO) * n_groups + k / G;
+            dweight[(size_t)o * Kc + k] += dwacc[((size_t)tile * CONV_DW_K + k % G) * CONV_DW_CO + o % CONV_DW_CO];
+        }
+}
+
+// The input gradient of the stride-2 conv: per image, dcol = weight^T . dy (the matmul
+// of 17.1), then col2im scatters each column back onto the input pixels it came from.
+static void col2im(float* img, const float* col, int C, int H, int W, int K, int stride) {
+    int Ho = H / stride, Wo = W / stride, pad = conv_pad(K, stride);
+    for (int c = 0; c < C; c++)
+        for (int k = 0; k < K * K; k++) {
+            int ki = k / K, kj = k % K;
+            const float* src = col + ((size_t)c * K * K + k) * Ho * Wo;
+            for (int oy = 0; oy < Ho; oy++) {
+                int y = oy * stride + ki - pad;
+                if (y < 0 || y >= H) continue;
+                for (int ox = 0; ox < Wo; ox++) {
+                    int x = ox * stride + kj - pad;
+                    if (x >= 0 && x < W) img[((size_t)c * H + y) * W + x] += src[oy * Wo + ox];
+                }
+            }
+        }
+}
+
+static void conv_strided_dinp(float* dinp, float* dcol, const float* dout, const float* weight,
+                              int B, int C_in, int H, int W, int C_out, int K, int stride) {
+    int HWo = (H / stride) * (W / stride), CKK = C_in * K * K;
+    #pragma omp parallel for schedule(static) if (B > 1) num_threads(kernel_threads)
+    for (int b = 0; b < B; b++) {
+        float* mine = dcol + (size_t)(B > 1 ? thread_id() : 0) * CKK * HWo;
+        matmul(mine, weight, dout + (size_t)b * C_out * HWo, CKK, HWo, C_out, CKK, HWo, HWo, 1, 0, 0);
+        col2im(dinp + (size_t)b * C_in * H * W, mine, C_in, H, W, K, stride);
+    }
+}
+
+// A producer can write a 3x3 stride-1 conv's input straight into its padded grids
+// (B x C_in grids of conv_input_floats(H, W) floats, border and slack zero): then
+// `in_grids` is 1 and the conv copies nothing. GroupNorm+SiLU does (17.4).
+static size_t conv_input_floats_fast(int H, int W) { return conv_geom(H, W, 3, 1).P; }
+
+static void conv_forward(float* out, const float* inp, int in_grids, const float* weight, const float* bias,
+                         int B, int C_in, int H, int W, int C_out, int K, int stride, float* ws) {
+    ConvGeom g = conv_geom(H, W, K, stride);
+    size_t total;
+    ConvWork w = conv_work(ws, B, C_in, H, W, C_out, K, stride, kernel_threads, &total);
+    conv_pack_weights(w.packed, weight, C_out, C_in, g.T, 0);
+    conv_direct(out, in_grids ? inp : conv_grids(w.planes, inp, B, C_in, g), w.packed, bias, B, C_in, C_out, &g, 1);
+}
+
+// out (B, C_out, H/stride, W/stride). ws: conv2d_workspace_floats(...) floats of scratch.
+static void conv2d_forward_fast(float* out, const float* inp, const float* weight, const float* bias,
+                           int B, int C_in, int H, int W, int C_out, int K, int stride, float* ws) {
+    conv_forward(out, inp, 0, weight, bias, B, C_in, H, W, C_out, K, stride, ws);
+}
+
+static void conv_backward(float* dinp, float* dweight, float* dbias, const float* dout,
+                          const float* inp, int in_grids, const float* weight,
+                          int B, int C_in, int H, int W, int C_out, int K, int stride, float* ws) {
+    ConvGeom g = conv_geom(H, W, K, stride);
+    int HWo = g.H * g.W, CoP = round_up(C_out, CONV_DW_CO);
+    size_t total;
+    ConvWork w = conv_work(ws, B, C_in, H, W, C_out, K, stride, kernel_threads, &total);
+    conv_dbias(dbias, dout, B, C_out, HWo);
+    const float* x = in_grids ? inp : conv_grids(w.planes, inp, B, C_in, g);
+    conv_transpose_dy(w.dyt, dout, B, C_out, CoP, g);
+    conv_dweight(dweight, w.dwacc, x, w.dyt, B, C_in, C_out, g);
+    if (!dinp) return;
+    if (stride != 1) { conv_strided_dinp(dinp, w.dcol, dout, weight, B, C_in, H, W, C_out, K, stride); return; }
+    conv_pack_weights(w.packed, weight, C_out, C_in, g.T, 1);
+    conv_direct(dinp, conv_grids(w.planes, dout, B, C_out, g), w.packed, NULL, B, C_out, C_in, &g, 1);
+}
+
+// dinp may be NULL (the network input needs no gradient).
+static void conv2d_backward_fast(float* dinp, float* dweight, float* dbias, const float* dout,
+                            const float* inp, const float* weight,
+                            int B, int C_in, int H, int W, int C_out, int K, int stride, float* ws) {
+    conv_backward(dinp, dweight, dbias, dout, inp, 0, weight, B, C_in, H, W, C_out, K, stride, ws);
+}
+
+// The 3x3 conv of a kept conv input (12.1): its padded grids are read as they are.
+static void conv3x3_forward_fast(float* out, const float* a, const float* weight, const float* bias,
+                                 int B, int C_in, int H, int W, int C_out, float* ws) {
+    conv_forward(out, a, 1, weight, bias, B, C_in, H, W, C_out, 3, 1, ws);
+}
+
+static void conv3x3_backward_fast(float* da, float* dweight, float* dbias, const float* dout, const float* a,
+                                  const float* weight, int B, int C_in, int H, int W, int C_out, float* ws) {
+    conv_backward(da, dweight, dbias, dout, a, 1, weight, B, C_in, H, W, C_out, 3, 1, ws);
+}
+
+static void layers_init_fast(void) { gemm_init(); }
+
+// ---- 17.3 Linear and SiLU: linear_forward_fast / silu_forward_fast and their backward ----
+// Linear (16.2) as two matmuls (17.1).
+static void linear_forward_fast(float* out, const float* inp, const float* weight, const float* bias,
+                           int B, int C_in, int C_out) {
+    for (int b = 0; b < B; b++) memcpy(out + (size_t)b * C_out, bias, C_out * sizeof(float));
+    matmul(out, inp, weight, B, C_out, C_in, C_in, C_in, C_out, 0, 1, 1);
+}
+
+static void linear_backward_fast(float* dinp, float* dweight, float* dbias, const float* dout,
+                            const float* inp, const float* weight, int B, int C_in, int C_out) {
+    matmul(dweight, dout, inp, C_out, C_in, B, C_out, C_in, C_in, 1, 0, 1);  // dW += dout^T . inp
+    for (int b = 0; b < B; b++)
+        for (int o = 0; o < C_out; o++) dbias[o] += dout[(size_t)b * C_out + o];
+    if (dinp) matmul(dinp, dout, weight, B, C_in, C_out, C_out, C_in, C_in, 0, 0, 1);  // dinp += dout . W
+}
+
+// SiLU (16.3) runs on every activation of the network, twice per training step, so its exp
+// must vectorise. libm's expf is a function call the compiler cannot vectorise; this
+// one is plain arithmetic: x = n ln2 + r with |r| <= ln2/2 (ln2 split in two parts so
+// n ln2 is exact), Cephes' degree-6 polynomial for e^r, and 2^n written straight
+// into the exponent bits. Relative error about 1e-7 (tests/ checks < 2e-7 against exp);
+// a NaN stays NaN, and x is clamped to [-87, 88] where expf would under/overflow.
+static inline float exp_approx(float x) {
+    x = x > 88.0f ? 88.0f : x < -87.0f ? -87.0f : x;   // a NaN fails both tests and stays
+    const float shift = 12582912.0f;                   // 1.5 * 2^23: adding it rounds to an integer
+    float t = x * 1.44269504f + shift, n = t - shift;  // n = round(x / ln2), in [-126, 127]
+    float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    uint32_t bits;                                     // t's low mantissa bits hold n
+    memcpy(&bits, &t, sizeof bits);
+    bits = (bits + 127u) << 23;                        // the float 2^n
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+static inline float sigmoidf(float x) { return 1.0f / (1.0f + exp_approx(-x)); }
+
+static void silu_forward_fast(float* out, const float* inp, size_t N) {
+    for (size_t i = 0; i < N; i++) out[i] = inp[i] * sigmoidf(inp[i]);
+}
+
+// d silu / dx = s (1 + x (1 - s)), s = sigmoid(x)
+static inline float silu_grad(float x) {
+    float s = sigmoidf(x);
+    return s * (1.0f + x * (1.0f - s));
+}
+
+static void silu_backward_fast(float* dinp, const float* dout, const float* inp, size_t N) {
+    for (size_t i = 0; i < N; i++) dinp[i] += dout[i] * silu_grad(inp[i]);
+}
+
+// ---- 17.4 GroupNorm (+ SiLU), and into a conv's grids: groupnorm_forward_fast and friends ----
+// GroupNorm of 16.4, its SiLU fused: one pass over memory instead of two, and nothing
+// but mean and rstd (B*G floats) is stored. The backward pass recomputes xhat and n
+// from the input, which costs a few flops and saves two activation tensors per layer.
+// The statistics of each (image, group) are sums over its C/G x HW contiguous values,
+// taken in blocks of 4096 in 16 interleaved float lanes (the compiler turns the lane
+// loop into vector adds; the order is fixed, so the bits are too), each block's lanes
+// then added in double; the backward pass sums each channel in lanes, then in double.
+
+// Where the output goes. grid_W = 0: out is (B, C, H, W) like inp. grid_W = W: out is
+// the padded grids of a 3x3 conv's input (17.2), so that conv need not copy it.
+typedef struct { int H, W, pitch, off; size_t plane; } GnLayout;
+
+static GnLayout gn_layout(int HW, int grid_W) {
+    int W = grid_W ? grid_W : HW, H = HW / W;
+    ConvGeom grid = conv_geom(H, W, 3, 1);
+    return (GnLayout){H, W, grid_W ? grid.Wp : W, grid_W ? grid.Wp + 1 : 0, grid_W ? grid.P : (size_t)HW};
+}
+
+// out = [silu](gamma xhat + beta) for group g of image b, with its statistics m, r.
+static void gn_apply_group(float* out, const float* inp, int b, int g, float m, float r,
+                           const float* gamma, const float* beta, int C, int HW, int Cg, int silu, GnLayout L) {
+    for (int c = g * Cg; c < (g + 1) * Cg; c++) {
+        float sc = r * gamma[c], sh = beta[c] - m * sc;
+        for (int h = 0; h < L.H; h++) {
+            const float* x = inp + ((size_t)b * C + c) * HW + (size_t)h * L.W;
+            float* y = out + ((size_t)b * C + c) * L.plane + L.off + (size_t)h * L.pitch;
+            if (silu) for (int i = 0; i < L.W; i++) { float n = x[i] * sc + sh; y[i] = n * sigmoidf(n); }
+            else      for (int i = 0; i < L.W; i++) y[i] = x[i] * sc + sh;
+        }
+    }
+}
+
+// sum_i (x_i - shift) and sum_i (x_i - shift)^2 over n floats: in lanes, 4096 values at
+// a time, each block's lanes then added in double (a group can hold 10^5 values).
+static void lane_sums(const float* x, size_t n, float shift, double* s, double* ss) {
+    for (size_t i0 = 0; i0 < n; i0 += 4096) {
+        size_t end = i0 + 4096 < n ? i0 + 4096 : n, i = i0;
+        float a[LANES] = {0}, q[LANES] = {0};
+#if DDPM_SIMD
+        vecf va[LANES / VW] = {{0}}, vq[LANES / VW] = {{0}};
+        for (; i + LANES <= end; i += LANES)
+            for (int k = 0; k < LANES / VW; k++) {
+                vecf d = vload(x + i + k * VW) - shift;
+                va[k] += d;
+                vq[k] += d * d;
+            }
+        memcpy(a, va, sizeof a);
+        memcpy(q, vq, sizeof q);
+#else
+        for (; i + LANES <= end; i += LANES)
+            for (int l = 0; l < LANES; l++) { float d = x[i + l] - shift; a[l] += d; q[l] += d * d; }
+#endif
+        for (; i < end; i++) { float d = x[i] - shift; a[0] += d; q[0] += d * d; }
+        for (int l = 0; l < LANES; l++) { *s += a[l]; *ss += q[l]; }
+    }
+}
+
+// mean, rstd: (B, G), saved for the backward pass. Two passes over the group (it is in
+// cache): the mean, then the variance around it, which keeps var >= 0 and accurate
+// even when |mean| >> std; then the output, while the group is still in cache.
+static void groupnorm_forward_into(float* out, float* mean, float* rstd, const float* inp,
+                                   const float* gamma, const float* beta, int B, int C, int HW, int G, int silu,
+                                   int grid_W) {
+    int Cg = C / G;
+    size_t n = (size_t)Cg * HW;
+    GnLayout L = gn_layout(HW, grid_W);
+    #pragma omp parallel for schedule(static) if ((size_t)B * C * HW > 65536)
+    for (int bg = 0; bg < B * G; bg++) {
+        const float* x = inp + ((size_t)(bg / G) * C + (size_t)(bg % G) * Cg) * HW;  // a group is contiguous
+        double s = 0, ss = 0, d = 0, dd = 0;
+        lane_sums(x, n, 0.0f, &s, &ss);
+        float m = (float)(s / n);
+        lane_sums(x, n, m, &d, &dd);
+        double var = dd / n - (d / n) * (d / n);   // d/n: the float mean's own rounding
+        mean[bg] = m;
+        rstd[bg] = (float)(1.0 / sqrt(fmax(var, 0.0) + GN_EPS));
+        gn_apply_group(out, inp, bg / G, bg % G, m, rstd[bg], gamma, beta, C, HW, Cg, silu, L);
+    }
+}
+
+static void groupnorm_forward_fast(float* out, float* mean, float* rstd, const float* inp,
+                                   const float* gamma, const float* beta, int B, int C, int HW, int G, int silu) {
+    groupnorm_forward_into(out, mean, rstd, inp, gamma, beta, B, C, HW, G, silu, 0);
+}
+
+// a = silu(groupnorm(x)), written as the padded grids the next 3x3 conv reads (17.2).
+static void groupnorm_silu_conv_input_fast(float* a, float* mean, float* rstd, const float* x, const float* gamma,
+                                           const float* beta, int B, int C, int H, int W, int G) {
+    groupnorm_forward_into(a, mean, rstd, x, gamma, beta, B, C, H * W, G, 1, W);
+}
+
+// dn = dout * silu'(n) (or dout without the SiLU), for one channel of HW values.
+static inline float gn_dn(float dy, float xhat, float gamma, float beta, int silu) {
+    return silu ? dy * silu_grad(gamma * xhat + beta) : dy;
+}
+
+// With dn = dout * silu'(n) (or dout without the SiLU):
+//   dbeta_c += sum dn,  dgamma_c += sum dn xhat,  dxhat = dn gamma,
+//   dx = rstd (dxhat - mean_group(dxhat) - xhat mean_group(dxhat xhat)).
+// Threads split the groups; each group runs over the images in order, so dgamma and
+// dbeta are summed in the same order whatever the number of threads. dn costs an exp
+// and a division per value, so the first pass keeps it (on the stack, when the group
+// fits in GN_KEEP floats) for the second.
+#define GN_KEEP 16384
+static void groupnorm_backward_fast(float* dinp, float* dgamma, float* dbeta, const float* dout,
+                                    const float* inp, const float* gamma, const float* beta,
+                                    const float* mean, const float* rstd, int B, int C, int HW, int G, int silu) {
+    int Cg = C / G;
+    #pragma omp parallel for schedule(static) if ((size_t)B * C * HW > 65536)
+    for (int g = 0; g < G; g++)
+        for (int b = 0; b < B; b++) {
+            int bg = b * G + g, kept = Cg * HW <= GN_KEEP;
+            float m = mean[bg], r = rstd[bg], keep[GN_KEEP];
+            double sum_dxhat = 0, sum_dxhat_xhat = 0;
+            for (int c = g * Cg; c < (g + 1) * Cg; c++) {
+                const float* x = inp + ((size_t)b * C + c) * HW;
+                const float* dy = dout + ((size_t)b * C + c) * HW;
+                float ga = gamma[c], be = beta[c];
+                double sdn = 0, sdn_xhat = 0;
+                for (int i0 = 0; i0 < HW; i0 += 256) {   // dn and xhat 256 at a time, then their sums
+                    int n = HW - i0 < 256 ? HW - i0 : 256;
+                    float xh[256], local[256];
+                    float* dn = kept ? keep + (size_t)(c - g * Cg) * HW + i0 : local;
+                    for (int i = 0; i < n; i++) {
+                        xh[i] = (x[i0 + i] - m) * r;
+                        dn[i] = gn_dn(dy[i0 + i], xh[i], ga, be, silu);
+                    }
+                    for (int i = 0; i < n; i++) xh[i] *= dn[i];
+                    sdn += lane_sum(dn, n);
+                    sdn_xhat += lane_sum(xh, n);
+                }
+                dbeta[c] += (float)sdn;
+                dgamma[c] += (float)sdn_xhat;
+                sum_dxhat += sdn * ga;
+                sum_dxhat_xhat += sdn_xhat * ga;
+            }
+            float mean_dxhat = (float)(sum_dxhat / ((double)Cg * HW));
+            float mean_dxhat_xhat = (float)(sum_dxhat_xhat / ((double)Cg * HW));
+            for (int c = g * Cg; c < (g + 1) * Cg; c++) {
+                const float* x = inp + ((size_t)b * C + c) * HW;
+                const float* dy = dout + ((size_t)b * C + c) * HW;
+                float* dx = dinp + ((size_t)b * C + c) * HW;
+                float ga = gamma[c], be = beta[c];
+                if (kept) {
+                    const float* dn = keep + (size_t)(c - g * Cg) * HW;
+                    for (int i = 0; i < HW; i++)
+                        dx[i] += r * (dn[i] * ga - mean_dxhat - (x[i] - m) * r * mean_dxhat_xhat);
+                } else {
+                    for (int i = 0; i < HW; i++) {
+                        float xhat = (x[i] - m) * r, dn = gn_dn(dy[i], xhat, ga, be, silu);
+                        dx[i] += r * (dn * ga - mean_dxhat - xhat * mean_dxhat_xhat);
+                    }
+                }
+            }
+        }
+}
+
+// ---- 17.5 Dropout on a conv input: dropout_conv_input_fast ----
+// dropout_forward of 16.5, in place on the padded grids of 17.2 that hold a ResBlock's
+// (B, C, H, W) activation (conv2 reads them as they are); element i is pixel i of the
+// plain (B, C, H, W) layout, so the mask is the reference's.
+static void dropout_conv_input_fast(float* grid, int B, int C, int H, int W, float p, uint64_t key) {
+    float scale = 1.0f / (1.0f - p);
+    ConvGeom g = conv_geom(H, W, 3, 1);
+    #pragma omp parallel for schedule(static) if ((size_t)B * C * H * W > 65536)
+    for (int bc = 0; bc < B * C; bc++)
+        for (int h = 0; h < H; h++) {
+            float* y = grid + (size_t)bc * g.P + (size_t)(h + 1) * g.Wp + 1;
+            size_t i0 = ((size_t)bc * H + h) * W;
+            for (int w = 0; w < W; w++) y[w] = dropout_keep(key, i0 + w, p) ? y[w] * scale : 0.0f;
+        }
+}
+
+// ---- 17.6 Attention: attention_forward_fast / attention_backward_fast ----
+// Attention of 16.6. It keeps att transposed, attT[j, i] = att[i, j] (B, N, N), saved for the
+// backward pass: then attT = k^T q and out = v attT are plain matmuls (no transposed
+// copy of an N x N operand), and each softmax runs down a column of attT, which
+// vectorises across the columns i. Threads take whole images (the matmuls inside then
+// run on one thread), so each image's sums keep one order.
+
+// attT[:, i] = softmax over j of (attT[j, i] * scale), for every column i, in place;
+// 256 columns at a time, their max and sum built row by row (sums in double). The scale
+// (> 0) goes inside the exponent, exp(scale (a - max)), so the max pass only reads.
+static void softmax_columns(float* a, int N, float scale) {
+    for (int i0 = 0; i0 < N; i0 += 256) {
+        int n = N - i0 < 256 ? N - i0 : 256;
+        float mx[256], inv[256];
+        double s[256];
+        for (int i = 0; i < n; i++) { mx[i] = -INFINITY; s[i] = 0; }
+        for (int j = 0; j < N; j++) {
+            const float* row = a + (size_t)j * N + i0;
+            for (int i = 0; i < n; i++) mx[i] = row[i] > mx[i] ? row[i] : mx[i];
+        }
+        for (int j = 0; j < N; j++) {
+            float* row = a + (size_t)j * N + i0;
+            for (int i = 0; i < n; i++) row[i] = exp_approx((row[i] - mx[i]) * scale);
+            for (int i = 0; i < n; i++) s[i] += row[i];
+        }
+        for (int i = 0; i < n; i++) inv[i] = (float)(1.0 / s[i]);
+        for (int j = 0; j < N; j++) {
+            float* row = a + (size_t)j * N + i0;
+            for (int i = 0; i < n; i++) row[i] *= inv[i];
+        }
+    }
+}
+
+// attT == NULL (sampling: there is no backward pass to save it for): each thread's
+// attT lives in its own N*N slice of scratch, which stays in cache.
+static void attention_forward_fast(float* out, float* attT, const float* q, const float* k, const float* v,
+                              int B, int C, int N, float* scratch) {
+    float scale = 1.0f / sqrtf((float)C);
+    #pragma omp parallel for schedule(static) if (B > 1) num_threads(kernel_threads)
+    for (int b = 0; b < B; b++) {
+        size_t o = (size_t)b * C * N;
+        float* a = attT ? attT + (size_t)b * N * N : scratch + (size_t)(B > 1 ? thread_id() : 0) * N * N;
+        matmul(a, k + o, q + o, N, N, C, N, N, N, 1, 0, 0);   // attT = k^T q
+        softmax_columns(a, N, scale);
+        matmul(out + o, v + o, a, C, N, N, N, N, N, 0, 0, 0);  // out = v attT
+    }
+}
+
+// datt: scratch of N*N floats per thread, for dattT.
+//   dv += dout attT^T,  dattT = v^T dout,
+//   dsT[j, i] = attT[j, i] (dattT[j, i] - sum_j' attT[j', i] dattT[j', i]) / sqrt(C),
+//   dq += k dsT,  dk += q dsT^T
+static void attention_backward_fast(float* dq, float* dk, float* dv, const float* dout,
+                               const float* q, const float* k, const float* v, const float* attT,
+                               int B, int C, int N, float* datt) {
+    float scale = 1.0f / sqrtf((float)C);
+    #pragma omp parallel for schedule(static) if (B > 1) num_threads(kernel_threads)
+    for (int b = 0; b < B; b++) {
+        size_t o = (size_t)b * C * N;
+        const float* a = attT + (size_t)b * N * N;
+        float* da = datt + (size_t)(B > 1 ? thread_id() : 0) * N * N;
+        matmul(dv + o, dout + o, a, C, N, N, N, N, N, 0, 1, 1);
+        matmul(da, v + o, dout + o, N, N, C, N, N, N, 1, 0, 0);
+        for (int i0 = 0; i0 < N; i0 += 256) {   // softmax backward, down the columns
+            int n = N - i0 < 256 ? N - i0 : 256;
+            double dot[256];
+            float d[256];
+            for (int i = 0; i < n; i++) dot[i] = 0;
+            for (int j = 0; j < N; j++)
+                for (int i = 0; i < n; i++) dot[i] += a[(size_t)j * N + i0 + i] * da[(size_t)j * N + i0 + i];
+            for (int i = 0; i < n; i++) d[i] = (float)dot[i];
+            for (int j = 0; j < N; j++) {
+                const float* ar = a + (size_t)j * N + i0;
+                float* dr = da + (size_t)j * N + i0;
+                for (int i = 0; i < n; i++) dr[i] = ar[i] * (dr[i] - d[i]) * scale;
+            }
+        }
+        matmul(dq + o, k + o, da, C, N, N, N, N, N, 0, 0, 1);
+        matmul(dk + o, q + o, da, C, N, N, N, N, N, 0, 1, 1);
+    }
+}
+
+// ---- 17.7 Upsampling: upsample_conv_forward_fast / upsample_conv_backward_fast ----
+// The official Upsample of 16.7, nearest-neighbour 2x then a 3x3 convolution:
+//   up[c, 2h + p, 2w + q] = x[c, h, w],   out = conv3x3(up).
+// Here up is never materialised. Every output pixel of phase (p, q) (row parity p, column
+// parity q) reads the same 2 x 2 block of x, rows h + a + p - 1, columns w + b + q - 1
+// (a, b in {0, 1}), so that phase of out is a 2x2 convolution of x with summed weights:
+//   wc[p, q][o, c, a, b] = sum of weight[o, c, i, j] over taps i with up_tap(p, i) = a
+//                          and j with up_tap(q, j) = b.
+// Four 2x2 convolutions at the low resolution do 16 multiply-adds per input pixel
+// where the 3x3 at the high resolution does 36. They run on the direct kernel of 17.2
+// (4 taps, output written to every second pixel); the backward pass is the same
+// kernel's, per phase, and the phase weight gradients are summed back onto the 3x3 taps.
+
+// Which of the 2 low-resolution rows (0: upper) tap i of output phase p reads.
+static int up_tap(int p, int i) { return (p + i + 1) / 2 - p; }
+
+// The phase-(p, q) geometry on low-resolution grids g (H x W). Forward: taps (a, b) at
+// rows a + p, columns b + q of the padded grid, output to every second pixel of the
+// 2H x 2W image. Input gradient (dx = 1): the flipped taps over padded phase grids of
+// dy, channel stride 4 grids; output the H x W image.
+static ConvGeom upconv_geom(ConvGeom g, int p, int q, int dx) {
+    ConvGeom u = g;
+    u.T = 4;
+    for (int a = 0; a < 2; a++)
+        for (int b = 0; b < 2; b++)
+            u.toff[a * 2 + b] = dx ? (1 + a - p) * g.Wp + 1 + b - q : (a + p) * g.Wp + b + q;
+    if (dx) { u.S = 4 * g.P; return u; }
+    u.out_pitch = 4 * g.W; u.out_step = 2; u.out_off = p * 2 * g.W + q; u.out_plane = (size_t)4 * g.H * g.W;
+    return u;
+}
+
+// wc[phase][o][c][a b] from weight[o][c][i j].
+static void upconv_combine(float* wc, const float* weight, int C_out, int C_in) {
+    size_t n = (size_t)C_out * C_in;
+    memset(wc, 0, 16 * n * sizeof(float));
+    #pragma omp parallel for collapse(2) schedule(static) num_threads(kernel_threads)
+    for (int ph = 0; ph < 4; ph++)
+        for (size_t oc = 0; oc < n; oc++)
+            for (int i = 0; i < 3; i++)
+                for (int j = 0; j < 3; j++)
+                    wc[(ph * n + oc) * 4 + up_tap(ph / 2, i) * 2 + up_tap(ph % 2, j)] += weight[oc * 9 + i * 3 + j];
+}
+
+// Scratch: the 17.2 layout of a stride-2 conv onto H x W (phase grids of the 2H x 2W
+// gradient), then the combined weights, and one phase's weight gradient (backward) or
+// the four phases' packed weights (forward).
+static size_t upsample_conv_workspace_floats_fast(int B, int C_in, int H, int W, int C_out, int threads) {
+    return conv2d_workspace_floats_fast(B, C_in, 2 * H, 2 * W, C_out, 3, 2, threads) +
+           (size_t)16 * C_out * C_in + 4 * conv_packed_floats(C_out, C_in, 4);
+}
+
+// inp (B, C_in, H, W) -> out (B, C_out, 2H, 2W).
+static void upsample_conv_forward_fast(float* out, const float* inp, const float* weight, const float* bias,
+                           int B, int C_in, int H, int W, int C_out, float* ws) {
+    size_t total;
+    ConvWork w = conv_work(ws, B, C_in, 2 * H, 2 * W, C_out, 3, 2, kernel_threads, &total);
+    float* wc = ws + total;
+    ConvGeom g = conv_geom(H, W, 3, 1);
+    float* packed = wc + (size_t)16 * C_out * C_in;
+    size_t phase = conv_packed_floats(C_out, C_in, 4);
+    const float* x = conv_grids(w.planes, inp, B, C_in, g);
+    upconv_combine(wc, weight, C_out, C_in);
+    ConvGeom u[4];
+    for (int ph = 0; ph < 4; ph++) {
+        u[ph] = upconv_geom(g, ph / 2, ph % 2, 0);
+        conv_pack_weights(packed + ph * phase, wc + (size_t)ph * C_out * C_in * 4, C_out, C_in, 4, 0);
+    }
+    conv_direct(out, x, packed, bias, B, C_in, C_out, u, 4);
+}
+
+static void upsample_conv_backward_fast(float* dinp, float* dweight, float* dbias, const float* dout,
+                            const float* inp, const float* weight, int B, int C_in, int H, int W, int C_out,
+                            float* ws) {
+    size_t total, n = (size_t)C_out * C_in;
+    ConvWork w = conv_work(ws, B, C_in, 2 * H, 2 * W, C_out, 3, 2, kernel_threads, &total);
+    float *wc = ws + total, *dwc = wc + 16 * n;
+    int CoP = round_up(C_out, CONV_DW_CO);
+    ConvGeom g = conv_geom(H, W, 3, 1);
+    conv_dbias(dbias, dout, B, C_out, (size_t)4 * H * W);
+    const float* x = conv_grids(w.planes, inp, B, C_in, g);
+    for (int ph = 0; ph < 4; ph++) {   // dwc = phase (p, q)'s 2x2 weight gradient, then onto the 3x3 taps
+        int p = ph / 2, q = ph % 2;
+        ConvGeom u = upconv_geom(g, p, q, 0);
+        conv_transpose_dy(w.dyt, dout, B, C_out, CoP, u);
+        memset(dwc, 0, 4 * n * sizeof(float));
+        conv_dweight(dwc, w.dwacc, x, w.dyt, B, C_in, C_out, u);
+        for (size_t oc = 0; oc < n; oc++)
+            for (int i = 0; i < 3; i++)
+                for (int j = 0; j < 3; j++) dweight[oc * 9 + i * 3 + j] += dwc[oc * 4 + up_tap(p, i) * 2 + up_tap(q, j)];
+    }
+    if (!dinp) return;
+    ConvGeom phases = conv_geom(2 * H, 2 * W, 3, 2);   // dy's 4 phase grids per channel
+    const float* d = conv_grids(w.planes, dout, B, C_out, phases);
+    upconv_combine(wc, weight, C_out, C_in);
+    for (int ph = 0; ph < 4; ph++) {
+        conv_pack_weights(w.packed, wc + (size_t)ph * n * 4, C_out, C_in, 4, 1);
+        ConvGeom u = upconv_geom(g, ph / 2, ph % 2, 1);
+        conv_direct(dinp, d + ph * g.P, w.packed, NULL, B, C_out, C_in, &u, 1);
+    }
+}
+
+// sum_channel of 16.10, in lanes.
+static void sum_channel_fast(float* dv, const float* dh, int B, int C, int HW) {
+    #pragma omp parallel for schedule(static) if ((size_t)B * C * HW > 65536)
+    for (int bc = 0; bc < B * C; bc++) dv[bc] = (float)lane_sum(dh + (size_t)bc * HW, HW);
+}
+
+#endif // DDPM_PLAIN: the end of Part III
+
+// ============================================================================
+// Part IV. Plumbing
+// ============================================================================
+
+// ----------------------------------------------------------------------------
+// 18. Datasets on disk
+//
+//   CIFAR-10, binary version: data/cifar-10-batches-bin/data_batch_{1..5}.bin (train)
+//     and test_batch.bin; each record is 3073 bytes: a label, then 1024 R, 1024 G,
+//     1024 B bytes of a 32x32 image (already NCHW).
+//   Fashion-MNIST: data/fashion-mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte, the
+//     IDX format (big-endian magic 0x803 / 0x801, then the dimensions). 28x28 images are
+//     padded to 32x32 with the background value 0, so the same U-Net fits both.
+// Every problem with a file ends in one line naming it and what to do (section 1).
+
+static FILE* fopen_check(const char* path, const char* mode, const char* hint) {
+    FILE* f = fopen(path, mode);
+    if (!f) die("cannot open %s: %s%s%s", path, strerror(errno), hint ? "; " : "", hint ? hint : "");
+    return f;
+}
+
+// Reads exactly n bytes or dies naming the file: a short read means a truncated file.
+static void fread_check(void* dst, size_t n, FILE* f, const char* path) {
+    if (fread(dst, 1, n, f) != n)
+        die("%s is truncated or unreadable (wanted %zu more bytes); re-create or re-download it",
+            path, n);
+}
+
+static long file_size(const char* path) {
+    struct stat st;
+    return stat(path, &st) == 0 ? (long)st.st_size : -1;
+}
+
+#define CIFAR_RECORD 3073
+
+static void load_cifar10(Dataset* d, const char* dir, int train) {
+    const char* files_train[] = {"data_batch_1.bin", "data_batch_2.bin", "data_batch_3.bin", "data_batch_4.bin", "data_batch_5.bin"};
+    const char* files_test[] = {"test_batch.bin"};
+    const char** files = train ? files_train : files_test;
+    int n_files = train ? 5 : 1;
+    char path[4096];
+    long counts[5], total = 0;
+    for (int i = 0; i < n_files; i++) {
+        snprintf(path, sizeof path, "%s/cifar-10-batches-bin/%s", dir, files[i]);
+        long size = file_size(path);
+        if (size < 0) die("%s not found; run `make cifar10` to download CIFAR-10, or use --data fashion-mnist offline", path);
+        if (size == 0 || size % CIFAR_RECORD)
+            die("%s has %ld bytes, not a whole number of %d-byte CIFAR-10 records; delete it and run `make cifar10` again",
+                path, size, CIFAR_RECORD);
+        counts[i] = size / CIFAR_RECORD;
+        total += counts[i];
+    }
+    snprintf(d->name, sizeof d->name, "cifar10");
+    d->N = (int)total; d->C = 3; d->H = d->W = 32;
+    d->pixels = malloc_check((size_t)total * 3072, "CIFAR-10 images");
+    d->labels = malloc_check((size_t)total, "CIFAR-10 labels");
+    uint8_t rec[CIFAR_RECORD];
+    long n = 0;
+    for (int i = 0; i < n_files; i++) {
+        snprintf(path, sizeof path, "%s/cifar-10-batches-bin/%s", dir, files[i]);
+        FILE* f = fopen_check(path, "rb", "run `make cifar10`");
+        for (long r = 0; r < counts[i]; r++, n++) {
+            fread_check(rec, CIFAR_RECORD, f, path);
+            if (rec[0] > 9) die("%s: record %ld has label %d, not 0..9; this is not a CIFAR-10 binary file (run `make cifar10`)", path, r, rec[0]);
+            d->labels[n] = rec[0];
+            memcpy(d->pixels + (size_t)n * 3072, rec + 1, 3072);
+        }
+        fclose(f);
+    }
+}
+
+static uint32_t read_be32(FILE* f, const char* path) {
+    uint8_t b[4];
+    fread_check(b, 4, f, path);
+    return (uint32_t)b[0] << 24 | (uint32_t)b[1] << 16 | (uint32_t)b[2] << 8 | b[3];
+}
+
+// Opens an IDX file, checks its magic and dimensions, returns it positioned at the data.
+static FILE* idx_open(const char* path, uint32_t magic, int ndim, uint32_t* dims) {
+    long size = file_size(path);
+    if (size < 0) die("%s not found; run `make fashion-mnist` (needs Debian's dataset-fashion-mnist)", path);
+    FILE* f = fopen_check(path, "rb", "run `make fashion-mnist`");
+    uint32_t m = read_be32(f, path);
+    if (m != magic) die("%s: bad IDX magic 0x%08x (want 0x%08x); is it gzipped? run `make fashion-mnist`", path, m, magic);
+    long need = 4 + 4L * ndim, count = 1;
+    for (int i = 0; i < ndim; i++) { dims[i] = read_be32(f, path); count *= dims[i]; }
+    if (size != need + count)
+        die("%s has %ld bytes, the header promises %ld; the file is truncated or corrupt (run `make fashion-mnist`)",
+            path, size, need + count);
+    return f;
+}
+
+static void load_fashion_mnist(Dataset* d, const char* dir, int train) {
+    char ipath[4096], lpath[4096];
+    const char* split = train ? "train" : "t10k";
+    snprintf(ipath, sizeof ipath, "%s/fashion-mnist/%s-images-idx3-ubyte", dir, split);
+    snprintf(lpath, sizeof lpath, "%s/fashion-mnist/%s-labels-idx1-ubyte", dir, split);
+    uint32_t idims[3], ldims[1];
+    FILE* fi = idx_open(ipath, 0x803, 3, idims);
+    FILE* fl = idx_open(lpath, 0x801, 1, ldims);
+    if (idims[1] != 28 || idims[2] != 28) die("%s: images are %ux%u, expected 28x28", ipath, idims[1], idims[2]);
+    if (idims[0] == 0) die("%s holds no images; the file is corrupt (run `make fashion-mnist`)", ipath);
+    if (idims[0] != ldims[0]) die("%s has %u images but %s has %u labels", ipath, idims[0], lpath, ldims[0]);
+    snprintf(d->name, sizeof d->name, "fashion-mnist");
+    d->N = (int)idims[0]; d->C = 1; d->H = d->W = 32;
+    d->pixels = calloc_check((size_t)d->N, 1024, "Fashion-MNIST images");   // zero = background
+    d->labels = malloc_check((size_t)d->N, "Fashion-MNIST labels");
+    uint8_t img[784];
+    for (int n = 0; n < d->N; n++) {
+        fread_check(img, 784, fi, ipath);
+        for (int y = 0; y < 28; y++) memcpy(d->pixels + (size_t)n * 1024 + (y + 2) * 32 + 2, img + y * 28, 28);
+    }
+    fread_check(d->labels, d->N, fl, lpath);
+    for (int n = 0; n < d->N; n++)
+        if (d->labels[n] > 9) die("%s: label %d of image %d is not 0..9; the file is corrupt (run `make fashion-mnist`)", lpath, d->labels[n], n);
+    fclose(fi);
+    fclose(fl);
+}
+
+static void dataset_load(Dataset* d, const char* name, const char* dir, int train) {
+    memset(d, 0, sizeof *d);
+    if (!strcmp(name, "cifar10")) load_cifar10(d, dir, train);
+    else if (!strcmp(name, "fashion-mnist")) load_fashion_mnist(d, dir, train);
+    else die("--data %s: unknown dataset; use cifar10 or fashion-mnist", name);
+}
+
+static void dataset_free(Dataset* d) { free(d->pixels); free(d->labels); }
+
+
+// ----------------------------------------------------------------------------
+// 19. Checkpoints
+//
 // A checkpoint is everything needed to continue bit-exactly: the header below, then
 // four float32 arrays of n_params values (parameters, EMA, Adam m, Adam v, in the
-// layout of UNet.tensors), then a 64-bit FNV-1a checksum of all preceding bytes.
+// layout of the network's tensor table, section 15), then a 64-bit FNV-1a checksum of all preceding bytes.
 // Little-endian, as written by x86-64 and ARM64. It is written to PATH.tmp, flushed
 // to disk and renamed over PATH, so a crash or a full disk never leaves a half file.
 #define CKPT_MAGIC "DDPMCKPT"
@@ -2756,162 +3547,9 @@ static void checkpoint_load(Trainer* tr, const char* path) {
     memcpy(tr->rng.s, hd.rng, sizeof hd.rng);
 }
 
-// ----------------------------------------------------------------------------
-// 9. Sampling: Algorithm 2 (§3.2) and progressive generation (§4.3, Fig. 6)
-//
-//   Algorithm 2 Sampling
-//   1: x_T ~ N(0, I)
-//   2: for t = T, ..., 1 do
-//   3:   z ~ N(0, I) if t > 1, else z = 0
-//   4:   x_{t-1} = 1/sqrt(alpha_t) (x_t - (1 - alpha_t)/sqrt(1 - abar_t) eps_theta(x_t, t)) + sigma_t z
-//   5: end for
-//   6: return x_0
-//
-// Line 4 is mu_theta of Eq. (11) plus noise; p_mean_variance computes it through
-// x0_hat (Eq. 15), clipped to [-1, 1] as in the official sampler (clip = 1).
-// To watch it in gdb (`make debug`, README): break p_sample_update if t_idx == 500,
-// then print x_t[0]@8 and eps_theta[0]@8.
-
-typedef struct {
-    float *mean, *x0_hat, *z;   // (B, C, H, W) each
-    int* t_idx;                 // (B)
-} SampleBuffers;
-
-static void sample_buffers_init(SampleBuffers* sb, int B, size_t n) {
-    sb->mean = malloc_check((size_t)B * n * sizeof(float), "sampling buffers");
-    sb->x0_hat = malloc_check((size_t)B * n * sizeof(float), "sampling buffers");
-    sb->z = malloc_check((size_t)B * n * sizeof(float), "sampling buffers");
-    sb->t_idx = malloc_check((size_t)B * sizeof(int), "sampling buffers");
-}
-
-static void sample_buffers_free(SampleBuffers* sb) { free(sb->mean); free(sb->x0_hat); free(sb->z); free(sb->t_idx); }
-
-// Alg. 2, lines 3-4, for B images at the same t: x_t is overwritten by x_{t-1}.
-static void p_sample_update(float* x_t, const float* eps_theta, int t_idx, int B, size_t n,
-                            SigmaKind kind, int clip, const Schedule* s, SampleBuffers* sb, Rng* rng) {
-    double log_var;
-    for (int b = 0; b < B; b++) sb->t_idx[b] = t_idx;
-    p_mean_variance(sb->mean, NULL, sb->x0_hat, x_t, eps_theta, sb->t_idx, B, n, kind, clip, s);
-    log_var = p_log_variance(t_idx, kind, s);
-    float sigma = (float)exp(0.5 * log_var);
-    if (t_idx > 0) rng_normal(rng, sb->z, (size_t)B * n);       // z ~ N(0, I) if t > 1
-    for (size_t i = 0; i < (size_t)B * n; i++)
-        x_t[i] = sb->mean[i] + (t_idx > 0 ? sigma * sb->z[i] : 0.0f);   // else z = 0
-}
-
-// Optional record of the chain for Fig. 6: x_t and x0_hat at chosen steps.
-typedef struct {
-    int every;            // record when (t_idx + 1) % every == 0, and at t_idx = 0
-    int n_images, n_steps, max_steps;
-    int* steps;           // t (1-based) of each record
-    float *x_t, *x0_hat;  // (max_steps, n_images, C, H, W)
-} Trace;
-
-static void trace_record(Trace* tr, const float* x_t, const float* x0_hat, int t_idx, size_t n) {
-    if (!tr || tr->n_steps >= tr->max_steps || ((t_idx + 1) % tr->every && t_idx != 0)) return;
-    size_t k = (size_t)tr->n_steps++ * tr->n_images * n;
-    memcpy(tr->x_t + k, x_t, tr->n_images * n * sizeof(float));
-    memcpy(tr->x0_hat + k, x0_hat, tr->n_images * n * sizeof(float));
-    tr->steps[tr->n_steps - 1] = t_idx + 1;
-}
-
-static volatile sig_atomic_t stop_requested = 0;   // set by Ctrl-C / SIGTERM (section 12)
-
-static void progress_line(const char* what, long done, long total, double t0) {
-    double el = now_seconds() - t0, eta = done > 0 ? el * (total - done) / done : 0;
-    if (isatty(2)) fprintf(stderr, "\r%s %ld/%ld  %.0fs elapsed, ETA %.0fs   ", what, done, total, el, eta);
-    else if (done == total || done % (total / 10 > 0 ? total / 10 : 1) == 0)
-        fprintf(stderr, "%s %ld/%ld  %.0fs elapsed, ETA %.0fs\n", what, done, total, el, eta);
-    if (isatty(2) && done == total) fprintf(stderr, "\n");
-}
-
-// Alg. 2 for n_images, in batches of the network's B_max. Returns 0 if interrupted.
-static int p_sample_loop(UNet* m, const Schedule* s, float* out, int n_images, SigmaKind kind,
-                         Rng* rng, Trace* trace, int progress) {
-    int Bm = m->B_max, T = s->T;
-    size_t n = (size_t)m->cfg.in_ch * m->cfg.img * m->cfg.img;
-    SampleBuffers sb;
-    sample_buffers_init(&sb, Bm, n);
-    m->train = 0;
-    m->no_grad = 1;
-    double t0 = now_seconds();
-    long total = (long)((n_images + Bm - 1) / Bm) * T, done = 0;
-    for (int start = 0; start < n_images; start += Bm) {
-        int B = n_images - start < Bm ? n_images - start : Bm;
-        float* x_t = out + (size_t)start * n;
-        rng_normal(rng, x_t, (size_t)B * n);                  // x_T ~ N(0, I)
-        for (int t_idx = T - 1; t_idx >= 0; t_idx--) {        // t = T, ..., 1
-            if (stop_requested) { sample_buffers_free(&sb); return 0; }
-            for (int b = 0; b < B; b++) sb.t_idx[b] = t_idx;
-            const float* eps_theta = unet_forward(m, x_t, sb.t_idx, B);
-            p_sample_update(x_t, eps_theta, t_idx, B, n, kind, 1, s, &sb, rng);
-            if (start == 0) trace_record(trace, x_t, sb.x0_hat, t_idx, n);
-            if (progress) progress_line("sampling: step", ++done, total, t0);
-        }
-    }
-    sample_buffers_free(&sb);
-    return 1;
-}
 
 // ----------------------------------------------------------------------------
-// 10. Evaluation: the variational bound in bits/dim (Eq. 5, Table 1's NLL column)
-//
-// For each test image, every term of Eq. (5) is estimated with one draw of x_t ~ q(x_t|x_0)
-// per t (Eq. 4): L_T by prior_bpd, L_{t-1} for t = 2..T and L_0 by vb_term_bpd, with
-// x0_hat clipped to [-1, 1] as the official evaluation does. The paper reports
-// <= 3.70 (L, fixed isotropic Sigma) and <= 3.75 (L_simple) bits/dim on CIFAR-10 with
-// the full model and 10,000 test images; a small CPU model on a few images gives a rough
-// estimate of the same quantity.
-
-typedef struct { double prior, terms, decoder, total; int n; } BoundBpd;
-
-static BoundBpd eval_bpd(UNet* m, const Schedule* s, const Dataset* test, int n_images, SigmaKind kind, Rng* rng) {
-    int Bm = m->B_max, T = s->T;
-    size_t n = (size_t)m->cfg.in_ch * m->cfg.img * m->cfg.img;
-    if (n_images > test->N) n_images = test->N;
-    float* x0 = malloc_check((size_t)Bm * n * sizeof(float), "evaluation buffers");
-    float* eps = malloc_check((size_t)Bm * n * sizeof(float), "evaluation buffers");
-    float* x_t = malloc_check((size_t)Bm * n * sizeof(float), "evaluation buffers");
-    float* mean_q = malloc_check((size_t)Bm * n * sizeof(float), "evaluation buffers");
-    float* mean_p = malloc_check((size_t)Bm * n * sizeof(float), "evaluation buffers");
-    float* x0_hat = malloc_check((size_t)Bm * n * sizeof(float), "evaluation buffers");
-    int* t_idx = malloc_check((size_t)Bm * sizeof(int), "evaluation buffers");
-    double* lv_q = malloc_check((size_t)Bm * sizeof(double), "evaluation buffers");
-    double* lv_p = malloc_check((size_t)Bm * sizeof(double), "evaluation buffers");
-    BoundBpd r = {0, 0, 0, 0, 0};
-    m->train = 0;
-    m->no_grad = 1;
-    double t0 = now_seconds();
-    long total = (long)((n_images + Bm - 1) / Bm) * T, done = 0;
-    for (int start = 0; start < n_images && !stop_requested; start += Bm) {
-        int B = n_images - start < Bm ? n_images - start : Bm;
-        for (int b = 0; b < B; b++) {
-            dataset_image(x0 + b * n, test, start + b, 0);
-            r.prior += prior_bpd(x0 + b * n, n, s);
-        }
-        for (int t = T - 1; t >= 0 && !stop_requested; t--) {
-            for (int b = 0; b < B; b++) t_idx[b] = t;
-            rng_normal(rng, eps, (size_t)B * n);
-            q_sample(x_t, x0, eps, t_idx, B, n, s);
-            q_posterior_mean_variance(mean_q, NULL, lv_q, x0, x_t, t_idx, B, n, s);
-            const float* eps_theta = unet_forward(m, x_t, t_idx, B);
-            p_mean_variance(mean_p, lv_p, x0_hat, x_t, eps_theta, t_idx, B, n, kind, 1, s);
-            for (int b = 0; b < B; b++) {
-                double v = vb_term_bpd(x0 + b * n, mean_q + b * n, lv_q[b], mean_p + b * n, lv_p[b], t, n);
-                if (t == 0) r.decoder += v; else r.terms += v;
-            }
-            progress_line("bound: step", ++done, total, t0);
-        }
-        r.n += B;
-    }
-    if (r.n) { r.prior /= r.n; r.terms /= r.n; r.decoder /= r.n; }
-    r.total = r.prior + r.terms + r.decoder;
-    free(x0); free(eps); free(x_t); free(mean_q); free(mean_p); free(x0_hat); free(t_idx); free(lv_q); free(lv_p);
-    return r;
-}
-
-// ----------------------------------------------------------------------------
-// 11. Pictures and files: PNG grids (stb_image_write) and .npy arrays
+// 20. Pictures and files: PNG grids (stb_image_write) and .npy arrays
 
 #define STB_IMAGE_WRITE_IMPLEMENTATION
 #define STB_IMAGE_WRITE_STATIC
@@ -2999,15 +3637,20 @@ static int save_trace_png(const char* path, const float* frames, const Trace* tr
     return r;
 }
 
-// ---- 11.1 Measuring the kernels: what ./ddpm bench reports beside the step times ----
-// The machine's fused multiply-add peak at this build's vector width (6.0), measured:
+
+// ----------------------------------------------------------------------------
+// 21. Measuring: what ./ddpm bench reports beside the step times
+//
+// The machine's fused multiply-add peak at this build's vector width (17.0), measured:
 // every thread runs VEC_REGS - 4 independent chains acc = acc * m + c on VW-float
 // vectors that stay in registers, enough chains to cover the FMA latency of every
 // core this was tried on (4 cycles, 2 pipes). The best of 5 rounds of ~0.1 s.
+// (The reference build has no vectors to measure: it reports 0.)
+#ifndef DDPM_PLAIN
 #define PEAK_CHAINS (VEC_REGS - 4)
 static double fma_chains_seconds(long iters) {
     double t0 = now_seconds(), sink = 0;
-    #pragma omp parallel num_threads(gemm_max_threads) reduction(+ : sink)
+    #pragma omp parallel num_threads(kernel_threads) reduction(+ : sink)
     {
         float m = 0.999999f, c = 1e-7f * (float)(thread_id() + 1);
 #if DDPM_SIMD
@@ -3037,11 +3680,14 @@ static double fma_peak_gflops(void) {
     while (fma_chains_seconds(iters) < 0.1) iters *= 2;
     double best = 0;
     for (int round = 0; round < 5; round++) {
-        double gf = 2.0 * PEAK_CHAINS * VW * iters * gemm_max_threads / fma_chains_seconds(iters) / 1e9;
+        double gf = 2.0 * PEAK_CHAINS * VW * iters * kernel_threads / fma_chains_seconds(iters) / 1e9;
         if (gf > best) best = gf;
     }
     return best;
 }
+#else
+static double fma_peak_gflops(void) { return 0; }
+#endif
 
 // One 3x3 convolution of the model's shapes, forward and backward (input and weight
 // gradients), timed over `reps` calls after one untimed: GFLOP/s as "fwd/bwd".
@@ -3054,7 +3700,7 @@ static void bench_conv3x3(int B, int C, int H, int reps, double* fwd, double* bw
     float* dw = malloc_check(nw * sizeof(float), "bench buffers");
     float* bias = calloc_check(C, sizeof(float), "bench buffers");
     float* db = calloc_check(C, sizeof(float), "bench buffers");
-    float* ws = malloc_check(conv2d_workspace_floats(B, C, H, H, C, 3, 1, gemm_max_threads) * sizeof(float), "bench buffers");
+    float* ws = malloc_check(conv2d_workspace_floats(B, C, H, H, C, 3, 1, kernel_threads) * sizeof(float), "bench buffers");
     Rng r;
     rng_seed(&r, 1);
     rng_normal(&r, x, nx);
@@ -3074,8 +3720,9 @@ static void bench_conv3x3(int B, int C, int H, int reps, double* fwd, double* bw
     free(x); free(y); free(dx); free(w); free(dw); free(bias); free(db); free(ws);
 }
 
+
 // ----------------------------------------------------------------------------
-// 12. main: the command line
+// 22. main: the command line
 //
 //   ./ddpm [train] [flags]      Alg. 1 on a dataset, with samples and checkpoints
 //   ./ddpm sample  --checkpoint PATH [-n 64] [--trace]
@@ -3540,17 +4187,19 @@ static int cmd_params(const Options* o) {
     UNet m1, m2;
     unet_build(&m1, &c, 1);
     printf("%-24s %12s\n", "block", "parameters");
-    for (int i = 0; i < m1.n_tensors;) {
+    const UNetLayers* L1 = m1.L;
+    for (int i = 0; i < L1->n_tensors;) {
         size_t sum = 0;
         int j = i;
-        while (j < m1.n_tensors && !strcmp(m1.tensors[j].group, m1.tensors[i].group)) sum += m1.tensors[j++].numel;
-        printf("%-24s %12zu\n", m1.tensors[i].group, sum);
+        while (j < L1->n_tensors && !strcmp(L1->tensors[j].group, L1->tensors[i].group)) sum += L1->tensors[j++].numel;
+        printf("%-24s %12zu\n", L1->tensors[i].group, sum);
         i = j;
     }
     printf("%-24s %12zu\n", "total", m1.n_params);
     unet_build(&m2, &c, 2);
-    double per = ((m2.n_acts + m2.n_grad_acts + m2.n_work) - (m1.n_acts + m1.n_grad_acts + m1.n_work)) * 4.0 / 1048576;
-    double fixed = (m1.n_acts + m1.n_grad_acts + m1.n_work) * 4.0 / 1048576 - per;
+    const UNetLayers* L2 = m2.L;
+    double per = ((L2->n_acts + L2->n_grad_acts + L2->n_work) - (L1->n_acts + L1->n_grad_acts + L1->n_work)) * 4.0 / 1048576;
+    double fixed = (L1->n_acts + L1->n_grad_acts + L1->n_work) * 4.0 / 1048576 - per;
     printf("activation memory: %.2f MiB per image (+ %.2f MiB fixed); parameter state: %.1f MiB\n",
            per, fixed, m1.n_params * 4.0 * 6 / 1048576);
     unet_free(&m1);
@@ -3565,8 +4214,8 @@ static double unet_forward_flops(const UNet* m) {
     const Config* c = &m->cfg;
     double S2 = (double)c->img * c->img, E = 4.0 * c->ch;
     double f = 2 * (c->ch * E + E * E) + 2 * S2 * c->in_ch * 9 * c->ch + 2 * S2 * c->ch * 9 * c->in_ch;
-    for (int i = 0; i < m->n_blocks; i++) {
-        const Block* k = &m->blocks[i];
+    for (int i = 0; i < m->L->n_blocks; i++) {
+        const Block* k = &m->L->blocks[i];
         double HW = (double)k->H * k->W, Cx = k->C_in + k->C_skip, C = k->C_out;
         if (k->kind == BLOCK_RES)
             f += 2 * HW * (Cx * 9 * C + C * 9 * C + (k->nin_shortcut.w ? Cx * C : 0)) + 2 * E * C;
@@ -3610,21 +4259,26 @@ static int cmd_bench(const Options* o) {
         double t0 = now_seconds();
         for (int b = 0; b < B; b++) sb.t_idx[b] = 500;
         const float* eps_theta = unet_forward(&tr.net, tr.x_t, sb.t_idx, B);
-        p_sample_update(tr.x_t, eps_theta, 500, B, n, SIGMA_BETA, 1, &tr.sched, &sb, &tr.rng);
+        p_sample(tr.x_t, eps_theta, sb.t_idx, B, n, SIGMA_BETA, &tr.sched, &sb, &tr.rng);
         if (i >= W) ts[i - W] = 1e3 * (now_seconds() - t0);
     }
     struct rusage ru;
     getrusage(RUSAGE_SELF, &ru);   // before the kernel timings below, which allocate their own
-    // What the binary was built for (6.0), the machine's FMA peak at that width, and
+    // What the binary was built for (17.0), the machine's FMA peak at that width, and
     // the model's 3x3 convolutions one resolution at a time (C -> C, the batch's size).
     double peak = fma_peak_gflops();
+#ifdef DDPM_PLAIN
+    printf("{\"impl\": \"ddpm.c\", \"isa\": \"reference\", \"vector_floats\": 1, \"registers\": 0, "
+           "\"tiles\": \"none (the reference layers of section 16)\", \"fma_peak_gflops\": %.1f, \"conv3x3\": [", peak);
+#else
     printf("{\"impl\": \"ddpm.c\", \"isa\": \"%s\", \"vector_floats\": %d, \"registers\": %d, "
            "\"tiles\": \"conv %dx%d, wide %dx%d, dweight %dx%d, gemm %dx%d\", \"fma_peak_gflops\": %.1f, \"conv3x3\": [",
            DDPM_ISA, VW, VEC_REGS, CONV_MR, CONV_NR, CONV_MR_WIDE, CONV_NR_WIDE, CONV_DW_K, CONV_DW_CO,
            GEMM_MR, GEMM_NR, peak);
+#endif
     for (int l = 0; l < cfg.n_levels; l++) {
         int C = cfg.ch * cfg.ch_mult[l], H = cfg.img >> l;
-        double f, b;
+        double f = 0, b = 0;
         bench_conv3x3(B, C, H, S > 5 ? 5 : S, &f, &b);
         printf("%s{\"C\": %d, \"H\": %d, \"fwd_gflops\": %.1f, \"bwd_gflops\": %.1f}", l ? ", " : "", C, H, f, b);
     }

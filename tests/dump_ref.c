@@ -39,8 +39,8 @@ int main(int argc, char** argv) {
     unet_build(&m, &cfg, B);
     Rng rng;
     rng_seed(&rng, 1234);
-    for (int i = 0; i < m.n_tensors; i++) {
-        ParamTensor* t = &m.tensors[i];
+    for (int i = 0; i < m.L->n_tensors; i++) {
+        ParamTensor* t = &m.L->tensors[i];
         float* p = m.params + t->offset;
         float z[2];
         size_t fan_in = t->numel / t->shape[0];
@@ -84,8 +84,8 @@ int main(int argc, char** argv) {
     record(f, "output.eps_theta", 4, shape, eps_theta);
     record(f, "output.loss", 1, &one, &loss);
     char name[80];
-    for (int i = 0; i < m.n_tensors; i++) {
-        ParamTensor* t = &m.tensors[i];
+    for (int i = 0; i < m.L->n_tensors; i++) {
+        ParamTensor* t = &m.L->tensors[i];
         snprintf(name, sizeof name, "param.%s", t->name);
         record(f, name, t->ndim, t->shape, m.params + t->offset);
         snprintf(name, sizeof name, "grad.%s", t->name);
