@@ -1,7 +1,8 @@
 # ddpm.c — build, debug, test, bench and data targets.
 #
 #   make                 build ./ddpm and fetch CIFAR-10 into data/ (offline: says so, still succeeds)
-#   make debug           ./ddpm_debug: -O0 -g, for stepping through with gdb (see README)
+#   make plain           ./ddpm_plain: -O2 -DDDPM_PLAIN, the reference layers of section 16 only
+#   make debug           ./ddpm_debug: the same at -O0 -g, for stepping through with gdb (see README)
 #   make test            C tests (on every kernel variant this machine runs, ARM64 under qemu),
 #                        gradients vs PyTorch autograd, end-to-end training tests
 #   make bench           ddpm.c vs PyTorch, side by side (tests/bench_table.py; about 20 min;
@@ -36,7 +37,7 @@ ifeq ($(NATIVE),yes)
   CFLAGS += -march=native
   $(info ddpm.c: -march=native ........ found)
   # On AVX-512 machines GCC still prefers 256-bit vectors for the loops it vectorises
-  # itself (GroupNorm, SiLU, softmax); 512 bits measured ~1% faster per step here.
+  # itself (GroupNorm, SiLU, softmax); ask for the full width the kernels use.
   WIDE := $(shell echo 'int main(void){return 0;}' | $(CC) -march=native -mprefer-vector-width=512 -x c - -o /dev/null 2>/dev/null && echo yes)
   ifeq ($(WIDE),yes)
     CFLAGS += -mprefer-vector-width=512
@@ -68,7 +69,7 @@ else
 endif
 CFLAGS += -I$(STB_DIR)
 
-.PHONY: all debug test bench cifar10 fashion-mnist clean
+.PHONY: all plain debug test bench cifar10 fashion-mnist clean
 
 all: ddpm
 	@sh data/get_cifar10.sh --optional
@@ -76,9 +77,16 @@ all: ddpm
 ddpm: ddpm.c $(STB_DEP)
 	$(CC) $(CFLAGS) ddpm.c -o $@ $(LDLIBS)
 
+# The reference path: -DDDPM_PLAIN leaves out Part III, so every layer is the plain loop
+# of section 16 (and a debugger steps into the algorithm, not into vector code).
+PLAIN_CFLAGS = $(filter-out -O3,$(CFLAGS)) -DDDPM_PLAIN
+plain: ddpm_plain
+ddpm_plain: ddpm.c $(STB_DEP)
+	$(CC) $(PLAIN_CFLAGS) -O2 ddpm.c -o $@ $(LDLIBS)
+
 debug: ddpm_debug
 ddpm_debug: ddpm.c $(STB_DEP)
-	$(CC) $(filter-out -O3,$(CFLAGS)) -O0 -g ddpm.c -o $@ $(LDLIBS)
+	$(CC) $(PLAIN_CFLAGS) -O0 -g ddpm.c -o $@ $(LDLIBS)
 
 build/stb/stb_image_write.h:
 	@mkdir -p build/stb
@@ -92,7 +100,14 @@ tests/test_ddpm: tests/test_ddpm.c ddpm.c $(STB_DEP)
 tests/dump_ref: tests/dump_ref.c ddpm.c $(STB_DEP)
 	$(CC) $(CFLAGS) -Wno-unused-function tests/dump_ref.c -o $@ $(LDLIBS)
 
-# The unit tests once more for every kernel variant of ddpm.c's section 6.0 that this
+# The unit tests and the PyTorch exchange file once more on the reference layers.
+tests/test_ddpm_plain: tests/test_ddpm.c ddpm.c $(STB_DEP)
+	$(CC) $(PLAIN_CFLAGS) -O2 -Wno-unused-function tests/test_ddpm.c -o $@ $(LDLIBS)
+
+tests/dump_ref_plain: tests/dump_ref.c ddpm.c $(STB_DEP)
+	$(CC) $(PLAIN_CFLAGS) -O2 -Wno-unused-function tests/dump_ref.c -o $@ $(LDLIBS)
+
+# The unit tests once more for every kernel variant of ddpm.c's section 17.0 that this
 # compiler can build: x86-64-v2 (SSE), v3 (AVX2 + FMA), v4 (AVX-512), the plain C loops
 # (-DDDPM_NO_SIMD), and ARM64 NEON with the cross compiler (tests/run.sh runs it under
 # qemu-user). tests/run.sh runs each one the CPU can execute and says which it skips.
@@ -117,7 +132,7 @@ tests/test_ddpm_novec: tests/test_ddpm.c ddpm.c $(STB_DEP)
 tests/test_ddpm_arm64: tests/test_ddpm.c ddpm.c $(STB_DEP)
 	$(AARCH64_CC) $(VARIANT_CFLAGS) -fno-tree-loop-vectorize tests/test_ddpm.c -o $@ $(LDLIBS)
 
-test: ddpm tests/test_ddpm tests/dump_ref $(VARIANTS) fashion-mnist
+test: ddpm ddpm_debug tests/test_ddpm tests/dump_ref tests/test_ddpm_plain tests/dump_ref_plain $(VARIANTS) fashion-mnist
 	@PYTHON=$(PYTHON) sh tests/run.sh
 
 bench: ddpm
@@ -130,5 +145,6 @@ fashion-mnist:
 	@sh data/get_fashion_mnist.sh
 
 clean:
-	rm -rf ddpm ddpm_debug tests/test_ddpm tests/test_ddpm_v2 tests/test_ddpm_v3 tests/test_ddpm_v4 \
-	    tests/test_ddpm_novec tests/test_ddpm_arm64 tests/dump_ref tests/out build
+	rm -rf ddpm ddpm_plain ddpm_debug tests/test_ddpm tests/test_ddpm_v2 tests/test_ddpm_v3 tests/test_ddpm_v4 \
+	    tests/test_ddpm_novec tests/test_ddpm_arm64 tests/test_ddpm_plain tests/dump_ref tests/dump_ref_plain \
+	    tests/out build

@@ -1679,6 +1679,15 @@ static void layers_init_ref(void) { kernel_threads = max_threads(); }
 // with inputs outside the image read as 0.
 static int conv_pad(int K, int stride) { return stride == 1 ? K / 2 : 0; }
 
+// The outputs o in [*lo, *hi) whose input stride o + tap - pad lies in [0, n_in): the
+// rows (or columns) where tap i (or j) of the kernel falls inside the image.
+static void conv_range(int* lo, int* hi, int n_out, int n_in, int tap, int stride, int pad) {
+    *lo = 0;
+    *hi = n_out;
+    while (*lo < n_out && stride * *lo + tap - pad < 0) (*lo)++;
+    while (*hi > *lo && stride * (*hi - 1) + tap - pad >= n_in) (*hi)--;
+}
+
 static size_t conv2d_workspace_floats_ref(int B, int C_in, int H, int W, int C_out, int K, int stride, int threads) {
     (void)B; (void)C_in; (void)H; (void)W; (void)C_out; (void)K; (void)stride; (void)threads;
     return 0;
@@ -1697,14 +1706,12 @@ static void conv2d_forward_ref(float* out, const float* inp, const float* weight
                     for (int j = 0; j < K; j++) {
                         float w = weight[(((size_t)o * C_in + c) * K + i) * K + j];
                         const float* x = inp + ((size_t)b * C_in + c) * H * W;
-                        for (int oy = 0; oy < Ho; oy++) {
-                            int iy = stride * oy + i - pad;
-                            if (iy < 0 || iy >= H) continue;
-                            for (int ox = 0; ox < Wo; ox++) {
-                                int ix = stride * ox + j - pad;
-                                if (ix >= 0 && ix < W) y[oy * Wo + ox] += w * x[iy * W + ix];
-                            }
-                        }
+                        int y0, y1, x0, x1;
+                        conv_range(&y0, &y1, Ho, H, i, stride, pad);
+                        conv_range(&x0, &x1, Wo, W, j, stride, pad);
+                        for (int oy = y0; oy < y1; oy++)
+                            for (int ox = x0; ox < x1; ox++)
+                                y[oy * Wo + ox] += w * x[(stride * oy + i - pad) * W + stride * ox + j - pad];
                     }
         }
 }
@@ -1728,21 +1735,20 @@ static void conv2d_backward_ref(float* dinp, float* dweight, float* dbias, const
             for (int i = 0; i < K; i++)
                 for (int j = 0; j < K; j++) {
                     double sw = 0;
+                    float w = weight[(((size_t)o * C_in + c) * K + i) * K + j];
+                    int y0, y1, x0, x1;
+                    conv_range(&y0, &y1, Ho, H, i, stride, pad);
+                    conv_range(&x0, &x1, Wo, W, j, stride, pad);
                     for (int b = 0; b < B; b++) {
                         const float* x = inp + ((size_t)b * C_in + c) * H * W;
                         const float* dy = dout + ((size_t)b * C_out + o) * Ho * Wo;
-                        float w = weight[(((size_t)o * C_in + c) * K + i) * K + j];
                         float* dx = dinp ? dinp + ((size_t)b * C_in + c) * H * W : NULL;
-                        for (int oy = 0; oy < Ho; oy++) {
-                            int iy = stride * oy + i - pad;
-                            if (iy < 0 || iy >= H) continue;
-                            for (int ox = 0; ox < Wo; ox++) {
-                                int ix = stride * ox + j - pad;
-                                if (ix < 0 || ix >= W) continue;
-                                sw += (double)x[iy * W + ix] * dy[oy * Wo + ox];
-                                if (dx) dx[iy * W + ix] += w * dy[oy * Wo + ox];
+                        for (int oy = y0; oy < y1; oy++)
+                            for (int ox = x0; ox < x1; ox++) {
+                                size_t xi = (size_t)(stride * oy + i - pad) * W + stride * ox + j - pad;
+                                sw += (double)x[xi] * dy[oy * Wo + ox];
+                                if (dx) dx[xi] += w * dy[oy * Wo + ox];
                             }
-                        }
                     }
                     dweight[(((size_t)o * C_in + c) * K + i) * K + j] += (float)sw;
                 }
