@@ -30,8 +30,10 @@ suite() {   # suite NAME COMMAND...: run one suite, show its output, count it
 }
 
 suite unit tests/test_ddpm
+# The same tests on the reference build (-DDDPM_PLAIN, section 16's layers only).
+suite unit-plain tests/test_ddpm_plain
 
-# The unit tests again on every other kernel variant of ddpm.c's section 6.0 that this
+# The unit tests again on every other kernel variant of ddpm.c's section 17.0 that this
 # CPU can execute (the Makefile builds those its compilers can). x86 levels need their
 # instruction sets in /proc/cpuinfo; ARM64 runs under qemu-user.
 cpu_flags=" $(grep -m 1 '^flags' /proc/cpuinfo 2>/dev/null | cut -d: -f2) "
@@ -68,11 +70,26 @@ if $PYTHON -c 'import torch' 2>/dev/null; then
     tests/dump_ref paper 2 tests/out/ref_paper.bin >/dev/null
     suite pytorch $PYTHON tests/reference.py tests/out/ref_tiny.bin tests/out/ref_paper.bin
     rm -f tests/out/ref_paper.bin
+    # the reference layers of the -DDDPM_PLAIN build against PyTorch too
+    tests/dump_ref_plain tiny 2 tests/out/ref_tiny_plain.bin >/dev/null &&
+    tests/dump_ref_plain paper 2 tests/out/ref_paper_plain.bin >/dev/null
+    suite pytorch-plain $PYTHON tests/reference.py tests/out/ref_tiny_plain.bin tests/out/ref_paper_plain.bin
+    rm -f tests/out/ref_paper_plain.bin
 elif [ "$CI" = "true" ]; then
     echo "== pytorch: FAILED: $PYTHON cannot import torch (apt-get install python3-torch)"
     total_fail=$((total_fail + 1))
 else
     echo "== pytorch: skipped: $PYTHON cannot import torch (apt-get install python3-torch to run it)"
+fi
+
+# The README's gdb walkthrough (on ./ddpm_debug, the reference build at -O0 -g).
+if command -v gdb >/dev/null 2>&1; then
+    suite gdb $PYTHON tests/test_gdb.py
+elif [ "$CI" = "true" ]; then
+    echo "== gdb: FAILED: gdb is not installed (see .ci/run)"
+    total_fail=$((total_fail + 1))
+else
+    echo "NOTE skipped gdb: gdb is not installed (apt-get install gdb to run the README's walkthrough)"
 fi
 
 suite e2e sh tests/test_e2e.sh
