@@ -911,8 +911,8 @@ typedef struct { float *gamma, *beta, *dgamma, *dbeta; int C, G; } GroupNorm;  /
 typedef enum { BLOCK_RES, BLOCK_ATTN, BLOCK_DOWN, BLOCK_UP } BlockKind;
 
 // One block of the U-Net. Its input is `in` (and, for ResBlocks of the up path,
-// concatenated with `skip`), its output `out`; all are views into UNet.acts, with the
-// gradients din, dskip, dout in UNet.grad_acts or UNet.work.
+// concatenated with `skip`), its output `out`; all are views into the activation
+// buffer (UNetLayers.acts), with the gradients din, dskip, dout in grad_acts or work.
 typedef struct {
     BlockKind kind;
     char name[32];
@@ -923,7 +923,7 @@ typedef struct {
     Conv2d conv1, conv2, nin_shortcut;   // nin_shortcut only when C_in + C_skip != C_out
     Linear temb_proj;
     float *mean1, *rstd1, *h1, *mean2, *rstd2;   // saved: (B, G), (B, C_out, H, W)
-    float *a1, *a2;     // saved: silu(norm1(x)), dropout(silu(norm2(h1))), as padded conv grids (6.2)
+    float *a1, *a2;     // saved: silu(norm1(x)), dropout(silu(norm2(h1))), as conv inputs (12.1)
     // BLOCK_ATTN: out = x + proj_out(attention(q(n), k(n), v(n))), n = norm(x)
     GroupNorm norm;
     Conv2d q, k, v, proj_out;
@@ -2874,8 +2874,8 @@ static void linear_backward_fast(float* dinp, float* dweight, float* dbias, cons
     if (dinp) matmul(dinp, dout, weight, B, C_in, C_out, C_out, C_in, C_in, 0, 0, 1);  // dinp += dout . W
 }
 
-// SiLU (16.3) runs on every activation of the network, twice per training step, so its exp
-// must vectorise. libm's expf is a function call the compiler cannot vectorise; this
+// SiLU (16.3) runs on every activation of the network, twice per training step, so its
+// exp must vectorise. libm's expf is a function call the compiler cannot vectorise; this
 // one is plain arithmetic: x = n ln2 + r with |r| <= ln2/2 (ln2 split in two parts so
 // n ln2 is exact), Cephes' degree-6 polynomial for e^r, and 2^n written straight
 // into the exponent bits. Relative error about 1e-7 (tests/ checks < 2e-7 against exp);
@@ -3091,8 +3091,8 @@ static void dropout_conv_input_fast(float* grid, int B, int C, int H, int W, flo
 }
 
 // ---- 17.6 Attention: attention_forward_fast / attention_backward_fast ----
-// Attention of 16.6. It keeps att transposed, attT[j, i] = att[i, j] (B, N, N), saved for the
-// backward pass: then attT = k^T q and out = v attT are plain matmuls (no transposed
+// Attention of 16.6. It keeps att transposed, attT[j, i] = att[i, j] (B, N, N), saved
+// for the backward pass: then attT = k^T q and out = v attT are plain matmuls (no transposed
 // copy of an N x N operand), and each softmax runs down a column of attT, which
 // vectorises across the columns i. Threads take whole images (the matmuls inside then
 // run on one thread), so each image's sums keep one order.
@@ -3415,7 +3415,8 @@ static void dataset_free(Dataset* d) { free(d->pixels); free(d->labels); }
 //
 // A checkpoint is everything needed to continue bit-exactly: the header below, then
 // four float32 arrays of n_params values (parameters, EMA, Adam m, Adam v, in the
-// layout of the network's tensor table, section 15), then a 64-bit FNV-1a checksum of all preceding bytes.
+// layout of the network's tensor table, section 15), then a 64-bit FNV-1a checksum of
+// all preceding bytes.
 // Little-endian, as written by x86-64 and ARM64. It is written to PATH.tmp, flushed
 // to disk and renamed over PATH, so a crash or a full disk never leaves a half file.
 #define CKPT_MAGIC "DDPMCKPT"

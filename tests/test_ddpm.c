@@ -8,17 +8,20 @@
 // is reachable. Temporary files go under tests/out/unit/ and are removed at the end.
 //
 // What is checked, by section of ddpm.c:
-//   1    the schedules, against values recomputed here in long double
-//   2-3  q(x_t|x_0) by Monte Carlo, against Eq. (4) and against iterating Eq. (2);
-//        the posterior of Eqs. (6)-(7) against a Bayes product of Gaussians; Eq. (11)
-//   4-5  the Gaussian KL against numerical integration; the decoder's 256 bins sum to 1;
-//        L_T ~ 1e-5 bits/dim (§4); L_simple and its gradient
-//   6    every layer's backward pass against central finite differences, forward passes
-//        against naive loops, matmul against a triple loop, bit-exact determinism, the
-//        whole U-Net's gradient by finite differences, the initialisation, the configs
-//   7    the data loaders on synthetic files, and every bad-data case (fork + exit 1)
-//   8.1  checkpoints: bit-exact round trip, resume, every corruption, failed saves
-//   11   .npy files
+//   2     the schedules, against values recomputed here in long double
+//   3-4   q(x_t|x_0) by Monte Carlo, against Eq. (4) and against iterating Eq. (2);
+//         the posterior of Eqs. (6)-(7) against a Bayes product of Gaussians; Eq. (11)
+//   5-6   the Gaussian KL against numerical integration; the decoder's 256 bins sum to 1;
+//         L_T ~ 1e-5 bits/dim (§4); L_simple and its gradient
+//   12-16 every layer's backward pass against central finite differences (the layers
+//         the network runs: Part III's, or section 16's in a -DDDPM_PLAIN build), the
+//         whole U-Net's gradient by finite differences, bit-exact determinism, the
+//         initialisation, the configs
+//   17    (not in a -DDDPM_PLAIN build) every fast kernel against its reference layer of
+//         section 16 on awkward shapes, matmul against a triple loop, thread counts
+//   18    the data loaders on synthetic files, and every bad-data case (fork + exit 1)
+//   19    checkpoints: bit-exact round trip, resume, every corruption, failed saves
+//   20    .npy files
 #define DDPM_NO_MAIN
 // The tests use most of ddpm.c but not all of it (e.g. the PNG writers): silence the
 // warnings about the unused static functions of the included file only.
@@ -199,7 +202,7 @@ static void expect_die(const char* name, void (*fn)(void*), void* arg, const cha
 }
 
 // ----------------------------------------------------------------------------
-// 1. The noise schedule
+// 2. The noise schedule
 
 static double rel_err(long double got, long double want) {
     long double d = fabsl(got - want), s = fabsl(want);
@@ -290,7 +293,7 @@ static void test_schedule_cosine(void) {
 }
 
 // ----------------------------------------------------------------------------
-// 2. The forward process, by Monte Carlo
+// 3. The forward process, by Monte Carlo
 
 typedef struct { double mean, var; } Moments;
 
@@ -356,7 +359,7 @@ static void test_q_sample_monte_carlo(void) {
 }
 
 // ----------------------------------------------------------------------------
-// 2-3. The posterior (Eqs. 6-7), x_0 from eps, Eq. (11), the reverse variances
+// 3-4. The posterior (Eqs. 6-7), x_0 from eps, Eq. (11), the reverse variances
 
 static void test_posterior_bayes(void) {
     const int T = 1000;
@@ -482,7 +485,7 @@ static void test_reverse_process(void) {
 }
 
 // ----------------------------------------------------------------------------
-// 4-5. The bound and the loss
+// 5-6. The bound and the loss
 
 static long double log_normal_pdf(long double x, long double m, long double logvar) {
     long double d = x - m;
@@ -1246,7 +1249,7 @@ static void test_matmul(void) {
     for (int i = 0; i < 6; i++) ok &= C[i] == 0;
     check("matmul K = 0: empty sum", ok, "accumulate keeps C, overwrite zeroes it");
 
-    // The same bits for any number of threads (the claim of section 6.1), as if the
+    // The same bits for any number of threads (the claim of section 17.1), as if the
     // program had been started with 1 and with 2 threads.
     int M = 257, N = 301, K = 700, threads = get_threads();
     float* A2 = randn((size_t)M * K, 1);
@@ -1594,7 +1597,7 @@ static void test_unet_gradient(void) {
 }
 
 // ----------------------------------------------------------------------------
-// 7. The data loaders
+// 18. The data loaders
 
 static uint8_t cifar_pixel(int n, int i) { return (uint8_t)((n * 37 + i * 11) % 256); }
 static uint8_t fmnist_pixel(int n, int i) { return (uint8_t)((n * 53 + i * 7 + 1) % 256); }
@@ -1776,7 +1779,7 @@ static void test_fashion_mnist(void) {
 }
 
 // ----------------------------------------------------------------------------
-// 8.1 Checkpoints
+// 19. Checkpoints
 
 typedef struct { Trainer* tr; const char* path; } CkptArgs;
 
@@ -1909,7 +1912,7 @@ static void test_checkpoints(void) {
 }
 
 // ----------------------------------------------------------------------------
-// 11. .npy files
+// 20. .npy files
 
 static void check_npy(const char* name, const char* path, const float* data, size_t count, const char* shape) {
     size_t n = 0;

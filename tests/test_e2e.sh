@@ -103,7 +103,7 @@ elif cmd == "xor":          # FILE OFFSET MASK (OFFSET "mid": the middle of the 
     off = len(b) // 2 if sys.argv[3] == "mid" else int(sys.argv[3])
     b[off] ^= int(sys.argv[4], 0)
     open(sys.argv[2], "wb").write(b)
-elif cmd == "checksum":     # FILE: exit 0 if the trailing FNV-1a 64 matches (format as in section 8.1)
+elif cmd == "checksum":     # FILE: exit 0 if the trailing FNV-1a 64 matches (format as in ddpm.c section 19)
     b = open(sys.argv[2], "rb").read()
     sys.exit(0 if fnv(b[:-8]) == struct.unpack("<Q", b[-8:])[0] else 1)
 elif cmd == "nan":          # IN OUT: the live parameters set to NaN, checksum re-sealed
@@ -151,7 +151,7 @@ check dataset $? "could not write the synthetic CIFAR-10 files with $PY"
 NET="--ch 8 --ch-mult 1,2 --num-res-blocks 1 --attn 16 --groups 4"
 
 # ---------------------------------------------------------------------------
-# 9. Smoke: schedule, params, help
+# 1. Smoke: schedule, params, help
 ddp schedule schedule
 f=$T/schedule.out
 [ $rc -eq 0 ] && [ "$(lines "$f")" -eq 1001 ]
@@ -168,7 +168,7 @@ ddp help --help
 check "--help: exit 0, prints usage" $? "exit $rc"
 
 # ---------------------------------------------------------------------------
-# 1. Overfit a fixed set of 4 images.
+# 2. Overfit a fixed set of 4 images.
 #
 # At initialisation eps_theta is ~0 (the output conv starts at scale 1e-10), so L_simple =
 # mean(eps^2) over 4 x 3072 normals: 1 with a standard deviation of sqrt(2 / 12288) =
@@ -201,7 +201,7 @@ r0=$(ratio "$T/of0/log.csv")
 check "overfit control: with --lr 0 the ratio stays ~1" $? "exit $rc, first-10, last-50, ratio: $r0"
 
 # ---------------------------------------------------------------------------
-# 2, 3, 10. Bit-exact resume, determinism, plain progress lines.
+# 3. Bit-exact resume, determinism, plain progress lines.
 # Dropout (the preset's 0.1) and flips are on, so every random draw is exercised; the
 # warmup (15 steps) crosses the resume point; checkpoints are also saved at steps 7, 14.
 RUN="--data-dir $D $NET --batch 4 --lr 1e-3 --warmup 15 --sample-every 7 --sample-n 0 --log-every 5"
@@ -223,7 +223,7 @@ check "control: --seed 2 gives a different checkpoint" $? "exit $rc, or identica
 ddp C $RUN --steps 20 --run "$T/C" --threads 1
 cmp -s "$T/A/model.ckpt" "$T/C/model.ckpt"
 check "determinism: same seed and flags twice, identical checkpoints" $? "exit $rc; $(cmp "$T/A/model.ckpt" "$T/C/model.ckpt" 2>&1)"
-# The code promises the same bits for any number of threads (section 6.1's matmul, the
+# The code promises the same bits for any number of threads (section 17.1's matmul, the
 # per-image loops). Step 1's loss cannot show a difference (eps_theta ~ 0 at init), but
 # its grad_norm and every later loss do.
 ddp T2 $RUN --steps 20 --run "$T/T2" --threads 2
@@ -290,7 +290,7 @@ check "SIGTERM: log.csv steps run 1, 2, ..., $((n + 2)) once each" $? "$(cut -d,
 # 5. Sampling from a good checkpoint, and refusing bad ones.
 GOOD=$T/of/model.ckpt
 tool checksum "$GOOD"
-check "checkpoint: size and trailing FNV-1a checksum as documented in 8.1" $? "python's FNV-1a 64 disagrees"
+check "checkpoint: size and trailing FNV-1a checksum as documented in ddpm.c section 19" $? "python's FNV-1a 64 disagrees"
 # One run: the grid beside the checkpoint, and with --trace the chain's x_t and x0_hat.
 ddp sample sample --checkpoint "$GOOD" -n 2 --trace --threads 1
 [ $rc -eq 0 ] && [ "$(head -c 4 "$T/of/samples.png" | od -An -c | tr -d ' ')" = "211PNG" ]
@@ -379,7 +379,7 @@ steps=$(tail -n +2 "$T/W2/log.csv" | cut -d, -f1 | tr '\n' ' ')
 check "after the failed write and a resume, log.csv has steps 1..22 once each" $? "log.csv steps: $steps"
 
 # ---------------------------------------------------------------------------
-# 8. A non-finite loss stops the run and leaves the last checkpoint untouched.
+# 7. A non-finite loss stops the run and leaves the last checkpoint untouched.
 # Flags cannot provoke one: --lr 1 (the largest accepted) with --grad-clip 1e9 --warmup 0
 # ran 200 steps with finite losses (GroupNorm bounds the activations). So the live
 # parameters of a checkpoint are set to NaN (EMA, Adam state kept, checksum re-sealed)
@@ -396,7 +396,7 @@ cmp -s "$T/nan/model.ckpt" "$T/nan.bak" && [ -z "$(find "$T/nan" -name '*.tmp')"
 check "NaN loss: checkpoint untouched, no *.tmp, no log row for the failed step" $? "log ends at $(last_step "$T/nan/log.csv")"
 
 # ---------------------------------------------------------------------------
-# 7. Bad flags: exit 2 and one line naming the problem. Each command also points at a
+# 8. Bad flags: exit 2 and one line naming the problem. Each command also points at a
 # missing dataset and a scratch run folder, so one that is wrongly accepted fails fast.
 SAFE="--data-dir $T/nodata --run $T/badrun --steps 1"
 bad() {   # bad NAME WORD ARGS...: exit 2, one stderr line containing WORD
