@@ -3,8 +3,9 @@
 #   make                 build ./ddpm and fetch CIFAR-10 into data/ (offline: says so, still succeeds)
 #   make plain           ./ddpm_plain: -O2 -DDDPM_PLAIN, the reference layers of section 16 only
 #   make debug           ./ddpm_debug: the same at -O0 -g, for stepping through with gdb (see README)
-#   make test            C tests (on every kernel variant this machine runs, ARM64 under qemu),
-#                        gradients vs PyTorch autograd, end-to-end training tests
+#   make test            C tests (on the reference build and on every kernel variant this machine
+#                        runs, ARM64 under qemu), gradients vs PyTorch autograd (fast and
+#                        reference builds), the README's gdb walkthrough, end-to-end tests
 #   make bench           ddpm.c vs PyTorch, side by side (tests/bench_table.py; about 20 min;
 #                        BENCH_ARGS="--quick --rounds 1" for one minute on tiny only)
 #   make cifar10         download + check + unpack CIFAR-10 (binary version) into data/

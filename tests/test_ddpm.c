@@ -724,6 +724,17 @@ static void test_conv(int K, int stride, int accumulation_check) {
 }
 
 #ifndef DDPM_PLAIN
+// e[k] = max |got[k] - want[k]| / max |want[k]| for the four tensors of a layer's check
+// (output, and three gradients); returns the worst.
+static double rel_errors4(double e[4], float* const got[4], float* const want[4], const size_t n[4]) {
+    double worst = 0;
+    for (int k = 0; k < 4; k++) {
+        e[k] = max_abs_diff(got[k], want[k], n[k]) / max_abs(want[k], n[k]);
+        worst = fmax(worst, e[k]);
+    }
+    return worst;
+}
+
 // got against the reference's want, relative to `scale` (a sum of |terms| of the sums
 // both compute, so float rounding of any order stays below ~n u of it).
 static double rel_diff(const float* got, const float* want, size_t n, double scale) {
@@ -839,9 +850,9 @@ static void test_conv_input_vs_ref(int B, int C, int C_out, int H, int W, int G)
     conv3x3_forward_ref(yr, a, w, b, B, C, H, W, C_out, NULL);
     conv3x3_backward_fast(da, dw, db, dy, grid, w, B, C, H, W, C_out, ws);
     conv3x3_backward_ref(dar, dwr, dbr, dy, a, w, B, C, H, W, C_out, NULL);
-    double e[4] = {max_abs_diff(y, yr, no) / max_abs(yr, no), max_abs_diff(da, dar, nx) / max_abs(dar, nx),
-                   max_abs_diff(dw, dwr, nw) / max_abs(dwr, nw), max_abs_diff(db, dbr, C_out) / max_abs(dbr, C_out)};
-    double worst = fmax(fmax(e[0], e[1]), fmax(e[2], e[3]));
+    double e[4];
+    double worst = rel_errors4(e, (float* [4]){y, da, dw, db}, (float* [4]){yr, dar, dwr, dbr},
+                               (size_t[4]){no, nx, nw, (size_t)C_out});
     // GroupNorm: float lanes and exp_approx against double sums and expf: ~1e-6 of max |a|.
     // The conv terms are O(1) with random signs: errors of a few u sqrt(n) times max |result|.
     check("groupnorm+silu into conv grids, dropout on grids vs reference on plain tensors",
@@ -914,9 +925,9 @@ static void test_groupnorm_vs_ref(void) {
             groupnorm_forward_ref(yr, mr, rr, x, gamma, beta, B, C, HW, G, silu);
             groupnorm_backward_fast(dx, dg, dbt, dy, x, gamma, beta, mean, rstd, B, C, HW, G, silu);
             groupnorm_backward_ref(dxr, dgr, dbr, dy, x, gamma, beta, mr, rr, B, C, HW, G, silu);
-            double e[4] = {max_abs_diff(y, yr, n) / max_abs(yr, n), max_abs_diff(dx, dxr, n) / max_abs(dxr, n),
-                           max_abs_diff(dg, dgr, C) / max_abs(dgr, C), max_abs_diff(dbt, dbr, C) / max_abs(dbr, C)};
-            double worst = fmax(fmax(e[0], e[1]), fmax(e[2], e[3]));
+            double e[4];
+            double worst = rel_errors4(e, (float* [4]){y, dx, dg, dbt}, (float* [4]){yr, dxr, dgr, dbr},
+                                       (size_t[4]){n, n, (size_t)C, (size_t)C});
             char name[128];
             snprintf(name, sizeof name, "groupnorm%s fast vs reference, %s", silu ? "+silu" : "",
                      big ? "group too big to keep dn" : "dn kept between passes");
@@ -1045,9 +1056,9 @@ static void test_attention(void) {
         attention_forward_ref(yr, atr, q, k, v, B, C, N, scr);
         attention_backward_fast(gq, gk, gv, dy, q, k, v, at, B, C, N, scr);
         attention_backward_ref(gqr, gkr, gvr, dy, q, k, v, atr, B, C, N, scr);
-        double e[4] = {max_abs_diff(y, yr, nn) / max_abs(yr, nn), max_abs_diff(gq, gqr, nn) / max_abs(gqr, nn),
-                       max_abs_diff(gk, gkr, nn) / max_abs(gkr, nn), max_abs_diff(gv, gvr, nn) / max_abs(gvr, nn)};
-        double worst = fmax(fmax(e[0], e[1]), fmax(e[2], e[3]));
+        double e[4];
+        double worst = rel_errors4(e, (float* [4]){y, gq, gk, gv}, (float* [4]){yr, gqr, gkr, gvr},
+                                   (size_t[4]){nn, nn, nn, nn});
         // float matmuls of <= 264 terms and exp_approx against double sums and exp: ~1e-6
         check("attention fast vs reference (out, d q, d k, d v)", worst < 1e-5,
               "B %d, C %d, N %d: relative errors %.2g %.2g %.2g %.2g (tol 1e-5)", B, C, N, e[0], e[1], e[2], e[3]);
@@ -1098,9 +1109,9 @@ static void test_upsample_conv_vs_ref(int B, int C_in, int C_out, int H, int W) 
     upsample_conv_forward_ref(yr, x, w, b, B, C_in, H, W, C_out, wr);
     upsample_conv_backward_fast(dx, dw, db, dy, x, w, B, C_in, H, W, C_out, ws);
     upsample_conv_backward_ref(dxr, dwr, dbr, dy, x, w, B, C_in, H, W, C_out, wr);
-    double e[4] = {max_abs_diff(y, yr, no) / max_abs(yr, no), max_abs_diff(dx, dxr, nx) / max_abs(dxr, nx),
-                   max_abs_diff(dw, dwr, nw) / max_abs(dwr, nw), max_abs_diff(db, dbr, C_out) / max_abs(dbr, C_out)};
-    double worst = fmax(fmax(e[0], e[1]), fmax(e[2], e[3]));
+    double e[4];
+    double worst = rel_errors4(e, (float* [4]){y, dx, dw, db}, (float* [4]){yr, dxr, dwr, dbr},
+                               (size_t[4]){no, nx, nw, (size_t)C_out});
     // the phase weights sum up to 4 taps before the products: a few u sqrt(n) of the result
     check("upsample + 3x3 conv fused (4 phase 2x2 convs) vs upsample then the reference conv", worst < 1e-5,
           "B %d, C_in %d, C_out %d, %dx%d -> %dx%d: relative errors %.2g %.2g %.2g %.2g (tol 1e-5)",
