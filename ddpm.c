@@ -56,6 +56,7 @@ Conventions
 */
 #define _GNU_SOURCE   // M_PI and friends from math.h, plus POSIX (fsync, isatty, sigaction)
 #include <errno.h>
+#include <fcntl.h>
 #include <float.h>
 #include <math.h>
 #include <signal.h>
@@ -890,8 +891,8 @@ static BoundBpd eval_bpd(UNet* m, const Schedule* s, const Dataset* test, int n_
 
 // ----------------------------------------------------------------------------
 // 12. The U-Net's parts: parameter tensors, layers, blocks
-#define MAX_BLOCKS 128
-#define MAX_PARAM_TENSORS 1024
+#define MAX_BLOCKS 256            // enough for every configuration config_check accepts
+#define MAX_PARAM_TENSORS 4096
 
 typedef enum { INIT_UNIFORM, INIT_ZERO, INIT_ONE } InitKind;
 
@@ -1359,12 +1360,15 @@ static int config_has_attn(const Config* c, int res) {
 // Returns NULL if the configuration is usable, else a one-line reason naming the flag.
 static const char* config_check(const Config* c) {
     static char msg[256];
+    // The upper bounds keep every size below in range (and a corrupt checkpoint header
+    // from asking for terabytes): 16 times the paper's channels and depth.
     if (c->in_ch <= 0 || c->in_ch > 16) return "--in-ch must be between 1 and 16";
-    if (c->ch <= 0 || c->ch % 2) return "--ch must be a positive even number";
+    if (c->ch <= 0 || c->ch % 2 || c->ch > 2048) return "--ch must be an even number from 4 to 2048";
     if (c->ch < 4) return "--ch must be at least 4 (the sinusoidal embedding needs ch/2 >= 2)";
     if (c->n_levels <= 0 || c->n_levels > MAX_LEVELS) return "--ch-mult needs 1 to 6 comma-separated levels";
-    if (c->num_res_blocks <= 0) return "--num-res-blocks must be positive";
-    if (c->groups <= 0) return "--groups must be positive";
+    if (c->num_res_blocks <= 0 || c->num_res_blocks > 8) return "--num-res-blocks must be between 1 and 8";
+    if (c->groups <= 0 || c->groups > c->ch) return "--groups must be between 1 and --ch";
+    if (c->img > 256) return "the image side must be at most 256";
     if (c->dropout < 0 || c->dropout >= 1) return "--dropout must be in [0, 1)";
     if (c->img <= 0 || c->img % (1 << (c->n_levels - 1)))
         return "the image side must be divisible by 2^(levels-1): use fewer --ch-mult levels";
@@ -1373,7 +1377,7 @@ static const char* config_check(const Config* c) {
         return msg;
     }
     for (int i = 0; i < c->n_levels; i++) {
-        if (c->ch_mult[i] <= 0) return "--ch-mult entries must be positive";
+        if (c->ch_mult[i] <= 0 || c->ch_mult[i] > 16) return "--ch-mult entries must be between 1 and 16";
         // every channel count of the net is a sum of multiples of ch, so ch % groups is
         // enough for all GroupNorms
     }
@@ -1636,6 +1640,21 @@ static void unet_build(UNet* m, const Config* cfg, int B_max) {
     L->tproj = w;
     Arenas carve = {{m->params, 0}, {L->acts, 0}, {L->grad_acts, 0}};
     unet_layout(m, &carve);
+}
+
+// The parameter count of a configuration from the sizing pass alone, which allocates
+// nothing but the small layer table: a checkpoint's header is checked with it before
+// any buffer is built for what the header claims.
+static size_t unet_count_params(const Config* cfg) {
+    UNet m;
+    memset(&m, 0, sizeof m);
+    m.cfg = *cfg;
+    m.B_max = 1;
+    m.L = calloc_check(1, sizeof *m.L, "the network's layers");
+    Arenas sizing = {{NULL, 0}, {NULL, 0}, {NULL, 0}};
+    unet_layout(&m, &sizing);
+    free(m.L);
+    return sizing.P.used;
 }
 
 static void unet_free(UNet* m) {
@@ -3302,6 +3321,22 @@ static FILE* fopen_check(const char* path, const char* mode, const char* hint) {
     return f;
 }
 
+// Opens a file to read that must be a regular file: a FIFO would block forever (even in
+// open, hence O_NONBLOCK until fstat has seen what it is) and a device never ends.
+static FILE* fopen_regular(const char* path, const char* hint) {
+    int fd = open(path, O_RDONLY | O_NONBLOCK);
+    if (fd < 0) die("cannot open %s: %s%s%s", path, strerror(errno), hint ? "; " : "", hint ? hint : "");
+    struct stat st;
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+        close(fd);
+        die("%s is not a regular file (a FIFO, device or folder); pass the file itself", path);
+    }
+    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK);
+    FILE* f = fdopen(fd, "rb");
+    if (!f) die("cannot open %s: %s", path, strerror(errno));
+    return f;
+}
+
 // Reads exactly n bytes or dies naming the file: a short read means a truncated file.
 static void fread_check(void* dst, size_t n, FILE* f, const char* path) {
     if (fread(dst, 1, n, f) != n)
@@ -3341,7 +3376,7 @@ static void load_cifar10(Dataset* d, const char* dir, int train) {
     long n = 0;
     for (int i = 0; i < n_files; i++) {
         snprintf(path, sizeof path, "%s/cifar-10-batches-bin/%s", dir, files[i]);
-        FILE* f = fopen_check(path, "rb", "run `make cifar10`");
+        FILE* f = fopen_regular(path, "run `make cifar10`");
         for (long r = 0; r < counts[i]; r++, n++) {
             fread_check(rec, CIFAR_RECORD, f, path);
             if (rec[0] > 9) die("%s: record %ld has label %d, not 0..9; this is not a CIFAR-10 binary file (run `make cifar10`)", path, r, rec[0]);
@@ -3362,7 +3397,7 @@ static uint32_t read_be32(FILE* f, const char* path) {
 static FILE* idx_open(const char* path, uint32_t magic, int ndim, uint32_t* dims) {
     long size = file_size(path);
     if (size < 0) die("%s not found; run `make fashion-mnist` (needs Debian's dataset-fashion-mnist)", path);
-    FILE* f = fopen_check(path, "rb", "run `make fashion-mnist`");
+    FILE* f = fopen_regular(path, "run `make fashion-mnist`");
     uint32_t m = read_be32(f, path);
     if (m != magic) die("%s: bad IDX magic 0x%08x (want 0x%08x); is it gzipped? run `make fashion-mnist`", path, m, magic);
     long need = 4 + 4L * ndim, count = 1;
@@ -3508,7 +3543,7 @@ static int checkpoint_save(const Trainer* tr, ScheduleKind sk, const char* path,
 static FILE* checkpoint_open(const char* path, CheckpointHeader* hd) {
     long size = file_size(path);
     if (size < 0) die("checkpoint %s not found; train first (./ddpm) or pass --checkpoint PATH", path);
-    FILE* f = fopen_check(path, "rb", NULL);
+    FILE* f = fopen_regular(path, NULL);
     if (size < (long)sizeof *hd || fread(hd, sizeof *hd, 1, f) != 1 || memcmp(hd->magic, CKPT_MAGIC, 8))
         die("%s is not a ddpm.c checkpoint (bad magic); pass a file written by ./ddpm train", path);
     if (hd->version != CKPT_VERSION || hd->header_bytes != sizeof *hd)
@@ -3536,6 +3571,15 @@ static FILE* checkpoint_open(const char* path, CheckpointHeader* hd) {
     if (hd->n_levels <= 0 || hd->n_levels > MAX_LEVELS || hd->n_attn < 0 || hd->n_attn > MAX_LEVELS ||
         config_check(&c) || (hd->schedule != SCHEDULE_LINEAR && hd->schedule != SCHEDULE_COSINE) || hd->T != 1000)
         die("%s: the header holds an invalid configuration; the file is corrupt", path);
+    // The checksum only catches accidents: an edited header can be re-sealed. So the
+    // header must also agree with itself before anything is built from it.
+    size_t need = unet_count_params(&c);
+    if (need != hd->n_params)
+        die("%s: its header's network has %zu parameters but the header says %llu; the file is corrupt",
+            path, need, (unsigned long long)hd->n_params);
+    if (hd->step > (1ULL << 40) || hd->batch <= 0 || hd->batch > 4096)
+        die("%s: the header's step %llu or batch %d is out of range; the file is corrupt",
+            path, (unsigned long long)hd->step, hd->batch);
     return f;
 }
 
@@ -3577,11 +3621,37 @@ static uint8_t to_pixel(float x) {   // [-1, 1] -> 0..255, the inverse of §3.3'
 }
 
 // Writes PATH through PATH.tmp and a rename, like checkpoints. Returns 0 on success.
-static int finish_file(const char* tmp, const char* path, int ok) {
+// Writes a then b (nb may be 0) to PATH.tmp, flushed to disk, then renamed over PATH, so a
+// full disk or a crash never leaves a half file, and every failed write is reported.
+// Returns 0, or -1 after one "ddpm: could not write PATH: reason" line.
+static int write_file_atomic(const char* path, const void* a, size_t na, const void* b, size_t nb) {
+    char tmp[4200];
+    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    FILE* f = fopen(tmp, "wb");
+    int ok = f && fwrite(a, 1, na, f) == na && (nb == 0 || fwrite(b, 1, nb, f) == nb) &&
+             fflush(f) == 0 && fsync(fileno(f)) == 0;
+    int saved_errno = errno;
+    if (f) ok = (fclose(f) == 0) && ok;
     if (ok && rename(tmp, path) == 0) return 0;
-    fprintf(stderr, "ddpm: could not write %s: %s\n", path, strerror(errno));
+    fprintf(stderr, "ddpm: could not write %s: %s\n", path, strerror(ok ? errno : saved_errno ? saved_errno : errno));
     unlink(tmp);
     return -1;
+}
+
+// Before any long work: PATH can be written. Its folder exists and is writable, and PATH
+// is not something other than a regular file (a device or a FIFO would be replaced).
+static void check_output_path(const char* path, const char* flag) {
+    char dir[4200];
+    snprintf(dir, sizeof dir, "%s", path);
+    char* slash = strrchr(dir, '/');
+    if (!slash) snprintf(dir, sizeof dir, ".");
+    else if (slash == dir) slash[1] = 0;
+    else *slash = 0;
+    struct stat st;
+    if (stat(dir, &st) != 0 || !S_ISDIR(st.st_mode)) die("%s %s: the folder %s does not exist; create it first", flag, path, dir);
+    if (access(dir, W_OK) != 0) die("%s %s: the folder %s is not writable", flag, path, dir);
+    if (lstat(path, &st) == 0 && !S_ISREG(st.st_mode))
+        die("%s %s exists and is not a regular file; pass another path", flag, path);
 }
 
 // n images (C, H, W) in [-1, 1] as a grid of `cols` columns with 2-pixel gaps.
@@ -3599,11 +3669,15 @@ static int save_grid_png(const char* path, const float* imgs, int n, int C, int 
                     buf[((size_t)(oy + y) * GW + ox + x) * comp + c] =
                         to_pixel(imgs[(((size_t)i * C + (C == 1 ? 0 : c)) * H + y) * W + x]);
     }
-    char tmp[4200];
-    snprintf(tmp, sizeof tmp, "%s.tmp", path);
-    int ok = stbi_write_png(tmp, GW, GH, comp, buf, GW * comp) != 0;
+    // Encoded in memory, then written by write_file_atomic: stb's own file writer
+    // ignores write errors, and a full disk would leave an empty "written" file.
+    int len = 0;
+    unsigned char* png = stbi_write_png_to_mem(buf, GW * comp, GW, GH, comp, &len);
     free(buf);
-    return finish_file(tmp, path, ok);
+    if (!png) die("out of memory encoding %s", path);
+    int r = write_file_atomic(path, png, (size_t)len, NULL, 0);
+    STBIW_FREE(png);
+    return r;
 }
 
 // NumPy's .npy format, version 1.0: magic, header length, a Python dict literal padded
@@ -3619,17 +3693,14 @@ static int save_npy(const char* path, const float* data, int ndim, const int* sh
     }
     int len = snprintf(dict, sizeof dict, "{'descr': '<f4', 'fortran_order': False, 'shape': (%s), }", sh);
     int total = 10 + len + 1, pad = (64 - total % 64) % 64;
-    char tmp[4200];
-    snprintf(tmp, sizeof tmp, "%s.tmp", path);
-    FILE* f = fopen(tmp, "wb");
-    if (!f) return finish_file(tmp, path, 0);
     uint16_t hl = (uint16_t)(len + pad + 1);
-    int ok = fwrite("\x93NUMPY\x01\x00", 1, 8, f) == 8 && fwrite(&hl, 2, 1, f) == 1 &&
-             fwrite(dict, 1, len, f) == (size_t)len;
-    for (int i = 0; i < pad && ok; i++) ok = fputc(' ', f) != EOF;
-    ok = ok && fputc('\n', f) != EOF && fwrite(data, sizeof(float), count, f) == count;
-    ok = (fclose(f) == 0) && ok;
-    return finish_file(tmp, path, ok);
+    char head[10 + 256 + 64];
+    memcpy(head, "\x93NUMPY\x01\x00", 8);
+    memcpy(head + 8, &hl, 2);
+    memcpy(head + 10, dict, len);
+    memset(head + 10 + len, ' ', pad);
+    head[10 + len + pad] = '\n';
+    return write_file_atomic(path, head, (size_t)total + pad, data, count * sizeof(float));
 }
 
 // The chain of Fig. 6 as a strip: one row per image, one column per recorded step.
@@ -4108,6 +4179,12 @@ static int cmd_sample(const Options* o) {
     UNet m;
     Schedule s;
     load_ema_model(&m, &s, o->checkpoint, Bm);
+    if (m.cfg.in_ch != 1 && m.cfg.in_ch != 3)
+        die("%s: a %d-channel network; sample grids are grey (1) or RGB (3)", o->checkpoint, m.cfg.in_ch);
+    char out[4200];
+    if (o->out) snprintf(out, sizeof out, "%s", o->out);
+    else default_beside(out, sizeof out, o->checkpoint, "samples.png");
+    check_output_path(out, o->out ? "--out" : "the sample grid");
     size_t sz = (size_t)m.cfg.in_ch * m.cfg.img * m.cfg.img;
     float* imgs = malloc_check((size_t)n * sz * sizeof(float), "samples");
     Trace trace = {0}, *tp = NULL;
@@ -4124,9 +4201,6 @@ static int cmd_sample(const Options* o) {
     Rng rng;
     rng_seed(&rng, o->seed);
     if (!p_sample_loop(&m, &s, imgs, n, o->sigma, &rng, tp, 1)) die("interrupted; no samples written");
-    char out[4200];
-    if (o->out) snprintf(out, sizeof out, "%s", o->out);
-    else default_beside(out, sizeof out, o->checkpoint, "samples.png");
     if (save_grid_png(out, imgs, n, m.cfg.in_ch, m.cfg.img, m.cfg.img, (int)ceil(sqrt((double)n)))) return 1;
     printf("wrote %s (%d samples)\n", out, n);
     if (tp) {
@@ -4163,6 +4237,10 @@ static int cmd_bpd(const Options* o) {
     load_ema_model(&m, &s, o->checkpoint, Bm);
     Dataset test;
     dataset_load(&test, m.cfg.in_ch == 1 ? "fashion-mnist" : o->data, o->data_dir, 0);
+    if (test.C != m.cfg.in_ch || test.H != m.cfg.img || test.W != m.cfg.img)
+        die("%s takes %d-channel %dx%d images, but the %s test set holds %d-channel %dx%d ones; "
+            "pass the --data it was trained on", o->checkpoint, m.cfg.in_ch, m.cfg.img, m.cfg.img,
+            test.name, test.C, test.H, test.W);
     install_signal_handlers();
     Rng rng;
     rng_seed(&rng, o->seed);

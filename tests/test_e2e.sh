@@ -113,6 +113,13 @@ elif cmd == "nan":          # IN OUT: the live parameters set to NaN, checksum r
     b[160:160 + 4 * n] = struct.pack("<f", float("nan")) * n
     b[-8:] = struct.pack("<Q", fnv(b[:-8]))
     open(sys.argv[3], "wb").write(b)
+elif cmd == "reseal":       # IN OUT OFFSET FORMAT VALUE ...: header fields edited, checksum re-sealed
+    b = bytearray(open(sys.argv[2], "rb").read())
+    args = sys.argv[4:]
+    for i in range(0, len(args), 3):
+        struct.pack_into("<" + args[i + 1], b, int(args[i]), int(args[i + 2], 0))
+    b[-8:] = struct.pack("<Q", fnv(b[:-8]))
+    open(sys.argv[3], "wb").write(b)
 elif cmd == "npy":          # FILE SHAPE: a float32 .npy of that shape, all finite
     b = open(sys.argv[2], "rb").read()
     want = tuple(int(s) for s in sys.argv[3].split(","))
@@ -447,5 +454,59 @@ ddp fashion --data fashion-mnist $NET --batch 4 --steps 3 --sample-every 3 --sam
 [ $rc -eq 0 ] && [ "$(lines "$T/fm/log.csv")" -eq 4 ] && [ -s "$T/fm/model.ckpt" ] &&
     [ "$(head -c 4 "$T/fm/samples_0000003.png" 2>/dev/null | od -An -c | tr -d ' ')" = "211PNG" ]
 check "fashion-mnist: 3 steps write log.csv, model.ckpt, samples_0000003.png" $? "exit $rc: $(err_of fashion) $(ls "$T/fm" 2>&1 | tr '\n' ' ')"
+
+# ---------------------------------------------------------------------------
+# 10. Hostile inputs: re-sealed lying headers, FIFOs, unwritable outputs, a full disk.
+# The checksum only guards against accidents; a header edited and re-sealed must still be
+# refused field by field, before anything is built from it. Header offsets (section 19):
+# in_ch 16, img 20, ch 24, attn_res 64.., step 112.
+# hostile CASE CMD...: exit 1 and exactly one stderr line
+hostile() {
+    hcase=$1; shift
+    ddp "h_$hcase" "$@"
+    [ $rc -eq 1 ] && one_line "$T/h_$hcase.err"
+    check "hostile input ($hcase): exit 1, one line" $? "exit $rc: $(err_of "h_$hcase")"
+}
+# img 16 with the attention moved from 16x16 to 8x8: the same parameter count, a
+# consistent network, but not one for the 32x32 test images (was: heap overflow in bpd)
+tool reseal "$GOOD" "$T/img16.ckpt" 20 i 16 64 i 8
+hostile "img 16 re-sealed, bpd" bpd --checkpoint "$T/img16.ckpt" -n 1 --data-dir "$D" --threads 1
+grep -q "test set" "$T/h_img 16 re-sealed, bpd.err"
+check "bpd on a network for other images names the test set" $? "$(err_of "h_img 16 re-sealed, bpd")"
+tool reseal "$GOOD" "$T/inch2.ckpt" 16 i 2
+hostile "in_ch 2 re-sealed, sample" sample --checkpoint "$T/inch2.ckpt" -n 1 --out "$T/never.png" --threads 1
+grep -q "corrupt" "$T/h_in_ch 2 re-sealed, sample.err"
+check "a header that contradicts its own size is called corrupt" $? "$(err_of "h_in_ch 2 re-sealed, sample")"
+# ch 2048 claims a network of about a billion parameters in a 720 kB file: refused before
+# any buffer is built, so it fits in 200 MB of address space (was: gigabytes asked for,
+# then "out of memory ... try a smaller --batch" for a corrupt file)
+tool reseal "$GOOD" "$T/mult.ckpt" 24 i 2048
+( ulimit -v 200000 && exec $TO "$DDPM" sample --checkpoint "$T/mult.ckpt" -n 1 --out "$T/never.png" --threads 1 ) \
+    >"$T/h_mult.out" 2>"$T/h_mult.err"
+rc=$?
+[ $rc -eq 1 ] && one_line "$T/h_mult.err" && grep -q "corrupt" "$T/h_mult.err"
+check "ch 2048 re-sealed: refused as corrupt within 200 MB" $? "exit $rc: $(err_of h_mult)"
+tool reseal "$GOOD" "$T/step.ckpt" 112 Q 0xffffffffffffffff
+hostile "step 2^64-1 re-sealed, sample" sample --checkpoint "$T/step.ckpt" -n 1 --out "$T/never.png" --threads 1
+# a FIFO as the checkpoint: refused at once instead of blocking in open
+mkfifo "$T/fifo.ckpt"
+hostile "a FIFO as the checkpoint" sample --checkpoint "$T/fifo.ckpt" -n 1 --out "$T/never.png" --threads 1
+# outputs are checked before the 1000 sampling steps, not after
+hostile "--out in a missing folder" sample --checkpoint "$GOOD" -n 1 --out "$T/no/such/dir/x.png" --threads 1
+! grep -q "sampling: step" "$T/h_--out in a missing folder.err"
+check "--out in a missing folder: refused before sampling" $? "$(err_of "h_--out in a missing folder")"
+mkfifo "$T/fifo.png"
+hostile "--out a FIFO" sample --checkpoint "$GOOD" -n 1 --out "$T/fifo.png" --threads 1
+[ -p "$T/fifo.png" ]
+check "--out a FIFO: the FIFO is left as it was" $? "$(ls -l "$T/fifo.png" 2>&1)"
+# a full disk while writing the PNG (a file-size limit, as in 6): one line, no file left
+mkdir -p "$T/full"
+( trap '' XFSZ; ulimit -f 1 && exec $TO "$DDPM" sample --checkpoint "$GOOD" -n 4 --out "$T/full/s.png" --threads 1 ) \
+    >"$T/h_full.out" 2>"$T/h_full.err"
+rc=$?
+[ $rc -eq 1 ] && grep -c '^ddpm: ' "$T/h_full.err" | grep -qx 1 && grep -q "$T/full/s.png" "$T/h_full.err" &&
+    [ -z "$(ls "$T/full")" ]
+check "disk full while writing the sample PNG: exit 1, one line naming it, no file left" $? \
+    "exit $rc: $(err_of h_full) $(ls "$T/full" | tr '\n' ' ')"
 
 finish

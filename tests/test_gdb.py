@@ -13,6 +13,12 @@ Then it checks what gdb printed against the README's transcript:
     training changes) must match exactly, a {...} array must hold as many numbers;
   - the backtrace holds only reference layers: no Part III kernel (a *_fast function).
 Prints "PASS name" / "FAIL name: detail" lines and "N passed, N failed".
+
+    /usr/bin/python3 tests/test_gdb.py --update
+
+rewrites the README's ddpm.c:LINE numbers to what gdb printed (the k-th appearance of a
+function in the README takes the line of its k-th appearance in gdb's output), for when
+code above them moved; check the diff, then run the test again.
 """
 import os, re, shutil, subprocess, sys, tempfile
 
@@ -34,6 +40,24 @@ def walkthrough(readme):
     start = text.index("## Stepping through Algorithm 2 in gdb")
     block = text[start:].split("```sh\n", 1)[1].split("```", 1)[0]
     return block.splitlines()
+
+
+def update_readme(expect, got_lines):
+    text = open("README.md").read()
+    seen = {}
+    for e in expect:
+        m = re.search(r"(\w+) \((.*)\) at ddpm\.c:(\d+)\s*$", e)
+        if not m:
+            continue
+        fn = m.group(1)
+        hits = [g for g in got_lines if re.search(rf"\b{fn} \(.*\) at ddpm\.c:\d+\s*$", g)]
+        k = seen.get(fn, 0)
+        seen[fn] = k + 1
+        if k < len(hits):
+            line = re.search(r"ddpm\.c:(\d+)\s*$", hits[k]).group(1)
+            text = text.replace(e, e[:m.start(3)] + line + e[m.end(3):], 1)
+    open("README.md", "w").write(text)
+    print("NOTE updated README.md's ddpm.c line numbers from gdb's output")
 
 
 def main():
@@ -77,6 +101,8 @@ def main():
                 check(f"gdb prints {var} as {n_want} numbers", ok, f"got {got[0] if got else '(nothing)'}")
             else:
                 check(f"gdb prints {var} = {want}", bool(got) and got[0] == want, f"got {got[0] if got else '(nothing)'}")
+    if "--update" in sys.argv:
+        update_readme(expect, got_lines)
     frames = [g for g in got_lines if re.match(r"#\d+ ", g)]
     fast = [g for g in frames if re.search(r"\w+_fast \(", g)]
     check("the debug build steps through reference layers only", frames and not fast,
