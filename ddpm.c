@@ -65,6 +65,7 @@ Conventions
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
@@ -3344,6 +3345,22 @@ static void fread_check(void* dst, size_t n, FILE* f, const char* path) {
             path, n);
 }
 
+// Creates PATH.tmp to write PATH through. Whatever stood there (a stale file, or a link
+// planted to make us overwrite its target) is removed, and the new file is made with
+// O_EXCL | O_NOFOLLOW, so it is ours and a regular file, never a link's target. A folder
+// in its place is not removed: then the open fails, and the caller reports it.
+static FILE* open_tmp(char* tmp, size_t len, const char* path) {
+    snprintf(tmp, len, "%s.tmp", path);
+    unlink(tmp);
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644);
+    return fd < 0 ? NULL : fdopen(fd, "wb");
+}
+
+static int all_finite(const float* x, size_t n) {
+    for (size_t i = 0; i < n; i++) if (!isfinite(x[i])) return 0;
+    return 1;
+}
+
 static long file_size(const char* path) {
     struct stat st;
     return stat(path, &st) == 0 ? (long)st.st_size : -1;
@@ -3504,9 +3521,19 @@ static Config config_from_header(const CheckpointHeader* hd) {
 
 // Returns 0 on success, else sets errno-style message in err and leaves PATH untouched.
 static int checkpoint_save(const Trainer* tr, ScheduleKind sk, const char* path, char* err, size_t errlen) {
+    size_t n = tr->net.n_params;
+    if (!all_finite(tr->net.params, n) || !all_finite(tr->ema, n)) {   // never save a diverged state
+        snprintf(err, errlen, "not saving %s: the parameters are not finite (the run diverged); "
+                 "the previous checkpoint is intact", path);
+        return -1;
+    }
+    struct stat st;
+    if (lstat(path, &st) == 0 && !S_ISREG(st.st_mode)) {
+        snprintf(err, errlen, "%s exists and is not a regular file; move it away or pass another --run", path);
+        return -1;
+    }
     char tmp[4200];
-    snprintf(tmp, sizeof tmp, "%s.tmp", path);
-    FILE* f = fopen(tmp, "wb");
+    FILE* f = open_tmp(tmp, sizeof tmp, path);
     if (!f) { snprintf(err, errlen, "cannot create %s: %s", tmp, strerror(errno)); return -1; }
     CheckpointHeader hd;
     memset(&hd, 0, sizeof hd);
@@ -3542,6 +3569,7 @@ static int checkpoint_save(const Trainer* tr, ScheduleKind sk, const char* path,
 // header; dies with a one-line reason on any problem.
 static FILE* checkpoint_open(const char* path, CheckpointHeader* hd) {
     long size = file_size(path);
+    if (size < 0 && errno != ENOENT) die("cannot read checkpoint %s: %s", path, strerror(errno));
     if (size < 0) die("checkpoint %s not found; train first (./ddpm) or pass --checkpoint PATH", path);
     FILE* f = fopen_regular(path, NULL);
     if (size < (long)sizeof *hd || fread(hd, sizeof *hd, 1, f) != 1 || memcmp(hd->magic, CKPT_MAGIC, 8))
@@ -3552,7 +3580,7 @@ static FILE* checkpoint_open(const char* path, CheckpointHeader* hd) {
     // a flipped bit in `ch` would otherwise ask for terabytes of activations.
     long want = (long)sizeof *hd + 4L * (long)hd->n_params * (long)sizeof(float) + 8;
     if (size != want)
-        die("%s is %ld bytes but its header promises %ld: the file is truncated or corrupt; use an older checkpoint",
+        die("%s is %ld bytes but its header promises %ld: the file is truncated or corrupt; restore a copy or train again",
             path, size, want);
     Fnv sum = {0xcbf29ce484222325ULL};
     uint8_t chunk[1 << 16];
@@ -3565,7 +3593,7 @@ static FILE* checkpoint_open(const char* path, CheckpointHeader* hd) {
     }
     uint64_t stored;
     fread_check(&stored, sizeof stored, f, path);
-    if (stored != sum.h) die("%s fails its checksum: the file is corrupt; use an older checkpoint", path);
+    if (stored != sum.h) die("%s fails its checksum: the file is corrupt; restore a copy or train again", path);
     fseek(f, sizeof *hd, SEEK_SET);
     Config c = config_from_header(hd);
     if (hd->n_levels <= 0 || hd->n_levels > MAX_LEVELS || hd->n_attn < 0 || hd->n_attn > MAX_LEVELS ||
@@ -3594,6 +3622,10 @@ static void checkpoint_load(Trainer* tr, const char* path) {
     float* arrays[4] = {tr->net.params, tr->ema, tr->adam_m, tr->adam_v};
     for (int i = 0; i < 4; i++) fread_check(arrays[i], nb, f, path);
     fclose(f);
+    for (int i = 0; i < 4; i++)
+        if (!all_finite(arrays[i], tr->net.n_params))
+            die("%s holds non-finite values (NaN or inf) in its %s; the file is corrupt", path,
+                (const char*[]){"parameters", "EMA", "Adam moments", "Adam moments"}[i]);
     tr->step = hd.step;
     memcpy(tr->rng.s, hd.rng, sizeof hd.rng);
 }
@@ -3625,9 +3657,13 @@ static uint8_t to_pixel(float x) {   // [-1, 1] -> 0..255, the inverse of §3.3'
 // full disk or a crash never leaves a half file, and every failed write is reported.
 // Returns 0, or -1 after one "ddpm: could not write PATH: reason" line.
 static int write_file_atomic(const char* path, const void* a, size_t na, const void* b, size_t nb) {
+    struct stat st;
+    if (lstat(path, &st) == 0 && !S_ISREG(st.st_mode)) {
+        fprintf(stderr, "ddpm: %s exists and is not a regular file; not replacing it\n", path);
+        return -1;
+    }
     char tmp[4200];
-    snprintf(tmp, sizeof tmp, "%s.tmp", path);
-    FILE* f = fopen(tmp, "wb");
+    FILE* f = open_tmp(tmp, sizeof tmp, path);
     int ok = f && fwrite(a, 1, na, f) == na && (nb == 0 || fwrite(b, 1, nb, f) == nb) &&
              fflush(f) == 0 && fsync(fileno(f)) == 0;
     int saved_errno = errno;
@@ -4051,21 +4087,51 @@ static void save_or_die(Trainer* tr, const Options* o, const char* path) {
 
 // On --resume, drop the log rows of steps after the checkpoint (written before a crash,
 // a failed save or a non-finite loss): they are about to be taken again.
+// Only whole rows are kept: a row torn by a kill (no newline, or fewer than five fields)
+// would otherwise be glued to the next one written.
 static void log_trim(const char* path, uint64_t step) {
     FILE* in = fopen(path, "r");
     if (!in) return;
     char tmp[4300], line[512];
-    snprintf(tmp, sizeof tmp, "%s.tmp", path);
-    FILE* out = fopen_check(tmp, "w", "check that the run folder is writable");
-    int ok = 1;
+    FILE* out = open_tmp(tmp, sizeof tmp, path);
+    if (!out) die("cannot create %s: %s; check that the run folder is writable", tmp, strerror(errno));
+    int ok = 1, first = 1;
     while (fgets(line, sizeof line, in)) {
-        char* end;
-        unsigned long long s = strtoull(line, &end, 10);
-        if (end == line || s <= step) ok &= fputs(line, out) >= 0;   // the header, or an earlier step
+        unsigned long long s;
+        float f[4];
+        char end;
+        int whole = strchr(line, '\n') != NULL;
+        if (first && whole && !strncmp(line, "step,", 5)) ok &= fputs(line, out) >= 0;   // the header
+        else if (whole && sscanf(line, "%llu,%f,%f,%f,%f%c", &s, f, f + 1, f + 2, f + 3, &end) == 6 &&
+                 end == '\n' && s <= step)
+            ok &= fputs(line, out) >= 0;
+        first = 0;
     }
     fclose(in);
     ok &= fclose(out) == 0;
-    if (!ok || rename(tmp, path) != 0) die("could not rewrite %s: %s", path, strerror(errno));
+    if (!ok || rename(tmp, path) != 0) {
+        int e = errno;
+        unlink(tmp);
+        die("could not rewrite %s: %s", path, strerror(e));
+    }
+}
+
+// One training run per run folder: an exclusive lock on DIR/lock, held until exit,
+// with the holder's PID in it for the message the next one gets.
+static void lock_run_folder(const char* dir) {
+    char path[4200], pid[32] = "";
+    snprintf(path, sizeof path, "%s/lock", dir);
+    int fd = open(path, O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0644);
+    if (fd < 0) die("cannot create %s: %s; check that the run folder is writable", path, strerror(errno));
+    if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
+        ssize_t k = read(fd, pid, sizeof pid - 1);
+        pid[k > 0 ? k : 0] = 0;
+        pid[strcspn(pid, "\n")] = 0;
+        die("%s is in use by another training run (PID %s); wait for it to finish, or pass another --run",
+            dir, pid[0] ? pid : "unknown");
+    }
+    int n = snprintf(pid, sizeof pid, "%ld\n", (long)getpid());
+    if (ftruncate(fd, 0) != 0 || write(fd, pid, n) != n) die("cannot write %s: %s", path, strerror(errno));
 }
 
 static int cmd_train(const Options* o) {
@@ -4083,6 +4149,7 @@ static int cmd_train(const Options* o) {
     dataset_load(&data, o->data, o->data_dir, 1);
     if (data.C != cfg.in_ch) die("--in-ch %d does not match %s's %d channels", cfg.in_ch, o->data, data.C);
     mkdir_p(dir);
+    lock_run_folder(dir);
     Trainer tr;
     trainer_init(&tr, &cfg, o->batch, o->schedule, &o->hyper, o->seed);
     if (o->resume) {
@@ -4098,6 +4165,7 @@ static int cmd_train(const Options* o) {
         fprintf(stderr, "resumed %s at step %llu\n", ckpt, (unsigned long long)tr.step);
     }
     FILE* log = fopen_check(logp, o->resume ? "a" : "w", "check that the run folder is writable");
+    setvbuf(log, NULL, _IOLBF, 0);   // each row reaches the file in one write: a kill cannot tear one
     if (!o->resume) fprintf(log, "step,loss,lr,grad_norm,images_per_s\n");
     install_signal_handlers();
     fprintf(stderr, "training %s on %s: %zu parameters, batch %d, steps %llu -> %ld, %d threads, run %s\n",
@@ -4110,8 +4178,8 @@ static int cmd_train(const Options* o) {
         double ts = now_seconds();
         StepStats st = train_step(&tr, &data);
         if (!isfinite(st.loss))
-            die("the loss became %g at step %llu; stopped without saving, so %s is the last good state; try a lower --lr",
-                st.loss, (unsigned long long)tr.step + 1, exists || saved ? ckpt : "no checkpoint");
+            die("the loss became %s at step %llu; stopped without saving, so %s is the last good state; try a lower --lr",
+                isnan(st.loss) ? "nan" : "inf", (unsigned long long)tr.step + 1, exists || saved ? ckpt : "no checkpoint");
         double now = now_seconds(), ips = o->batch / (now - ts);
         running = running < 0 ? st.loss : 0.98 * running + 0.02 * st.loss;
         fprintf(log, "%llu,%.6f,%.6g,%.6f,%.2f\n", (unsigned long long)tr.step, st.loss, st.lr, st.grad_norm, ips);
@@ -4163,6 +4231,8 @@ static void load_ema_model(UNet* m, Schedule* s, const char* path, int B_max) {
     fread_check(m->grads, nb, f, path);    // the live parameters: skipped
     fread_check(m->params, nb, f, path);   // the EMA
     fclose(f);
+    if (!all_finite(m->params, m->n_params))
+        die("%s holds non-finite values (NaN or inf) in its EMA; the file is corrupt", path);
     zero(m->grads, m->n_params);
     schedule_init(s, hd.T, (ScheduleKind)hd.schedule);
 }

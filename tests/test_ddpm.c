@@ -1811,6 +1811,44 @@ static int same_bytes(const char* path, const uint8_t* want, size_t n) {
     return same;
 }
 
+// The non-finite guards of 9 and 19: a step whose loss is not finite returns before
+// anything is updated, a diverged state is never saved, and the temporary file of a save
+// cannot be a planted link (its target stays as it was).
+static void test_nonfinite_and_links(void) {
+    Config c = tiny_config(3, 0.0f);
+    Trainer tr;
+    trainer_init(&tr, &c, 2, SCHEDULE_LINEAR, &PAPER_HYPER, 7);
+    train_step(&tr, NULL);
+    size_t n = tr.net.n_params;
+    tr.net.params[n / 2] = NAN;
+    float *p = fcopy(tr.net.params, n), *e = fcopy(tr.ema, n), *m1 = fcopy(tr.adam_m, n), *v1 = fcopy(tr.adam_v, n);
+    uint64_t step = tr.step;
+    StepStats st = train_step(&tr, NULL);
+    int same = !memcmp(p, tr.net.params, n * 4) && !memcmp(e, tr.ema, n * 4) && !memcmp(m1, tr.adam_m, n * 4) &&
+               !memcmp(v1, tr.adam_v, n * 4) && tr.step == step;
+    check("a non-finite loss: train_step returns it and updates nothing", !isfinite(st.loss) && same,
+          "loss %g, state unchanged %d, step %llu -> %llu", st.loss, same, (unsigned long long)step,
+          (unsigned long long)tr.step);
+    char err[4400] = "";
+    const char* path = OUT "/nan.ckpt";
+    int rc = checkpoint_save(&tr, SCHEDULE_LINEAR, path, err, sizeof err);
+    check("checkpoint_save refuses non-finite parameters", rc != 0 && !exists(path) && strstr(err, "not finite"),
+          "rc %d, file %d, \"%s\"", rc, exists(path), err);
+    tr.net.params[n / 2] = 0.0f;
+    write_bytes(OUT "/target", "keep", 4);
+    int linked = symlink("target", OUT "/link.ckpt.tmp") == 0;
+    rc = checkpoint_save(&tr, SCHEDULE_LINEAR, OUT "/link.ckpt", err, sizeof err);
+    size_t k = 0;
+    uint8_t* t = read_bytes(OUT "/target", &k);
+    struct stat sb;
+    int regular = lstat(OUT "/link.ckpt", &sb) == 0 && S_ISREG(sb.st_mode);
+    check("checkpoint_save through a planted .tmp link leaves the link's target alone", linked && rc == 0 &&
+          k == 4 && !memcmp(t, "keep", 4) && regular, "link %d, rc %d, target %zu bytes, checkpoint regular %d",
+          linked, rc, k, regular);
+    free(t); free(p); free(e); free(m1); free(v1);
+    trainer_free(&tr);
+}
+
 static void test_checkpoints(void) {
     Config c = tiny_config(3, 0.1f);
     const char* path = OUT "/ck.ckpt";
@@ -2047,6 +2085,7 @@ int main(int argc, char** argv) {
     test_cifar10();
     test_fashion_mnist();
     test_checkpoints();
+    test_nonfinite_and_links();
     test_npy();
 
     rm_rf(OUT);
