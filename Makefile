@@ -8,6 +8,9 @@
 #                        reference builds), the README's gdb walkthrough, end-to-end tests
 #   make bench           ddpm.c vs PyTorch, side by side (tests/bench_table.py; about 20 min;
 #                        BENCH_ARGS="--quick --rounds 1" for one minute on tiny only)
+#   make fuzz            libFuzzer harnesses for the checkpoint, IDX and CIFAR-10 loaders (clang),
+#                        each run for FUZZ_SECONDS (30); make test runs them when clang is there
+#   make sanitize        the unit and end-to-end suites under AddressSanitizer + UBSan
 #   make cifar10         download + check + unpack CIFAR-10 (binary version) into data/
 #   make fashion-mnist   unpack Debian's dataset-fashion-mnist into data/ (offline)
 #   make clean
@@ -70,7 +73,7 @@ else
 endif
 CFLAGS += -I$(STB_DIR)
 
-.PHONY: all plain debug test bench cifar10 fashion-mnist clean
+.PHONY: all plain debug test bench fuzz fuzz-build sanitize cifar10 fashion-mnist clean
 
 all: ddpm
 	@sh data/get_cifar10.sh --optional
@@ -135,6 +138,46 @@ tests/test_ddpm_arm64: tests/test_ddpm.c ddpm.c $(STB_DEP)
 
 test: ddpm ddpm_debug tests/test_ddpm tests/dump_ref tests/test_ddpm_plain tests/dump_ref_plain $(VARIANTS) fashion-mnist
 	@PYTHON=$(PYTHON) sh tests/run.sh
+
+# Fuzzing (tests/fuzz_ddpm.c): one binary per loader, seeded from tests/fuzz/<target>/,
+# which also keeps every input that once crashed one of them. New corpus entries go to a
+# scratch folder, so the seeds in git stay as they are.
+FUZZ_CC ?= clang
+FUZZ_SECONDS ?= 30
+FUZZ_TARGETS = checkpoint idx cifar
+FUZZ_FLAGS = -std=c11 -O1 -g -fopenmp -I$(STB_DIR) -Wno-unused-function \
+             -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all
+build/fuzz_checkpoint: FUZZ_ID = 1
+build/fuzz_idx: FUZZ_ID = 2
+build/fuzz_cifar: FUZZ_ID = 3
+build/fuzz_%: tests/fuzz_ddpm.c ddpm.c $(STB_DEP)
+	@mkdir -p build
+	$(FUZZ_CC) $(FUZZ_FLAGS) -DFUZZ_TARGET=$(FUZZ_ID) tests/fuzz_ddpm.c -o $@ -lm
+fuzz-build: $(FUZZ_TARGETS:%=build/fuzz_%)
+fuzz: fuzz-build
+	@for t in $(FUZZ_TARGETS); do \
+	    rm -rf build/corpus_$$t && mkdir -p build/corpus_$$t && cp tests/fuzz/$$t/* build/corpus_$$t/ && \
+	    echo "fuzz_$$t: $(FUZZ_SECONDS) s" && \
+	    ASAN_OPTIONS=detect_leaks=0 build/fuzz_$$t -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 \
+	        -artifact_prefix=build/ build/corpus_$$t tests/fuzz/$$t 2>build/fuzz_$$t.log || \
+	        { tail -n 30 build/fuzz_$$t.log; echo "fuzz_$$t: crashed; the input is in build/ (see build/fuzz_$$t.log)"; exit 1; }; \
+	    grep -h 'DONE' build/fuzz_$$t.log | tail -n 1; \
+	done
+
+# Sanitizers: the program and the unit tests with AddressSanitizer and UBSan, any report
+# fatal; the end-to-end suite then runs on that build. (Leak reports are off: a refusal
+# ends the process with its buffers still held, by design.)
+SAN_FLAGS = $(filter-out -O3 -march=native -mprefer-vector-width=512,$(CFLAGS)) -O1 -g -fno-omit-frame-pointer \
+            -fsanitize=address,undefined -fno-sanitize-recover=all
+build/ddpm_san: ddpm.c $(STB_DEP)
+	@mkdir -p build
+	$(CC) $(SAN_FLAGS) ddpm.c -o $@ $(LDLIBS)
+build/test_ddpm_san: tests/test_ddpm.c ddpm.c $(STB_DEP)
+	@mkdir -p build
+	$(CC) $(SAN_FLAGS) -Wno-unused-function tests/test_ddpm.c -o $@ $(LDLIBS)
+sanitize: build/ddpm_san build/test_ddpm_san fashion-mnist
+	ASAN_OPTIONS=detect_leaks=0 build/test_ddpm_san
+	ASAN_OPTIONS=detect_leaks=0 DDPM=build/ddpm_san E2E_SLOW=4 sh tests/test_e2e.sh
 
 bench: ddpm
 	$(PYTHON) tests/bench_table.py $(BENCH_ARGS)

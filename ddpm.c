@@ -87,8 +87,17 @@ Conventions
 // one line on stderr that names the file or flag and says what to do, and exit 1.
 // (The file and checkpoint helpers are in Part IV.)
 
-// Prints "ddpm: <message><suffix>" as one line and exits with `code`.
+// Prints "ddpm: <message><suffix>" as one line and exits with `code`. (The fuzzing
+// harnesses of tests/fuzz_ddpm.c build with DDPM_FUZZ: there a refusal returns to the
+// harness, which then tries the next input, instead of ending the process.)
+#ifdef DDPM_FUZZ
+#include <setjmp.h>
+static jmp_buf fuzz_refused;
+#endif
 static void fail_v(int code, const char* suffix, const char* fmt, va_list ap) {
+#ifdef DDPM_FUZZ
+    longjmp(fuzz_refused, 1);
+#endif
     fprintf(stderr, "ddpm: ");
     vfprintf(stderr, fmt, ap);
     fprintf(stderr, "%s\n", suffix);
@@ -3418,7 +3427,10 @@ static FILE* idx_open(const char* path, uint32_t magic, int ndim, uint32_t* dims
     uint32_t m = read_be32(f, path);
     if (m != magic) die("%s: bad IDX magic 0x%08x (want 0x%08x); is it gzipped? run `make fashion-mnist`", path, m, magic);
     long need = 4 + 4L * ndim, count = 1;
-    for (int i = 0; i < ndim; i++) { dims[i] = read_be32(f, path); count *= dims[i]; }
+    for (int i = 0; i < ndim; i++) {   // stop as soon as the product exceeds the file: no overflow
+        dims[i] = read_be32(f, path);
+        count = dims[i] && count > size / (long)dims[i] ? size + 1 : count * (long)dims[i];
+    }
     if (size != need + count)
         die("%s has %ld bytes, the header promises %ld; the file is truncated or corrupt (run `make fashion-mnist`)",
             path, size, need + count);
@@ -3578,7 +3590,11 @@ static FILE* checkpoint_open(const char* path, CheckpointHeader* hd) {
         die("%s is a version %u checkpoint; this ddpm.c reads version %d", path, hd->version, CKPT_VERSION);
     // Verify the checksum over the whole file before trusting any field of the header:
     // a flipped bit in `ch` would otherwise ask for terabytes of activations.
-    long want = (long)sizeof *hd + 4L * (long)hd->n_params * (long)sizeof(float) + 8;
+    // (n_params is compared with the size it implies before it is multiplied: no overflow)
+    if (hd->n_params > (uint64_t)size / 16)
+        die("%s: its header promises %llu parameters, more than its %ld bytes hold; the file is truncated or corrupt",
+            path, (unsigned long long)hd->n_params, size);
+    long want = (long)sizeof *hd + 16L * (long)hd->n_params + 8;
     if (size != want)
         die("%s is %ld bytes but its header promises %ld: the file is truncated or corrupt; restore a copy or train again",
             path, size, want);
@@ -3628,6 +3644,24 @@ static void checkpoint_load(Trainer* tr, const char* path) {
                 (const char*[]){"parameters", "EMA", "Adam moments", "Adam moments"}[i]);
     tr->step = hd.step;
     memcpy(tr->rng.s, hd.rng, sizeof hd.rng);
+}
+
+// The EMA weights of a checkpoint, into a network built from its header, for sampling
+// and evaluation (the live parameters and Adam's moments are not needed).
+static void load_ema_model(UNet* m, Schedule* s, const char* path, int B_max) {
+    CheckpointHeader hd;
+    FILE* f = checkpoint_open(path, &hd);
+    Config c = config_from_header(&hd);
+    unet_build(m, &c, B_max);
+    if (hd.n_params != m->n_params) die("%s: its header and its size disagree; the file is corrupt", path);
+    size_t nb = m->n_params * sizeof(float);
+    fread_check(m->grads, nb, f, path);    // the live parameters: skipped
+    fread_check(m->params, nb, f, path);   // the EMA
+    fclose(f);
+    if (!all_finite(m->params, m->n_params))
+        die("%s holds non-finite values (NaN or inf) in its EMA; the file is corrupt", path);
+    zero(m->grads, m->n_params);
+    schedule_init(s, hd.T, (ScheduleKind)hd.schedule);
 }
 
 
@@ -4221,22 +4255,6 @@ static int cmd_train(const Options* o) {
 
 // Builds a network from a checkpoint with its EMA weights (what sampling and evaluation
 // use) and the noise schedule it was trained with.
-static void load_ema_model(UNet* m, Schedule* s, const char* path, int B_max) {
-    CheckpointHeader hd;
-    FILE* f = checkpoint_open(path, &hd);
-    Config c = config_from_header(&hd);
-    unet_build(m, &c, B_max);
-    if (hd.n_params != m->n_params) die("%s: its header and its size disagree; the file is corrupt", path);
-    size_t nb = m->n_params * sizeof(float);
-    fread_check(m->grads, nb, f, path);    // the live parameters: skipped
-    fread_check(m->params, nb, f, path);   // the EMA
-    fclose(f);
-    if (!all_finite(m->params, m->n_params))
-        die("%s holds non-finite values (NaN or inf) in its EMA; the file is corrupt", path);
-    zero(m->grads, m->n_params);
-    schedule_init(s, hd.T, (ScheduleKind)hd.schedule);
-}
-
 static void default_beside(char* out, size_t len, const char* ckpt, const char* name) {
     const char* slash = strrchr(ckpt, '/');
     if (slash) snprintf(out, len, "%.*s/%s", (int)(slash - ckpt), ckpt, name);

@@ -82,6 +82,20 @@ else
     echo "== pytorch: skipped: $PYTHON cannot import torch (apt-get install python3-torch to run it)"
 fi
 
+# The loaders under libFuzzer (make fuzz: FUZZ_SECONDS each, 30 by default), seeded from
+# tests/fuzz/, whose crash_* files are inputs that once crashed them.
+fuzz_suite() {
+    if make -s fuzz; then echo "3 passed, 0 failed"; else echo "0 passed, 1 failed"; return 1; fi
+}
+if make -s fuzz-build >/dev/null 2>&1; then
+    suite fuzz fuzz_suite
+elif [ "$CI" = "true" ]; then
+    echo "== fuzz: FAILED: cannot build the libFuzzer harnesses (apt-get install clang libclang-rt-14-dev)"
+    total_fail=$((total_fail + 1))
+else
+    echo "NOTE skipped fuzz: no clang with libFuzzer (apt-get install clang libclang-rt-14-dev to run it)"
+fi
+
 # The README's gdb walkthrough (on ./ddpm_debug, the reference build at -O0 -g).
 if command -v gdb >/dev/null 2>&1; then
     suite gdb $PYTHON tests/test_gdb.py

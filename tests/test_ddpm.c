@@ -1849,6 +1849,66 @@ static void test_nonfinite_and_links(void) {
     trainer_free(&tr);
 }
 
+// Every byte of a checkpoint's header edited (two bit flips each) and the checksum
+// re-sealed, as a hostile user would: each file must be refused in one line, exit 1, or
+// load as a consistent network; never a crash, and never a big allocation first (the
+// child runs under a 1 GB address-space limit, so "out of memory" counts as a failure).
+static void test_resealed_headers(void) {
+    Config c = tiny_config(3, 0.1f);
+    Trainer tr;
+    trainer_init(&tr, &c, 2, SCHEDULE_LINEAR, &PAPER_HYPER, 3);
+    char err[4400] = "";
+    const char* good = OUT "/sealed.ckpt";
+    const char* bad = OUT "/resealed.ckpt";
+    const char* errpath = OUT "/resealed_stderr.txt";
+    checkpoint_save(&tr, SCHEDULE_LINEAR, good, err, sizeof err);
+    trainer_free(&tr);
+    size_t n = 0;
+    uint8_t* b = read_bytes(good, &n);
+    int crashed = 0, wordy = 0, oom = 0, accepted = 0, refused = 0, first_bad = -1;
+    for (int off = 0; off < (int)sizeof(CheckpointHeader); off++)
+        for (int mask = 1; mask <= 0x80; mask <<= 7) {
+            b[off] ^= (uint8_t)mask;
+            Fnv sum = {0xcbf29ce484222325ULL};
+            fnv_update(&sum, b, n - 8);
+            memcpy(b + n - 8, &sum.h, 8);
+            write_bytes(bad, b, n);
+            b[off] ^= (uint8_t)mask;
+            fflush(stdout);
+            pid_t pid = fork();
+            if (pid == 0) {
+                if (!freopen(errpath, "w", stderr)) _exit(3);
+#ifndef __SANITIZE_ADDRESS__
+                struct rlimit lim = {(rlim_t)1 << 30, (rlim_t)1 << 30};
+                setrlimit(RLIMIT_AS, &lim);
+#endif
+                UNet m;
+                Schedule sc;
+                load_ema_model(&m, &sc, bad, 1);
+                _exit(0);
+            }
+            int status = 0;
+            waitpid(pid, &status, 0);
+            size_t k = 0;
+            uint8_t* msg = read_bytes(errpath, &k);
+            int lines = 0;
+            for (size_t i = 0; i < k; i++) lines += msg[i] == '\n';
+            int is_oom = msg && k && strstr((char*)msg, "out of memory") != NULL;
+            free(msg);
+            int code = WIFEXITED(status) ? WEXITSTATUS(status) : -1, bad_case = 0;
+            if (WIFSIGNALED(status)) { crashed++; bad_case = 1; }
+            else if (code == 0) accepted++;
+            else if (code == 1 && lines == 1 && !is_oom) refused++;
+            else { wordy += !is_oom; oom += is_oom; bad_case = 1; }
+            if (bad_case && first_bad < 0) first_bad = off;
+        }
+    check("every header byte edited and re-sealed: refused in one line or loaded, no crash, no big allocation",
+          !crashed && !wordy && !oom, "%d refused, %d loaded (fields that keep the network consistent), %d crashed, "
+          "%d not one line, %d out of memory (first bad offset %d)", refused, accepted, crashed, wordy, oom, first_bad);
+    free(b);
+    unlink(good); unlink(bad); unlink(errpath);
+}
+
 static void test_checkpoints(void) {
     Config c = tiny_config(3, 0.1f);
     const char* path = OUT "/ck.ckpt";
@@ -2086,6 +2146,7 @@ int main(int argc, char** argv) {
     test_fashion_mnist();
     test_checkpoints();
     test_nonfinite_and_links();
+    test_resealed_headers();
     test_npy();
 
     rm_rf(OUT);

@@ -51,7 +51,7 @@ if [ ! -x "$DDPM" ]; then
 fi
 
 # Every command gets a time limit, so a hang is a failure rather than a stuck CI job.
-if command -v timeout >/dev/null 2>&1; then TO="timeout 240"; else TO=""; fi
+if command -v timeout >/dev/null 2>&1; then TO="timeout $((240 * ${E2E_SLOW:-1}))"; else TO=""; fi
 
 # ddp NAME ARGS...: run ./ddpm, stdout to $T/NAME.out, stderr to $T/NAME.err, status in $rc
 ddp() {
