@@ -167,7 +167,7 @@ fuzz: fuzz-build
 # Sanitizers: the program and the unit tests with AddressSanitizer and UBSan, any report
 # fatal; the end-to-end suite then runs on that build. (Leak reports are off: a refusal
 # ends the process with its buffers still held, by design.)
-SAN_FLAGS = $(filter-out -O3 -march=native -mprefer-vector-width=512,$(CFLAGS)) -O1 -g -fno-omit-frame-pointer \
+SAN_FLAGS = $(filter-out -O3 -march=native -mprefer-vector-width=512,$(CFLAGS)) -O2 -g -fno-omit-frame-pointer \
             -fsanitize=address,undefined -fno-sanitize-recover=all
 build/ddpm_san: ddpm.c $(STB_DEP)
 	@mkdir -p build

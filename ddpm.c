@@ -217,8 +217,8 @@ static uint32_t hash_u32(uint64_t key, uint64_t i) {
 }
 
 
-// Set by Ctrl-C / SIGTERM (the handler is installed by main, section 22): long loops
-// stop at the next step and the command saves what it has.
+// Set by Ctrl-C / SIGTERM to the signal's number (the handler is installed by main,
+// section 22): long loops stop at the next step and the command saves what it has.
 static volatile sig_atomic_t stop_requested = 0;
 
 // "what done/total, elapsed, ETA" on stderr: redrawn in place on a terminal, every
@@ -3881,7 +3881,7 @@ static void bench_conv3x3(int B, int C, int H, int reps, double* fwd, double* bw
 
 #ifndef DDPM_NO_MAIN
 
-static void on_signal(int sig) { (void)sig; stop_requested = 1; }
+static void on_signal(int sig) { stop_requested = sig; }
 
 static void install_signal_handlers(void) {
     struct sigaction sa;
@@ -3947,7 +3947,9 @@ static const char* HELP =
 "  --out PATH                     the sample grid (default: beside the checkpoint)\n"
 "other:\n"
 "  --threads N                    OpenMP threads (default: all cores)\n"
-"  --help                         this text\n";
+"  --help                         this text\n"
+"exit status: 0 done; 1 an error (one line on stderr says what to do); 2 a bad flag;\n"
+"  130 / 143 training stopped by Ctrl-C / SIGTERM after saving its checkpoint (--resume continues)\n";
 
 // A bad flag or value: exit code 2, as command-line tools do.
 static void usage_error(const char* fmt, ...) {
@@ -4194,9 +4196,14 @@ static int cmd_train(const Options* o) {
         if (memcmp(&saved, &cfg, sizeof cfg))
             usage_error("%s was trained with another network; resume with the same --data, --model and network flags", ckpt);
         if (hd.schedule != (int)o->schedule) usage_error("%s was trained with another --schedule", ckpt);
+        // Same seed and flags, same bits: that holds only at the batch the run began with.
+        if (hd.batch != o->batch)
+            usage_error("%s was trained with --batch %d; resume with --batch %d", ckpt, hd.batch, hd.batch);
         checkpoint_load(&tr, ckpt);
         log_trim(logp, tr.step);
         fprintf(stderr, "resumed %s at step %llu\n", ckpt, (unsigned long long)tr.step);
+        fprintf(stderr, "(the RNG continues from the checkpoint, so --seed is not used; --lr, --warmup, "
+                "--grad-clip, --ema-decay and --no-flip apply as given from here on)\n");
     }
     FILE* log = fopen_check(logp, o->resume ? "a" : "w", "check that the run folder is writable");
     setvbuf(log, NULL, _IOLBF, 0);   // each row reaches the file in one write: a kill cannot tear one
@@ -4242,6 +4249,9 @@ static int cmd_train(const Options* o) {
     if (stop_requested) {
         save_or_die(&tr, o, ckpt);
         fprintf(stderr, "interrupted at step %llu; continue with the same command plus --resume\n", (unsigned long long)tr.step);
+        trainer_free(&tr);
+        dataset_free(&data);
+        return 128 + stop_requested;   // as a shell reports a process the signal ended: 130, 143
     } else if (out_of_time) {
         fprintf(stderr, "--minutes %g reached at step %llu; continue with the same command plus --resume\n",
                 o->minutes, (unsigned long long)tr.step);
