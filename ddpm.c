@@ -1371,7 +1371,7 @@ static int config_has_attn(const Config* c, int res) {
 static const char* config_check(const Config* c) {
     static char msg[256];
     // The upper bounds keep every size below in range (and a corrupt checkpoint header
-    // from asking for terabytes): 16 times the paper's channels and depth.
+    // from asking for terabytes): 16 times the paper's channels, 4 times its depth.
     if (c->in_ch <= 0 || c->in_ch > 16) return "--in-ch must be between 1 and 16";
     if (c->ch <= 0 || c->ch % 2 || c->ch > 2048) return "--ch must be an even number from 4 to 2048";
     if (c->ch < 4) return "--ch must be at least 4 (the sinusoidal embedding needs ch/2 >= 2)";
