@@ -526,6 +526,19 @@ ddp torn $RUN --steps 22 --run "$T/torn" --resume --threads 1
     [ -z "$(awk -F, 'NR > 1 && NF != 5' "$T/torn/log.csv")" ]
 check "a torn last row of log.csv is dropped on resume: steps 1..22 once each, five fields each" $? \
     "exit $rc: $(tail -n 4 "$T/torn/log.csv" | tr '\n' '|')"
+# a 3-channel network evaluated on the 1-channel Fashion-MNIST test set (was: exit 0, one
+# channel of three filled)
+ddp bpdfm bpd --checkpoint "$GOOD" -n 1 --data fashion-mnist --threads 1
+[ $rc -eq 1 ] && one_line "$T/bpdfm.err" && grep -q "test set" "$T/bpdfm.err"
+check "bpd of a 3-channel network with --data fashion-mnist: exit 1, one line" $? "exit $rc: $(err_of bpdfm)"
+# a symlink loop is not "not found"; a depth beyond the supported range names its flag
+ln -s loop.ckpt "$T/loop.ckpt"
+hostile "a symlink loop as the checkpoint" sample --checkpoint "$T/loop.ckpt" -n 1 --out "$T/never.png"
+! grep -q "not found" "$T/h_a symlink loop as the checkpoint.err"
+check "a symlink loop is reported as such, not as a missing file" $? "$(err_of "h_a symlink loop as the checkpoint")"
+ddp nrb12 params --num-res-blocks 12
+[ $rc -ne 0 ] && [ $rc -lt 128 ] && one_line "$T/nrb12.err" && grep -q -- "--num-res-blocks" "$T/nrb12.err"
+check "--num-res-blocks 12: refused in one line naming the flag" $? "exit $rc: $(err_of nrb12)"
 # two training runs into one folder: the second is refused, naming the folder and the PID
 : >"$T/lock1.err"
 "$DDPM" $RUN --steps 100000 --log-every 1 --sample-every 100000 --threads 1 --run "$T/locked" >"$T/lock1.out" 2>"$T/lock1.err" &
