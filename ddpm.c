@@ -900,7 +900,7 @@ static BoundBpd eval_bpd(UNet* m, const Schedule* s, const Dataset* test, int n_
 // how its buffers are laid out (15), and every layer as a plain reference (16).
 
 // ----------------------------------------------------------------------------
-// 12. The U-Net's parts: parameter tensors, layers, blocks
+// 12. The U-Net's parts (Appendix B): parameter tensors, layers, blocks
 #define MAX_BLOCKS 256            // enough for every configuration config_check accepts
 #define MAX_PARAM_TENSORS 4096
 
@@ -988,7 +988,7 @@ struct UNetLayers {
     int max_attn_hw, n_transient;
 };
 
-// ---- 12.1 The layers, as the network calls them ----
+// ---- 12.1 The layers, as the network calls them (§4: conv, GroupNorm, attention) ----
 // Every layer has a plain reference implementation in section 16, a screenful with its
 // forward beside its backward, and the costly ones also have a fast kernel in Part III.
 // The network calls the names in this table. Built with -DDDPM_PLAIN (make plain, make
@@ -1109,7 +1109,7 @@ static void add_inplace(float* y, const float* x, size_t N);
 static void zero(float* x, size_t n);
 
 // ----------------------------------------------------------------------------
-// 13. eps_theta(x_t, t): the whole network, forward and backward
+// 13. eps_theta(x_t, t): the whole network, forward and backward (§4, Appendix B)
 //
 //   temb = silu(dense1(silu(dense0(sinusoid(t)))))            the timestep embedding
 //   h    = conv_in(x_t)
@@ -1337,7 +1337,7 @@ static void resample_backward(UNet* m, Block* k, int B) {
 }
 
 // ----------------------------------------------------------------------------
-// 15. The layout: presets, parameter tensors, and one buffer per role
+// 15. The layout (Appendix B: 35.7M parameters): presets, tensors, one buffer per role
 //
 // unet_layout walks the architecture of section 13 once to count every tensor, and once
 // more to carve the views out of one buffer each: parameters (UNet.params, with the
