@@ -257,6 +257,8 @@ typedef struct {
     double* posterior_log_variance_clipped; // log beta_tilde_t, with beta_tilde_2 at t = 1
     double* posterior_mean_coef1;           // sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t)
     double* posterior_mean_coef2;           // sqrt(alpha_t) (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t)
+    int* t_model;                           // the network's t_idx for step t_idx: itself, except on
+                                            // a chain of fewer steps (section 10.1)
     double* buffer;                         // the one allocation behind all of the above
 } Schedule;
 
@@ -279,16 +281,23 @@ static void make_betas(double* betas, int T, ScheduleKind kind) {
     }
 }
 
-static void schedule_init(Schedule* s, int T, ScheduleKind kind) {
+// One allocation for the twelve tables and t_model.
+static void schedule_alloc(Schedule* s, int T) {
     s->T = T;
-    double* p = s->buffer = malloc_check(12 * (size_t)T * sizeof(double), "the schedule");
+    double* p = s->buffer = malloc_check(12 * (size_t)T * sizeof(double) + (size_t)T * sizeof(int), "the schedule");
     double** fields[] = {&s->betas, &s->alphas, &s->alphas_cumprod, &s->alphas_cumprod_prev,
                          &s->sqrt_alphas_cumprod, &s->sqrt_one_minus_alphas_cumprod,
                          &s->sqrt_recip_alphas_cumprod, &s->sqrt_recipm1_alphas_cumprod,
                          &s->posterior_variance, &s->posterior_log_variance_clipped,
                          &s->posterior_mean_coef1, &s->posterior_mean_coef2};
     for (int f = 0; f < 12; f++) *fields[f] = p + (size_t)f * T;
-    make_betas(s->betas, T, kind);
+    s->t_model = (int*)(p + 12 * (size_t)T);
+    for (int i = 0; i < T; i++) s->t_model[i] = i;
+}
+
+// Everything else from s->betas.
+static void schedule_derive(Schedule* s) {
+    int T = s->T;
     double abar = 1.0;
     for (int i = 0; i < T; i++) {
         double beta = s->betas[i], abar_prev = abar;
@@ -309,6 +318,12 @@ static void schedule_init(Schedule* s, int T, ScheduleKind kind) {
     // like the official code, use beta_tilde_2 in its place for the log.
     for (int i = 0; i < T; i++)
         s->posterior_log_variance_clipped[i] = log(s->posterior_variance[i == 0 && T > 1 ? 1 : i]);
+}
+
+static void schedule_init(Schedule* s, int T, ScheduleKind kind) {
+    schedule_alloc(s, T);
+    make_betas(s->betas, T, kind);
+    schedule_derive(s);
 }
 
 static void schedule_free(Schedule* s) { free(s->buffer); }
@@ -753,7 +768,9 @@ static StepStats train_step(Trainer* tr, const Dataset* data) {
 typedef struct {
     float *mean, *x0_hat, *z;   // (B, C, H, W) each
     double* log_var;            // (B): log sigma_t^2
-    int* t_idx;                 // (B)
+    int* t_idx;                 // (B): the chain's step
+    int* t_model;               // (B): the network's timestep for it (section 10.1)
+    int shared_noise;           // one image's z for all B images (the interpolations of 10.3)
 } SampleBuffers;
 
 static void sample_buffers_init(SampleBuffers* sb, int B, size_t n) {
@@ -762,10 +779,19 @@ static void sample_buffers_init(SampleBuffers* sb, int B, size_t n) {
     sb->z = malloc_check((size_t)B * n * sizeof(float), "sampling buffers");
     sb->log_var = malloc_check((size_t)B * sizeof(double), "sampling buffers");
     sb->t_idx = malloc_check((size_t)B * sizeof(int), "sampling buffers");
+    sb->t_model = malloc_check((size_t)B * sizeof(int), "sampling buffers");
+    sb->shared_noise = 0;
 }
 
 static void sample_buffers_free(SampleBuffers* sb) {
-    free(sb->mean); free(sb->x0_hat); free(sb->z); free(sb->log_var); free(sb->t_idx);
+    free(sb->mean); free(sb->x0_hat); free(sb->z); free(sb->log_var); free(sb->t_idx); free(sb->t_model);
+}
+
+// z ~ N(0, I) for the batch: B * n draws, or n draws copied to every image.
+static void draw_z(SampleBuffers* sb, int B, size_t n, Rng* rng) {
+    rng_normal(rng, sb->z, sb->shared_noise ? n : (size_t)B * n);
+    if (sb->shared_noise)
+        for (int b = 1; b < B; b++) memcpy(sb->z + b * n, sb->z, n * sizeof(float));
 }
 
 // Alg. 2, lines 3-4 (the official p_sample): x_t is overwritten by x_{t-1}, for B images
@@ -775,55 +801,187 @@ static void p_sample(float* x_t, const float* eps_theta, const int* t_idx, int B
     p_mean_variance(sb->mean, sb->log_var, sb->x0_hat, x_t, eps_theta, t_idx, B, n, kind, 1, s);
     int any_noise = 0;
     for (int b = 0; b < B; b++) any_noise |= t_idx[b] > 0;
-    if (any_noise) rng_normal(rng, sb->z, (size_t)B * n);                // z ~ N(0, I) if t > 1
+    if (any_noise) draw_z(sb, B, n, rng);                                 // z ~ N(0, I) if t > 1
     for (int b = 0; b < B; b++) {
         float sigma = t_idx[b] > 0 ? (float)exp(0.5 * sb->log_var[b]) : 0.0f;   // else z = 0
         for (size_t i = b * n; i < (b + 1) * n; i++) x_t[i] = sb->mean[i] + (sigma > 0 ? sigma * sb->z[i] : 0.0f);
     }
 }
 
+// ---- 10.1 Sampling in fewer steps: a respaced chain, and DDIM ----
+//
+// Alg. 2 runs the network T = 1000 times per sample (the paper's 256 samples take 17 s
+// on a TPU v3-8; on a CPU this is the cost that matters). Nothing in Eq. (4) needs the
+// steps to be consecutive: q(x_t|x_0) depends on t only through alpha_bar_t. So, as in
+// Nichol & Dhariwal (2021, §4), any increasing tau_1 < ... < tau_K of 1..T is a forward
+// chain of K steps with the same marginals, whose betas are
+//   beta'_i = 1 - alpha_bar_{tau_i} / alpha_bar_{tau_{i-1}},   alpha_bar_{tau_0} = 1,
+// and the network trained on all T steps is used unchanged, at t = tau_i. Sections 4-5
+// then run on the respaced Schedule as they are: its posterior (Eq. 7), its two fixed
+// variances, its bound. We take K evenly strided steps with both ends kept,
+// tau_i = 1 + round((i - 1)(T - 1)/(K - 1)), and tau_1 = T for K = 1. Where two kept
+// steps are consecutive the ratio is exactly alpha_t, so beta_t is kept as it is:
+// K = T is then Algorithm 2 bit for bit.
+static void schedule_respace(Schedule* r, const Schedule* s, int K) {
+    schedule_alloc(r, K);
+    double abar_prev = 1.0;
+    int prev = -1;
+    for (int i = 0; i < K; i++) {
+        int tau = K == 1 ? s->T - 1 : (int)floor(i * (double)(s->T - 1) / (K - 1) + 0.5);
+        r->t_model[i] = tau;
+        r->betas[i] = tau == prev + 1 ? s->betas[tau] : 1.0 - s->alphas_cumprod[tau] / abar_prev;
+        abar_prev = s->alphas_cumprod[tau];
+        prev = tau;
+    }
+    schedule_derive(r);
+}
+
+// DDIM (Song, Meng, Ermon 2021) keeps the marginals of Eq. (4) but not the Markov
+// chain, and its reverse step (their Eq. 12) is
+//   x_{t-1} = sqrt(abar_{t-1}) x0_hat + sqrt(1 - abar_{t-1} - sigma_t^2) eps_hat + sigma_t z,
+//   sigma_t^2 = eta^2 (1 - abar_{t-1})/(1 - abar_t) (1 - abar_t/abar_{t-1})     (their Eq. 16)
+// over the steps of the (respaced) schedule. eta = 0 adds no noise: x_0 is a fixed
+// function of x_T. eta = 1 gives sigma_t^2 = beta_tilde_t (Eq. 7), and the step is then
+// Alg. 2's with sigma_t^2 = beta_tilde_t. As the official DDIM code does, x0_hat is
+// clipped to [-1, 1] and eps_hat recomputed from it (Eq. 4 solved for eps).
+typedef struct {
+    SigmaKind sigma;   // Alg. 2's sigma_t^2 (section 4)
+    int ddim;          // the DDIM step instead of Alg. 2's
+    double eta;        // DDIM's eta in [0, 1]
+} Sampler;
+
+static double ddim_sigma2(int t_idx, double eta, const Schedule* s) {
+    double abar = s->alphas_cumprod[t_idx], abar_prev = s->alphas_cumprod_prev[t_idx];
+    return eta * eta * (1.0 - abar_prev) / (1.0 - abar) * (1.0 - abar / abar_prev);
+}
+
+static void ddim_sample(float* x_t, const float* eps_theta, const int* t_idx, int B, size_t n,
+                        double eta, const Schedule* s, SampleBuffers* sb, Rng* rng) {
+    predict_x0_from_eps(sb->x0_hat, x_t, eps_theta, t_idx, B, n, s);
+    for (size_t i = 0; i < B * n; i++) sb->x0_hat[i] = fminf(1.0f, fmaxf(-1.0f, sb->x0_hat[i]));
+    int any_noise = 0;
+    for (int b = 0; b < B; b++) any_noise |= eta > 0 && t_idx[b] > 0;
+    if (any_noise) draw_z(sb, B, n, rng);
+    for (int b = 0; b < B; b++) {
+        int t = t_idx[b];
+        double abar_prev = s->alphas_cumprod_prev[t], sig2 = ddim_sigma2(t, eta, s);
+        float c_x0 = (float)sqrt(abar_prev), c_eps = (float)sqrt(fmax(0.0, 1.0 - abar_prev - sig2));
+        float sigma = (float)sqrt(sig2), r0 = (float)s->sqrt_recip_alphas_cumprod[t];
+        float r1 = (float)s->sqrt_recipm1_alphas_cumprod[t];
+        for (size_t i = b * n; i < (b + 1) * n; i++) {
+            float eps_hat = (r0 * x_t[i] - sb->x0_hat[i]) / r1;
+            x_t[i] = c_x0 * sb->x0_hat[i] + c_eps * eps_hat + (sigma > 0 ? sigma * sb->z[i] : 0.0f);
+        }
+    }
+}
+
+// ---- 10.2 The chain, from any step down to x_0 ----
+
 // Optional record of the chain for Fig. 6: x_t and x0_hat at chosen steps.
 typedef struct {
     int every;            // record when (t_idx + 1) % every == 0, and at t_idx = 0
     int n_images, n_steps, max_steps;
-    int* steps;           // t (1-based) of each record
+    int* steps;           // t (1-based, the network's) of each record
     float *x_t, *x0_hat;  // (max_steps, n_images, C, H, W)
 } Trace;
 
-static void trace_record(Trace* tr, const float* x_t, const float* x0_hat, int t_idx, size_t n) {
+static void trace_record(Trace* tr, const float* x_t, const float* x0_hat, int t_idx, const Schedule* s, size_t n) {
     if (!tr || tr->n_steps >= tr->max_steps || ((t_idx + 1) % tr->every && t_idx != 0)) return;
     size_t k = (size_t)tr->n_steps++ * tr->n_images * n;
     memcpy(tr->x_t + k, x_t, tr->n_images * n * sizeof(float));
     memcpy(tr->x0_hat + k, x0_hat, tr->n_images * n * sizeof(float));
-    tr->steps[tr->n_steps - 1] = t_idx + 1;
+    tr->steps[tr->n_steps - 1] = s->t_model[t_idx] + 1;
 }
 
-// Alg. 2 for n_images, in batches of the network's B_max. Returns 0 if interrupted.
-static int p_sample_loop(UNet* m, const Schedule* s, float* out, int n_images, SigmaKind kind,
+// A progress line's state: what, how far, since when (progress_line, section 1).
+typedef struct { const char* what; long done, total; double t0; } Progress;
+
+// Lines 2-5 of Alg. 2 (or the DDIM steps) for B images held in x, from the chain's step
+// t_from down to t = 1: x holds x_{t_from + 1} on entry (0-based t_from) and x_0 on
+// return. Returns 0 if interrupted.
+static int reverse_chain(UNet* m, const Schedule* s, float* x, int B, int t_from, const Sampler* sp,
+                         SampleBuffers* sb, Rng* rng, Trace* trace, Progress* pg) {
+    size_t n = (size_t)m->cfg.in_ch * m->cfg.img * m->cfg.img;
+    m->train = 0;
+    m->no_grad = 1;
+    for (int t_idx = t_from; t_idx >= 0; t_idx--) {        // t = t_from + 1, ..., 1
+        if (stop_requested) return 0;
+        for (int b = 0; b < B; b++) sb->t_idx[b] = t_idx, sb->t_model[b] = s->t_model[t_idx];
+        const float* eps_theta = unet_forward(m, x, sb->t_model, B);
+        if (sp->ddim) ddim_sample(x, eps_theta, sb->t_idx, B, n, sp->eta, s, sb, rng);
+        else p_sample(x, eps_theta, sb->t_idx, B, n, sp->sigma, s, sb, rng);
+        trace_record(trace, x, sb->x0_hat, t_idx, s, n);
+        if (pg) progress_line(pg->what, ++pg->done, pg->total, pg->t0);
+    }
+    return 1;
+}
+
+// Alg. 2 for n_images, in batches of the network's B_max, on the schedule s (the
+// trained one, or a respaced one). Returns 0 if interrupted.
+static int p_sample_loop(UNet* m, const Schedule* s, float* out, int n_images, const Sampler* sp,
                          Rng* rng, Trace* trace, int progress) {
-    int Bm = m->B_max, T = s->T;
+    int Bm = m->B_max;
     size_t n = (size_t)m->cfg.in_ch * m->cfg.img * m->cfg.img;
     SampleBuffers sb;
     sample_buffers_init(&sb, Bm, n);
-    m->train = 0;
-    m->no_grad = 1;
-    double t0 = now_seconds();
-    long total = (long)((n_images + Bm - 1) / Bm) * T, done = 0;
-    for (int start = 0; start < n_images; start += Bm) {
+    Progress pg = {"sampling: step", 0, (long)((n_images + Bm - 1) / Bm) * s->T, now_seconds()};
+    int done = 1;
+    for (int start = 0; start < n_images && done; start += Bm) {
         int B = n_images - start < Bm ? n_images - start : Bm;
         float* x_t = out + (size_t)start * n;
         rng_normal(rng, x_t, (size_t)B * n);                  // x_T ~ N(0, I)
-        for (int t_idx = T - 1; t_idx >= 0; t_idx--) {        // t = T, ..., 1
-            if (stop_requested) { sample_buffers_free(&sb); return 0; }
-            for (int b = 0; b < B; b++) sb.t_idx[b] = t_idx;
-            const float* eps_theta = unet_forward(m, x_t, sb.t_idx, B);
-            p_sample(x_t, eps_theta, sb.t_idx, B, n, kind, s, &sb, rng);
-            if (start == 0) trace_record(trace, x_t, sb.x0_hat, t_idx, n);
-            if (progress) progress_line("sampling: step", ++done, total, t0);
-        }
+        done = reverse_chain(m, s, x_t, B, s->T - 1, sp, &sb, rng, start == 0 ? trace : NULL,
+                             progress ? &pg : NULL);
     }
     sample_buffers_free(&sb);
-    return 1;
+    return done;
+}
+
+// ---- 10.3 The chain started from data: reconstructions (§4.3, Fig. 7), interpolations (§4.4, Fig. 8) ----
+//
+// §4.3 reads the reverse process as a hierarchy: encode x_0 to x_t ~ q(x_t|x_0) (Eq. 4),
+// then decode x_0 ~ p_theta(x_0|x_t) with the chain from step t. Samples that share x_t
+// share what x_t kept: for large t only coarse features survive, for small t the
+// details do (Fig. 7). §4.4 interpolates in that latent space: x_t and x'_t from two
+// images with the same noise draw, x_bar_t = (1 - lambda) x_t + lambda x'_t, each
+// decoded by the reverse chain; the sampling noise is the same for every lambda (Fig. 8's
+// "fixed noise"), so that only lambda changes the picture. Small t stays close to
+// pixel-space blending; large t gives new, plausible images (Fig. 9).
+
+// Image x_0 (n values) at step t_idx: writes x_t (n) and k decodings x_0 ~ p_theta(x_0|x_t)
+// (k * n, k <= m->B_max). Returns 0 if interrupted.
+static int reconstruct(UNet* m, const Schedule* s, const float* x_0, int t_idx, int k, const Sampler* sp,
+                       float* x_t, float* samples, Rng* rng, Progress* pg) {
+    size_t n = (size_t)m->cfg.in_ch * m->cfg.img * m->cfg.img;
+    SampleBuffers sb;
+    sample_buffers_init(&sb, k, n);
+    rng_normal(rng, sb.z, n);                                  // eps of Eq. (4), once
+    q_sample(x_t, x_0, sb.z, &t_idx, 1, n, s);
+    for (int j = 0; j < k; j++) memcpy(samples + j * n, x_t, n * sizeof(float));
+    int done = reverse_chain(m, s, samples, k, t_idx, sp, &sb, rng, NULL, pg);
+    sample_buffers_free(&sb);
+    return done;
+}
+
+// Images a and b at step t_idx, decoded at n_lambda >= 2 evenly spaced lambda in [0, 1]
+// (one image each in out, n_lambda <= m->B_max). Returns 0 if interrupted.
+static int interpolate(UNet* m, const Schedule* s, const float* a, const float* b, int t_idx, int n_lambda,
+                       const Sampler* sp, float* out, Rng* rng, Progress* pg) {
+    size_t n = (size_t)m->cfg.in_ch * m->cfg.img * m->cfg.img;
+    SampleBuffers sb;
+    sample_buffers_init(&sb, n_lambda, n);
+    sb.shared_noise = 1;
+    float *eps = sb.mean, *xa = sb.x0_hat, *xb = sb.x0_hat + n;   // free until the first step
+    rng_normal(rng, eps, n);                                   // one eps for both images
+    q_sample(xa, a, eps, &t_idx, 1, n, s);                     // x_t
+    q_sample(xb, b, eps, &t_idx, 1, n, s);                     // x'_t
+    for (int l = 0; l < n_lambda; l++) {
+        float lam = (float)l / (n_lambda - 1);
+        for (size_t i = 0; i < n; i++) out[l * n + i] = (1 - lam) * xa[i] + lam * xb[i];
+    }
+    int done = reverse_chain(m, s, out, n_lambda, t_idx, sp, &sb, rng, NULL, pg);
+    sample_buffers_free(&sb);
+    return done;
 }
 
 // ----------------------------------------------------------------------------
@@ -834,14 +992,27 @@ static int p_sample_loop(UNet* m, const Schedule* s, float* out, int n_images, S
 // x0_hat clipped to [-1, 1] as the official evaluation does. The paper reports
 // <= 3.70 (L, fixed isotropic Sigma) and <= 3.75 (L_simple) bits/dim on CIFAR-10 with
 // the full model and 10,000 test images; a small CPU model on a few images gives a rough
-// estimate of the same quantity. §4.3 reads L as a codelength (Eq. 16 writes it with
-// the marginals q(x_t)): L_T + sum_{t>1} L_{t-1} is the rate, the bits to send x_T,
-// ..., x_1 (1.78 bits/dim on CIFAR-10), and L_0 the distortion (1.97); eval_bpd
-// reports the three parts apart (prior, terms, decoder).
+// estimate of the same quantity. On a respaced schedule (10.1) the same code gives the
+// bound of that K-step chain.
+//
+// §4.3 reads L as a codelength (Eq. 16 writes it with the marginals q(x_t); Algs. 3-4 send
+// x_T, ..., x_1 by reverse coding). A receiver that holds x_t has been sent
+//   rate(t) = L_T + sum_{s > t} L_{s-1} bits/dim
+// (at t = 1 everything but L_0: 1.78 on CIFAR-10) and can already show x0_hat(x_t) of
+// Eq. (15); the distortion is its RMSE against x_0 on the 0..255 scale (Table 4: 0.95 at
+// t = 1, 67.6 at t = 901; Fig. 5). L_0 is what is left: 1.97 bits/dim on CIFAR-10.
+// eval_bpd reports the three parts of L apart (prior, terms, decoder), and with per_t
+// every term and the squared error of x0_hat at every t.
 
 typedef struct { double prior, terms, decoder, total; int n; } BoundBpd;
 
-static BoundBpd eval_bpd(UNet* m, const Schedule* s, const Dataset* test, int n_images, SigmaKind kind, Rng* rng) {
+typedef struct {
+    double* term;   // (T): L_{t-1} in bits/dim (L_0 at t_idx = 0), averaged over the images
+    double* mse;    // (T): mean squared error of the clipped x0_hat(x_t) against x_0, in [-1, 1] units
+} PerT;
+
+static BoundBpd eval_bpd(UNet* m, const Schedule* s, const Dataset* test, int n_images, SigmaKind kind,
+                         Rng* rng, PerT* per_t) {
     int Bm = m->B_max, T = s->T;
     size_t n = (size_t)m->cfg.in_ch * m->cfg.img * m->cfg.img;
     if (n_images > test->N) n_images = test->N;
@@ -852,9 +1023,12 @@ static BoundBpd eval_bpd(UNet* m, const Schedule* s, const Dataset* test, int n_
     float* mean_p = malloc_check((size_t)Bm * n * sizeof(float), "evaluation buffers");
     float* x0_hat = malloc_check((size_t)Bm * n * sizeof(float), "evaluation buffers");
     int* t_idx = malloc_check((size_t)Bm * sizeof(int), "evaluation buffers");
+    int* t_model = malloc_check((size_t)Bm * sizeof(int), "evaluation buffers");
     double* lv_q = malloc_check((size_t)Bm * sizeof(double), "evaluation buffers");
     double* lv_p = malloc_check((size_t)Bm * sizeof(double), "evaluation buffers");
     BoundBpd r = {0, 0, 0, 0, 0};
+    if (per_t)
+        for (int t = 0; t < T; t++) per_t->term[t] = per_t->mse[t] = 0;
     m->train = 0;
     m->no_grad = 1;
     double t0 = now_seconds();
@@ -866,24 +1040,38 @@ static BoundBpd eval_bpd(UNet* m, const Schedule* s, const Dataset* test, int n_
             r.prior += prior_bpd(x0 + b * n, n, s);
         }
         for (int t = T - 1; t >= 0 && !stop_requested; t--) {
-            for (int b = 0; b < B; b++) t_idx[b] = t;
+            for (int b = 0; b < B; b++) t_idx[b] = t, t_model[b] = s->t_model[t];
             rng_normal(rng, eps, (size_t)B * n);
             q_sample(x_t, x0, eps, t_idx, B, n, s);
             q_posterior_mean_variance(mean_q, NULL, lv_q, x0, x_t, t_idx, B, n, s);
-            const float* eps_theta = unet_forward(m, x_t, t_idx, B);
+            const float* eps_theta = unet_forward(m, x_t, t_model, B);
             p_mean_variance(mean_p, lv_p, x0_hat, x_t, eps_theta, t_idx, B, n, kind, 1, s);
             for (int b = 0; b < B; b++) {
                 double v = vb_term_bpd(x0 + b * n, mean_q + b * n, lv_q[b], mean_p + b * n, lv_p[b], t, n);
                 if (t == 0) r.decoder += v; else r.terms += v;
+                if (!per_t) continue;
+                double se = 0;
+                for (size_t i = b * n; i < (b + 1) * n; i++) se += ((double)x0_hat[i] - x0[i]) * ((double)x0_hat[i] - x0[i]);
+                per_t->term[t] += v;
+                per_t->mse[t] += se / n;
             }
             progress_line("bound: step", ++done, total, t0);
         }
         r.n += B;
     }
     if (r.n) { r.prior /= r.n; r.terms /= r.n; r.decoder /= r.n; }
+    if (r.n && per_t)
+        for (int t = 0; t < T; t++) per_t->term[t] /= r.n, per_t->mse[t] /= r.n;
     r.total = r.prior + r.terms + r.decoder;
-    free(x0); free(eps); free(x_t); free(mean_q); free(mean_p); free(x0_hat); free(t_idx); free(lv_q); free(lv_p);
+    free(x0); free(eps); free(x_t); free(mean_q); free(mean_p); free(x0_hat);
+    free(t_idx); free(t_model); free(lv_q); free(lv_p);
     return r;
+}
+
+// rate[t_idx] = L_T + sum_{s > t} L_{s-1}, from the per-t terms (T values each).
+static void bound_rate(double* rate, const double* term, double prior, int T) {
+    rate[T - 1] = prior;
+    for (int t = T - 2; t >= 0; t--) rate[t] = rate[t + 1] + term[t + 1];
 }
 
 // ============================================================================
@@ -3873,8 +4061,10 @@ static void bench_conv3x3(int B, int C, int H, int reps, double* fwd, double* bw
 // 22. main: the command line
 //
 //   ./ddpm [train] [flags]      Alg. 1 on a dataset, with samples and checkpoints
-//   ./ddpm sample  --checkpoint PATH [-n 64] [--trace]
-//   ./ddpm bpd     --checkpoint PATH [-n 32]
+//   ./ddpm sample  --checkpoint PATH [-n 64] [--trace] [--steps K] [--sampler ddim --eta E]
+//   ./ddpm bpd     --checkpoint PATH [-n 32] [--steps K] [--per-t FILE.csv]
+//   ./ddpm reconstruct --checkpoint PATH --index I [--t 1000,750,500,250] [-k 4]
+//   ./ddpm interpolate --checkpoint PATH --index A,B [--t 500] [--lambdas 9]
 //   ./ddpm schedule [--schedule linear|cosine]
 //   ./ddpm params  [--model NAME]
 //   ./ddpm bench   [--model NAME] [--batch B] [--steps N]
@@ -3902,10 +4092,16 @@ typedef struct {
     const char* out;
     int batch, sample_every, sample_n, n, trace, resume, threads, warmup_steps, log_every;
     long steps;
+    int steps_set;              // --steps was given (sample, bpd: the chain's K steps)
+    Sampler sampler;            // --sigma, --sampler, --eta
+    int sampler_set, eta_set, sigma_set;
+    const char* per_t;          // bpd --per-t FILE.csv
+    int n_index, index[2];      // reconstruct, interpolate: --index
+    int n_tlist, tlist[64];     // --t (1-based)
+    int k, lambdas;             // reconstruct -k, interpolate --lambdas
     double minutes;             // wall-clock budget of a training run (0: none)
     uint64_t seed;
     ScheduleKind schedule;
-    SigmaKind sigma;
     TrainHyper hyper;
     // network overrides (-1: keep the preset's)
     int ch, num_res_blocks, groups, in_ch, n_mult, ch_mult[MAX_LEVELS], n_attn, attn_res[MAX_LEVELS];
@@ -3918,6 +4114,8 @@ static const char* HELP =
 "usage: ./ddpm [train] [flags]          train (Alg. 1), writing samples and checkpoints\n"
 "       ./ddpm sample --checkpoint PATH  draw samples (Alg. 2) into a PNG grid\n"
 "       ./ddpm bpd --checkpoint PATH     the variational bound (Eq. 5) in bits/dim\n"
+"       ./ddpm reconstruct --checkpoint PATH --index I   x_0 -> x_t -> k decodings (Fig. 7)\n"
+"       ./ddpm interpolate --checkpoint PATH --index A,B interpolations at x_t (Fig. 8)\n"
 "       ./ddpm schedule                  the noise schedule as CSV\n"
 "       ./ddpm params [--model NAME]     parameter counts per block, activation memory\n"
 "       ./ddpm bench                     time a training and a sampling step (JSON)\n"
@@ -3943,8 +4141,17 @@ static const char* HELP =
 "  --checkpoint PATH              a checkpoint written by training\n"
 "  -n N                           number of images (sample: 64, bpd: 32)\n"
 "  --sigma beta|beta_tilde        sigma_t^2 of §3.2 (default beta)\n"
-"  --trace                        also write x_t and x0_hat along the chain (.npy + PNG)\n"
-"  --out PATH                     the sample grid (default: beside the checkpoint)\n"
+"  --steps K                      sample, bpd: a chain of K evenly strided steps (default 1000)\n"
+"  --sampler ddpm|ddim --eta E    sample: Alg. 2 (default), or DDIM with eta in [0, 1] (default 0)\n"
+"  --trace                        sample: also write x_t and x0_hat along the chain (.npy + PNG)\n"
+"  --per-t FILE.csv               bpd: every term, the rate and the distortion per t (Table 4)\n"
+"  --data cifar10|fashion-mnist   bpd, reconstruct, interpolate: the test set (default: the\n"
+"                                 checkpoint's channels decide)\n"
+"  --index I | A,B                reconstruct: test image I; interpolate: test images A and B\n"
+"  --t 1000,750,500,250           reconstruct (default 1000,750,500,250), interpolate (default 500)\n"
+"  -k N                           reconstruct: decodings per t (default 4)\n"
+"  --lambdas N                    interpolate: evenly spaced lambda in [0, 1] (default 9)\n"
+"  --out PATH                     the PNG grid (default: beside the checkpoint); .npy beside it\n"
 "other:\n"
 "  --threads N                    OpenMP threads (default: all cores)\n"
 "  --help                         this text\n"
@@ -3995,15 +4202,17 @@ static void parse_options(int argc, char** argv, Options* o) {
     memset(o, 0, sizeof *o);
     o->cmd = "train"; o->data = "cifar10"; o->data_dir = "data"; o->model = "tiny";
     o->batch = 128; o->steps = 100000; o->sample_every = 2000; o->sample_n = 64; o->seed = 1;
-    o->schedule = SCHEDULE_LINEAR; o->sigma = SIGMA_BETA; o->hyper = PAPER_HYPER;
+    o->schedule = SCHEDULE_LINEAR; o->sampler.sigma = SIGMA_BETA; o->hyper = PAPER_HYPER;
+    o->k = 4; o->lambdas = 9;
     o->ch = o->num_res_blocks = o->groups = o->in_ch = -1; o->dropout = -1;
     o->n = -1; o->warmup_steps = 2; o->log_every = 100;
     int i = 1;
     if (argc > 1 && argv[1][0] != '-') {
-        const char* cmds[] = {"train", "sample", "bpd", "schedule", "params", "bench", "help"};
+        const char* cmds[] = {"train", "sample", "bpd", "reconstruct", "interpolate", "schedule", "params", "bench", "help"};
         int ok = 0;
-        for (int c = 0; c < 7; c++) if (!strcmp(argv[1], cmds[c])) ok = 1;
-        if (!ok) usage_error("unknown command '%s'; commands are train, sample, bpd, schedule, params, bench", argv[1]);
+        for (int c = 0; c < 9; c++) if (!strcmp(argv[1], cmds[c])) ok = 1;
+        if (!ok) usage_error("unknown command '%s'; commands are train, sample, bpd, reconstruct, interpolate, "
+                             "schedule, params, bench", argv[1]);
         o->cmd = argv[1];
         i = 2;
     }
@@ -4016,7 +4225,7 @@ static void parse_options(int argc, char** argv, Options* o) {
         else if (FLAG("--data-dir")) o->data_dir = VALUE();
         else if (FLAG("--model")) o->model = VALUE();
         else if (FLAG("--batch")) o->batch = (int)parse_long(a, VALUE(), 1, 4096);
-        else if (FLAG("--steps")) o->steps = parse_long(a, VALUE(), 0, 1000000000L);
+        else if (FLAG("--steps")) o->steps = parse_long(a, VALUE(), 0, 1000000000L), o->steps_set = 1;
         else if (FLAG("--minutes")) o->minutes = parse_double(a, VALUE(), 0.01, 1e7);
         else if (FLAG("--run")) o->run_dir = VALUE();
         else if (FLAG("--resume")) o->resume = 1;
@@ -4049,10 +4258,36 @@ static void parse_options(int argc, char** argv, Options* o) {
         else if (FLAG("-n")) o->n = (int)parse_long(a, VALUE(), 1, 100000);
         else if (FLAG("--sigma")) {
             const char* v = VALUE();
-            if (!strcmp(v, "beta")) o->sigma = SIGMA_BETA;
-            else if (!strcmp(v, "beta_tilde")) o->sigma = SIGMA_BETA_TILDE;
+            if (!strcmp(v, "beta")) o->sampler.sigma = SIGMA_BETA;
+            else if (!strcmp(v, "beta_tilde")) o->sampler.sigma = SIGMA_BETA_TILDE;
             else usage_error("--sigma %s: expected beta or beta_tilde", v);
+            o->sigma_set = 1;
         }
+        else if (FLAG("--sampler")) {
+            const char* v = VALUE();
+            if (!strcmp(v, "ddpm")) o->sampler.ddim = 0;
+            else if (!strcmp(v, "ddim")) o->sampler.ddim = 1;
+            else usage_error("--sampler %s: expected ddpm or ddim", v);
+            o->sampler_set = 1;
+        }
+        else if (FLAG("--eta")) o->sampler.eta = parse_double(a, VALUE(), 0, 1), o->eta_set = 1;
+        else if (FLAG("--per-t")) o->per_t = VALUE();
+        else if (FLAG("--index")) {
+            const char* v = VALUE();
+            char* end;
+            o->n_index = 0;
+            for (const char* p = v;; p = end + 1) {
+                errno = 0;
+                long x = strtol(p, &end, 10);
+                if (errno || end == p || x < 0 || x > 1000000 || (*end && *end != ',') || o->n_index == 2)
+                    usage_error("--index %s: expected a test image number, or two separated by a comma", v);
+                o->index[o->n_index++] = (int)x;
+                if (!*end) break;
+            }
+        }
+        else if (FLAG("--t")) o->n_tlist = parse_list(a, VALUE(), o->tlist, 64);
+        else if (FLAG("-k")) o->k = (int)parse_long(a, VALUE(), 1, 64);
+        else if (FLAG("--lambdas")) o->lambdas = (int)parse_long(a, VALUE(), 2, 64);
         else if (FLAG("--trace")) o->trace = 1;
         else if (FLAG("--out")) o->out = VALUE();
         else if (FLAG("--threads")) o->threads = (int)parse_long(a, VALUE(), 1, 1024);
@@ -4103,7 +4338,8 @@ static void training_samples(Trainer* tr, const Options* o, const char* dir) {
     memcpy(m->params, tr->ema, nb);
     Rng rng;
     rng_seed(&rng, o->seed ^ (0x5851f42d4c957f2dULL * (tr->step + 1)));
-    int done = p_sample_loop(m, &tr->sched, imgs, o->sample_n, o->sigma, &rng, NULL, 1);
+    Sampler sp = {o->sampler.sigma, 0, 0};
+    int done = p_sample_loop(m, &tr->sched, imgs, o->sample_n, &sp, &rng, NULL, 1);
     memcpy(m->params, m->grads, nb);
     if (done) {
         char path[4200];
@@ -4271,23 +4507,79 @@ static void default_beside(char* out, size_t len, const char* ckpt, const char* 
     else snprintf(out, len, "%s", name);
 }
 
+// The output grid: --out, or NAME beside the checkpoint; checked before any long work.
+// base gets the path without its extension, for the .npy files written beside it.
+static void output_paths(const Options* o, const char* name, char* out, char* base, size_t len) {
+    if (o->out) snprintf(out, len, "%s", o->out);
+    else default_beside(out, len, o->checkpoint, name);
+    check_output_path(out, o->out ? "--out" : "the output grid");
+    snprintf(base, len, "%s", out);
+    char* dot = strrchr(base, '.');
+    if (dot && !strchr(dot, '/')) *dot = 0;
+}
+
+// Flags that only some commands read are refused elsewhere, rather than ignored.
+static void check_command_flags(const Options* o) {
+    int sample = !strcmp(o->cmd, "sample"), bpd = !strcmp(o->cmd, "bpd");
+    int decode = !strcmp(o->cmd, "reconstruct") || !strcmp(o->cmd, "interpolate");
+    if ((o->sampler_set || o->eta_set) && !sample) usage_error("--sampler and --eta apply to sample");
+    if (o->eta_set && !o->sampler.ddim) usage_error("--eta applies to --sampler ddim");
+    if (o->sampler.ddim && o->sigma_set) usage_error("--sigma applies to --sampler ddpm; DDIM's variance is set by --eta");
+    if (o->per_t && !bpd) usage_error("--per-t applies to bpd");
+    if ((o->n_index || o->n_tlist) && !decode) usage_error("--index and --t apply to reconstruct and interpolate");
+    if (o->steps_set && decode) usage_error("--steps applies to train, sample and bpd; %s runs the full chain", o->cmd);
+}
+
+// --steps K as a chain (10.1): the trained schedule respaced to K steps, or a copy for K = T.
+static void chain_schedule(Schedule* r, const Schedule* s, const Options* o) {
+    long K = o->steps_set ? o->steps : s->T;
+    if (K < 1 || K > s->T) usage_error("--steps %ld: expected a number of sampling steps from 1 to %d", K, s->T);
+    schedule_respace(r, s, (int)K);
+}
+
+static void check_channels(const UNet* m, const char* path) {
+    if (m->cfg.in_ch != 1 && m->cfg.in_ch != 3)
+        die("%s: a %d-channel network; image grids are grey (1) or RGB (3)", path, m->cfg.in_ch);
+}
+
+// The test set the network's images come from: Fashion-MNIST for one channel, else --data.
+static void load_test_set(Dataset* test, const UNet* m, const Options* o) {
+    dataset_load(test, m->cfg.in_ch == 1 ? "fashion-mnist" : o->data, o->data_dir, 0);
+    if (test->C != m->cfg.in_ch || test->H != m->cfg.img || test->W != m->cfg.img)
+        die("%s takes %d-channel %dx%d images, but the %s test set holds %d-channel %dx%d ones; "
+            "pass the --data it was trained on", o->checkpoint, m->cfg.in_ch, m->cfg.img, m->cfg.img,
+            test->name, test->C, test->H, test->W);
+    for (int i = 0; i < o->n_index; i++)
+        if (o->index[i] >= test->N)
+            usage_error("--index %d: the %s test set has images 0 to %d", o->index[i], test->name, test->N - 1);
+}
+
+// --t as 0-based steps of s, or the defaults.
+static int step_list(const Options* o, const int* defaults, int n_defaults, int* t_idx, const Schedule* s) {
+    int n = o->n_tlist ? o->n_tlist : n_defaults;
+    for (int i = 0; i < n; i++) {
+        int t = o->n_tlist ? o->tlist[i] : defaults[i];
+        if (t < 1 || t > s->T) usage_error("--t %d: expected steps from 1 to %d", t, s->T);
+        t_idx[i] = t - 1;
+    }
+    return n;
+}
+
 static int cmd_sample(const Options* o) {
     if (!o->checkpoint) usage_error("sample needs --checkpoint PATH");
     int n = o->n > 0 ? o->n : 64, Bm = n < 64 ? n : 64;
     UNet m;
-    Schedule s;
-    load_ema_model(&m, &s, o->checkpoint, Bm);
-    if (m.cfg.in_ch != 1 && m.cfg.in_ch != 3)
-        die("%s: a %d-channel network; sample grids are grey (1) or RGB (3)", o->checkpoint, m.cfg.in_ch);
-    char out[4200];
-    if (o->out) snprintf(out, sizeof out, "%s", o->out);
-    else default_beside(out, sizeof out, o->checkpoint, "samples.png");
-    check_output_path(out, o->out ? "--out" : "the sample grid");
+    Schedule trained, s;
+    load_ema_model(&m, &trained, o->checkpoint, Bm);
+    check_channels(&m, o->checkpoint);
+    chain_schedule(&s, &trained, o);
+    char out[4200], base[4200], path[4400];
+    output_paths(o, "samples.png", out, base, sizeof out);
     size_t sz = (size_t)m.cfg.in_ch * m.cfg.img * m.cfg.img;
     float* imgs = malloc_check((size_t)n * sz * sizeof(float), "samples");
     Trace trace = {0}, *tp = NULL;
     if (o->trace) {
-        trace.every = 100;
+        trace.every = s.T >= 10 ? s.T / 10 : 1;
         trace.n_images = Bm < 8 ? Bm : 8;
         trace.max_steps = s.T / trace.every + 1;
         trace.steps = malloc_check(trace.max_steps * sizeof(int), "trace");
@@ -4298,21 +4590,22 @@ static int cmd_sample(const Options* o) {
     install_signal_handlers();
     Rng rng;
     rng_seed(&rng, o->seed);
-    if (!p_sample_loop(&m, &s, imgs, n, o->sigma, &rng, tp, 1)) die("interrupted; no samples written");
-    if (save_grid_png(out, imgs, n, m.cfg.in_ch, m.cfg.img, m.cfg.img, (int)ceil(sqrt((double)n)))) return 1;
-    printf("wrote %s (%d samples)\n", out, n);
+    if (!p_sample_loop(&m, &s, imgs, n, &o->sampler, &rng, tp, 1)) die("interrupted; no samples written");
+    int shape[4] = {n, m.cfg.in_ch, m.cfg.img, m.cfg.img};
+    snprintf(path, sizeof path, "%s.npy", base);
+    if (save_grid_png(out, imgs, n, m.cfg.in_ch, m.cfg.img, m.cfg.img, (int)ceil(sqrt((double)n))) ||
+        save_npy(path, imgs, 4, shape))
+        return 1;
+    printf("wrote %s and %s (%d samples, %d steps, %s)\n", out, path, n, s.T,
+           o->sampler.ddim ? (o->sampler.eta > 0 ? "DDIM, eta > 0" : "DDIM, eta = 0") : "Alg. 2");
     if (tp) {
-        char path[4400], base[4200];
-        snprintf(base, sizeof base, "%s", out);
-        char* dot = strrchr(base, '.');
-        if (dot && !strchr(dot, '/')) *dot = 0;
-        int shape[5] = {trace.n_steps, trace.n_images, m.cfg.in_ch, m.cfg.img, m.cfg.img}, ts[1] = {trace.n_steps};
-        float steps_f[64];
+        int shape5[5] = {trace.n_steps, trace.n_images, m.cfg.in_ch, m.cfg.img, m.cfg.img}, ts[1] = {trace.n_steps};
+        float steps_f[1024];
         for (int k = 0; k < trace.n_steps; k++) steps_f[k] = (float)trace.steps[k];
         const char* names[5] = {"_trace_x_t.npy", "_trace_x0_hat.npy", "_trace_t.npy", "_trace_x_t.png", "_trace_x0_hat.png"};
         int fail = 0;
-        snprintf(path, sizeof path, "%s%s", base, names[0]); fail |= save_npy(path, trace.x_t, 5, shape);
-        snprintf(path, sizeof path, "%s%s", base, names[1]); fail |= save_npy(path, trace.x0_hat, 5, shape);
+        snprintf(path, sizeof path, "%s%s", base, names[0]); fail |= save_npy(path, trace.x_t, 5, shape5);
+        snprintf(path, sizeof path, "%s%s", base, names[1]); fail |= save_npy(path, trace.x0_hat, 5, shape5);
         snprintf(path, sizeof path, "%s%s", base, names[2]); fail |= save_npy(path, steps_f, 1, ts);
         snprintf(path, sizeof path, "%s%s", base, names[3]); fail |= save_trace_png(path, trace.x_t, &trace, m.cfg.in_ch, m.cfg.img, m.cfg.img);
         snprintf(path, sizeof path, "%s%s", base, names[4]); fail |= save_trace_png(path, trace.x0_hat, &trace, m.cfg.in_ch, m.cfg.img, m.cfg.img);
@@ -4323,35 +4616,149 @@ static int cmd_sample(const Options* o) {
     }
     free(imgs);
     schedule_free(&s);
+    schedule_free(&trained);
     unet_free(&m);
     return 0;
+}
+
+// --per-t FILE.csv: one row per step of the chain, t ascending (Table 4, Fig. 5).
+static void write_per_t_csv(const char* path, const PerT* pt, const BoundBpd* r, const Schedule* s) {
+    int T = s->T;
+    double* rate = malloc_check((size_t)T * sizeof(double), "the rates");
+    bound_rate(rate, pt->term, r->prior, T);
+    size_t cap = (size_t)T * 96 + 256, len = 0;
+    char* buf = malloc_check(cap, "the per-t table");
+    len += snprintf(buf + len, cap - len, "t,term_bpd,rate_bpd,distortion_rmse\n");
+    for (int t = 0; t < T; t++)
+        len += snprintf(buf + len, cap - len, "%d,%.9g,%.9g,%.9g\n", s->t_model[t] + 1, pt->term[t], rate[t],
+                        127.5 * sqrt(pt->mse[t]));
+    if (write_file_atomic(path, buf, len, NULL, 0)) exit(1);
+    free(buf);
+    free(rate);
 }
 
 static int cmd_bpd(const Options* o) {
     if (!o->checkpoint) usage_error("bpd needs --checkpoint PATH");
     int n = o->n > 0 ? o->n : 32, Bm = n < 32 ? n : 32;
     UNet m;
-    Schedule s;
-    load_ema_model(&m, &s, o->checkpoint, Bm);
+    Schedule trained, s;
+    load_ema_model(&m, &trained, o->checkpoint, Bm);
+    chain_schedule(&s, &trained, o);
     Dataset test;
-    dataset_load(&test, m.cfg.in_ch == 1 ? "fashion-mnist" : o->data, o->data_dir, 0);
-    if (test.C != m.cfg.in_ch || test.H != m.cfg.img || test.W != m.cfg.img)
-        die("%s takes %d-channel %dx%d images, but the %s test set holds %d-channel %dx%d ones; "
-            "pass the --data it was trained on", o->checkpoint, m.cfg.in_ch, m.cfg.img, m.cfg.img,
-            test.name, test.C, test.H, test.W);
+    load_test_set(&test, &m, o);
+    if (o->per_t) check_output_path(o->per_t, "--per-t");
+    PerT pt = {NULL, NULL};
+    if (o->per_t) {
+        pt.term = malloc_check((size_t)s.T * sizeof(double), "the per-t terms");
+        pt.mse = malloc_check((size_t)s.T * sizeof(double), "the per-t terms");
+    }
     install_signal_handlers();
     Rng rng;
     rng_seed(&rng, o->seed);
-    BoundBpd r = eval_bpd(&m, &s, &test, n, o->sigma, &rng);
+    BoundBpd r = eval_bpd(&m, &s, &test, n, o->sampler.sigma, &rng, o->per_t ? &pt : NULL);
     if (stop_requested) die("interrupted; no result");
-    printf("variational bound (Eq. 5) on %d %s test images, sigma_t^2 = %s, bits/dim:\n", r.n, test.name,
-           o->sigma == SIGMA_BETA ? "beta_t" : "beta_tilde_t");
+    printf("variational bound (Eq. 5) on %d %s test images, %d steps, sigma_t^2 = %s, bits/dim:\n", r.n, test.name,
+           s.T, o->sampler.sigma == SIGMA_BETA ? "beta_t" : "beta_tilde_t");
     printf("  L_T            %.6f\n  sum L_{t-1}    %.6f\n  L_0            %.6f\n  total (NLL <=) %.6f\n",
            r.prior, r.terms, r.decoder, r.total);
+    if (o->per_t) {
+        write_per_t_csv(o->per_t, &pt, &r, &s);
+        printf("wrote %s (%d rows: t, term_bpd, rate_bpd, distortion_rmse)\n", o->per_t, s.T);
+        free(pt.term); free(pt.mse);
+    }
+    dataset_free(&test);
+    schedule_free(&s);
+    schedule_free(&trained);
+    unet_free(&m);
+    return 0;
+}
+
+// Writes the grid (rows x cols images) as PNG and .npy, and the rows' t as BASE_t.npy.
+static int save_rows(const char* out, const char* base, const float* grid, int rows, int cols,
+                     const int* t_idx, const Config* c) {
+    char path[4400];
+    int shape[5] = {rows, cols, c->in_ch, c->img, c->img}, shape_t[1] = {rows};
+    float t1[64];
+    for (int r = 0; r < rows; r++) t1[r] = (float)(t_idx[r] + 1);
+    if (save_grid_png(out, grid, rows * cols, c->in_ch, c->img, c->img, cols)) return 1;
+    snprintf(path, sizeof path, "%s.npy", base);
+    if (save_npy(path, grid, 5, shape)) return 1;
+    snprintf(path, sizeof path, "%s_t.npy", base);
+    if (save_npy(path, t1, 1, shape_t)) return 1;
+    printf("wrote %s, %s.npy (%d x %d x %d x %d x %d) and %s_t.npy\n", out, base, rows, cols, c->in_ch, c->img,
+           c->img, base);
+    return 0;
+}
+
+static int cmd_reconstruct(const Options* o) {
+    if (!o->checkpoint) usage_error("reconstruct needs --checkpoint PATH");
+    if (o->n_index != 1) usage_error("reconstruct needs --index I: one test image");
+    int k = o->k, cols = k + 2, t_idx[64];
+    UNet m;
+    Schedule s;
+    load_ema_model(&m, &s, o->checkpoint, k);
+    check_channels(&m, o->checkpoint);
+    Dataset test;
+    load_test_set(&test, &m, o);
+    const int defaults[4] = {1000, 750, 500, 250};
+    int rows = step_list(o, defaults, 4, t_idx, &s);
+    char out[4200], base[4200];
+    output_paths(o, "reconstruct.png", out, base, sizeof out);
+    size_t n = (size_t)m.cfg.in_ch * m.cfg.img * m.cfg.img;
+    float* grid = malloc_check((size_t)rows * cols * n * sizeof(float), "the reconstructions");
+    install_signal_handlers();
+    Rng rng;
+    rng_seed(&rng, o->seed);
+    Progress pg = {"reconstruct: step", 0, 0, now_seconds()};
+    for (int r = 0; r < rows; r++) pg.total += t_idx[r] + 1;
+    for (int r = 0; r < rows; r++) {
+        float* row = grid + (size_t)r * cols * n;
+        dataset_image(row, &test, o->index[0], 0);                              // x_0
+        if (!reconstruct(&m, &s, row, t_idx[r], k, &o->sampler, row + n, row + 2 * n, &rng, &pg))
+            die("interrupted; nothing written");
+    }
+    int fail = save_rows(out, base, grid, rows, cols, t_idx, &m.cfg);
+    free(grid);
     dataset_free(&test);
     schedule_free(&s);
     unet_free(&m);
-    return 0;
+    return fail;
+}
+
+static int cmd_interpolate(const Options* o) {
+    if (!o->checkpoint) usage_error("interpolate needs --checkpoint PATH");
+    if (o->n_index != 2) usage_error("interpolate needs --index A,B: two test images");
+    int L = o->lambdas, cols = L + 2, t_idx[64];
+    UNet m;
+    Schedule s;
+    load_ema_model(&m, &s, o->checkpoint, L);
+    check_channels(&m, o->checkpoint);
+    Dataset test;
+    load_test_set(&test, &m, o);
+    const int defaults[1] = {500};
+    int rows = step_list(o, defaults, 1, t_idx, &s);
+    char out[4200], base[4200];
+    output_paths(o, "interpolate.png", out, base, sizeof out);
+    size_t n = (size_t)m.cfg.in_ch * m.cfg.img * m.cfg.img;
+    float* grid = malloc_check((size_t)rows * cols * n * sizeof(float), "the interpolations");
+    install_signal_handlers();
+    Rng rng;
+    rng_seed(&rng, o->seed);
+    Progress pg = {"interpolate: step", 0, 0, now_seconds()};
+    for (int r = 0; r < rows; r++) pg.total += t_idx[r] + 1;
+    for (int r = 0; r < rows; r++) {
+        float* row = grid + (size_t)r * cols * n;
+        dataset_image(row, &test, o->index[0], 0);                              // x_0
+        dataset_image(row + (size_t)(L + 1) * n, &test, o->index[1], 0);       // x'_0
+        if (!interpolate(&m, &s, row, row + (size_t)(L + 1) * n, t_idx[r], L, &o->sampler, row + n, &rng, &pg))
+            die("interrupted; nothing written");
+    }
+    int fail = save_rows(out, base, grid, rows, cols, t_idx, &m.cfg);
+    free(grid);
+    dataset_free(&test);
+    schedule_free(&s);
+    unet_free(&m);
+    return fail;
 }
 
 static int cmd_schedule(const Options* o) {
@@ -4481,6 +4888,7 @@ static int cmd_bench(const Options* o) {
 int main(int argc, char** argv) {
     Options o;
     parse_options(argc, argv, &o);
+    check_command_flags(&o);
 #ifdef _OPENMP
     if (o.threads > 0) omp_set_num_threads(o.threads);
 #endif
@@ -4488,6 +4896,8 @@ int main(int argc, char** argv) {
     if (!strcmp(o.cmd, "train")) return cmd_train(&o);
     if (!strcmp(o.cmd, "sample")) return cmd_sample(&o);
     if (!strcmp(o.cmd, "bpd")) return cmd_bpd(&o);
+    if (!strcmp(o.cmd, "reconstruct")) return cmd_reconstruct(&o);
+    if (!strcmp(o.cmd, "interpolate")) return cmd_interpolate(&o);
     if (!strcmp(o.cmd, "schedule")) return cmd_schedule(&o);
     if (!strcmp(o.cmd, "params")) return cmd_params(&o);
     return cmd_bench(&o);
