@@ -13,6 +13,9 @@
 //         the posterior of Eqs. (6)-(7) against a Bayes product of Gaussians; Eq. (11)
 //   5-6   the Gaussian KL against numerical integration; the decoder's 256 bins sum to 1;
 //         L_T ~ 1e-5 bits/dim (§4); L_simple and its gradient
+//   10-11 fewer steps: respaced betas recomputed here, K = T is Alg. 2 bit for bit, DDIM
+//         eta = 0 deterministic and eta = 1 = DDPM's posterior variance; bpd --per-t terms
+//         sum to the total; reconstructions at t = 1 and T; interpolation ends = reconstructions
 //   12-16 every layer's backward pass against central finite differences (the layers
 //         the network runs: Part III's, or section 16's in a -DDDPM_PLAIN build), the
 //         whole U-Net's gradient by finite differences, bit-exact determinism, the
@@ -2066,6 +2069,249 @@ static void test_npy(void) {
 
 // ----------------------------------------------------------------------------
 
+// ----------------------------------------------------------------------------
+// 10.1-10.3, 11: fewer steps, DDIM, the per-t bound, reconstructions, interpolations
+
+// A network of tiny_config with non-official random weights, so that eps_theta is far
+// from 0 and depends on x_t and t (the official init's output conv would make it ~0).
+static void random_net(UNet* m, int in_ch, int B_max, uint64_t seed) {
+    Config c = tiny_config(in_ch, 0.0f);
+    unet_build(m, &c, B_max);
+    Rng rng;
+    rng_seed(&rng, seed);
+    unet_random_params(m, &rng);
+}
+
+static void test_respace(void) {
+    const int T = 1000;
+    Schedule s;
+    schedule_init(&s, T, SCHEDULE_LINEAR);
+    // alpha_bar in long double, from the betas of §4 recomputed here
+    long double abar[1000], a = 1;
+    for (int i = 0; i < T; i++) {
+        a *= 1 - (1e-4L + (0.02L - 1e-4L) * i / (T - 1));
+        abar[i] = a;
+    }
+    const int Ks[5] = {1, 2, 10, 250, 999};
+    for (int k = 0; k < 5; k++) {
+        int K = Ks[k];
+        Schedule r;
+        schedule_respace(&r, &s, K);
+        int map_ok = r.T == K;
+        double worst_beta = 0, worst_abar = 0;
+        long double prev = 1;
+        for (int i = 0; i < K && map_ok; i++) {
+            // tau_i = 1 + round((i - 1)(T - 1)/(K - 1)), 1-based i; tau_1 = T for K = 1
+            int tau = K == 1 ? T - 1 : (int)lroundl((long double)i * (T - 1) / (K - 1));
+            map_ok &= r.t_model[i] == tau;
+            long double want = 1 - abar[tau] / prev;   // beta'_i = 1 - abar_tau_i / abar_tau_{i-1}
+            worst_beta = fmax(worst_beta, (double)fabsl((r.betas[i] - want) / want));
+            worst_abar = fmax(worst_abar, (double)fabsl((r.alphas_cumprod[i] - abar[tau]) / abar[tau]));
+            prev = abar[tau];
+        }
+        check("respace: tau_i and beta'_i = 1 - abar_tau_i / abar_tau_{i-1} (Nichol & Dhariwal §4)",
+              map_ok && worst_beta < 1e-9 && worst_abar < 1e-9,
+              "K = %d: steps %s, worst relative error beta' %.2e, abar' %.2e (pass < 1e-9); first/last tau %d, %d",
+              K, map_ok ? "as computed here" : "DIFFER", worst_beta, worst_abar, r.t_model[0] + 1, r.t_model[K - 1] + 1);
+        schedule_free(&r);
+    }
+    Schedule r;
+    schedule_respace(&r, &s, T);
+    int same = !memcmp(r.buffer, s.buffer, 12 * (size_t)T * sizeof(double) + (size_t)T * sizeof(int));
+    check("respace: K = T is the trained schedule, bit for bit", same, "all 12 tables and t_model");
+    schedule_free(&r);
+    schedule_free(&s);
+}
+
+static void test_fewer_steps_sampling(void) {
+    Schedule s, r;
+    schedule_init(&s, 1000, SCHEDULE_LINEAR);
+    UNet m;
+    random_net(&m, 1, 2, 31);
+    size_t n = 64;   // 1 x 8 x 8
+    float* a = fmalloc(2 * n);
+    float* b = fmalloc(2 * n);
+    Rng rng;
+    Sampler ddpm = {SIGMA_BETA, 0, 0};
+
+    // K = T through the respaced schedule: Algorithm 2's bits
+    schedule_respace(&r, &s, 1000);
+    rng_seed(&rng, 5);
+    p_sample_loop(&m, &s, a, 2, &ddpm, &rng, NULL, 0);
+    rng_seed(&rng, 5);
+    p_sample_loop(&m, &r, b, 2, &ddpm, &rng, NULL, 0);
+    int finite = all_finite(a, 2 * n);
+    check("sample --steps 1000 = Algorithm 2, bit for bit", finite && !memcmp(a, b, 2 * n * sizeof(float)),
+          "2 images, random weights; max |difference| %.3g", max_abs_diff(a, b, 2 * n));
+    schedule_free(&r);
+
+    // DDIM with eta = 0: x_0 is a function of x_T; the RNG after x_T does not matter
+    schedule_respace(&r, &s, 50);
+    Sampler ddim0 = {SIGMA_BETA, 1, 0.0};
+    SampleBuffers sb;
+    sample_buffers_init(&sb, 2, n);
+    float* xT = randn(2 * n, 1);
+    memcpy(a, xT, 2 * n * sizeof(float));
+    memcpy(b, xT, 2 * n * sizeof(float));
+    rng_seed(&rng, 1);
+    reverse_chain(&m, &r, a, 2, r.T - 1, &ddim0, &sb, &rng, NULL, NULL);
+    rng_seed(&rng, 2);
+    reverse_chain(&m, &r, b, 2, r.T - 1, &ddim0, &sb, &rng, NULL, NULL);
+    int det = !memcmp(a, b, 2 * n * sizeof(float));
+    Sampler ddim_half = {SIGMA_BETA, 1, 0.5};
+    memcpy(a, xT, 2 * n * sizeof(float));
+    memcpy(b, xT, 2 * n * sizeof(float));
+    rng_seed(&rng, 1);
+    reverse_chain(&m, &r, a, 2, r.T - 1, &ddim_half, &sb, &rng, NULL, NULL);
+    rng_seed(&rng, 2);
+    reverse_chain(&m, &r, b, 2, r.T - 1, &ddim_half, &sb, &rng, NULL, NULL);
+    double spread = max_abs_diff(a, b, 2 * n);
+    check("DDIM eta = 0 is deterministic given x_T", det && spread > 1e-3,
+          "50 steps, two RNG seeds after x_T: %s; control with eta = 0.5: max |difference| %.3f (> 1e-3)",
+          det ? "same bits" : "DIFFER", spread);
+    schedule_free(&r);
+
+    // DDIM with eta = 1: sigma_t^2 = beta_tilde_t, and the step is Alg. 2's with sigma_t^2 = beta_tilde_t
+    const int Ks[2] = {1000, 50};
+    for (int k = 0; k < 2; k++) {
+        schedule_respace(&r, &s, Ks[k]);
+        double worst = 0;
+        for (int t = 0; t < r.T; t++)
+            worst = fmax(worst, fabs(ddim_sigma2(t, 1.0, &r) - r.posterior_variance[t]) / fmax(r.posterior_variance[t], 1e-300));
+        check("DDIM eta = 1: sigma_t^2 (Song et al. Eq. 16) = beta_tilde_t (Eq. 7)", worst < 1e-9,
+              "K = %d, worst relative difference %.2e over every t (pass < 1e-9)", Ks[k], worst);
+        schedule_free(&r);
+    }
+    Sampler ddim1 = {SIGMA_BETA, 1, 1.0}, small = {SIGMA_BETA_TILDE, 0, 0};
+    double worst = 0;
+    int ts[3] = {999, 500, 3};
+    for (int i = 0; i < 3; i++) {
+        int t_idx[2] = {ts[i], ts[i]};
+        float* x = randn(2 * n, 1);
+        float* eps_theta = randn(2 * n, 0.5);
+        memcpy(a, x, 2 * n * sizeof(float));
+        memcpy(b, x, 2 * n * sizeof(float));
+        rng_seed(&rng, 9);
+        ddim_sample(a, eps_theta, t_idx, 2, n, ddim1.eta, &s, &sb, &rng);
+        rng_seed(&rng, 9);
+        p_sample(b, eps_theta, t_idx, 2, n, small.sigma, &s, &sb, &rng);
+        worst = fmax(worst, max_abs_diff(a, b, 2 * n));
+        free(x); free(eps_theta);
+    }
+    check("DDIM eta = 1, K = T: one step = Alg. 2's step with sigma_t^2 = beta_tilde_t", worst < 1e-4,
+          "same x_t, eps_theta and z at t = 1000, 501, 4: max |difference| %.2e (pass < 1e-4)", worst);
+    sample_buffers_free(&sb);
+    free(a); free(b); free(xT);
+    unet_free(&m);
+    schedule_free(&s);
+}
+
+// A dataset in memory: N images of C x H x W bytes with some structure.
+static Dataset toy_dataset(int N, int C, int H, int W) {
+    Dataset d;
+    memset(&d, 0, sizeof d);
+    snprintf(d.name, sizeof d.name, "toy");
+    d.N = N; d.C = C; d.H = H; d.W = W;
+    d.pixels = malloc_check((size_t)N * C * H * W, "toy");
+    d.labels = calloc_check(N, 1, "toy");
+    for (int i = 0; i < N; i++)
+        for (int p = 0; p < C * H * W; p++) d.pixels[(size_t)i * C * H * W + p] = (uint8_t)((p * (i + 3) * 37) % 256);
+    return d;
+}
+
+static void test_per_t(void) {
+    Schedule s, r;
+    schedule_init(&s, 1000, SCHEDULE_LINEAR);
+    UNet m;
+    random_net(&m, 1, 2, 41);
+    Dataset d = toy_dataset(3, 1, 8, 8);
+    double term[1000], mse[1000], rate[1000];
+    PerT pt = {term, mse};
+    Rng rng;
+    rng_seed(&rng, 3);
+    BoundBpd plain = eval_bpd(&m, &s, &d, 3, SIGMA_BETA, &rng, NULL);
+    rng_seed(&rng, 3);
+    BoundBpd b = eval_bpd(&m, &s, &d, 3, SIGMA_BETA, &rng, &pt);
+    double sum = b.prior;
+    for (int t = 0; t < 1000; t++) sum += term[t];
+    check("bpd --per-t: the terms and L_T sum to the total", fabs(sum - b.total) < 1e-9 * fabs(b.total) &&
+          plain.total == b.total, "sum %.9f, total %.9f; the same total without --per-t: %s",
+          sum, b.total, plain.total == b.total ? "yes" : "NO");
+    bound_rate(rate, term, b.prior, 1000);
+    int mono = 1;
+    for (int t = 0; t + 1 < 1000; t++) mono &= rate[t] >= rate[t + 1];
+    check("bpd --per-t: rate(t) = L_T + sum_{s>t} L_{s-1}, falling in t; rate(1) + L_0 = total",
+          mono && rate[999] == b.prior && fabs(rate[0] + term[0] - b.total) < 1e-9 * fabs(b.total),
+          "rate at t = 1000, 500, 1: %.6f %.6f %.6f; rate(1) + L_0 = %.9f, total %.9f", rate[999], rate[499], rate[0],
+          rate[0] + term[0], b.total);
+    check("bpd --per-t: distortion at t = 1 below distortion at t = T", sqrt(mse[0]) < sqrt(mse[999]),
+          "RMSE (0..255) %.2f at t = 1, %.2f at t = 1000", 127.5 * sqrt(mse[0]), 127.5 * sqrt(mse[999]));
+    // the respaced chain at K = T evaluates the same bound, bit for bit
+    schedule_respace(&r, &s, 1000);
+    rng_seed(&rng, 3);
+    BoundBpd br = eval_bpd(&m, &r, &d, 3, SIGMA_BETA, &rng, NULL);
+    check("bpd --steps 1000 = bpd", br.total == b.total, "%.9f vs %.9f", br.total, b.total);
+    schedule_free(&r);
+    schedule_respace(&r, &s, 20);
+    rng_seed(&rng, 3);
+    BoundBpd b20 = eval_bpd(&m, &r, &d, 3, SIGMA_BETA, &rng, &pt);
+    sum = b20.prior;
+    for (int t = 0; t < 20; t++) sum += term[t];
+    check("bpd --steps 20 --per-t: 20 terms sum to that chain's total", isfinite(b20.total) &&
+          fabs(sum - b20.total) < 1e-9 * fabs(b20.total), "total %.6f (1000 steps: %.6f)", b20.total, b.total);
+    schedule_free(&r);
+    dataset_free(&d);
+    unet_free(&m);
+    schedule_free(&s);
+}
+
+static void test_reconstruct_interpolate(void) {
+    Schedule s;
+    schedule_init(&s, 1000, SCHEDULE_LINEAR);
+    UNet m;
+    random_net(&m, 1, 4, 51);
+    Dataset d = toy_dataset(2, 1, 8, 8);
+    size_t n = 64;
+    float xa[64], xb[64], x_t[64], rec_a[64], rec_b[64], xt_b[64], samples[4 * 64], inter[4 * 64];
+    dataset_image(xa, &d, 0, 0);
+    dataset_image(xb, &d, 1, 0);
+    Sampler sp = {SIGMA_BETA, 0, 0};
+    Rng rng;
+
+    // t = 1: one step of the chain from x_1, within a few levels of x_0 whatever the
+    // network does (x0_hat = x_1 / sqrt(abar_1) - sqrt(1/abar_1 - 1) eps_theta, and
+    // sqrt(1/abar_1 - 1) = 0.01: eps_theta of size 1 moves x0_hat by ~1.3 levels)
+    rng_seed(&rng, 1);
+    reconstruct(&m, &s, xa, 0, 4, &sp, x_t, samples, &rng, NULL);
+    double se = 0;
+    for (size_t i = 0; i < 4 * n; i++) se += (samples[i] - xa[i % n]) * (samples[i] - xa[i % n]);
+    double rmse = 127.5 * sqrt(se / (4 * n));
+    check("reconstruct at t = 1: within a few 0..255 levels of x_0", rmse < 4, "RMSE %.2f levels (pass < 4)", rmse);
+
+    // t = T: the k decodings of one x_T differ
+    rng_seed(&rng, 1);
+    reconstruct(&m, &s, xa, 999, 4, &sp, x_t, samples, &rng, NULL);
+    double spread = max_abs_diff(samples, samples + n, n);
+    check("reconstruct at t = T: the k samples differ", spread > 0.1, "max |sample 1 - sample 2| = %.3f", spread);
+
+    // lambda = 0 and 1 are the reconstructions of A and B from the same noise
+    const int t_idx = 300;
+    rng_seed(&rng, 7);
+    reconstruct(&m, &s, xa, t_idx, 1, &sp, x_t, rec_a, &rng, NULL);
+    rng_seed(&rng, 7);
+    reconstruct(&m, &s, xb, t_idx, 1, &sp, xt_b, rec_b, &rng, NULL);
+    rng_seed(&rng, 7);
+    interpolate(&m, &s, xa, xb, t_idx, 4, &sp, inter, &rng, NULL);
+    double da = max_abs_diff(inter, rec_a, n), db = max_abs_diff(inter + 3 * n, rec_b, n);
+    double mid = max_abs_diff(inter + n, rec_a, n);
+    check("interpolate: lambda = 0 and 1 reproduce the reconstructions of A and B", da < 1e-4 && db < 1e-4 && mid > 0.01,
+          "t = 301, same seed: max |difference| %.2e (A), %.2e (B) (pass < 1e-4); lambda = 1/3 differs from A by %.3f",
+          da, db, mid);
+    dataset_free(&d);
+    unet_free(&m);
+    schedule_free(&s);
+}
+
 int main(int argc, char** argv) {
     (void)argc;
     // Paths are relative to the repository root: when started as .../tests/test_ddpm,
@@ -2144,6 +2390,10 @@ int main(int argc, char** argv) {
     test_unet_init();
     test_unet_determinism();
     test_unet_gradient();
+    test_respace();
+    test_fewer_steps_sampling();
+    test_per_t();
+    test_reconstruct_interpolate();
     test_cifar10();
     test_fashion_mnist();
     test_checkpoints();
