@@ -148,6 +148,43 @@ elif cmd == "trace_t":      # FILE: the trace's t values run from T = 1000 down 
     n = (len(b) - 10 - hl) // 4
     t = struct.unpack_from("<%df" % n, b, 10 + hl)
     assert t[0] == 1000 and t[-1] == 1 and all(x > y for x, y in zip(t, t[1:])), t
+elif cmd in ("per_t", "recon", "interp"):
+    def load(path):         # a float32 .npy (version 1.0) as (shape, flat tuple)
+        b = open(path, "rb").read()
+        hl = struct.unpack_from("<H", b, 8)[0]
+        shape = tuple(ast.literal_eval(b[10:10 + hl].decode("latin1"))["shape"])
+        return shape, struct.unpack_from("<%df" % math.prod(shape), b, 10 + hl)
+    def rmse(a, b):         # on the 0..255 scale
+        return 127.5 * math.sqrt(sum((x - y) ** 2 for x, y in zip(a, b)) / len(a))
+    if cmd == "per_t":      # CSV TOTAL L_T ROWS: the columns of bpd --per-t (ddpm.c section 11)
+        rows = [l.split(",") for l in open(sys.argv[2]).read().split("\n") if l]
+        assert rows[0] == ["t", "term_bpd", "rate_bpd", "distortion_rmse"], rows[0]
+        v = [[float(x) for x in r] for r in rows[1:]]
+        assert len(v) == int(sys.argv[5]), "%d rows" % len(v)
+        total, prior = float(sys.argv[3]), float(sys.argv[4])
+        s = prior + sum(r[1] for r in v)
+        assert abs(s - total) < 2e-6, "terms + L_T = %.7f, bpd printed %.7f" % (s, total)
+        assert all(a[2] >= b[2] for a, b in zip(v, v[1:])), "rate rises somewhere in t"
+        assert abs(v[0][2] + v[0][1] - total) < 2e-6 and abs(v[-1][2] - prior) < 2e-6, "rate ends"
+        assert v[0][3] < v[-1][3], "distortion %.2f at t = 1, %.2f at t = T" % (v[0][3], v[-1][3])
+        print("sum %.6f = total %.6f; distortion %.2f at t = %d, %.2f at t = %d" % (s, total, v[0][3], v[0][0], v[-1][3], v[-1][0]))
+    elif cmd == "recon":    # NPY K: row 0 (t = 1) within 4 levels of x_0; row 1 (t = T) samples differ
+        shape, a = load(sys.argv[2])
+        k = int(sys.argv[3]); cols = k + 2; n = math.prod(shape[2:])
+        assert shape[:2] == (2, cols), shape
+        img = lambda r, c: a[(r * cols + c) * n:(r * cols + c + 1) * n]
+        worst = max(rmse(img(0, 2 + j), img(0, 0)) for j in range(k))
+        spread = max(abs(x - y) for x, y in zip(img(1, 2), img(1, 3)))
+        assert worst < 4 and spread > 0.1, "t = 1: worst RMSE %.2f levels; t = T: spread %.3f" % (worst, spread)
+        print("t = 1: worst RMSE %.2f levels; t = T: samples differ by up to %.3f" % (worst, spread))
+    else:                   # NPY L: t = 1: lambda = 0 decodes near x_0, lambda = 1 near x'_0
+        shape, a = load(sys.argv[2])
+        L = int(sys.argv[3]); cols = L + 2; n = math.prod(shape[2:])
+        img = lambda r, c: a[(r * cols + c) * n:(r * cols + c + 1) * n]
+        ea, eb = rmse(img(0, 1), img(0, 0)), rmse(img(0, L), img(0, L + 1))
+        mid = rmse(img(0, 1 + L // 2), img(0, 0))
+        assert ea < 4 and eb < 4 and mid > ea, "RMSE %.2f (A), %.2f (B), middle %.2f" % (ea, eb, mid)
+        print("t = 1: lambda 0 vs A %.2f, lambda 1 vs B %.2f, middle vs A %.2f levels" % (ea, eb, mid))
 EOF
 tool() { "$PY" "$T/tool.py" "$@"; }
 
@@ -550,5 +587,53 @@ kill -TERM $lpid 2>/dev/null
 wait $lpid
 [ $rc -eq 1 ] && one_line "$T/lock2.err" && grep -q "in use by another training run (PID $lpid)" "$T/lock2.err"
 check "a second training run into the same folder: exit 1, one line naming the PID" $? "exit $rc: $(err_of lock2)"
+
+# ---------------------------------------------------------------------------
+# 11. §4.3-4.4 and fewer steps: bpd --per-t, reconstruct, interpolate, sample --steps, DDIM.
+ddp s_full sample --checkpoint "$GOOD" -n 2 --threads 1 --out "$T/full.png"
+ddp s_k1000 sample --checkpoint "$GOOD" -n 2 --threads 1 --out "$T/k1000.png" --steps 1000
+[ $rc -eq 0 ] && cmp -s "$T/full.npy" "$T/k1000.npy" && cmp -s "$T/full.png" "$T/k1000.png"
+check "sample --steps 1000: the same bits as Algorithm 2 (samples .npy and PNG)" $? "exit $rc: $(err_of s_k1000)"
+ddp s_k10 sample --checkpoint "$GOOD" -n 2 --threads 1 --out "$T/k10.png" --steps 10 --trace
+out=$(tool npy "$T/k10.npy" 2,3,32,32 2>&1 && tool npy "$T/k10_trace_x0_hat.npy" 10,2,3,32,32 2>&1 &&
+      tool trace_t "$T/k10_trace_t.npy" 2>&1)
+[ $rc -eq 0 ] && ! cmp -s "$T/full.npy" "$T/k10.npy"
+check "sample --steps 10 --trace: 2 samples, 10 trace records t = 1000 ... 1" $? "exit $rc: $out $(err_of s_k10)"
+ddp s_ddim sample --checkpoint "$GOOD" -n 2 --threads 1 --out "$T/ddim.png" --steps 20 --sampler ddim
+ddp s_ddim2 sample --checkpoint "$GOOD" -n 2 --threads 1 --out "$T/ddim2.png" --steps 20 --sampler ddim --eta 0
+ddp s_ddim3 sample --checkpoint "$GOOD" -n 2 --threads 1 --out "$T/ddim3.png" --steps 20 --sampler ddim --eta 1
+[ $rc -eq 0 ] && cmp -s "$T/ddim.npy" "$T/ddim2.npy" && ! cmp -s "$T/ddim.npy" "$T/ddim3.npy" && tool npy "$T/ddim3.npy" 2,3,32,32 >/dev/null
+check "sample --sampler ddim: eta 0 is the default, eta 1 differs, both finite" $? "exit $rc: $(err_of s_ddim3)"
+ddp pert bpd --checkpoint "$GOOD" -n 2 --data-dir "$D" --threads 1 --per-t "$T/per_t.csv"
+total=$(awk '/^  total / { print $4 }' "$T/pert.out"); prior=$(awk '/^  L_T / { print $2 }' "$T/pert.out")
+out=$(tool per_t "$T/per_t.csv" "$total" "$prior" 1000 2>&1)
+check "bpd --per-t: 1000 rows; terms + L_T = the printed total; rate falls in t; distortion(1) < distortion(T)" $? "exit $rc: $out $(err_of pert)"
+ddp pert50 bpd --checkpoint "$GOOD" -n 2 --data-dir "$D" --threads 1 --per-t "$T/per_t50.csv" --steps 50
+total=$(awk '/^  total / { print $4 }' "$T/pert50.out"); prior=$(awk '/^  L_T / { print $2 }' "$T/pert50.out")
+out=$(tool per_t "$T/per_t50.csv" "$total" "$prior" 50 2>&1)
+[ $rc -eq 0 ] && grep -q "50 steps" "$T/pert50.out" && echo "$out" | grep -q "t = 1, .* t = 1000"
+check "bpd --steps 50 --per-t: the bound of the 50-step chain, rows t = 1 ... 1000" $? "exit $rc: $out $(err_of pert50)"
+ddp recon reconstruct --checkpoint "$GOOD" --data-dir "$D" --index 0 --t 1,1000 -k 3 --threads 1 --out "$T/recon.png"
+out=$(tool npy "$T/recon.npy" 2,5,3,32,32 2>&1 && tool recon "$T/recon.npy" 3 2>&1)
+[ $rc -eq 0 ] && [ "$(head -c 4 "$T/recon.png" | od -An -c | tr -d ' ')" = "211PNG" ]
+check "reconstruct --t 1,1000 -k 3: a 2 x 5 grid; t = 1 within 4 levels of x_0, t = T samples differ" $? "exit $rc: $out $(err_of recon)"
+ddp interp interpolate --checkpoint "$GOOD" --data-dir "$D" --index 0,3 --t 1,500 --lambdas 3 --threads 1
+out=$(tool npy "$T/of/interpolate.npy" 2,5,3,32,32 2>&1 && tool npy "$T/of/interpolate_t.npy" 2 2>&1 && tool interp "$T/of/interpolate.npy" 3 2>&1)
+[ $rc -eq 0 ] && [ -s "$T/of/interpolate.png" ]
+check "interpolate --index 0,3 --t 1,500: beside the checkpoint; at t = 1 the ends decode to A and B" $? "exit $rc: $out $(err_of interp)"
+bad "sample --steps 0" "--steps" sample --checkpoint "$GOOD" --steps 0 --out "$T/never11.png"
+bad "sample --steps 1001" "--steps" sample --checkpoint "$GOOD" --steps 1001 --out "$T/never11.png"
+bad "--eta 2" "--eta" sample --checkpoint "$GOOD" --sampler ddim --eta 2 --out "$T/never11.png"
+bad "--eta without ddim" "--eta" sample --checkpoint "$GOOD" --eta 0.5 --out "$T/never11.png"
+bad "--sampler ddim on bpd" "--sampler" bpd --checkpoint "$GOOD" --sampler ddim
+bad "--index past the test set" "--index 4" reconstruct --checkpoint "$GOOD" --data-dir "$D" --index 4 --out "$T/never11.png"
+bad "--index -1" "--index" reconstruct --checkpoint "$GOOD" --data-dir "$D" --index -1 --out "$T/never11.png"
+bad "--t 0" "--t" reconstruct --checkpoint "$GOOD" --data-dir "$D" --index 0 --t 0 --out "$T/never11.png"
+bad "--t 1001" "--t 1001" interpolate --checkpoint "$GOOD" --data-dir "$D" --index 0,1 --t 1001 --out "$T/never11.png"
+bad "interpolate with one --index" "--index" interpolate --checkpoint "$GOOD" --data-dir "$D" --index 0 --out "$T/never11.png"
+bad "--lambdas 1" "--lambdas" interpolate --checkpoint "$GOOD" --data-dir "$D" --index 0,1 --lambdas 1
+bad "--steps on reconstruct" "--steps" reconstruct --checkpoint "$GOOD" --data-dir "$D" --index 0 --steps 10
+[ ! -e "$T/never11.png" ]
+check "refused sampling commands write nothing" $? "$T/never11.png exists"
 
 finish
