@@ -30,8 +30,11 @@ The file is a lecture in four parts. A first reading stops after Part II.
      7. The network, seen from outside: eps_theta(x_t, t) as Algorithms 1 and 2 call it
      8. The data batch .......... §3.3: images scaled to [-1, 1]; random flips
      9. Training, Alg. 1 ........ Adam, warmup, clipping, EMA (§4, Appendix B)
-    10. Sampling, Alg. 2 ........ and progressive generation, Eq. (15), Fig. 6
-    11. Evaluation .............. the bound of Eq. (5) in bits/dim (Table 1's NLL), Eq. (16)
+    10. Sampling, Alg. 2 ........ and progressive generation, Eq. (15), Fig. 6; in fewer
+                                  steps (respaced, DDIM); reconstructions (Fig. 7) and
+                                  interpolations (Figs. 8-9) from x_t (§4.3-4.4)
+    11. Evaluation .............. the bound of Eq. (5) in bits/dim (Table 1's NLL), Eq. (16),
+                                  and per t: rate and distortion (Table 4, Fig. 5)
   Part II. The network eps_theta (§4, Appendix B), from the whole down to its parts
     12. The U-Net's parts ....... parameters, layers, blocks, and the table of layers used
     13. eps_theta(x_t, t) ....... the U-Net forward and backward
