@@ -395,28 +395,57 @@ static void predict_x0_from_eps(float* x_0, const float* x_t, const float* eps, 
 // Eq. (11) is exactly mu_tilde_t(x_t, x0_hat) with x0_hat from predict_x0_from_eps, which
 // is how we compute it: that way x0_hat can be clipped to [-1, 1] first, as the official
 // sampler does (the data lives there), and the unclipped path equals Eq. (11) to rounding.
+//
+// Table 2 compares this choice with the others (--mean-type, --var-type): the network can
+// output mu_theta directly ("predicting mu_tilde", §3.2), or x_0 (the official code's
+// `xstart`), the mean then being mu_tilde_t(x_t, x0_hat) of Eq. (7); and it can learn a
+// diagonal Sigma_theta: the output conv then has 2C channels, the mean part and then
+// log sigma_t^2 per pixel (the official code's `learned`). The default is the paper's.
 
-typedef enum { SIGMA_BETA, SIGMA_BETA_TILDE } SigmaKind;
+typedef enum { MEAN_EPS, MEAN_MU, MEAN_X0 } MeanType;                 // what the network outputs
+typedef enum { VAR_FIXEDLARGE, VAR_FIXEDSMALL, VAR_LEARNED } VarType;  // sigma_t^2: beta_t, beta_tilde_t, learned
 
-// log sigma_t^2 for the chosen variance. For sigma_t^2 = beta_t the official code uses
+// log sigma_t^2 for a fixed variance. For sigma_t^2 = beta_t the official code uses
 // log(beta_tilde_2) at t = 1 rather than log(beta_1): only the decoder L_0 sees this
 // value, and the larger variance gives it a better likelihood.
-static double p_log_variance(int t_idx, SigmaKind kind, const Schedule* s) {
-    if (kind == SIGMA_BETA_TILDE) return s->posterior_log_variance_clipped[t_idx];
+static double p_log_variance(int t_idx, VarType var, const Schedule* s) {
+    if (var == VAR_FIXEDSMALL) return s->posterior_log_variance_clipped[t_idx];
     return t_idx == 0 && s->T > 1 ? log(s->posterior_variance[1]) : log(s->betas[t_idx]);
 }
 
-// mean = mu_theta(x_t, t) of Eq. (11) for a batch; x0_hat (B*n) receives the predicted
-// x_0, clipped to [-1, 1] if clip is set; log_var[b] = log sigma_t^2 (may be NULL).
-static void p_mean_variance(float* mean, double* log_var, float* x0_hat,
-                            const float* x_t, const float* eps_theta, const int* t_idx,
-                            int B, size_t n, SigmaKind kind, int clip, const Schedule* s) {
-    predict_x0_from_eps(x0_hat, x_t, eps_theta, t_idx, B, n, s);
-    if (clip)
-        for (size_t i = 0; i < B * n; i++) x0_hat[i] = fminf(1.0f, fmaxf(-1.0f, x0_hat[i]));
-    q_posterior_mean_variance(mean, NULL, NULL, x0_hat, x_t, t_idx, B, n, s);
-    if (log_var)
-        for (int b = 0; b < B; b++) log_var[b] = p_log_variance(t_idx[b], kind, s);
+// Values per image in the network's output: the mean part, and for a learned variance
+// the log-variance part after it.
+static size_t out_values(size_t n, VarType var) { return var == VAR_LEARNED ? 2 * n : n; }
+
+// mu_theta(x_t, t) and log sigma_t^2 for a batch, from the network's output `out`
+// (B * out_values(n) values): mean, x0_hat and log_var get B*n values each (log_var may
+// be NULL). x0_hat is the predicted x_0, clipped to [-1, 1] if clip is set; the mean
+// follows the clipped x0_hat, except when the network outputs the mean itself.
+static void p_mean_variance(float* mean, float* log_var, float* x0_hat, const float* x_t, const float* out,
+                            const int* t_idx, int B, size_t n, MeanType mt, VarType var, int clip,
+                            const Schedule* s) {
+    size_t on = out_values(n, var);
+    for (int b = 0; b < B; b++) {
+        const float* o = out + b * on;
+        float *mu = mean + b * n, *x0 = x0_hat + b * n;
+        const float* xt = x_t + b * n;
+        const int* t = t_idx + b;
+        if (mt == MEAN_MU) {
+            // Eq. (7) solved for x_0: x0_hat = (mu - coef2 x_t) / coef1 (coef1 = 1 at t = 1)
+            float c1 = (float)s->posterior_mean_coef1[*t], c2 = (float)s->posterior_mean_coef2[*t];
+            for (size_t i = 0; i < n; i++) { mu[i] = o[i]; x0[i] = (o[i] - c2 * xt[i]) / c1; }
+        } else if (mt == MEAN_EPS) {
+            predict_x0_from_eps(x0, xt, o, t, 1, n, s);
+        } else {
+            memcpy(x0, o, n * sizeof(float));
+        }
+        if (clip)
+            for (size_t i = 0; i < n; i++) x0[i] = fminf(1.0f, fmaxf(-1.0f, x0[i]));
+        if (mt != MEAN_MU) q_posterior_mean_variance(mu, NULL, NULL, x0, xt, t, 1, n, s);
+        if (!log_var) continue;
+        float lv = var == VAR_LEARNED ? 0.0f : (float)p_log_variance(*t, var, s);
+        for (size_t i = 0; i < n; i++) log_var[b * n + i] = var == VAR_LEARNED ? o[n + i] : lv;
+    }
 }
 
 // ----------------------------------------------------------------------------
@@ -437,6 +466,9 @@ static double normal_kl(double mean1, double logvar1, double mean2, double logva
 // Standard normal CDF, in double; erfc keeps the tails accurate.
 static double std_normal_cdf(double x) { return 0.5 * erfc(-x / M_SQRT2); }
 
+// Standard normal density.
+static double std_normal_pdf(double x) { return exp(-0.5 * x * x) / sqrt(2.0 * M_PI); }
+
 // Eq. (13): the discrete decoder. Pixel values 0..255 are scaled to x in [-1, 1], so each
 // sits in a bin of width 2/255; its probability under N(mean, sigma^2) is the Gaussian
 // mass over the bin, the two end bins extended to -inf and +inf so that the 256
@@ -444,15 +476,26 @@ static double std_normal_cdf(double x) { return 0.5 * erfc(-x / M_SQRT2); }
 //   p(x) = CDF((x + 1/255 - mean)/sigma) - CDF((x - 1/255 - mean)/sigma)
 // Returns log p(x) in nats. The official code uses a tanh approximation of the CDF; we
 // use the exact one. The 1e-12 floor matches it and keeps log() finite.
-static double discretized_gaussian_log_likelihood(double x, double mean, double log_scale) {
+// With d_mean and d_log_scale (may be NULL), also the derivatives of log p(x): with
+// u_+- = (x - mean +- 1/255)/sigma, dp/dmean = (pdf(u_-) - pdf(u_+))/sigma and
+// dp/dlog sigma = u_- pdf(u_-) - u_+ pdf(u_+) (an end bin has no pdf term on its open
+// side); they are 0 where the floor holds.
+static double discretized_gaussian_log_likelihood(double x, double mean, double log_scale,
+                                                       double* d_mean, double* d_log_scale) {
     double inv_stdv = exp(-log_scale), centered = x - mean;
-    double cdf_plus = x > 0.999 ? 1.0 : std_normal_cdf(inv_stdv * (centered + 1.0 / 255));
-    double cdf_min = x < -0.999 ? 0.0 : std_normal_cdf(inv_stdv * (centered - 1.0 / 255));
+    double u_plus = inv_stdv * (centered + 1.0 / 255), u_min = inv_stdv * (centered - 1.0 / 255);
+    int top = x > 0.999, bottom = x < -0.999;
+    double cdf_plus = top ? 1.0 : std_normal_cdf(u_plus);
+    double cdf_min = bottom ? 0.0 : std_normal_cdf(u_min);
     // far in a tail the difference of CDFs cancels: use the upper tail instead
     double prob = cdf_plus - cdf_min;
-    if (centered > 0 && x <= 0.999 && x >= -0.999)
-        prob = std_normal_cdf(-inv_stdv * (centered - 1.0 / 255)) -
-               std_normal_cdf(-inv_stdv * (centered + 1.0 / 255));
+    if (centered > 0 && !top && !bottom) prob = std_normal_cdf(-u_min) - std_normal_cdf(-u_plus);
+    if (d_mean) {
+        double p_plus = top ? 0.0 : std_normal_pdf(u_plus), p_min = bottom ? 0.0 : std_normal_pdf(u_min);
+        int floored = !(prob > 1e-12);
+        *d_mean = floored ? 0.0 : inv_stdv * (p_min - p_plus) / prob;
+        *d_log_scale = floored ? 0.0 : (u_min * p_min - u_plus * p_plus) / prob;
+    }
     return log(fmax(prob, 1e-12));
 }
 
@@ -468,21 +511,43 @@ static double prior_bpd(const float* x_0, size_t n, const Schedule* s) {
 // One term of Eq. (5) for one image, in bits/dim:
 //   t > 1:  L_{t-1} = D_KL(q(x_{t-1} | x_t, x_0) || p_theta(x_{t-1} | x_t))
 //   t = 1:  L_0 = -log p_theta(x_0 | x_1), Eq. (13)
-// mean_q, mean_p are the two means (n values), logvar_q, logvar_p their log variances.
-static double vb_term_bpd(const float* x_0, const float* mean_q, double logvar_q,
-                          const float* mean_p, double logvar_p, int t_idx, size_t n) {
-    double nats = 0;
-    if (t_idx == 0) {
-        for (size_t i = 0; i < n; i++)
-            nats -= discretized_gaussian_log_likelihood(x_0[i], mean_p[i], 0.5 * logvar_p);
-    } else {
-        for (size_t i = 0; i < n; i++) nats += normal_kl(mean_q[i], logvar_q, mean_p[i], logvar_p);
+// mean_q, mean_p are the two means (n values), logvar_q the posterior's log variance,
+// logvar_p p_theta's (n values: a learned Sigma_theta is per pixel).
+// With d_mean (n values, may be NULL) the gradient of the term with respect to mean_p,
+// times `scale`; with d_logvar (may be NULL) the same for logvar_p. For t > 1 they
+// differentiate the KL of two Gaussians (Eq. 8 when Sigma is fixed), with d = mean_q - mean_p:
+//   d/dmean_p = -d / sigma_p^2,   d/dlogvar_p = (1 - sigma_q^2/sigma_p^2 - d^2/sigma_p^2) / 2,
+// and for t = 1 the decoder of Eq. (13) (log sigma = logvar / 2).
+static double vb_term_bpd_grad(float* d_mean, float* d_logvar, double scale, const float* x_0,
+                               const float* mean_q, double logvar_q, const float* mean_p,
+                               const float* logvar_p, int t_idx, size_t n) {
+    double nats = 0, k = scale / (n * M_LN2);
+    for (size_t i = 0; i < n; i++) {
+        double dm = 0, dlv = 0, lv = logvar_p[i];
+        if (t_idx == 0) {
+            double dls;
+            nats -= discretized_gaussian_log_likelihood(x_0[i], mean_p[i], 0.5 * lv, &dm, &dls);
+            dm = -dm;
+            dlv = -0.5 * dls;
+        } else {
+            double d = (double)mean_q[i] - mean_p[i], inv = exp(-lv);
+            nats += normal_kl(mean_q[i], logvar_q, mean_p[i], lv);
+            dm = -d * inv;
+            dlv = 0.5 * (1.0 - exp(logvar_q - lv) - d * d * inv);
+        }
+        if (d_mean) d_mean[i] = (float)(k * dm);
+        if (d_logvar) d_logvar[i] = (float)(k * dlv);
     }
     return nats / (n * M_LN2);
 }
 
+static double vb_term_bpd(const float* x_0, const float* mean_q, double logvar_q,
+                          const float* mean_p, const float* logvar_p, int t_idx, size_t n) {
+    return vb_term_bpd_grad(NULL, NULL, 0, x_0, mean_q, logvar_q, mean_p, logvar_p, t_idx, n);
+}
+
 // ----------------------------------------------------------------------------
-// 6. The training loss, Eq. (14)
+// 6. The training loss, Eq. (14), and the other objectives of Table 2
 //
 // With the eps-parameterisation, Eq. (11) in Eq. (8) gives Eq. (12): L_{t-1} - C is a squared
 // error between the true noise and the predicted one, weighted by
@@ -503,13 +568,76 @@ static float l_simple(float* d_eps_theta, const float* eps_theta, const float* e
     return (float)(sum / N);
 }
 
+// Table 2's rows train other objectives (--loss):
+//   simple  Eq. (14); the network must output eps.
+//   mse     the same unweighted squared error on whatever the network outputs: eps, x_0,
+//           or mu_tilde_t(x_t, x_0) of Eq. (7) (Table 2's "||mu_tilde - mu_theta||^2").
+//   kl      the true bound: the term L_{t-1} of Eq. (5) for the drawn t, in bits/dim as
+//           the official vb_terms_bpd (the KL of Eq. 8 for t > 1, the decoder L_0 of Eq. 13
+//           at t = 1), unclipped, averaged over the batch. A learned Sigma_theta gets its
+//           gradient only from it.
+typedef enum { LOSS_SIMPLE, LOSS_MSE, LOSS_KL } LossType;
+
+typedef struct { MeanType mean; VarType var; LossType loss; } Objective;
+
+static const Objective PAPER_OBJECTIVE = {MEAN_EPS, VAR_FIXEDLARGE, LOSS_SIMPLE};
+
+// NULL, or why the combination cannot be trained (one line naming the flags).
+static const char* objective_check(const Objective* ob) {
+    if (ob->mean > MEAN_X0 || ob->var > VAR_LEARNED || ob->loss > LOSS_KL) return "unknown objective";
+    if (ob->loss == LOSS_SIMPLE && ob->mean != MEAN_EPS)
+        return "--loss simple is Eq. (14), a loss on eps: it needs --mean-type eps (use --loss mse or kl)";
+    if (ob->var == VAR_LEARNED && ob->loss != LOSS_KL)
+        return "--var-type learned needs --loss kl: a squared error gives the variance no gradient";
+    return NULL;
+}
+
+// The loss of a batch (B images of n values at t_idx, the network's output `out`), and
+// its gradient with respect to `out` in d_out. work holds 4 n floats.
+static float training_loss(float* d_out, const float* out, const float* x_0, const float* x_t, const float* eps,
+                           const int* t_idx, int B, size_t n, const Objective* ob, const Schedule* s, float* work) {
+    if (ob->loss == LOSS_SIMPLE) return l_simple(d_out, out, eps, (size_t)B * n);
+    size_t on = out_values(n, ob->var);
+    float *target = work, *mean_p = work + n, *logvar_p = work + 2 * n, *x0_hat = work + 3 * n;
+    double sum = 0;
+    for (int b = 0; b < B; b++) {
+        const int* t = t_idx + b;
+        const float *o = out + b * on, *x0 = x_0 + b * n, *xt = x_t + b * n;
+        float* d = d_out + b * on;
+        if (ob->loss == LOSS_MSE) {
+            const float* want = ob->mean == MEAN_EPS ? eps + b * n : ob->mean == MEAN_X0 ? x0 : target;
+            if (ob->mean == MEAN_MU) q_posterior_mean_variance(target, NULL, NULL, x0, xt, t, 1, n, s);
+            for (size_t i = 0; i < n; i++) {
+                double e = (double)o[i] - want[i];
+                sum += e * e;
+                d[i] = (float)(2.0 * e / ((double)B * n));
+            }
+            continue;
+        }
+        // kl: the posterior of Eqs. (6)-(7) against p_theta, then the chain rule through
+        // the mean's dependence on the output: d mean / d out = -coef1 sqrt(1/abar - 1) for
+        // eps, coef1 for x_0, 1 for the mean itself.
+        double lv_q;
+        q_posterior_mean_variance(target, NULL, &lv_q, x0, xt, t, 1, n, s);
+        p_mean_variance(mean_p, logvar_p, x0_hat, xt, o, t, 1, n, ob->mean, ob->var, 0, s);
+        float* d_logvar = ob->var == VAR_LEARNED ? d + n : x0_hat;   // a fixed variance: discarded
+        sum += vb_term_bpd_grad(d, d_logvar, 1.0 / B, x0, target, lv_q, mean_p, logvar_p, *t, n);
+        float c1 = (float)s->posterior_mean_coef1[*t];
+        float dmean_dout = ob->mean == MEAN_MU ? 1.0f
+                         : ob->mean == MEAN_X0 ? c1 : -c1 * (float)s->sqrt_recipm1_alphas_cumprod[*t];
+        for (size_t i = 0; i < n; i++) d[i] *= dmean_dout;
+    }
+    return (float)(ob->loss == LOSS_MSE ? sum / ((double)B * n) : sum / B);
+}
 
 // ----------------------------------------------------------------------------
 // 7. The network, seen from outside: eps_theta(x_t, t)
 //
 // Algorithms 1 and 2 need the network only as a function: x_t and t in, the predicted
 // noise eps_theta(x_t, t) out (the official code passes it around as `denoise_fn`),
-// and, for training, the gradient of the loss with respect to its parameters. What it
+// and, for training, the gradient of the loss with respect to its parameters. (For
+// Table 2's other rows the same output is x_0 or mu_theta instead, plus log sigma_t^2
+// for a learned variance: section 4.) What it
 // is inside (§4: "a U-Net backbone similar to an unmasked PixelCNN++") is Part II. This
 // section is all of it the diffusion code sees: its configuration, its parameter and
 // gradient buffers, and six functions.
@@ -526,7 +654,11 @@ typedef struct {
     int attn_res[MAX_LEVELS];      // resolutions with self-attention: 16 (§4)
     int groups;                    // GroupNorm groups
     float dropout;                 // 0.1 on CIFAR-10 (Appendix B)
+    int learn_sigma;               // 1: the output has 2 in_ch channels, the second half log sigma_t^2
 } Config;
+
+// Channels of the network's output: the mean part, and the log-variance part if learned.
+static int out_channels(const Config* c) { return c->learn_sigma ? 2 * c->in_ch : c->in_ch; }
 
 typedef struct UNetLayers UNetLayers;   // the layers, activations and scratch (section 12)
 
@@ -549,10 +681,10 @@ static void unet_build(UNet* m, const Config* cfg, int B_max);
 static void unet_free(UNet* m);
 // The official initialisation, drawn from rng.
 static void unet_init(UNet* m, Rng* rng);
-// x_t (B, in_ch, img, img), t_idx (B) -> eps_theta (B, in_ch, img, img), B <= B_max.
+// x_t (B, in_ch, img, img), t_idx (B) -> eps_theta (B, out_channels, img, img), B <= B_max.
 // The result lives in the network's activations until the next forward.
 static float* unet_forward(UNet* m, const float* x_t, const int* t_idx, int B);
-// d_eps_theta (B, in_ch, img, img), after unet_forward on the same batch -> m->grads,
+// d_eps_theta (B, out_channels, img, img), after unet_forward on the same batch -> m->grads,
 // accumulated (+=): unet_zero_grad first.
 static void unet_backward(UNet* m, const float* d_eps_theta, int B);
 static void unet_zero_grad(UNet* m);
@@ -628,6 +760,7 @@ typedef struct {
     UNet net;
     Schedule sched;
     TrainHyper hyper;
+    Objective obj;      // what the network predicts and the loss (sections 4, 6)
     float* adam_m;      // first moment
     float* adam_v;      // second moment
     float* ema;         // EMA of the parameters: what sampling and evaluation use
@@ -635,15 +768,19 @@ typedef struct {
     Rng rng;
     int B;
     // per-step buffers, sized once
-    float *x0, *eps, *x_t, *d_eps_theta;
+    float *x0, *eps, *x_t, *d_out, *loss_work;
     int* t_idx;
 } Trainer;
 
-static void trainer_init(Trainer* tr, const Config* cfg, int B, ScheduleKind sk, const TrainHyper* h, uint64_t seed) {
+static void trainer_init(Trainer* tr, const Config* cfg, const Objective* ob, int B, ScheduleKind sk,
+                         const TrainHyper* h, uint64_t seed) {
     memset(tr, 0, sizeof *tr);
-    unet_build(&tr->net, cfg, B);
+    Config c = *cfg;
+    c.learn_sigma = ob->var == VAR_LEARNED;
+    unet_build(&tr->net, &c, B);
     schedule_init(&tr->sched, 1000, sk);
     tr->hyper = *h;
+    tr->obj = *ob;
     tr->B = B;
     size_t n = tr->net.n_params, img = (size_t)B * cfg->in_ch * cfg->img * cfg->img;
     tr->adam_m = calloc_check(n, sizeof(float), "Adam first moments");
@@ -652,7 +789,8 @@ static void trainer_init(Trainer* tr, const Config* cfg, int B, ScheduleKind sk,
     tr->x0 = malloc_check(img * sizeof(float), "x_0 batch");
     tr->eps = malloc_check(img * sizeof(float), "eps batch");
     tr->x_t = malloc_check(img * sizeof(float), "x_t batch");
-    tr->d_eps_theta = malloc_check(img * sizeof(float), "loss gradient");
+    tr->d_out = malloc_check(img / c.in_ch * out_channels(&c) * sizeof(float), "loss gradient");
+    tr->loss_work = malloc_check(img / B * 4 * sizeof(float), "loss buffers");
     tr->t_idx = malloc_check(B * sizeof(int), "timesteps");
     rng_seed(&tr->rng, seed);
     unet_init(&tr->net, &tr->rng);
@@ -663,7 +801,7 @@ static void trainer_free(Trainer* tr) {
     unet_free(&tr->net);
     schedule_free(&tr->sched);
     free(tr->adam_m); free(tr->adam_v); free(tr->ema);
-    free(tr->x0); free(tr->eps); free(tr->x_t); free(tr->d_eps_theta); free(tr->t_idx);
+    free(tr->x0); free(tr->eps); free(tr->x_t); free(tr->d_out); free(tr->loss_work); free(tr->t_idx);
 }
 
 // The global L2 norm of the gradient, summed in double in a fixed order: 256 fixed
@@ -726,7 +864,8 @@ static void draw_batch(Trainer* tr, const Dataset* data) {
     tr->net.dropout_key = rng_u64(&tr->rng);
 }
 
-// One step of Alg. 1 (line 5): the loss of Eq. (14), backprop, clip, Adam, EMA.
+// One step of Alg. 1 (line 5): the loss of Eq. (14) (or another row of Table 2), backprop,
+// clip, Adam, EMA.
 static StepStats train_step(Trainer* tr, const Dataset* data) {
     UNet* m = &tr->net;
     const TrainHyper* h = &tr->hyper;
@@ -736,12 +875,13 @@ static StepStats train_step(Trainer* tr, const Dataset* data) {
     q_sample(tr->x_t, tr->x0, tr->eps, tr->t_idx, B, n, &tr->sched);   // Eq. (4)
     m->train = 1;
     m->no_grad = 0;
-    float* eps_theta = unet_forward(m, tr->x_t, tr->t_idx, B);
+    float* out = unet_forward(m, tr->x_t, tr->t_idx, B);
     StepStats st;
-    st.loss = l_simple(tr->d_eps_theta, eps_theta, tr->eps, B * n);  // Eq. (14)
+    st.loss = training_loss(tr->d_out, out, tr->x0, tr->x_t, tr->eps, tr->t_idx, B, n, &tr->obj,
+                            &tr->sched, tr->loss_work);   // Eq. (14)
     if (!isfinite(st.loss)) return st;   // the caller stops; nothing was updated
     unet_zero_grad(m);
-    unet_backward(m, tr->d_eps_theta, B);
+    unet_backward(m, tr->d_out, B);
     st.grad_norm = (float)grad_global_norm(m->grads, m->n_params);
     float scale = st.grad_norm > h->grad_clip ? h->grad_clip / st.grad_norm : 1.0f;
     tr->step++;
@@ -766,11 +906,11 @@ static StepStats train_step(Trainer* tr, const Dataset* data) {
 // Line 4 is mu_theta of Eq. (11) plus noise; p_mean_variance computes it through
 // x0_hat (Eq. 15), clipped to [-1, 1] as the official sampler does (clip_denoised).
 // To watch it in gdb (`make debug`, README): break p_sample if t_idx[0] == 500,
-// then print x_t[0]@4 and eps_theta[0]@4.
+// then print x_t[0]@4 and out[0]@4 (the network's eps_theta).
 
 typedef struct {
     float *mean, *x0_hat, *z;   // (B, C, H, W) each
-    double* log_var;            // (B): log sigma_t^2
+    float* log_var;             // (B, C, H, W): log sigma_t^2
     int* t_idx;                 // (B): the chain's step
     int* t_model;               // (B): the network's timestep for it (section 10.1)
     int shared_noise;           // one image's z for all B images (the interpolations of 10.3)
@@ -780,7 +920,7 @@ static void sample_buffers_init(SampleBuffers* sb, int B, size_t n) {
     sb->mean = malloc_check((size_t)B * n * sizeof(float), "sampling buffers");
     sb->x0_hat = malloc_check((size_t)B * n * sizeof(float), "sampling buffers");
     sb->z = malloc_check((size_t)B * n * sizeof(float), "sampling buffers");
-    sb->log_var = malloc_check((size_t)B * sizeof(double), "sampling buffers");
+    sb->log_var = malloc_check((size_t)B * n * sizeof(float), "sampling buffers");
     sb->t_idx = malloc_check((size_t)B * sizeof(int), "sampling buffers");
     sb->t_model = malloc_check((size_t)B * sizeof(int), "sampling buffers");
     sb->shared_noise = 0;
@@ -798,16 +938,21 @@ static void draw_z(SampleBuffers* sb, int B, size_t n, Rng* rng) {
 }
 
 // Alg. 2, lines 3-4 (the official p_sample): x_t is overwritten by x_{t-1}, for B images
-// at steps t_idx[b]. z is drawn for the whole batch unless every image is at t = 1.
-static void p_sample(float* x_t, const float* eps_theta, const int* t_idx, int B, size_t n,
-                     SigmaKind kind, const Schedule* s, SampleBuffers* sb, Rng* rng) {
-    p_mean_variance(sb->mean, sb->log_var, sb->x0_hat, x_t, eps_theta, t_idx, B, n, kind, 1, s);
+// at steps t_idx[b], from the network's output `out` (eps_theta for the paper's model).
+// z is drawn for the whole batch unless every image is at t = 1.
+static void p_sample(float* x_t, const float* out, const int* t_idx, int B, size_t n, MeanType mt,
+                     VarType var, const Schedule* s, SampleBuffers* sb, Rng* rng) {
+    p_mean_variance(sb->mean, sb->log_var, sb->x0_hat, x_t, out, t_idx, B, n, mt, var, 1, s);
     int any_noise = 0;
     for (int b = 0; b < B; b++) any_noise |= t_idx[b] > 0;
     if (any_noise) draw_z(sb, B, n, rng);                                 // z ~ N(0, I) if t > 1
     for (int b = 0; b < B; b++) {
-        float sigma = t_idx[b] > 0 ? (float)exp(0.5 * sb->log_var[b]) : 0.0f;   // else z = 0
-        for (size_t i = b * n; i < (b + 1) * n; i++) x_t[i] = sb->mean[i] + (sigma > 0 ? sigma * sb->z[i] : 0.0f);
+        if (t_idx[b] == 0) {                                              // else z = 0
+            memcpy(x_t + b * n, sb->mean + b * n, n * sizeof(float));
+            continue;
+        }
+        for (size_t i = b * n; i < (b + 1) * n; i++)
+            x_t[i] = sb->mean[i] + (float)exp(0.5 * sb->log_var[i]) * sb->z[i];
     }
 }
 
@@ -848,7 +993,8 @@ static void schedule_respace(Schedule* r, const Schedule* s, int K) {
 // Alg. 2's with sigma_t^2 = beta_tilde_t. As the official DDIM code does, x0_hat is
 // clipped to [-1, 1] and eps_hat recomputed from it (Eq. 4 solved for eps).
 typedef struct {
-    SigmaKind sigma;   // Alg. 2's sigma_t^2 (section 4)
+    MeanType mean;     // what the network outputs (section 4)
+    VarType var;       // Alg. 2's sigma_t^2 (section 4)
     int ddim;          // the DDIM step instead of Alg. 2's
     double eta;        // DDIM's eta in [0, 1]
 } Sampler;
@@ -858,10 +1004,9 @@ static double ddim_sigma2(int t_idx, double eta, const Schedule* s) {
     return eta * eta * (1.0 - abar_prev) / (1.0 - abar) * (1.0 - abar / abar_prev);
 }
 
-static void ddim_sample(float* x_t, const float* eps_theta, const int* t_idx, int B, size_t n,
-                        double eta, const Schedule* s, SampleBuffers* sb, Rng* rng) {
-    predict_x0_from_eps(sb->x0_hat, x_t, eps_theta, t_idx, B, n, s);
-    for (size_t i = 0; i < B * n; i++) sb->x0_hat[i] = fminf(1.0f, fmaxf(-1.0f, sb->x0_hat[i]));
+static void ddim_sample(float* x_t, const float* out, const int* t_idx, int B, size_t n, MeanType mt,
+                        VarType var, double eta, const Schedule* s, SampleBuffers* sb, Rng* rng) {
+    p_mean_variance(sb->mean, NULL, sb->x0_hat, x_t, out, t_idx, B, n, mt, var, 1, s);
     int any_noise = 0;
     for (int b = 0; b < B; b++) any_noise |= eta > 0 && t_idx[b] > 0;
     if (any_noise) draw_z(sb, B, n, rng);
@@ -910,9 +1055,9 @@ static int reverse_chain(UNet* m, const Schedule* s, float* x, int B, int t_from
     for (int t_idx = t_from; t_idx >= 0; t_idx--) {        // t = t_from + 1, ..., 1
         if (stop_requested) return 0;
         for (int b = 0; b < B; b++) sb->t_idx[b] = t_idx, sb->t_model[b] = s->t_model[t_idx];
-        const float* eps_theta = unet_forward(m, x, sb->t_model, B);
-        if (sp->ddim) ddim_sample(x, eps_theta, sb->t_idx, B, n, sp->eta, s, sb, rng);
-        else p_sample(x, eps_theta, sb->t_idx, B, n, sp->sigma, s, sb, rng);
+        const float* out = unet_forward(m, x, sb->t_model, B);
+        if (sp->ddim) ddim_sample(x, out, sb->t_idx, B, n, sp->mean, sp->var, sp->eta, s, sb, rng);
+        else p_sample(x, out, sb->t_idx, B, n, sp->mean, sp->var, s, sb, rng);
         trace_record(trace, x, sb->x0_hat, t_idx, s, n);
         if (pg) progress_line(pg->what, ++pg->done, pg->total, pg->t0);
     }
@@ -1014,7 +1159,7 @@ typedef struct {
     double* mse;    // (T): mean squared error of the clipped x0_hat(x_t) against x_0, in [-1, 1] units
 } PerT;
 
-static BoundBpd eval_bpd(UNet* m, const Schedule* s, const Dataset* test, int n_images, SigmaKind kind,
+static BoundBpd eval_bpd(UNet* m, const Schedule* s, const Dataset* test, int n_images, MeanType mt, VarType var,
                          Rng* rng, PerT* per_t) {
     int Bm = m->B_max, T = s->T;
     size_t n = (size_t)m->cfg.in_ch * m->cfg.img * m->cfg.img;
@@ -1028,7 +1173,7 @@ static BoundBpd eval_bpd(UNet* m, const Schedule* s, const Dataset* test, int n_
     int* t_idx = malloc_check((size_t)Bm * sizeof(int), "evaluation buffers");
     int* t_model = malloc_check((size_t)Bm * sizeof(int), "evaluation buffers");
     double* lv_q = malloc_check((size_t)Bm * sizeof(double), "evaluation buffers");
-    double* lv_p = malloc_check((size_t)Bm * sizeof(double), "evaluation buffers");
+    float* lv_p = malloc_check((size_t)Bm * n * sizeof(float), "evaluation buffers");
     BoundBpd r = {0, 0, 0, 0, 0};
     if (per_t)
         for (int t = 0; t < T; t++) per_t->term[t] = per_t->mse[t] = 0;
@@ -1047,10 +1192,10 @@ static BoundBpd eval_bpd(UNet* m, const Schedule* s, const Dataset* test, int n_
             rng_normal(rng, eps, (size_t)B * n);
             q_sample(x_t, x0, eps, t_idx, B, n, s);
             q_posterior_mean_variance(mean_q, NULL, lv_q, x0, x_t, t_idx, B, n, s);
-            const float* eps_theta = unet_forward(m, x_t, t_model, B);
-            p_mean_variance(mean_p, lv_p, x0_hat, x_t, eps_theta, t_idx, B, n, kind, 1, s);
+            const float* out = unet_forward(m, x_t, t_model, B);
+            p_mean_variance(mean_p, lv_p, x0_hat, x_t, out, t_idx, B, n, mt, var, 1, s);
             for (int b = 0; b < B; b++) {
-                double v = vb_term_bpd(x0 + b * n, mean_q + b * n, lv_q[b], mean_p + b * n, lv_p[b], t, n);
+                double v = vb_term_bpd(x0 + b * n, mean_q + b * n, lv_q[b], mean_p + b * n, lv_p + b * n, t, n);
                 if (t == 0) r.decoder += v; else r.terms += v;
                 if (!per_t) continue;
                 double se = 0;
@@ -1160,7 +1305,7 @@ struct UNetLayers {
     float *h_last;              // (B, ch, img, img): the up path's output
     float *mean_out, *rstd_out; // (B, G)
     float *a_out;               // silu(norm_out(h_last)), as conv_out's input (conv_input_floats)
-    float *eps_theta;           // (B, in_ch, img, img): the output
+    float *eps_theta;           // (B, out_channels, img, img): the output
     // gradients of the activations that must live across blocks (one buffer)
     size_t n_grad_acts;
     float* grad_acts;
@@ -1541,9 +1686,9 @@ typedef struct { const char* name; Config cfg; } Preset;
 // compact presets keep its shape (three levels, attention at 16x16) at a size a CPU
 // can train in hours rather than weeks.
 static const Preset PRESETS[] = {
-    {"tiny",  {3, 32, 32, 3, {1, 2, 2}, 1, 1, {16}, 8, 0.1f}},
-    {"small", {3, 32, 64, 3, {1, 2, 2}, 1, 1, {16}, 32, 0.1f}},
-    {"paper", {3, 32, 128, 4, {1, 2, 2, 2}, 2, 1, {16}, 32, 0.1f}},
+    {"tiny",  {3, 32, 32, 3, {1, 2, 2}, 1, 1, {16}, 8, 0.1f, 0}},
+    {"small", {3, 32, 64, 3, {1, 2, 2}, 1, 1, {16}, 32, 0.1f, 0}},
+    {"paper", {3, 32, 128, 4, {1, 2, 2, 2}, 2, 1, {16}, 32, 0.1f, 0}},
 };
 #define N_PRESETS (int)(sizeof(PRESETS) / sizeof(PRESETS[0]))
 
@@ -1564,6 +1709,7 @@ static const char* config_check(const Config* c) {
     // The upper bounds keep every size below in range (and a corrupt checkpoint header
     // from asking for terabytes): 16 times the paper's channels, 4 times its depth.
     if (c->in_ch <= 0 || c->in_ch > 16) return "--in-ch must be between 1 and 16";
+    if (c->learn_sigma != 0 && c->learn_sigma != 1) return "learn_sigma must be 0 or 1";
     if (c->ch <= 0 || c->ch % 2 || c->ch > 2048) return "--ch must be an even number from 4 to 2048";
     if (c->ch < 4) return "--ch must be at least 4 (the sinusoidal embedding needs ch/2 >= 2)";
     if (c->n_levels <= 0 || c->n_levels > MAX_LEVELS) return "--ch-mult needs 1 to 6 comma-separated levels";
@@ -1800,10 +1946,10 @@ static void unet_layout(UNet* m, Arenas* ar) {
     L->h_last = h.x;
     L->d_h_last = h.dx;
     groupnorm_make(m, &ar->P, &L->norm_out, "norm_out", NULL, ch, G);
-    conv_make(m, &ar->P, &L->conv_out, "conv_out", NULL, ch, c->in_ch, 3, 1, S, 1e-10f);
+    conv_make(m, &ar->P, &L->conv_out, "conv_out", NULL, ch, out_channels(c), 3, 1, S, 1e-10f);
     L->mean_out = take(&ar->A, (size_t)Bm * G); L->rstd_out = take(&ar->A, (size_t)Bm * G);
     L->a_out = take(&ar->A, (size_t)Bm * ch * conv_input_floats(S, S));
-    L->eps_theta = take(&ar->A, (size_t)Bm * c->in_ch * S * S);
+    L->eps_theta = take(&ar->A, (size_t)Bm * out_channels(c) * S * S);
 }
 
 // Build the network for batches of up to B_max images: size everything, allocate each
@@ -3685,7 +3831,8 @@ typedef struct {
             attn_res[MAX_LEVELS], groups;   // the Config
     float dropout;
     int32_t schedule, T;         // ScheduleKind and T
-    int32_t batch, reserved;
+    int32_t batch;
+    uint8_t mean_type, var_type, loss_type, pad;   // the Objective (sections 4, 6); 0 0 0 is the paper's
     uint64_t step;
     uint64_t rng[4];             // the RNG state after `step` steps
     uint64_t n_params;
@@ -3719,7 +3866,13 @@ static Config config_from_header(const CheckpointHeader* hd) {
     for (int i = 0; i < MAX_LEVELS; i++) { c.ch_mult[i] = hd->ch_mult[i]; c.attn_res[i] = hd->attn_res[i]; }
     c.num_res_blocks = hd->num_res_blocks; c.n_attn = hd->n_attn; c.groups = hd->groups;
     c.dropout = hd->dropout;
+    c.learn_sigma = hd->var_type == VAR_LEARNED;
     return c;
+}
+
+static Objective objective_from_header(const CheckpointHeader* hd) {
+    Objective ob = {(MeanType)hd->mean_type, (VarType)hd->var_type, (LossType)hd->loss_type};
+    return ob;
 }
 
 // Returns 0 on success, else sets errno-style message in err and leaves PATH untouched.
@@ -3743,6 +3896,7 @@ static int checkpoint_save(const Trainer* tr, ScheduleKind sk, const char* path,
     memcpy(hd.magic, CKPT_MAGIC, 8);
     hd.version = CKPT_VERSION;
     hd.header_bytes = sizeof hd;
+    hd.mean_type = (uint8_t)tr->obj.mean; hd.var_type = (uint8_t)tr->obj.var; hd.loss_type = (uint8_t)tr->obj.loss;
     header_from_config(&hd, &tr->net.cfg);
     hd.schedule = sk; hd.T = tr->sched.T; hd.batch = tr->B;
     hd.step = tr->step;
@@ -3803,7 +3957,10 @@ static FILE* checkpoint_open(const char* path, CheckpointHeader* hd) {
     if (stored != sum.h) die("%s fails its checksum: the file is corrupt; restore a copy or train again", path);
     fseek(f, sizeof *hd, SEEK_SET);
     Config c = config_from_header(hd);
-    if (hd->n_levels <= 0 || hd->n_levels > MAX_LEVELS || hd->n_attn < 0 || hd->n_attn > MAX_LEVELS ||
+    Objective ob = objective_from_header(hd);
+    if (hd->mean_type > MEAN_X0 || hd->var_type > VAR_LEARNED || hd->loss_type > LOSS_KL || hd->pad ||
+        objective_check(&ob) ||
+        hd->n_levels <= 0 || hd->n_levels > MAX_LEVELS || hd->n_attn < 0 || hd->n_attn > MAX_LEVELS ||
         config_check(&c) || (hd->schedule != SCHEDULE_LINEAR && hd->schedule != SCHEDULE_COSINE) || hd->T != 1000)
         die("%s: the header holds an invalid configuration; the file is corrupt", path);
     // The checksum only catches accidents: an edited header can be re-sealed. So the
@@ -3839,9 +3996,10 @@ static void checkpoint_load(Trainer* tr, const char* path) {
 
 // The EMA weights of a checkpoint, into a network built from its header, for sampling
 // and evaluation (the live parameters and Adam's moments are not needed).
-static void load_ema_model(UNet* m, Schedule* s, const char* path, int B_max) {
+static void load_ema_model(UNet* m, Schedule* s, Objective* ob, const char* path, int B_max) {
     CheckpointHeader hd;
     FILE* f = checkpoint_open(path, &hd);
+    if (ob) *ob = objective_from_header(&hd);
     Config c = config_from_header(&hd);
     unet_build(m, &c, B_max);
     if (hd.n_params != m->n_params) die("%s: its header and its size disagree; the file is corrupt", path);
@@ -4098,6 +4256,8 @@ typedef struct {
     int steps_set;              // --steps was given (sample, bpd: the chain's K steps)
     Sampler sampler;            // --sigma, --sampler, --eta
     int sampler_set, eta_set, sigma_set;
+    Objective obj;              // --mean-type, --var-type, --loss
+    int mean_set, var_set, loss_set;
     const char* per_t;          // bpd --per-t FILE.csv
     int n_index, index[2];      // reconstruct, interpolate: --index
     int n_tlist, tlist[64];     // --t (1-based)
@@ -4201,11 +4361,24 @@ static int parse_list(const char* flag, const char* v, int* out, int max) {
     return n;
 }
 
+static const char* MEAN_NAMES[] = {"eps", "mu", "x0"};
+static const char* VAR_NAMES[] = {"fixedlarge", "fixedsmall", "learned"};
+static const char* LOSS_NAMES[] = {"simple", "mse", "kl"};
+
+// The index of v in names, or a usage error listing them.
+static int parse_name(const char* flag, const char* v, const char** names, int n) {
+    for (int i = 0; i < n; i++)
+        if (!strcmp(v, names[i])) return i;
+    usage_error("%s %s: expected %s, %s or %s", flag, v, names[0], names[1], names[2]);
+    return 0;
+}
+
 static void parse_options(int argc, char** argv, Options* o) {
     memset(o, 0, sizeof *o);
     o->cmd = "train"; o->data = "cifar10"; o->data_dir = "data"; o->model = "tiny";
     o->batch = 128; o->steps = 100000; o->sample_every = 2000; o->sample_n = 64; o->seed = 1;
-    o->schedule = SCHEDULE_LINEAR; o->sampler.sigma = SIGMA_BETA; o->hyper = PAPER_HYPER;
+    o->schedule = SCHEDULE_LINEAR; o->sampler.var = VAR_FIXEDLARGE; o->hyper = PAPER_HYPER;
+    o->obj = PAPER_OBJECTIVE;
     o->k = 4; o->lambdas = 9;
     o->ch = o->num_res_blocks = o->groups = o->in_ch = -1; o->dropout = -1;
     o->n = -1; o->warmup_steps = 2; o->log_every = 100;
@@ -4261,8 +4434,8 @@ static void parse_options(int argc, char** argv, Options* o) {
         else if (FLAG("-n")) o->n = (int)parse_long(a, VALUE(), 1, 100000);
         else if (FLAG("--sigma")) {
             const char* v = VALUE();
-            if (!strcmp(v, "beta")) o->sampler.sigma = SIGMA_BETA;
-            else if (!strcmp(v, "beta_tilde")) o->sampler.sigma = SIGMA_BETA_TILDE;
+            if (!strcmp(v, "beta")) o->sampler.var = VAR_FIXEDLARGE;
+            else if (!strcmp(v, "beta_tilde")) o->sampler.var = VAR_FIXEDSMALL;
             else usage_error("--sigma %s: expected beta or beta_tilde", v);
             o->sigma_set = 1;
         }
@@ -4275,6 +4448,9 @@ static void parse_options(int argc, char** argv, Options* o) {
         }
         else if (FLAG("--eta")) o->sampler.eta = parse_double(a, VALUE(), 0, 1), o->eta_set = 1;
         else if (FLAG("--per-t")) o->per_t = VALUE();
+        else if (FLAG("--mean-type")) o->obj.mean = (MeanType)parse_name(a, VALUE(), MEAN_NAMES, 3), o->mean_set = 1;
+        else if (FLAG("--var-type")) o->obj.var = (VarType)parse_name(a, VALUE(), VAR_NAMES, 3), o->var_set = 1;
+        else if (FLAG("--loss")) o->obj.loss = (LossType)parse_name(a, VALUE(), LOSS_NAMES, 3), o->loss_set = 1;
         else if (FLAG("--index")) {
             const char* v = VALUE();
             char* end;
@@ -4316,9 +4492,21 @@ static Config options_config(const Options* o) {
     if (o->n_attn < 0) c.n_attn = 0;
     if (o->groups > 0) c.groups = o->groups;
     if (o->dropout >= 0) c.dropout = o->dropout;
+    c.learn_sigma = o->obj.var == VAR_LEARNED;
     const char* err = config_check(&c);
     if (err) usage_error("%s", err);
     return c;
+}
+
+// A --mean-type, --var-type or --loss that contradicts what the checkpoint was trained
+// with is refused: the checkpoint decides.
+static void check_objective_flags(const Options* o, const Objective* ob, const char* path) {
+    if (o->mean_set && o->obj.mean != ob->mean)
+        usage_error("%s was trained with --mean-type %s; drop --mean-type", path, MEAN_NAMES[ob->mean]);
+    if (o->var_set && o->obj.var != ob->var)
+        usage_error("%s was trained with --var-type %s; drop --var-type", path, VAR_NAMES[ob->var]);
+    if (o->loss_set && o->obj.loss != ob->loss)
+        usage_error("%s was trained with --loss %s; drop --loss", path, LOSS_NAMES[ob->loss]);
 }
 
 static void mkdir_p(const char* path) {
@@ -4341,7 +4529,7 @@ static void training_samples(Trainer* tr, const Options* o, const char* dir) {
     memcpy(m->params, tr->ema, nb);
     Rng rng;
     rng_seed(&rng, o->seed ^ (0x5851f42d4c957f2dULL * (tr->step + 1)));
-    Sampler sp = {o->sampler.sigma, 0, 0};
+    Sampler sp = {tr->obj.mean, o->sigma_set ? o->sampler.var : tr->obj.var, 0, 0};
     int done = p_sample_loop(m, &tr->sched, imgs, o->sample_n, &sp, &rng, NULL, 1);
     memcpy(m->params, m->grads, nb);
     if (done) {
@@ -4420,17 +4608,27 @@ static int cmd_train(const Options* o) {
     if (exists && !o->resume)
         usage_error("%s already holds a checkpoint; add --resume to continue it, or --run DIR for a new run", dir);
     if (!exists && o->resume) usage_error("--resume: no checkpoint at %s; drop --resume to start a new run", ckpt);
+    // The objective: the flags', or on --resume the checkpoint's (flags may only agree with it).
+    Objective ob = o->obj;
+    CheckpointHeader hd;
+    if (o->resume) {
+        fclose(checkpoint_open(ckpt, &hd));
+        ob = objective_from_header(&hd);
+        check_objective_flags(o, &ob, ckpt);
+    }
+    const char* why = objective_check(&ob);
+    if (why) usage_error("%s", why);
+    if (ob.var == VAR_LEARNED && o->sigma_set)
+        usage_error("--sigma applies to a fixed variance; --var-type learned learns Sigma_theta");
+    cfg.learn_sigma = ob.var == VAR_LEARNED;
     Dataset data;
     dataset_load(&data, o->data, o->data_dir, 1);
     if (data.C != cfg.in_ch) die("--in-ch %d does not match %s's %d channels", cfg.in_ch, o->data, data.C);
     mkdir_p(dir);
     lock_run_folder(dir);
     Trainer tr;
-    trainer_init(&tr, &cfg, o->batch, o->schedule, &o->hyper, o->seed);
+    trainer_init(&tr, &cfg, &ob, o->batch, o->schedule, &o->hyper, o->seed);
     if (o->resume) {
-        CheckpointHeader hd;
-        FILE* f = checkpoint_open(ckpt, &hd);
-        fclose(f);
         Config saved = config_from_header(&hd);
         if (memcmp(&saved, &cfg, sizeof cfg))
             usage_error("%s was trained with another network; resume with the same --data, --model and network flags", ckpt);
@@ -4450,6 +4648,9 @@ static int cmd_train(const Options* o) {
     install_signal_handlers();
     fprintf(stderr, "training %s on %s: %zu parameters, batch %d, steps %llu -> %ld, %d threads, run %s\n",
             o->model, o->data, tr.net.n_params, o->batch, (unsigned long long)tr.step, o->steps, max_threads(), dir);
+    if (memcmp(&ob, &PAPER_OBJECTIVE, sizeof ob))
+        fprintf(stderr, "objective (Table 2): --mean-type %s --var-type %s --loss %s\n", MEAN_NAMES[ob.mean],
+                VAR_NAMES[ob.var], LOSS_NAMES[ob.loss]);
     double t0 = now_seconds(), last = t0, running = -1;
     uint64_t first = tr.step;
     int tty = isatty(2);
@@ -4533,6 +4734,22 @@ static void check_command_flags(const Options* o) {
     if (o->steps_set && decode) usage_error("--steps applies to train, sample and bpd; %s runs the full chain", o->cmd);
 }
 
+// How to sample from or evaluate a checkpoint trained with ob: its mean type and its
+// variance, which --sigma may replace when it is a fixed one.
+static Sampler checkpoint_sampler(const Options* o, const Objective* ob, const char* path) {
+    check_objective_flags(o, ob, path);
+    Sampler sp = o->sampler;
+    sp.mean = ob->mean;
+    if (ob->var == VAR_LEARNED) {
+        if (o->sigma_set) usage_error("--sigma applies to a fixed variance; %s has a learned Sigma_theta", path);
+        if (sp.ddim) usage_error("--sampler ddim needs a fixed variance; %s has a learned Sigma_theta", path);
+        sp.var = VAR_LEARNED;
+    } else if (!o->sigma_set) {
+        sp.var = ob->var;
+    }
+    return sp;
+}
+
 // --steps K as a chain (10.1): the trained schedule respaced to K steps, or a copy for K = T.
 static void chain_schedule(Schedule* r, const Schedule* s, const Options* o) {
     long K = o->steps_set ? o->steps : s->T;
@@ -4573,7 +4790,9 @@ static int cmd_sample(const Options* o) {
     int n = o->n > 0 ? o->n : 64, Bm = n < 64 ? n : 64;
     UNet m;
     Schedule trained, s;
-    load_ema_model(&m, &trained, o->checkpoint, Bm);
+    Objective ob;
+    load_ema_model(&m, &trained, &ob, o->checkpoint, Bm);
+    Sampler sp = checkpoint_sampler(o, &ob, o->checkpoint);
     check_channels(&m, o->checkpoint);
     chain_schedule(&s, &trained, o);
     char out[4200], base[4200], path[4400];
@@ -4593,14 +4812,14 @@ static int cmd_sample(const Options* o) {
     install_signal_handlers();
     Rng rng;
     rng_seed(&rng, o->seed);
-    if (!p_sample_loop(&m, &s, imgs, n, &o->sampler, &rng, tp, 1)) die("interrupted; no samples written");
+    if (!p_sample_loop(&m, &s, imgs, n, &sp, &rng, tp, 1)) die("interrupted; no samples written");
     int shape[4] = {n, m.cfg.in_ch, m.cfg.img, m.cfg.img};
     snprintf(path, sizeof path, "%s.npy", base);
     if (save_grid_png(out, imgs, n, m.cfg.in_ch, m.cfg.img, m.cfg.img, (int)ceil(sqrt((double)n))) ||
         save_npy(path, imgs, 4, shape))
         return 1;
     printf("wrote %s and %s (%d samples, %d steps, %s)\n", out, path, n, s.T,
-           o->sampler.ddim ? (o->sampler.eta > 0 ? "DDIM, eta > 0" : "DDIM, eta = 0") : "Alg. 2");
+           sp.ddim ? (sp.eta > 0 ? "DDIM, eta > 0" : "DDIM, eta = 0") : "Alg. 2");
     if (tp) {
         int shape5[5] = {trace.n_steps, trace.n_images, m.cfg.in_ch, m.cfg.img, m.cfg.img}, ts[1] = {trace.n_steps};
         float steps_f[1024];
@@ -4645,7 +4864,9 @@ static int cmd_bpd(const Options* o) {
     int n = o->n > 0 ? o->n : 32, Bm = n < 32 ? n : 32;
     UNet m;
     Schedule trained, s;
-    load_ema_model(&m, &trained, o->checkpoint, Bm);
+    Objective ob;
+    load_ema_model(&m, &trained, &ob, o->checkpoint, Bm);
+    Sampler sp = checkpoint_sampler(o, &ob, o->checkpoint);
     chain_schedule(&s, &trained, o);
     Dataset test;
     load_test_set(&test, &m, o);
@@ -4658,10 +4879,10 @@ static int cmd_bpd(const Options* o) {
     install_signal_handlers();
     Rng rng;
     rng_seed(&rng, o->seed);
-    BoundBpd r = eval_bpd(&m, &s, &test, n, o->sampler.sigma, &rng, o->per_t ? &pt : NULL);
+    BoundBpd r = eval_bpd(&m, &s, &test, n, sp.mean, sp.var, &rng, o->per_t ? &pt : NULL);
     if (stop_requested) die("interrupted; no result");
     printf("variational bound (Eq. 5) on %d %s test images, %d steps, sigma_t^2 = %s, bits/dim:\n", r.n, test.name,
-           s.T, o->sampler.sigma == SIGMA_BETA ? "beta_t" : "beta_tilde_t");
+           s.T, sp.var == VAR_FIXEDLARGE ? "beta_t" : sp.var == VAR_FIXEDSMALL ? "beta_tilde_t" : "learned");
     printf("  L_T            %.6f\n  sum L_{t-1}    %.6f\n  L_0            %.6f\n  total (NLL <=) %.6f\n",
            r.prior, r.terms, r.decoder, r.total);
     if (o->per_t) {
@@ -4699,7 +4920,9 @@ static int cmd_reconstruct(const Options* o) {
     int k = o->k, cols = k + 2, t_idx[64];
     UNet m;
     Schedule s;
-    load_ema_model(&m, &s, o->checkpoint, k);
+    Objective ob;
+    load_ema_model(&m, &s, &ob, o->checkpoint, k);
+    Sampler sp = checkpoint_sampler(o, &ob, o->checkpoint);
     check_channels(&m, o->checkpoint);
     Dataset test;
     load_test_set(&test, &m, o);
@@ -4717,7 +4940,7 @@ static int cmd_reconstruct(const Options* o) {
     for (int r = 0; r < rows; r++) {
         float* row = grid + (size_t)r * cols * n;
         dataset_image(row, &test, o->index[0], 0);                              // x_0
-        if (!reconstruct(&m, &s, row, t_idx[r], k, &o->sampler, row + n, row + 2 * n, &rng, &pg))
+        if (!reconstruct(&m, &s, row, t_idx[r], k, &sp, row + n, row + 2 * n, &rng, &pg))
             die("interrupted; nothing written");
     }
     int fail = save_rows(out, base, grid, rows, cols, t_idx, &m.cfg);
@@ -4734,7 +4957,9 @@ static int cmd_interpolate(const Options* o) {
     int L = o->lambdas, cols = L + 2, t_idx[64];
     UNet m;
     Schedule s;
-    load_ema_model(&m, &s, o->checkpoint, L);
+    Objective ob;
+    load_ema_model(&m, &s, &ob, o->checkpoint, L);
+    Sampler sp = checkpoint_sampler(o, &ob, o->checkpoint);
     check_channels(&m, o->checkpoint);
     Dataset test;
     load_test_set(&test, &m, o);
@@ -4753,7 +4978,7 @@ static int cmd_interpolate(const Options* o) {
         float* row = grid + (size_t)r * cols * n;
         dataset_image(row, &test, o->index[0], 0);                              // x_0
         dataset_image(row + (size_t)(L + 1) * n, &test, o->index[1], 0);       // x'_0
-        if (!interpolate(&m, &s, row, row + (size_t)(L + 1) * n, t_idx[r], L, &o->sampler, row + n, &rng, &pg))
+        if (!interpolate(&m, &s, row, row + (size_t)(L + 1) * n, t_idx[r], L, &sp, row + n, &rng, &pg))
             die("interrupted; nothing written");
     }
     int fail = save_rows(out, base, grid, rows, cols, t_idx, &m.cfg);
@@ -4806,7 +5031,7 @@ static int cmd_params(const Options* o) {
 static double unet_forward_flops(const UNet* m) {
     const Config* c = &m->cfg;
     double S2 = (double)c->img * c->img, E = 4.0 * c->ch;
-    double f = 2 * (c->ch * E + E * E) + 2 * S2 * c->in_ch * 9 * c->ch + 2 * S2 * c->ch * 9 * c->in_ch;
+    double f = 2 * (c->ch * E + E * E) + 2 * S2 * c->in_ch * 9 * c->ch + 2 * S2 * c->ch * 9 * out_channels(c);
     for (int i = 0; i < m->L->n_blocks; i++) {
         const Block* k = &m->L->blocks[i];
         double HW = (double)k->H * k->W, Cx = k->C_in + k->C_skip, C = k->C_out;
@@ -4834,7 +5059,9 @@ static int cmd_bench(const Options* o) {
     Config cfg = options_config(o);
     int B = o->batch, S = o->steps > 0 && o->steps < 100000 ? (int)o->steps : 10, W = o->warmup_steps;
     Trainer tr;
-    trainer_init(&tr, &cfg, B, o->schedule, &o->hyper, o->seed);
+    const char* why = objective_check(&o->obj);
+    if (why) usage_error("%s", why);
+    trainer_init(&tr, &cfg, &o->obj, B, o->schedule, &o->hyper, o->seed);
     double* tt = malloc_check((size_t)S * sizeof(double), "timings");
     double* ts = malloc_check((size_t)S * sizeof(double), "timings");
     for (int i = 0; i < W + S; i++) {
@@ -4852,7 +5079,7 @@ static int cmd_bench(const Options* o) {
         double t0 = now_seconds();
         for (int b = 0; b < B; b++) sb.t_idx[b] = 500;
         const float* eps_theta = unet_forward(&tr.net, tr.x_t, sb.t_idx, B);
-        p_sample(tr.x_t, eps_theta, sb.t_idx, B, n, SIGMA_BETA, &tr.sched, &sb, &tr.rng);
+        p_sample(tr.x_t, eps_theta, sb.t_idx, B, n, tr.obj.mean, tr.obj.var, &tr.sched, &sb, &tr.rng);
         if (i >= W) ts[i - W] = 1e3 * (now_seconds() - t0);
     }
     struct rusage ru;

@@ -67,7 +67,7 @@ int LLVMFuzzerTestOneInput(const uint8_t* data, size_t n) {
         char path[512];
         snprintf(path, sizeof path, "%s/fuzz.ckpt", dir);
         Schedule s;
-        load_ema_model(&net, &s, path, 1);
+        load_ema_model(&net, &s, NULL, path, 1);
         schedule_free(&s);
 #elif FUZZ_TARGET == 2
         put("fashion-mnist/t10k-images-idx3-ubyte", data, n);

@@ -442,8 +442,8 @@ static void test_reverse_process(void) {
     // p_mean_variance without clipping = Eq. (11): 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - abar_t) eps)
     float* eps_theta = randn(B * n, 1);
     float* mean = fmalloc(B * n);
-    double log_var[4];
-    p_mean_variance(mean, log_var, x0_hat, xt, eps_theta, t_idx, B, n, SIGMA_BETA, 0, &s);
+    float* log_var = fmalloc(B * n);
+    p_mean_variance(mean, log_var, x0_hat, xt, eps_theta, t_idx, B, n, MEAN_EPS, VAR_FIXEDLARGE, 0, &s);
     // The float path goes through x0_hat (error ~6u sqrt(1/abar)(|x_t| + |eps|)), then
     // multiplies it by coef1 <= beta/((1 - abar) sqrt(alpha)) * sqrt(abar), which cancels the
     // sqrt(1/abar): ~10u (|x_t| + |eps|) in all. Pass if within 16u of that scale.
@@ -463,7 +463,7 @@ static void test_reverse_process(void) {
     // with clip, x0_hat is the unclipped one clamped to [-1, 1]
     float* x0_clip = fmalloc(B * n);
     float* mean_clip = fmalloc(B * n);
-    p_mean_variance(mean_clip, NULL, x0_clip, xt, eps_theta, t_idx, B, n, SIGMA_BETA, 1, &s);
+    p_mean_variance(mean_clip, NULL, x0_clip, xt, eps_theta, t_idx, B, n, MEAN_EPS, VAR_FIXEDLARGE, 1, &s);
     int clip_ok = 1, n_clipped = 0;
     for (int i = 0; i < B * n; i++) {
         float want = x0_hat[i] > 1 ? 1.0f : x0_hat[i] < -1 ? -1.0f : x0_hat[i];
@@ -474,16 +474,19 @@ static void test_reverse_process(void) {
           "%d of %d values clipped, the rest unchanged", n_clipped, B * n);
 
     // sigma_t^2 = beta_t (with beta_tilde_2 at t = 1), or beta_tilde_t
-    int lv_ok = fabs(log_var[0] - log(s.posterior_variance[1])) < 1e-12;
-    for (int b = 1; b < B; b++) lv_ok &= fabs(log_var[b] - log(s.betas[t_idx[b]])) < 1e-12;
-    lv_ok &= p_log_variance(0, SIGMA_BETA, &s) == log_var[0];
-    check("p_log_variance SIGMA_BETA", lv_ok, "t=1: %.6f = log beta_tilde_2 %.6f (not log beta_1 %.6f); t>1: log beta_t",
+    // (log_var holds it per pixel, in float)
+    int lv_ok = fabs(p_log_variance(0, VAR_FIXEDLARGE, &s) - log(s.posterior_variance[1])) < 1e-12;
+    for (int b = 1; b < B; b++) lv_ok &= fabs(p_log_variance(t_idx[b], VAR_FIXEDLARGE, &s) - log(s.betas[t_idx[b]])) < 1e-12;
+    for (int b = 0; b < B; b++)
+        for (int i = 0; i < n; i++) lv_ok &= log_var[b * n + i] == (float)p_log_variance(t_idx[b], VAR_FIXEDLARGE, &s);
+    check("p_log_variance VAR_FIXEDLARGE", lv_ok, "t=1: %.6f = log beta_tilde_2 %.6f (not log beta_1 %.6f); t>1: log beta_t",
           log_var[0], log(s.posterior_variance[1]), log(s.betas[0]));
-    int tl_ok = fabs(p_log_variance(0, SIGMA_BETA_TILDE, &s) - log(s.posterior_variance[1])) < 1e-12;
-    for (int t = 1; t < T; t += 37) tl_ok &= fabs(p_log_variance(t, SIGMA_BETA_TILDE, &s) - log(s.posterior_variance[t])) < 1e-12;
-    check("p_log_variance SIGMA_BETA_TILDE", tl_ok, "log beta_tilde_t, beta_tilde_2 at t = 1");
+    int tl_ok = fabs(p_log_variance(0, VAR_FIXEDSMALL, &s) - log(s.posterior_variance[1])) < 1e-12;
+    for (int t = 1; t < T; t += 37) tl_ok &= fabs(p_log_variance(t, VAR_FIXEDSMALL, &s) - log(s.posterior_variance[t])) < 1e-12;
+    check("p_log_variance VAR_FIXEDSMALL", tl_ok, "log beta_tilde_t, beta_tilde_2 at t = 1");
 
     free(x0); free(eps); free(xt); free(x0_hat); free(eps_theta); free(mean); free(x0_clip); free(mean_clip);
+    free(log_var);
     schedule_free(&s);
 }
 
@@ -529,7 +532,7 @@ static void test_discretized_decoder(void) {
         for (int b = 0; b < 5; b++) {
             double mean = means[a], ls = log(scales[b]), total = 0;
             for (int k = 0; k < 256; k++) {
-                double x = k / 127.5 - 1, ll = discretized_gaussian_log_likelihood(x, mean, ls);
+                double x = k / 127.5 - 1, ll = discretized_gaussian_log_likelihood(x, mean, ls, NULL, NULL);
                 total += exp(ll);
                 // the bin's Gaussian mass computed here, end bins extended to -+inf; each
                 // CDF difference is taken in the tail away from the mean (no cancellation)
@@ -626,9 +629,9 @@ typedef struct {
     const float* out;
     size_t n_out;
     const float* R;
-} Objective;
+} FdProbe;
 
-static double objective(const Objective* o) {
+static double objective(const FdProbe* o) {
     o->forward(o->ctx);
     double L = 0;
     for (size_t i = 0; i < o->n_out; i++) L += (double)o->out[i] * o->R[i];
@@ -639,7 +642,7 @@ static double objective(const Objective* o) {
 // starting a thread team costs more than the work (and far more on a loaded machine).
 // The analytic backward and the forward-vs-naive checks run on every thread, and the
 // U-Net tests show the bits do not depend on the thread count.
-static void numeric_grad(float* g, float* x, size_t n, const Objective* o) {
+static void numeric_grad(float* g, float* x, size_t n, const FdProbe* o) {
     int threads = get_threads();
     set_threads(1);
     for (size_t i = 0; i < n; i++) {
@@ -654,7 +657,7 @@ static void numeric_grad(float* g, float* x, size_t n, const Objective* o) {
 }
 
 // Analytic gradient `ana` of variable x (n values) against central differences.
-static void check_grad(const char* name, const float* ana, float* x, size_t n, const Objective* o, double rel) {
+static void check_grad(const char* name, const float* ana, float* x, size_t n, const FdProbe* o, double rel) {
     float* num = fmalloc(n);
     numeric_grad(num, x, n, o);
     check_tensor(name, ana, num, n, rel * max_abs(num, n));
@@ -690,7 +693,7 @@ static void test_conv(int K, int stride, int accumulation_check) {
     layers_init();
     c.col = fmalloc(conv2d_workspace_floats(c.B, c.C_in, c.H, c.W, c.C_out, K, stride, kernel_threads));
     float* R = randn(no, 1);
-    Objective o = {conv_fwd, &c, c.out, no, R};
+    FdProbe o = {conv_fwd, &c, c.out, no, R};
     char name[96], what[48];
     snprintf(what, sizeof what, "conv2d %dx%d stride %d", K, K, stride);
     conv_fwd(&c);
@@ -889,7 +892,7 @@ static void test_groupnorm(void) {
     g.beta = randn(g.C, 0.2f);
     g.out = fmalloc(n); g.mean = fmalloc(g.B * g.G); g.rstd = fmalloc(g.B * g.G);
     float* R = randn(n, 1);
-    Objective o = {gn_fwd, &g, g.out, n, R};
+    FdProbe o = {gn_fwd, &g, g.out, n, R};
     for (int silu = 0; silu <= 1; silu++) {
         g.silu = silu;
         gn_fwd(&g);
@@ -965,7 +968,7 @@ static void silu_fwd(void* p) { SiluCase* s = p; silu_forward(s->out, s->x, s->n
 static void test_silu(void) {
     SiluCase s = {randn(64, 3), fmalloc(64), 64};
     float* R = randn(64, 1);
-    Objective o = {silu_fwd, &s, s.out, 64, R};
+    FdProbe o = {silu_fwd, &s, s.out, 64, R};
     silu_fwd(&s);
     double e = 0;
     for (int i = 0; i < 64; i++) e = fmax(e, fabs(s.out[i] - s.x[i] / (1 + exp(-(double)s.x[i]))));
@@ -987,7 +990,7 @@ static void test_linear(void) {
     size_t nx = l.B * l.C_in, nw = l.C_out * l.C_in, no = l.B * l.C_out;
     l.x = randn(nx, 1); l.w = randn(nw, 0.5f); l.b = randn(l.C_out, 0.1f); l.out = fmalloc(no);
     float* R = randn(no, 1);
-    Objective o = {lin_fwd, &l, l.out, no, R};
+    FdProbe o = {lin_fwd, &l, l.out, no, R};
     lin_fwd(&l);
     float* dx = fmalloc(nx);
     float* dw = fmalloc(nw);
@@ -1028,7 +1031,7 @@ static void test_attention(void) {
     a.q = randn(n, 1); a.k = randn(n, 1); a.v = randn(n, 1);
     a.out = fmalloc(n); a.att = fmalloc((size_t)a.B * a.N * a.N);
     float* R = randn(n, 1);
-    Objective o = {att_fwd, &a, a.out, n, R};
+    FdProbe o = {att_fwd, &a, a.out, n, R};
     att_fwd(&a);
     float* dq = fmalloc(n);
     float* dk = fmalloc(n);
@@ -1089,7 +1092,7 @@ static void test_upsample_conv(void) {
     layers_init();
     u.ws = fmalloc(upsample_conv_workspace_floats(u.B, u.C_in, u.H, u.W, u.C_out, kernel_threads));
     float *R = randn(no, 1), *dx = fmalloc(nx), *dw = fmalloc(nw), *db = fmalloc(u.C_out);
-    Objective o = {up_fwd, &u, u.out, no, R};
+    FdProbe o = {up_fwd, &u, u.out, no, R};
     up_fwd(&u);
     upsample_conv_backward(dx, dw, db, R, u.x, u.w, u.B, u.C_in, u.H, u.W, u.C_out, u.ws);
     check_grad("upsample+conv d input", dx, u.x, nx, &o, TOL_LINEAR);
@@ -1143,7 +1146,7 @@ static void test_small_layers(void) {
     size_t na = (size_t)c.B * c.Ca * c.HW, nb = (size_t)c.B * c.Cb * c.HW, nc = na + nb;
     c.a = randn(na, 1); c.b = randn(nb, 1); c.out = fmalloc(nc);
     R = randn(nc, 1);
-    Objective oc = {cat_fwd, &c, c.out, nc, R};
+    FdProbe oc = {cat_fwd, &c, c.out, nc, R};
     cat_fwd(&c);
     ok = 1;
     for (int b = 0; b < c.B; b++)
@@ -1165,7 +1168,7 @@ static void test_small_layers(void) {
     size_t nh = (size_t)bc.B * bc.C * bc.HW;
     bc.h = randn(nh, 1); bc.v = randn(bc.B * bc.C, 1); bc.out = fmalloc(nh);
     R = randn(nh, 1);
-    Objective ob = {bias_fwd, &bc, bc.out, nh, R};
+    FdProbe ob = {bias_fwd, &bc, bc.out, nh, R};
     float* dv = fmalloc(bc.B * bc.C);
     sum_channel(dv, R, bc.B, bc.C, bc.HW);
     check_grad("add_channel_bias d v = sum_channel", dv, bc.v, bc.B * bc.C, &ob, TOL_LINEAR);
@@ -1820,7 +1823,7 @@ static int same_bytes(const char* path, const uint8_t* want, size_t n) {
 static void test_nonfinite_and_links(void) {
     Config c = tiny_config(3, 0.0f);
     Trainer tr;
-    trainer_init(&tr, &c, 2, SCHEDULE_LINEAR, &PAPER_HYPER, 7);
+    trainer_init(&tr, &c, &PAPER_OBJECTIVE, 2, SCHEDULE_LINEAR, &PAPER_HYPER, 7);
     train_step(&tr, NULL);
     size_t n = tr.net.n_params;
     tr.net.params[n / 2] = NAN;
@@ -1859,7 +1862,7 @@ static void test_nonfinite_and_links(void) {
 static void test_resealed_headers(void) {
     Config c = tiny_config(3, 0.1f);
     Trainer tr;
-    trainer_init(&tr, &c, 2, SCHEDULE_LINEAR, &PAPER_HYPER, 3);
+    trainer_init(&tr, &c, &PAPER_OBJECTIVE, 2, SCHEDULE_LINEAR, &PAPER_HYPER, 3);
     char err[4400] = "";
     const char* good = OUT "/sealed.ckpt";
     const char* bad = OUT "/resealed.ckpt";
@@ -1887,7 +1890,7 @@ static void test_resealed_headers(void) {
 #endif
                 UNet m;
                 Schedule sc;
-                load_ema_model(&m, &sc, bad, 1);
+                load_ema_model(&m, &sc, NULL, bad, 1);
                 _exit(0);
             }
             int status = 0;
@@ -1919,7 +1922,7 @@ static void test_checkpoints(void) {
     const char* path = OUT "/ck.ckpt";
     char err[4400] = "";   // room for any path (and no -Wformat-truncation)
     Trainer tr;
-    trainer_init(&tr, &c, 2, SCHEDULE_LINEAR, &PAPER_HYPER, 42);
+    trainer_init(&tr, &c, &PAPER_OBJECTIVE, 2, SCHEDULE_LINEAR, &PAPER_HYPER, 42);
     train_step(&tr, NULL);
     train_step(&tr, NULL);
     int rc = checkpoint_save(&tr, SCHEDULE_LINEAR, path, err, sizeof err);
@@ -1927,7 +1930,7 @@ static void test_checkpoints(void) {
           "rc %d %s", rc, err);
 
     Trainer tr2;
-    trainer_init(&tr2, &c, 2, SCHEDULE_LINEAR, &PAPER_HYPER, 4242);   // other seed: other weights
+    trainer_init(&tr2, &c, &PAPER_OBJECTIVE, 2, SCHEDULE_LINEAR, &PAPER_HYPER, 4242);   // other seed: other weights
     checkpoint_load(&tr2, path);
     size_t nb = tr.net.n_params * sizeof(float);
     int arrays = !memcmp(tr.net.params, tr2.net.params, nb) && !memcmp(tr.ema, tr2.ema, nb) &&
@@ -1983,7 +1986,7 @@ static void test_checkpoints(void) {
     Config other = c;
     other.ch = 12;
     Trainer tr3;
-    trainer_init(&tr3, &other, 2, SCHEDULE_LINEAR, &PAPER_HYPER, 1);
+    trainer_init(&tr3, &other, &PAPER_OBJECTIVE, 2, SCHEDULE_LINEAR, &PAPER_HYPER, 1);
     CkptArgs m = {&tr3, path};
     expect_die("checkpoint into a network of another config (n_params)", ckpt_load_child, &m, path);
     trainer_free(&tr3);
@@ -2132,7 +2135,7 @@ static void test_fewer_steps_sampling(void) {
     float* a = fmalloc(2 * n);
     float* b = fmalloc(2 * n);
     Rng rng;
-    Sampler ddpm = {SIGMA_BETA, 0, 0};
+    Sampler ddpm = {MEAN_EPS, VAR_FIXEDLARGE, 0, 0};
 
     // K = T through the respaced schedule: Algorithm 2's bits
     schedule_respace(&r, &s, 1000);
@@ -2147,7 +2150,7 @@ static void test_fewer_steps_sampling(void) {
 
     // DDIM with eta = 0: x_0 is a function of x_T; the RNG after x_T does not matter
     schedule_respace(&r, &s, 50);
-    Sampler ddim0 = {SIGMA_BETA, 1, 0.0};
+    Sampler ddim0 = {MEAN_EPS, VAR_FIXEDLARGE, 1, 0.0};
     SampleBuffers sb;
     sample_buffers_init(&sb, 2, n);
     float* xT = randn(2 * n, 1);
@@ -2158,7 +2161,7 @@ static void test_fewer_steps_sampling(void) {
     rng_seed(&rng, 2);
     reverse_chain(&m, &r, b, 2, r.T - 1, &ddim0, &sb, &rng, NULL, NULL);
     int det = !memcmp(a, b, 2 * n * sizeof(float));
-    Sampler ddim_half = {SIGMA_BETA, 1, 0.5};
+    Sampler ddim_half = {MEAN_EPS, VAR_FIXEDLARGE, 1, 0.5};
     memcpy(a, xT, 2 * n * sizeof(float));
     memcpy(b, xT, 2 * n * sizeof(float));
     rng_seed(&rng, 1);
@@ -2182,7 +2185,7 @@ static void test_fewer_steps_sampling(void) {
               "K = %d, worst relative difference %.2e over every t (pass < 1e-9)", Ks[k], worst);
         schedule_free(&r);
     }
-    Sampler ddim1 = {SIGMA_BETA, 1, 1.0}, small = {SIGMA_BETA_TILDE, 0, 0};
+    Sampler ddim1 = {MEAN_EPS, VAR_FIXEDLARGE, 1, 1.0}, small = {MEAN_EPS, VAR_FIXEDSMALL, 0, 0};
     double worst = 0;
     int ts[3] = {999, 500, 3};
     for (int i = 0; i < 3; i++) {
@@ -2192,9 +2195,9 @@ static void test_fewer_steps_sampling(void) {
         memcpy(a, x, 2 * n * sizeof(float));
         memcpy(b, x, 2 * n * sizeof(float));
         rng_seed(&rng, 9);
-        ddim_sample(a, eps_theta, t_idx, 2, n, ddim1.eta, &s, &sb, &rng);
+        ddim_sample(a, eps_theta, t_idx, 2, n, MEAN_EPS, VAR_FIXEDLARGE, ddim1.eta, &s, &sb, &rng);
         rng_seed(&rng, 9);
-        p_sample(b, eps_theta, t_idx, 2, n, small.sigma, &s, &sb, &rng);
+        p_sample(b, eps_theta, t_idx, 2, n, MEAN_EPS, small.var, &s, &sb, &rng);
         worst = fmax(worst, max_abs_diff(a, b, 2 * n));
         free(x); free(eps_theta);
     }
@@ -2229,9 +2232,9 @@ static void test_per_t(void) {
     PerT pt = {term, mse};
     Rng rng;
     rng_seed(&rng, 3);
-    BoundBpd plain = eval_bpd(&m, &s, &d, 3, SIGMA_BETA, &rng, NULL);
+    BoundBpd plain = eval_bpd(&m, &s, &d, 3, MEAN_EPS, VAR_FIXEDLARGE, &rng, NULL);
     rng_seed(&rng, 3);
-    BoundBpd b = eval_bpd(&m, &s, &d, 3, SIGMA_BETA, &rng, &pt);
+    BoundBpd b = eval_bpd(&m, &s, &d, 3, MEAN_EPS, VAR_FIXEDLARGE, &rng, &pt);
     double sum = b.prior;
     for (int t = 0; t < 1000; t++) sum += term[t];
     check("bpd --per-t: the terms and L_T sum to the total", fabs(sum - b.total) < 1e-9 * fabs(b.total) &&
@@ -2249,12 +2252,12 @@ static void test_per_t(void) {
     // the respaced chain at K = T evaluates the same bound, bit for bit
     schedule_respace(&r, &s, 1000);
     rng_seed(&rng, 3);
-    BoundBpd br = eval_bpd(&m, &r, &d, 3, SIGMA_BETA, &rng, NULL);
+    BoundBpd br = eval_bpd(&m, &r, &d, 3, MEAN_EPS, VAR_FIXEDLARGE, &rng, NULL);
     check("bpd --steps 1000 = bpd", br.total == b.total, "%.9f vs %.9f", br.total, b.total);
     schedule_free(&r);
     schedule_respace(&r, &s, 20);
     rng_seed(&rng, 3);
-    BoundBpd b20 = eval_bpd(&m, &r, &d, 3, SIGMA_BETA, &rng, &pt);
+    BoundBpd b20 = eval_bpd(&m, &r, &d, 3, MEAN_EPS, VAR_FIXEDLARGE, &rng, &pt);
     sum = b20.prior;
     for (int t = 0; t < 20; t++) sum += term[t];
     check("bpd --steps 20 --per-t: 20 terms sum to that chain's total", isfinite(b20.total) &&
@@ -2275,7 +2278,7 @@ static void test_reconstruct_interpolate(void) {
     float xa[64], xb[64], x_t[64], rec_a[64], rec_b[64], xt_b[64], samples[4 * 64], inter[4 * 64];
     dataset_image(xa, &d, 0, 0);
     dataset_image(xb, &d, 1, 0);
-    Sampler sp = {SIGMA_BETA, 0, 0};
+    Sampler sp = {MEAN_EPS, VAR_FIXEDLARGE, 0, 0};
     Rng rng;
 
     // t = 1: one step of the chain from x_1, within a few levels of x_0 whatever the
