@@ -489,7 +489,8 @@ static double discretized_gaussian_log_likelihood(double x, double mean, double 
     double cdf_min = bottom ? 0.0 : std_normal_cdf(u_min);
     // far in a tail the difference of CDFs cancels: use the upper tail instead
     double prob = cdf_plus - cdf_min;
-    if (centered > 0 && !top && !bottom) prob = std_normal_cdf(-u_min) - std_normal_cdf(-u_plus);
+    if (top) prob = std_normal_cdf(-u_min);   // 1 - CDF(u_min)
+    else if (centered > 0 && !bottom) prob = std_normal_cdf(-u_min) - std_normal_cdf(-u_plus);
     if (d_mean) {
         double p_plus = top ? 0.0 : std_normal_pdf(u_plus), p_min = bottom ? 0.0 : std_normal_pdf(u_min);
         int floored = !(prob > 1e-12);
@@ -558,14 +559,14 @@ static double vb_term_bpd(const float* x_0, const float* mean_q, double logvar_q
 // mean_flat followed by a batch mean), so
 //   dL/d eps_theta = 2 (eps_theta - eps) / N, N = B*C*H*W.
 
-static float l_simple(float* d_eps_theta, const float* eps_theta, const float* eps, size_t N) {
+static double l_simple(float* d_eps_theta, const float* eps_theta, const float* eps, size_t N) {
     double sum = 0;
     for (size_t i = 0; i < N; i++) {
         double d = (double)eps_theta[i] - eps[i];
         sum += d * d;
         if (d_eps_theta) d_eps_theta[i] = (float)(2.0 * d / N);
     }
-    return (float)(sum / N);
+    return sum / N;
 }
 
 // Table 2's rows train other objectives (--loss):
@@ -582,6 +583,11 @@ typedef struct { MeanType mean; VarType var; LossType loss; } Objective;
 
 static const Objective PAPER_OBJECTIVE = {MEAN_EPS, VAR_FIXEDLARGE, LOSS_SIMPLE};
 
+// The flags' words for them (--mean-type, --var-type, --loss).
+static const char* MEAN_NAMES[] = {"eps", "mu", "x0"};
+static const char* VAR_NAMES[] = {"fixedlarge", "fixedsmall", "learned"};
+static const char* LOSS_NAMES[] = {"simple", "mse", "kl"};
+
 // NULL, or why the combination cannot be trained (one line naming the flags).
 static const char* objective_check(const Objective* ob) {
     if (ob->mean > MEAN_X0 || ob->var > VAR_LEARNED || ob->loss > LOSS_KL) return "unknown objective";
@@ -593,8 +599,8 @@ static const char* objective_check(const Objective* ob) {
 }
 
 // The loss of a batch (B images of n values at t_idx, the network's output `out`), and
-// its gradient with respect to `out` in d_out. work holds 4 n floats.
-static float training_loss(float* d_out, const float* out, const float* x_0, const float* x_t, const float* eps,
+// its gradient with respect to `out` in d_out (may be NULL). work holds 4 n floats.
+static double training_loss(float* d_out, const float* out, const float* x_0, const float* x_t, const float* eps,
                            const int* t_idx, int B, size_t n, const Objective* ob, const Schedule* s, float* work) {
     if (ob->loss == LOSS_SIMPLE) return l_simple(d_out, out, eps, (size_t)B * n);
     size_t on = out_values(n, ob->var);
@@ -603,14 +609,14 @@ static float training_loss(float* d_out, const float* out, const float* x_0, con
     for (int b = 0; b < B; b++) {
         const int* t = t_idx + b;
         const float *o = out + b * on, *x0 = x_0 + b * n, *xt = x_t + b * n;
-        float* d = d_out + b * on;
+        float* d = d_out ? d_out + b * on : NULL;
         if (ob->loss == LOSS_MSE) {
             const float* want = ob->mean == MEAN_EPS ? eps + b * n : ob->mean == MEAN_X0 ? x0 : target;
             if (ob->mean == MEAN_MU) q_posterior_mean_variance(target, NULL, NULL, x0, xt, t, 1, n, s);
             for (size_t i = 0; i < n; i++) {
                 double e = (double)o[i] - want[i];
                 sum += e * e;
-                d[i] = (float)(2.0 * e / ((double)B * n));
+                if (d) d[i] = (float)(2.0 * e / ((double)B * n));
             }
             continue;
         }
@@ -620,14 +626,15 @@ static float training_loss(float* d_out, const float* out, const float* x_0, con
         double lv_q;
         q_posterior_mean_variance(target, NULL, &lv_q, x0, xt, t, 1, n, s);
         p_mean_variance(mean_p, logvar_p, x0_hat, xt, o, t, 1, n, ob->mean, ob->var, 0, s);
-        float* d_logvar = ob->var == VAR_LEARNED ? d + n : x0_hat;   // a fixed variance: discarded
+        float* d_logvar = !d ? NULL : ob->var == VAR_LEARNED ? d + n : x0_hat;   // a fixed variance: discarded
         sum += vb_term_bpd_grad(d, d_logvar, 1.0 / B, x0, target, lv_q, mean_p, logvar_p, *t, n);
+        if (!d) continue;
         float c1 = (float)s->posterior_mean_coef1[*t];
         float dmean_dout = ob->mean == MEAN_MU ? 1.0f
                          : ob->mean == MEAN_X0 ? c1 : -c1 * (float)s->sqrt_recipm1_alphas_cumprod[*t];
         for (size_t i = 0; i < n; i++) d[i] *= dmean_dout;
     }
-    return (float)(ob->loss == LOSS_MSE ? sum / ((double)B * n) : sum / B);
+    return ob->loss == LOSS_MSE ? sum / ((double)B * n) : sum / B;
 }
 
 // ----------------------------------------------------------------------------
@@ -877,7 +884,7 @@ static StepStats train_step(Trainer* tr, const Dataset* data) {
     m->no_grad = 0;
     float* out = unet_forward(m, tr->x_t, tr->t_idx, B);
     StepStats st;
-    st.loss = training_loss(tr->d_out, out, tr->x0, tr->x_t, tr->eps, tr->t_idx, B, n, &tr->obj,
+    st.loss = (float)training_loss(tr->d_out, out, tr->x0, tr->x_t, tr->eps, tr->t_idx, B, n, &tr->obj,
                             &tr->sched, tr->loss_work);   // Eq. (14)
     if (!isfinite(st.loss)) return st;   // the caller stops; nothing was updated
     unet_zero_grad(m);
@@ -4361,9 +4368,6 @@ static int parse_list(const char* flag, const char* v, int* out, int max) {
     return n;
 }
 
-static const char* MEAN_NAMES[] = {"eps", "mu", "x0"};
-static const char* VAR_NAMES[] = {"fixedlarge", "fixedsmall", "learned"};
-static const char* LOSS_NAMES[] = {"simple", "mse", "kl"};
 
 // The index of v in names, or a usage error listing them.
 static int parse_name(const char* flag, const char* v, const char** names, int n) {

@@ -585,13 +585,13 @@ static void test_l_simple(void) {
     float* e = randn(N, 1);
     float* eps = randn(N, 1);
     float* grad = fmalloc(N);
-    float L = l_simple(grad, e, eps, N);
+    double L = l_simple(grad, e, eps, N);
     double ref = 0;
     for (size_t i = 0; i < N; i++) ref += ((double)e[i] - eps[i]) * ((double)e[i] - eps[i]);
     ref /= N;
-    // the mean is summed in double and returned as float: one rounding, 0.5 ulp
-    check("l_simple value (Eq. 14)", fabs(L - ref) <= U_F32 * ref && l_simple(NULL, e, eps, N) == L,
-          "%.8f vs %.8f (tol u |L|)", L, ref);
+    // the mean is summed and returned in double: the same sum in the same order
+    check("l_simple value (Eq. 14)", fabs(L - ref) <= 1e-15 * ref && l_simple(NULL, e, eps, N) == L,
+          "%.12f vs %.12f (tol 1e-15 |L|)", L, ref);
     float* num = fmalloc(N);
     const float h = 1e-2f;
     for (size_t i = 0; i < N; i++) {
@@ -2315,6 +2315,196 @@ static void test_reconstruct_interpolate(void) {
     schedule_free(&s);
 }
 
+// ----------------------------------------------------------------------------
+// 4-6: Table 2's objectives: every loss's gradient with respect to the network's output
+
+static const char* objective_name(const Objective* ob, char* buf, size_t len) {
+    snprintf(buf, len, "--mean-type %s --var-type %s --loss %s", MEAN_NAMES[ob->mean], VAR_NAMES[ob->var],
+             LOSS_NAMES[ob->loss]);
+    return buf;
+}
+
+// Central differences of training_loss over every value of the output, for images at two
+// steps. The loss is summed in double, the output perturbed by h (the step actually taken
+// in float is used). Tolerance, relative to max |gradient|: 2e-3. The squared errors and
+// the KLs are quadratic in the mean (no truncation error); what limits them is float's
+// rounding of mean_p (~6e-8 |mean|) against the change of the mean, so h is chosen to
+// move the mean by 1e-3 (d mean / d eps_theta is only ~0.01: h = 0.1 there). The decoder at
+// t = 1 is nonlinear on the scale of sigma_1 ~ 0.01: there the mean moves by 2e-4
+// (truncation (2e-4 / sigma)^2 ~ 4e-4, rounding 6e-8 / 2e-4 ~ 3e-4).
+static void test_objective_gradients(void) {
+    Schedule s;
+    schedule_init(&s, 1000, SCHEDULE_LINEAR);
+    const int B = 2;
+    const size_t n = 24;
+    const Objective obs[] = {
+        {MEAN_EPS, VAR_FIXEDLARGE, LOSS_SIMPLE}, {MEAN_EPS, VAR_FIXEDLARGE, LOSS_MSE},
+        {MEAN_MU, VAR_FIXEDLARGE, LOSS_MSE},     {MEAN_X0, VAR_FIXEDLARGE, LOSS_MSE},
+        {MEAN_EPS, VAR_FIXEDLARGE, LOSS_KL},     {MEAN_EPS, VAR_FIXEDSMALL, LOSS_KL},
+        {MEAN_EPS, VAR_LEARNED, LOSS_KL},        {MEAN_MU, VAR_FIXEDLARGE, LOSS_KL},
+        {MEAN_MU, VAR_LEARNED, LOSS_KL},         {MEAN_X0, VAR_FIXEDSMALL, LOSS_KL},
+        {MEAN_X0, VAR_LEARNED, LOSS_KL},
+    };
+    const int pairs[3][2] = {{0, 300}, {1, 999}, {0, 0}};
+    float x0[2 * 24], eps[2 * 24], xt[2 * 24], work[4 * 24];
+    float out[2 * 48], d_out[2 * 48];
+    for (int i = 0; i < B * (int)n; i++) {
+        // pixel values on the 0..255 grid, the two end bins included
+        int v = i % 5 == 0 ? 0 : i % 5 == 1 ? 255 : rng_int(&trng, 256);
+        x0[i] = v / 127.5f - 1.0f;
+    }
+    rng_normal(&trng, eps, B * n);
+    for (size_t k = 0; k < sizeof obs / sizeof obs[0]; k++) {
+        const Objective* ob = &obs[k];
+        char name[128];
+        objective_name(ob, name, sizeof name);
+        for (int p = 0; p < 3; p++) {
+            int t_idx[2] = {pairs[p][0], pairs[p][1]};
+            q_sample(xt, x0, eps, t_idx, B, n, &s);
+            size_t on = out_values(n, ob->var);
+            // an output of the right kind, off the target by O(1) in units of its scale
+            for (int b = 0; b < B; b++) {
+                float mq[24];
+                double lv;
+                q_posterior_mean_variance(mq, NULL, &lv, x0 + b * n, xt + b * n, t_idx + b, 1, n, &s);
+                float* o = out + b * on;
+                for (size_t i = 0; i < n; i++) {
+                    double r = 2 * rng_uniform(&trng) - 1;
+                    o[i] = ob->mean == MEAN_EPS ? eps[b * n + i] + (float)r
+                         : ob->mean == MEAN_X0 ? x0[b * n + i] + 0.3f * (float)r
+                         : mq[i] + (float)(r * exp(0.5 * p_log_variance(t_idx[b], VAR_FIXEDLARGE, &s)));
+                    if (ob->var == VAR_LEARNED)
+                        o[n + i] = (float)(p_log_variance(t_idx[b], VAR_FIXEDLARGE, &s) + 0.5 * r);
+                }
+            }
+            training_loss(d_out, out, x0, xt, eps, t_idx, B, n, ob, &s, work);
+            double worst = 0, gmax = 0;
+            for (size_t i = 0; i < B * on; i++) gmax = fmax(gmax, fabs(d_out[i]));
+            for (size_t i = 0; i < B * on; i++) {
+                int b = (int)(i / on), tb = t_idx[b];
+                double c1 = s.posterior_mean_coef1[tb];
+                double dmean = i % on >= n ? 1 : ob->mean == MEAN_MU ? 1 : ob->mean == MEAN_X0 ? c1
+                             : c1 * s.sqrt_recipm1_alphas_cumprod[tb];   // |d mean / d output|
+                float keep = out[i], h = (float)fmin(0.1, (tb == 0 ? 2e-4 : 1e-3) / dmean);
+                out[i] = keep + h;
+                float up = out[i];
+                double lp = training_loss(NULL, out, x0, xt, eps, t_idx, B, n, ob, &s, work);
+                out[i] = keep - h;
+                float dn = out[i];
+                double lm = training_loss(NULL, out, x0, xt, eps, t_idx, B, n, ob, &s, work);
+                out[i] = keep;
+                worst = fmax(worst, fabs((lp - lm) / ((double)up - dn) - d_out[i]));
+            }
+            check("objective gradient d loss / d output vs central differences", gmax > 0 && worst <= 2e-3 * gmax,
+                  "%s, t = %d and %d: worst |error| %.2e, max |gradient| %.2e (pass <= 2e-3 x)", name,
+                  t_idx[0] + 1, t_idx[1] + 1, worst, gmax);
+        }
+    }
+    // the combinations that cannot be trained
+    const Objective bad[] = {{MEAN_MU, VAR_FIXEDLARGE, LOSS_SIMPLE}, {MEAN_X0, VAR_FIXEDSMALL, LOSS_SIMPLE},
+                             {MEAN_EPS, VAR_LEARNED, LOSS_MSE}, {MEAN_EPS, VAR_LEARNED, LOSS_SIMPLE}};
+    int refused = 1;
+    for (int k = 0; k < 4; k++) refused &= objective_check(&bad[k]) != NULL;
+    for (size_t k = 0; k < sizeof obs / sizeof obs[0]; k++) refused &= objective_check(&obs[k]) == NULL;
+    check("objective_check: simple needs eps, learned needs kl; the 11 trainable rows pass", refused, "4 refused");
+    schedule_free(&s);
+}
+
+// The decoder's derivatives against central differences in double, on the bins of Eq. (13)
+// including the two end bins and a tail far from the mean (the floor), and the KL's.
+static void test_vb_term_derivatives(void) {
+    double worst = 0;
+    const double xs[5] = {-1.0, -1 + 2.0 / 255, 0.0039, 0.6, 1.0};
+    const double means[4] = {-0.9, 0.0, 0.5, 1.05};
+    const double lss[3] = {log(0.01), log(0.05), log(0.3)};
+    for (int a = 0; a < 5; a++)
+        for (int b = 0; b < 4; b++)
+            for (int c = 0; c < 3; c++) {
+                double dm, dls, h = 1e-6, x = xs[a], m = means[b], ls = lss[c];
+                discretized_gaussian_log_likelihood(x, m, ls, &dm, &dls);
+                double fm = (discretized_gaussian_log_likelihood(x, m + h, ls, NULL, NULL) -
+                             discretized_gaussian_log_likelihood(x, m - h, ls, NULL, NULL)) / (2 * h);
+                double fl = (discretized_gaussian_log_likelihood(x, m, ls + h, NULL, NULL) -
+                             discretized_gaussian_log_likelihood(x, m, ls - h, NULL, NULL)) / (2 * h);
+                worst = fmax(worst, fabs(dm - fm) / fmax(1, fabs(fm)));
+                worst = fmax(worst, fabs(dls - fl) / fmax(1, fabs(fl)));
+            }
+    check("decoder (Eq. 13): d log p / d mean and d log p / d log sigma vs central differences", worst < 1e-5,
+          "60 cases (end bins, centre, tails): worst relative error %.2e (pass < 1e-5)", worst);
+}
+
+// The kl training loss at (x_0, t, eps) is the term bpd reports for that t with the same
+// draw. For --mean-type mu the mean does not go through the clipped x0_hat, so bpd's
+// clipping cannot tell the two apart, and they must agree to rounding.
+static void test_kl_loss_is_the_bound_term(void) {
+    Schedule s;
+    schedule_init(&s, 1000, SCHEDULE_LINEAR);
+    const VarType vars[2] = {VAR_FIXEDLARGE, VAR_LEARNED};
+    for (int v = 0; v < 2; v++) {
+        Objective ob = {MEAN_MU, vars[v], LOSS_KL};
+        Config c = tiny_config(1, 0.0f);
+        c.learn_sigma = ob.var == VAR_LEARNED;
+        UNet m;
+        unet_build(&m, &c, 1);
+        Rng rng;
+        rng_seed(&rng, 61);
+        unet_random_params(&m, &rng);
+        Dataset d = toy_dataset(1, 1, 8, 8);
+        double term[1000], mse[1000];
+        PerT pt = {term, mse};
+        rng_seed(&rng, 5);
+        eval_bpd(&m, &s, &d, 1, ob.mean, ob.var, &rng, &pt);
+        // replay eval_bpd's draws: one eps per t, from t = T down
+        size_t n = 64;
+        float x0[64], eps[64], xt[64], work[4 * 64], d_out[128];
+        dataset_image(x0, &d, 0, 0);
+        rng_seed(&rng, 5);
+        double worst = 0;
+        int checked = 0;
+        for (int t = 999; t >= 0; t--) {
+            rng_normal(&rng, eps, n);
+            if (t != 999 && t != 500 && t != 10 && t != 1 && t != 0) continue;
+            q_sample(xt, x0, eps, &t, 1, n, &s);
+            m.train = 0;
+            const float* out = unet_forward(&m, xt, &t, 1);
+            double loss = training_loss(d_out, out, x0, xt, eps, &t, 1, n, &ob, &s, work);
+            worst = fmax(worst, fabs(loss - term[t]) / fmax(1e-12, fabs(term[t])));
+            checked++;
+        }
+        check("--loss kl at (x_0, t, eps) = the term bpd reports for t", checked == 5 && worst < 1e-6,
+              "--mean-type mu --var-type %s, t = 1000, 501, 11, 2, 1: worst relative difference %.2e (pass < 1e-6)",
+              VAR_NAMES[ob.var], worst);
+        dataset_free(&d);
+        unet_free(&m);
+    }
+    schedule_free(&s);
+}
+
+// A checkpoint keeps its objective, and its network the 2C-channel output of a learned Sigma.
+static void test_objective_checkpoint(void) {
+    Config c = tiny_config(1, 0.0f);
+    Objective ob = {MEAN_X0, VAR_LEARNED, LOSS_KL};
+    Trainer tr;
+    trainer_init(&tr, &c, &ob, 2, SCHEDULE_LINEAR, &PAPER_HYPER, 8);
+    char err[4400];
+    const char* path = OUT "/objective.ckpt";
+    int rc = checkpoint_save(&tr, SCHEDULE_LINEAR, path, err, sizeof err);
+    UNet m;
+    Schedule sc;
+    Objective got;
+    load_ema_model(&m, &sc, &got, path, 1);
+    Config plain = c;
+    size_t fixed = unet_count_params(&plain), learned = tr.net.n_params;
+    int ok = rc == 0 && !memcmp(&got, &ob, sizeof ob) && m.cfg.learn_sigma == 1 && m.n_params == learned &&
+             learned == fixed + (size_t)9 * c.ch * c.in_ch + c.in_ch;
+    check("checkpoint: the objective round-trips; a learned Sigma doubles conv_out's channels", ok,
+          "x0 / learned / kl back as %s / %s / %s; %zu parameters (%zu with a fixed variance)",
+          MEAN_NAMES[got.mean], VAR_NAMES[got.var], LOSS_NAMES[got.loss], learned, fixed);
+    unet_free(&m);
+    schedule_free(&sc);
+    trainer_free(&tr);
+}
+
 int main(int argc, char** argv) {
     (void)argc;
     // Paths are relative to the repository root: when started as .../tests/test_ddpm,
@@ -2393,6 +2583,10 @@ int main(int argc, char** argv) {
     test_unet_init();
     test_unet_determinism();
     test_unet_gradient();
+    test_vb_term_derivatives();
+    test_objective_gradients();
+    test_kl_loss_is_the_bound_term();
+    test_objective_checkpoint();
     test_respace();
     test_fewer_steps_sampling();
     test_per_t();
