@@ -636,4 +636,48 @@ bad "--steps on reconstruct" "--steps" reconstruct --checkpoint "$GOOD" --data-d
 [ ! -e "$T/never11.png" ]
 check "refused sampling commands write nothing" $? "$T/never11.png exists"
 
+# ---------------------------------------------------------------------------
+# 12. Table 2's objectives: each trains, and its checkpoint samples and evaluates with no
+# flag repeated; flags that contradict a checkpoint, and combinations that cannot train,
+# are refused in one line.
+OBJ="--data-dir $D $NET --batch 2 --steps 3 --sample-every 100000 --sample-n 0 --threads 1"
+for row in "mu kl learned" "mu mse fixedlarge" "eps kl fixedsmall" "x0 kl learned" "x0 mse fixedlarge"; do
+    set -- $row
+    name="obj_$1_$2_$3"
+    ddp "$name" $OBJ --mean-type $1 --loss $2 --var-type $3 --run "$T/$name"
+    trc=$rc
+    ddp "${name}_s" sample --checkpoint "$T/$name/model.ckpt" -n 1 --threads 1 --steps 20
+    src=$rc
+    ddp "${name}_b" bpd --checkpoint "$T/$name/model.ckpt" -n 1 --data-dir "$D" --threads 1 --steps 20
+    [ $trc -eq 0 ] && [ $src -eq 0 ] && [ $rc -eq 0 ] && grep -q "objective (Table 2): --mean-type $1 --var-type $3 --loss $2" "$T/$name.err" &&
+        grep -q "^  total" "$T/${name}_b.out" && tool npy "$T/$name/samples.npy" 1,3,32,32 >/dev/null
+    check "--mean-type $1 --loss $2 --var-type $3: trains; sample and bpd need no flag" $? \
+        "exit $trc/$src/$rc: $(err_of "$name") $(err_of "${name}_s") $(err_of "${name}_b")"
+done
+grep -q "sigma_t^2 = learned" "$T/obj_mu_kl_learned_b.out"
+check "bpd of a learned Sigma says so" $? "$(head -n 1 "$T/obj_mu_kl_learned_b.out")"
+ddp obj_resume $OBJ --steps 5 --run "$T/obj_mu_kl_learned" --resume
+[ $rc -eq 0 ] && grep -q "objective (Table 2): --mean-type mu --var-type learned --loss kl" "$T/obj_resume.err" &&
+    [ "$(last_step "$T/obj_mu_kl_learned/log.csv")" = 5 ]
+check "--resume without the objective's flags continues with the checkpoint's" $? "exit $rc: $(err_of obj_resume)"
+LEARNED=$T/obj_mu_kl_learned/model.ckpt
+bad "resume with another --loss" "--loss kl" $OBJ --steps 6 --run "$T/obj_mu_kl_learned" --resume --loss mse
+bad "sample with another --mean-type" "--mean-type mu" sample --checkpoint "$LEARNED" --mean-type eps --out "$T/never12.png"
+bad "bpd with another --var-type" "--var-type learned" bpd --checkpoint "$LEARNED" --var-type fixedlarge
+bad "--sigma on a learned Sigma" "--sigma" sample --checkpoint "$LEARNED" --sigma beta_tilde --out "$T/never12.png"
+bad "DDIM on a learned Sigma" "--sampler ddim" sample --checkpoint "$LEARNED" --sampler ddim --out "$T/never12.png"
+bad "--loss simple --mean-type mu" "--loss simple" $OBJ --mean-type mu --loss simple --run "$T/never12"
+bad "--var-type learned --loss mse" "--var-type learned" $OBJ --var-type learned --loss mse --run "$T/never12"
+bad "--var-type learned with the default loss" "--var-type learned" $OBJ --var-type learned --run "$T/never12"
+bad "--mean-type xstart" "--mean-type xstart" $OBJ --mean-type xstart --run "$T/never12"
+bad "--loss vlb" "--loss vlb" $OBJ --loss vlb --run "$T/never12"
+[ ! -e "$T/never12" ] && [ ! -e "$T/never12.png" ]
+check "refused objectives create no run folder and no picture" $? "$(ls -d "$T"/never12* 2>&1)"
+# A header whose objective bytes (offset 108: mean, var, loss, pad) are out of range, or a
+# combination that cannot train, re-sealed with a valid checksum: refused as corrupt.
+tool reseal "$LEARNED" "$T/obj_bad.ckpt" 108 B 7
+hostile "objective byte out of range" sample --checkpoint "$T/obj_bad.ckpt" -n 1 --out "$T/never12.png"
+tool reseal "$LEARNED" "$T/obj_bad2.ckpt" 110 B 0
+hostile "objective learned + simple" sample --checkpoint "$T/obj_bad2.ckpt" -n 1 --out "$T/never12.png"
+
 finish
