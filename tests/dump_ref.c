@@ -1,6 +1,6 @@
 // dump_ref: writes the exchange file that tests/reference.py checks against PyTorch.
 //
-//   tests/dump_ref PRESET BATCH FILE
+//   tests/dump_ref PRESET BATCH FILE [MEAN,VAR,LOSS]
 //
 // It builds the U-Net of a preset with random weights (not the official init, whose
 // 1e-10 scales would silence whole branches and hide their gradients), runs one
@@ -8,6 +8,13 @@
 // dropout off, and writes config, weights, inputs, eps_theta, the loss and every
 // parameter gradient. Format (little-endian): "DDPMREF1", int32 n_records, then per
 // record: int32 name_len, name, int32 ndim, int32 shape[ndim], float32 data.
+//
+// With MEAN,VAR,LOSS (e.g. eps,learned,kl or mu,fixedlarge,mse: Table 2's objectives,
+// ddpm.c sections 4-6) the step is that objective's instead: x_0 on the 0..255 grid,
+// x_t = q_sample(x_0, eps) at t = 1 for the first image (the decoder L_0) and a random t
+// for the others, training_loss and its gradient. The file then also holds x_0, the
+// objective, and one bound term per image with its gradient with respect to p_theta's
+// mean and log variance (vb_term_bpd_grad, for the KL and the decoder on their own).
 #define DDPM_NO_MAIN
 #include "../ddpm.c"
 
@@ -31,9 +38,24 @@ static void record_ints(FILE* f, const char* name, const int* v, int n) {
 }
 
 int main(int argc, char** argv) {
-    if (argc != 4) { fprintf(stderr, "usage: %s PRESET BATCH FILE\n", argv[0]); return 2; }
+    if (argc != 4 && argc != 5) { fprintf(stderr, "usage: %s PRESET BATCH FILE [MEAN,VAR,LOSS]\n", argv[0]); return 2; }
     Config cfg;
     if (!preset_find(argv[1], &cfg)) die("unknown preset %s", argv[1]);
+    Objective ob = PAPER_OBJECTIVE;
+    int with_objective = argc == 5;
+    if (with_objective) {
+        char mt[16], vt[16], lt[16];
+        if (sscanf(argv[4], "%15[^,],%15[^,],%15s", mt, vt, lt) != 3) die("objective: expected MEAN,VAR,LOSS");
+        ob.mean = (MeanType)-1; ob.var = (VarType)-1; ob.loss = (LossType)-1;
+        for (int i = 0; i < 3; i++) {
+            if (!strcmp(mt, MEAN_NAMES[i])) ob.mean = (MeanType)i;
+            if (!strcmp(vt, VAR_NAMES[i])) ob.var = (VarType)i;
+            if (!strcmp(lt, LOSS_NAMES[i])) ob.loss = (LossType)i;
+        }
+        if ((int)ob.mean < 0 || (int)ob.var < 0 || (int)ob.loss < 0 || objective_check(&ob))
+            die("objective %s: not a trainable MEAN,VAR,LOSS", argv[4]);
+        cfg.learn_sigma = ob.var == VAR_LEARNED;
+    }
     int B = atoi(argv[2]);
     UNet m;
     unet_build(&m, &cfg, B);
@@ -51,19 +73,30 @@ int main(int argc, char** argv) {
             else p[j] = 0.1f * z[0];
         }
     }
-    size_t n = (size_t)B * cfg.in_ch * cfg.img * cfg.img;
+    size_t n = (size_t)B * cfg.in_ch * cfg.img * cfg.img, per = n / B, n_out = n / cfg.in_ch * out_channels(&cfg);
     float* x_t = malloc_check(n * sizeof(float), "x_t");
+    float* x_0 = malloc_check(n * sizeof(float), "x_0");
     float* eps = malloc_check(n * sizeof(float), "eps");
-    float* d_eps = malloc_check(n * sizeof(float), "d eps_theta");
+    float* d_eps = malloc_check(n_out * sizeof(float), "d eps_theta");
+    float* work = malloc_check(4 * per * sizeof(float), "loss buffers");
     int* t_idx = malloc_check(B * sizeof(int), "t");
     float* t_f = malloc_check(B * sizeof(float), "t");
     rng_normal(&rng, x_t, n);
     rng_normal(&rng, eps, n);
     for (int b = 0; b < B; b++) { t_idx[b] = rng_int(&rng, 1000); t_f[b] = (float)t_idx[b]; }
+    Schedule s;
+    schedule_init(&s, 1000, SCHEDULE_LINEAR);
+    if (with_objective) {
+        for (size_t i = 0; i < n; i++) x_0[i] = rng_int(&rng, 256) / 127.5f - 1.0f;
+        t_idx[0] = 0;
+        t_f[0] = 0;
+        for (int b = 1; b < B; b++) { t_idx[b] = 1 + rng_int(&rng, 999); t_f[b] = (float)t_idx[b]; }
+        q_sample(x_t, x_0, eps, t_idx, B, per, &s);
+    }
     m.train = 0;
     unet_zero_grad(&m);
     float* eps_theta = unet_forward(&m, x_t, t_idx, B);
-    float loss = l_simple(d_eps, eps_theta, eps, n);
+    float loss = (float)training_loss(d_eps, eps_theta, x_0, x_t, eps, t_idx, B, per, &ob, &s, work);
     unet_backward(&m, d_eps, B);
 
     FILE* f = fopen_check(argv[3], "wb", NULL);
@@ -77,12 +110,49 @@ int main(int argc, char** argv) {
     record_ints(f, "config.img", &cfg.img, 1);
     record_ints(f, "config.ch_mult", cfg.ch_mult, cfg.n_levels);
     record_ints(f, "config.attn_resolutions", cfg.attn_res, cfg.n_attn);
-    int shape[4] = {B, cfg.in_ch, cfg.img, cfg.img}, one = 1;
+    int shape[4] = {B, cfg.in_ch, cfg.img, cfg.img}, one = 1, oshape[4] = {B, out_channels(&cfg), cfg.img, cfg.img};
     record(f, "input.x_t", 4, shape, x_t);
     record(f, "input.t", 1, &B, t_f);
     record(f, "input.eps", 4, shape, eps);
-    record(f, "output.eps_theta", 4, shape, eps_theta);
+    record(f, "output.eps_theta", 4, oshape, eps_theta);
     record(f, "output.loss", 1, &one, &loss);
+    if (with_objective) {
+        int kinds[3] = {ob.mean, ob.var, ob.loss}, three = 3;
+        record_ints(f, "config.objective", kinds, three);
+        record(f, "input.x_0", 4, shape, x_0);
+        record(f, "output.d_out", 4, oshape, d_eps);
+        // One bound term per image on its own: p_theta's mean and log variance drawn
+        // here (not through the network), the posterior of Eqs. (6)-(7) from x_0, x_t.
+        float* mean_q = malloc_check(n * sizeof(float), "terms");
+        float* mean_p = malloc_check(n * sizeof(float), "terms");
+        float* lv_p = malloc_check(n * sizeof(float), "terms");
+        float* d_mean = malloc_check(n * sizeof(float), "terms");
+        float* d_lv = malloc_check(n * sizeof(float), "terms");
+        float* lv_q = malloc_check(B * sizeof(float), "terms");
+        float* value = malloc_check(B * sizeof(float), "terms");
+        for (int b = 0; b < B; b++) {
+            double lq;
+            q_posterior_mean_variance(mean_q + b * per, NULL, &lq, x_0 + b * per, x_t + b * per, t_idx + b, 1, per, &s);
+            lv_q[b] = (float)lq;
+            double lp = p_log_variance(t_idx[b], VAR_FIXEDLARGE, &s);
+            for (size_t i = b * per; i < (b + 1) * per; i++) {
+                float z[2];
+                rng_normal(&rng, z, 2);
+                mean_p[i] = mean_q[i] + (float)exp(0.5 * lp) * z[0];
+                lv_p[i] = (float)(lp + 0.3 * z[1]);
+            }
+            // the posterior's log variance as the float the file holds
+            value[b] = (float)vb_term_bpd_grad(d_mean + b * per, d_lv + b * per, 1.0, x_0 + b * per, mean_q + b * per,
+                                               (double)lv_q[b], mean_p + b * per, lv_p + b * per, t_idx[b], per);
+        }
+        record(f, "term.mean_q", 4, shape, mean_q);
+        record(f, "term.logvar_q", 1, &B, lv_q);
+        record(f, "term.mean_p", 4, shape, mean_p);
+        record(f, "term.logvar_p", 4, shape, lv_p);
+        record(f, "term.value", 1, &B, value);
+        record(f, "term.d_mean", 4, shape, d_mean);
+        record(f, "term.d_logvar", 4, shape, d_lv);
+    }
     char name[80];
     for (int i = 0; i < m.L->n_tensors; i++) {
         ParamTensor* t = &m.L->tensors[i];

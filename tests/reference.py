@@ -191,7 +191,7 @@ class DDPMUNet(nn.Module):
     """eps_theta(x_t, t): predicts the noise that was added to x_0."""
 
     def __init__(self, in_ch, ch, ch_mult, num_res_blocks, attn_resolutions,
-                 groups, img=32, dropout=0.0):
+                 groups, img=32, dropout=0.0, out_channels=None):
         super().__init__()
         self.num_levels = len(ch_mult)
         self.num_res_blocks = num_res_blocks
@@ -248,7 +248,8 @@ class DDPMUNet(nn.Module):
 
         # Output
         self.norm_out = group_norm(cur_ch, groups)
-        self.conv_out = nn.Conv2d(cur_ch, in_ch, 3, padding=1)
+        # out_ch = 2 in_ch for a learned variance (the official `learned`)
+        self.conv_out = nn.Conv2d(cur_ch, out_channels or in_ch, 3, padding=1)
 
     def forward(self, x, t):
         temb = self.temb(t)
@@ -294,6 +295,7 @@ def build_model(config):
         groups=int(config["groups"]),
         img=int(config.get("img", 32)),
         dropout=float(config.get("dropout", 0.0)),
+        out_channels=int(config["in_ch"]) * (2 if config.get("objective", ("eps", "fixedlarge", "simple"))[1] == "learned" else 1),
     )
 
 
@@ -305,6 +307,80 @@ def loss_simple(model, x_t, t, eps):
     """L_simple (§3.4): mean over all elements of (eps - eps_theta)^2."""
     eps_theta = model(x_t, t)
     return eps_theta, torch.mean((eps - eps_theta) ** 2)
+
+
+# ---------------------------------------------------------------------------
+# Table 2's objectives, written here from the paper and the official
+# diffusion_utils_2.py (not from ddpm.c): what the network outputs (eps, the
+# posterior mean mu, or x_0), its variance (beta_t, beta_tilde_t, or a learned
+# log-variance as a second half of the output channels), and the loss
+# (unweighted MSE on the output's target, or the true bound's term L_{t-1},
+# the decoder L_0 at t = 1, in bits/dim).
+# ---------------------------------------------------------------------------
+MEAN_TYPES = ("eps", "mu", "x0")
+VAR_TYPES = ("fixedlarge", "fixedsmall", "learned")
+LOSS_TYPES = ("simple", "mse", "kl")
+
+
+def linear_schedule(T=1000):
+    """§4's linear betas and the quantities of Eqs. (4), (6)-(7), in float64."""
+    betas = np.linspace(1e-4, 0.02, T, dtype=np.float64)
+    abar = np.cumprod(1.0 - betas)
+    abar_prev = np.append(1.0, abar[:-1])
+    post_var = betas * (1.0 - abar_prev) / (1.0 - abar)
+    post_lv = np.log(np.append(post_var[1], post_var[1:]))       # beta_tilde_2 at t = 1
+    return dict(
+        betas=betas, abar=abar, post_lv=post_lv,
+        coef1=betas * np.sqrt(abar_prev) / (1.0 - abar),
+        coef2=(1.0 - abar_prev) * np.sqrt(1.0 - betas) / (1.0 - abar),
+        large_lv=np.log(np.append(post_var[1], betas[1:])),        # fixedlarge: beta_tilde_2 at t = 1
+    )
+
+
+def gaussian_kl(mean1, logvar1, mean2, logvar2):
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
+                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def decoder_nll(x0, mean, log_scale):
+    """-log of the Gaussian mass of x0's bin of width 2/255 (Eq. 13), end bins open."""
+    inv = torch.exp(-log_scale)
+    cdf_plus = torch.where(x0 > 0.999, torch.ones_like(x0), torch.special.ndtr(inv * (x0 - mean + 1 / 255)))
+    cdf_min = torch.where(x0 < -0.999, torch.zeros_like(x0), torch.special.ndtr(inv * (x0 - mean - 1 / 255)))
+    return -torch.log(torch.clamp(cdf_plus - cdf_min, min=1e-12))
+
+
+def vb_term(x0, mean_q, logvar_q, mean_p, logvar_p, t):
+    """L_{t-1} per image in bits/dim: the KL of Eq. (5) for t > 1, the decoder at t = 1."""
+    kl = gaussian_kl(mean_q, logvar_q, mean_p, logvar_p).mean(dim=(1, 2, 3))
+    nll = decoder_nll(x0, mean_p, 0.5 * logvar_p).mean(dim=(1, 2, 3))
+    return torch.where(t == 0, nll, kl) / math.log(2.0)
+
+
+def objective_loss(out, x0, x_t, eps, t, objective):
+    mean_type, var_type, loss_type = objective
+    S = linear_schedule()
+    ti = t.long().numpy()
+    col = lambda a: torch.from_numpy(a[ti]).to(out.dtype).view(-1, 1, 1, 1)
+    C = x0.shape[1]
+    mean_out = out[:, :C]
+    mean_q = col(S["coef1"]) * x0 + col(S["coef2"]) * x_t
+    if loss_type in ("simple", "mse"):
+        target = {"eps": eps, "x0": x0, "mu": mean_q}[mean_type]
+        return torch.mean((mean_out - target) ** 2)
+    if mean_type == "eps":
+        x0_hat = torch.sqrt(1.0 / col(S["abar"])) * x_t - torch.sqrt(1.0 / col(S["abar"]) - 1.0) * mean_out
+        mean_p = col(S["coef1"]) * x0_hat + col(S["coef2"]) * x_t
+    elif mean_type == "x0":
+        mean_p = col(S["coef1"]) * mean_out + col(S["coef2"]) * x_t
+    else:
+        mean_p = mean_out
+    if var_type == "learned":
+        logvar_p = out[:, C:]
+    else:
+        logvar_p = col(S["large_lv"] if var_type == "fixedlarge" else S["post_lv"]).expand_as(mean_p)
+    logvar_q = col(S["post_lv"])
+    return vb_term(x0, mean_q, logvar_q, mean_p, logvar_p, t.long()).mean()
 
 
 # ---------------------------------------------------------------------------
@@ -391,6 +467,11 @@ CONFIG_LISTS = ["ch_mult", "attn_resolutions"]
 
 def config_from_records(records, path):
     config = {}
+    if "config.objective" in records:
+        k = [int(round(float(v))) for v in records["config.objective"].reshape(-1)]
+        if len(k) != 3 or not (0 <= k[0] < 3 and 0 <= k[1] < 3 and 0 <= k[2] < 3):
+            raise ExchangeError(f"{path}: config.objective should hold three kinds")
+        config["objective"] = (MEAN_TYPES[k[0]], VAR_TYPES[k[1]], LOSS_TYPES[k[2]])
     for key in CONFIG_SCALARS + CONFIG_LISTS:
         name = "config." + key
         if name not in records:
@@ -439,18 +520,41 @@ def is_zero_gradient(name):
     return name.endswith(".k.bias")
 
 
-def run_torch(model, x_t, t, eps, dtype):
-    """Forward + backward of L_simple in the given dtype.  Returns
-    (eps_theta, loss, {param name: grad}) as float64 numpy arrays."""
+def run_torch(model, x_t, t, eps, dtype, objective=None, x0=None):
+    """Forward + backward of L_simple (or of an objective of Table 2) in the
+    given dtype.  Returns (eps_theta, loss, {param name: grad}, d loss / d
+    output) as float64 numpy arrays."""
     model = copy.deepcopy(model).to(dtype).eval()
     model.zero_grad(set_to_none=True)
     x_t, t, eps = (torch.from_numpy(a).to(dtype) for a in (x_t, t, eps))
-    eps_theta, loss = loss_simple(model, x_t, t, eps)
+    if objective is None:
+        eps_theta, loss = loss_simple(model, x_t, t, eps)
+    else:
+        eps_theta = model(x_t, t)
+        loss = objective_loss(eps_theta, torch.from_numpy(x0).to(dtype), x_t, eps, t, objective)
+    eps_theta.retain_grad()
     loss.backward()
     grads = {name: p.grad.detach().double().numpy()
              for name, p in model.named_parameters()}
     return (eps_theta.detach().double().numpy(),
-            np.array([loss.item()]), grads)
+            np.array([loss.item()]), grads, eps_theta.grad.detach().double().numpy())
+
+
+def check_terms(records):
+    """The bound's term per image on its own (Eq. 5: the KL for t > 1, the
+    decoder of Eq. 13 at t = 1), and its gradient with respect to p_theta's mean
+    and log variance, against autograd in float64.  Returns table rows."""
+    x0, t = (torch.from_numpy(records[n]).double() for n in ("input.x_0", "input.t"))
+    mean_q = torch.from_numpy(records["term.mean_q"]).double()
+    logvar_q = torch.from_numpy(records["term.logvar_q"]).double().view(-1, 1, 1, 1)
+    mean_p = torch.from_numpy(records["term.mean_p"]).double().requires_grad_()
+    logvar_p = torch.from_numpy(records["term.logvar_p"]).double().requires_grad_()
+    value = vb_term(x0, mean_q, logvar_q, mean_p, logvar_p, t.long())
+    value.sum().backward()
+    v, dm, dl = (a.detach().numpy() for a in (value, mean_p.grad, logvar_p.grad))
+    return [("term.value (KL, decoder; f64 only)", records["term.value"], v, v, FORWARD_TOL, 0.0),
+            ("term.d_mean (f64 only)", records["term.d_mean"], dm, dm, GRAD_TOL, 0.0),
+            ("term.d_logvar (f64 only)", records["term.d_logvar"], dl, dl, GRAD_TOL, 0.0)]
 
 
 def check_file(path, records):
@@ -484,11 +588,15 @@ def check_file(path, records):
             if prefix + n in records and records[prefix + n].shape != want:
                 problems.append(f"{prefix}{n} has shape {records[prefix + n].shape}, "
                                 f"expected {want}")
+    objective = config.get("objective")
+    if objective and not all(n in records for n in ("input.x_0", "output.d_out", "term.value")):
+        problems.append("an objective's file needs input.x_0, output.d_out and term.*")
     if not problems:
         B = records["input.x_t"].shape[0] if records["input.x_t"].ndim == 4 else -1
         img_shape = (B, config["in_ch"], config["img"], config["img"])
+        out_shape = (B, model.conv_out.out_channels, config["img"], config["img"])
         for name, want in (("input.x_t", img_shape), ("input.t", (B,)),
-                           ("input.eps", img_shape), ("output.eps_theta", img_shape),
+                           ("input.eps", img_shape), ("output.eps_theta", out_shape),
                            ("output.loss", (1,))):
             if records[name].shape != want:
                 problems.append(f"{name} has shape {records[name].shape}, expected {want}")
@@ -505,14 +613,20 @@ def check_file(path, records):
     # --- forward/backward in float32 and float64 -------------------------
     model.load_state_dict({n: torch.from_numpy(records["param." + n]) for n in expected})
     x_t, t, eps = records["input.x_t"], records["input.t"], records["input.eps"]
-    out32, loss32, g32 = run_torch(model, x_t, t, eps, torch.float32)
-    out64, loss64, g64 = run_torch(model, x_t, t, eps, torch.float64)
+    x0 = records.get("input.x_0")
+    out32, loss32, g32, d32 = run_torch(model, x_t, t, eps, torch.float32, objective, x0)
+    out64, loss64, g64, d64 = run_torch(model, x_t, t, eps, torch.float64, objective, x0)
+    if objective:
+        print("   objective (Table 2): --mean-type {} --var-type {} --loss {}".format(*objective))
 
     # Rows: (label, C value, torch float32, torch float64, tolerance, scale).
     # scale is a floor for the relative error's denominator; it is only
     # non-zero for the analytically-zero key-bias gradients (marked "*").
     rows = [("output.eps_theta", records["output.eps_theta"], out32, out64, FORWARD_TOL, 0.0),
             ("output.loss", records["output.loss"], loss32, loss64, FORWARD_TOL, 0.0)]
+    if objective:
+        rows.append(("output.d_out (d loss / d output)", records["output.d_out"], d32, d64, GRAD_TOL, 0.0))
+        rows += check_terms(records)
     for name, _ in model.named_parameters():
         scale, label = 0.0, "grad." + name
         if is_zero_gradient(name):
