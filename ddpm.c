@@ -4923,10 +4923,14 @@ static int save_rows(const char* out, const char* base, const float* grid, int r
     return 0;
 }
 
-static int cmd_reconstruct(const Options* o) {
-    if (!o->checkpoint) usage_error("reconstruct needs --checkpoint PATH");
-    if (o->n_index != 1) usage_error("reconstruct needs --index I: one test image");
-    int k = o->k, cols = k + 2, t_idx[64];
+// reconstruct (Fig. 7: per t, x_0, x_t and k decodings) and interpolate (Figs. 8-9: per t,
+// x_0, the decoded interpolations, x'_0): the same run of the chain from data.
+static int cmd_from_data(const Options* o, int interp) {
+    const char* cmd = interp ? "interpolate" : "reconstruct";
+    if (!o->checkpoint) usage_error("%s needs --checkpoint PATH", cmd);
+    if (o->n_index != 1 + interp)
+        usage_error(interp ? "interpolate needs --index A,B: two test images" : "reconstruct needs --index I: one test image");
+    int k = interp ? o->lambdas : o->k, cols = k + 2, t_idx[64];
     UNet m;
     Schedule s;
     Objective ob;
@@ -4935,60 +4939,26 @@ static int cmd_reconstruct(const Options* o) {
     check_channels(&m, o->checkpoint);
     Dataset test;
     load_test_set(&test, &m, o);
-    const int defaults[4] = {1000, 750, 500, 250};
-    int rows = step_list(o, defaults, 4, t_idx, &s);
-    char out[4200], base[4200];
-    output_paths(o, "reconstruct.png", out, base, sizeof out);
+    const int defaults[4] = {1000, 750, 500, 250}, middle[1] = {500};
+    int rows = interp ? step_list(o, middle, 1, t_idx, &s) : step_list(o, defaults, 4, t_idx, &s);
+    char out[4200], base[4200], png[64], what[64];
+    snprintf(png, sizeof png, "%s.png", cmd);
+    snprintf(what, sizeof what, "%s: step", cmd);
+    output_paths(o, png, out, base, sizeof out);
     size_t n = (size_t)m.cfg.in_ch * m.cfg.img * m.cfg.img;
-    float* grid = malloc_check((size_t)rows * cols * n * sizeof(float), "the reconstructions");
+    float* grid = malloc_check((size_t)rows * cols * n * sizeof(float), "the output grid");
     install_signal_handlers();
     Rng rng;
     rng_seed(&rng, o->seed);
-    Progress pg = {"reconstruct: step", 0, 0, now_seconds()};
+    Progress pg = {what, 0, 0, now_seconds()};
     for (int r = 0; r < rows; r++) pg.total += t_idx[r] + 1;
     for (int r = 0; r < rows; r++) {
-        float* row = grid + (size_t)r * cols * n;
+        float *row = grid + (size_t)r * cols * n, *last = row + (size_t)(cols - 1) * n;
         dataset_image(row, &test, o->index[0], 0);                              // x_0
-        if (!reconstruct(&m, &s, row, t_idx[r], k, &sp, row + n, row + 2 * n, &rng, &pg))
-            die("interrupted; nothing written");
-    }
-    int fail = save_rows(out, base, grid, rows, cols, t_idx, &m.cfg);
-    free(grid);
-    dataset_free(&test);
-    schedule_free(&s);
-    unet_free(&m);
-    return fail;
-}
-
-static int cmd_interpolate(const Options* o) {
-    if (!o->checkpoint) usage_error("interpolate needs --checkpoint PATH");
-    if (o->n_index != 2) usage_error("interpolate needs --index A,B: two test images");
-    int L = o->lambdas, cols = L + 2, t_idx[64];
-    UNet m;
-    Schedule s;
-    Objective ob;
-    load_ema_model(&m, &s, &ob, o->checkpoint, L);
-    Sampler sp = checkpoint_sampler(o, &ob, o->checkpoint);
-    check_channels(&m, o->checkpoint);
-    Dataset test;
-    load_test_set(&test, &m, o);
-    const int defaults[1] = {500};
-    int rows = step_list(o, defaults, 1, t_idx, &s);
-    char out[4200], base[4200];
-    output_paths(o, "interpolate.png", out, base, sizeof out);
-    size_t n = (size_t)m.cfg.in_ch * m.cfg.img * m.cfg.img;
-    float* grid = malloc_check((size_t)rows * cols * n * sizeof(float), "the interpolations");
-    install_signal_handlers();
-    Rng rng;
-    rng_seed(&rng, o->seed);
-    Progress pg = {"interpolate: step", 0, 0, now_seconds()};
-    for (int r = 0; r < rows; r++) pg.total += t_idx[r] + 1;
-    for (int r = 0; r < rows; r++) {
-        float* row = grid + (size_t)r * cols * n;
-        dataset_image(row, &test, o->index[0], 0);                              // x_0
-        dataset_image(row + (size_t)(L + 1) * n, &test, o->index[1], 0);       // x'_0
-        if (!interpolate(&m, &s, row, row + (size_t)(L + 1) * n, t_idx[r], L, &sp, row + n, &rng, &pg))
-            die("interrupted; nothing written");
+        if (interp) dataset_image(last, &test, o->index[1], 0);                 // x'_0
+        int done = interp ? interpolate(&m, &s, row, last, t_idx[r], k, &sp, row + n, &rng, &pg)
+                          : reconstruct(&m, &s, row, t_idx[r], k, &sp, row + n, row + 2 * n, &rng, &pg);
+        if (!done) die("interrupted; nothing written");
     }
     int fail = save_rows(out, base, grid, rows, cols, t_idx, &m.cfg);
     free(grid);
@@ -5135,8 +5105,8 @@ int main(int argc, char** argv) {
     if (!strcmp(o.cmd, "train")) return cmd_train(&o);
     if (!strcmp(o.cmd, "sample")) return cmd_sample(&o);
     if (!strcmp(o.cmd, "bpd")) return cmd_bpd(&o);
-    if (!strcmp(o.cmd, "reconstruct")) return cmd_reconstruct(&o);
-    if (!strcmp(o.cmd, "interpolate")) return cmd_interpolate(&o);
+    if (!strcmp(o.cmd, "reconstruct")) return cmd_from_data(&o, 0);
+    if (!strcmp(o.cmd, "interpolate")) return cmd_from_data(&o, 1);
     if (!strcmp(o.cmd, "schedule")) return cmd_schedule(&o);
     if (!strcmp(o.cmd, "params")) return cmd_params(&o);
     return cmd_bench(&o);
