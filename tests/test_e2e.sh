@@ -608,6 +608,9 @@ ddp pert bpd --checkpoint "$GOOD" -n 2 --data-dir "$D" --threads 1 --per-t "$T/p
 total=$(awk '/^  total / { print $4 }' "$T/pert.out"); prior=$(awk '/^  L_T / { print $2 }' "$T/pert.out")
 out=$(tool per_t "$T/per_t.csv" "$total" "$prior" 1000 2>&1)
 check "bpd --per-t: 1000 rows; terms + L_T = the printed total; rate falls in t; distortion(1) < distortion(T)" $? "exit $rc: $out $(err_of pert)"
+ddp pert1000 bpd --checkpoint "$GOOD" -n 2 --data-dir "$D" --threads 1 --steps 1000
+[ $rc -eq 0 ] && [ "$(grep total "$T/pert1000.out")" = "$(grep total "$T/pert.out")" ] && grep -q total "$T/pert.out"
+check "bpd --steps 1000 = bpd (and --per-t does not change the bound)" $? "exit $rc: $(grep total "$T/pert1000.out" "$T/pert.out" | tr '\n' ' ')"
 ddp pert50 bpd --checkpoint "$GOOD" -n 2 --data-dir "$D" --threads 1 --per-t "$T/per_t50.csv" --steps 50
 total=$(awk '/^  total / { print $4 }' "$T/pert50.out"); prior=$(awk '/^  L_T / { print $2 }' "$T/pert50.out")
 out=$(tool per_t "$T/per_t50.csv" "$total" "$prior" 50 2>&1)
