@@ -30,11 +30,8 @@ The file is a lecture in four parts. A first reading stops after Part II.
      7. The network, seen from outside: eps_theta(x_t, t) as Algorithms 1 and 2 call it
      8. The data batch .......... §3.3: images scaled to [-1, 1]; random flips
      9. Training, Alg. 1 ........ Adam, warmup, clipping, EMA (§4, Appendix B)
-    10. Sampling, Alg. 2 ........ and progressive generation, Eq. (15), Fig. 6; in fewer
-                                  steps (respaced, DDIM); reconstructions (Fig. 7) and
-                                  interpolations (Figs. 8-9) from x_t (§4.3-4.4)
-    11. Evaluation .............. the bound of Eq. (5) in bits/dim (Table 1's NLL), Eq. (16),
-                                  and per t: rate and distortion (Table 4, Fig. 5)
+    10. Sampling, Alg. 2 ........ Fig. 6; fewer steps (respaced, DDIM); Figs. 7-9 (§4.3-4.4)
+    11. Evaluation .............. the bound of Eq. (5) in bits/dim (Table 1), per t (Table 4)
   Part II. The network eps_theta (§4, Appendix B), from the whole down to its parts
     12. The U-Net's parts ....... parameters, layers, blocks, and the table of layers used
     13. eps_theta(x_t, t) ....... the U-Net forward and backward
@@ -219,7 +216,6 @@ static uint32_t hash_u32(uint64_t key, uint64_t i) {
     return (uint32_t)(splitmix64(&x) >> 32);
 }
 
-
 // Set by Ctrl-C / SIGTERM to the signal's number (the handler is installed by main,
 // section 22): long loops stop at the next step and the command saves what it has.
 static volatile sig_atomic_t stop_requested = 0;
@@ -261,7 +257,7 @@ typedef struct {
     double* posterior_mean_coef1;           // sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t)
     double* posterior_mean_coef2;           // sqrt(alpha_t) (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t)
     int* t_model;                           // the network's t_idx for step t_idx: itself, except on
-                                            // a chain of fewer steps (section 10.1)
+                                            // a chain of fewer steps (section 10.2)
     double* buffer;                         // the one allocation behind all of the above
 } Schedule;
 
@@ -396,11 +392,10 @@ static void predict_x0_from_eps(float* x_0, const float* x_t, const float* eps, 
 // is how we compute it: that way x0_hat can be clipped to [-1, 1] first, as the official
 // sampler does (the data lives there), and the unclipped path equals Eq. (11) to rounding.
 //
-// Table 2 compares this choice with the others (--mean-type, --var-type): the network can
-// output mu_theta directly ("predicting mu_tilde", §3.2), or x_0 (the official code's
-// `xstart`), the mean then being mu_tilde_t(x_t, x0_hat) of Eq. (7); and it can learn a
-// diagonal Sigma_theta: the output conv then has 2C channels, the mean part and then
-// log sigma_t^2 per pixel (the official code's `learned`). The default is the paper's.
+// Table 2 compares this with the others (--mean-type, --var-type): the network can output
+// mu_theta directly ("predicting mu_tilde", §3.2), or x_0 (the official `xstart`; the mean
+// is then mu_tilde_t(x_t, x0_hat), Eq. 7); and it can learn a diagonal Sigma_theta, the
+// output conv then having 2C channels: mean, then log sigma_t^2 (the official `learned`).
 
 typedef enum { MEAN_EPS, MEAN_MU, MEAN_X0 } MeanType;                 // what the network outputs
 typedef enum { VAR_FIXEDLARGE, VAR_FIXEDSMALL, VAR_LEARNED } VarType;  // sigma_t^2: beta_t, beta_tilde_t, learned
@@ -413,8 +408,7 @@ static double p_log_variance(int t_idx, VarType var, const Schedule* s) {
     return t_idx == 0 && s->T > 1 ? log(s->posterior_variance[1]) : log(s->betas[t_idx]);
 }
 
-// Values per image in the network's output: the mean part, and for a learned variance
-// the log-variance part after it.
+// Values per image in the network's output: the mean part, then a learned log variance.
 static size_t out_values(size_t n, VarType var) { return var == VAR_LEARNED ? 2 * n : n; }
 
 // mu_theta(x_t, t) and log sigma_t^2 for a batch, from the network's output `out`
@@ -463,10 +457,8 @@ static double normal_kl(double mean1, double logvar1, double mean2, double logva
     return 0.5 * (-1.0 + logvar2 - logvar1 + exp(logvar1 - logvar2) + d * d * exp(-logvar2));
 }
 
-// Standard normal CDF, in double; erfc keeps the tails accurate.
+// The standard normal CDF, in double (erfc keeps the tails accurate), and its density.
 static double std_normal_cdf(double x) { return 0.5 * erfc(-x / M_SQRT2); }
-
-// Standard normal density.
 static double std_normal_pdf(double x) { return exp(-0.5 * x * x) / sqrt(2.0 * M_PI); }
 
 // Eq. (13): the discrete decoder. Pixel values 0..255 are scaled to x in [-1, 1], so each
@@ -476,10 +468,9 @@ static double std_normal_pdf(double x) { return exp(-0.5 * x * x) / sqrt(2.0 * M
 //   p(x) = CDF((x + 1/255 - mean)/sigma) - CDF((x - 1/255 - mean)/sigma)
 // Returns log p(x) in nats. The official code uses a tanh approximation of the CDF; we
 // use the exact one. The 1e-12 floor matches it and keeps log() finite.
-// With d_mean and d_log_scale (may be NULL), also the derivatives of log p(x): with
-// u_+- = (x - mean +- 1/255)/sigma, dp/dmean = (pdf(u_-) - pdf(u_+))/sigma and
-// dp/dlog sigma = u_- pdf(u_-) - u_+ pdf(u_+) (an end bin has no pdf term on its open
-// side); they are 0 where the floor holds.
+// With d_mean, d_log_scale (may be NULL) also the derivatives of log p(x): with u_+- =
+// (x - mean +- 1/255)/sigma, dp/dmean = (pdf(u_-) - pdf(u_+))/sigma, dp/dlog sigma =
+// u_- pdf(u_-) - u_+ pdf(u_+) (an end bin has no term on its open side); 0 on the floor.
 static double discretized_gaussian_log_likelihood(double x, double mean, double log_scale,
                                                        double* d_mean, double* d_log_scale) {
     double inv_stdv = exp(-log_scale), centered = x - mean;
@@ -513,12 +504,11 @@ static double prior_bpd(const float* x_0, size_t n, const Schedule* s) {
 //   t > 1:  L_{t-1} = D_KL(q(x_{t-1} | x_t, x_0) || p_theta(x_{t-1} | x_t))
 //   t = 1:  L_0 = -log p_theta(x_0 | x_1), Eq. (13)
 // mean_q, mean_p are the two means (n values), logvar_q the posterior's log variance,
-// logvar_p p_theta's (n values: a learned Sigma_theta is per pixel).
-// With d_mean (n values, may be NULL) the gradient of the term with respect to mean_p,
-// times `scale`; with d_logvar (may be NULL) the same for logvar_p. For t > 1 they
-// differentiate the KL of two Gaussians (Eq. 8 when Sigma is fixed), with d = mean_q - mean_p:
+// logvar_p p_theta's (n values: a learned Sigma_theta is per pixel). d_mean, d_logvar
+// (may be NULL) get the term's gradient with respect to mean_p and logvar_p, times scale:
+// for t > 1 that of the KL (Eq. 8 when Sigma is fixed), with d = mean_q - mean_p,
 //   d/dmean_p = -d / sigma_p^2,   d/dlogvar_p = (1 - sigma_q^2/sigma_p^2 - d^2/sigma_p^2) / 2,
-// and for t = 1 the decoder of Eq. (13) (log sigma = logvar / 2).
+// and for t = 1 the decoder's (log sigma = logvar / 2).
 static double vb_term_bpd_grad(float* d_mean, float* d_logvar, double scale, const float* x_0,
                                const float* mean_q, double logvar_q, const float* mean_p,
                                const float* logvar_p, int t_idx, size_t n) {
@@ -542,8 +532,8 @@ static double vb_term_bpd_grad(float* d_mean, float* d_logvar, double scale, con
     return nats / (n * M_LN2);
 }
 
-static double vb_term_bpd(const float* x_0, const float* mean_q, double logvar_q,
-                          const float* mean_p, const float* logvar_p, int t_idx, size_t n) {
+static double vb_term_bpd(const float* x_0, const float* mean_q, double logvar_q, const float* mean_p,
+                          const float* logvar_p, int t_idx, size_t n) {
     return vb_term_bpd_grad(NULL, NULL, 0, x_0, mean_q, logvar_q, mean_p, logvar_p, t_idx, n);
 }
 
@@ -573,14 +563,10 @@ static double l_simple(float* d_eps_theta, const float* eps_theta, const float* 
 //   simple  Eq. (14); the network must output eps.
 //   mse     the same unweighted squared error on whatever the network outputs: eps, x_0,
 //           or mu_tilde_t(x_t, x_0) of Eq. (7) (Table 2's "||mu_tilde - mu_theta||^2").
-//   kl      the true bound: the term L_{t-1} of Eq. (5) for the drawn t, in bits/dim as
-//           the official vb_terms_bpd (the KL of Eq. 8 for t > 1, the decoder L_0 of Eq. 13
-//           at t = 1), unclipped, averaged over the batch. A learned Sigma_theta gets its
-//           gradient only from it.
+//   kl      the true bound's term L_{t-1} (Eq. 5) for the drawn t, in bits/dim, unclipped,
+//           as the official vb_terms_bpd; a learned Sigma_theta gets a gradient only here.
 typedef enum { LOSS_SIMPLE, LOSS_MSE, LOSS_KL } LossType;
-
 typedef struct { MeanType mean; VarType var; LossType loss; } Objective;
-
 static const Objective PAPER_OBJECTIVE = {MEAN_EPS, VAR_FIXEDLARGE, LOSS_SIMPLE};
 
 // The flags' words for them (--mean-type, --var-type, --loss).
@@ -620,9 +606,8 @@ static double training_loss(float* d_out, const float* out, const float* x_0, co
             }
             continue;
         }
-        // kl: the posterior of Eqs. (6)-(7) against p_theta, then the chain rule through
-        // the mean's dependence on the output: d mean / d out = -coef1 sqrt(1/abar - 1) for
-        // eps, coef1 for x_0, 1 for the mean itself.
+        // kl: the posterior of Eqs. (6)-(7) against p_theta, then the chain rule through the
+        // mean: d mean / d out = -coef1 sqrt(1/abar - 1) for eps, coef1 for x_0, 1 for mu.
         double lv_q;
         q_posterior_mean_variance(target, NULL, &lv_q, x0, xt, t, 1, n, s);
         p_mean_variance(mean_p, logvar_p, x0_hat, xt, o, t, 1, n, ob->mean, ob->var, 0, s);
@@ -630,8 +615,7 @@ static double training_loss(float* d_out, const float* out, const float* x_0, co
         sum += vb_term_bpd_grad(d, d_logvar, 1.0 / B, x0, target, lv_q, mean_p, logvar_p, *t, n);
         if (!d) continue;
         float c1 = (float)s->posterior_mean_coef1[*t];
-        float dmean_dout = ob->mean == MEAN_MU ? 1.0f
-                         : ob->mean == MEAN_X0 ? c1 : -c1 * (float)s->sqrt_recipm1_alphas_cumprod[*t];
+        float dmean_dout = ob->mean == MEAN_MU ? 1.0f : ob->mean == MEAN_X0 ? c1 : -c1 * (float)s->sqrt_recipm1_alphas_cumprod[*t];
         for (size_t i = 0; i < n; i++) d[i] *= dmean_dout;
     }
     return ob->loss == LOSS_MSE ? sum / ((double)B * n) : sum / B;
@@ -664,8 +648,7 @@ typedef struct {
     int learn_sigma;               // 1: the output has 2 in_ch channels, the second half log sigma_t^2
 } Config;
 
-// Channels of the network's output: the mean part, and the log-variance part if learned.
-static int out_channels(const Config* c) { return c->learn_sigma ? 2 * c->in_ch : c->in_ch; }
+static int out_channels(const Config* c) { return c->learn_sigma ? 2 * c->in_ch : c->in_ch; }   // mean, log var
 
 typedef struct UNetLayers UNetLayers;   // the layers, activations and scratch (section 12)
 
@@ -919,23 +902,20 @@ typedef struct {
     float *mean, *x0_hat, *z;   // (B, C, H, W) each
     float* log_var;             // (B, C, H, W): log sigma_t^2
     int* t_idx;                 // (B): the chain's step
-    int* t_model;               // (B): the network's timestep for it (section 10.1)
+    int* t_model;               // (B): the network's timestep for it (section 10.2)
     int shared_noise;           // one image's z for all B images (the interpolations of 10.3)
 } SampleBuffers;
 
 static void sample_buffers_init(SampleBuffers* sb, int B, size_t n) {
-    sb->mean = malloc_check((size_t)B * n * sizeof(float), "sampling buffers");
-    sb->x0_hat = malloc_check((size_t)B * n * sizeof(float), "sampling buffers");
-    sb->z = malloc_check((size_t)B * n * sizeof(float), "sampling buffers");
-    sb->log_var = malloc_check((size_t)B * n * sizeof(float), "sampling buffers");
-    sb->t_idx = malloc_check((size_t)B * sizeof(int), "sampling buffers");
-    sb->t_model = malloc_check((size_t)B * sizeof(int), "sampling buffers");
+    size_t k = (size_t)B * n;
+    sb->mean = malloc_check(4 * k * sizeof(float), "sampling buffers");
+    sb->x0_hat = sb->mean + k, sb->z = sb->mean + 2 * k, sb->log_var = sb->mean + 3 * k;
+    sb->t_idx = malloc_check(2 * (size_t)B * sizeof(int), "sampling buffers");
+    sb->t_model = sb->t_idx + B;
     sb->shared_noise = 0;
 }
 
-static void sample_buffers_free(SampleBuffers* sb) {
-    free(sb->mean); free(sb->x0_hat); free(sb->z); free(sb->log_var); free(sb->t_idx); free(sb->t_model);
-}
+static void sample_buffers_free(SampleBuffers* sb) { free(sb->mean); free(sb->t_idx); }
 
 // z ~ N(0, I) for the batch: B * n draws, or n draws copied to every image.
 static void draw_z(SampleBuffers* sb, int B, size_t n, Rng* rng) {
@@ -963,74 +943,7 @@ static void p_sample(float* x_t, const float* out, const int* t_idx, int B, size
     }
 }
 
-// ---- 10.1 Sampling in fewer steps: a respaced chain, and DDIM ----
-//
-// Alg. 2 runs the network T = 1000 times per sample (the paper's 256 samples take 17 s
-// on a TPU v3-8; on a CPU this is the cost that matters). Nothing in Eq. (4) needs the
-// steps to be consecutive: q(x_t|x_0) depends on t only through alpha_bar_t. So, as in
-// Nichol & Dhariwal (2021, §4), any increasing tau_1 < ... < tau_K of 1..T is a forward
-// chain of K steps with the same marginals, whose betas are
-//   beta'_i = 1 - alpha_bar_{tau_i} / alpha_bar_{tau_{i-1}},   alpha_bar_{tau_0} = 1,
-// and the network trained on all T steps is used unchanged, at t = tau_i. Sections 4-5
-// then run on the respaced Schedule as they are: its posterior (Eq. 7), its two fixed
-// variances, its bound. We take K evenly strided steps with both ends kept,
-// tau_i = 1 + round((i - 1)(T - 1)/(K - 1)), and tau_1 = T for K = 1. Where two kept
-// steps are consecutive the ratio is exactly alpha_t, so beta_t is kept as it is:
-// K = T is then Algorithm 2 bit for bit.
-static void schedule_respace(Schedule* r, const Schedule* s, int K) {
-    schedule_alloc(r, K);
-    double abar_prev = 1.0;
-    int prev = -1;
-    for (int i = 0; i < K; i++) {
-        int tau = K == 1 ? s->T - 1 : (int)floor(i * (double)(s->T - 1) / (K - 1) + 0.5);
-        r->t_model[i] = tau;
-        r->betas[i] = tau == prev + 1 ? s->betas[tau] : 1.0 - s->alphas_cumprod[tau] / abar_prev;
-        abar_prev = s->alphas_cumprod[tau];
-        prev = tau;
-    }
-    schedule_derive(r);
-}
-
-// DDIM (Song, Meng, Ermon 2021) keeps the marginals of Eq. (4) but not the Markov
-// chain, and its reverse step (their Eq. 12) is
-//   x_{t-1} = sqrt(abar_{t-1}) x0_hat + sqrt(1 - abar_{t-1} - sigma_t^2) eps_hat + sigma_t z,
-//   sigma_t^2 = eta^2 (1 - abar_{t-1})/(1 - abar_t) (1 - abar_t/abar_{t-1})     (their Eq. 16)
-// over the steps of the (respaced) schedule. eta = 0 adds no noise: x_0 is a fixed
-// function of x_T. eta = 1 gives sigma_t^2 = beta_tilde_t (Eq. 7), and the step is then
-// Alg. 2's with sigma_t^2 = beta_tilde_t. As the official DDIM code does, x0_hat is
-// clipped to [-1, 1] and eps_hat recomputed from it (Eq. 4 solved for eps).
-typedef struct {
-    MeanType mean;     // what the network outputs (section 4)
-    VarType var;       // Alg. 2's sigma_t^2 (section 4)
-    int ddim;          // the DDIM step instead of Alg. 2's
-    double eta;        // DDIM's eta in [0, 1]
-} Sampler;
-
-static double ddim_sigma2(int t_idx, double eta, const Schedule* s) {
-    double abar = s->alphas_cumprod[t_idx], abar_prev = s->alphas_cumprod_prev[t_idx];
-    return eta * eta * (1.0 - abar_prev) / (1.0 - abar) * (1.0 - abar / abar_prev);
-}
-
-static void ddim_sample(float* x_t, const float* out, const int* t_idx, int B, size_t n, MeanType mt,
-                        VarType var, double eta, const Schedule* s, SampleBuffers* sb, Rng* rng) {
-    p_mean_variance(sb->mean, NULL, sb->x0_hat, x_t, out, t_idx, B, n, mt, var, 1, s);
-    int any_noise = 0;
-    for (int b = 0; b < B; b++) any_noise |= eta > 0 && t_idx[b] > 0;
-    if (any_noise) draw_z(sb, B, n, rng);
-    for (int b = 0; b < B; b++) {
-        int t = t_idx[b];
-        double abar_prev = s->alphas_cumprod_prev[t], sig2 = ddim_sigma2(t, eta, s);
-        float c_x0 = (float)sqrt(abar_prev), c_eps = (float)sqrt(fmax(0.0, 1.0 - abar_prev - sig2));
-        float sigma = (float)sqrt(sig2), r0 = (float)s->sqrt_recip_alphas_cumprod[t];
-        float r1 = (float)s->sqrt_recipm1_alphas_cumprod[t];
-        for (size_t i = b * n; i < (b + 1) * n; i++) {
-            float eps_hat = (r0 * x_t[i] - sb->x0_hat[i]) / r1;
-            x_t[i] = c_x0 * sb->x0_hat[i] + c_eps * eps_hat + (sigma > 0 ? sigma * sb->z[i] : 0.0f);
-        }
-    }
-}
-
-// ---- 10.2 The chain, from any step down to x_0 ----
+// ---- 10.1 The chain, from any step down to x_0 ----
 
 // Optional record of the chain for Fig. 6: x_t and x0_hat at chosen steps.
 typedef struct {
@@ -1047,6 +960,16 @@ static void trace_record(Trace* tr, const float* x_t, const float* x0_hat, int t
     memcpy(tr->x0_hat + k, x0_hat, tr->n_images * n * sizeof(float));
     tr->steps[tr->n_steps - 1] = s->t_model[t_idx] + 1;
 }
+
+// How to take the steps: Alg. 2's, or DDIM's (10.2).
+typedef struct {
+    MeanType mean;     // what the network outputs (section 4)
+    VarType var;       // Alg. 2's sigma_t^2 (section 4)
+    int ddim;          // the DDIM step instead of Alg. 2's
+    double eta;        // DDIM's eta in [0, 1]
+} Sampler;
+static void ddim_sample(float* x_t, const float* out, const int* t_idx, int B, size_t n, MeanType mt,
+                        VarType var, double eta, const Schedule* s, SampleBuffers* sb, Rng* rng);
 
 // A progress line's state: what, how far, since when (progress_line, section 1).
 typedef struct { const char* what; long done, total; double t0; } Progress;
@@ -1090,6 +1013,67 @@ static int p_sample_loop(UNet* m, const Schedule* s, float* out, int n_images, c
     }
     sample_buffers_free(&sb);
     return done;
+}
+
+// ---- 10.2 Sampling in fewer steps: a respaced chain, and DDIM ----
+//
+// Alg. 2 runs the network T = 1000 times per sample (the paper's 256 samples take 17 s
+// on a TPU v3-8; on a CPU this is the cost that matters). Nothing in Eq. (4) needs the
+// steps to be consecutive: q(x_t|x_0) depends on t only through alpha_bar_t. So, as in
+// Nichol & Dhariwal (2021, §4), any increasing tau_1 < ... < tau_K of 1..T is a forward
+// chain of K steps with the same marginals, whose betas are
+//   beta'_i = 1 - alpha_bar_{tau_i} / alpha_bar_{tau_{i-1}},   alpha_bar_{tau_0} = 1,
+// and the network trained on all T steps is used unchanged, at t = tau_i. Sections 4-5
+// then run on the respaced Schedule as they are: its posterior (Eq. 7), its two fixed
+// variances, its bound. We take K evenly strided steps with both ends kept,
+// tau_i = 1 + round((i - 1)(T - 1)/(K - 1)), and tau_1 = T for K = 1. Where two kept
+// steps are consecutive the ratio is exactly alpha_t, so beta_t is kept as it is:
+// K = T is then Algorithm 2 bit for bit.
+static void schedule_respace(Schedule* r, const Schedule* s, int K) {
+    schedule_alloc(r, K);
+    double abar_prev = 1.0;
+    int prev = -1;
+    for (int i = 0; i < K; i++) {
+        int tau = K == 1 ? s->T - 1 : (int)floor(i * (double)(s->T - 1) / (K - 1) + 0.5);
+        r->t_model[i] = tau;
+        r->betas[i] = tau == prev + 1 ? s->betas[tau] : 1.0 - s->alphas_cumprod[tau] / abar_prev;
+        abar_prev = s->alphas_cumprod[tau];
+        prev = tau;
+    }
+    schedule_derive(r);
+}
+
+// DDIM (Song, Meng, Ermon 2021) keeps the marginals of Eq. (4) but not the Markov
+// chain, and its reverse step (their Eq. 12) is
+//   x_{t-1} = sqrt(abar_{t-1}) x0_hat + sqrt(1 - abar_{t-1} - sigma_t^2) eps_hat + sigma_t z,
+//   sigma_t^2 = eta^2 (1 - abar_{t-1})/(1 - abar_t) (1 - abar_t/abar_{t-1})     (their Eq. 16)
+// over the steps of the (respaced) schedule. eta = 0 adds no noise: x_0 is a fixed
+// function of x_T. eta = 1 gives sigma_t^2 = beta_tilde_t (Eq. 7), and the step is then
+// Alg. 2's with sigma_t^2 = beta_tilde_t. As the official DDIM code does, x0_hat is
+// clipped to [-1, 1] and eps_hat recomputed from it (Eq. 4 solved for eps).
+
+static double ddim_sigma2(int t_idx, double eta, const Schedule* s) {
+    double abar = s->alphas_cumprod[t_idx], abar_prev = s->alphas_cumprod_prev[t_idx];
+    return eta * eta * (1.0 - abar_prev) / (1.0 - abar) * (1.0 - abar / abar_prev);
+}
+
+static void ddim_sample(float* x_t, const float* out, const int* t_idx, int B, size_t n, MeanType mt,
+                        VarType var, double eta, const Schedule* s, SampleBuffers* sb, Rng* rng) {
+    p_mean_variance(sb->mean, NULL, sb->x0_hat, x_t, out, t_idx, B, n, mt, var, 1, s);
+    int any_noise = 0;
+    for (int b = 0; b < B; b++) any_noise |= eta > 0 && t_idx[b] > 0;
+    if (any_noise) draw_z(sb, B, n, rng);
+    for (int b = 0; b < B; b++) {
+        int t = t_idx[b];
+        double abar_prev = s->alphas_cumprod_prev[t], sig2 = ddim_sigma2(t, eta, s);
+        float c_x0 = (float)sqrt(abar_prev), c_eps = (float)sqrt(fmax(0.0, 1.0 - abar_prev - sig2));
+        float sigma = (float)sqrt(sig2), r0 = (float)s->sqrt_recip_alphas_cumprod[t];
+        float r1 = (float)s->sqrt_recipm1_alphas_cumprod[t];
+        for (size_t i = b * n; i < (b + 1) * n; i++) {
+            float eps_hat = (r0 * x_t[i] - sb->x0_hat[i]) / r1;
+            x_t[i] = c_x0 * sb->x0_hat[i] + c_eps * eps_hat + (sigma > 0 ? sigma * sb->z[i] : 0.0f);
+        }
+    }
 }
 
 // ---- 10.3 The chain started from data: reconstructions (§4.3, Fig. 7), interpolations (§4.4, Fig. 8) ----
@@ -1147,7 +1131,7 @@ static int interpolate(UNet* m, const Schedule* s, const float* a, const float* 
 // x0_hat clipped to [-1, 1] as the official evaluation does. The paper reports
 // <= 3.70 (L, fixed isotropic Sigma) and <= 3.75 (L_simple) bits/dim on CIFAR-10 with
 // the full model and 10,000 test images; a small CPU model on a few images gives a rough
-// estimate of the same quantity. On a respaced schedule (10.1) the same code gives the
+// estimate of the same quantity. On a respaced schedule (10.2) the same code gives the
 // bound of that K-step chain.
 //
 // §4.3 reads L as a codelength (Eq. 16 writes it with the marginals q(x_t); Algs. 3-4 send
@@ -4759,7 +4743,7 @@ static Sampler checkpoint_sampler(const Options* o, const Objective* ob, const c
     return sp;
 }
 
-// --steps K as a chain (10.1): the trained schedule respaced to K steps, or a copy for K = T.
+// --steps K as a chain (10.2): the trained schedule respaced to K steps, or a copy for K = T.
 static void chain_schedule(Schedule* r, const Schedule* s, const Options* o) {
     long K = o->steps_set ? o->steps : s->T;
     if (K < 1 || K > s->T) usage_error("--steps %ld: expected a number of sampling steps from 1 to %d", K, s->T);

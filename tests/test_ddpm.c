@@ -2222,7 +2222,7 @@ static Dataset toy_dataset(int N, int C, int H, int W) {
     return d;
 }
 
-// On a 50-step chain (10.1) to keep the ARM64 run under qemu short: the identities hold
+// On a 50-step chain (10.2) to keep the ARM64 run under qemu short: the identities hold
 // for any chain. tests/test_e2e.sh checks the same on all 1000 steps through ./ddpm.
 static void test_per_t(void) {
     Schedule full, s, r;
