@@ -1141,9 +1141,10 @@ static int interpolate(UNet* m, const Schedule* s, const float* a, const float* 
 // Eq. (15); the distortion is its RMSE against x_0 on the 0..255 scale (Table 4: 0.95 at
 // t = 1, 67.6 at t = 901; Fig. 5). L_0 is what is left: 1.97 bits/dim on CIFAR-10.
 // eval_bpd reports the three parts of L apart (prior, terms, decoder), and with per_t
-// every term and the squared error of x0_hat at every t.
+// every term and the squared error of x0_hat at every t. Each image's L is one draw of
+// eps per t, so the standard error over the images covers both the images and that noise.
 
-typedef struct { double prior, terms, decoder, total; int n; } BoundBpd;
+typedef struct { double prior, terms, decoder, total, std_err; int n; } BoundBpd;
 
 typedef struct {
     double* term;   // (T): L_{t-1} in bits/dim (L_0 at t_idx = 0), averaged over the images
@@ -1165,7 +1166,9 @@ static BoundBpd eval_bpd(UNet* m, const Schedule* s, const Dataset* test, int n_
     int* t_model = malloc_check((size_t)Bm * sizeof(int), "evaluation buffers");
     double* lv_q = malloc_check((size_t)Bm * sizeof(double), "evaluation buffers");
     float* lv_p = malloc_check((size_t)Bm * n * sizeof(float), "evaluation buffers");
-    BoundBpd r = {0, 0, 0, 0, 0};
+    double* img_L = malloc_check((size_t)Bm * sizeof(double), "evaluation buffers");
+    double sum_sq = 0;
+    BoundBpd r = {0, 0, 0, 0, 0, 0};
     if (per_t)
         for (int t = 0; t < T; t++) per_t->term[t] = per_t->mse[t] = 0;
     m->train = 0;
@@ -1176,7 +1179,8 @@ static BoundBpd eval_bpd(UNet* m, const Schedule* s, const Dataset* test, int n_
         int B = n_images - start < Bm ? n_images - start : Bm;
         for (int b = 0; b < B; b++) {
             dataset_image(x0 + b * n, test, start + b, 0);
-            r.prior += prior_bpd(x0 + b * n, n, s);
+            img_L[b] = prior_bpd(x0 + b * n, n, s);
+            r.prior += img_L[b];
         }
         for (int t = T - 1; t >= 0 && !stop_requested; t--) {
             for (int b = 0; b < B; b++) t_idx[b] = t, t_model[b] = s->t_model[t];
@@ -1188,6 +1192,7 @@ static BoundBpd eval_bpd(UNet* m, const Schedule* s, const Dataset* test, int n_
             for (int b = 0; b < B; b++) {
                 double v = vb_term_bpd(x0 + b * n, mean_q + b * n, lv_q[b], mean_p + b * n, lv_p + b * n, t, n);
                 if (t == 0) r.decoder += v; else r.terms += v;
+                img_L[b] += v;
                 if (!per_t) continue;
                 double se = 0;
                 for (size_t i = b * n; i < (b + 1) * n; i++) se += ((double)x0_hat[i] - x0[i]) * ((double)x0_hat[i] - x0[i]);
@@ -1196,12 +1201,15 @@ static BoundBpd eval_bpd(UNet* m, const Schedule* s, const Dataset* test, int n_
             }
             progress_line("bound: step", ++done, total, t0);
         }
+        for (int b = 0; b < B; b++) sum_sq += img_L[b] * img_L[b];
         r.n += B;
     }
     if (r.n) { r.prior /= r.n; r.terms /= r.n; r.decoder /= r.n; }
     if (r.n && per_t)
         for (int t = 0; t < T; t++) per_t->term[t] /= r.n, per_t->mse[t] /= r.n;
     r.total = r.prior + r.terms + r.decoder;
+    if (r.n > 1) r.std_err = sqrt(fmax(0.0, (sum_sq / r.n - r.total * r.total) * r.n / (r.n - 1)) / r.n);
+    free(img_L);
     free(x0); free(eps); free(x_t); free(mean_q); free(mean_p); free(x0_hat);
     free(t_idx); free(t_model); free(lv_q); free(lv_p);
     return r;
@@ -4744,9 +4752,14 @@ static Sampler checkpoint_sampler(const Options* o, const Objective* ob, const c
 }
 
 // --steps K as a chain (10.2): the trained schedule respaced to K steps, or a copy for K = T.
-static void chain_schedule(Schedule* r, const Schedule* s, const Options* o) {
+// A predicted mu_theta or a learned Sigma_theta belongs to one step of the trained chain,
+// not to a respaced step that spans many, so those checkpoints run the full chain only.
+static void chain_schedule(Schedule* r, const Schedule* s, const Options* o, const Sampler* sp) {
     long K = o->steps_set ? o->steps : s->T;
     if (K < 1 || K > s->T) usage_error("--steps %ld: expected a number of sampling steps from 1 to %d", K, s->T);
+    if (K < s->T && (sp->mean == MEAN_MU || sp->var == VAR_LEARNED))
+        usage_error("--steps %ld: a checkpoint with %s predicts one step of the %d-step chain; "
+                    "run it without --steps", K, sp->mean == MEAN_MU ? "--mean-type mu" : "--var-type learned", s->T);
     schedule_respace(r, s, (int)K);
 }
 
@@ -4787,7 +4800,7 @@ static int cmd_sample(const Options* o) {
     load_ema_model(&m, &trained, &ob, o->checkpoint, Bm);
     Sampler sp = checkpoint_sampler(o, &ob, o->checkpoint);
     check_channels(&m, o->checkpoint);
-    chain_schedule(&s, &trained, o);
+    chain_schedule(&s, &trained, o, &sp);
     char out[4200], base[4200], path[4400];
     output_paths(o, "samples.png", out, base, sizeof out);
     size_t sz = (size_t)m.cfg.in_ch * m.cfg.img * m.cfg.img;
@@ -4860,7 +4873,7 @@ static int cmd_bpd(const Options* o) {
     Objective ob;
     load_ema_model(&m, &trained, &ob, o->checkpoint, Bm);
     Sampler sp = checkpoint_sampler(o, &ob, o->checkpoint);
-    chain_schedule(&s, &trained, o);
+    chain_schedule(&s, &trained, o, &sp);
     Dataset test;
     load_test_set(&test, &m, o);
     if (o->per_t) check_output_path(o->per_t, "--per-t");
@@ -4878,6 +4891,7 @@ static int cmd_bpd(const Options* o) {
            s.T, sp.var == VAR_FIXEDLARGE ? "beta_t" : sp.var == VAR_FIXEDSMALL ? "beta_tilde_t" : "learned");
     printf("  L_T            %.6f\n  sum L_{t-1}    %.6f\n  L_0            %.6f\n  total (NLL <=) %.6f\n",
            r.prior, r.terms, r.decoder, r.total);
+    if (r.n > 1) printf("  std. error     %.6f  (of the total, over the %d images)\n", r.std_err, r.n);
     if (o->per_t) {
         write_per_t_csv(o->per_t, &pt, &r, &s);
         printf("wrote %s (%d rows: t, term_bpd, rate_bpd, distortion_rmse)\n", o->per_t, s.T);

@@ -2268,6 +2268,40 @@ static void test_per_t(void) {
     schedule_free(&full);
 }
 
+// The standard error bpd prints: with one image a batch, the images draw their noise in
+// turn, so three one-image evaluations continue the same stream as one of all three.
+static void test_bpd_std_err(void) {
+    Schedule full, s;
+    schedule_init(&full, 1000, SCHEDULE_LINEAR);
+    schedule_respace(&s, &full, 20);
+    UNet m;
+    random_net(&m, 1, 1, 43);
+    Dataset d = toy_dataset(3, 1, 8, 8);
+    Rng rng;
+    rng_seed(&rng, 5);
+    BoundBpd all = eval_bpd(&m, &s, &d, 3, MEAN_EPS, VAR_FIXEDLARGE, &rng, NULL);
+    rng_seed(&rng, 5);
+    double L[3], mean = 0, var = 0;
+    for (int i = 0; i < 3; i++) {
+        Dataset one = d;
+        one.N = 1;
+        one.pixels = d.pixels + (size_t)i * 64;
+        BoundBpd b = eval_bpd(&m, &s, &one, 1, MEAN_EPS, VAR_FIXEDLARGE, &rng, NULL);
+        L[i] = b.total;
+        mean += L[i] / 3;
+    }
+    for (int i = 0; i < 3; i++) var += (L[i] - mean) * (L[i] - mean) / 2;
+    double se = sqrt(var / 3);
+    check("bpd: the standard error is that of the mean of the images' bounds",
+          fabs(all.total - mean) < 1e-9 * mean && fabs(all.std_err - se) < 1e-6 * se && se > 0,
+          "images %.6f %.6f %.6f: mean %.9f (bpd %.9f), std. error %.9f (bpd %.9f)",
+          L[0], L[1], L[2], mean, all.total, se, all.std_err);
+    dataset_free(&d);
+    unet_free(&m);
+    schedule_free(&s);
+    schedule_free(&full);
+}
+
 static void test_reconstruct_interpolate(void) {
     Schedule s;
     schedule_init(&s, 1000, SCHEDULE_LINEAR);
@@ -2595,6 +2629,7 @@ int main(int argc, char** argv) {
     test_respace();
     test_fewer_steps_sampling();
     test_per_t();
+    test_bpd_std_err();
     test_reconstruct_interpolate();
     test_cifar10();
     test_fashion_mnist();

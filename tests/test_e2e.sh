@@ -649,9 +649,11 @@ for row in "mu kl learned" "mu mse fixedlarge" "eps kl fixedsmall" "x0 kl learne
     name="obj_$1_$2_$3"
     ddp "$name" $OBJ --mean-type $1 --loss $2 --var-type $3 --run "$T/$name"
     trc=$rc
-    ddp "${name}_s" sample --checkpoint "$T/$name/model.ckpt" -n 1 --threads 1 --steps 20
+    # mu_theta and a learned Sigma_theta are one step's of the trained chain: full chain only
+    few="--steps 20"; { [ $1 = mu ] || [ $3 = learned ]; } && few=""
+    ddp "${name}_s" sample --checkpoint "$T/$name/model.ckpt" -n 1 --threads 1 $few
     src=$rc
-    ddp "${name}_b" bpd --checkpoint "$T/$name/model.ckpt" -n 1 --data-dir "$D" --threads 1 --steps 20
+    ddp "${name}_b" bpd --checkpoint "$T/$name/model.ckpt" -n 1 --data-dir "$D" --threads 1 $few
     [ $trc -eq 0 ] && [ $src -eq 0 ] && [ $rc -eq 0 ] && grep -q "objective (Table 2): --mean-type $1 --var-type $3 --loss $2" "$T/$name.err" &&
         grep -q "^  total" "$T/${name}_b.out" && tool npy "$T/$name/samples.npy" 1,3,32,32 >/dev/null
     check "--mean-type $1 --loss $2 --var-type $3: trains; sample and bpd need no flag" $? \
@@ -667,6 +669,8 @@ LEARNED=$T/obj_mu_kl_learned/model.ckpt
 bad "resume with another --loss" "--loss kl" $OBJ --steps 6 --run "$T/obj_mu_kl_learned" --resume --loss mse
 bad "sample with another --mean-type" "--mean-type mu" sample --checkpoint "$LEARNED" --mean-type eps --out "$T/never12.png"
 bad "bpd with another --var-type" "--var-type learned" bpd --checkpoint "$LEARNED" --var-type fixedlarge
+bad "fewer steps on a learned Sigma" "--var-type learned" sample --checkpoint "$LEARNED" --steps 50 --out "$T/never12.png"
+bad "fewer steps on a predicted mu" "--mean-type mu" bpd --checkpoint "$T/obj_mu_mse_fixedlarge/model.ckpt" --steps 50
 bad "--sigma on a learned Sigma" "--sigma" sample --checkpoint "$LEARNED" --sigma beta_tilde --out "$T/never12.png"
 bad "DDIM on a learned Sigma" "--sampler ddim" sample --checkpoint "$LEARNED" --sampler ddim --out "$T/never12.png"
 bad "--loss simple --mean-type mu" "--loss simple" $OBJ --mean-type mu --loss simple --run "$T/never12"
