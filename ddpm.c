@@ -4099,26 +4099,100 @@ static int save_grid_png(const char* path, const float* imgs, int n, int C, int 
 }
 
 // NumPy's .npy format, version 1.0: magic, header length, a Python dict literal padded
-// with spaces to a multiple of 64 bytes, then the raw little-endian float32 data.
-static int save_npy(const char* path, const float* data, int ndim, const int* shape) {
+// with spaces to a multiple of 64 bytes, then the raw little-endian data. npy_header
+// fills head (330 bytes at most) for elements of type descr ('<f4', '|u1') and returns
+// its length; count gets the number of elements.
+static size_t npy_header(char* head, const char* descr, int ndim, const int* shape, size_t* count) {
     char dict[256], sh[128] = "";
-    size_t count = 1;
+    *count = 1;
     for (int i = 0; i < ndim; i++) {
         char d[24];
         snprintf(d, sizeof d, "%d%s", shape[i], ndim == 1 ? "," : i + 1 < ndim ? ", " : "");
         strncat(sh, d, sizeof sh - strlen(sh) - 1);
-        count *= shape[i];
+        *count *= shape[i];
     }
-    int len = snprintf(dict, sizeof dict, "{'descr': '<f4', 'fortran_order': False, 'shape': (%s), }", sh);
+    int len = snprintf(dict, sizeof dict, "{'descr': '%s', 'fortran_order': False, 'shape': (%s), }", descr, sh);
     int total = 10 + len + 1, pad = (64 - total % 64) % 64;
     uint16_t hl = (uint16_t)(len + pad + 1);
-    char head[10 + 256 + 64];
     memcpy(head, "\x93NUMPY\x01\x00", 8);
     memcpy(head + 8, &hl, 2);
     memcpy(head + 10, dict, len);
     memset(head + 10 + len, ' ', pad);
     head[10 + len + pad] = '\n';
-    return write_file_atomic(path, head, (size_t)total + pad, data, count * sizeof(float));
+    return (size_t)total + pad;
+}
+
+static int save_npy(const char* path, const float* data, int ndim, const int* shape) {
+    char head[10 + 256 + 64];
+    size_t count, hl = npy_header(head, "<f4", ndim, shape, &count);
+    return write_file_atomic(path, head, hl, data, count * sizeof(float));
+}
+
+// The CRC-32 of ZIP (polynomial 0xEDB88320), a byte at a time through a 256-entry table.
+static uint32_t crc32_update(uint32_t crc, const uint8_t* p, size_t n) {
+    static uint32_t table[256];
+    if (!table[1])
+        for (uint32_t i = 0; i < 256; i++) {
+            uint32_t c = i;
+            for (int k = 0; k < 8; k++) c = c & 1 ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+            table[i] = c;
+        }
+    crc = ~crc;
+    for (size_t i = 0; i < n; i++) crc = table[(crc ^ p[i]) & 0xff] ^ (crc >> 8);
+    return ~crc;
+}
+
+static uint8_t* put_le(uint8_t* p, uint64_t v, int bytes) {
+    for (int i = 0; i < bytes; i++) p[i] = (uint8_t)(v >> (8 * i));
+    return p + bytes;
+}
+
+// --npz: the samples as numpy.savez writes them, one array arr_0 of uint8, N x H x W x C
+// (channels last): the input of the usual FID tools (the evaluator of Dhariwal & Nichol,
+// pytorch-fid and clean-fid through numpy). An .npz is a ZIP archive; its one member,
+// arr_0.npy, is stored uncompressed, so the archive is a local header, the .npy, a central
+// directory entry and the end record. Pixels are rounded as in the PNG grid.
+static int save_npz(const char* path, const float* imgs, int N, int C, int H, int W) {
+    int shape[4] = {N, H, W, C};
+    char head[10 + 256 + 64];
+    size_t count, hl = npy_header(head, "|u1", 4, shape, &count);
+    size_t member = hl + count;
+    if (member >= 0xffffffffu) {
+        fprintf(stderr, "ddpm: %s: %d samples are over the 4 GiB of a plain ZIP; write fewer with -n\n", path, N);
+        return -1;
+    }
+    const char name[] = "arr_0.npy";
+    size_t nl = sizeof name - 1, total = 30 + nl + member + 46 + nl + 22;
+    uint8_t* buf = malloc_check(total, "the .npz file");
+    uint8_t* npy = buf + 30 + nl;
+    memcpy(npy, head, hl);
+    for (int i = 0; i < N; i++)               // NCHW floats -> NHWC bytes
+        for (int c = 0; c < C; c++)
+            for (int y = 0; y < H; y++)
+                for (int x = 0; x < W; x++)
+                    npy[hl + (((size_t)i * H + y) * W + x) * C + c] = to_pixel(imgs[(((size_t)i * C + c) * H + y) * W + x]);
+    uint32_t crc = crc32_update(0, npy, member);
+    // local file header: version 2.0, no flags, stored, 1980-01-01 00:00, crc, sizes, name
+    uint8_t* p = put_le(buf, 0x04034b50, 4);
+    p = put_le(p, 20, 2); p = put_le(p, 0, 2); p = put_le(p, 0, 2); p = put_le(p, 0, 2); p = put_le(p, 0x21, 2);
+    p = put_le(p, crc, 4); p = put_le(p, member, 4); p = put_le(p, member, 4); p = put_le(p, nl, 2); p = put_le(p, 0, 2);
+    memcpy(p, name, nl);
+    p += nl + member;
+    // the central directory's one entry, pointing at offset 0
+    uint8_t* cd = p;
+    p = put_le(p, 0x02014b50, 4); p = put_le(p, 20, 2);
+    p = put_le(p, 20, 2); p = put_le(p, 0, 2); p = put_le(p, 0, 2); p = put_le(p, 0, 2); p = put_le(p, 0x21, 2);
+    p = put_le(p, crc, 4); p = put_le(p, member, 4); p = put_le(p, member, 4); p = put_le(p, nl, 2); p = put_le(p, 0, 2);
+    p = put_le(p, 0, 2); p = put_le(p, 0, 2); p = put_le(p, 0, 2); p = put_le(p, 0, 4); p = put_le(p, 0, 4);
+    memcpy(p, name, nl);
+    p += nl;
+    // end of central directory: one entry, its size and offset
+    size_t cd_off = (size_t)(cd - buf), cd_size = (size_t)(p - cd);
+    p = put_le(p, 0x06054b50, 4); p = put_le(p, 0, 2); p = put_le(p, 0, 2); p = put_le(p, 1, 2); p = put_le(p, 1, 2);
+    p = put_le(p, cd_size, 4); p = put_le(p, cd_off, 4); p = put_le(p, 0, 2);
+    int r = write_file_atomic(path, buf, (size_t)(p - buf), NULL, 0);
+    free(buf);
+    return r;
 }
 
 // The chain of Fig. 6 as a strip: one row per image, one column per recorded step.
@@ -4250,6 +4324,7 @@ typedef struct {
     const char* run_dir;
     const char* checkpoint;
     const char* out;
+    const char* npz;            // sample --npz FILE
     int batch, sample_every, sample_n, n, trace, resume, threads, warmup_steps, log_every;
     long steps;
     int steps_set;              // --steps was given (sample, bpd: the chain's K steps)
@@ -4319,6 +4394,7 @@ static const char* HELP =
 "  -k N                           reconstruct: decodings per t (default 4)\n"
 "  --lambdas N                    interpolate: evenly spaced lambda in [0, 1] (default 9)\n"
 "  --out PATH                     the PNG grid (default: beside the checkpoint); .npy beside it\n"
+"  --npz FILE                     sample: also the samples as arr_0, uint8 N x H x W x C (FID tools)\n"
 "other:\n"
 "  --threads N                    OpenMP threads (default: all cores)\n"
 "  --help                         this text\n"
@@ -4470,6 +4546,7 @@ static void parse_options(int argc, char** argv, Options* o) {
         else if (FLAG("--lambdas")) o->lambdas = (int)parse_long(a, VALUE(), 2, 64);
         else if (FLAG("--trace")) o->trace = 1;
         else if (FLAG("--out")) o->out = VALUE();
+        else if (FLAG("--npz")) o->npz = VALUE();
         else if (FLAG("--threads")) o->threads = (int)parse_long(a, VALUE(), 1, 1024);
         else if (FLAG("--warmup-steps")) o->warmup_steps = (int)parse_long(a, VALUE(), 0, 1000);
         else usage_error("unknown flag '%s'", a);
@@ -4731,6 +4808,7 @@ static void check_command_flags(const Options* o) {
     if (o->eta_set && !o->sampler.ddim) usage_error("--eta applies to --sampler ddim");
     if (o->sampler.ddim && o->sigma_set) usage_error("--sigma applies to --sampler ddpm; DDIM's variance is set by --eta");
     if (o->per_t && !bpd) usage_error("--per-t applies to bpd");
+    if (o->npz && !sample) usage_error("--npz applies to sample");
     if ((o->n_index || o->n_tlist) && !decode) usage_error("--index and --t apply to reconstruct and interpolate");
     if (o->steps_set && decode) usage_error("--steps applies to train, sample and bpd; %s runs the full chain", o->cmd);
 }
@@ -4803,6 +4881,7 @@ static int cmd_sample(const Options* o) {
     chain_schedule(&s, &trained, o, &sp);
     char out[4200], base[4200], path[4400];
     output_paths(o, "samples.png", out, base, sizeof out);
+    if (o->npz) check_output_path(o->npz, "--npz");
     size_t sz = (size_t)m.cfg.in_ch * m.cfg.img * m.cfg.img;
     float* imgs = malloc_check((size_t)n * sz * sizeof(float), "samples");
     Trace trace = {0}, *tp = NULL;
@@ -4822,10 +4901,11 @@ static int cmd_sample(const Options* o) {
     int shape[4] = {n, m.cfg.in_ch, m.cfg.img, m.cfg.img};
     snprintf(path, sizeof path, "%s.npy", base);
     if (save_grid_png(out, imgs, n, m.cfg.in_ch, m.cfg.img, m.cfg.img, (int)ceil(sqrt((double)n))) ||
-        save_npy(path, imgs, 4, shape))
+        save_npy(path, imgs, 4, shape) || (o->npz && save_npz(o->npz, imgs, n, m.cfg.in_ch, m.cfg.img, m.cfg.img)))
         return 1;
     printf("wrote %s and %s (%d samples, %d steps, %s)\n", out, path, n, s.T,
            sp.ddim ? (sp.eta > 0 ? "DDIM, eta > 0" : "DDIM, eta = 0") : "Alg. 2");
+    if (o->npz) printf("wrote %s (arr_0: %d x %d x %d x %d uint8)\n", o->npz, n, m.cfg.img, m.cfg.img, m.cfg.in_ch);
     if (tp) {
         int shape5[5] = {trace.n_steps, trace.n_images, m.cfg.in_ch, m.cfg.img, m.cfg.img}, ts[1] = {trace.n_steps};
         float steps_f[1024];

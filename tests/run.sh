@@ -111,6 +111,46 @@ else
     echo "NOTE skipped gdb: gdb is not installed (apt-get install gdb to run the README's walkthrough)"
 fi
 
+requires() {   # requires NAME CHECK HINT: true if the shell command CHECK succeeds; else a
+    # failure in CI, a NOTE elsewhere, naming what to install
+    sh -c "$2" >/dev/null 2>&1 && return 0
+    if [ "$CI" = "true" ]; then
+        echo "== $1: FAILED: $3"
+        total_fail=$((total_fail + 1))
+    else
+        echo "NOTE skipped $1: $3"
+    fi
+    return 1
+}
+
+# The sample-quality score's formulas (tests/fid_fmnist.py; its classifier is not trained here).
+requires fid-fmnist "$PYTHON -c 'import numpy'" "$PYTHON cannot import numpy (apt-get install python3-numpy)" &&
+    suite fid-fmnist $PYTHON tests/fid_fmnist.py selftest
+
+# Every notebook, executed on a small budget (DDPM_NOTEBOOK_QUICK=1: a toy network, a few
+# steps and images) into tests/out/notebooks, so that a notebook that breaks fails here.
+# The committed notebooks keep the outputs of their real runs.
+notebooks_suite() {
+    out=$PWD/tests/out/notebooks
+    rm -rf "$out" && mkdir -p "$out" || return 1
+    pass=0; fail=0
+    for nb in notebooks/*.ipynb; do
+        name=$(basename "$nb" .ipynb)
+        if DDPM_NOTEBOOK_QUICK=1 DDPM_RUN="$out/run" DDPM_TABLE2="$out/table2" DDPM_THREADS=${DDPM_THREADS:-2} \
+           $PYTHON -m nbconvert --to notebook --execute --ExecutePreprocessor.timeout=900 \
+           --output-dir "$out" "$nb" > "$out/$name.log" 2>&1; then
+            echo "PASS $nb runs (DDPM_NOTEBOOK_QUICK=1)"; pass=$((pass + 1))
+        else
+            echo "FAIL $nb: $(grep -E 'Error|error' "$out/$name.log" | tail -n 3)"; fail=$((fail + 1))
+        fi
+    done
+    echo "$pass passed, $fail failed"
+    [ $fail -eq 0 ]
+}
+requires notebooks "$PYTHON -c 'import nbconvert, ipykernel, matplotlib'" \
+    "apt-get install jupyter-nbconvert python3-ipykernel python3-matplotlib (see .ci/run)" &&
+    suite notebooks notebooks_suite
+
 suite e2e sh tests/test_e2e.sh
 
 echo

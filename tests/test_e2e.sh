@@ -148,7 +148,7 @@ elif cmd == "trace_t":      # FILE: the trace's t values run from T = 1000 down 
     n = (len(b) - 10 - hl) // 4
     t = struct.unpack_from("<%df" % n, b, 10 + hl)
     assert t[0] == 1000 and t[-1] == 1 and all(x > y for x, y in zip(t, t[1:])), t
-elif cmd in ("per_t", "recon", "interp"):
+elif cmd in ("per_t", "recon", "interp", "npz"):
     def load(path):         # a float32 .npy (version 1.0) as (shape, flat tuple)
         b = open(path, "rb").read()
         hl = struct.unpack_from("<H", b, 8)[0]
@@ -177,6 +177,29 @@ elif cmd in ("per_t", "recon", "interp"):
         spread = max(abs(x - y) for x, y in zip(img(1, 2), img(1, 3)))
         assert worst < 4 and spread > 0.1, "t = 1: worst RMSE %.2f levels; t = T: spread %.3f" % (worst, spread)
         print("t = 1: worst RMSE %.2f levels; t = T: samples differ by up to %.3f" % (worst, spread))
+    elif cmd == "npz":      # NPZ NPY: arr_0 is the float samples as uint8 N x H x W x C, rounded
+        import zipfile
+        z = zipfile.ZipFile(sys.argv[2])
+        assert z.namelist() == ["arr_0.npy"] and z.testzip() is None, z.namelist()
+        b = z.read("arr_0.npy")
+        hl = struct.unpack_from("<H", b, 8)[0]
+        d = ast.literal_eval(b[10:10 + hl].decode("latin1"))
+        shape, (N, C, H, W) = tuple(d["shape"]), load(sys.argv[3])[0]
+        assert d["descr"] == "|u1" and shape == (N, H, W, C), (d, (N, C, H, W))
+        _, x = load(sys.argv[3])
+        f32 = lambda v: struct.unpack("<f", struct.pack("<f", v))[0]
+        bad = 0
+        for i in range(N):
+            for c in range(C):
+                for y in range(H):
+                    for w in range(W):
+                        v = f32(x[((i * C + c) * H + y) * W + w] + 1.0) * 127.5 + 0.5
+                        want = min(255, max(0, math.floor(v)))
+                        got = b[10 + hl + ((i * H + y) * W + w) * C + c]
+                        tie = abs(v - round(v)) < 1e-3   # float rounding may go either way here
+                        bad += got != want and not (tie and abs(got - want) <= 1)
+        assert bad == 0, "%d pixels differ from the samples' .npy" % bad
+        print("arr_0 %s uint8 = the samples' .npy, channels last" % (shape,))
     else:                   # NPY L: t = 1: lambda = 0 decodes near x_0, lambda = 1 near x'_0
         shape, a = load(sys.argv[2])
         L = int(sys.argv[3]); cols = L + 2; n = math.prod(shape[2:])
@@ -594,6 +617,13 @@ ddp s_full sample --checkpoint "$GOOD" -n 2 --threads 1 --out "$T/full.png"
 ddp s_k1000 sample --checkpoint "$GOOD" -n 2 --threads 1 --out "$T/k1000.png" --steps 1000
 [ $rc -eq 0 ] && cmp -s "$T/full.npy" "$T/k1000.npy" && cmp -s "$T/full.png" "$T/k1000.png"
 check "sample --steps 1000: the same bits as Algorithm 2 (samples .npy and PNG)" $? "exit $rc: $(err_of s_k1000)"
+ddp s_npz sample --checkpoint "$GOOD" -n 3 --threads 1 --out "$T/npz.png" --steps 10 --npz "$T/samples.npz"
+out=$(tool npz "$T/samples.npz" "$T/npz.npy" 2>&1)
+check "sample --npz: arr_0, uint8 N x H x W x C, as numpy.savez writes it" $? "exit $rc: $out $(err_of s_npz)"
+bad "--npz on bpd" "--npz" bpd --checkpoint "$GOOD" --npz "$T/never.npz"
+ddp npz_nowhere sample --checkpoint "$GOOD" -n 1 --npz "$T/nowhere/s.npz" --out "$T/never.png"
+[ $rc -eq 1 ] && one_line "$T/npz_nowhere.err" && grep -q -- "--npz" "$T/npz_nowhere.err" && [ ! -e "$T/never.png" ]
+check "--npz into a missing folder: refused before sampling, in one line" $? "exit $rc: $(err_of npz_nowhere)"
 ddp s_k10 sample --checkpoint "$GOOD" -n 2 --threads 1 --out "$T/k10.png" --steps 10 --trace
 out=$(tool npy "$T/k10.npy" 2,3,32,32 2>&1 && tool npy "$T/k10_trace_x0_hat.npy" 10,2,3,32,32 2>&1 &&
       tool trace_t "$T/k10_trace_t.npy" 2>&1)
