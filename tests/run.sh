@@ -130,22 +130,22 @@ requires fid-fmnist "$PYTHON -c 'import numpy'" "$PYTHON cannot import numpy (ap
 # Every notebook, executed on a small budget (DDPM_NOTEBOOK_QUICK=1: a toy network, a few
 # steps and images) into tests/out/notebooks, so that a notebook that breaks fails here.
 # The committed notebooks keep the outputs of their real runs.
-notebooks_suite() {
-    out=$PWD/tests/out/notebooks
-    rm -rf "$out" && mkdir -p "$out" || return 1
-    pass=0; fail=0
+notebooks_suite() {   # its variables are nb_*: suite() keeps $name and $status
+    nb_out=$PWD/tests/out/notebooks
+    rm -rf "$nb_out" && mkdir -p "$nb_out" || return 1
+    nb_pass=0; nb_fail=0
     for nb in notebooks/*.ipynb; do
-        name=$(basename "$nb" .ipynb)
-        if DDPM_NOTEBOOK_QUICK=1 DDPM_RUN="$out/run" DDPM_TABLE2="$out/table2" DDPM_THREADS=${DDPM_THREADS:-2} \
+        nb_base=$(basename "$nb" .ipynb)
+        if DDPM_NOTEBOOK_QUICK=1 DDPM_RUN="$nb_out/run" DDPM_TABLE2="$nb_out/table2" DDPM_THREADS=${DDPM_THREADS:-1} \
            $PYTHON -m nbconvert --to notebook --execute --ExecutePreprocessor.timeout=900 \
-           --output-dir "$out" "$nb" > "$out/$name.log" 2>&1; then
-            echo "PASS $nb runs (DDPM_NOTEBOOK_QUICK=1)"; pass=$((pass + 1))
+           --output-dir "$nb_out" "$nb" > "$nb_out/$nb_base.log" 2>&1; then
+            echo "PASS $nb runs (DDPM_NOTEBOOK_QUICK=1)"; nb_pass=$((nb_pass + 1))
         else
-            echo "FAIL $nb: $(grep -E 'Error|error' "$out/$name.log" | tail -n 3)"; fail=$((fail + 1))
+            echo "FAIL $nb: $(grep -E 'Error|error' "$nb_out/$nb_base.log" | tail -n 3)"; nb_fail=$((nb_fail + 1))
         fi
     done
-    echo "$pass passed, $fail failed"
-    [ $fail -eq 0 ]
+    echo "$nb_pass passed, $nb_fail failed"
+    [ $nb_fail -eq 0 ]
 }
 requires notebooks "$PYTHON -c 'import nbconvert, ipykernel, matplotlib'" \
     "apt-get install jupyter-nbconvert python3-ipykernel python3-matplotlib (see .ci/run)" &&

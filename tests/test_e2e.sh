@@ -621,8 +621,8 @@ ddp s_npz sample --checkpoint "$GOOD" -n 3 --threads 1 --out "$T/npz.png" --step
 out=$(tool npz "$T/samples.npz" "$T/npz.npy" 2>&1)
 check "sample --npz: arr_0, uint8 N x H x W x C, as numpy.savez writes it" $? "exit $rc: $out $(err_of s_npz)"
 bad "--npz on bpd" "--npz" bpd --checkpoint "$GOOD" --npz "$T/never.npz"
-ddp npz_nowhere sample --checkpoint "$GOOD" -n 1 --npz "$T/nowhere/s.npz" --out "$T/never.png"
-[ $rc -eq 1 ] && one_line "$T/npz_nowhere.err" && grep -q -- "--npz" "$T/npz_nowhere.err" && [ ! -e "$T/never.png" ]
+ddp npz_nowhere sample --checkpoint "$GOOD" -n 1 --npz "$T/nowhere/s.npz" --out "$T/never_npz.png"
+[ $rc -eq 1 ] && one_line "$T/npz_nowhere.err" && grep -q -- "--npz" "$T/npz_nowhere.err" && [ ! -e "$T/never_npz.png" ]
 check "--npz into a missing folder: refused before sampling, in one line" $? "exit $rc: $(err_of npz_nowhere)"
 ddp s_k10 sample --checkpoint "$GOOD" -n 2 --threads 1 --out "$T/k10.png" --steps 10 --trace
 out=$(tool npy "$T/k10.npy" 2,3,32,32 2>&1 && tool npy "$T/k10_trace_x0_hat.npy" 10,2,3,32,32 2>&1 &&
@@ -699,8 +699,8 @@ LEARNED=$T/obj_mu_kl_learned/model.ckpt
 bad "resume with another --loss" "--loss kl" $OBJ --steps 6 --run "$T/obj_mu_kl_learned" --resume --loss mse
 bad "sample with another --mean-type" "--mean-type mu" sample --checkpoint "$LEARNED" --mean-type eps --out "$T/never12.png"
 bad "bpd with another --var-type" "--var-type learned" bpd --checkpoint "$LEARNED" --var-type fixedlarge
-bad "fewer steps on a learned Sigma" "--var-type learned" sample --checkpoint "$LEARNED" --steps 50 --out "$T/never12.png"
-bad "fewer steps on a predicted mu" "--mean-type mu" bpd --checkpoint "$T/obj_mu_mse_fixedlarge/model.ckpt" --steps 50
+bad "fewer steps on a learned Sigma" "predicts one step of the" sample --checkpoint "$LEARNED" --steps 50 --out "$T/never12.png"
+bad "fewer steps on a predicted mu" "--mean-type mu predicts one step" bpd --checkpoint "$T/obj_mu_mse_fixedlarge/model.ckpt" --steps 50
 bad "--sigma on a learned Sigma" "--sigma" sample --checkpoint "$LEARNED" --sigma beta_tilde --out "$T/never12.png"
 bad "DDIM on a learned Sigma" "--sampler ddim" sample --checkpoint "$LEARNED" --sampler ddim --out "$T/never12.png"
 bad "--loss simple --mean-type mu" "--loss simple" $OBJ --mean-type mu --loss simple --run "$T/never12"
