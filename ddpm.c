@@ -4147,9 +4147,17 @@ static uint8_t* put_le(uint8_t* p, uint64_t v, int bytes) {
     return p + bytes;
 }
 
+// The fields a ZIP local header and its central directory entry share: version needed
+// 2.0, no flags, stored, 1980-01-01 00:00, the CRC, both sizes, the name's length, no extra.
+static uint8_t* zip_member_fields(uint8_t* p, uint32_t crc, size_t size, size_t name_len) {
+    p = put_le(p, 20, 2); p = put_le(p, 0, 2); p = put_le(p, 0, 2); p = put_le(p, 0, 2); p = put_le(p, 0x21, 2);
+    p = put_le(p, crc, 4); p = put_le(p, size, 4); p = put_le(p, size, 4);
+    return put_le(put_le(p, name_len, 2), 0, 2);
+}
+
 // --npz: the samples as numpy.savez writes them, one array arr_0 of uint8, N x H x W x C
-// (channels last): the input of the usual FID tools (the evaluator of Dhariwal & Nichol,
-// pytorch-fid and clean-fid through numpy). An .npz is a ZIP archive; its one member,
+// (channels last): the input of the usual tools for the FID of §4 and Table 1 (the
+// evaluator of Dhariwal & Nichol; pytorch-fid and clean-fid through numpy). An .npz is a ZIP archive; its one member,
 // arr_0.npy, is stored uncompressed, so the archive is a local header, the .npy, a central
 // directory entry and the end record. Pixels are rounded as in the PNG grid.
 static int save_npz(const char* path, const float* imgs, int N, int C, int H, int W) {
@@ -4172,17 +4180,14 @@ static int save_npz(const char* path, const float* imgs, int N, int C, int H, in
                 for (int x = 0; x < W; x++)
                     npy[hl + (((size_t)i * H + y) * W + x) * C + c] = to_pixel(imgs[(((size_t)i * C + c) * H + y) * W + x]);
     uint32_t crc = crc32_update(0, npy, member);
-    // local file header: version 2.0, no flags, stored, 1980-01-01 00:00, crc, sizes, name
-    uint8_t* p = put_le(buf, 0x04034b50, 4);
-    p = put_le(p, 20, 2); p = put_le(p, 0, 2); p = put_le(p, 0, 2); p = put_le(p, 0, 2); p = put_le(p, 0x21, 2);
-    p = put_le(p, crc, 4); p = put_le(p, member, 4); p = put_le(p, member, 4); p = put_le(p, nl, 2); p = put_le(p, 0, 2);
+    // the local file header, then its name; the member follows it
+    uint8_t* p = zip_member_fields(put_le(buf, 0x04034b50, 4), crc, member, nl);
     memcpy(p, name, nl);
     p += nl + member;
-    // the central directory's one entry, pointing at offset 0
+    // the central directory's one entry (made by version 2.0): no comment, disk 0, no
+    // attributes, the local header at offset 0
     uint8_t* cd = p;
-    p = put_le(p, 0x02014b50, 4); p = put_le(p, 20, 2);
-    p = put_le(p, 20, 2); p = put_le(p, 0, 2); p = put_le(p, 0, 2); p = put_le(p, 0, 2); p = put_le(p, 0x21, 2);
-    p = put_le(p, crc, 4); p = put_le(p, member, 4); p = put_le(p, member, 4); p = put_le(p, nl, 2); p = put_le(p, 0, 2);
+    p = zip_member_fields(put_le(put_le(p, 0x02014b50, 4), 20, 2), crc, member, nl);
     p = put_le(p, 0, 2); p = put_le(p, 0, 2); p = put_le(p, 0, 2); p = put_le(p, 0, 4); p = put_le(p, 0, 4);
     memcpy(p, name, nl);
     p += nl;
