@@ -44,7 +44,7 @@ The file is a lecture in four parts. A first reading stops after Part II.
   Part IV. Plumbing
     18. Datasets on disk ........ CIFAR-10 binary, Fashion-MNIST IDX
     19. Checkpoints ............. checksummed, written atomically, bit-exact resume
-    20. Pictures and files ...... PNG grids, .npy arrays
+    20. Pictures and files ...... PNG grids, .npy and .npz arrays, weights exchange files
     21. Measuring ............... what ./ddpm bench reports beside the step times
     22. main .................... the command line
 
@@ -1143,6 +1143,14 @@ static int interpolate(UNet* m, const Schedule* s, const float* a, const float* 
 // eval_bpd reports the three parts of L apart (prior, terms, decoder), and with per_t
 // every term and the squared error of x0_hat at every t. Each image's L is one draw of
 // eps per t, so the standard error over the images covers both the images and that noise.
+//
+// The T - 1 KL terms cost T - 1 network evaluations per image: 1,000 images cost hours
+// on a CPU. With t_samples = K > 0 their sum is estimated instead, unbiasedly, from K:
+// {2, ..., T} is cut into K strata of (nearly) equal size w_j, and each image gets one t
+// drawn uniformly from each stratum, weighted by w_j (stratified Monte Carlo; E[w_j
+// L_{t-1}] is the stratum's sum). L_T and L_0 stay exact. Each image's L is then an
+// unbiased draw of its bound, so the standard error over the images covers the
+// sampling of t as well. With K = T - 1 every stratum is one t: the full sum, bit for bit.
 
 typedef struct { double prior, terms, decoder, total, std_err; int n; } BoundBpd;
 
@@ -1152,7 +1160,7 @@ typedef struct {
 } PerT;
 
 static BoundBpd eval_bpd(UNet* m, const Schedule* s, const Dataset* test, int n_images, MeanType mt, VarType var,
-                         Rng* rng, PerT* per_t) {
+                         Rng* rng, PerT* per_t, int t_samples) {
     int Bm = m->B_max, T = s->T;
     size_t n = (size_t)m->cfg.in_ch * m->cfg.img * m->cfg.img;
     if (n_images > test->N) n_images = test->N;
@@ -1174,7 +1182,8 @@ static BoundBpd eval_bpd(UNet* m, const Schedule* s, const Dataset* test, int n_
     m->train = 0;
     m->no_grad = 1;
     double t0 = now_seconds();
-    long total = (long)((n_images + Bm - 1) / Bm) * T, done = 0;
+    int levels = t_samples > 0 ? t_samples + 1 : T;   // the strata from the top, then t = 1 (t_idx 0)
+    long total = (long)((n_images + Bm - 1) / Bm) * levels, done = 0;
     for (int start = 0; start < n_images && !stop_requested; start += Bm) {
         int B = n_images - start < Bm ? n_images - start : Bm;
         for (int b = 0; b < B; b++) {
@@ -1182,15 +1191,24 @@ static BoundBpd eval_bpd(UNet* m, const Schedule* s, const Dataset* test, int n_
             img_L[b] = prior_bpd(x0 + b * n, n, s);
             r.prior += img_L[b];
         }
-        for (int t = T - 1; t >= 0 && !stop_requested; t--) {
-            for (int b = 0; b < B; b++) t_idx[b] = t, t_model[b] = s->t_model[t];
+        for (int j = levels - 1; j >= 0 && !stop_requested; j--) {
+            double w = 1;   // how many terms this level's t stands for
+            if (t_samples > 0 && j > 0) {
+                int lo = 1 + (int)((long)(j - 1) * (T - 1) / t_samples), hi = 1 + (int)((long)j * (T - 1) / t_samples);
+                w = hi - lo;
+                for (int b = 0; b < B; b++) t_idx[b] = lo + (hi - lo > 1 ? rng_int(rng, hi - lo) : 0);
+            } else {
+                for (int b = 0; b < B; b++) t_idx[b] = t_samples > 0 ? 0 : j;
+            }
+            for (int b = 0; b < B; b++) t_model[b] = s->t_model[t_idx[b]];
             rng_normal(rng, eps, (size_t)B * n);
             q_sample(x_t, x0, eps, t_idx, B, n, s);
             q_posterior_mean_variance(mean_q, NULL, lv_q, x0, x_t, t_idx, B, n, s);
             const float* out = unet_forward(m, x_t, t_model, B);
             p_mean_variance(mean_p, lv_p, x0_hat, x_t, out, t_idx, B, n, mt, var, 1, s);
             for (int b = 0; b < B; b++) {
-                double v = vb_term_bpd(x0 + b * n, mean_q + b * n, lv_q[b], mean_p + b * n, lv_p + b * n, t, n);
+                int t = t_idx[b];
+                double v = w * vb_term_bpd(x0 + b * n, mean_q + b * n, lv_q[b], mean_p + b * n, lv_p + b * n, t, n);
                 if (t == 0) r.decoder += v; else r.terms += v;
                 img_L[b] += v;
                 if (!per_t) continue;
@@ -4014,7 +4032,7 @@ static void load_ema_model(UNet* m, Schedule* s, Objective* ob, const char* path
 
 
 // ----------------------------------------------------------------------------
-// 20. Pictures and files: PNG grids (stb_image_write) and .npy arrays
+// 20. Pictures and files: PNG grids (stb_image_write), .npy and .npz arrays, exchange files
 
 #define STB_IMAGE_WRITE_IMPLEMENTATION
 #define STB_IMAGE_WRITE_STATIC
@@ -4212,6 +4230,182 @@ static int save_trace_png(const char* path, const float* frames, const Trace* tr
     return r;
 }
 
+// Weights from elsewhere: the exchange format of tests/reference.py. Named float32
+// arrays, little-endian: "DDPMREF1", int32 n_records, then per record int32 name_len,
+// the name, int32 ndim, int32 shape[ndim], float32 data[prod(shape)]. A network's
+// weights are the records param.NAME, with the PyTorch state_dict names of the tensor
+// table (section 15), so reference.py's DDPMUNet loads them as they are; config.*
+// records carry its shape (in_ch, ch, ch_mult, num_res_blocks, attn_resolutions,
+// groups, img, and optionally objective and dropout), meta.step the training step.
+// `./ddpm export` writes a checkpoint's EMA weights this way; `./ddpm import` makes a
+// checkpoint of a file written by PyTorch (tests/train_torch.py) or by a converter.
+#define EXCHANGE_MAGIC "DDPMREF1"
+#define EXCHANGE_MAX_DIMS 8
+
+typedef struct { const char* name; int name_len, ndim, shape[EXCHANGE_MAX_DIMS]; size_t count; const uint8_t* data; } ExRecord;
+typedef struct { uint8_t* bytes; size_t len; ExRecord* rec; int n; } Exchange;
+
+static int32_t get_le32(const uint8_t* p) { return (int32_t)((uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24); }
+
+// Reads and indexes the whole file; dies with one line naming the file and the record
+// on anything malformed (every length is checked against what is left of the file).
+static void exchange_read(Exchange* x, const char* path) {
+    memset(x, 0, sizeof *x);
+    FILE* f = fopen_regular(path, NULL);
+    long size = file_size(path);
+    if (size < 12) die("%s is not an exchange file (%ld bytes); pass a file written by ./ddpm export or tests/train_torch.py", path, size);
+    x->len = (size_t)size;
+    x->bytes = malloc_check(x->len, "the exchange file");
+    fread_check(x->bytes, x->len, f, path);
+    fclose(f);
+    if (memcmp(x->bytes, EXCHANGE_MAGIC, 8)) die("%s is not an exchange file (bad magic; want %s)", path, EXCHANGE_MAGIC);
+    int32_t n = get_le32(x->bytes + 8);
+    if (n < 0 || (size_t)n > (x->len - 12) / 12) die("%s: bad record count %d; the file is corrupt", path, n);
+    x->rec = malloc_check((size_t)(n ? n : 1) * sizeof(ExRecord), "the exchange index");
+    size_t pos = 12;
+    #define NEED(k, what) do { if ((size_t)(k) > x->len - pos) \
+        die("%s is truncated in record %d (%s); re-create it", path, x->n, what); } while (0)
+    for (x->n = 0; x->n < n; x->n++) {
+        ExRecord* r = &x->rec[x->n];
+        NEED(4, "name length");
+        r->name_len = get_le32(x->bytes + pos); pos += 4;
+        if (r->name_len <= 0 || r->name_len > 4096) die("%s: record %d has a bad name length %d; the file is corrupt", path, x->n, r->name_len);
+        NEED(r->name_len + 4, "name");
+        r->name = (const char*)x->bytes + pos; pos += r->name_len;
+        r->ndim = get_le32(x->bytes + pos); pos += 4;
+        if (r->ndim < 0 || r->ndim > EXCHANGE_MAX_DIMS) die("%s: %.*s has %d dimensions; the file is corrupt", path, r->name_len, r->name, r->ndim);
+        NEED(4 * r->ndim, "shape");
+        r->count = 1;
+        for (int d = 0; d < r->ndim; d++, pos += 4) {
+            r->shape[d] = get_le32(x->bytes + pos);
+            if (r->shape[d] < 0 || (r->shape[d] && r->count > (x->len - pos) / 4 / (size_t)r->shape[d]))
+                die("%s: %.*s has a bad shape (dimension %d is %d); the file is corrupt", path, r->name_len, r->name, d, r->shape[d]);
+            r->count *= (size_t)r->shape[d];
+        }
+        NEED(4 * r->count, "data");
+        r->data = x->bytes + pos; pos += 4 * r->count;
+    }
+    #undef NEED
+    if (pos != x->len) die("%s has %zu bytes after its %d records; the file is corrupt", path, x->len - pos, n);
+}
+
+static void exchange_free(Exchange* x) { free(x->bytes); free(x->rec); }
+
+static int exchange_is(const ExRecord* r, const char* name) {
+    return (size_t)r->name_len == strlen(name) && !memcmp(r->name, name, r->name_len);
+}
+
+static const ExRecord* exchange_find(const Exchange* x, const char* name) {
+    for (int i = 0; i < x->n; i++) if (exchange_is(&x->rec[i], name)) return &x->rec[i];
+    return NULL;
+}
+
+// A config.* or meta.* record's values as integers (they are stored as floats); -1 if
+// the record is absent, else the number of values read (at most max).
+static int exchange_ints(const Exchange* x, const char* name, int* v, int max, const char* path) {
+    const ExRecord* r = exchange_find(x, name);
+    if (!r) return -1;
+    if (r->count > (size_t)max) die("%s: %s holds %zu values, at most %d make sense", path, name, r->count, max);
+    for (size_t i = 0; i < r->count; i++) {
+        float f;
+        memcpy(&f, r->data + 4 * i, 4);
+        if (!(f >= 0 && f <= 1e9f && f == floorf(f))) die("%s: %s holds %g, not a count", path, name, f);
+        v[i] = (int)f;
+    }
+    return (int)r->count;
+}
+
+// The network a file describes: its config.* records (all seven, or none: then *c is
+// left as the caller's), the objective if it names one. Returns 1 if it had a config.
+static int exchange_config(const Exchange* x, Config* c, Objective* ob, const char* path) {
+    int v[MAX_LEVELS], got = 0;
+    const char* scalars[] = {"config.in_ch", "config.ch", "config.num_res_blocks", "config.groups", "config.img"};
+    int* dst[] = {&c->in_ch, &c->ch, &c->num_res_blocks, &c->groups, &c->img};
+    for (int i = 0; i < 5; i++) got += exchange_find(x, scalars[i]) != NULL;
+    got += exchange_find(x, "config.ch_mult") != NULL;
+    got += exchange_find(x, "config.attn_resolutions") != NULL;
+    if (got != 0 && got != 7) die("%s has only some of the seven config.* records; it needs all or none", path);
+    int k[3];
+    if (exchange_ints(x, "config.objective", k, 3, path) >= 0) {
+        if (k[0] > 2 || k[1] > 2 || k[2] > 2) die("%s: config.objective names an unknown kind", path);
+        ob->mean = (MeanType)k[0]; ob->var = (VarType)k[1]; ob->loss = (LossType)k[2];
+    }
+    if (!got) return 0;
+    for (int i = 0; i < 5; i++) {
+        if (exchange_ints(x, scalars[i], v, 1, path) != 1) die("%s: %s should hold one value", path, scalars[i]);
+        *dst[i] = v[0];
+    }
+    c->n_levels = exchange_ints(x, "config.ch_mult", c->ch_mult, MAX_LEVELS, path);
+    c->n_attn = exchange_ints(x, "config.attn_resolutions", c->attn_res, MAX_LEVELS, path);
+    const ExRecord* d = exchange_find(x, "config.dropout");
+    if (d && d->count == 1) memcpy(&c->dropout, d->data, 4);
+    c->learn_sigma = ob->var == VAR_LEARNED;
+    const char* why = config_check(c);
+    if (why) die("%s describes a network ddpm.c cannot build: %s", path, why);
+    return 1;
+}
+
+// Copies every param.NAME record into dst (the network's parameter layout); dies on a
+// tensor that is missing, unknown, repeated, misshapen or not finite, naming it.
+static void exchange_weights(const Exchange* x, const UNet* m, float* dst, const char* path) {
+    const UNetLayers* L = m->L;
+    uint8_t* seen = calloc_check(L->n_tensors, 1, "the exchange index");
+    for (int i = 0; i < x->n; i++) {
+        const ExRecord* r = &x->rec[i];
+        if (r->name_len < 6 || memcmp(r->name, "param.", 6)) continue;   // config.*, meta.*, inputs: not weights
+        int j = 0;
+        while (j < L->n_tensors && !(strlen(L->tensors[j].name) == (size_t)r->name_len - 6 &&
+                                     !memcmp(L->tensors[j].name, r->name + 6, r->name_len - 6))) j++;
+        if (j == L->n_tensors) die("%s: %.*s is not a tensor of this network; check its configuration", path, r->name_len, r->name);
+        const ParamTensor* t = &L->tensors[j];
+        int same = r->ndim == t->ndim;
+        for (int d = 0; same && d < t->ndim; d++) same = r->shape[d] == t->shape[d];
+        if (!same) die("%s: %.*s has the wrong shape for this network (%zu values, want %zu); check its configuration",
+                       path, r->name_len, r->name, r->count, t->numel);
+        if (seen[j]++) die("%s holds %.*s twice; the file is corrupt", path, r->name_len, r->name);
+        memcpy(dst + t->offset, r->data, 4 * t->numel);   // little-endian float32, as this machine
+        if (!all_finite(dst + t->offset, t->numel)) die("%s: %.*s holds NaN or inf", path, r->name_len, r->name);
+    }
+    for (int j = 0; j < L->n_tensors; j++)
+        if (!seen[j]) die("%s has no param.%s; it does not hold this network's weights", path, L->tensors[j].name);
+    free(seen);
+}
+
+// The writer's side: records appended to a growing buffer, n_records patched at the end.
+typedef struct { uint8_t* p; size_t len, cap; int32_t n; } ExWriter;
+
+static void ex_bytes(ExWriter* w, const void* b, size_t k) {
+    if (w->len + k > w->cap) {
+        w->cap = (w->len + k) * 2;
+        w->p = realloc(w->p, w->cap);
+        if (!w->p) die("out of memory writing an exchange file");
+    }
+    memcpy(w->p + w->len, b, k);
+    w->len += k;
+}
+
+static void ex_i32(ExWriter* w, int32_t v) {
+    uint8_t b[4];
+    put_le(b, (uint32_t)v, 4);
+    ex_bytes(w, b, 4);
+}
+
+static void ex_record(ExWriter* w, const char* name, int ndim, const int* shape, const float* data) {
+    size_t count = 1;
+    ex_i32(w, (int32_t)strlen(name));
+    ex_bytes(w, name, strlen(name));
+    ex_i32(w, ndim);
+    for (int d = 0; d < ndim; d++) ex_i32(w, shape[d]), count *= (size_t)shape[d];
+    ex_bytes(w, data, 4 * count);
+    w->n++;
+}
+
+static void ex_ints(ExWriter* w, const char* name, const int* v, int n) {
+    float f[MAX_LEVELS];
+    for (int i = 0; i < n; i++) f[i] = (float)v[i];
+    ex_record(w, name, 1, &n, f);
+}
+
 
 // ----------------------------------------------------------------------------
 // 21. Measuring: what ./ddpm bench reports beside the step times
@@ -4305,6 +4499,8 @@ static void bench_conv3x3(int B, int C, int H, int reps, double* fwd, double* bw
 //   ./ddpm reconstruct --checkpoint PATH --index I [--t 1000,750,500,250] [-k 4]
 //   ./ddpm interpolate --checkpoint PATH --index A,B [--t 500] [--lambdas 9]
 //   ./ddpm schedule [--schedule linear|cosine]
+//   ./ddpm export  --checkpoint PATH --out FILE.ref    its EMA weights, for PyTorch
+//   ./ddpm import  --weights FILE.ref --out PATH       weights from PyTorch, as a checkpoint
 //   ./ddpm params  [--model NAME]
 //   ./ddpm bench   [--model NAME] [--batch B] [--steps N]
 
@@ -4330,6 +4526,7 @@ typedef struct {
     const char* checkpoint;
     const char* out;
     const char* npz;            // sample --npz FILE
+    const char* weights;        // import --weights FILE.ref
     int batch, sample_every, sample_n, n, trace, resume, threads, warmup_steps, log_every;
     long steps;
     int steps_set;              // --steps was given (sample, bpd: the chain's K steps)
@@ -4338,6 +4535,7 @@ typedef struct {
     Objective obj;              // --mean-type, --var-type, --loss
     int mean_set, var_set, loss_set;
     const char* per_t;          // bpd --per-t FILE.csv
+    int t_samples;              // bpd --t-samples K: the KL terms estimated from K t per image
     int n_index, index[2];      // reconstruct, interpolate: --index
     int n_tlist, tlist[64];     // --t (1-based)
     int k, lambdas;             // reconstruct -k, interpolate --lambdas
@@ -4358,6 +4556,8 @@ static const char* HELP =
 "       ./ddpm bpd --checkpoint PATH     the variational bound (Eq. 5) in bits/dim\n"
 "       ./ddpm reconstruct --checkpoint PATH --index I   x_0 -> x_t -> k decodings (Fig. 7)\n"
 "       ./ddpm interpolate --checkpoint PATH --index A,B interpolations at x_t (Fig. 8)\n"
+"       ./ddpm export --checkpoint PATH --out F.ref   the EMA weights, named as PyTorch's (tests/)\n"
+"       ./ddpm import --weights F.ref --out PATH      a checkpoint of weights trained elsewhere\n"
 "       ./ddpm schedule                  the noise schedule as CSV\n"
 "       ./ddpm params [--model NAME]     parameter counts per block, activation memory\n"
 "       ./ddpm bench                     time a training and a sampling step (JSON)\n"
@@ -4392,6 +4592,8 @@ static const char* HELP =
 "  --sampler ddpm|ddim --eta E    sample: Alg. 2 (default), or DDIM with eta in [0, 1] (default 0)\n"
 "  --trace                        sample: also write x_t and x0_hat along the chain (.npy + PNG)\n"
 "  --per-t FILE.csv               bpd: every term, the rate and the distortion per t (Table 4)\n"
+"  --t-samples K                  bpd: estimate the sum over t from K stratified t per image\n"
+"                                 (unbiased; about T/K times faster; the std. error covers it)\n"
 "  --data cifar10|fashion-mnist   bpd, reconstruct, interpolate: the test set (default: the\n"
 "                                 checkpoint's channels decide)\n"
 "  --index I | A,B                reconstruct: test image I; interpolate: test images A and B\n"
@@ -4466,11 +4668,12 @@ static void parse_options(int argc, char** argv, Options* o) {
     o->n = -1; o->warmup_steps = 2; o->log_every = 100;
     int i = 1;
     if (argc > 1 && argv[1][0] != '-') {
-        const char* cmds[] = {"train", "sample", "bpd", "reconstruct", "interpolate", "schedule", "params", "bench", "help"};
+        const char* cmds[] = {"train", "sample", "bpd", "reconstruct", "interpolate", "export", "import",
+                              "schedule", "params", "bench", "help"};
         int ok = 0;
-        for (int c = 0; c < 9; c++) if (!strcmp(argv[1], cmds[c])) ok = 1;
+        for (int c = 0; c < 11; c++) if (!strcmp(argv[1], cmds[c])) ok = 1;
         if (!ok) usage_error("unknown command '%s'; commands are train, sample, bpd, reconstruct, interpolate, "
-                             "schedule, params, bench", argv[1]);
+                             "export, import, schedule, params, bench", argv[1]);
         o->cmd = argv[1];
         i = 2;
     }
@@ -4530,6 +4733,7 @@ static void parse_options(int argc, char** argv, Options* o) {
         }
         else if (FLAG("--eta")) o->sampler.eta = parse_double(a, VALUE(), 0, 1), o->eta_set = 1;
         else if (FLAG("--per-t")) o->per_t = VALUE();
+        else if (FLAG("--t-samples")) o->t_samples = (int)parse_long(a, VALUE(), 1, 1000000);
         else if (FLAG("--mean-type")) o->obj.mean = (MeanType)parse_name(a, VALUE(), MEAN_NAMES, 3), o->mean_set = 1;
         else if (FLAG("--var-type")) o->obj.var = (VarType)parse_name(a, VALUE(), VAR_NAMES, 3), o->var_set = 1;
         else if (FLAG("--loss")) o->obj.loss = (LossType)parse_name(a, VALUE(), LOSS_NAMES, 3), o->loss_set = 1;
@@ -4552,6 +4756,7 @@ static void parse_options(int argc, char** argv, Options* o) {
         else if (FLAG("--trace")) o->trace = 1;
         else if (FLAG("--out")) o->out = VALUE();
         else if (FLAG("--npz")) o->npz = VALUE();
+        else if (FLAG("--weights")) o->weights = VALUE();
         else if (FLAG("--threads")) o->threads = (int)parse_long(a, VALUE(), 1, 1024);
         else if (FLAG("--warmup-steps")) o->warmup_steps = (int)parse_long(a, VALUE(), 0, 1000);
         else usage_error("unknown flag '%s'", a);
@@ -4813,7 +5018,10 @@ static void check_command_flags(const Options* o) {
     if (o->eta_set && !o->sampler.ddim) usage_error("--eta applies to --sampler ddim");
     if (o->sampler.ddim && o->sigma_set) usage_error("--sigma applies to --sampler ddpm; DDIM's variance is set by --eta");
     if (o->per_t && !bpd) usage_error("--per-t applies to bpd");
+    if (o->t_samples && !bpd) usage_error("--t-samples applies to bpd");
+    if (o->t_samples && o->per_t) usage_error("--per-t needs every term; drop --t-samples");
     if (o->npz && !sample) usage_error("--npz applies to sample");
+    if (o->weights && strcmp(o->cmd, "import")) usage_error("--weights applies to import");
     if ((o->n_index || o->n_tlist) && !decode) usage_error("--index and --t apply to reconstruct and interpolate");
     if (o->steps_set && decode) usage_error("--steps applies to train, sample and bpd; %s runs the full chain", o->cmd);
 }
@@ -4970,10 +5178,15 @@ static int cmd_bpd(const Options* o) {
     install_signal_handlers();
     Rng rng;
     rng_seed(&rng, o->seed);
-    BoundBpd r = eval_bpd(&m, &s, &test, n, sp.mean, sp.var, &rng, o->per_t ? &pt : NULL);
+    if (o->t_samples > s.T - 1)
+        usage_error("--t-samples %d: expected 1 to %d (the chain's KL terms), or leave it out for all", o->t_samples, s.T - 1);
+    BoundBpd r = eval_bpd(&m, &s, &test, n, sp.mean, sp.var, &rng, o->per_t ? &pt : NULL, o->t_samples);
     if (stop_requested) die("interrupted; no result");
     printf("variational bound (Eq. 5) on %d %s test images, %d steps, sigma_t^2 = %s, bits/dim:\n", r.n, test.name,
            s.T, sp.var == VAR_FIXEDLARGE ? "beta_t" : sp.var == VAR_FIXEDSMALL ? "beta_tilde_t" : "learned");
+    if (o->t_samples)
+        printf("  (sum L_{t-1} estimated from %d stratified t per image; the std. error includes that sampling)\n",
+               o->t_samples);
     printf("  L_T            %.6f\n  sum L_{t-1}    %.6f\n  L_0            %.6f\n  total (NLL <=) %.6f\n",
            r.prior, r.terms, r.decoder, r.total);
     if (r.n > 1) printf("  std. error     %.6f  (of the total, over the %d images)\n", r.std_err, r.n);
@@ -5059,6 +5272,83 @@ static int cmd_schedule(const Options* o) {
         printf("%d,%.9g,%.9g,%.9g,%.9g,%.9g,%.9g\n", i + 1, s.betas[i], s.alphas_cumprod[i], s.posterior_variance[i],
                s.posterior_log_variance_clipped[i], s.posterior_mean_coef1[i], s.posterior_mean_coef2[i]);
     schedule_free(&s);
+    return 0;
+}
+
+// export: a checkpoint's EMA weights (what sample and bpd use) as an exchange file
+// (section 20), with its configuration and step; tests/reference.py's DDPMUNet loads it.
+static int cmd_export(const Options* o) {
+    if (!o->checkpoint || !o->out) usage_error("export needs --checkpoint PATH and --out FILE.ref");
+    check_output_path(o->out, "--out");
+    CheckpointHeader hd;
+    fclose(checkpoint_open(o->checkpoint, &hd));
+    UNet m;
+    Schedule s;
+    Objective ob;
+    load_ema_model(&m, &s, &ob, o->checkpoint, 1);
+    const Config* c = &m.cfg;
+    ExWriter w = {0};
+    ex_bytes(&w, EXCHANGE_MAGIC, 8);
+    ex_i32(&w, 0);   // n_records, patched below
+    ex_ints(&w, "config.in_ch", &c->in_ch, 1);
+    ex_ints(&w, "config.ch", &c->ch, 1);
+    ex_ints(&w, "config.ch_mult", c->ch_mult, c->n_levels);
+    ex_ints(&w, "config.num_res_blocks", &c->num_res_blocks, 1);
+    ex_ints(&w, "config.attn_resolutions", c->attn_res, c->n_attn);
+    ex_ints(&w, "config.groups", &c->groups, 1);
+    ex_ints(&w, "config.img", &c->img, 1);
+    int kinds[3] = {ob.mean, ob.var, ob.loss}, one = 1;
+    ex_ints(&w, "config.objective", kinds, 3);
+    ex_record(&w, "config.dropout", 1, &one, &c->dropout);
+    float step = (float)hd.step;   // exact up to 2^24 steps
+    ex_record(&w, "meta.step", 1, &one, &step);
+    for (int i = 0; i < m.L->n_tensors; i++) {
+        const ParamTensor* t = &m.L->tensors[i];
+        char name[80];
+        snprintf(name, sizeof name, "param.%s", t->name);
+        ex_record(&w, name, t->ndim, t->shape, m.params + t->offset);
+    }
+    put_le(w.p + 8, (uint32_t)w.n, 4);
+    int r = write_file_atomic(o->out, w.p, w.len, NULL, 0);
+    if (r == 0) fprintf(stderr, "exported the EMA weights of %s (step %llu, %zu parameters in %d tensors) to %s\n",
+                        o->checkpoint, (unsigned long long)hd.step, m.n_params, m.L->n_tensors, o->out);
+    free(w.p);
+    unet_free(&m);
+    schedule_free(&s);
+    return r == 0 ? 0 : 1;
+}
+
+// import: a checkpoint of weights trained elsewhere, e.g. by tests/train_torch.py. The
+// network is the file's config.* records, else the flags' (--data, --model, network
+// flags); the weights become both the parameters and the EMA, Adam starts from zero,
+// and --resume continues it at the file's meta.step with --batch (default 128).
+static int cmd_import(const Options* o) {
+    if (!o->weights || !o->out) usage_error("import needs --weights FILE.ref and --out PATH (the checkpoint to write)");
+    check_output_path(o->out, "--out");
+    if (file_size(o->out) >= 0) usage_error("--out %s already exists; remove it or pass another path", o->out);
+    Exchange x;
+    exchange_read(&x, o->weights);
+    Objective ob = PAPER_OBJECTIVE;
+    Config cfg = {0};
+    cfg.dropout = 0.1f;   // Appendix B's, unless the file has config.dropout: used only if it is trained on
+    if (exchange_config(&x, &cfg, &ob, o->weights)) check_objective_flags(o, &ob, o->weights);
+    else ob = o->obj, cfg = options_config(o);
+    const char* why = objective_check(&ob);
+    if (why) usage_error("%s", why);
+    Trainer tr;
+    trainer_init(&tr, &cfg, &ob, 1, o->schedule, &o->hyper, o->seed);
+    exchange_weights(&x, &tr.net, tr.net.params, o->weights);
+    memcpy(tr.ema, tr.net.params, tr.net.n_params * sizeof(float));
+    int step = 0;
+    if (exchange_ints(&x, "meta.step", &step, 1, o->weights) == 0) die("%s: meta.step holds no value", o->weights);
+    tr.step = step > 0 ? (uint64_t)step : 0;
+    tr.B = o->batch;   // the header's batch, which --resume must use; the buffers were made for one image
+    char err[4400];
+    if (checkpoint_save(&tr, o->schedule, o->out, err, sizeof err) != 0) die("%s", err);
+    fprintf(stderr, "imported %zu parameters in %d tensors from %s into %s (step %llu)\n",
+            tr.net.n_params, tr.net.L->n_tensors, o->weights, o->out, (unsigned long long)tr.step);
+    trainer_free(&tr);
+    exchange_free(&x);
     return 0;
 }
 
@@ -5191,6 +5481,8 @@ int main(int argc, char** argv) {
     if (!strcmp(o.cmd, "reconstruct")) return cmd_from_data(&o, 0);
     if (!strcmp(o.cmd, "interpolate")) return cmd_from_data(&o, 1);
     if (!strcmp(o.cmd, "schedule")) return cmd_schedule(&o);
+    if (!strcmp(o.cmd, "export")) return cmd_export(&o);
+    if (!strcmp(o.cmd, "import")) return cmd_import(&o);
     if (!strcmp(o.cmd, "params")) return cmd_params(&o);
     return cmd_bench(&o);
 }

@@ -2236,9 +2236,9 @@ static void test_per_t(void) {
     PerT pt = {term, mse};
     Rng rng;
     rng_seed(&rng, 3);
-    BoundBpd plain = eval_bpd(&m, &s, &d, 2, MEAN_EPS, VAR_FIXEDLARGE, &rng, NULL);
+    BoundBpd plain = eval_bpd(&m, &s, &d, 2, MEAN_EPS, VAR_FIXEDLARGE, &rng, NULL, 0);
     rng_seed(&rng, 3);
-    BoundBpd b = eval_bpd(&m, &s, &d, 2, MEAN_EPS, VAR_FIXEDLARGE, &rng, &pt);
+    BoundBpd b = eval_bpd(&m, &s, &d, 2, MEAN_EPS, VAR_FIXEDLARGE, &rng, &pt, 0);
     double sum = b.prior;
     for (int t = 0; t < T; t++) sum += term[t];
     check("bpd --per-t: the terms and L_T sum to the total", fabs(sum - b.total) < 1e-9 * fabs(b.total) &&
@@ -2255,7 +2255,7 @@ static void test_per_t(void) {
           "RMSE (0..255) %.2f at t = 1, %.2f at t = 1000", 127.5 * sqrt(mse[0]), 127.5 * sqrt(mse[T - 1]));
     schedule_respace(&r, &full, 20);
     rng_seed(&rng, 3);
-    BoundBpd b20 = eval_bpd(&m, &r, &d, 2, MEAN_EPS, VAR_FIXEDLARGE, &rng, &pt);
+    BoundBpd b20 = eval_bpd(&m, &r, &d, 2, MEAN_EPS, VAR_FIXEDLARGE, &rng, &pt, 0);
     sum = b20.prior;
     for (int t = 0; t < 20; t++) sum += term[t];
     check("bpd --steps 20 --per-t: 20 terms sum to that chain's total", isfinite(b20.total) &&
@@ -2279,14 +2279,14 @@ static void test_bpd_std_err(void) {
     Dataset d = toy_dataset(3, 1, 8, 8);
     Rng rng;
     rng_seed(&rng, 5);
-    BoundBpd all = eval_bpd(&m, &s, &d, 3, MEAN_EPS, VAR_FIXEDLARGE, &rng, NULL);
+    BoundBpd all = eval_bpd(&m, &s, &d, 3, MEAN_EPS, VAR_FIXEDLARGE, &rng, NULL, 0);
     rng_seed(&rng, 5);
     double L[3], mean = 0, var = 0;
     for (int i = 0; i < 3; i++) {
         Dataset one = d;
         one.N = 1;
         one.pixels = d.pixels + (size_t)i * 64;
-        BoundBpd b = eval_bpd(&m, &s, &one, 1, MEAN_EPS, VAR_FIXEDLARGE, &rng, NULL);
+        BoundBpd b = eval_bpd(&m, &s, &one, 1, MEAN_EPS, VAR_FIXEDLARGE, &rng, NULL, 0);
         L[i] = b.total;
         mean += L[i] / 3;
     }
@@ -2296,6 +2296,44 @@ static void test_bpd_std_err(void) {
           fabs(all.total - mean) < 1e-9 * mean && fabs(all.std_err - se) < 1e-6 * se && se > 0,
           "images %.6f %.6f %.6f: mean %.9f (bpd %.9f), std. error %.9f (bpd %.9f)",
           L[0], L[1], L[2], mean, all.total, se, all.std_err);
+    dataset_free(&d);
+    unet_free(&m);
+    schedule_free(&s);
+    schedule_free(&full);
+}
+
+// bpd --t-samples: with K = T - 1 strata of one t each it is the full sum, bit for bit;
+// with K = 4 strata its mean over repeated evaluations is the full bound's within four
+// standard errors (a missing stratum weight would be off by a factor of about 5), and its
+// spread is larger (it also samples t).
+static void test_bpd_t_samples(void) {
+    Schedule full, s;
+    schedule_init(&full, 1000, SCHEDULE_LINEAR);
+    schedule_respace(&s, &full, 20);
+    UNet m;
+    random_net(&m, 1, 3, 47);
+    Dataset d = toy_dataset(3, 1, 8, 8);
+    Rng rng;
+    rng_seed(&rng, 9);
+    BoundBpd a = eval_bpd(&m, &s, &d, 3, MEAN_EPS, VAR_FIXEDLARGE, &rng, NULL, 0);
+    rng_seed(&rng, 9);
+    BoundBpd b = eval_bpd(&m, &s, &d, 3, MEAN_EPS, VAR_FIXEDLARGE, &rng, NULL, 19);
+    check("bpd --t-samples T-1: every stratum one t, the full sum bit for bit",
+          a.total == b.total && a.terms == b.terms && a.decoder == b.decoder && a.std_err == b.std_err,
+          "full %.9f (s.e. %.9f), K = 19: %.9f (s.e. %.9f)", a.total, a.std_err, b.total, b.std_err);
+    enum { R = 200 };
+    double mf = 0, vf = 0, mk = 0, vk = 0;
+    for (int r = 0; r < R; r++) {
+        double f = eval_bpd(&m, &s, &d, 3, MEAN_EPS, VAR_FIXEDLARGE, &rng, NULL, 0).terms;
+        double k = eval_bpd(&m, &s, &d, 3, MEAN_EPS, VAR_FIXEDLARGE, &rng, NULL, 4).terms;
+        mf += f / R, vf += f * f / R, mk += k / R, vk += k * k / R;
+    }
+    vf = (vf - mf * mf) * R / (R - 1), vk = (vk - mk * mk) * R / (R - 1);
+    double se = sqrt(vf / R + vk / R);
+    check("bpd --t-samples 4: unbiased (mean within 4 std. errors of the full sum's), and noisier",
+          fabs(mk - mf) < 4 * se && se < 0.1 * mf && vk > vf,
+          "sum L_{t-1} over %d evaluations: full %.6f (sd %.6f), K = 4 %.6f (sd %.6f); std. error of the difference %.6f",
+          R, mf, sqrt(vf), mk, sqrt(vk), se);
     dataset_free(&d);
     unet_free(&m);
     schedule_free(&s);
@@ -2491,7 +2529,7 @@ static void test_kl_loss_is_the_bound_term(void) {
         double term[50], mse[50];
         PerT pt = {term, mse};
         rng_seed(&rng, 5);
-        eval_bpd(&m, &s, &d, 1, ob.mean, ob.var, &rng, &pt);
+        eval_bpd(&m, &s, &d, 1, ob.mean, ob.var, &rng, &pt, 0);
         // replay eval_bpd's draws: one eps per step, from the last step down
         size_t n = 64;
         float x0[64], eps[64], xt[64], work[4 * 64], d_out[128];
@@ -2630,6 +2668,7 @@ int main(int argc, char** argv) {
     test_fewer_steps_sampling();
     test_per_t();
     test_bpd_std_err();
+    test_bpd_t_samples();
     test_reconstruct_interpolate();
     test_cifar10();
     test_fashion_mnist();

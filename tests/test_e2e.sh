@@ -120,6 +120,26 @@ elif cmd == "reseal":       # IN OUT OFFSET FORMAT VALUE ...: header fields edit
         struct.pack_into("<" + args[i + 1], b, int(args[i]), int(args[i + 2], 0))
     b[-8:] = struct.pack("<Q", fnv(b[:-8]))
     open(sys.argv[3], "wb").write(b)
+elif cmd == "exmut":        # IN OUT MODE: an exchange file's records reversed, one renamed,
+    b = open(sys.argv[2], "rb").read()   # one dropped, one doubled, or the file cut short
+    assert b[:8] == b"DDPMREF1"
+    n, pos, recs = struct.unpack_from("<i", b, 8)[0], 12, []
+    for _ in range(n):
+        k = struct.unpack_from("<i", b, pos)[0]
+        name = b[pos + 4:pos + 4 + k]
+        nd = struct.unpack_from("<i", b, pos + 4 + k)[0]
+        shape = struct.unpack_from("<%di" % nd, b, pos + 8 + k)
+        end = pos + 8 + k + 4 * nd + 4 * math.prod(shape)
+        recs.append((name, b[pos:end]))
+        pos = end
+    mode = sys.argv[4]
+    i = next(j for j, r in enumerate(recs) if r[0].startswith(b"param.") and b"conv1.weight" in r[0])
+    if mode == "reverse": recs.reverse()
+    elif mode == "rename": recs[i] = (b"", recs[i][1].replace(b"conv1.weight", b"conv9.weight", 1))
+    elif mode == "drop": del recs[i]
+    elif mode == "double": recs.insert(i, recs[i])
+    out = b"DDPMREF1" + struct.pack("<i", len(recs)) + b"".join(r[1] for r in recs)
+    open(sys.argv[3], "wb").write(out[:len(out) // 2] if mode == "cut" else out)
 elif cmd == "npy":          # FILE SHAPE: a float32 .npy of that shape, all finite
     b = open(sys.argv[2], "rb").read()
     want = tuple(int(s) for s in sys.argv[3].split(","))
@@ -716,5 +736,49 @@ tool reseal "$LEARNED" "$T/obj_bad.ckpt" 108 B 7
 hostile "objective byte out of range" sample --checkpoint "$T/obj_bad.ckpt" -n 1 --out "$T/never12.png"
 tool reseal "$LEARNED" "$T/obj_bad2.ckpt" 110 B 0
 hostile "objective learned + simple" sample --checkpoint "$T/obj_bad2.ckpt" -n 1 --out "$T/never12.png"
+
+
+# ---------------------------------------------------------------------------
+# 13. Weights in and out (ddpm.c section 20's exchange files), and bpd --t-samples.
+ddp exp export --checkpoint "$GOOD" --out "$T/w.ref" --threads 1
+erc=$rc
+ddp imp import --weights "$T/w.ref" --out "$T/imp.ckpt" --batch 4 --threads 1
+irc=$rc
+ddp s_orig sample --checkpoint "$GOOD" -n 2 --steps 10 --threads 1 --out "$T/orig.png"
+ddp s_imp sample --checkpoint "$T/imp.ckpt" -n 2 --steps 10 --threads 1 --out "$T/imp.png"
+[ $erc -eq 0 ] && [ $irc -eq 0 ] && [ $rc -eq 0 ] && cmp -s "$T/orig.npy" "$T/imp.npy"
+check "export, then import: the same EMA weights (samples bit for bit)" $? "exit $erc/$irc/$rc: $(err_of exp) $(err_of imp)"
+tool exmut "$T/w.ref" "$T/w_rev.ref" reverse
+ddp imp_rev import --weights "$T/w_rev.ref" --out "$T/imp_rev.ckpt" --threads 1
+ddp s_rev sample --checkpoint "$T/imp_rev.ckpt" -n 2 --steps 10 --threads 1 --out "$T/rev.png"
+[ $rc -eq 0 ] && cmp -s "$T/orig.npy" "$T/rev.npy"
+check "import matches tensors by name, in any record order" $? "exit $rc: $(err_of imp_rev)"
+mkdir -p "$T/impr" && cp "$T/imp.ckpt" "$T/impr/model.ckpt"
+step=$(sed -n 's/.*(step \([0-9]*\),.*/\1/p' "$T/exp.err")
+ddp impr $OVF --steps $((step + 3)) --run "$T/impr" --resume
+[ $rc -eq 0 ] && [ "$(last_step "$T/impr/log.csv")" = $((step + 3)) ] && grep -q "resumed .* at step $step" "$T/impr.err"
+check "an imported checkpoint trains on with --resume" $? "exit $rc: $(err_of impr)"
+for mode in rename drop double cut; do
+    tool exmut "$T/w.ref" "$T/w_$mode.ref" $mode
+    hostile "import, a tensor $mode" import --weights "$T/w_$mode.ref" --out "$T/never13.ckpt"
+done
+grep -q "conv9.weight is not a tensor" "$T/h_import, a tensor rename.err" && grep -q "has no param\..*conv1.weight" "$T/h_import, a tensor drop.err"
+check "import names the tensor that is unknown or missing" $? "$(err_of "h_import, a tensor rename") $(err_of "h_import, a tensor drop")"
+hostile "import of a checkpoint" import --weights "$GOOD" --out "$T/never13.ckpt"
+bad "import onto an existing file" "already exists" import --weights "$T/w.ref" --out "$T/imp.ckpt"
+bad "import without --weights" "--weights" import --out "$T/never13.ckpt"
+bad "--weights on sample" "--weights" sample --checkpoint "$GOOD" --weights "$T/w.ref" --out "$T/never13.png"
+bad "export without --out" "--out" export --checkpoint "$GOOD"
+[ ! -e "$T/never13.ckpt" ] && [ ! -e "$T/never13.ckpt.tmp" ] && [ ! -e "$T/never13.png" ]
+check "refused imports write nothing" $? "$(ls "$T"/never13* 2>&1)"
+ddp ts999 bpd --checkpoint "$GOOD" -n 2 --data-dir "$D" --threads 1 --t-samples 999
+[ $rc -eq 0 ] && [ "$(grep total "$T/ts999.out")" = "$(grep total "$T/pert.out")" ]
+check "bpd --t-samples 999 (every stratum one t) = bpd" $? "exit $rc: $(grep total "$T/ts999.out" "$T/pert.out" | tr '\n' ' ')"
+ddp ts50 bpd --checkpoint "$GOOD" -n 2 --data-dir "$D" --threads 1 --t-samples 50
+[ $rc -eq 0 ] && grep -q "estimated from 50 stratified t" "$T/ts50.out" && awk '/^  total / { exit !($4 > 0 && $4 < 100) }' "$T/ts50.out"
+check "bpd --t-samples 50: an estimate, said so, finite" $? "exit $rc: $(tr '\n' '|' <"$T/ts50.out")"
+bad "--t-samples 1000" "--t-samples 1000" bpd --checkpoint "$GOOD" -n 1 --data-dir "$D" --t-samples 1000
+bad "--t-samples with --per-t" "--t-samples" bpd --checkpoint "$GOOD" -n 1 --data-dir "$D" --t-samples 10 --per-t "$T/never13.csv"
+bad "--t-samples on sample" "--t-samples" sample --checkpoint "$GOOD" --t-samples 10 --out "$T/never13.png"
 
 finish
