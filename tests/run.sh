@@ -127,6 +127,11 @@ requires() {   # requires NAME CHECK HINT: true if the shell command CHECK succe
 requires fid-fmnist "$PYTHON -c 'import numpy'" "$PYTHON cannot import numpy (apt-get install python3-numpy)" &&
     suite fid-fmnist $PYTHON tests/fid_fmnist.py selftest
 
+# The PyTorch trainer of the C-against-PyTorch comparison (README): it resumes bit for bit,
+# and ./ddpm imports what it writes.
+requires train-torch "$PYTHON -c 'import torch'" "$PYTHON cannot import torch (apt-get install python3-torch)" &&
+    suite train-torch $PYTHON tests/train_torch.py --selftest
+
 # Every notebook, executed on a small budget (DDPM_NOTEBOOK_QUICK=1: a toy network, a few
 # steps and images) into tests/out/notebooks, so that a notebook that breaks fails here.
 # The committed notebooks keep the outputs of their real runs.

@@ -25,6 +25,7 @@ ddpm.c:
   train_torch.py --out DIR --steps N [--save-at 1000,2000,3000] [--batch 32] [--lr 5e-4]
                  [--warmup 200] [--ema-decay 0.999] [--grad-clip 1] [--dropout 0.1]
                  [--seed 0] [--threads 1] [--no-flip] [--resume]
+  train_torch.py --selftest     (make test: 3 steps, resume, and ./ddpm import/export)
 
 It writes DIR/log.csv (the columns of ddpm.c's log), DIR/state.pt (everything needed to
 --resume, at every save point and on Ctrl-C) and, at each save point, DIR/step_NNNNN.ref:
@@ -32,14 +33,14 @@ the EMA weights as a reference.py exchange file, which `./ddpm import` turns int
 ddpm.c checkpoint. Its random numbers are PyTorch's, not ddpm.c's: the two runs are
 independent draws of the same experiment, to be compared within standard errors.
 """
-import argparse, math, os, signal, sys, time
+import argparse, math, os, shutil, signal, subprocess, sys, tempfile, time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from reference import build_model, write_exchange, config_to_records  # noqa: E402
+from reference import build_model, write_exchange, read_exchange, config_to_records  # noqa: E402
 from fid_fmnist import fashion_mnist  # noqa: E402
 
 CONFIG = dict(in_ch=1, ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[16],
@@ -74,6 +75,7 @@ def linear_abar(T=1000):
 def save_exchange(path, ema, step):
     recs = config_to_records(CONFIG)
     recs["config.objective"] = np.zeros(3, np.float32)   # eps, fixedlarge, simple
+    recs["config.dropout"] = np.array([DROPOUT], np.float32)
     recs["meta.step"] = np.array([step], np.float32)
     for name, p in ema.items():
         recs["param." + name] = p.numpy()
@@ -81,7 +83,60 @@ def save_exchange(path, ema, step):
     os.replace(path + ".tmp", path)
 
 
+def selftest():
+    """Resume continues bit for bit; ./ddpm imports the EMA weights and exports them back
+    unchanged; the imported checkpoint evaluates. Prints "N passed, N failed"."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    ddpm = os.path.join(root, "ddpm")
+    tmp = tempfile.mkdtemp(prefix="train_torch.")
+    me = [sys.executable, os.path.abspath(__file__), "--batch", "2", "--warmup", "2"]
+    results = []
+
+    def check(name, ok, detail=""):
+        results.append(ok)
+        print(("PASS " if ok else "FAIL ") + name + ("" if ok else ": " + detail), flush=True)
+
+    def run(*args):
+        r = subprocess.run([str(a) for a in args], capture_output=True, text=True, cwd=root)
+        return r.returncode, (r.stderr.strip().splitlines() or [""])[-1]
+
+    a, b = os.path.join(tmp, "a"), os.path.join(tmp, "b")
+    rc1 = run(*me, "--out", a, "--steps", "4", "--save-at", "2")
+    rc2 = run(*me, "--out", b, "--steps", "2")
+    rc3 = run(*me, "--out", b, "--steps", "4", "--resume")
+    rows = lambda d: open(os.path.join(d, "log.csv")).read().splitlines()
+    same = all(r[0] == 0 for r in (rc1, rc2, rc3)) and \
+        [r.rsplit(",", 1)[0] for r in rows(a)] == [r.rsplit(",", 1)[0] for r in rows(b)]
+    check("4 steps, and 2 steps plus --resume to 4: the same losses, lr and gradient norms", same,
+          f"{rc1} {rc2} {rc3}")
+    if same:
+        ea, eb = (read_exchange(os.path.join(d, "step_00004.ref")) for d in (a, b))
+        check("... and the same EMA weights", all(np.array_equal(ea[k], eb[k]) for k in ea))
+        ref, ckpt, back = os.path.join(a, "step_00004.ref"), os.path.join(tmp, "imp.ckpt"), os.path.join(tmp, "back.ref")
+        r1 = run(ddpm, "import", "--weights", ref, "--out", ckpt, "--batch", "2", "--threads", "1")
+        r2 = run(ddpm, "export", "--checkpoint", ckpt, "--out", back, "--threads", "1")
+        ok = r1[0] == 0 and r2[0] == 0
+        if ok:
+            eb = read_exchange(back)
+            params = [k for k in ea if k.startswith("param.")]
+            ok = len(params) == 182 and sorted(params) == sorted(k for k in eb if k.startswith("param.")) and \
+                all(np.array_equal(ea[k], eb[k]) for k in params) and eb["meta.step"][0] == 4
+        check("./ddpm import, then export: the 182 EMA tensors unchanged, step 4", ok, f"{r1} {r2}")
+        r3 = run(ddpm, "bpd", "--checkpoint", ckpt, "-n", "2", "--t-samples", "5", "--threads", "1")
+        check("the imported checkpoint evaluates (bpd)", r3[0] == 0, str(r3))
+    shutil.rmtree(tmp)
+    n_fail = results.count(False)
+    print(f"{len(results) - n_fail} passed, {n_fail} failed")
+    return 1 if n_fail else 0
+
+
+DROPOUT = 0.1
+
+
 def main():
+    global DROPOUT
+    if sys.argv[1:] == ["--selftest"]:
+        return selftest()
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--steps", type=int, required=True)
@@ -104,6 +159,7 @@ def main():
     if a.steps < 1 or a.batch < 1 or a.warmup < 0 or not (0 <= a.dropout < 1):
         fail("--steps and --batch must be positive, --warmup >= 0, --dropout in [0, 1)")
     torch.set_num_threads(a.threads)
+    DROPOUT = a.dropout
     os.makedirs(a.out, exist_ok=True)
     state_path, log_path = os.path.join(a.out, "state.pt"), os.path.join(a.out, "log.csv")
 
