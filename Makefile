@@ -13,6 +13,8 @@
 #   make sanitize        the unit and end-to-end suites under AddressSanitizer + UBSan
 #   make cifar10         download + check + unpack CIFAR-10 (binary version) into data/
 #   make fashion-mnist   unpack Debian's dataset-fashion-mnist into data/ (offline)
+#   make official-weights  the paper's CIFAR-10 model (diffusers' google/ddpm-cifar10-32)
+#                        as data/official/cifar10_ema.ckpt (needs the network once)
 #   make clean
 #
 # Options: NO_OMP=1 (no OpenMP), NO_NATIVE=1 (no -march=native), CC=clang.
@@ -73,7 +75,7 @@ else
 endif
 CFLAGS += -I$(STB_DIR)
 
-.PHONY: all plain debug test bench fuzz fuzz-build sanitize cifar10 fashion-mnist clean
+.PHONY: all plain debug test bench fuzz fuzz-build sanitize cifar10 fashion-mnist official-weights clean
 
 all: ddpm
 	@sh data/get_cifar10.sh --optional
@@ -188,6 +190,9 @@ cifar10:
 
 fashion-mnist:
 	@sh data/get_fashion_mnist.sh
+
+official-weights: ddpm
+	@PYTHON=$(PYTHON) sh data/get_official_weights.sh
 
 clean:
 	rm -rf ddpm ddpm_plain ddpm_debug tests/test_ddpm tests/test_ddpm_v2 tests/test_ddpm_v3 tests/test_ddpm_v4 \

@@ -1,6 +1,7 @@
 // dump_ref: writes the exchange file that tests/reference.py checks against PyTorch.
 //
 //   tests/dump_ref PRESET BATCH FILE [MEAN,VAR,LOSS]
+//   tests/dump_ref --checkpoint CKPT BATCH FILE
 //
 // It builds the U-Net of a preset with random weights (not the official init, whose
 // 1e-10 scales would silence whole branches and hide their gradients), runs one
@@ -15,6 +16,10 @@
 // for the others, training_loss and its gradient. The file then also holds x_0, the
 // objective, and one bound term per image with its gradient with respect to p_theta's
 // mean and log variance (vb_term_bpd_grad, for the KL and the decoder on their own).
+//
+// With --checkpoint the weights are a checkpoint's EMA weights instead (its network, the
+// paper's objective): tests/test_official.py checks that weights converted from another
+// layout give ddpm.c the eps_theta of the model they came from.
 #define DDPM_NO_MAIN
 #include "../ddpm.c"
 
@@ -38,9 +43,16 @@ static void record_ints(FILE* f, const char* name, const int* v, int n) {
 }
 
 int main(int argc, char** argv) {
-    if (argc != 4 && argc != 5) { fprintf(stderr, "usage: %s PRESET BATCH FILE [MEAN,VAR,LOSS]\n", argv[0]); return 2; }
+    const char* ckpt = NULL;
+    if (argc == 5 && !strcmp(argv[1], "--checkpoint")) ckpt = argv[2], argv++, argc--;
+    if (argc != 4 && argc != 5) {
+        fprintf(stderr, "usage: %s PRESET BATCH FILE [MEAN,VAR,LOSS] | --checkpoint CKPT BATCH FILE\n", argv[0]);
+        return 2;
+    }
     Config cfg;
-    if (!preset_find(argv[1], &cfg)) die("unknown preset %s", argv[1]);
+    CheckpointHeader hd;
+    if (ckpt) fclose(checkpoint_open(ckpt, &hd)), cfg = config_from_header(&hd);
+    else if (!preset_find(argv[1], &cfg)) die("unknown preset %s", argv[1]);
     Objective ob = PAPER_OBJECTIVE;
     int with_objective = argc == 5;
     if (with_objective) {
@@ -58,10 +70,16 @@ int main(int argc, char** argv) {
     }
     int B = atoi(argv[2]);
     UNet m;
-    unet_build(&m, &cfg, B);
     Rng rng;
     rng_seed(&rng, 1234);
-    for (int i = 0; i < m.L->n_tensors; i++) {
+    if (ckpt) {
+        Schedule trained;
+        load_ema_model(&m, &trained, NULL, ckpt, B);
+        schedule_free(&trained);
+    } else {
+        unet_build(&m, &cfg, B);
+    }
+    for (int i = 0; !ckpt && i < m.L->n_tensors; i++) {
         ParamTensor* t = &m.L->tensors[i];
         float* p = m.params + t->offset;
         float z[2];

@@ -132,6 +132,12 @@ requires fid-fmnist "$PYTHON -c 'import numpy'" "$PYTHON cannot import numpy (ap
 requires train-torch "$PYTHON -c 'import torch'" "$PYTHON cannot import torch (apt-get install python3-torch)" &&
     suite train-torch $PYTHON tests/train_torch.py --selftest
 
+# The paper's own weights (data/convert_official.py), on a file built here in the layout
+# diffusers publishes them in: ddpm.c's eps_theta from the converted checkpoint is the
+# PyTorch model's; broken files are refused.
+requires official-weights "$PYTHON -c 'import torch, numpy'" "$PYTHON cannot import torch and numpy (apt-get install python3-torch python3-numpy)" &&
+    suite official-weights $PYTHON tests/test_official.py
+
 # Every notebook, executed on a small budget (DDPM_NOTEBOOK_QUICK=1: a toy network, a few
 # steps and images) into tests/out/notebooks, so that a notebook that breaks fails here.
 # The committed notebooks keep the outputs of their real runs.

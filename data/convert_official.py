@@ -1,0 +1,243 @@
+#!/usr/bin/python3
+"""Converts the paper's CIFAR-10 model, as diffusers publishes it, into a ddpm.c checkpoint.
+
+  convert_official.py SAFETENSORS OUT.ckpt [--ddpm ./ddpm] [--keep-exchange FILE.ref]
+
+SAFETENSORS is google/ddpm-cifar10-32's diffusion_pytorch_model.safetensors: the
+official TensorFlow checkpoint (model.ckpt-790000, the EMA weights), renamed by
+diffusers' scripts/convert_ddpm_original_checkpoint_to_diffusers.py. Its network is
+ddpm.c's `paper` preset (35,746,307 parameters; Appendix B) under other names:
+
+  ddpm.c (= tests/reference.py)          diffusers
+  temb.dense0 / temb.dense1              time_embedding.linear_1 / linear_2
+  down.i.block.j.{norm1,conv1,norm2,     down_blocks.i.resnets.j.{norm1,conv1,norm2,
+      conv2,temb_proj,nin_shortcut}          conv2,time_emb_proj,conv_shortcut}
+  down.i.attn.j.{norm,q,k,v,proj_out}    down_blocks.i.attentions.j.{group_norm,query,key,
+                                             value,proj_attn} (or to_q, to_k, to_v, to_out.0)
+  down.i.downsample.conv                 down_blocks.i.downsamplers.0.conv
+  mid.block_1, mid.attn_1, mid.block_2   mid_block.resnets.0, attentions.0, resnets.1
+  up.i.*                                 up_blocks.(3 - i).*, upsample -> upsamplers.0
+  norm_out                               conv_norm_out
+
+diffusers stores the attention's 1x1 convolutions as linear layers, (C, C) instead of
+(C, C, 1, 1): the same numbers in the same order. Its time embedding (flip_sin_to_cos
+false, freq_shift 1) and its stride-2 downsampling (padding 0 before, 1 after) are the
+official ones, so nothing else changes. The file is read with the standard library (an
+8-byte little-endian header length, a JSON header, then raw little-endian tensors) and
+refused, naming the first problem, if a tensor is missing, unexpected, misshapen or not
+float32, or if the file is cut short. The weights go into an exchange file (ddpm.c
+section 20) that `./ddpm import` turns into the checkpoint; OUT.ckpt.source beside it
+records where they came from.
+"""
+import hashlib, json, os, struct, subprocess, sys, tempfile
+
+PAPER = dict(in_ch=3, ch=128, ch_mult=[1, 2, 2, 2], num_res_blocks=2, attn_resolutions=[16], groups=32, img=32)
+
+
+def fail(msg):
+    print(f"convert_official.py: {msg}", file=sys.stderr)
+    sys.exit(1)
+
+
+def read_safetensors(path):
+    """name -> (dtype, shape, raw bytes); refuses anything malformed in one line."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        fail(f"cannot read {path}: {e.strerror}")
+    if len(data) < 8:
+        fail(f"{path} is not a safetensors file ({len(data)} bytes)")
+    n = struct.unpack_from("<Q", data)[0]
+    if n > len(data) - 8:
+        fail(f"{path}: the header length {n} runs past the end of the file ({len(data)} bytes); the file is truncated")
+    try:
+        header = json.loads(data[8:8 + n])
+    except (ValueError, UnicodeDecodeError):
+        fail(f"{path}: the header is not JSON; is this a safetensors file?")
+    if not isinstance(header, dict):
+        fail(f"{path}: the header is not a JSON object")
+    body, out = data[8 + n:], {}
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (lo, hi) = t["dtype"], [int(s) for s in t["shape"]], t["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            fail(f"{path}: {name} has no dtype, shape or data_offsets")
+        size = 4 if dtype == "F32" else None
+        if not 0 <= lo <= hi <= len(body):
+            fail(f"{path}: {name} lies past the end of the file; the file is truncated")
+        count = 1
+        for s in shape:
+            count *= s
+        if size and hi - lo != count * size:
+            fail(f"{path}: {name} holds {hi - lo} bytes, its shape {shape} needs {count * size}")
+        out[name] = (dtype, shape, body[lo:hi])
+    return out
+
+
+def ddpm_tensors(c=PAPER):
+    """(ddpm.c name, shape) for every tensor of the network, in the official layout."""
+    ch, L, nrb = c["ch"], len(c["ch_mult"]), c["num_res_blocks"]
+    t = [("temb.dense0.weight", [4 * ch, ch]), ("temb.dense0.bias", [4 * ch]),
+         ("temb.dense1.weight", [4 * ch, 4 * ch]), ("temb.dense1.bias", [4 * ch]),
+         ("conv_in.weight", [ch, c["in_ch"], 3, 3]), ("conv_in.bias", [ch])]
+
+    def res(p, cin, cout):
+        t.extend([(p + ".norm1.weight", [cin]), (p + ".norm1.bias", [cin]),
+                  (p + ".conv1.weight", [cout, cin, 3, 3]), (p + ".conv1.bias", [cout]),
+                  (p + ".temb_proj.weight", [cout, 4 * ch]), (p + ".temb_proj.bias", [cout]),
+                  (p + ".norm2.weight", [cout]), (p + ".norm2.bias", [cout]),
+                  (p + ".conv2.weight", [cout, cout, 3, 3]), (p + ".conv2.bias", [cout])])
+        if cin != cout:
+            t.extend([(p + ".nin_shortcut.weight", [cout, cin, 1, 1]), (p + ".nin_shortcut.bias", [cout])])
+
+    def attn(p, C):
+        t.extend([(p + ".norm.weight", [C]), (p + ".norm.bias", [C])])
+        for k in ("q", "k", "v", "proj_out"):
+            t.extend([(f"{p}.{k}.weight", [C, C, 1, 1]), (f"{p}.{k}.bias", [C])])
+
+    skips, cur, res_ = [ch], ch, c["img"]
+    for i, m in enumerate(c["ch_mult"]):
+        for j in range(nrb):
+            res(f"down.{i}.block.{j}", cur, ch * m)
+            cur = ch * m
+            if res_ in c["attn_resolutions"]:
+                attn(f"down.{i}.attn.{j}", cur)
+            skips.append(cur)
+        if i != L - 1:
+            t.extend([(f"down.{i}.downsample.conv.weight", [cur, cur, 3, 3]), (f"down.{i}.downsample.conv.bias", [cur])])
+            skips.append(cur)
+            res_ //= 2
+    res("mid.block_1", cur, cur)
+    attn("mid.attn_1", cur)
+    res("mid.block_2", cur, cur)
+    for i in reversed(range(L)):
+        for j in range(nrb + 1):
+            res(f"up.{i}.block.{j}", cur + skips.pop(), ch * c["ch_mult"][i])
+            cur = ch * c["ch_mult"][i]
+            if res_ in c["attn_resolutions"]:
+                attn(f"up.{i}.attn.{j}", cur)
+        if i != 0:
+            t.extend([(f"up.{i}.upsample.conv.weight", [cur, cur, 3, 3]), (f"up.{i}.upsample.conv.bias", [cur])])
+            res_ *= 2
+    t.extend([("norm_out.weight", [cur]), ("norm_out.bias", [cur]),
+              ("conv_out.weight", [c["in_ch"], cur, 3, 3]), ("conv_out.bias", [c["in_ch"]])])
+    return t
+
+
+ATTN = {"norm": ["group_norm"], "q": ["query", "to_q"], "k": ["key", "to_k"], "v": ["value", "to_v"],
+        "proj_out": ["proj_attn", "to_out.0"]}
+RES = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "temb_proj": "time_emb_proj",
+       "nin_shortcut": "conv_shortcut"}
+
+
+def diffusers_names(name, L=len(PAPER["ch_mult"])):
+    """The diffusers names a ddpm.c tensor may have (attention: old and new spellings)."""
+    p = name.split(".")
+    leaf = p[-1]
+    if p[0] == "temb":
+        return [f"time_embedding.linear_{1 if p[1] == 'dense0' else 2}.{leaf}"]
+    if p[0] == "norm_out":
+        return [f"conv_norm_out.{leaf}"]
+    if p[0] in ("conv_in", "conv_out"):
+        return [name]
+    if p[0] == "mid":
+        base = {"block_1": "mid_block.resnets.0", "block_2": "mid_block.resnets.1", "attn_1": "mid_block.attentions.0"}[p[1]]
+        rest = p[2:-1]
+    else:
+        i = int(p[1]) if p[0] == "down" else L - 1 - int(p[1])
+        kind = {"block": "resnets", "attn": "attentions"}.get(p[2])
+        if kind is None:   # downsample.conv, upsample.conv
+            return [f"{p[0]}_blocks.{i}.{p[2][:-6]}samplers.0.conv.{leaf}"]
+        base = f"{p[0]}_blocks.{i}.{kind}.{p[3]}"
+        rest = p[4:-1]
+    layer = rest[0]
+    if "attentions" in base:
+        return [f"{base}.{a}.{leaf}" for a in ATTN[layer]]
+    return [f"{base}.{RES[layer]}.{leaf}"]
+
+
+def convert(tensors):
+    """ddpm.c name -> (shape, raw float32 bytes), checked against the paper preset."""
+    out, used = {}, set()
+    for name, shape in ddpm_tensors():
+        cands = [d for d in diffusers_names(name) if d in tensors]
+        if not cands:
+            fail(f"no tensor {diffusers_names(name)[0]} (ddpm.c's {name}); is this google/ddpm-cifar10-32?")
+        d = cands[0]
+        dtype, dshape, raw = tensors[d]
+        want = shape[:2] if ".attentions." in d and shape[2:] == [1, 1] else shape
+        if dtype != "F32":
+            fail(f"{d} is {dtype}; only float32 (F32) files are converted")
+        if dshape != want:
+            fail(f"{d} has shape {dshape}, the paper's model needs {want}")
+        out[name] = (shape, raw)
+        used.add(d)
+    extra = sorted(set(tensors) - used)
+    if extra:
+        fail(f"{extra[0]} is not a tensor of the paper's model ({len(extra)} unexpected); is this google/ddpm-cifar10-32?")
+    return out
+
+
+def write_exchange(path, weights, config=PAPER):
+    recs = []
+
+    def rec(name, shape, raw):
+        b = name.encode()
+        recs.append(struct.pack("<i", len(b)) + b + struct.pack(f"<i{len(shape)}i", len(shape), *shape) + raw)
+
+    def ints(name, v):
+        rec(name, [len(v)], struct.pack(f"<{len(v)}f", *v))
+
+    for k in ("in_ch", "ch", "num_res_blocks", "groups", "img"):
+        ints("config." + k, [config[k]])
+    ints("config.ch_mult", config["ch_mult"])
+    ints("config.attn_resolutions", config["attn_resolutions"])
+    ints("config.objective", [0, 0, 0])          # eps, fixed variance, L_simple: the paper's model
+    rec("config.dropout", [1], struct.pack("<f", 0.1))
+    ints("meta.step", [790000])                  # model.ckpt-790000
+    for name, (shape, raw) in weights.items():
+        rec("param." + name, shape, raw)
+    with open(path, "wb") as f:
+        f.write(b"DDPMREF1" + struct.pack("<i", len(recs)) + b"".join(recs))
+
+
+def main(argv):
+    args, ddpm, keep = [], os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "ddpm"), None
+    it = iter(argv)
+    for a in it:
+        if a == "--ddpm":
+            ddpm = next(it, None)
+        elif a == "--keep-exchange":
+            keep = next(it, None)
+        else:
+            args.append(a)
+    if len(args) != 2 or ddpm is None:
+        print(__doc__.split("\n\n")[1], file=sys.stderr)
+        return 2
+    src, out = args
+    weights = convert(read_safetensors(src))
+    n = sum(len(raw) // 4 for _, raw in weights.values())
+    if n != 35_746_307:
+        fail(f"{src} holds {n} parameters, the paper's model 35,746,307")
+    with tempfile.TemporaryDirectory() as tmp:
+        ref = keep or os.path.join(tmp, "official.ref")
+        write_exchange(ref, weights)
+        r = subprocess.run([ddpm, "import", "--weights", ref, "--out", out, "--batch", "128"],
+                           capture_output=True, text=True)
+        if r.returncode:
+            fail(f"./ddpm import: {r.stderr.strip()}")
+    sha = hashlib.sha256(open(src, "rb").read()).hexdigest()
+    with open(out + ".source", "w") as f:
+        f.write(f"{os.path.basename(src)} sha256 {sha}\n"
+                "google/ddpm-cifar10-32 (diffusers), converted from the official TensorFlow checkpoint "
+                "diffusion_cifar10_model/model.ckpt-790000 (EMA weights; Ho, Jain, Abbeel 2020)\n"
+                f"converted by data/convert_official.py: {len(weights)} tensors, {n} parameters\n")
+    print(f"wrote {out} ({len(weights)} tensors, {n:,} parameters, from {src}) and {out}.source")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

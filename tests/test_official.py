@@ -1,0 +1,194 @@
+#!/usr/bin/python3
+"""Offline test of data/convert_official.py (the paper's CIFAR-10 weights, diffusers layout).
+
+The published file cannot be downloaded here, so this test builds one in its layout:
+tests/reference.py's PyTorch U-Net (paper preset) with random weights, renamed into
+diffusers' names and layouts by a mapping written here, independently of the converter,
+and saved as safetensors by a small writer. The converter must turn it into a ddpm.c
+checkpoint whose eps_theta (tests/dump_ref --checkpoint) is the PyTorch model's on the
+same x_t and t. The names are checked against a fixture: the key list of
+google/ddpm-cifar10-32 as its config.json (block_out_channels 128, 256, 256, 256;
+layers_per_block 2; AttnDownBlock2D second, AttnUpBlock2D third) and diffusers' UNet2DModel
+modules give it. It is derived, not read from the real file's index, and the README says so.
+Broken files must be refused in one line. Prints "N passed, N failed".
+"""
+import json, os, re, struct, subprocess, sys, tempfile
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+from reference import PRESETS, build_model, randomize, read_exchange, rel_err, FORWARD_TOL  # noqa: E402
+
+CONVERTER = os.path.join(ROOT, "data", "convert_official.py")
+results = []
+
+
+def check(name, ok, detail=""):
+    results.append(bool(ok))
+    print(("PASS " if ok else "FAIL ") + name + ("" if ok else ": " + detail), flush=True)
+
+
+def fixture_keys():
+    """diffusers UNet2DModel's state_dict keys and shapes for google/ddpm-cifar10-32."""
+    out = {"conv_in.weight": (128, 3, 3, 3), "conv_in.bias": (128,),
+           "time_embedding.linear_1.weight": (512, 128), "time_embedding.linear_1.bias": (512,),
+           "time_embedding.linear_2.weight": (512, 512), "time_embedding.linear_2.bias": (512,),
+           "conv_norm_out.weight": (128,), "conv_norm_out.bias": (128,),
+           "conv_out.weight": (3, 128, 3, 3), "conv_out.bias": (3,)}
+    chans = [128, 256, 256, 256]
+
+    def resnet(p, cin, cout):
+        out.update({f"{p}.norm1.weight": (cin,), f"{p}.norm1.bias": (cin,),
+                    f"{p}.conv1.weight": (cout, cin, 3, 3), f"{p}.conv1.bias": (cout,),
+                    f"{p}.time_emb_proj.weight": (cout, 512), f"{p}.time_emb_proj.bias": (cout,),
+                    f"{p}.norm2.weight": (cout,), f"{p}.norm2.bias": (cout,),
+                    f"{p}.conv2.weight": (cout, cout, 3, 3), f"{p}.conv2.bias": (cout,)})
+        if cin != cout:
+            out.update({f"{p}.conv_shortcut.weight": (cout, cin, 1, 1), f"{p}.conv_shortcut.bias": (cout,)})
+
+    def attention(p, c):
+        out.update({f"{p}.group_norm.weight": (c,), f"{p}.group_norm.bias": (c,)})
+        for k in ("query", "key", "value", "proj_attn"):
+            out.update({f"{p}.{k}.weight": (c, c), f"{p}.{k}.bias": (c,)})
+
+    prev = 128
+    for i, c in enumerate(chans):                       # DownBlock2D, AttnDownBlock2D, DownBlock2D, DownBlock2D
+        for j in range(2):
+            resnet(f"down_blocks.{i}.resnets.{j}", prev if j == 0 else c, c)
+            if i == 1:
+                attention(f"down_blocks.{i}.attentions.{j}", c)
+        prev = c
+        if i < 3:
+            out.update({f"down_blocks.{i}.downsamplers.0.conv.weight": (c, c, 3, 3),
+                        f"down_blocks.{i}.downsamplers.0.conv.bias": (c,)})
+    resnet("mid_block.resnets.0", 256, 256)
+    attention("mid_block.attentions.0", 256)
+    resnet("mid_block.resnets.1", 256, 256)
+    rev = chans[::-1]                                   # UpBlock2D, UpBlock2D, AttnUpBlock2D, UpBlock2D
+    prev = 256
+    for i, c in enumerate(rev):
+        skip_in = rev[min(i + 1, 3)]
+        for j in range(3):
+            skip = c if j < 2 else skip_in
+            resnet(f"up_blocks.{i}.resnets.{j}", (prev if j == 0 else c) + skip, c)
+            if i == 2:
+                attention(f"up_blocks.{i}.attentions.{j}", c)
+        prev = c
+        if i < 3:
+            out.update({f"up_blocks.{i}.upsamplers.0.conv.weight": (c, c, 3, 3),
+                        f"up_blocks.{i}.upsamplers.0.conv.bias": (c,)})
+    return out
+
+
+def to_diffusers(name):
+    """tests/reference.py's state_dict name -> diffusers', by rules written for this test."""
+    rules = [(r"^temb\.dense0\.", "time_embedding.linear_1."), (r"^temb\.dense1\.", "time_embedding.linear_2."),
+             (r"^norm_out\.", "conv_norm_out."),
+             (r"^mid\.block_1\.", "mid_block.resnets.0."), (r"^mid\.block_2\.", "mid_block.resnets.1."),
+             (r"^mid\.attn_1\.", "mid_block.attentions.0."),
+             (r"^down\.(\d)\.block\.", r"down_blocks.\1.resnets."), (r"^down\.(\d)\.attn\.", r"down_blocks.\1.attentions."),
+             (r"^down\.(\d)\.downsample\.", r"down_blocks.\1.downsamplers.0."),
+             (r"^up\.(\d)\.block\.", lambda m: f"up_blocks.{3 - int(m.group(1))}.resnets."),
+             (r"^up\.(\d)\.attn\.", lambda m: f"up_blocks.{3 - int(m.group(1))}.attentions."),
+             (r"^up\.(\d)\.upsample\.", lambda m: f"up_blocks.{3 - int(m.group(1))}.upsamplers.0."),
+             (r"\.temb_proj\.", ".time_emb_proj."), (r"\.nin_shortcut\.", ".conv_shortcut."),
+             (r"(attentions\.\d)\.norm\.", r"\1.group_norm."), (r"(attentions\.\d)\.q\.", r"\1.query."),
+             (r"(attentions\.\d)\.k\.", r"\1.key."), (r"(attentions\.\d)\.v\.", r"\1.value."),
+             (r"(attentions\.\d)\.proj_out\.", r"\1.proj_attn.")]
+    for pat, rep in rules:
+        name = re.sub(pat, rep, name)
+    return name
+
+
+def save_safetensors(path, tensors, dtype="F32", cut=0, header_len_extra=0):
+    """name -> float32 array; dtype only relabels (for the wrong-dtype test)."""
+    header, blobs, off = {"__metadata__": {"format": "pt"}}, [], 0
+    for name, a in tensors.items():
+        b = np.ascontiguousarray(a, dtype="<f4").tobytes()
+        header[name] = {"dtype": dtype, "shape": list(a.shape), "data_offsets": [off, off + len(b)]}
+        blobs.append(b)
+        off += len(b)
+    h = json.dumps(header).encode()
+    data = struct.pack("<Q", len(h) + header_len_extra) + h + b"".join(blobs)
+    with open(path, "wb") as f:
+        f.write(data[:len(data) - cut] if cut else data)
+
+
+def convert(src, out):
+    r = subprocess.run([sys.executable, CONVERTER, src, out, "--ddpm", os.path.join(ROOT, "ddpm")],
+                       capture_output=True, text=True)
+    return r.returncode, r.stderr.strip()
+
+
+def main():
+    torch.manual_seed(0)
+    cfg = dict(PRESETS["paper"], dropout=0.0)
+    model = build_model(cfg).eval()
+    randomize(model, torch.Generator().manual_seed(7))
+    sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    diff = {}
+    for k, v in sd.items():
+        d = to_diffusers(k)
+        diff[d] = v.reshape(v.shape[:2]) if ".attentions." in d and v.ndim == 4 else v
+    fix = fixture_keys()
+    check("the fixture lists the paper model's 328 tensors, 35,746,307 values",
+          len(fix) == 328 and sum(int(np.prod(s)) for s in fix.values()) == 35_746_307,
+          f"{len(fix)} tensors, {sum(int(np.prod(s)) for s in fix.values())} values")
+    bad = sorted(set(fix) ^ set(diff)) + [k for k in fix if k in diff and tuple(diff[k].shape) != fix[k]]
+    check("the test's renamed PyTorch model has exactly the fixture's keys and shapes", not bad, str(bad[:5]))
+
+    tmp = tempfile.mkdtemp(prefix="official.")
+    src, ckpt = os.path.join(tmp, "model.safetensors"), os.path.join(tmp, "cifar10_ema.ckpt")
+    save_safetensors(src, diff)
+    rc, err = convert(src, ckpt)
+    check("convert_official.py converts the file", rc == 0 and os.path.exists(ckpt) and os.path.exists(ckpt + ".source"),
+          f"exit {rc}: {err}")
+    if rc == 0:
+        ref = os.path.join(tmp, "eps.ref")
+        r = subprocess.run([os.path.join(ROOT, "tests", "dump_ref"), "--checkpoint", ckpt, "2", ref],
+                           capture_output=True, text=True)
+        if r.returncode:
+            check("tests/dump_ref --checkpoint runs", False, r.stderr.strip())
+        else:
+            rec = read_exchange(ref)
+            with torch.no_grad():
+                m64 = model.double()
+                want = m64(torch.from_numpy(rec["input.x_t"]).double(), torch.from_numpy(rec["input.t"]).double()).numpy()
+            e = rel_err(rec["output.eps_theta"], want)
+            check(f"ddpm.c's eps_theta from the converted checkpoint = the PyTorch model's (rel. error {e:.1e} < {FORWARD_TOL:.0e})",
+                  e < FORWARD_TOL, f"{e:.3e}")
+        # diffusers' newer attention names (to_q, to_k, to_v, to_out.0) give the same checkpoint
+        new = {re.sub(r"\.query\.", ".to_q.", re.sub(r"\.key\.", ".to_k.", re.sub(r"\.value\.", ".to_v.",
+               re.sub(r"\.proj_attn\.", ".to_out.0.", k)))): v for k, v in diff.items()}
+        src2, ckpt2 = os.path.join(tmp, "new.safetensors"), os.path.join(tmp, "new.ckpt")
+        save_safetensors(src2, new)
+        rc2, err2 = convert(src2, ckpt2)
+        same = rc2 == 0 and open(ckpt, "rb").read() == open(ckpt2, "rb").read()
+        check("the newer attention names (to_q ... to_out.0) give the same checkpoint bytes", same, f"exit {rc2}: {err2}")
+
+    first = next(k for k in diff if ".attentions." in k and k.endswith("query.weight"))
+    cases = {
+        "a missing tensor": (lambda: save_safetensors(src, {k: v for k, v in diff.items() if k != first}), first),
+        "a wrong shape": (lambda: save_safetensors(src, dict(diff, **{first: diff[first][:, :8]})), first),
+        "a wrong dtype": (lambda: save_safetensors(src, diff, dtype="F16"), "F16"),
+        "an unexpected tensor": (lambda: save_safetensors(src, dict(diff, extra=np.zeros(3, np.float32))), "extra"),
+        "a truncated body": (lambda: save_safetensors(src, diff, cut=1000), "truncated"),
+        "a header length past the end": (lambda: save_safetensors(src, diff, header_len_extra=10 ** 9), "past the end"),
+    }
+    for what, (make, word) in cases.items():
+        make()
+        out = os.path.join(tmp, "never.ckpt")
+        rc, err = convert(src, out)
+        check(f"refused, in one line naming it: {what}",
+              rc == 1 and len(err.splitlines()) == 1 and word in err and not os.path.exists(out), f"exit {rc}: {err}")
+    subprocess.run(["rm", "-rf", tmp])
+    n_fail = results.count(False)
+    print(f"{len(results) - n_fail} passed, {n_fail} failed")
+    return 1 if n_fail else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
