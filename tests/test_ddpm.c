@@ -2268,15 +2268,29 @@ static void test_per_t(void) {
     schedule_free(&full);
 }
 
+// The bound's small fixture: a random 1-channel network on three 8x8 toy images, over the
+// linear schedule respaced to 20 steps.
+static void toy_bound(Schedule* full, Schedule* s, UNet* m, Dataset* d, int B_max, uint64_t seed) {
+    schedule_init(full, 1000, SCHEDULE_LINEAR);
+    schedule_respace(s, full, 20);
+    random_net(m, 1, B_max, seed);
+    *d = toy_dataset(3, 1, 8, 8);
+}
+
+static void toy_bound_free(Schedule* full, Schedule* s, UNet* m, Dataset* d) {
+    dataset_free(d);
+    unet_free(m);
+    schedule_free(s);
+    schedule_free(full);
+}
+
 // The standard error bpd prints: with one image a batch, the images draw their noise in
 // turn, so three one-image evaluations continue the same stream as one of all three.
 static void test_bpd_std_err(void) {
     Schedule full, s;
-    schedule_init(&full, 1000, SCHEDULE_LINEAR);
-    schedule_respace(&s, &full, 20);
     UNet m;
-    random_net(&m, 1, 1, 43);
-    Dataset d = toy_dataset(3, 1, 8, 8);
+    Dataset d;
+    toy_bound(&full, &s, &m, &d, 1, 43);
     Rng rng;
     rng_seed(&rng, 5);
     BoundBpd all = eval_bpd(&m, &s, &d, 3, MEAN_EPS, VAR_FIXEDLARGE, &rng, NULL, 0);
@@ -2296,10 +2310,7 @@ static void test_bpd_std_err(void) {
           fabs(all.total - mean) < 1e-9 * mean && fabs(all.std_err - se) < 1e-6 * se && se > 0,
           "images %.6f %.6f %.6f: mean %.9f (bpd %.9f), std. error %.9f (bpd %.9f)",
           L[0], L[1], L[2], mean, all.total, se, all.std_err);
-    dataset_free(&d);
-    unet_free(&m);
-    schedule_free(&s);
-    schedule_free(&full);
+    toy_bound_free(&full, &s, &m, &d);
 }
 
 // bpd --t-samples: with K = T - 1 strata of one t each it is the full sum, bit for bit;
@@ -2308,11 +2319,9 @@ static void test_bpd_std_err(void) {
 // spread is larger (it also samples t).
 static void test_bpd_t_samples(void) {
     Schedule full, s;
-    schedule_init(&full, 1000, SCHEDULE_LINEAR);
-    schedule_respace(&s, &full, 20);
     UNet m;
-    random_net(&m, 1, 3, 47);
-    Dataset d = toy_dataset(3, 1, 8, 8);
+    Dataset d;
+    toy_bound(&full, &s, &m, &d, 3, 47);
     Rng rng;
     rng_seed(&rng, 9);
     BoundBpd a = eval_bpd(&m, &s, &d, 3, MEAN_EPS, VAR_FIXEDLARGE, &rng, NULL, 0);
@@ -2334,10 +2343,7 @@ static void test_bpd_t_samples(void) {
           fabs(mk - mf) < 4 * se && se < 0.1 * mf && vk > vf,
           "sum L_{t-1} over %d evaluations: full %.6f (sd %.6f), K = 4 %.6f (sd %.6f); std. error of the difference %.6f",
           R, mf, sqrt(vf), mk, sqrt(vk), se);
-    dataset_free(&d);
-    unet_free(&m);
-    schedule_free(&s);
-    schedule_free(&full);
+    toy_bound_free(&full, &s, &m, &d);
 }
 
 static void test_reconstruct_interpolate(void) {
