@@ -75,7 +75,7 @@ else
 endif
 CFLAGS += -I$(STB_DIR)
 
-.PHONY: all plain debug test bench fuzz fuzz-build sanitize cifar10 fashion-mnist official-weights clean
+.PHONY: all plain debug mpi test bench fuzz fuzz-build sanitize cifar10 fashion-mnist official-weights clean
 
 all: ddpm
 	@sh data/get_cifar10.sh --optional
@@ -93,6 +93,14 @@ ddpm_plain: ddpm.c $(STB_DEP)
 debug: ddpm_debug
 ddpm_debug: ddpm.c $(STB_DEP)
 	$(CC) $(PLAIN_CFLAGS) -O0 -g ddpm.c -o $@ $(LDLIBS)
+
+# Data-parallel training over MPI (ddpm.c section 23): Debian's libopenmpi-dev openmpi-bin.
+# Without it nothing here needs MPI; `make mpi` alone builds ./ddpm_mpi.
+MPICC ?= mpicc
+mpi: ddpm_mpi
+ddpm_mpi: ddpm.c $(STB_DEP)
+	@command -v $(MPICC) >/dev/null || { echo "make mpi: $(MPICC) not found; apt-get install libopenmpi-dev openmpi-bin"; exit 1; }
+	OMPI_CC=$(CC) $(MPICC) $(CFLAGS) -DDDPM_MPI ddpm.c -o $@ $(LDLIBS)
 
 build/stb/stb_image_write.h:
 	@mkdir -p build/stb

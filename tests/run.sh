@@ -162,6 +162,12 @@ requires notebooks "$PYTHON -c 'import nbconvert, ipykernel, matplotlib'" \
     "apt-get install jupyter-nbconvert python3-ipykernel python3-matplotlib (see .ci/run)" &&
     suite notebooks notebooks_suite
 
+# Data-parallel training over MPI (make mpi, ddpm.c section 23): 1 rank = ./ddpm bit for
+# bit, 2 ranks within a stated tolerance, resume across rank counts, refusals, a killed rank.
+mpi_suite() { make -s ddpm_mpi >/dev/null 2>&1 || { echo "make ddpm_mpi failed"; return 1; }; sh tests/test_mpi.sh; }
+requires mpi "command -v mpirun && command -v mpicc" "apt-get install libopenmpi-dev openmpi-bin (see .ci/run)" &&
+    suite mpi mpi_suite
+
 suite e2e sh tests/test_e2e.sh
 
 echo
