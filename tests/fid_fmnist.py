@@ -193,6 +193,14 @@ def score(feat, x):
     return frechet(*stats(feat(x)), *feat.reference())
 
 
+def bootstrap_sd(feat, x, rounds, seed=0):
+    # The spread of the score over resamplings (with replacement) of the N samples: how
+    # much it would move with another set of N from the same model. (Resampling repeats
+    # images, which biases each score up; the spread is what is used.)
+    f, ref, g = feat(x), feat.reference(), np.random.default_rng(seed)
+    return float(np.std([frechet(*stats(f[g.integers(0, len(f), len(f))]), *ref) for _ in range(rounds)], ddof=1))
+
+
 # ---- commands ----
 
 def cmd_score(a):
@@ -203,8 +211,9 @@ def cmd_score(a):
             if len(x) < a.n:
                 fail(f"{path}: {len(x)} samples, fewer than -n {a.n}")
             x = x[:a.n]
+        sd = f"  bootstrap sd {bootstrap_sd(feat, x, a.bootstrap):.3f} ({a.bootstrap} resamplings)" if a.bootstrap else ""
         print(f"FID-FMNIST {score(feat, x):10.3f}  {path} ({len(x)} samples against the 60000 training "
-              f"images; classifier {feat.id})")
+              f"images; classifier {feat.id}){sd}")
 
 
 def blur(x, sigma):
@@ -234,6 +243,7 @@ def cmd_sanity(a):
     real = [score(feat, s) for s in sets]
     print(f"  test images, {len(sets)} disjoint sets: " + " ".join(f"{v:.3f}" for v in real) +
           f"  (mean {np.mean(real):.3f}, std {np.std(real, ddof=1):.3f})")
+    print(f"  bootstrap sd of the first set:    {bootstrap_sd(feat, sets[0], 50):.3f}  (50 resamplings; beside the std above)")
     print(f"  all 10000 test images:        {score(feat, test):10.3f}")
     base = sets[0]
     for sigma in (0.5, 1.0, 2.0):
@@ -291,6 +301,8 @@ def main():
     s = sub.add_parser("score", help="score .npz files of samples")
     s.add_argument("files", nargs="+")
     s.add_argument("-n", type=int, default=0, help="use the first N samples of each file")
+    s.add_argument("--bootstrap", type=int, default=0, metavar="B",
+                   help="also the score's spread over B resamplings of the samples")
     s = sub.add_parser("sanity", help="scores of real and corrupted test images")
     s.add_argument("-n", type=int, default=2000)
     sub.add_parser("selftest", help="check the formulas (no training)")
