@@ -130,7 +130,7 @@ def main():
     e.add_argument("--t-samples", type=int, default=50)
     e.add_argument("--score-n", type=int, default=1000)
     e.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
-    e.add_argument("--steps", type=int, default=50)
+    e.add_argument("--steps", type=int, default=25)
     e.add_argument("--seed", type=int, default=1)
     e.add_argument("--threads", type=int, default=1)
     p = sub.add_parser("plot")
