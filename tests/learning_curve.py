@@ -2,7 +2,7 @@
 """Evaluate checkpoints along a run, and plot the learning curve (README, issue 14).
 
   learning_curve.py eval CKPT [CKPT ...] --csv FILE [--label NAME] [--bpd-n 256]
-                    [--t-samples 50] [--score-n 1000] [--sampler ddim] [--steps 50]
+                    [--t-samples 50] [--score-n 1000] [--sampler ddim] [--steps 25]
                     [--seed 1] [--threads 1]
   learning_curve.py plot --csv FILE --out PNG [--log NAME=LOG.csv ...]
 
