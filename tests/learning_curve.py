@@ -13,7 +13,7 @@ FID-FMNIST (tests/fid_fmnist.py; never FID) with its bootstrap spread, of SCORE_
 `./ddpm sample --npz` with the named sampler and steps. A row is written when both are
 done, so an interrupted evaluation loses only its current checkpoint; the bound's output
 is kept beside the checkpoint as CKPT.bpd.txt.
-With --score-n 0 only the bound is evaluated. `plot` draws the bound and the score against the step, and the runs' training losses.
+With --score-n 0 only the bound is evaluated, with --bpd-n 0 only the score. `plot` draws the bound and the score against the step, and the runs' training losses.
 """
 import argparse, csv, os, re, struct, subprocess, sys, tempfile, time
 
@@ -51,12 +51,14 @@ def cmd_eval(a):
     new = not os.path.exists(a.csv)
     for ckpt in a.checkpoints:
         step = checkpoint_step(ckpt)
-        out, s_bpd = run([ddpm, "bpd", "--checkpoint", ckpt, "-n", a.bpd_n, "--t-samples", a.t_samples,
-                          "--seed", a.seed, *th])
-        with open(ckpt + ".bpd.txt", "w") as f:   # the bound's whole output, beside the checkpoint
-            f.write(out)
-        total = float(re.search(r"total \(NLL <=\)\s+([\d.]+)", out).group(1))
-        se = float(re.search(r"std. error\s+([\d.]+)", out).group(1))
+        total, se, s_bpd = float("nan"), float("nan"), 0
+        if a.bpd_n:
+            out, s_bpd = run([ddpm, "bpd", "--checkpoint", ckpt, "-n", a.bpd_n, "--t-samples", a.t_samples,
+                              "--seed", a.seed, *th])
+            with open(ckpt + ".bpd.txt", "w") as f:   # the bound's whole output, beside the checkpoint
+                f.write(out)
+            total = float(re.search(r"total \(NLL <=\)\s+([\d.]+)", out).group(1))
+            se = float(re.search(r"std. error\s+([\d.]+)", out).group(1))
         fid, fid_sd, s_sample = None, None, 0
         if a.score_n:
             with tempfile.TemporaryDirectory() as tmp:
