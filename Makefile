@@ -6,7 +6,8 @@
 #   make test            C tests (on the reference build and on every kernel variant this machine
 #                        runs, ARM64 under qemu), gradients vs PyTorch autograd (fast and
 #                        reference builds), the README's gdb walkthrough, end-to-end tests
-#   make bench           ddpm.c vs PyTorch, side by side (tests/bench_table.py; about 20 min;
+#   make bench           ddpm.c vs PyTorch, side by side (tests/bench_ddpm.c, a benchmark that
+#                        includes ddpm.c, run by tests/bench_table.py; about 20 min;
 #                        BENCH_ARGS="--quick --rounds 1" for one minute on tiny only)
 #   make fuzz            libFuzzer harnesses for the checkpoint, IDX and CIFAR-10 loaders (clang),
 #                        each run for FUZZ_SECONDS (30); make test runs them when clang is there
@@ -146,7 +147,7 @@ tests/test_ddpm_novec: tests/test_ddpm.c ddpm.c $(STB_DEP)
 tests/test_ddpm_arm64: tests/test_ddpm.c ddpm.c $(STB_DEP)
 	$(AARCH64_CC) $(VARIANT_CFLAGS) -fno-tree-loop-vectorize tests/test_ddpm.c -o $@ $(LDLIBS)
 
-test: ddpm ddpm_debug tests/test_ddpm tests/dump_ref tests/test_ddpm_plain tests/dump_ref_plain $(VARIANTS) fashion-mnist
+test: ddpm ddpm_debug tests/test_ddpm tests/dump_ref tests/bench_ddpm tests/test_ddpm_plain tests/dump_ref_plain $(VARIANTS) fashion-mnist
 	@PYTHON=$(PYTHON) sh tests/run.sh
 
 # Fuzzing (tests/fuzz_ddpm.c): one binary per loader, seeded from tests/fuzz/<target>/,
@@ -190,7 +191,10 @@ sanitize: build/ddpm_san build/test_ddpm_san fashion-mnist
 	ASAN_OPTIONS=detect_leaks=0 build/test_ddpm_san
 	ASAN_OPTIONS=detect_leaks=0 DDPM=build/ddpm_san E2E_SLOW=4 E2E_ASAN=1 sh tests/test_e2e.sh
 
-bench: ddpm
+tests/bench_ddpm: tests/bench_ddpm.c ddpm.c $(STB_DEP)
+	$(CC) $(CFLAGS) -Wno-unused-function tests/bench_ddpm.c -o $@ $(LDLIBS)
+
+bench: tests/bench_ddpm
 	$(PYTHON) tests/bench_table.py $(BENCH_ARGS)
 
 cifar10:
@@ -203,6 +207,6 @@ official-weights: ddpm
 	@PYTHON=$(PYTHON) sh data/get_official_weights.sh
 
 clean:
-	rm -rf ddpm ddpm_plain ddpm_debug tests/test_ddpm tests/test_ddpm_v2 tests/test_ddpm_v3 tests/test_ddpm_v4 \
+	rm -rf ddpm ddpm_plain ddpm_debug ddpm_mpi tests/bench_ddpm tests/test_ddpm tests/test_ddpm_v2 tests/test_ddpm_v3 tests/test_ddpm_v4 \
 	    tests/test_ddpm_novec tests/test_ddpm_arm64 tests/test_ddpm_plain tests/dump_ref tests/dump_ref_plain \
 	    tests/out build

@@ -63,6 +63,7 @@ Conventions
 #include <math.h>
 #include <signal.h>
 #include <stdarg.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -82,137 +83,14 @@ Conventions
 // Part I. The paper
 // ============================================================================
 
+// Every failure a user can cause (a bad configuration, a missing file, a full disk) ends
+// in one line that says what to do; the helpers that print it are plumbing (Part IV):
+static void die(const char* fmt, ...);                                // print one line, exit 1
+static void* malloc_check(size_t size, const char* what);             // malloc, or die naming `what`
+static void* calloc_check(size_t n, size_t size, const char* what);   // zeroed, or die likewise
+
 // ----------------------------------------------------------------------------
-// 1. Plumbing: checked allocation, the one RNG, progress
-//
-// Every failure a user can cause (a missing file, a bad flag, a full disk) ends in
-// one line on stderr that names the file or flag and says what to do, and exit 1.
-// (The file and checkpoint helpers are in Part IV.)
-
-// Prints "ddpm: <message><suffix>" as one line and exits with `code`. (The fuzzing
-// harnesses of tests/fuzz_ddpm.c build with DDPM_FUZZ: there a refusal returns to the
-// harness, which then tries the next input, instead of ending the process.)
-#ifdef DDPM_FUZZ
-#include <setjmp.h>
-static jmp_buf fuzz_refused;
-#endif
-#ifdef DDPM_MPI
-#include <mpi.h>
-#endif
-// This process's rank and the number of ranks under MPI (section 23), else one process.
-// A bad flag is every rank's, so rank 0 alone reports it; another error names its rank.
-static int world_rank = 0, world_size = 1;
-
-static void fail_v(int code, const char* suffix, const char* fmt, va_list ap) {
-#ifdef DDPM_FUZZ
-    longjmp(fuzz_refused, 1);
-#endif
-#ifdef DDPM_MPI
-    if (code == 2) MPI_Finalize();   // every rank ends here together
-#endif
-    if (world_rank > 0 && code == 2) exit(code);
-    if (world_rank > 0) fprintf(stderr, "ddpm (rank %d): ", world_rank);
-    else fprintf(stderr, "ddpm: ");
-    vfprintf(stderr, fmt, ap);
-    fprintf(stderr, "%s\n", suffix);
-    exit(code);
-}
-
-static void die(const char* fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    fail_v(1, "", fmt, ap);
-}
-
-static void* malloc_check(size_t size, const char* what) {
-    void* p = malloc(size ? size : 1);
-    if (!p) die("out of memory allocating %.1f MiB for %s; try a smaller --batch or --model",
-                size / 1048576.0, what);
-    return p;
-}
-
-static void* calloc_check(size_t n, size_t size, const char* what);   // zeroed memory (Part IV)
-
-static double now_seconds(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + 1e-9 * ts.tv_nsec;
-}
-
-static int max_threads(void);   // the OpenMP thread count, or 1 without OpenMP (Part IV)
-
-// The one random number generator: xoshiro256** (Blackman & Vigna), seeded through
-// splitmix64. All randomness (data order, t, eps, flips, dropout, sampling noise)
-// comes from it in a fixed order, so the same seed and flags give the same bits, and
-// its 32-byte state goes into checkpoints so a resumed run continues the same stream.
-typedef struct { uint64_t s[4]; } Rng;
-
-static uint64_t splitmix64(uint64_t* x) {
-    uint64_t z = (*x += 0x9e3779b97f4a7c15ULL);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-    return z ^ (z >> 31);
-}
-
-static void rng_seed(Rng* r, uint64_t seed) {
-    for (int i = 0; i < 4; i++) r->s[i] = splitmix64(&seed);
-}
-
-static uint64_t rotl64(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
-
-static uint64_t rng_u64(Rng* r) {
-    uint64_t* s = r->s;
-    uint64_t result = rotl64(s[1] * 5, 7) * 9, t = s[1] << 17;
-    s[2] ^= s[0]; s[3] ^= s[1]; s[1] ^= s[2]; s[0] ^= s[3];
-    s[2] ^= t; s[3] = rotl64(s[3], 45);
-    return result;
-}
-
-// uniform in [0, 1) with 53 random bits
-static double rng_uniform(Rng* r) { return (rng_u64(r) >> 11) * 0x1.0p-53; }
-
-// uniform integer in [0, n)
-static int rng_int(Rng* r, int n) { return (int)(rng_uniform(r) * n); }
-
-// n standard normals by Box-Muller, two per pair of uniforms (the last spare dropped).
-// The uniforms come from the one stream in order, 2048 at a time; the log, sin and cos
-// of each pair (the costly part) are then done by whichever thread: same bits.
-static void rng_normal(Rng* r, float* out, size_t n) {
-    enum { CHUNK = 2048 };   // values per chunk (even)
-    double u[CHUNK];
-    for (size_t i0 = 0; i0 < n; i0 += CHUNK) {
-        int m = n - i0 < CHUNK ? (int)(n - i0) : CHUNK, pairs = (m + 1) / 2;
-        for (int j = 0; j < 2 * pairs; j += 2) {
-            u[j] = 1.0 - rng_uniform(r);   // in (0, 1]
-            u[j + 1] = rng_uniform(r);
-        }
-        #pragma omp parallel for schedule(static) if (m > 256)
-        for (int j = 0; j < pairs; j++) {
-            double rad = sqrt(-2.0 * log(u[2 * j])), th = 2.0 * M_PI * u[2 * j + 1];
-            out[i0 + 2 * j] = (float)(rad * cos(th));
-            if (2 * j + 1 < m) out[i0 + 2 * j + 1] = (float)(rad * sin(th));
-        }
-    }
-}
-
-// A stateless hash for dropout masks: element i of a mask drawn with key k is
-// decided by hash(k, i) alone, so masks can be made by many threads in any order
-// and still be the same bits, and the backward pass can rebuild them. hash(k, i + j) =
-// hash(k + j golden, i): an MPI rank's slice of the batch gets its masks (section 23).
-#define GOLDEN 0x9e3779b97f4a7c15ULL
-static uint32_t hash_u32(uint64_t key, uint64_t i) {
-    uint64_t x = key + i * GOLDEN;
-    return (uint32_t)(splitmix64(&x) >> 32);
-}
-
-// Set by Ctrl-C / SIGTERM to the signal's number (the handler is installed by main,
-// section 22): long loops stop at the next step and the command saves what it has.
-static volatile sig_atomic_t stop_requested = 0;
-
-// "what done/total, elapsed, ETA" on stderr, for long loops (Part IV).
-static void progress_line(const char* what, long done, long total, double t0);
-// ----------------------------------------------------------------------------
-// 2. The noise schedule (§2, §4)
+// 1. The noise schedule (§2, §4)
 //
 // The forward process adds Gaussian noise with variances beta_1..beta_T. §4 fixes
 // T = 1000 and beta linear from 1e-4 to 0.02, "small relative to data scaled to
@@ -310,7 +188,7 @@ static void schedule_init(Schedule* s, int T, ScheduleKind kind) {
 static void schedule_free(Schedule* s) { free(s->buffer); }
 
 // ----------------------------------------------------------------------------
-// 3. The forward process q (§2)
+// 2. The forward process q (§2)
 //
 // Eq. (2): q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I). Composing Gaussians
 // gives x_t in one jump from x_0, which is what makes training cheap (Alg. 1 needs no
@@ -337,11 +215,11 @@ static void q_posterior_mean_variance(float* mean, double* var, double* log_var,
                                       const float* x_0, const float* x_t, const int* t_idx,
                                       int B, size_t n, const Schedule* s) {
     for (int b = 0; b < B; b++) {
-        int t = t_idx[b];
-        float c1 = (float)s->posterior_mean_coef1[t], c2 = (float)s->posterior_mean_coef2[t];
+        int ti = t_idx[b];
+        float c1 = (float)s->posterior_mean_coef1[ti], c2 = (float)s->posterior_mean_coef2[ti];
         for (size_t i = b * n; i < (b + 1) * n; i++) mean[i] = c1 * x_0[i] + c2 * x_t[i];
-        if (var) var[b] = s->posterior_variance[t];
-        if (log_var) log_var[b] = s->posterior_log_variance_clipped[t];
+        if (var) var[b] = s->posterior_variance[ti];
+        if (log_var) log_var[b] = s->posterior_log_variance_clipped[ti];
     }
 }
 
@@ -358,14 +236,13 @@ static void predict_x0_from_eps(float* x_0, const float* x_t, const float* eps, 
 }
 
 // ----------------------------------------------------------------------------
-// 4. The reverse process p_theta (§3.2)
+// 3. The reverse process p_theta (§3.2)
 //
-// Eq. (1): p_theta(x_{t-1} | x_t) = N(mu_theta(x_t, t), sigma_t^2 I). §3.2 fixes the
-// variance to one of two choices that give "similar results":
+// Eq. (1): p_theta(x_{t-1} | x_t) = N(mu_theta(x_t, t), Sigma_theta(x_t, t)). §3.2 sets
+// Sigma_theta = sigma_t^2 I, untrained, with one of two choices that give "similar results":
 //   sigma_t^2 = beta_t        (optimal for x_0 ~ N(0, I); the official "fixedlarge")
 //   sigma_t^2 = beta_tilde_t  (optimal for x_0 deterministic; "fixedsmall")
-// and parameterises the mean by a noise predictor eps_theta,
-// Why eps: with sigma_t fixed, Eq. (8) makes each term of the bound a squared error
+// and parameterises the mean by a noise predictor eps_theta. Why eps: with sigma_t fixed, Eq. (8) makes each term of the bound a squared error
 // between means, L_{t-1} = E_q[ ||mu_tilde_t(x_t, x_0) - mu_theta(x_t, t)||^2 / (2 sigma_t^2) ] + C,
 // and Eqs. (9)-(10) write x_0 through x_t and the noise (Eq. 4), which turns the target
 // mu_tilde_t into 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - alpha_bar_t) eps). So predict eps:
@@ -374,7 +251,7 @@ static void predict_x0_from_eps(float* x_0, const float* x_t, const float* eps, 
 // is how we compute it: that way x0_hat can be clipped to [-1, 1] first, as the official
 // sampler does (the data lives there), and the unclipped path equals Eq. (11) to rounding.
 //
-// Table 2 compares this with the others (--mean-type, --var-type): the network can output
+// Table 2 compares this with the other choices: the network can output
 // mu_theta directly ("predicting mu_tilde", §3.2), or x_0 (the official `xstart`; the mean
 // is then mu_tilde_t(x_t, x0_hat), Eq. 7); and it can learn a diagonal Sigma_theta, the
 // output conv then having 2C channels: mean, then log sigma_t^2 (the official `learned`).
@@ -405,27 +282,27 @@ static void p_mean_variance(float* mean, float* log_var, float* x0_hat, const fl
         const float* o = out + b * on;
         float *mu = mean + b * n, *x0 = x0_hat + b * n;
         const float* xt = x_t + b * n;
-        const int* t = t_idx + b;
+        const int* ti = t_idx + b;   // this image's t_idx
         if (mt == MEAN_MU) {
             // Eq. (7) solved for x_0: x0_hat = (mu - coef2 x_t) / coef1 (coef1 = 1 at t = 1)
-            float c1 = (float)s->posterior_mean_coef1[*t], c2 = (float)s->posterior_mean_coef2[*t];
+            float c1 = (float)s->posterior_mean_coef1[*ti], c2 = (float)s->posterior_mean_coef2[*ti];
             for (size_t i = 0; i < n; i++) { mu[i] = o[i]; x0[i] = (o[i] - c2 * xt[i]) / c1; }
         } else if (mt == MEAN_EPS) {
-            predict_x0_from_eps(x0, xt, o, t, 1, n, s);
+            predict_x0_from_eps(x0, xt, o, ti, 1, n, s);
         } else {
             memcpy(x0, o, n * sizeof(float));
         }
         if (clip)
             for (size_t i = 0; i < n; i++) x0[i] = fminf(1.0f, fmaxf(-1.0f, x0[i]));
-        if (mt != MEAN_MU) q_posterior_mean_variance(mu, NULL, NULL, x0, xt, t, 1, n, s);
+        if (mt != MEAN_MU) q_posterior_mean_variance(mu, NULL, NULL, x0, xt, ti, 1, n, s);
         if (!log_var) continue;
-        float lv = var == VAR_LEARNED ? 0.0f : (float)p_log_variance(*t, var, s);
+        float lv = var == VAR_LEARNED ? 0.0f : (float)p_log_variance(*ti, var, s);
         for (size_t i = 0; i < n; i++) log_var[b * n + i] = var == VAR_LEARNED ? o[n + i] : lv;
     }
 }
 
 // ----------------------------------------------------------------------------
-// 5. The variational bound (§2, §3.3)
+// 4. The variational bound (§2, §3.3)
 //
 // Eq. (3): E[-log p_theta(x_0)] <= L. Eq. (5) splits L into KLs between Gaussians:
 //   L = D_KL(q(x_T|x_0) || p(x_T))                           L_T, no parameters
@@ -520,7 +397,7 @@ static double vb_term_bpd(const float* x_0, const float* mean_q, double logvar_q
 }
 
 // ----------------------------------------------------------------------------
-// 6. The training loss, Eq. (14), and the other objectives of Table 2
+// 5. The training loss, Eq. (14), and the other objectives of Table 2
 //
 // With the eps-parameterisation, Eq. (11) in Eq. (8) gives Eq. (12): L_{t-1} - C is a squared
 // error between the true noise and the predicted one, weighted by
@@ -541,7 +418,7 @@ static double l_simple(float* d_eps_theta, const float* eps_theta, const float* 
     return sum / N;
 }
 
-// Table 2's rows train other objectives (--loss):
+// Table 2's rows train other objectives:
 //   simple  Eq. (14); the network must output eps.
 //   mse     the same unweighted squared error on whatever the network outputs: eps, x_0,
 //           or mu_tilde_t(x_t, x_0) of Eq. (7) (Table 2's "||mu_tilde - mu_theta||^2").
@@ -551,19 +428,31 @@ typedef enum { LOSS_SIMPLE, LOSS_MSE, LOSS_KL } LossType;
 typedef struct { MeanType mean; VarType var; LossType loss; } Objective;
 static const Objective PAPER_OBJECTIVE = {MEAN_EPS, VAR_FIXEDLARGE, LOSS_SIMPLE};
 
-// The flags' words for them (--mean-type, --var-type, --loss).
+// Their names, as the official code's ModelMeanType, ModelVarType and LossType (whose
+// `xstart` is x0 here, and `rescaled_mse` is not needed).
 static const char* MEAN_NAMES[] = {"eps", "mu", "x0"};
 static const char* VAR_NAMES[] = {"fixedlarge", "fixedsmall", "learned"};
 static const char* LOSS_NAMES[] = {"simple", "mse", "kl"};
 
-// NULL, or why the combination cannot be trained (one line naming the flags).
-static const char* objective_check(const Objective* ob) {
+// What a refusal calls the three choices: these words, or others the caller passes
+// (Part IV passes the names of its flags).
+typedef struct { const char *mean, *var, *loss; } ObjectiveWords;
+static const ObjectiveWords OBJECTIVE_WORDS = {"mean type", "variance type", "loss"};
+
+// NULL, or why the combination cannot be trained (one line; w may be NULL).
+static const char* objective_check(const Objective* ob, const ObjectiveWords* w) {
+    static char msg[256];
+    if (!w) w = &OBJECTIVE_WORDS;
     if (ob->mean > MEAN_X0 || ob->var > VAR_LEARNED || ob->loss > LOSS_KL) return "unknown objective";
     if (ob->loss == LOSS_SIMPLE && ob->mean != MEAN_EPS)
-        return "--loss simple is Eq. (14), a loss on eps: it needs --mean-type eps (use --loss mse or kl)";
-    if (ob->var == VAR_LEARNED && ob->loss != LOSS_KL)
-        return "--var-type learned needs --loss kl: a squared error gives the variance no gradient";
-    return NULL;
+        snprintf(msg, sizeof msg, "%s simple is Eq. (14), a loss on eps: it needs %s eps (use %s mse or kl)",
+                 w->loss, w->mean, w->loss);
+    else if (ob->var == VAR_LEARNED && ob->loss != LOSS_KL)
+        snprintf(msg, sizeof msg, "%s learned needs %s kl: a squared error gives the variance no gradient",
+                 w->var, w->loss);
+    else
+        return NULL;
+    return msg;
 }
 
 // The loss of a batch (B images of n values at t_idx, the network's output `out`), and
@@ -575,12 +464,12 @@ static double training_loss(float* d_out, const float* out, const float* x_0, co
     float *target = work, *mean_p = work + n, *logvar_p = work + 2 * n, *x0_hat = work + 3 * n;
     double sum = 0;
     for (int b = 0; b < B; b++) {
-        const int* t = t_idx + b;
+        const int* ti = t_idx + b;   // this image's t_idx
         const float *o = out + b * on, *x0 = x_0 + b * n, *xt = x_t + b * n;
         float* d = d_out ? d_out + b * on : NULL;
         if (ob->loss == LOSS_MSE) {
             const float* want = ob->mean == MEAN_EPS ? eps + b * n : ob->mean == MEAN_X0 ? x0 : target;
-            if (ob->mean == MEAN_MU) q_posterior_mean_variance(target, NULL, NULL, x0, xt, t, 1, n, s);
+            if (ob->mean == MEAN_MU) q_posterior_mean_variance(target, NULL, NULL, x0, xt, ti, 1, n, s);
             for (size_t i = 0; i < n; i++) {
                 double e = (double)o[i] - want[i];
                 sum += e * e;
@@ -591,16 +480,85 @@ static double training_loss(float* d_out, const float* out, const float* x_0, co
         // kl: the posterior of Eqs. (6)-(7) against p_theta, then the chain rule through the
         // mean: d mean / d out = -coef1 sqrt(1/abar - 1) for eps, coef1 for x_0, 1 for mu.
         double lv_q;
-        q_posterior_mean_variance(target, NULL, &lv_q, x0, xt, t, 1, n, s);
-        p_mean_variance(mean_p, logvar_p, x0_hat, xt, o, t, 1, n, ob->mean, ob->var, 0, s);
+        q_posterior_mean_variance(target, NULL, &lv_q, x0, xt, ti, 1, n, s);
+        p_mean_variance(mean_p, logvar_p, x0_hat, xt, o, ti, 1, n, ob->mean, ob->var, 0, s);
         float* d_logvar = !d ? NULL : ob->var == VAR_LEARNED ? d + n : x0_hat;   // a fixed variance: discarded
-        sum += vb_term_bpd_grad(d, d_logvar, 1.0 / B, x0, target, lv_q, mean_p, logvar_p, *t, n);
+        sum += vb_term_bpd_grad(d, d_logvar, 1.0 / B, x0, target, lv_q, mean_p, logvar_p, *ti, n);
         if (!d) continue;
-        float c1 = (float)s->posterior_mean_coef1[*t];
-        float dmean_dout = ob->mean == MEAN_MU ? 1.0f : ob->mean == MEAN_X0 ? c1 : -c1 * (float)s->sqrt_recipm1_alphas_cumprod[*t];
+        float c1 = (float)s->posterior_mean_coef1[*ti];
+        float dmean_dout = ob->mean == MEAN_MU ? 1.0f : ob->mean == MEAN_X0 ? c1 : -c1 * (float)s->sqrt_recipm1_alphas_cumprod[*ti];
         for (size_t i = 0; i < n; i++) d[i] *= dmean_dout;
     }
     return ob->loss == LOSS_MSE ? sum / ((double)B * n) : sum / B;
+}
+
+// ----------------------------------------------------------------------------
+// 6. Randomness: the one RNG
+//
+// Alg. 1 draws x_0, t and eps (lines 2-4), Alg. 2 draws x_T and every z, and the network
+// draws its initial weights and dropout masks. All of it comes from one random number generator,
+// xoshiro256** (Blackman & Vigna), seeded through splitmix64. All randomness (data order, t, eps, flips, dropout, sampling noise)
+// comes from it in a fixed order, so the same seed and flags give the same bits, and
+// its 32-byte state goes into checkpoints so a resumed run continues the same stream.
+typedef struct { uint64_t s[4]; } Rng;
+
+static uint64_t splitmix64(uint64_t* x) {
+    uint64_t z = (*x += 0x9e3779b97f4a7c15ULL);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
+}
+
+static void rng_seed(Rng* r, uint64_t seed) {
+    for (int i = 0; i < 4; i++) r->s[i] = splitmix64(&seed);
+}
+
+static uint64_t rotl64(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
+
+static uint64_t rng_u64(Rng* r) {
+    uint64_t* s = r->s;
+    uint64_t result = rotl64(s[1] * 5, 7) * 9, t = s[1] << 17;
+    s[2] ^= s[0]; s[3] ^= s[1]; s[1] ^= s[2]; s[0] ^= s[3];
+    s[2] ^= t; s[3] = rotl64(s[3], 45);
+    return result;
+}
+
+// uniform in [0, 1) with 53 random bits
+static double rng_uniform(Rng* r) { return (rng_u64(r) >> 11) * 0x1.0p-53; }
+
+// uniform integer in [0, n)
+static int rng_int(Rng* r, int n) { return (int)(rng_uniform(r) * n); }
+
+// n standard normals by Box-Muller, two per pair of uniforms (the last spare dropped).
+// The uniforms come from the one stream in order, 2048 at a time; the log, sin and cos
+// of each pair (the costly part) are then done by whichever thread: same bits.
+static void rng_normal(Rng* r, float* out, size_t n) {
+    enum { CHUNK = 2048 };   // values per chunk (even)
+    double u[CHUNK];
+    for (size_t i0 = 0; i0 < n; i0 += CHUNK) {
+        int m = n - i0 < CHUNK ? (int)(n - i0) : CHUNK, pairs = (m + 1) / 2;
+        for (int j = 0; j < 2 * pairs; j += 2) {
+            u[j] = 1.0 - rng_uniform(r);   // in (0, 1]
+            u[j + 1] = rng_uniform(r);
+        }
+        #pragma omp parallel for schedule(static) if (m > 256)
+        for (int j = 0; j < pairs; j++) {
+            double rad = sqrt(-2.0 * log(u[2 * j])), th = 2.0 * M_PI * u[2 * j + 1];
+            out[i0 + 2 * j] = (float)(rad * cos(th));
+            if (2 * j + 1 < m) out[i0 + 2 * j + 1] = (float)(rad * sin(th));
+        }
+    }
+}
+
+// A stateless hash for dropout masks: element i of a mask drawn with key k is
+// decided by hash(k, i) alone, so masks can be made by many threads in any order
+// and still be the same bits, and the backward pass can rebuild them. It is additive,
+// hash(k, i + j) = hash(k + j golden, i), so the masks of images computed apart from the
+// rest of their batch (section 14's block_key) are those of the whole batch.
+#define GOLDEN 0x9e3779b97f4a7c15ULL
+static uint32_t hash_u32(uint64_t key, uint64_t i) {
+    uint64_t x = key + i * GOLDEN;
+    return (uint32_t)(splitmix64(&x) >> 32);
 }
 
 // ----------------------------------------------------------------------------
@@ -610,10 +568,9 @@ static double training_loss(float* d_out, const float* out, const float* x_0, co
 // noise eps_theta(x_t, t) out (the official code passes it around as `denoise_fn`),
 // and, for training, the gradient of the loss with respect to its parameters. (For
 // Table 2's other rows the same output is x_0 or mu_theta instead, plus log sigma_t^2
-// for a learned variance: section 4.) What it
-// is inside (§4: "a U-Net backbone similar to an unmasked PixelCNN++") is Part II. This
-// section is all of it the diffusion code sees: its configuration, its parameter and
-// gradient buffers, and six functions.
+// for a learned variance: section 3.) What it is inside (§4: "a U-Net backbone similar
+// to an unmasked PixelCNN++") is Part II. This section is all of it the diffusion code
+// sees: its configuration, its parameter and gradient buffers, and six functions.
 #define MAX_LEVELS 6
 
 typedef struct {
@@ -644,7 +601,8 @@ typedef struct {
     int no_grad;                // no backward pass follows (sampling, evaluation): the
                                 // forward need not keep what only the backward reads
     uint64_t dropout_key;       // drawn from the RNG once per step
-    int image0;                 // the batch's first image in the whole batch (MPI ranks: section 23)
+    int batch_start;            // these images' place in the step's batch: their dropout
+                                // masks are the same wherever the batch is cut (section 14)
     UNetLayers* L;
 } UNet;
 
@@ -668,7 +626,7 @@ static void unet_zero_grad(UNet* m);
 // §3.3: "We assume that image data consists of integers in {0, 1, ..., 255} scaled
 // linearly to [-1, 1]. This ensures that the neural network reverse process operates
 // on consistently scaled inputs starting from the standard normal prior p(x_T)."
-// Datasets stay as bytes in memory (read from disk in section 18); a batch is scaled as
+// Datasets stay as bytes in memory (read from disk in section 19); a batch is scaled as
 // it is drawn.
 
 typedef struct {
@@ -727,20 +685,27 @@ typedef struct {
 
 static const TrainHyper PAPER_HYPER = {2e-4f, 0.9f, 0.999f, 1e-8f, 5000, 1.0f, 0.9999f, 1};
 
+// The images of a drawn batch are computed in slices of consecutive images, whose losses
+// and gradients meet as their mean. Section 23 decides the slices; by default there is
+// one, the whole batch:
+typedef struct { int start, B; } Slice;   // images [start, start + B) of the batch
+static int batch_slice(Slice* sl, int B, int i);              // this process's i-th slice; 0 past the last
+static double slices_mean_loss(double sum, int k);            // the mean of the k slices' means, over all
+static void slices_mean_grads(float* g, size_t n, int k);     // the same for the gradient in g
+
 // Everything a training run owns. params/grads live in the UNet; the optimiser's two
 // moments and the EMA are one buffer each, in the same layout.
 typedef struct {
     UNet net;
     Schedule sched;
     TrainHyper hyper;
-    Objective obj;      // what the network predicts and the loss (sections 4, 6)
+    Objective obj;      // what the network predicts and the loss (sections 3, 5)
     float* adam_m;      // first moment
     float* adam_v;      // second moment
     float* ema;         // EMA of the parameters: what sampling and evaluation use
     uint64_t step;      // steps taken
     Rng rng;
-    int B;              // the batch: every rank draws all of it (section 23)
-    int B_local, first; // the images this process runs: [first, first + B_local); all without MPI
+    int B;              // the batch
     // per-step buffers, sized once
     float *x0, *eps, *x_t, *d_out, *loss_work;
     int* t_idx;
@@ -751,22 +716,23 @@ static void trainer_init(Trainer* tr, const Config* cfg, const Objective* ob, in
     memset(tr, 0, sizeof *tr);
     Config c = *cfg;
     c.learn_sigma = ob->var == VAR_LEARNED;
-    tr->B_local = B / world_size, tr->first = world_rank * tr->B_local;   // cmd_train checked B divides
-    unet_build(&tr->net, &c, tr->B_local);
-    tr->net.image0 = tr->first;
+    int most = 0;   // the network is sized for the largest slice of the batch it computes
+    Slice sl;
+    for (int i = 0; batch_slice(&sl, B, i); i++) most = sl.B > most ? sl.B : most;
+    unet_build(&tr->net, &c, most);
     schedule_init(&tr->sched, 1000, sk);
     tr->hyper = *h;
     tr->obj = *ob;
     tr->B = B;
-    size_t n = tr->net.n_params, img = (size_t)B * cfg->in_ch * cfg->img * cfg->img;
+    size_t n = tr->net.n_params, n_img = (size_t)cfg->in_ch * cfg->img * cfg->img, img = B * n_img;
     tr->adam_m = calloc_check(n, sizeof(float), "Adam first moments");
     tr->adam_v = calloc_check(n, sizeof(float), "Adam second moments");
     tr->ema = malloc_check(n * sizeof(float), "EMA parameters");
     tr->x0 = malloc_check(img * sizeof(float), "x_0 batch");
     tr->eps = malloc_check(img * sizeof(float), "eps batch");
     tr->x_t = malloc_check(img * sizeof(float), "x_t batch");
-    tr->d_out = malloc_check(img / c.in_ch * out_channels(&c) * sizeof(float), "loss gradient");
-    tr->loss_work = malloc_check(img / B * 4 * sizeof(float), "loss buffers");
+    tr->d_out = malloc_check((size_t)most * n_img / c.in_ch * out_channels(&c) * sizeof(float), "loss gradient");
+    tr->loss_work = malloc_check(n_img * 4 * sizeof(float), "loss buffers");
     tr->t_idx = malloc_check(B * sizeof(int), "timesteps");
     rng_seed(&tr->rng, seed);
     unet_init(&tr->net, &tr->rng);
@@ -817,9 +783,12 @@ static void adam_update(float* p, const float* g, float* m, float* v, size_t n, 
     }
 }
 
-// ema = d ema + (1 - d) p. Like TensorFlow's ExponentialMovingAverage with num_updates,
-// the decay is min(d, (1 + step) / (10 + step)), so a short CPU run's EMA is not
-// dominated by the random initial weights (0.9999 averages over ~10^4 steps).
+// ema = d ema + (1 - d) p, with d = min(decay, (1 + step) / (10 + step)). Here ddpm.c departs
+// from the official code, which uses a fixed 0.9999 from step 1 (tpu_utils.make_ema): over
+// 800k steps the start does not matter. A CPU run is short: with a fixed 0.999, 22% of
+// the EMA is still the random initial weights at step 1,500 (0.999^1500), and with
+// 0.9999, 86%. The warm-up (TensorFlow's num_updates rule) lets the EMA follow
+// the weights while they move fast; it reaches 0.999 at step 8,991, 0.9999 at 89,991.
 static void ema_update(float* ema, const float* p, size_t n, float decay, uint64_t step) {
     float d = fminf(decay, (1.0f + step) / (10.0f + step));
     #pragma omp parallel for schedule(static)
@@ -828,44 +797,46 @@ static void ema_update(float* ema, const float* p, size_t n, float decay, uint64
 
 typedef struct { float loss, lr, grad_norm; } StepStats;
 
-// Data parallelism (section 23): means and maxima over the MPI ranks; one process: x itself.
-static double world_mean(double x);
-static void world_mean_grads(float* g, size_t n);
-static int world_max(int x);
-
 // Lines 2-4 of Alg. 1 for a whole batch: x_0, t (0-based: t_idx = t - 1), eps, and the
 // dropout key, always drawn in this order so a seed fixes the whole run.
 static void draw_batch(Trainer* tr, const Dataset* data) {
     int B = tr->B;
     size_t n = (size_t)tr->net.cfg.in_ch * tr->net.cfg.img * tr->net.cfg.img;
-    if (data) dataset_batch(tr->x0, data, B, tr->hyper.flips, &tr->rng);
-    else for (size_t i = 0; i < B * n; i++) tr->x0[i] = (float)(2.0 * rng_uniform(&tr->rng) - 1.0);  // benchmarks
+    dataset_batch(tr->x0, data, B, tr->hyper.flips, &tr->rng);
     for (int b = 0; b < B; b++) tr->t_idx[b] = rng_int(&tr->rng, tr->sched.T);
     rng_normal(&tr->rng, tr->eps, B * n);
     tr->net.dropout_key = rng_u64(&tr->rng);
 }
 
 // One step of Alg. 1 (line 5): the loss of Eq. (14) (or another row of Table 2), backprop,
-// clip, Adam, EMA.
+// clip, Adam, EMA. The batch is computed in slices (batch_slice above): one slice, all of
+// it, unless section 23 splits it; each slice's loss and gradient are its images' mean,
+// and the step's are the mean over the slices.
 static StepStats train_step(Trainer* tr, const Dataset* data) {
     UNet* m = &tr->net;
     const TrainHyper* h = &tr->hyper;
-    int B = tr->B_local;   // the whole batch without MPI; this rank's share with it
-    size_t n = (size_t)m->cfg.in_ch * m->cfg.img * m->cfg.img, o = (size_t)tr->first * n;
-    draw_batch(tr, data);
-    float *x0 = tr->x0 + o, *x_t = tr->x_t + o, *eps = tr->eps + o;
-    int* t_idx = tr->t_idx + tr->first;
-    q_sample(x_t, x0, eps, t_idx, B, n, &tr->sched);   // Eq. (4)
+    size_t n = (size_t)m->cfg.in_ch * m->cfg.img * m->cfg.img;
+    draw_batch(tr, data);                                              // lines 2-4
     m->train = 1;
     m->no_grad = 0;
-    float* out = unet_forward(m, x_t, t_idx, B);
-    StepStats st;
-    st.loss = (float)world_mean(training_loss(tr->d_out, out, x0, x_t, eps, t_idx, B, n, &tr->obj,
-                                              &tr->sched, tr->loss_work));   // Eq. (14)
-    if (!isfinite(st.loss)) return st;   // the caller stops; nothing was updated
     unet_zero_grad(m);
-    unet_backward(m, tr->d_out, B);
-    world_mean_grads(m->grads, m->n_params);   // the whole batch's gradient on every rank
+    double loss = 0;
+    int k = 0;
+    Slice sl;
+    for (; batch_slice(&sl, tr->B, k); k++) {
+        float *x0 = tr->x0 + sl.start * n, *x_t = tr->x_t + sl.start * n, *eps = tr->eps + sl.start * n;
+        int* t_idx = tr->t_idx + sl.start;
+        q_sample(x_t, x0, eps, t_idx, sl.B, n, &tr->sched);            // Eq. (4)
+        m->batch_start = sl.start;
+        float* out = unet_forward(m, x_t, t_idx, sl.B);                // eps_theta
+        loss += training_loss(tr->d_out, out, x0, x_t, eps, t_idx, sl.B, n, &tr->obj, &tr->sched,
+                              tr->loss_work);                          // Eq. (14)
+        unet_backward(m, tr->d_out, sl.B);                             // its gradient
+    }
+    StepStats st;
+    st.loss = (float)slices_mean_loss(loss, k);
+    if (!isfinite(st.loss)) return st;   // the caller stops; no parameter was updated
+    slices_mean_grads(m->grads, m->n_params, k);
     st.grad_norm = (float)grad_global_norm(m->grads, m->n_params);
     float scale = st.grad_norm > h->grad_clip ? h->grad_clip / st.grad_norm : 1.0f;
     tr->step++;
@@ -889,8 +860,41 @@ static StepStats train_step(Trainer* tr, const Dataset* data) {
 //
 // Line 4 is mu_theta of Eq. (11) plus noise; p_mean_variance computes it through
 // x0_hat (Eq. 15), clipped to [-1, 1] as the official sampler does (clip_denoised).
-// To watch it in gdb (`make debug`, README): break p_sample if t_idx[0] == 500,
-// then print x_t[0]@4 and out[0]@4 (the network's eps_theta).
+// To watch it in gdb (`make debug`, README): break p_sample if t_idx[0] == 995 (the
+// sixth step), then print x_t[0]@4 and out[0]@4 (the network's eps_theta).
+
+// How to take the steps: Alg. 2's, or DDIM's (10.2).
+typedef struct {
+    MeanType mean;     // what the network outputs (section 3)
+    VarType var;       // Alg. 2's sigma_t^2 (section 3)
+    int ddim;          // the DDIM step instead of Alg. 2's
+    double eta;        // DDIM's eta in [0, 1]
+} Sampler;
+
+// One step of the chain as a watcher sees it (below): x_t holds the B images after the
+// step, x0_hat their predicted x_0 (Eq. 15).
+typedef struct {
+    const float *x_t, *x0_hat;  // (B, C, H, W) each
+    int t_idx;                  // the step just taken, on the chain's schedule
+    int t;                      // the same step as the trained chain counts it, 1..T
+    int start, B;               // images [start, start + B) of all the caller draws
+    size_t n;                   // values per image
+} ChainStep;
+
+// Whoever wants to follow a chain (a progress line, the record of Fig. 6) passes a Watch
+// once, to the function that runs the chain; it is told of every step, and returns 0 to
+// stop the chain there (Ctrl-C). Watches chain through `next`.
+typedef struct Watch Watch;
+struct Watch {
+    int (*step)(Watch* self, const ChainStep* st);
+    Watch* next;
+};
+
+static int watch_step(Watch* w, const ChainStep* st) {
+    int go = 1;
+    for (; w; w = w->next) go &= w->step(w, st);
+    return go;
+}
 
 typedef struct {
     float *mean, *x0_hat, *z;   // (B, C, H, W) each
@@ -898,15 +902,19 @@ typedef struct {
     int* t_idx;                 // (B): the chain's step
     int* t_model;               // (B): the network's timestep for it (section 10.2)
     int shared_noise;           // one image's z for all B images (the interpolations of 10.3)
+    Watch* watch;               // told of every step (may be NULL)
+    int start;                  // the first image's number among all the caller draws
 } SampleBuffers;
 
-static void sample_buffers_init(SampleBuffers* sb, int B, size_t n) {
+static void sample_buffers_init(SampleBuffers* sb, int B, size_t n, Watch* watch) {
     size_t k = (size_t)B * n;
     sb->mean = malloc_check(4 * k * sizeof(float), "sampling buffers");
     sb->x0_hat = sb->mean + k, sb->z = sb->mean + 2 * k, sb->log_var = sb->mean + 3 * k;
     sb->t_idx = malloc_check(2 * (size_t)B * sizeof(int), "sampling buffers");
     sb->t_model = sb->t_idx + B;
     sb->shared_noise = 0;
+    sb->watch = watch;
+    sb->start = 0;
 }
 
 static void sample_buffers_free(SampleBuffers* sb) { free(sb->mean); free(sb->t_idx); }
@@ -921,9 +929,9 @@ static void draw_z(SampleBuffers* sb, int B, size_t n, Rng* rng) {
 // Alg. 2, lines 3-4 (the official p_sample): x_t is overwritten by x_{t-1}, for B images
 // at steps t_idx[b], from the network's output `out` (eps_theta for the paper's model).
 // z is drawn for the whole batch unless every image is at t = 1.
-static void p_sample(float* x_t, const float* out, const int* t_idx, int B, size_t n, MeanType mt,
-                     VarType var, const Schedule* s, SampleBuffers* sb, Rng* rng) {
-    p_mean_variance(sb->mean, sb->log_var, sb->x0_hat, x_t, out, t_idx, B, n, mt, var, 1, s);
+static void p_sample(float* x_t, const float* out, const int* t_idx, int B, size_t n, const Sampler* sp,
+                     const Schedule* s, SampleBuffers* sb, Rng* rng) {
+    p_mean_variance(sb->mean, sb->log_var, sb->x0_hat, x_t, out, t_idx, B, n, sp->mean, sp->var, 1, s);
     int any_noise = 0;
     for (int b = 0; b < B; b++) any_noise |= t_idx[b] > 0;
     if (any_noise) draw_z(sb, B, n, rng);                                 // z ~ N(0, I) if t > 1
@@ -939,75 +947,79 @@ static void p_sample(float* x_t, const float* out, const int* t_idx, int B, size
 
 // ---- 10.1 The chain, from any step down to x_0 ----
 
-// Optional record of the chain for Fig. 6: x_t and x0_hat at chosen steps.
-typedef struct {
-    int every;            // record when (t_idx + 1) % every == 0, and at t_idx = 0
-    int n_images, n_steps, max_steps;
-    int* steps;           // t (1-based, the network's) of each record
-    float *x_t, *x0_hat;  // (max_steps, n_images, C, H, W)
-} Trace;
-
-static void trace_record(Trace* tr, const float* x_t, const float* x0_hat, int t_idx, const Schedule* s, size_t n) {
-    if (!tr || tr->n_steps >= tr->max_steps || ((t_idx + 1) % tr->every && t_idx != 0)) return;
-    size_t k = (size_t)tr->n_steps++ * tr->n_images * n;
-    memcpy(tr->x_t + k, x_t, tr->n_images * n * sizeof(float));
-    memcpy(tr->x0_hat + k, x0_hat, tr->n_images * n * sizeof(float));
-    tr->steps[tr->n_steps - 1] = s->t_model[t_idx] + 1;
-}
-
-// How to take the steps: Alg. 2's, or DDIM's (10.2).
-typedef struct {
-    MeanType mean;     // what the network outputs (section 4)
-    VarType var;       // Alg. 2's sigma_t^2 (section 4)
-    int ddim;          // the DDIM step instead of Alg. 2's
-    double eta;        // DDIM's eta in [0, 1]
-} Sampler;
-static void ddim_sample(float* x_t, const float* out, const int* t_idx, int B, size_t n, MeanType mt,
-                        VarType var, double eta, const Schedule* s, SampleBuffers* sb, Rng* rng);
-
-// A progress line's state: what, how far, since when (progress_line, section 1).
-typedef struct { const char* what; long done, total; double t0; } Progress;
+static void ddim_sample(float* x_t, const float* out, const int* t_idx, int B, size_t n, const Sampler* sp,
+                        const Schedule* s, SampleBuffers* sb, Rng* rng);
 
 // Lines 2-5 of Alg. 2 (or the DDIM steps) for B images held in x, from the chain's step
 // t_from down to t = 1: x holds x_{t_from + 1} on entry (0-based t_from) and x_0 on
-// return. Returns 0 if interrupted.
-static int reverse_chain(UNet* m, const Schedule* s, float* x, int B, int t_from, const Sampler* sp,
-                         SampleBuffers* sb, Rng* rng, Trace* trace, Progress* pg) {
+// return. Returns 0 if the watch stopped it.
+static int reverse_chain(UNet* m, const Schedule* s, const Sampler* sp, float* x, int B, int t_from,
+                         SampleBuffers* sb, Rng* rng) {
     size_t n = (size_t)m->cfg.in_ch * m->cfg.img * m->cfg.img;
     m->train = 0;
     m->no_grad = 1;
     for (int t_idx = t_from; t_idx >= 0; t_idx--) {        // t = t_from + 1, ..., 1
-        if (stop_requested) return 0;
         for (int b = 0; b < B; b++) sb->t_idx[b] = t_idx, sb->t_model[b] = s->t_model[t_idx];
         const float* out = unet_forward(m, x, sb->t_model, B);
-        if (sp->ddim) ddim_sample(x, out, sb->t_idx, B, n, sp->mean, sp->var, sp->eta, s, sb, rng);
-        else p_sample(x, out, sb->t_idx, B, n, sp->mean, sp->var, s, sb, rng);
-        trace_record(trace, x, sb->x0_hat, t_idx, s, n);
-        if (pg) progress_line(pg->what, ++pg->done, pg->total, pg->t0);
+        if (sp->ddim) ddim_sample(x, out, sb->t_idx, B, n, sp, s, sb, rng);
+        else p_sample(x, out, sb->t_idx, B, n, sp, s, sb, rng);
+        ChainStep st = {x, sb->x0_hat, t_idx, s->t_model[t_idx] + 1, sb->start, B, n};
+        if (!watch_step(sb->watch, &st)) return 0;
     }
     return 1;
 }
 
 // Alg. 2 for n_images, in batches of the network's B_max, on the schedule s (the
-// trained one, or a respaced one). Returns 0 if interrupted.
-static int p_sample_loop(UNet* m, const Schedule* s, float* out, int n_images, const Sampler* sp,
-                         Rng* rng, Trace* trace, int progress) {
-    int Bm = m->B_max;
+// trained one, or a respaced one). Returns 0 if the watch stopped it.
+static int p_sample_loop(UNet* m, const Schedule* s, const Sampler* sp, float* out, int n_images, Rng* rng,
+                         Watch* watch) {
+    int Bm = m->B_max, done = 1;
     size_t n = (size_t)m->cfg.in_ch * m->cfg.img * m->cfg.img;
     SampleBuffers sb;
-    sample_buffers_init(&sb, Bm, n);
-    Progress pg = {"sampling: step", 0, (long)((n_images + Bm - 1) / Bm) * s->T, now_seconds()};
-    int done = 1;
-    for (int start = 0; start < n_images && done; start += Bm) {
-        int B = n_images - start < Bm ? n_images - start : Bm;
-        float* x_t = out + (size_t)start * n;
+    sample_buffers_init(&sb, Bm, n, watch);
+    for (sb.start = 0; sb.start < n_images && done; sb.start += Bm) {
+        int B = n_images - sb.start < Bm ? n_images - sb.start : Bm;
+        float* x_t = out + (size_t)sb.start * n;
         rng_normal(rng, x_t, (size_t)B * n);                  // x_T ~ N(0, I)
-        done = reverse_chain(m, s, x_t, B, s->T - 1, sp, &sb, rng, start == 0 ? trace : NULL,
-                             progress ? &pg : NULL);
+        done = reverse_chain(m, s, sp, x_t, B, s->T - 1, &sb, rng);
     }
     sample_buffers_free(&sb);
     return done;
 }
+
+// The record of Fig. 6, a watch: x_t and x0_hat of the first n_images images at every
+// `every`-th step ((t_idx + 1) % every == 0) and at t_idx = 0.
+typedef struct {
+    Watch watch;          // first: a Trace* is its Watch*
+    int every;
+    int n_images, n_steps, max_steps;
+    int* steps;           // t (1-based, the network's) of each record
+    float *x_t, *x0_hat;  // (max_steps, n_images, C, H, W)
+} Trace;
+
+static int trace_step(Watch* w, const ChainStep* st) {
+    Trace* tr = (Trace*)w;
+    if (st->start > 0 || tr->n_steps >= tr->max_steps || ((st->t_idx + 1) % tr->every && st->t_idx != 0)) return 1;
+    size_t k = (size_t)tr->n_steps++ * tr->n_images * st->n;
+    memcpy(tr->x_t + k, st->x_t, tr->n_images * st->n * sizeof(float));
+    memcpy(tr->x0_hat + k, st->x0_hat, tr->n_images * st->n * sizeof(float));
+    tr->steps[tr->n_steps - 1] = st->t;
+    return 1;
+}
+
+// Makes tr record every T/10-th step of the first n_images images (n values each).
+static void trace_init(Trace* tr, int n_images, int T, size_t n) {
+    memset(tr, 0, sizeof *tr);
+    tr->watch.step = trace_step;
+    tr->every = T >= 10 ? T / 10 : 1;
+    tr->n_images = n_images;
+    tr->max_steps = T / tr->every + 1;
+    tr->steps = malloc_check(tr->max_steps * sizeof(int), "the trace");
+    tr->x_t = malloc_check((size_t)tr->max_steps * n_images * n * sizeof(float), "the trace");
+    tr->x0_hat = malloc_check((size_t)tr->max_steps * n_images * n * sizeof(float), "the trace");
+}
+
+static void trace_free(Trace* tr) { free(tr->steps); free(tr->x_t); free(tr->x0_hat); }
 
 // ---- 10.2 Sampling in fewer steps: a respaced chain, and DDIM ----
 //
@@ -1051,18 +1063,18 @@ static double ddim_sigma2(int t_idx, double eta, const Schedule* s) {
     return eta * eta * (1.0 - abar_prev) / (1.0 - abar) * (1.0 - abar / abar_prev);
 }
 
-static void ddim_sample(float* x_t, const float* out, const int* t_idx, int B, size_t n, MeanType mt,
-                        VarType var, double eta, const Schedule* s, SampleBuffers* sb, Rng* rng) {
-    p_mean_variance(sb->mean, NULL, sb->x0_hat, x_t, out, t_idx, B, n, mt, var, 1, s);
+static void ddim_sample(float* x_t, const float* out, const int* t_idx, int B, size_t n, const Sampler* sp,
+                        const Schedule* s, SampleBuffers* sb, Rng* rng) {
+    p_mean_variance(sb->mean, NULL, sb->x0_hat, x_t, out, t_idx, B, n, sp->mean, sp->var, 1, s);
     int any_noise = 0;
-    for (int b = 0; b < B; b++) any_noise |= eta > 0 && t_idx[b] > 0;
+    for (int b = 0; b < B; b++) any_noise |= sp->eta > 0 && t_idx[b] > 0;
     if (any_noise) draw_z(sb, B, n, rng);
     for (int b = 0; b < B; b++) {
-        int t = t_idx[b];
-        double abar_prev = s->alphas_cumprod_prev[t], sig2 = ddim_sigma2(t, eta, s);
+        int ti = t_idx[b];
+        double abar_prev = s->alphas_cumprod_prev[ti], sig2 = ddim_sigma2(ti, sp->eta, s);
         float c_x0 = (float)sqrt(abar_prev), c_eps = (float)sqrt(fmax(0.0, 1.0 - abar_prev - sig2));
-        float sigma = (float)sqrt(sig2), r0 = (float)s->sqrt_recip_alphas_cumprod[t];
-        float r1 = (float)s->sqrt_recipm1_alphas_cumprod[t];
+        float sigma = (float)sqrt(sig2), r0 = (float)s->sqrt_recip_alphas_cumprod[ti];
+        float r1 = (float)s->sqrt_recipm1_alphas_cumprod[ti];
         for (size_t i = b * n; i < (b + 1) * n; i++) {
             float eps_hat = (r0 * x_t[i] - sb->x0_hat[i]) / r1;
             x_t[i] = c_x0 * sb->x0_hat[i] + c_eps * eps_hat + (sigma > 0 ? sigma * sb->z[i] : 0.0f);
@@ -1082,27 +1094,27 @@ static void ddim_sample(float* x_t, const float* out, const int* t_idx, int B, s
 // pixel-space blending; large t gives new, plausible images (Fig. 9).
 
 // Image x_0 (n values) at step t_idx: writes x_t (n) and k decodings x_0 ~ p_theta(x_0|x_t)
-// (k * n, k <= m->B_max). Returns 0 if interrupted.
-static int reconstruct(UNet* m, const Schedule* s, const float* x_0, int t_idx, int k, const Sampler* sp,
-                       float* x_t, float* samples, Rng* rng, Progress* pg) {
+// (k * n, k <= m->B_max). Returns 0 if the watch stopped it.
+static int reconstruct(UNet* m, const Schedule* s, const Sampler* sp, const float* x_0, int t_idx, int k,
+                       float* x_t, float* samples, Rng* rng, Watch* watch) {
     size_t n = (size_t)m->cfg.in_ch * m->cfg.img * m->cfg.img;
     SampleBuffers sb;
-    sample_buffers_init(&sb, k, n);
+    sample_buffers_init(&sb, k, n, watch);
     rng_normal(rng, sb.z, n);                                  // eps of Eq. (4), once
     q_sample(x_t, x_0, sb.z, &t_idx, 1, n, s);
     for (int j = 0; j < k; j++) memcpy(samples + j * n, x_t, n * sizeof(float));
-    int done = reverse_chain(m, s, samples, k, t_idx, sp, &sb, rng, NULL, pg);
+    int done = reverse_chain(m, s, sp, samples, k, t_idx, &sb, rng);
     sample_buffers_free(&sb);
     return done;
 }
 
 // Images a and b at step t_idx, decoded at n_lambda >= 2 evenly spaced lambda in [0, 1]
-// (one image each in out, n_lambda <= m->B_max). Returns 0 if interrupted.
-static int interpolate(UNet* m, const Schedule* s, const float* a, const float* b, int t_idx, int n_lambda,
-                       const Sampler* sp, float* out, Rng* rng, Progress* pg) {
+// (one image each in out, n_lambda <= m->B_max). Returns 0 if the watch stopped it.
+static int interpolate(UNet* m, const Schedule* s, const Sampler* sp, const float* a, const float* b, int t_idx,
+                       int n_lambda, float* out, Rng* rng, Watch* watch) {
     size_t n = (size_t)m->cfg.in_ch * m->cfg.img * m->cfg.img;
     SampleBuffers sb;
-    sample_buffers_init(&sb, n_lambda, n);
+    sample_buffers_init(&sb, n_lambda, n, watch);
     sb.shared_noise = 1;
     float *eps = sb.mean, *xa = sb.x0_hat, *xb = sb.x0_hat + n;   // free until the first step
     rng_normal(rng, eps, n);                                   // one eps for both images
@@ -1112,7 +1124,7 @@ static int interpolate(UNet* m, const Schedule* s, const float* a, const float* 
         float lam = (float)l / (n_lambda - 1);
         for (size_t i = 0; i < n; i++) out[l * n + i] = (1 - lam) * xa[i] + lam * xb[i];
     }
-    int done = reverse_chain(m, s, out, n_lambda, t_idx, sp, &sb, rng, NULL, pg);
+    int done = reverse_chain(m, s, sp, out, n_lambda, t_idx, &sb, rng);
     sample_buffers_free(&sb);
     return done;
 }
@@ -1157,8 +1169,12 @@ typedef struct {
     double* mse;    // (T): mean squared error of the clipped x0_hat(x_t) against x_0, in [-1, 1] units
 } PerT;
 
-static BoundBpd eval_bpd(UNet* m, const Schedule* s, const Dataset* test, int n_images, MeanType mt, VarType var,
-                         Rng* rng, PerT* per_t, int t_samples) {
+// The bound of the first n_images test images under the chain s, its mean and variance
+// taken as sp says. With per_t (may be NULL) also every term; with t_samples = K > 0 the
+// sum of the KL terms from K stratified t per image. The watch is told of every network
+// evaluation (as a chain step of all the images in the batch) and may stop it.
+static BoundBpd eval_bpd(UNet* m, const Schedule* s, const Sampler* sp, const Dataset* test, int n_images,
+                         int t_samples, Rng* rng, PerT* per_t, Watch* watch) {
     int Bm = m->B_max, T = s->T;
     size_t n = (size_t)m->cfg.in_ch * m->cfg.img * m->cfg.img;
     if (n_images > test->N) n_images = test->N;
@@ -1179,17 +1195,16 @@ static BoundBpd eval_bpd(UNet* m, const Schedule* s, const Dataset* test, int n_
         for (int t = 0; t < T; t++) per_t->term[t] = per_t->mse[t] = 0;
     m->train = 0;
     m->no_grad = 1;
-    double t0 = now_seconds();
     int levels = t_samples > 0 ? t_samples + 1 : T;   // the strata from the top, then t = 1 (t_idx 0)
-    long total = (long)((n_images + Bm - 1) / Bm) * levels, done = 0;
-    for (int start = 0; start < n_images && !stop_requested; start += Bm) {
+    int go = 1;
+    for (int start = 0; start < n_images && go; start += Bm) {
         int B = n_images - start < Bm ? n_images - start : Bm;
         for (int b = 0; b < B; b++) {
             dataset_image(x0 + b * n, test, start + b, 0);
             img_L[b] = prior_bpd(x0 + b * n, n, s);
             r.prior += img_L[b];
         }
-        for (int j = levels - 1; j >= 0 && !stop_requested; j--) {
+        for (int j = levels - 1; j >= 0 && go; j--) {
             double w = 1;   // how many terms this level's t stands for
             if (t_samples > 0 && j > 0) {
                 int lo = 1 + stratum_end(j - 1, t_samples, T), hi = 1 + stratum_end(j, t_samples, T);
@@ -1203,20 +1218,22 @@ static BoundBpd eval_bpd(UNet* m, const Schedule* s, const Dataset* test, int n_
             q_sample(x_t, x0, eps, t_idx, B, n, s);
             q_posterior_mean_variance(mean_q, NULL, lv_q, x0, x_t, t_idx, B, n, s);
             const float* out = unet_forward(m, x_t, t_model, B);
-            p_mean_variance(mean_p, lv_p, x0_hat, x_t, out, t_idx, B, n, mt, var, 1, s);
+            p_mean_variance(mean_p, lv_p, x0_hat, x_t, out, t_idx, B, n, sp->mean, sp->var, 1, s);
             for (int b = 0; b < B; b++) {
-                int t = t_idx[b];
-                double v = w * vb_term_bpd(x0 + b * n, mean_q + b * n, lv_q[b], mean_p + b * n, lv_p + b * n, t, n);
-                if (t == 0) r.decoder += v; else r.terms += v;
+                int ti = t_idx[b];
+                double v = w * vb_term_bpd(x0 + b * n, mean_q + b * n, lv_q[b], mean_p + b * n, lv_p + b * n, ti, n);
+                if (ti == 0) r.decoder += v; else r.terms += v;
                 img_L[b] += v;
                 if (!per_t) continue;
                 double se = 0;
                 for (size_t i = b * n; i < (b + 1) * n; i++) se += ((double)x0_hat[i] - x0[i]) * ((double)x0_hat[i] - x0[i]);
-                per_t->term[t] += v;
-                per_t->mse[t] += se / n;
+                per_t->term[ti] += v;
+                per_t->mse[ti] += se / n;
             }
-            progress_line("bound: step", ++done, total, t0);
+            ChainStep st = {x_t, x0_hat, t_idx[0], t_model[0] + 1, start, B, n};
+            go = watch_step(watch, &st);
         }
+        if (!go) break;
         for (int b = 0; b < B; b++) sum_sq += img_L[b] * img_L[b];
         r.n += B;
     }
@@ -1361,6 +1378,7 @@ struct UNetLayers {
 // The thread count the layers' scratch is sized for, and that their parallel loops
 // ask for: read once, by layers_init (unet_build calls it), so no step allocates.
 static int kernel_threads;
+static int max_threads(void);   // OpenMP's thread count, or 1 (Part IV)
 #define layers_init LAYER(layers_init)
 static void layers_init(void);
 
@@ -1462,7 +1480,8 @@ static void zero(float* x, size_t n);
 // ----------------------------------------------------------------------------
 // 13. eps_theta(x_t, t): the whole network, forward and backward (§4, Appendix B)
 //
-//   temb = silu(dense1(silu(dense0(sinusoid(t)))))            the timestep embedding
+//   temb = dense1(silu(dense0(sinusoid(t))))                  the timestep embedding;
+//                                                             each ResBlock adds temb_proj(silu(temb))
 //   h    = conv_in(x_t)
 //   down path: per level, num_res_blocks ResBlocks (+ AttnBlock at 16x16), Downsample;
 //              every output is kept for a skip connection
@@ -1541,11 +1560,12 @@ static void unet_zero_grad(UNet* m) { zero(m->grads, m->n_params); }
 // 14. The blocks, forward and backward (Appendix B; the official resnet_block,
 // attn_block, downsample and upsample)
 
-// The key of a ResBlock's dropout mask (over its (B, C_out, H, W) conv2 input), moved on
-// by the images before this batch so that a rank's slice gets the whole batch's masks.
+// The key of a ResBlock's dropout mask (over its (B, C_out, H, W) conv2 input). It is
+// moved on by the images of the step's batch before these (batch_start; hash_u32 is
+// additive), so an image gets the same mask whichever slice of the batch computes it.
 static uint64_t block_key(const UNet* m, const Block* k) {
     uint64_t key = m->dropout_key ^ (GOLDEN * (uint64_t)(k - m->L->blocks + 1));
-    return key + (uint64_t)m->image0 * k->C_out * k->H * k->W * GOLDEN;
+    return key + (uint64_t)m->batch_start * k->C_out * k->H * k->W * GOLDEN;
 }
 
 static float dropout_p(const UNet* m) { return m->train ? m->cfg.dropout : 0.0f; }
@@ -1721,40 +1741,44 @@ static int config_has_attn(const Config* c, int res) {
     return 0;
 }
 
-// Returns NULL if the configuration is usable, else a one-line reason naming the flag.
-static const char* config_check(const Config* c) {
+// What a refusal calls the configuration's fields: these words, or others the caller
+// passes (Part IV passes the names of its flags).
+typedef struct { const char *in_ch, *ch, *ch_mult, *num_res_blocks, *attn, *groups, *dropout; } ConfigWords;
+static const ConfigWords CONFIG_WORDS = {"in_ch", "ch", "ch_mult", "num_res_blocks", "attn_resolutions",
+                                         "groups", "dropout"};
+
+// Returns NULL if the configuration is usable, else a one-line reason naming the field
+// (w may be NULL).
+static const char* config_check(const Config* c, const ConfigWords* w) {
     static char msg[256];
+    if (!w) w = &CONFIG_WORDS;
+    #define REFUSE(...) do { snprintf(msg, sizeof msg, __VA_ARGS__); return msg; } while (0)
     // The upper bounds keep every size below in range (and a corrupt checkpoint header
     // from asking for terabytes): 16 times the paper's channels, 4 times its depth.
-    if (c->in_ch <= 0 || c->in_ch > 16) return "--in-ch must be between 1 and 16";
+    if (c->in_ch <= 0 || c->in_ch > 16) REFUSE("%s must be between 1 and 16", w->in_ch);
     if (c->learn_sigma != 0 && c->learn_sigma != 1) return "learn_sigma must be 0 or 1";
-    if (c->ch <= 0 || c->ch % 2 || c->ch > 2048) return "--ch must be an even number from 4 to 2048";
-    if (c->ch < 4) return "--ch must be at least 4 (the sinusoidal embedding needs ch/2 >= 2)";
-    if (c->n_levels <= 0 || c->n_levels > MAX_LEVELS) return "--ch-mult needs 1 to 6 comma-separated levels";
-    if (c->num_res_blocks <= 0 || c->num_res_blocks > 8) return "--num-res-blocks must be between 1 and 8";
-    if (c->groups <= 0 || c->groups > c->ch) return "--groups must be between 1 and --ch";
+    if (c->ch <= 0 || c->ch % 2 || c->ch > 2048) REFUSE("%s must be an even number from 4 to 2048", w->ch);
+    if (c->ch < 4) REFUSE("%s must be at least 4 (the sinusoidal embedding needs ch/2 >= 2)", w->ch);
+    if (c->n_levels <= 0 || c->n_levels > MAX_LEVELS) REFUSE("%s needs 1 to %d levels", w->ch_mult, MAX_LEVELS);
+    if (c->num_res_blocks <= 0 || c->num_res_blocks > 8) REFUSE("%s must be between 1 and 8", w->num_res_blocks);
+    if (c->groups <= 0 || c->groups > c->ch) REFUSE("%s must be between 1 and %s", w->groups, w->ch);
     if (c->img > 256) return "the image side must be at most 256";
-    if (c->dropout < 0 || c->dropout >= 1) return "--dropout must be in [0, 1)";
+    if (c->dropout < 0 || c->dropout >= 1) REFUSE("%s must be in [0, 1)", w->dropout);
     if (c->img <= 0 || c->img % (1 << (c->n_levels - 1)))
-        return "the image side must be divisible by 2^(levels-1): use fewer --ch-mult levels";
-    if (c->ch % c->groups) {
-        snprintf(msg, sizeof msg, "--ch %d is not divisible by --groups %d", c->ch, c->groups);
-        return msg;
-    }
-    for (int i = 0; i < c->n_levels; i++) {
-        if (c->ch_mult[i] <= 0 || c->ch_mult[i] > 16) return "--ch-mult entries must be between 1 and 16";
-        // every channel count of the net is a sum of multiples of ch, so ch % groups is
-        // enough for all GroupNorms
-    }
+        REFUSE("the image side must be divisible by 2^(levels-1): use fewer %s levels", w->ch_mult);
+    if (c->ch % c->groups) REFUSE("%s %d is not divisible by %s %d", w->ch, c->ch, w->groups, c->groups);
+    // every channel count of the net is a sum of multiples of ch, so ch % groups is
+    // enough for all GroupNorms
+    for (int i = 0; i < c->n_levels; i++)
+        if (c->ch_mult[i] <= 0 || c->ch_mult[i] > 16) REFUSE("%s entries must be between 1 and 16", w->ch_mult);
     for (int a = 0; a < c->n_attn; a++) {
         int ok = 0;
         for (int i = 0; i < c->n_levels; i++) ok |= (c->img >> i) == c->attn_res[a];
-        if (!ok) {
-            snprintf(msg, sizeof msg, "--attn %d: the network never reaches %dx%d (resolutions are %d down to %d)",
-                     c->attn_res[a], c->attn_res[a], c->attn_res[a], c->img, c->img >> (c->n_levels - 1));
-            return msg;
-        }
+        if (!ok)
+            REFUSE("%s %d: the network never reaches %dx%d (resolutions are %d down to %d)", w->attn,
+                   c->attn_res[a], c->attn_res[a], c->attn_res[a], c->img, c->img >> (c->n_levels - 1));
     }
+    #undef REFUSE
     return NULL;
 }
 
@@ -1973,7 +1997,7 @@ static void unet_layout(UNet* m, Arenas* ar) {
 // Build the network for batches of up to B_max images: size everything, allocate each
 // buffer once, then carve the named views. Nothing is allocated after this.
 static void unet_build(UNet* m, const Config* cfg, int B_max) {
-    const char* err = config_check(cfg);
+    const char* err = config_check(cfg, NULL);
     if (err) die("%s", err);
     memset(m, 0, sizeof *m);
     m->cfg = *cfg;
@@ -3669,7 +3693,56 @@ static void sum_channel_fast(float* dv, const float* dh, int B, int C, int HW) {
 // Part IV. Plumbing
 // ============================================================================
 
-// The helpers Part I declares: memory, progress lines, threads.
+// ----------------------------------------------------------------------------
+// 18. Errors, memory, files, progress and signals
+//
+// Every failure a user can cause (a missing file, a bad flag, a full disk) ends in one
+// line on stderr that names the file or flag and says what to do, and an exit code
+// below 128: 1 for an error, 2 for a bad flag (section 22).
+
+#ifdef DDPM_FUZZ
+#include <setjmp.h>
+static jmp_buf fuzz_refused;   // tests/fuzz_ddpm.c: a refusal returns to the harness
+#endif
+#ifdef DDPM_MPI
+#include <mpi.h>
+#endif
+// This process's rank and the number of ranks under MPI (section 23), else one process.
+// A bad flag is every rank's, so rank 0 alone reports it; another error names its rank.
+static int world_rank = 0, world_size = 1;
+
+// Prints "ddpm: <message><suffix>" as one line, in one write (ranks' lines do not
+// interleave), and exits with `code`. Built with DDPM_FUZZ (the fuzzing harnesses) a
+// refusal returns to the harness instead, which then tries the next input.
+static void fail_v(int code, const char* suffix, const char* fmt, va_list ap) {
+#ifdef DDPM_FUZZ
+    longjmp(fuzz_refused, 1);
+#endif
+#ifdef DDPM_MPI
+    if (code == 2) MPI_Finalize();   // every rank ends here together
+#endif
+    if (world_rank > 0 && code == 2) exit(code);
+    char line[8192];
+    int k = world_rank > 0 ? snprintf(line, sizeof line, "ddpm (rank %d): ", world_rank) : snprintf(line, sizeof line, "ddpm: ");
+    k += vsnprintf(line + k, sizeof line - k, fmt, ap);
+    if (k < (int)sizeof line) snprintf(line + k, sizeof line - k, "%s\n", suffix);
+    else line[sizeof line - 2] = '\n';
+    fputs(line, stderr);
+    exit(code);
+}
+
+static void die(const char* fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fail_v(1, "", fmt, ap);
+}
+
+static void* malloc_check(size_t size, const char* what) {
+    void* p = malloc(size ? size : 1);
+    if (!p) die("out of memory allocating %.1f MiB for %s; try a smaller --batch or --model",
+                size / 1048576.0, what);
+    return p;
+}
 
 // Zeroed memory. A big buffer (the parameters, activations and scratch of the network)
 // is aligned to 2 MiB and, where Linux offers it, marked for transparent huge pages: a
@@ -3702,26 +3775,11 @@ static int max_threads(void) {
 #endif
 }
 
-// "what done/total, elapsed, ETA" on stderr: redrawn in place on a terminal, every
-// tenth of the way in a log file.
-static void progress_line(const char* what, long done, long total, double t0) {
-    double el = now_seconds() - t0, eta = done > 0 ? el * (total - done) / done : 0;
-    if (isatty(2)) fprintf(stderr, "\r%s %ld/%ld  %.0fs elapsed, ETA %.0fs   ", what, done, total, el, eta);
-    else if (done == total || done % (total / 10 > 0 ? total / 10 : 1) == 0)
-        fprintf(stderr, "%s %ld/%ld  %.0fs elapsed, ETA %.0fs\n", what, done, total, el, eta);
-    if (isatty(2) && done == total) fprintf(stderr, "\n");
+static double now_seconds(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + 1e-9 * ts.tv_nsec;
 }
-
-// ----------------------------------------------------------------------------
-// 18. Datasets on disk
-//
-//   CIFAR-10, binary version: data/cifar-10-batches-bin/data_batch_{1..5}.bin (train)
-//     and test_batch.bin; each record is 3073 bytes: a label, then 1024 R, 1024 G,
-//     1024 B bytes of a 32x32 image (already NCHW).
-//   Fashion-MNIST: data/fashion-mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte, the
-//     IDX format (big-endian magic 0x803 / 0x801, then the dimensions). 28x28 images are
-//     padded to 32x32 with the background value 0, so the same U-Net fits both.
-// Every problem with a file ends in one line naming it and what to do (section 1).
 
 static FILE* fopen_check(const char* path, const char* mode, const char* hint) {
     FILE* f = fopen(path, mode);
@@ -3752,15 +3810,9 @@ static void fread_check(void* dst, size_t n, FILE* f, const char* path) {
             path, n);
 }
 
-// Creates PATH.tmp to write PATH through. Whatever stood there (a stale file, or a link
-// planted to make us overwrite its target) is removed, and the new file is made with
-// O_EXCL | O_NOFOLLOW, so it is ours and a regular file, never a link's target. A folder
-// in its place is not removed: then the open fails, and the caller reports it.
-static FILE* open_tmp(char* tmp, size_t len, const char* path) {
-    snprintf(tmp, len, "%s.tmp", path);
-    unlink(tmp);
-    int fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644);
-    return fd < 0 ? NULL : fdopen(fd, "wb");
+static long file_size(const char* path) {
+    struct stat st;
+    return stat(path, &st) == 0 ? (long)st.st_size : -1;
 }
 
 static int all_finite(const float* x, size_t n) {
@@ -3768,10 +3820,137 @@ static int all_finite(const float* x, size_t n) {
     return 1;
 }
 
-static long file_size(const char* path) {
+// Every file ddpm.c writes (checkpoints, pictures, arrays, tables, the repaired log)
+// goes through here: it is written to PATH.tmp, flushed to disk and renamed over PATH,
+// so a crash or a full disk never leaves a half file, and every failed write is
+// reported. PATH.tmp is made anew with O_EXCL | O_NOFOLLOW: whatever stood there (a stale
+// file, or a link planted to make us overwrite its target) is removed first, so the file
+// is ours and never a link's target. PATH itself must be a regular file or absent.
+typedef struct { FILE* f; char tmp[4200]; const char* path; } AtomicFile;
+
+// Returns the stream to write, or NULL with a one-line reason in err.
+static FILE* atomic_open(AtomicFile* a, const char* path, char* err, size_t errlen) {
     struct stat st;
-    return stat(path, &st) == 0 ? (long)st.st_size : -1;
+    a->path = path;
+    a->f = NULL;
+    if (lstat(path, &st) == 0 && !S_ISREG(st.st_mode)) {
+        snprintf(err, errlen, "%s exists and is not a regular file; not replacing it", path);
+        return NULL;
+    }
+    snprintf(a->tmp, sizeof a->tmp, "%s.tmp", path);
+    unlink(a->tmp);
+    int fd = open(a->tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644);
+    if (fd >= 0) a->f = fdopen(fd, "wb");
+    if (!a->f) snprintf(err, errlen, "cannot create %s: %s", a->tmp, strerror(errno));
+    return a->f;
 }
+
+// Finishes the file: if ok (every write succeeded) and it reaches the disk, PATH.tmp
+// becomes PATH and 0 is returned; else PATH.tmp is removed, PATH is left as it was, and
+// -1 is returned with a one-line reason in err.
+static int atomic_commit(AtomicFile* a, int ok, char* err, size_t errlen) {
+    int e = ok ? 0 : errno;
+    if (ok && (fflush(a->f) != 0 || fsync(fileno(a->f)) != 0)) ok = 0, e = errno;
+    if (fclose(a->f) != 0 && ok) ok = 0, e = errno;
+    if (ok && rename(a->tmp, a->path) == 0) return 0;
+    if (ok) e = errno;
+    snprintf(err, errlen, "could not write %s: %s", a->path, strerror(e ? e : EIO));
+    unlink(a->tmp);
+    return -1;
+}
+
+// The whole of a file, a then b (nb may be 0). Returns 0, or -1 after one line on stderr.
+static int write_file_atomic(const char* path, const void* a, size_t na, const void* b, size_t nb) {
+    char err[4400];
+    AtomicFile af;
+    FILE* f = atomic_open(&af, path, err, sizeof err);
+    if (f && atomic_commit(&af, fwrite(a, 1, na, f) == na && (nb == 0 || fwrite(b, 1, nb, f) == nb),
+                           err, sizeof err) == 0)
+        return 0;
+    fprintf(stderr, "ddpm: %s\n", err);
+    return -1;
+}
+
+// Before any long work: PATH can be written. Its folder exists and is writable, and PATH
+// is not something other than a regular file (a device or a FIFO would be replaced).
+static void check_output_path(const char* path, const char* flag) {
+    char dir[4200];
+    snprintf(dir, sizeof dir, "%s", path);
+    char* slash = strrchr(dir, '/');
+    if (!slash) snprintf(dir, sizeof dir, ".");
+    else if (slash == dir) slash[1] = 0;
+    else *slash = 0;
+    struct stat st;
+    if (stat(dir, &st) != 0 || !S_ISDIR(st.st_mode)) die("%s %s: the folder %s does not exist; create it first", flag, path, dir);
+    if (access(dir, W_OK) != 0) die("%s %s: the folder %s is not writable", flag, path, dir);
+    if (lstat(path, &st) == 0 && !S_ISREG(st.st_mode))
+        die("%s %s exists and is not a regular file; pass another path", flag, path);
+}
+
+static void mkdir_p(const char* path) {
+    char buf[4096];
+    snprintf(buf, sizeof buf, "%s", path);
+    for (char* p = buf + 1; *p; p++)
+        if (*p == '/') { *p = 0; mkdir(buf, 0755); *p = '/'; }
+    if (mkdir(buf, 0755) != 0 && errno != EEXIST) die("cannot create folder %s: %s", path, strerror(errno));
+}
+
+// Set by Ctrl-C / SIGTERM to the signal's number: a long loop stops at its next step (a
+// chain through its Watch, below; training in section 22) and the command saves what it
+// has, or says it has nothing.
+static volatile sig_atomic_t stop_requested = 0;
+
+static void on_signal(int sig) { stop_requested = sig; }
+
+static void install_signal_handlers(void) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_signal;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+}
+
+// "what done/total, elapsed, ETA" on stderr: redrawn in place on a terminal, every
+// tenth of the way in a log file.
+static void progress_line(const char* what, long done, long total, double t0) {
+    double el = now_seconds() - t0, eta = done > 0 ? el * (total - done) / done : 0;
+    if (isatty(2)) fprintf(stderr, "\r%s %ld/%ld  %.0fs elapsed, ETA %.0fs   ", what, done, total, el, eta);
+    else if (done == total || done % (total / 10 > 0 ? total / 10 : 1) == 0)
+        fprintf(stderr, "%s %ld/%ld  %.0fs elapsed, ETA %.0fs\n", what, done, total, el, eta);
+    if (isatty(2) && done == total) fprintf(stderr, "\n");
+}
+
+// A progress line as a Watch of the chains of section 10: one count per step, and a
+// stop at Ctrl-C.
+typedef struct {
+    Watch watch;   // first: a Progress* is its Watch*
+    const char* what;
+    long done, total;
+    double t0;
+} Progress;
+
+static int progress_step(Watch* w, const ChainStep* st) {
+    (void)st;
+    Progress* p = (Progress*)w;
+    progress_line(p->what, ++p->done, p->total, p->t0);
+    return !stop_requested;
+}
+
+static Progress progress_start(const char* what, long total, Watch* next) {
+    Progress p = {{progress_step, next}, what, 0, total, now_seconds()};
+    return p;
+}
+
+// ----------------------------------------------------------------------------
+// 19. Datasets on disk
+//
+//   CIFAR-10, binary version: data/cifar-10-batches-bin/data_batch_{1..5}.bin (train)
+//     and test_batch.bin; each record is 3073 bytes: a label, then 1024 R, 1024 G,
+//     1024 B bytes of a 32x32 image (already NCHW).
+//   Fashion-MNIST: data/fashion-mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte, the
+//     IDX format (big-endian magic 0x803 / 0x801, then the dimensions). 28x28 images are
+//     padded to 32x32 with the background value 0, so the same U-Net fits both.
 
 #define CIFAR_RECORD 3073
 
@@ -3873,7 +4052,7 @@ static void dataset_free(Dataset* d) { free(d->pixels); free(d->labels); }
 
 
 // ----------------------------------------------------------------------------
-// 19. Checkpoints
+// 20. Checkpoints
 //
 // A checkpoint is everything needed to continue bit-exactly: the header below, then
 // four float32 arrays of n_params values (parameters, EMA, Adam m, Adam v, in the
@@ -3936,7 +4115,7 @@ static Objective objective_from_header(const CheckpointHeader* hd) {
     return ob;
 }
 
-// Returns 0 on success, else sets errno-style message in err and leaves PATH untouched.
+// Returns 0 on success, else a one-line reason in err, PATH untouched (section 18).
 static int checkpoint_save(const Trainer* tr, ScheduleKind sk, const char* path, char* err, size_t errlen) {
     size_t n = tr->net.n_params;
     if (!all_finite(tr->net.params, n) || !all_finite(tr->ema, n)) {   // never save a diverged state
@@ -3944,14 +4123,9 @@ static int checkpoint_save(const Trainer* tr, ScheduleKind sk, const char* path,
                  "the previous checkpoint is intact", path);
         return -1;
     }
-    struct stat st;
-    if (lstat(path, &st) == 0 && !S_ISREG(st.st_mode)) {
-        snprintf(err, errlen, "%s exists and is not a regular file; move it away or pass another --run", path);
-        return -1;
-    }
-    char tmp[4200];
-    FILE* f = open_tmp(tmp, sizeof tmp, path);
-    if (!f) { snprintf(err, errlen, "cannot create %s: %s", tmp, strerror(errno)); return -1; }
+    AtomicFile af;
+    FILE* f = atomic_open(&af, path, err, errlen);
+    if (!f) return -1;
     CheckpointHeader hd;
     memset(&hd, 0, sizeof hd);
     memcpy(hd.magic, CKPT_MAGIC, 8);
@@ -3970,17 +4144,10 @@ static int checkpoint_save(const Trainer* tr, ScheduleKind sk, const char* path,
              write_all(f, tr->adam_v, nb, &sum);
     uint64_t h = sum.h;
     ok = ok && write_all(f, &h, sizeof h, NULL);
-    ok = ok && fflush(f) == 0 && fsync(fileno(f)) == 0;
-    int saved_errno = errno;
-    ok = (fclose(f) == 0) && ok;
-    if (!ok || rename(tmp, path) != 0) {
-        if (!ok) errno = saved_errno ? saved_errno : errno;
-        snprintf(err, errlen, "could not write checkpoint %s: %s; the previous checkpoint (if any) is intact",
-                 path, strerror(errno));
-        unlink(tmp);
-        return -1;
-    }
-    return 0;
+    if (atomic_commit(&af, ok, err, errlen) == 0) return 0;
+    size_t k = strlen(err);
+    snprintf(err + k, errlen - k, "; the previous checkpoint (if any) is intact");
+    return -1;
 }
 
 // Verifies a checkpoint (size, checksum, header) and returns it positioned after the
@@ -4020,9 +4187,9 @@ static FILE* checkpoint_open(const char* path, CheckpointHeader* hd) {
     Config c = config_from_header(hd);
     Objective ob = objective_from_header(hd);
     if (hd->mean_type > MEAN_X0 || hd->var_type > VAR_LEARNED || hd->loss_type > LOSS_KL || hd->pad ||
-        objective_check(&ob) ||
+        objective_check(&ob, NULL) ||
         hd->n_levels <= 0 || hd->n_levels > MAX_LEVELS || hd->n_attn < 0 || hd->n_attn > MAX_LEVELS ||
-        config_check(&c) || (hd->schedule != SCHEDULE_LINEAR && hd->schedule != SCHEDULE_COSINE) || hd->T != 1000)
+        config_check(&c, NULL) || (hd->schedule != SCHEDULE_LINEAR && hd->schedule != SCHEDULE_COSINE) || hd->T != 1000)
         die("%s: the header holds an invalid configuration; the file is corrupt", path);
     // The checksum only catches accidents: an edited header can be re-sealed. So the
     // header must also agree with itself before anything is built from it.
@@ -4076,7 +4243,7 @@ static void load_ema_model(UNet* m, Schedule* s, Objective* ob, const char* path
 
 
 // ----------------------------------------------------------------------------
-// 20. Pictures and files: PNG grids (stb_image_write), .npy and .npz arrays, exchange files
+// 21. Pictures and files: PNG grids (stb_image_write), .npy and .npz arrays, exchange files
 
 #define STB_IMAGE_WRITE_IMPLEMENTATION
 #define STB_IMAGE_WRITE_STATIC
@@ -4094,44 +4261,6 @@ static void load_ema_model(UNet* m, Schedule* s, Objective* ob, const char* path
 static uint8_t to_pixel(float x) {   // [-1, 1] -> 0..255, the inverse of §3.3's scaling
     float v = (x + 1.0f) * 127.5f + 0.5f;
     return (uint8_t)(v < 0 ? 0 : v > 255 ? 255 : v);
-}
-
-// Writes PATH through PATH.tmp and a rename, like checkpoints. Returns 0 on success.
-// Writes a then b (nb may be 0) to PATH.tmp, flushed to disk, then renamed over PATH, so a
-// full disk or a crash never leaves a half file, and every failed write is reported.
-// Returns 0, or -1 after one "ddpm: could not write PATH: reason" line.
-static int write_file_atomic(const char* path, const void* a, size_t na, const void* b, size_t nb) {
-    struct stat st;
-    if (lstat(path, &st) == 0 && !S_ISREG(st.st_mode)) {
-        fprintf(stderr, "ddpm: %s exists and is not a regular file; not replacing it\n", path);
-        return -1;
-    }
-    char tmp[4200];
-    FILE* f = open_tmp(tmp, sizeof tmp, path);
-    int ok = f && fwrite(a, 1, na, f) == na && (nb == 0 || fwrite(b, 1, nb, f) == nb) &&
-             fflush(f) == 0 && fsync(fileno(f)) == 0;
-    int saved_errno = errno;
-    if (f) ok = (fclose(f) == 0) && ok;
-    if (ok && rename(tmp, path) == 0) return 0;
-    fprintf(stderr, "ddpm: could not write %s: %s\n", path, strerror(ok ? errno : saved_errno ? saved_errno : errno));
-    unlink(tmp);
-    return -1;
-}
-
-// Before any long work: PATH can be written. Its folder exists and is writable, and PATH
-// is not something other than a regular file (a device or a FIFO would be replaced).
-static void check_output_path(const char* path, const char* flag) {
-    char dir[4200];
-    snprintf(dir, sizeof dir, "%s", path);
-    char* slash = strrchr(dir, '/');
-    if (!slash) snprintf(dir, sizeof dir, ".");
-    else if (slash == dir) slash[1] = 0;
-    else *slash = 0;
-    struct stat st;
-    if (stat(dir, &st) != 0 || !S_ISDIR(st.st_mode)) die("%s %s: the folder %s does not exist; create it first", flag, path, dir);
-    if (access(dir, W_OK) != 0) die("%s %s: the folder %s is not writable", flag, path, dir);
-    if (lstat(path, &st) == 0 && !S_ISREG(st.st_mode))
-        die("%s %s exists and is not a regular file; pass another path", flag, path);
 }
 
 // n images (C, H, W) in [-1, 1] as a grid of `cols` columns with 2-pixel gaps.
@@ -4384,7 +4513,7 @@ static int exchange_config(const Exchange* x, Config* c, Objective* ob, const ch
     const ExRecord* d = exchange_find(x, "config.dropout");
     if (d && d->count == 1) memcpy(&c->dropout, d->data, 4);
     c->learn_sigma = ob->var == VAR_LEARNED;
-    const char* why = config_check(c);
+    const char* why = config_check(c, NULL);
     if (why) die("%s describes a network ddpm.c cannot build: %s", path, why);
     return 1;
 }
@@ -4450,87 +4579,30 @@ static void ex_ints(ExWriter* w, const char* name, const int* v, int n) {
     ex_record(w, name, 1, &n, f);
 }
 
-
-// ----------------------------------------------------------------------------
-// 21. Measuring: what ./ddpm bench reports beside the step times
-//
-// The machine's fused multiply-add peak at this build's vector width (17.0), measured:
-// every thread runs VEC_REGS - 4 independent chains acc = acc * m + c on VW-float
-// vectors that stay in registers, enough chains to cover the FMA latency of every
-// core this was tried on (4 cycles, 2 pipes). The best of 5 rounds of ~0.1 s.
-// (The reference build has no vectors to measure: it reports 0.)
-#ifndef DDPM_PLAIN
-#define PEAK_CHAINS (VEC_REGS - 4)
-static double fma_chains_seconds(long iters) {
-    double t0 = now_seconds(), sink = 0;
-    #pragma omp parallel num_threads(kernel_threads) reduction(+ : sink)
-    {
-        float m = 0.999999f, c = 1e-7f * (float)(thread_id() + 1);
-#if DDPM_SIMD
-        vecf acc[PEAK_CHAINS];
-        for (int k = 0; k < PEAK_CHAINS; k++) acc[k] = (vecf){0} + (float)k;
-        for (long i = 0; i < iters; i++)
-            for (int k = 0; k < PEAK_CHAINS; k++) acc[k] = acc[k] * m + c;
-        for (int k = 0; k < PEAK_CHAINS; k++)
-            for (int l = 0; l < VW; l++) sink += acc[k][l];
-#else
-        float acc[PEAK_CHAINS][VW];
-        for (int k = 0; k < PEAK_CHAINS; k++)
-            for (int l = 0; l < VW; l++) acc[k][l] = (float)k;
-        for (long i = 0; i < iters; i++)
-            for (int k = 0; k < PEAK_CHAINS; k++)
-                for (int l = 0; l < VW; l++) acc[k][l] = acc[k][l] * m + c;
-        for (int k = 0; k < PEAK_CHAINS; k++)
-            for (int l = 0; l < VW; l++) sink += acc[k][l];
-#endif
-    }
-    if (sink == 12345.678) puts("");   // uses the chains' results, so they are computed
-    return now_seconds() - t0;
+static void ex_begin(ExWriter* w) {
+    memset(w, 0, sizeof *w);
+    ex_bytes(w, EXCHANGE_MAGIC, 8);
+    ex_i32(w, 0);   // n_records, patched by ex_finish
 }
 
-static double fma_peak_gflops(void) {
-    long iters = 1 << 14;
-    while (fma_chains_seconds(iters) < 0.1) iters *= 2;
-    double best = 0;
-    for (int round = 0; round < 5; round++) {
-        double gf = 2.0 * PEAK_CHAINS * VW * iters * kernel_threads / fma_chains_seconds(iters) / 1e9;
-        if (gf > best) best = gf;
-    }
-    return best;
+// The network's shape: the seven config.* records.
+static void ex_config(ExWriter* w, const Config* c) {
+    ex_ints(w, "config.in_ch", &c->in_ch, 1);
+    ex_ints(w, "config.ch", &c->ch, 1);
+    ex_ints(w, "config.ch_mult", c->ch_mult, c->n_levels);
+    ex_ints(w, "config.num_res_blocks", &c->num_res_blocks, 1);
+    ex_ints(w, "config.attn_resolutions", c->attn_res, c->n_attn);
+    ex_ints(w, "config.groups", &c->groups, 1);
+    ex_ints(w, "config.img", &c->img, 1);
 }
-#else
-static double fma_peak_gflops(void) { return 0; }
-#endif
 
-// One 3x3 convolution of the model's shapes, forward and backward (input and weight
-// gradients), timed over `reps` calls after one untimed: GFLOP/s as "fwd/bwd".
-static void bench_conv3x3(int B, int C, int H, int reps, double* fwd, double* bwd) {
-    size_t nx = (size_t)B * C * H * H, nw = (size_t)C * C * 9;
-    float* x = malloc_check(nx * sizeof(float), "bench buffers");
-    float* y = malloc_check(nx * sizeof(float), "bench buffers");
-    float* dx = malloc_check(nx * sizeof(float), "bench buffers");
-    float* w = malloc_check(nw * sizeof(float), "bench buffers");
-    float* dw = malloc_check(nw * sizeof(float), "bench buffers");
-    float* bias = calloc_check(C, sizeof(float), "bench buffers");
-    float* db = calloc_check(C, sizeof(float), "bench buffers");
-    float* ws = malloc_check(conv2d_workspace_floats(B, C, H, H, C, 3, 1, kernel_threads) * sizeof(float), "bench buffers");
-    Rng r;
-    rng_seed(&r, 1);
-    rng_normal(&r, x, nx);
-    rng_normal(&r, w, nw);
-    memset(dx, 0, nx * sizeof(float));
-    double flop = 2.0 * B * C * C * 9 * H * H;
-    for (int pass = 0; pass < 2; pass++) {
-        double t0 = 0;
-        for (int i = 0; i <= reps; i++) {
-            if (i == 1) t0 = now_seconds();
-            if (pass == 0) conv2d_forward(y, x, w, bias, B, C, H, H, C, 3, 1, ws);
-            else conv2d_backward(dx, dw, db, y, x, w, B, C, H, H, C, 3, 1, ws);
-        }
-        double dt = (now_seconds() - t0) / reps;
-        if (pass == 0) *fwd = flop / dt / 1e9; else *bwd = 2 * flop / dt / 1e9;
-    }
-    free(x); free(y); free(dx); free(w); free(dw); free(bias); free(db); free(ws);
+// Writes the file (atomically, section 18) and frees the buffer. Returns 0, or -1 after
+// one line on stderr.
+static int ex_finish(ExWriter* w, const char* path) {
+    put_le(w->p + 8, (uint32_t)w->n, 4);
+    int r = write_file_atomic(path, w->p, w->len, NULL, 0);
+    free(w->p);
+    return r;
 }
 
 
@@ -4546,27 +4618,29 @@ static void bench_conv3x3(int B, int C, int H, int reps, double* fwd, double* bw
 //   ./ddpm export  --checkpoint PATH --out FILE.ref    its EMA weights, for PyTorch
 //   ./ddpm import  --weights FILE.ref --out PATH       weights from PyTorch, as a checkpoint
 //   ./ddpm params  [--model NAME]
-//   ./ddpm bench   [--model NAME] [--batch B] [--steps N]
+//
+// One table (OPTIONS, 22.1) says of every option its name, type, default, range, the
+// commands that read it and its line in --help, which is printed from the table: a
+// default is written once. A flag that the command does not read is refused, as is an
+// unknown one or a value out of range (exit 2, one line). (The speed of a training and
+// a sampling step is measured by tests/bench_ddpm.c, `make bench`, which includes this file.)
 
-#ifndef DDPM_NO_MAIN
 #ifdef DDPM_MPI
 static void world_init(int* argc, char*** argv);   // section 23: joins the job, refuses unequal flags
 static void world_finish(void);
 #endif
+static int world_max(int x);   // section 23: the largest x over the ranks (x itself in one process)
 
-static void on_signal(int sig) { stop_requested = sig; }
+// ---- 22.1 The options: one table ----
 
-static void install_signal_handlers(void) {
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_signal;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGINT, &sa, NULL);
-    sigaction(SIGTERM, &sa, NULL);
-}
+// The commands, as bits: an option lists those that read it.
+enum { C_TRAIN = 1, C_SAMPLE = 2, C_BPD = 4, C_RECONSTRUCT = 8, C_INTERPOLATE = 16, C_EXPORT = 32,
+       C_IMPORT = 64, C_SCHEDULE = 128, C_PARAMS = 256, C_HELP = 512 };
+#define C_DECODE (C_RECONSTRUCT | C_INTERPOLATE)
+#define C_MODEL (C_SAMPLE | C_BPD | C_DECODE)            // use a checkpoint's network
+#define C_NET (C_TRAIN | C_PARAMS | C_IMPORT)            // build a network from the flags
 
 typedef struct {
-    const char* cmd;
     const char* data;           // cifar10 | fashion-mnist
     const char* data_dir;
     const char* model;          // preset name
@@ -4575,86 +4649,151 @@ typedef struct {
     const char* out;
     const char* npz;            // sample --npz FILE
     const char* weights;        // import --weights FILE.ref
-    int batch, sample_every, sample_n, n, trace, resume, threads, warmup_steps, log_every;
-    long steps;
-    int steps_set;              // --steps was given (sample, bpd: the chain's K steps)
-    Sampler sampler;            // --sigma, --sampler, --eta
-    int sampler_set, eta_set, sigma_set;
-    Objective obj;              // --mean-type, --var-type, --loss
-    int mean_set, var_set, loss_set;
     const char* per_t;          // bpd --per-t FILE.csv
+    int batch, sample_every, sample_n, n, trace, resume, threads, log_every;
+    long steps;                 // train: total steps; sample, bpd: the chain's K steps
+    long seed;
+    double minutes;             // wall-clock budget of a training run (0: none)
+    Sampler sampler;            // --sigma, --sampler, --eta
+    Objective obj;              // --mean-type, --var-type, --loss
     int t_samples;              // bpd --t-samples K: the KL terms estimated from K t per image
     int n_index, index[2];      // reconstruct, interpolate: --index
     int n_tlist, tlist[64];     // --t (1-based)
     int k, lambdas;             // reconstruct -k, interpolate --lambdas
-    double minutes;             // wall-clock budget of a training run (0: none)
-    uint64_t seed;
-    ScheduleKind schedule;
+    int schedule;               // ScheduleKind
     TrainHyper hyper;
     // network overrides (-1: keep the preset's)
     int ch, num_res_blocks, groups, in_ch, n_mult, ch_mult[MAX_LEVELS], n_attn, attn_res[MAX_LEVELS];
     float dropout;
+    // what the command line said
+    int cmd;                    // one of the C_* bits
+    const char* cmd_name;
+    unsigned char given[96];    // given[i]: OPTIONS[i] was on the command line
 } Options;
 
-static const char* HELP =
-"ddpm.c: Denoising Diffusion Probabilistic Models (Ho, Jain, Abbeel 2020) on a CPU.\n"
-"\n"
-"usage: ./ddpm [train] [flags]          train (Alg. 1), writing samples and checkpoints\n"
-"       ./ddpm sample --checkpoint PATH  draw samples (Alg. 2) into a PNG grid\n"
-"       ./ddpm bpd --checkpoint PATH     the variational bound (Eq. 5) in bits/dim\n"
-"       ./ddpm reconstruct --checkpoint PATH --index I   x_0 -> x_t -> k decodings (Fig. 7)\n"
-"       ./ddpm interpolate --checkpoint PATH --index A,B interpolations at x_t (Fig. 8)\n"
-"       ./ddpm export --checkpoint PATH --out F.ref   the EMA weights, named as PyTorch's (tests/)\n"
-"       ./ddpm import --weights F.ref --out PATH      a checkpoint of weights trained elsewhere\n"
-"       ./ddpm schedule                  the noise schedule as CSV\n"
-"       ./ddpm params [--model NAME]     parameter counts per block, activation memory\n"
-"       ./ddpm bench                     time a training and a sampling step (JSON)\n"
-"\n"
-"training:\n"
-"  --data cifar10|fashion-mnist   dataset (default cifar10; fashion-mnist works offline)\n"
-"  --data-dir DIR                 where datasets live (default data)\n"
-"  --model tiny|small|paper       network preset (default tiny)\n"
-"  --batch B                      images per step (default 128, as the paper)\n"
-"  --steps N                      total training steps (default 100000)\n"
-"  --minutes M                    stop after M minutes of training (checkpoint + samples)\n"
-"  --run DIR                      run folder (default runs/DATA-MODEL)\n"
-"  --resume                       continue the checkpoint in the run folder\n"
-"  --sample-every N               samples + checkpoint every N steps (default 2000)\n"
-"  --sample-n N                   images in each sample grid (default 64)\n"
-"  --seed S                       the one RNG's seed (default 1)\n"
-"  --lr X --warmup N --grad-clip X --ema-decay X --no-flip   (defaults 2e-4 5000 1 0.9999)\n"
-"  --schedule linear|cosine       beta schedule (default linear, as the paper)\n"
-"  --mean-type eps|mu|x0          what the network predicts (default eps, Eq. 11; Table 2's rows)\n"
-"  --var-type fixedlarge|fixedsmall|learned   sigma_t^2 = beta_t (default), beta_tilde_t, or learned\n"
-"  --loss simple|mse|kl           Eq. (14) (default), MSE on the prediction, or the true bound L\n"
-"                                 (the three are stored in the checkpoint; sample, bpd and\n"
-"                                 --resume read them from there)\n"
-"  --log-every N                  plain progress lines every N steps when not on a terminal\n"
-"network (override the preset):\n"
-"  --ch N --ch-mult 1,2,2 --num-res-blocks N --attn 16 --groups N --dropout P --in-ch N\n"
-"sampling and evaluation:\n"
-"  --checkpoint PATH              a checkpoint written by training\n"
-"  -n N                           number of images (sample: 64, bpd: 32)\n"
-"  --sigma beta|beta_tilde        sigma_t^2 of §3.2 (default beta)\n"
-"  --steps K                      sample, bpd: a chain of K evenly strided steps (default 1000)\n"
-"  --sampler ddpm|ddim --eta E    sample: Alg. 2 (default), or DDIM with eta in [0, 1] (default 0)\n"
-"  --trace                        sample: also write x_t and x0_hat along the chain (.npy + PNG)\n"
-"  --per-t FILE.csv               bpd: every term, the rate and the distortion per t (Table 4)\n"
-"  --t-samples K                  bpd: estimate the sum over t from K stratified t per image\n"
-"                                 (unbiased; about T/K times faster; the std. error covers it)\n"
-"  --data cifar10|fashion-mnist   bpd, reconstruct, interpolate: the test set (default: the\n"
-"                                 checkpoint's channels decide)\n"
-"  --index I | A,B                reconstruct: test image I; interpolate: test images A and B\n"
-"  --t 1000,750,500,250           reconstruct (default 1000,750,500,250), interpolate (default 500)\n"
-"  -k N                           reconstruct: decodings per t (default 4)\n"
-"  --lambdas N                    interpolate: evenly spaced lambda in [0, 1] (default 9)\n"
-"  --out PATH                     the PNG grid (default: beside the checkpoint); .npy beside it\n"
-"  --npz FILE                     sample: also the samples as arr_0, uint8 N x H x W x C (FID tools)\n"
-"other:\n"
-"  --threads N                    OpenMP threads (default: all cores)\n"
-"  --help                         this text\n"
-"exit status: 0 done; 1 an error (one line on stderr says what to do); 2 a bad flag;\n"
-"  130 / 143 training stopped by Ctrl-C / SIGTERM after saving its checkpoint (--resume continues)\n";
+typedef enum {
+    OPT_ON, OPT_OFF,    // a switch: sets an int to 1, or to 0
+    OPT_INT, OPT_LONG, OPT_FLOAT, OPT_DOUBLE,   // a number in [lo, hi]
+    OPT_STR,            // a path or a name (one of `words` if given)
+    OPT_WORD,           // one of `words`, stored as its index (an int or an enum)
+    OPT_LIST,           // whole numbers in [lo, hi], comma-separated; their count at count_at
+    OPT_HEADING         // not an option: a heading of --help
+} OptType;
+
+typedef struct {
+    const char* name;           // "--batch", "-n"
+    OptType type;
+    size_t at;                  // offsetof(Options, its field)
+    unsigned cmds;              // the commands that read it
+    const char* def;            // its default as it would be typed, or NULL: the field's
+                                // initial value (PAPER_HYPER, PAPER_OBJECTIVE) or none
+    double lo, hi;
+    const char* arg;            // its value in --help: "B", "linear|cosine"
+    const char* help;
+    const char* const* words;   // OPT_WORD, OPT_STR: the accepted words (NULL: any)
+    size_t count_at;            // OPT_LIST: offsetof the count; max_count entries at most
+    int max_count;
+    int none;                   // OPT_LIST: the word "none" is an empty list (count -1)
+} Option;
+
+#define AT(field) offsetof(Options, field)
+#define HEADING(text) {NULL, OPT_HEADING, 0, 0, NULL, 0, 0, NULL, text, NULL, 0, 0, 0}
+static const char* const DATA_NAMES[] = {"cifar10", "fashion-mnist", NULL};
+static const char* const SCHEDULE_NAMES[] = {"linear", "cosine", NULL};      // ScheduleKind
+static const char* const SAMPLER_NAMES[] = {"ddpm", "ddim", NULL};           // Sampler.ddim
+static const char* const SIGMA_NAMES[] = {"beta", "beta_tilde", NULL};       // VAR_FIXEDLARGE, VAR_FIXEDSMALL
+static const char* const MEAN_WORDS[] = {"eps", "mu", "x0", NULL};           // MEAN_NAMES, NULL-ended
+static const char* const VAR_WORDS[] = {"fixedlarge", "fixedsmall", "learned", NULL};
+static const char* const LOSS_WORDS[] = {"simple", "mse", "kl", NULL};
+
+static const Option OPTIONS[] = {
+    HEADING("training (train; the network flags also apply to params and import):"),
+    {"--data", OPT_STR, AT(data), C_NET | C_BPD | C_DECODE, "cifar10", .arg = "cifar10|fashion-mnist",
+     .help = "the dataset (fashion-mnist works offline); bpd, reconstruct, interpolate: its test set, "
+             "for a 3-channel checkpoint", .words = DATA_NAMES},
+    {"--data-dir", OPT_STR, AT(data_dir), C_TRAIN | C_BPD | C_DECODE, "data", .arg = "DIR", .help = "where datasets live"},
+    {"--model", OPT_STR, AT(model), C_NET, "tiny", .arg = "tiny|small|paper",
+     .help = "the network preset (section 15; paper is Appendix B's 35.7M)"},
+    {"--batch", OPT_INT, AT(batch), C_TRAIN | C_IMPORT, "128", 1, 4096, .arg = "B", .help =
+     "images per step, as the paper (import: the batch --resume will train at)"},
+    {"--steps", OPT_LONG, AT(steps), C_TRAIN, "100000", 0, 1e9, .arg = "N", .help = "total training steps"},
+    {"--minutes", OPT_DOUBLE, AT(minutes), C_TRAIN, NULL, 0.01, 1e7, .arg = "M", .help =
+     "stop after M minutes of training (checkpoint + samples)"},
+    {"--run", OPT_STR, AT(run_dir), C_TRAIN, NULL, .arg = "DIR", .help = "the run folder (default runs/DATA-MODEL)"},
+    {"--resume", OPT_ON, AT(resume), C_TRAIN, .help = "continue the checkpoint in the run folder"},
+    {"--sample-every", OPT_INT, AT(sample_every), C_TRAIN, "2000", 1, 1e9, .arg = "N", .help = "samples + checkpoint every N steps"},
+    {"--sample-n", OPT_INT, AT(sample_n), C_TRAIN, "64", 0, 4096, .arg = "N", .help = "images in each sample grid"},
+    {"--log-every", OPT_INT, AT(log_every), C_TRAIN, "100", 1, 1e9, .arg = "N", .help =
+     "plain progress lines every N steps when stderr is not a terminal"},
+    {"--lr", OPT_FLOAT, AT(hyper.lr), C_TRAIN, NULL, 0, 1, .arg = "X", .help = "Adam's learning rate (Appendix B)"},
+    {"--warmup", OPT_INT, AT(hyper.warmup), C_TRAIN, NULL, 0, 1e9, .arg = "N", .help = "steps of linear learning-rate warmup"},
+    {"--grad-clip", OPT_FLOAT, AT(hyper.grad_clip), C_TRAIN, NULL, 1e-9, 1e9, .arg = "X", .help = "the gradient's global norm is clipped at X"},
+    {"--ema-decay", OPT_FLOAT, AT(hyper.ema_decay), C_TRAIN, NULL, 0, 1, .arg = "X", .help = "the EMA's decay (section 9)"},
+    {"--no-flip", OPT_OFF, AT(hyper.flips), C_TRAIN, .help = "no random horizontal flips"},
+    {"--schedule", OPT_WORD, AT(schedule), C_TRAIN | C_SCHEDULE | C_IMPORT, "linear", .arg = "linear|cosine",
+     .help = "the beta schedule (linear is the paper's)", .words = SCHEDULE_NAMES},
+    {"--mean-type", OPT_WORD, AT(obj.mean), C_TRAIN | C_MODEL | C_IMPORT, NULL, .arg = "eps|mu|x0",
+     .help = "what the network predicts (Eq. 11's eps; Table 2's rows)", .words = MEAN_WORDS},
+    {"--var-type", OPT_WORD, AT(obj.var), C_TRAIN | C_MODEL | C_IMPORT, NULL, .arg = "fixedlarge|fixedsmall|learned",
+     .help = "sigma_t^2 = beta_t, beta_tilde_t, or learned", .words = VAR_WORDS},
+    {"--loss", OPT_WORD, AT(obj.loss), C_TRAIN | C_MODEL | C_IMPORT, NULL, .arg = "simple|mse|kl",
+     .help = "Eq. (14), MSE on the prediction, or the true bound L (all three are stored in the "
+             "checkpoint; sample, bpd and --resume read them from there)", .words = LOSS_WORDS},
+    HEADING("network (override the preset):"),
+    {"--ch", OPT_INT, AT(ch), C_NET, NULL, 1, 4096, .arg = "N", .help = "base channels"},
+    {"--ch-mult", OPT_LIST, AT(ch_mult), C_NET, NULL, 1, 4096, .arg = "1,2,2", .help = "channels per level, times --ch",
+     .count_at = AT(n_mult), .max_count = MAX_LEVELS},
+    {"--num-res-blocks", OPT_INT, AT(num_res_blocks), C_NET, NULL, 1, 64, .arg = "N", .help = "ResBlocks per level"},
+    {"--attn", OPT_LIST, AT(attn_res), C_NET, NULL, 1, 4096, .arg = "16|none", .help = "resolutions with self-attention",
+     .count_at = AT(n_attn), .max_count = MAX_LEVELS, .none = 1},
+    {"--groups", OPT_INT, AT(groups), C_NET, NULL, 1, 4096, .arg = "N", .help = "GroupNorm groups"},
+    {"--dropout", OPT_FLOAT, AT(dropout), C_NET, NULL, 0, 0.999, .arg = "P", .help = "dropout in the ResBlocks"},
+    {"--in-ch", OPT_INT, AT(in_ch), C_NET, NULL, 1, 16, .arg = "N", .help = "image channels (default: the dataset's)"},
+    HEADING("sampling and evaluation:"),
+    {"--checkpoint", OPT_STR, AT(checkpoint), C_MODEL | C_EXPORT, NULL, .arg = "PATH",
+     .help = "a checkpoint written by training"},
+    {"-n", OPT_INT, AT(n), C_SAMPLE, "64", 1, 100000, .arg = "N", .help = "sample: images"},
+    {"-n", OPT_INT, AT(n), C_BPD, "32", 1, 100000, .arg = "N", .help = "bpd: test images"},
+    {"--steps", OPT_LONG, AT(steps), C_SAMPLE | C_BPD, "1000", 0, 1e9, .arg = "K", .help =
+     "sample, bpd: a chain of K evenly strided steps (section 10.2)"},
+    {"--sigma", OPT_WORD, AT(sampler.var), C_TRAIN | C_MODEL, "beta", .arg = "beta|beta_tilde",
+     .help = "sigma_t^2 of §3.2, for a fixed variance", .words = SIGMA_NAMES},
+    {"--sampler", OPT_WORD, AT(sampler.ddim), C_SAMPLE, "ddpm", .arg = "ddpm|ddim",
+     .help = "sample: Alg. 2, or DDIM (section 10.2)", .words = SAMPLER_NAMES},
+    {"--eta", OPT_DOUBLE, AT(sampler.eta), C_SAMPLE, "0", 0, 1, .arg = "E", .help = "sample: DDIM's eta"},
+    {"--trace", OPT_ON, AT(trace), C_SAMPLE, .help = "sample: also x_t and x0_hat along the chain (Fig. 6; .npy + PNG)"},
+    {"--npz", OPT_STR, AT(npz), C_SAMPLE, NULL, .arg = "FILE",
+     .help = "sample: also the samples as arr_0, uint8 N x H x W x C (FID tools)"},
+    {"--per-t", OPT_STR, AT(per_t), C_BPD, NULL, .arg = "FILE.csv",
+     .help = "bpd: every term, the rate and the distortion per t (Table 4)"},
+    {"--t-samples", OPT_INT, AT(t_samples), C_BPD, NULL, 1, 1e6, .arg = "K", .help =
+     "bpd: the sum over t estimated from K stratified t per image (unbiased; about T/K times faster; "
+     "the std. error covers it)"},
+    {"--index", OPT_LIST, AT(index), C_DECODE, NULL, 0, 1e6, .arg = "I|A,B", .help =
+     "reconstruct: test image I; interpolate: test images A and B", .count_at = AT(n_index), .max_count = 2},
+    {"--t", OPT_LIST, AT(tlist), C_RECONSTRUCT, "1000,750,500,250", 1, 4096, .arg = "T,...", .help = "reconstruct: the steps",
+     .count_at = AT(n_tlist), .max_count = 64},
+    {"--t", OPT_LIST, AT(tlist), C_INTERPOLATE, "500", 1, 4096, .arg = "T,...", .help = "interpolate: the steps",
+     .count_at = AT(n_tlist), .max_count = 64},
+    {"-k", OPT_INT, AT(k), C_RECONSTRUCT, "4", 1, 64, .arg = "N", .help = "reconstruct: decodings per step"},
+    {"--lambdas", OPT_INT, AT(lambdas), C_INTERPOLATE, "9", 2, 64, .arg = "N", .help = "interpolate: evenly spaced lambda in [0, 1]"},
+    {"--out", OPT_STR, AT(out), C_SAMPLE | C_DECODE, NULL, .arg = "PATH",
+     .help = "the PNG grid (default: beside the checkpoint), with .npy files beside it"},
+    {"--out", OPT_STR, AT(out), C_EXPORT | C_IMPORT, NULL, .arg = "PATH",
+     .help = "export: the exchange file to write; import: the checkpoint to write"},
+    {"--weights", OPT_STR, AT(weights), C_IMPORT, NULL, .arg = "FILE.ref", .help = "import: the exchange file to read"},
+    HEADING("other:"),
+    {"--seed", OPT_LONG, AT(seed), C_TRAIN | C_MODEL | C_IMPORT, "1", 0, 9.2e18, .arg = "S", .help = "the one RNG's seed"},
+    {"--threads", OPT_INT, AT(threads), ~0u, NULL, 1, 1024, .arg = "N", .help = "OpenMP threads (default: all cores)"},
+    {"--help", OPT_ON, 0, ~0u, .help = "this text (also -h)"},
+};
+#define N_OPTIONS (int)(sizeof OPTIONS / sizeof OPTIONS[0])
+_Static_assert(N_OPTIONS <= 96, "Options.given has room for 96 options");
+
+// The flags' names for the model's refusals (sections 5 and 15 name the fields).
+static const ConfigWords CONFIG_FLAGS = {"--in-ch", "--ch", "--ch-mult", "--num-res-blocks", "--attn",
+                                         "--groups", "--dropout"};
+static const ObjectiveWords OBJECTIVE_FLAGS = {"--mean-type", "--var-type", "--loss"};
 
 // A bad flag or value: exit code 2, as command-line tools do.
 static void usage_error(const char* fmt, ...) {
@@ -4663,157 +4802,62 @@ static void usage_error(const char* fmt, ...) {
     fail_v(2, " (see ./ddpm --help)", fmt, ap);
 }
 
-static long parse_long(const char* flag, const char* v, long lo, long hi) {
-    char* end;
-    errno = 0;
-    long x = strtol(v, &end, 10);
-    if (errno || *end || end == v || x < lo || x > hi)
-        usage_error("%s %s: expected a whole number from %ld to %ld", flag, v, lo, hi);
-    return x;
-}
-
-static double parse_double(const char* flag, const char* v, double lo, double hi) {
-    char* end;
-    errno = 0;
-    double x = strtod(v, &end);
-    if (errno || *end || end == v || !(x >= lo && x <= hi))
-        usage_error("%s %s: expected a number from %g to %g", flag, v, lo, hi);
-    return x;
-}
-
-static int parse_list(const char* flag, const char* v, int* out, int max) {
-    int n = 0;
-    const char* p = v;
-    while (*p) {
-        char* end;
-        long x = strtol(p, &end, 10);
-        if (end == p || x <= 0 || x > 4096 || n >= max || (*end && *end != ','))
-            usage_error("%s %s: expected 1 to %d positive whole numbers separated by commas", flag, v, max);
-        out[n++] = (int)x;
-        p = *end ? end + 1 : end;
-    }
-    if (!n) usage_error("%s: empty list", flag);
-    return n;
-}
-
-
-// The index of v in names, or a usage error listing them.
-static int parse_name(const char* flag, const char* v, const char** names, int n) {
-    for (int i = 0; i < n; i++)
-        if (!strcmp(v, names[i])) return i;
-    usage_error("%s %s: expected %s, %s or %s", flag, v, names[0], names[1], names[2]);
+// Was the option NAME on the command line (for this command)?
+static int given(const Options* o, const char* name) {
+    for (int i = 0; i < N_OPTIONS; i++)
+        if (o->given[i] && !strcmp(OPTIONS[i].name, name)) return 1;
     return 0;
 }
 
-static void parse_options(int argc, char** argv, Options* o) {
-    memset(o, 0, sizeof *o);
-    o->cmd = "train"; o->data = "cifar10"; o->data_dir = "data"; o->model = "tiny";
-    o->batch = 128; o->steps = 100000; o->sample_every = 2000; o->sample_n = 64; o->seed = 1;
-    o->schedule = SCHEDULE_LINEAR; o->sampler.var = VAR_FIXEDLARGE; o->hyper = PAPER_HYPER;
-    o->obj = PAPER_OBJECTIVE;
-    o->k = 4; o->lambdas = 9;
-    o->ch = o->num_res_blocks = o->groups = o->in_ch = -1; o->dropout = -1;
-    o->n = -1; o->warmup_steps = 2; o->log_every = 100;
-    int i = 1;
-    if (argc > 1 && argv[1][0] != '-') {
-        const char* cmds[] = {"train", "sample", "bpd", "reconstruct", "interpolate", "export", "import",
-                              "schedule", "params", "bench", "help"};
-        int ok = 0;
-        for (int c = 0; c < 11; c++) if (!strcmp(argv[1], cmds[c])) ok = 1;
-        if (!ok) usage_error("unknown command '%s'; commands are train, sample, bpd, reconstruct, interpolate, "
-                             "export, import, schedule, params, bench", argv[1]);
-        o->cmd = argv[1];
-        i = 2;
-    }
-    for (; i < argc; i++) {
-        const char* a = argv[i];
-        #define FLAG(name) (!strcmp(a, name))
-        #define VALUE() (i + 1 < argc ? argv[++i] : (usage_error("%s needs a value", a), ""))
-        if (FLAG("--help") || FLAG("-h")) { fputs(HELP, stdout); exit(0); }
-        else if (FLAG("--data")) o->data = VALUE();
-        else if (FLAG("--data-dir")) o->data_dir = VALUE();
-        else if (FLAG("--model")) o->model = VALUE();
-        else if (FLAG("--batch")) o->batch = (int)parse_long(a, VALUE(), 1, 4096);
-        else if (FLAG("--steps")) o->steps = parse_long(a, VALUE(), 0, 1000000000L), o->steps_set = 1;
-        else if (FLAG("--minutes")) o->minutes = parse_double(a, VALUE(), 0.01, 1e7);
-        else if (FLAG("--run")) o->run_dir = VALUE();
-        else if (FLAG("--resume")) o->resume = 1;
-        else if (FLAG("--sample-every")) o->sample_every = (int)parse_long(a, VALUE(), 1, 1000000000L);
-        else if (FLAG("--sample-n")) o->sample_n = (int)parse_long(a, VALUE(), 0, 4096);
-        else if (FLAG("--seed")) o->seed = (uint64_t)parse_long(a, VALUE(), 0, 0x7fffffffffffffffL);
-        else if (FLAG("--lr")) o->hyper.lr = (float)parse_double(a, VALUE(), 0, 1);
-        else if (FLAG("--warmup")) o->hyper.warmup = (int)parse_long(a, VALUE(), 0, 1000000000L);
-        else if (FLAG("--grad-clip")) o->hyper.grad_clip = (float)parse_double(a, VALUE(), 1e-9, 1e9);
-        else if (FLAG("--ema-decay")) o->hyper.ema_decay = (float)parse_double(a, VALUE(), 0, 1);
-        else if (FLAG("--no-flip")) o->hyper.flips = 0;
-        else if (FLAG("--log-every")) o->log_every = (int)parse_long(a, VALUE(), 1, 1000000000L);
-        else if (FLAG("--schedule")) {
-            const char* v = VALUE();
-            if (!strcmp(v, "linear")) o->schedule = SCHEDULE_LINEAR;
-            else if (!strcmp(v, "cosine")) o->schedule = SCHEDULE_COSINE;
-            else usage_error("--schedule %s: expected linear or cosine", v);
-        }
-        else if (FLAG("--ch")) o->ch = (int)parse_long(a, VALUE(), 1, 4096);
-        else if (FLAG("--ch-mult")) o->n_mult = parse_list(a, VALUE(), o->ch_mult, MAX_LEVELS);
-        else if (FLAG("--num-res-blocks")) o->num_res_blocks = (int)parse_long(a, VALUE(), 1, 64);
-        else if (FLAG("--attn")) {
-            const char* v = VALUE();
-            o->n_attn = strcmp(v, "none") ? parse_list(a, v, o->attn_res, MAX_LEVELS) : -1;
-        }
-        else if (FLAG("--groups")) o->groups = (int)parse_long(a, VALUE(), 1, 4096);
-        else if (FLAG("--dropout")) o->dropout = (float)parse_double(a, VALUE(), 0, 0.999);
-        else if (FLAG("--in-ch")) o->in_ch = (int)parse_long(a, VALUE(), 1, 16);
-        else if (FLAG("--checkpoint")) o->checkpoint = VALUE();
-        else if (FLAG("-n")) o->n = (int)parse_long(a, VALUE(), 1, 100000);
-        else if (FLAG("--sigma")) {
-            const char* v = VALUE();
-            if (!strcmp(v, "beta")) o->sampler.var = VAR_FIXEDLARGE;
-            else if (!strcmp(v, "beta_tilde")) o->sampler.var = VAR_FIXEDSMALL;
-            else usage_error("--sigma %s: expected beta or beta_tilde", v);
-            o->sigma_set = 1;
-        }
-        else if (FLAG("--sampler")) {
-            const char* v = VALUE();
-            if (!strcmp(v, "ddpm")) o->sampler.ddim = 0;
-            else if (!strcmp(v, "ddim")) o->sampler.ddim = 1;
-            else usage_error("--sampler %s: expected ddpm or ddim", v);
-            o->sampler_set = 1;
-        }
-        else if (FLAG("--eta")) o->sampler.eta = parse_double(a, VALUE(), 0, 1), o->eta_set = 1;
-        else if (FLAG("--per-t")) o->per_t = VALUE();
-        else if (FLAG("--t-samples")) o->t_samples = (int)parse_long(a, VALUE(), 1, 1000000);
-        else if (FLAG("--mean-type")) o->obj.mean = (MeanType)parse_name(a, VALUE(), MEAN_NAMES, 3), o->mean_set = 1;
-        else if (FLAG("--var-type")) o->obj.var = (VarType)parse_name(a, VALUE(), VAR_NAMES, 3), o->var_set = 1;
-        else if (FLAG("--loss")) o->obj.loss = (LossType)parse_name(a, VALUE(), LOSS_NAMES, 3), o->loss_set = 1;
-        else if (FLAG("--index")) {
-            const char* v = VALUE();
-            char* end;
-            o->n_index = 0;
-            for (const char* p = v;; p = end + 1) {
-                errno = 0;
-                long x = strtol(p, &end, 10);
-                if (errno || end == p || x < 0 || x > 1000000 || (*end && *end != ',') || o->n_index == 2)
-                    usage_error("--index %s: expected a test image number, or two separated by a comma", v);
-                o->index[o->n_index++] = (int)x;
-                if (!*end) break;
-            }
-        }
-        else if (FLAG("--t")) o->n_tlist = parse_list(a, VALUE(), o->tlist, 64);
-        else if (FLAG("-k")) o->k = (int)parse_long(a, VALUE(), 1, 64);
-        else if (FLAG("--lambdas")) o->lambdas = (int)parse_long(a, VALUE(), 2, 64);
-        else if (FLAG("--trace")) o->trace = 1;
-        else if (FLAG("--out")) o->out = VALUE();
-        else if (FLAG("--npz")) o->npz = VALUE();
-        else if (FLAG("--weights")) o->weights = VALUE();
-        else if (FLAG("--threads")) o->threads = (int)parse_long(a, VALUE(), 1, 1024);
-        else if (FLAG("--warmup-steps")) o->warmup_steps = (int)parse_long(a, VALUE(), 0, 1000);
-        else usage_error("unknown flag '%s'", a);
-        #undef FLAG
-        #undef VALUE
-    }
-    if (strcmp(o->data, "cifar10") && strcmp(o->data, "fashion-mnist"))
-        usage_error("--data %s: expected cifar10 or fashion-mnist", o->data);
+static int word_index(const char* const* words, const char* v) {
+    for (int i = 0; words[i]; i++)
+        if (!strcmp(words[i], v)) return i;
+    return -1;
 }
+
+// Stores the value v of option p in o, or refuses it in one line (exit 2).
+static void option_set(Options* o, const Option* p, const char* v) {
+    char* field = (char*)o + p->at;
+    char* end;
+    errno = 0;
+    if (p->type == OPT_INT || p->type == OPT_LONG) {
+        long x = strtol(v, &end, 10);
+        if (errno || *end || end == v || x < p->lo || x > p->hi)
+            usage_error("%s %s: expected a whole number from %.0f to %.0f", p->name, v, p->lo, p->hi);
+        if (p->type == OPT_INT) *(int*)field = (int)x;
+        else *(long*)field = x;
+    } else if (p->type == OPT_FLOAT || p->type == OPT_DOUBLE) {
+        double x = strtod(v, &end);
+        if (errno || *end || end == v || !(x >= p->lo && x <= p->hi))
+            usage_error("%s %s: expected a number from %g to %g", p->name, v, p->lo, p->hi);
+        if (p->type == OPT_FLOAT) *(float*)field = (float)x;
+        else *(double*)field = x;
+    } else if (p->type == OPT_STR) {
+        if (p->words && word_index(p->words, v) < 0)
+            usage_error("%s %s: expected %s", p->name, v, p->arg);
+        *(const char**)field = v;
+    } else if (p->type == OPT_WORD) {
+        int i = word_index(p->words, v);
+        if (i < 0) usage_error("%s %s: expected %s", p->name, v, p->arg);
+        *(int*)field = i;
+    } else if (p->type == OPT_LIST) {
+        int* count = (int*)((char*)o + p->count_at);
+        if (p->none && !strcmp(v, "none")) { *count = -1; return; }
+        int n = 0;
+        for (const char* s = v;; s = end + 1) {
+            long x = strtol(s, &end, 10);
+            if (errno || end == s || x < p->lo || x > p->hi || n == p->max_count || (*end && *end != ',') ||
+                (*end == ',' && !end[1]))
+                usage_error("%s %s: expected 1 to %d whole numbers from %.0f to %.0f, separated by commas",
+                            p->name, v, p->max_count, p->lo, p->hi);
+            ((int*)field)[n++] = (int)x;
+            if (!*end) break;
+        }
+        *count = n;
+    }
+}
+
+// ---- 22.2 The commands ----
 
 // The network configuration: the preset, the dataset's channels, then any overrides.
 static Config options_config(const Options* o) {
@@ -4829,7 +4873,7 @@ static Config options_config(const Options* o) {
     if (o->groups > 0) c.groups = o->groups;
     if (o->dropout >= 0) c.dropout = o->dropout;
     c.learn_sigma = o->obj.var == VAR_LEARNED;
-    const char* err = config_check(&c);
+    const char* err = config_check(&c, &CONFIG_FLAGS);
     if (err) usage_error("%s", err);
     return c;
 }
@@ -4837,20 +4881,12 @@ static Config options_config(const Options* o) {
 // A --mean-type, --var-type or --loss that contradicts what the checkpoint was trained
 // with is refused: the checkpoint decides.
 static void check_objective_flags(const Options* o, const Objective* ob, const char* path) {
-    if (o->mean_set && o->obj.mean != ob->mean)
+    if (given(o, "--mean-type") && o->obj.mean != ob->mean)
         usage_error("%s was trained with --mean-type %s; drop --mean-type", path, MEAN_NAMES[ob->mean]);
-    if (o->var_set && o->obj.var != ob->var)
+    if (given(o, "--var-type") && o->obj.var != ob->var)
         usage_error("%s was trained with --var-type %s; drop --var-type", path, VAR_NAMES[ob->var]);
-    if (o->loss_set && o->obj.loss != ob->loss)
+    if (given(o, "--loss") && o->obj.loss != ob->loss)
         usage_error("%s was trained with --loss %s; drop --loss", path, LOSS_NAMES[ob->loss]);
-}
-
-static void mkdir_p(const char* path) {
-    char buf[4096];
-    snprintf(buf, sizeof buf, "%s", path);
-    for (char* p = buf + 1; *p; p++)
-        if (*p == '/') { *p = 0; mkdir(buf, 0755); *p = '/'; }
-    if (mkdir(buf, 0755) != 0 && errno != EEXIST) die("cannot create folder %s: %s", path, strerror(errno));
 }
 
 // Samples with the EMA weights. The live parameters are parked in the gradient buffer,
@@ -4865,8 +4901,10 @@ static void training_samples(Trainer* tr, const Options* o, const char* dir) {
     memcpy(m->params, tr->ema, nb);
     Rng rng;
     rng_seed(&rng, o->seed ^ (0x5851f42d4c957f2dULL * (tr->step + 1)));
-    Sampler sp = {tr->obj.mean, o->sigma_set ? o->sampler.var : tr->obj.var, 0, 0};
-    int done = p_sample_loop(m, &tr->sched, imgs, o->sample_n, &sp, &rng, NULL, 1);
+    Sampler sp = {tr->obj.mean, given(o, "--sigma") ? o->sampler.var : tr->obj.var, 0, 0};
+    long steps = (long)(o->sample_n + m->B_max - 1) / m->B_max * tr->sched.T;
+    Progress pg = progress_start("sampling: step", steps, NULL);
+    int done = p_sample_loop(m, &tr->sched, &sp, imgs, o->sample_n, &rng, &pg.watch);
     memcpy(m->params, m->grads, nb);
     if (done) {
         char path[4200];
@@ -4880,7 +4918,7 @@ static void training_samples(Trainer* tr, const Options* o, const char* dir) {
 
 static void save_or_die(Trainer* tr, const Options* o, const char* path) {
     char err[4400];
-    if (checkpoint_save(tr, o->schedule, path, err, sizeof err) != 0) die("%s", err);
+    if (checkpoint_save(tr, (ScheduleKind)o->schedule, path, err, sizeof err) != 0) die("%s", err);
     fprintf(stderr, "checkpoint: %s (step %llu)\n", path, (unsigned long long)tr->step);
 }
 
@@ -4891,9 +4929,10 @@ static void save_or_die(Trainer* tr, const Options* o, const char* path) {
 static void log_trim(const char* path, uint64_t step) {
     FILE* in = fopen(path, "r");
     if (!in) return;
-    char tmp[4300], line[512];
-    FILE* out = open_tmp(tmp, sizeof tmp, path);
-    if (!out) die("cannot create %s: %s; check that the run folder is writable", tmp, strerror(errno));
+    char line[512], err[4400];
+    AtomicFile af;
+    FILE* out = atomic_open(&af, path, err, sizeof err);
+    if (!out) die("%s; check that the run folder is writable", err);
     int ok = 1, first = 1;
     while (fgets(line, sizeof line, in)) {
         unsigned long long s;
@@ -4907,12 +4946,7 @@ static void log_trim(const char* path, uint64_t step) {
         first = 0;
     }
     fclose(in);
-    ok &= fclose(out) == 0;
-    if (!ok || rename(tmp, path) != 0) {
-        int e = errno;
-        unlink(tmp);
-        die("could not rewrite %s: %s", path, strerror(e));
-    }
+    if (atomic_commit(&af, ok, err, sizeof err) != 0) die("%s", err);
 }
 
 // One training run per run folder: an exclusive lock on DIR/lock, held until exit,
@@ -4952,9 +4986,9 @@ static int cmd_train(const Options* o) {
         ob = objective_from_header(&hd);
         check_objective_flags(o, &ob, ckpt);
     }
-    const char* why = objective_check(&ob);
+    const char* why = objective_check(&ob, &OBJECTIVE_FLAGS);
     if (why) usage_error("%s", why);
-    if (ob.var == VAR_LEARNED && o->sigma_set)
+    if (ob.var == VAR_LEARNED && given(o, "--sigma"))
         usage_error("--sigma applies to a fixed variance; --var-type learned learns Sigma_theta");
     if (o->batch % world_size)
         usage_error("--batch %d does not split over %d ranks; pass a multiple of %d", o->batch, world_size, world_size);
@@ -4965,7 +4999,7 @@ static int cmd_train(const Options* o) {
     int lead = world_rank == 0;   // rank 0 alone writes the run folder (section 23)
     if (lead) mkdir_p(dir), lock_run_folder(dir);
     Trainer tr;
-    trainer_init(&tr, &cfg, &ob, o->batch, o->schedule, &o->hyper, o->seed);
+    trainer_init(&tr, &cfg, &ob, o->batch, (ScheduleKind)o->schedule, &o->hyper, (uint64_t)o->seed);
     if (o->resume) {
         Config saved = config_from_header(&hd);
         if (memcmp(&saved, &cfg, sizeof cfg))
@@ -4988,7 +5022,7 @@ static int cmd_train(const Options* o) {
     if (lead) fprintf(stderr, "training %s on %s: %zu parameters, batch %d, steps %llu -> %ld, %d threads, run %s\n",
             o->model, o->data, tr.net.n_params, o->batch, (unsigned long long)tr.step, o->steps, max_threads(), dir);
     if (lead && world_size > 1)
-        fprintf(stderr, "data parallel over %d ranks: %d images each (section 23)\n", world_size, tr.B_local);
+        fprintf(stderr, "data parallel over %d ranks: %d images each (section 23)\n", world_size, o->batch / world_size);
     if (lead && memcmp(&ob, &PAPER_OBJECTIVE, sizeof ob))
         fprintf(stderr, "objective (Table 2): --mean-type %s --var-type %s --loss %s\n", MEAN_NAMES[ob.mean],
                 VAR_NAMES[ob.var], LOSS_NAMES[ob.loss]);
@@ -5065,22 +5099,6 @@ static void output_paths(const Options* o, const char* name, char* out, char* ba
     if (dot && !strchr(dot, '/')) *dot = 0;
 }
 
-// Flags that only some commands read are refused elsewhere, rather than ignored.
-static void check_command_flags(const Options* o) {
-    int sample = !strcmp(o->cmd, "sample"), bpd = !strcmp(o->cmd, "bpd");
-    int decode = !strcmp(o->cmd, "reconstruct") || !strcmp(o->cmd, "interpolate");
-    if ((o->sampler_set || o->eta_set) && !sample) usage_error("--sampler and --eta apply to sample");
-    if (o->eta_set && !o->sampler.ddim) usage_error("--eta applies to --sampler ddim");
-    if (o->sampler.ddim && o->sigma_set) usage_error("--sigma applies to --sampler ddpm; DDIM's variance is set by --eta");
-    if (o->per_t && !bpd) usage_error("--per-t applies to bpd");
-    if (o->t_samples && !bpd) usage_error("--t-samples applies to bpd");
-    if (o->t_samples && o->per_t) usage_error("--per-t needs every term; drop --t-samples");
-    if (o->npz && !sample) usage_error("--npz applies to sample");
-    if (o->weights && strcmp(o->cmd, "import")) usage_error("--weights applies to import");
-    if ((o->n_index || o->n_tlist) && !decode) usage_error("--index and --t apply to reconstruct and interpolate");
-    if (o->steps_set && decode) usage_error("--steps applies to train, sample and bpd; %s runs the full chain", o->cmd);
-}
-
 // How to sample from or evaluate a checkpoint trained with ob: its mean type and its
 // variance, which --sigma may replace when it is a fixed one.
 static Sampler checkpoint_sampler(const Options* o, const Objective* ob, const char* path) {
@@ -5088,10 +5106,10 @@ static Sampler checkpoint_sampler(const Options* o, const Objective* ob, const c
     Sampler sp = o->sampler;
     sp.mean = ob->mean;
     if (ob->var == VAR_LEARNED) {
-        if (o->sigma_set) usage_error("--sigma applies to a fixed variance; %s has a learned Sigma_theta", path);
+        if (given(o, "--sigma")) usage_error("--sigma applies to a fixed variance; %s has a learned Sigma_theta", path);
         if (sp.ddim) usage_error("--sampler ddim needs a fixed variance; %s has a learned Sigma_theta", path);
         sp.var = VAR_LEARNED;
-    } else if (!o->sigma_set) {
+    } else if (!given(o, "--sigma")) {
         sp.var = ob->var;
     }
     return sp;
@@ -5101,7 +5119,7 @@ static Sampler checkpoint_sampler(const Options* o, const Objective* ob, const c
 // A predicted mu_theta or a learned Sigma_theta belongs to one step of the trained chain,
 // not to a respaced step that spans many, so those checkpoints run the full chain only.
 static void chain_schedule(Schedule* r, const Schedule* s, const Options* o, const Sampler* sp) {
-    long K = o->steps_set ? o->steps : s->T;
+    long K = o->steps;
     if (K < 1 || K > s->T) usage_error("--steps %ld: expected a number of sampling steps from 1 to %d", K, s->T);
     if (K < s->T && (sp->mean == MEAN_MU || sp->var == VAR_LEARNED))
         usage_error("--steps %ld: a checkpoint with %s predicts one step of the %d-step chain; "
@@ -5126,20 +5144,18 @@ static void load_test_set(Dataset* test, const UNet* m, const Options* o) {
             usage_error("--index %d: the %s test set has images 0 to %d", o->index[i], test->name, test->N - 1);
 }
 
-// --t as 0-based steps of s, or the defaults.
-static int step_list(const Options* o, const int* defaults, int n_defaults, int* t_idx, const Schedule* s) {
-    int n = o->n_tlist ? o->n_tlist : n_defaults;
-    for (int i = 0; i < n; i++) {
-        int t = o->n_tlist ? o->tlist[i] : defaults[i];
-        if (t < 1 || t > s->T) usage_error("--t %d: expected steps from 1 to %d", t, s->T);
-        t_idx[i] = t - 1;
+// --t as 0-based steps of s.
+static int step_list(const Options* o, int* t_idx, const Schedule* s) {
+    for (int i = 0; i < o->n_tlist; i++) {
+        if (o->tlist[i] > s->T) usage_error("--t %d: expected steps from 1 to %d", o->tlist[i], s->T);
+        t_idx[i] = o->tlist[i] - 1;
     }
-    return n;
+    return o->n_tlist;
 }
 
 static int cmd_sample(const Options* o) {
     if (!o->checkpoint) usage_error("sample needs --checkpoint PATH");
-    int n = o->n > 0 ? o->n : 64, Bm = n < 64 ? n : 64;
+    int n = o->n, Bm = n < 64 ? n : 64;
     UNet m;
     Schedule trained, s;
     Objective ob;
@@ -5152,20 +5168,13 @@ static int cmd_sample(const Options* o) {
     if (o->npz) check_output_path(o->npz, "--npz");
     size_t sz = (size_t)m.cfg.in_ch * m.cfg.img * m.cfg.img;
     float* imgs = malloc_check((size_t)n * sz * sizeof(float), "samples");
-    Trace trace = {0}, *tp = NULL;
-    if (o->trace) {
-        trace.every = s.T >= 10 ? s.T / 10 : 1;
-        trace.n_images = Bm < 8 ? Bm : 8;
-        trace.max_steps = s.T / trace.every + 1;
-        trace.steps = malloc_check(trace.max_steps * sizeof(int), "trace");
-        trace.x_t = malloc_check((size_t)trace.max_steps * trace.n_images * sz * sizeof(float), "trace");
-        trace.x0_hat = malloc_check((size_t)trace.max_steps * trace.n_images * sz * sizeof(float), "trace");
-        tp = &trace;
-    }
+    Trace trace;
+    if (o->trace) trace_init(&trace, Bm < 8 ? Bm : 8, s.T, sz);
+    Progress pg = progress_start("sampling: step", (long)((n + Bm - 1) / Bm) * s.T, o->trace ? &trace.watch : NULL);
     install_signal_handlers();
     Rng rng;
-    rng_seed(&rng, o->seed);
-    if (!p_sample_loop(&m, &s, imgs, n, &sp, &rng, tp, 1)) die("interrupted; no samples written");
+    rng_seed(&rng, (uint64_t)o->seed);
+    if (!p_sample_loop(&m, &s, &sp, imgs, n, &rng, &pg.watch)) die("interrupted; no samples written");
     int shape[4] = {n, m.cfg.in_ch, m.cfg.img, m.cfg.img};
     snprintf(path, sizeof path, "%s.npy", base);
     if (save_grid_png(out, imgs, n, m.cfg.in_ch, m.cfg.img, m.cfg.img, (int)ceil(sqrt((double)n))) ||
@@ -5174,7 +5183,7 @@ static int cmd_sample(const Options* o) {
     printf("wrote %s and %s (%d samples, %d steps, %s)\n", out, path, n, s.T,
            sp.ddim ? (sp.eta > 0 ? "DDIM, eta > 0" : "DDIM, eta = 0") : "Alg. 2");
     if (o->npz) printf("wrote %s (arr_0: %d x %d x %d x %d uint8)\n", o->npz, n, m.cfg.img, m.cfg.img, m.cfg.in_ch);
-    if (tp) {
+    if (o->trace) {
         int shape5[5] = {trace.n_steps, trace.n_images, m.cfg.in_ch, m.cfg.img, m.cfg.img}, ts[1] = {trace.n_steps};
         float steps_f[1024];
         for (int k = 0; k < trace.n_steps; k++) steps_f[k] = (float)trace.steps[k];
@@ -5188,7 +5197,7 @@ static int cmd_sample(const Options* o) {
         if (fail) return 1;
         printf("wrote %s_trace_{x_t,x0_hat,t}.npy and %s_trace_{x_t,x0_hat}.png (t = %d ... %d)\n",
                base, base, trace.steps[0], trace.steps[trace.n_steps - 1]);
-        free(trace.steps); free(trace.x_t); free(trace.x0_hat);
+        trace_free(&trace);
     }
     free(imgs);
     schedule_free(&s);
@@ -5215,7 +5224,7 @@ static void write_per_t_csv(const char* path, const PerT* pt, const BoundBpd* r,
 
 static int cmd_bpd(const Options* o) {
     if (!o->checkpoint) usage_error("bpd needs --checkpoint PATH");
-    int n = o->n > 0 ? o->n : 32, Bm = n < 32 ? n : 32;
+    int n = o->n, Bm = n < 32 ? n : 32;
     UNet m;
     Schedule trained, s;
     Objective ob;
@@ -5230,12 +5239,14 @@ static int cmd_bpd(const Options* o) {
         pt.term = malloc_check((size_t)s.T * sizeof(double), "the per-t terms");
         pt.mse = malloc_check((size_t)s.T * sizeof(double), "the per-t terms");
     }
-    install_signal_handlers();
-    Rng rng;
-    rng_seed(&rng, o->seed);
     if (o->t_samples > s.T - 1)
         usage_error("--t-samples %d: expected 1 to %d (the chain's KL terms), or leave it out for all", o->t_samples, s.T - 1);
-    BoundBpd r = eval_bpd(&m, &s, &test, n, sp.mean, sp.var, &rng, o->per_t ? &pt : NULL, o->t_samples);
+    int images = n < test.N ? n : test.N, levels = o->t_samples > 0 ? o->t_samples + 1 : s.T;
+    Progress pg = progress_start("bound: step", (long)((images + Bm - 1) / Bm) * levels, NULL);
+    install_signal_handlers();
+    Rng rng;
+    rng_seed(&rng, (uint64_t)o->seed);
+    BoundBpd r = eval_bpd(&m, &s, &sp, &test, n, o->t_samples, &rng, o->per_t ? &pt : NULL, &pg.watch);
     if (stop_requested) die("interrupted; no result");
     printf("variational bound (Eq. 5) on %d %s test images, %d steps, sigma_t^2 = %s, bits/dim:\n", r.n, test.name,
            s.T, sp.var == VAR_FIXEDLARGE ? "beta_t" : sp.var == VAR_FIXEDSMALL ? "beta_tilde_t" : "learned");
@@ -5290,8 +5301,7 @@ static int cmd_from_data(const Options* o, int interp) {
     check_channels(&m, o->checkpoint);
     Dataset test;
     load_test_set(&test, &m, o);
-    const int defaults[4] = {1000, 750, 500, 250}, middle[1] = {500};
-    int rows = interp ? step_list(o, middle, 1, t_idx, &s) : step_list(o, defaults, 4, t_idx, &s);
+    int rows = step_list(o, t_idx, &s);
     char out[4200], base[4200], png[64], what[64];
     snprintf(png, sizeof png, "%s.png", cmd);
     snprintf(what, sizeof what, "%s: step", cmd);
@@ -5300,15 +5310,16 @@ static int cmd_from_data(const Options* o, int interp) {
     float* grid = malloc_check((size_t)rows * cols * n * sizeof(float), "the output grid");
     install_signal_handlers();
     Rng rng;
-    rng_seed(&rng, o->seed);
-    Progress pg = {what, 0, 0, now_seconds()};
-    for (int r = 0; r < rows; r++) pg.total += t_idx[r] + 1;
+    rng_seed(&rng, (uint64_t)o->seed);
+    long total = 0;
+    for (int r = 0; r < rows; r++) total += t_idx[r] + 1;
+    Progress pg = progress_start(what, total, NULL);
     for (int r = 0; r < rows; r++) {
         float *row = grid + (size_t)r * cols * n, *last = row + (size_t)(cols - 1) * n;
         dataset_image(row, &test, o->index[0], 0);                              // x_0
         if (interp) dataset_image(last, &test, o->index[1], 0);                 // x'_0
-        int done = interp ? interpolate(&m, &s, row, last, t_idx[r], k, &sp, row + n, &rng, &pg)
-                          : reconstruct(&m, &s, row, t_idx[r], k, &sp, row + n, row + 2 * n, &rng, &pg);
+        int done = interp ? interpolate(&m, &s, &sp, row, last, t_idx[r], k, row + n, &rng, &pg.watch)
+                          : reconstruct(&m, &s, &sp, row, t_idx[r], k, row + n, row + 2 * n, &rng, &pg.watch);
         if (!done) die("interrupted; nothing written");
     }
     int fail = save_rows(out, base, grid, rows, cols, t_idx, &m.cfg);
@@ -5321,7 +5332,7 @@ static int cmd_from_data(const Options* o, int interp) {
 
 static int cmd_schedule(const Options* o) {
     Schedule s;
-    schedule_init(&s, 1000, o->schedule);
+    schedule_init(&s, 1000, (ScheduleKind)o->schedule);
     printf("t,beta,alpha_bar,beta_tilde,log_beta_tilde_clipped,posterior_mean_coef1,posterior_mean_coef2\n");
     for (int i = 0; i < s.T; i++)
         printf("%d,%.9g,%.9g,%.9g,%.9g,%.9g,%.9g\n", i + 1, s.betas[i], s.alphas_cumprod[i], s.posterior_variance[i],
@@ -5331,7 +5342,7 @@ static int cmd_schedule(const Options* o) {
 }
 
 // export: a checkpoint's EMA weights (what sample and bpd use) as an exchange file
-// (section 20), with its configuration and step; tests/reference.py's DDPMUNet loads it.
+// (section 21), with its configuration and step; tests/reference.py's DDPMUNet loads it.
 static int cmd_export(const Options* o) {
     if (!o->checkpoint || !o->out) usage_error("export needs --checkpoint PATH and --out FILE.ref");
     check_output_path(o->out, "--out");
@@ -5341,20 +5352,12 @@ static int cmd_export(const Options* o) {
     Schedule s;
     Objective ob;
     load_ema_model(&m, &s, &ob, o->checkpoint, 1);
-    const Config* c = &m.cfg;
-    ExWriter w = {0};
-    ex_bytes(&w, EXCHANGE_MAGIC, 8);
-    ex_i32(&w, 0);   // n_records, patched below
-    ex_ints(&w, "config.in_ch", &c->in_ch, 1);
-    ex_ints(&w, "config.ch", &c->ch, 1);
-    ex_ints(&w, "config.ch_mult", c->ch_mult, c->n_levels);
-    ex_ints(&w, "config.num_res_blocks", &c->num_res_blocks, 1);
-    ex_ints(&w, "config.attn_resolutions", c->attn_res, c->n_attn);
-    ex_ints(&w, "config.groups", &c->groups, 1);
-    ex_ints(&w, "config.img", &c->img, 1);
+    ExWriter w;
+    ex_begin(&w);
+    ex_config(&w, &m.cfg);
     int kinds[3] = {ob.mean, ob.var, ob.loss}, one = 1;
     ex_ints(&w, "config.objective", kinds, 3);
-    ex_record(&w, "config.dropout", 1, &one, &c->dropout);
+    ex_record(&w, "config.dropout", 1, &one, &m.cfg.dropout);
     float step = (float)hd.step;   // exact up to 2^24 steps
     ex_record(&w, "meta.step", 1, &one, &step);
     for (int i = 0; i < m.L->n_tensors; i++) {
@@ -5363,11 +5366,9 @@ static int cmd_export(const Options* o) {
         snprintf(name, sizeof name, "param.%s", t->name);
         ex_record(&w, name, t->ndim, t->shape, m.params + t->offset);
     }
-    put_le(w.p + 8, (uint32_t)w.n, 4);
-    int r = write_file_atomic(o->out, w.p, w.len, NULL, 0);
+    int r = ex_finish(&w, o->out);
     if (r == 0) fprintf(stderr, "exported the EMA weights of %s (step %llu, %zu parameters in %d tensors) to %s\n",
                         o->checkpoint, (unsigned long long)hd.step, m.n_params, m.L->n_tensors, o->out);
-    free(w.p);
     unet_free(&m);
     schedule_free(&s);
     return r == 0 ? 0 : 1;
@@ -5388,10 +5389,10 @@ static int cmd_import(const Options* o) {
     cfg.dropout = 0.1f;   // Appendix B's, unless the file has config.dropout: used only if it is trained on
     if (exchange_config(&x, &cfg, &ob, o->weights)) check_objective_flags(o, &ob, o->weights);
     else ob = o->obj, cfg = options_config(o);
-    const char* why = objective_check(&ob);
+    const char* why = objective_check(&ob, &OBJECTIVE_FLAGS);
     if (why) usage_error("%s", why);
     Trainer tr;
-    trainer_init(&tr, &cfg, &ob, 1, o->schedule, &o->hyper, o->seed);
+    trainer_init(&tr, &cfg, &ob, 1, (ScheduleKind)o->schedule, &o->hyper, (uint64_t)o->seed);
     exchange_weights(&x, &tr.net, tr.net.params, o->weights);
     memcpy(tr.ema, tr.net.params, tr.net.n_params * sizeof(float));
     int step = 0;
@@ -5399,7 +5400,7 @@ static int cmd_import(const Options* o) {
     tr.step = step > 0 ? (uint64_t)step : 0;
     tr.B = o->batch;   // the header's batch, which --resume must use; the buffers were made for one image
     char err[4400];
-    if (checkpoint_save(&tr, o->schedule, o->out, err, sizeof err) != 0) die("%s", err);
+    if (checkpoint_save(&tr, (ScheduleKind)o->schedule, o->out, err, sizeof err) != 0) die("%s", err);
     fprintf(stderr, "imported %zu parameters in %d tensors from %s into %s (step %llu)\n",
             tr.net.n_params, tr.net.L->n_tensors, o->weights, o->out, (unsigned long long)tr.step);
     trainer_free(&tr);
@@ -5432,126 +5433,147 @@ static int cmd_params(const Options* o) {
     return 0;
 }
 
-// FLOPs of one forward pass for one image: 2 x the multiply-adds of every convolution,
-// linear layer and the two matmuls of each attention. A training step counts 3x this
-// (forward, and two matmuls per layer backward), the same rule as tests/bench_torch.py.
-static double unet_forward_flops(const UNet* m) {
-    const Config* c = &m->cfg;
-    double S2 = (double)c->img * c->img, E = 4.0 * c->ch;
-    double f = 2 * (c->ch * E + E * E) + 2 * S2 * c->in_ch * 9 * c->ch + 2 * S2 * c->ch * 9 * out_channels(c);
-    for (int i = 0; i < m->L->n_blocks; i++) {
-        const Block* k = &m->L->blocks[i];
-        double HW = (double)k->H * k->W, Cx = k->C_in + k->C_skip, C = k->C_out;
-        if (k->kind == BLOCK_RES)
-            f += 2 * HW * (Cx * 9 * C + C * 9 * C + (k->nin_shortcut.w ? Cx * C : 0)) + 2 * E * C;
-        else if (k->kind == BLOCK_ATTN) f += 2 * HW * 4 * C * C + 2 * 2 * HW * HW * C;
-        else if (k->kind == BLOCK_DOWN) f += 2 * (HW / 4) * C * 9 * C;
-        else f += 2 * (HW * 4) * C * 9 * C;
+// ---- 22.3 The commands, the parser and --help ----
+
+static int cmd_reconstruct(const Options* o) { return cmd_from_data(o, 0); }
+static int cmd_interpolate(const Options* o) { return cmd_from_data(o, 1); }
+static int cmd_help(const Options* o);
+
+typedef struct { const char* name; int bit; int (*run)(const Options*); const char *args, *what; } Command;
+static const Command COMMANDS[] = {   // the first is the default
+    {"train", C_TRAIN, cmd_train, "[train] [flags]", "train (Alg. 1), writing samples and checkpoints"},
+    {"sample", C_SAMPLE, cmd_sample, "sample --checkpoint PATH", "draw samples (Alg. 2) into a PNG grid"},
+    {"bpd", C_BPD, cmd_bpd, "bpd --checkpoint PATH", "the variational bound (Eq. 5) in bits/dim"},
+    {"reconstruct", C_RECONSTRUCT, cmd_reconstruct, "reconstruct --checkpoint PATH --index I", "x_0 -> x_t -> k decodings (Fig. 7)"},
+    {"interpolate", C_INTERPOLATE, cmd_interpolate, "interpolate --checkpoint PATH --index A,B", "interpolations at x_t (Fig. 8)"},
+    {"export", C_EXPORT, cmd_export, "export --checkpoint PATH --out F.ref", "the EMA weights, named as PyTorch's (tests/)"},
+    {"import", C_IMPORT, cmd_import, "import --weights F.ref --out PATH", "a checkpoint of weights trained elsewhere"},
+    {"schedule", C_SCHEDULE, cmd_schedule, "schedule", "the noise schedule as CSV"},
+    {"params", C_PARAMS, cmd_params, "params [--model NAME]", "parameter counts per block, activation memory"},
+    {"help", C_HELP, cmd_help, "help", "this text"},
+};
+#define N_COMMANDS (int)(sizeof COMMANDS / sizeof COMMANDS[0])
+
+// "train, sample and bpd": the commands in the bits of mask.
+static const char* command_names(unsigned mask) {
+    static char s[256];
+    int n = 0, k = 0;
+    for (int i = 0; i < N_COMMANDS; i++) n += COMMANDS[i].bit && (mask & COMMANDS[i].bit);
+    s[0] = 0;
+    for (int i = 0; i < N_COMMANDS; i++) {
+        if (!COMMANDS[i].bit || !(mask & COMMANDS[i].bit)) continue;
+        k++;
+        snprintf(s + strlen(s), sizeof s - strlen(s), "%s%s", COMMANDS[i].name, k == n ? "" : k == n - 1 ? " and " : ", ");
     }
-    return f;
+    return s;
 }
 
-static int compare_double(const void* a, const void* b) {
-    double x = *(const double*)a, y = *(const double*)b;
-    return (x > y) - (x < y);
+// --help, printed from COMMANDS and OPTIONS.
+static void print_help(FILE* f) {
+    fprintf(f, "ddpm.c: Denoising Diffusion Probabilistic Models (Ho, Jain, Abbeel 2020) on a CPU.\n\n");
+    for (int i = 0; i < N_COMMANDS; i++)
+        fprintf(f, "%s ./ddpm %-42s %s\n", i ? "      " : "usage:", COMMANDS[i].args, COMMANDS[i].what);
+    Options base;   // the defaults that come from Part I rather than the table
+    memset(&base, 0, sizeof base);
+    base.hyper = PAPER_HYPER;
+    base.obj = PAPER_OBJECTIVE;
+    for (int i = 0; i < N_OPTIONS; i++) {
+        const Option* p = &OPTIONS[i];
+        if (p->type == OPT_HEADING) { fprintf(f, "\n%s\n", p->help); continue; }
+        char left[64], def[64] = "";
+        snprintf(left, sizeof left, "%s%s%s", p->name, p->arg ? " " : "", p->arg ? p->arg : "");
+        const char* field = (const char*)&base + p->at;
+        if (p->def) snprintf(def, sizeof def, " (default %s)", p->def);
+        else if (p->type == OPT_FLOAT && *(const float*)field > 0) snprintf(def, sizeof def, " (default %g)", *(const float*)field);
+        else if (p->type == OPT_INT && *(const int*)field > 0) snprintf(def, sizeof def, " (default %d)", *(const int*)field);
+        else if (p->type == OPT_WORD) snprintf(def, sizeof def, " (default %s)", p->words[*(const int*)field]);
+        char text[512];
+        snprintf(text, sizeof text, "%s%s", p->help, def);
+        fprintf(f, "  %-30s", left);
+        if (strlen(left) > 30) fprintf(f, "\n%32s", "");
+        for (const char* s = text; *s;) {   // wrapped at 100 columns
+            int k = (int)strlen(s);
+            if (k > 68) for (k = 68; k > 0 && s[k] != ' '; k--) {}
+            if (k == 0) k = (int)strlen(s);
+            fprintf(f, " %.*s\n", k, s);
+            s += k;
+            while (*s == ' ') s++;
+            if (*s) fprintf(f, "%32s", "");
+        }
+    }
+    fprintf(f, "\nexit status: 0 done; 1 an error (one line on stderr says what to do); 2 a bad flag;\n"
+               "  130 / 143 training stopped by Ctrl-C / SIGTERM after saving its checkpoint (--resume continues)\n");
 }
 
-static double median(double* v, int n) {
-    qsort(v, n, sizeof *v, compare_double);
-    return n ? (n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2])) : 0;
-}
-
-// One JSON line with the keys of tests/bench_torch.py.
-static int cmd_bench(const Options* o) {
-    Config cfg = options_config(o);
-    int B = o->batch, S = o->steps > 0 && o->steps < 100000 ? (int)o->steps : 10, W = o->warmup_steps;
-    Trainer tr;
-    const char* why = objective_check(&o->obj);
-    if (why) usage_error("%s", why);
-    trainer_init(&tr, &cfg, &o->obj, B, o->schedule, &o->hyper, o->seed);
-    double* tt = malloc_check((size_t)S * sizeof(double), "timings");
-    double* ts = malloc_check((size_t)S * sizeof(double), "timings");
-    for (int i = 0; i < W + S; i++) {
-        double t0 = now_seconds();
-        train_step(&tr, NULL);
-        if (i >= W) tt[i - W] = 1e3 * (now_seconds() - t0);
-    }
-    size_t n = (size_t)cfg.in_ch * cfg.img * cfg.img;
-    SampleBuffers sb;
-    sample_buffers_init(&sb, B, n);
-    rng_normal(&tr.rng, tr.x_t, B * n);
-    tr.net.train = 0;
-    tr.net.no_grad = 1;
-    for (int i = 0; i < W + S; i++) {
-        double t0 = now_seconds();
-        for (int b = 0; b < B; b++) sb.t_idx[b] = 500;
-        const float* eps_theta = unet_forward(&tr.net, tr.x_t, sb.t_idx, B);
-        p_sample(tr.x_t, eps_theta, sb.t_idx, B, n, tr.obj.mean, tr.obj.var, &tr.sched, &sb, &tr.rng);
-        if (i >= W) ts[i - W] = 1e3 * (now_seconds() - t0);
-    }
-    struct rusage ru;
-    getrusage(RUSAGE_SELF, &ru);   // before the kernel timings below, which allocate their own
-    // What the binary was built for (17.0), the machine's FMA peak at that width, and
-    // the model's 3x3 convolutions one resolution at a time (C -> C, the batch's size).
-    double peak = fma_peak_gflops();
-#ifdef DDPM_PLAIN
-    printf("{\"impl\": \"ddpm.c\", \"isa\": \"reference\", \"vector_floats\": 1, \"registers\": 0, "
-           "\"tiles\": \"none (the reference layers of section 16)\", \"fma_peak_gflops\": %.1f, \"conv3x3\": [", peak);
-#else
-    printf("{\"impl\": \"ddpm.c\", \"isa\": \"%s\", \"vector_floats\": %d, \"registers\": %d, "
-           "\"tiles\": \"conv %dx%d, wide %dx%d, dweight %dx%d, gemm %dx%d\", \"fma_peak_gflops\": %.1f, \"conv3x3\": [",
-           DDPM_ISA, VW, VEC_REGS, CONV_MR, CONV_NR, CONV_MR_WIDE, CONV_NR_WIDE, CONV_DW_K, CONV_DW_CO,
-           GEMM_MR, GEMM_NR, peak);
-#endif
-    for (int l = 0; l < cfg.n_levels; l++) {
-        int C = cfg.ch * cfg.ch_mult[l], H = cfg.img >> l;
-        double f = 0, b = 0;
-        bench_conv3x3(B, C, H, S > 5 ? 5 : S, &f, &b);
-        printf("%s{\"C\": %d, \"H\": %d, \"fwd_gflops\": %.1f, \"bwd_gflops\": %.1f}", l ? ", " : "", C, H, f, b);
-    }
-    printf("], \"model\": \"%s\", \"batch\": %d, \"threads\": %d, \"params\": %zu, "
-           "\"train_ms_all\": [", o->model, B, max_threads(), tr.net.n_params);
-    for (int i = 0; i < S; i++) printf("%s%.3f", i ? ", " : "", tt[i]);
-    printf("], \"sample_ms_all\": [");
-    for (int i = 0; i < S; i++) printf("%s%.3f", i ? ", " : "", ts[i]);
-    printf("], \"train_ms\": %.3f, \"sample_ms\": %.3f, \"fwd_gflop\": %.4f, \"max_rss_mb\": %.1f, \"blas\": \"none (ddpm.c matmul)\"}\n",
-           median(tt, S), median(ts, S), unet_forward_flops(&tr.net) * B / 1e9, ru.ru_maxrss / 1024.0);
-    sample_buffers_free(&sb);
-    free(tt); free(ts);
-    trainer_free(&tr);
+static int cmd_help(const Options* o) {
+    (void)o;
+    print_help(stdout);
     return 0;
 }
 
+// argv into o: the command, the table's defaults for it, then the flags in order. An
+// unknown flag, one the command does not read, a missing or bad value: exit 2.
+static void parse_options(int argc, char** argv, Options* o) {
+    memset(o, 0, sizeof *o);
+    o->hyper = PAPER_HYPER;
+    o->obj = PAPER_OBJECTIVE;
+    o->ch = o->num_res_blocks = o->groups = o->in_ch = -1;
+    o->dropout = -1;
+    const Command* c = &COMMANDS[0];
+    int i = 1;
+    if (argc > 1 && argv[1][0] != '-') {
+        for (c = COMMANDS; c < COMMANDS + N_COMMANDS && strcmp(c->name, argv[1]); c++) {}
+        if (c == COMMANDS + N_COMMANDS)
+            usage_error("unknown command '%s'; commands are %s", argv[1], command_names(~0u));
+        i = 2;
+    }
+    o->cmd = c->bit;
+    o->cmd_name = c->name;
+    for (int j = 0; j < N_OPTIONS; j++)   // the defaults go through the same parser
+        if (OPTIONS[j].def && (OPTIONS[j].cmds & o->cmd)) option_set(o, &OPTIONS[j], OPTIONS[j].def);
+    for (; i < argc; i++) {
+        const char* a = argv[i];
+        if (!strcmp(a, "--help") || !strcmp(a, "-h")) { print_help(stdout); exit(0); }
+        unsigned all = 0;
+        const Option* p = NULL;
+        for (int j = 0; j < N_OPTIONS; j++) {
+            if (!OPTIONS[j].name || strcmp(OPTIONS[j].name, a)) continue;
+            all |= OPTIONS[j].cmds;
+            if (!p && (OPTIONS[j].cmds & o->cmd)) p = &OPTIONS[j];
+        }
+        if (!all) usage_error("unknown flag '%s'", a);
+        if (!p) usage_error("%s applies to %s, not %s", a, command_names(all), o->cmd_name);
+        if (p->type == OPT_ON || p->type == OPT_OFF) *(int*)((char*)o + p->at) = p->type == OPT_ON;
+        else if (i + 1 < argc) option_set(o, p, argv[++i]);
+        else usage_error("%s needs a value", a);
+        o->given[p - OPTIONS] = 1;
+    }
+    // What one flag cannot say alone:
+    if (given(o, "--eta") && !o->sampler.ddim) usage_error("--eta applies to --sampler ddim");
+    if (o->sampler.ddim && given(o, "--sigma"))
+        usage_error("--sigma applies to --sampler ddpm; DDIM's variance is set by --eta");
+    if (o->t_samples && o->per_t) usage_error("--per-t needs every term; drop --t-samples");
+}
+
+#ifndef DDPM_NO_MAIN
 int main(int argc, char** argv) {
 #ifdef DDPM_MPI
     world_init(&argc, &argv);
 #endif
     Options o;
     parse_options(argc, argv, &o);
-    check_command_flags(&o);
-    if (world_size > 1 && strcmp(o.cmd, "train"))
-        usage_error("%s runs as one process; only train splits over MPI ranks (run ./ddpm %s)", o.cmd, o.cmd);
+    if (world_size > 1 && o.cmd != C_TRAIN)
+        usage_error("%s runs as one process; only train splits over MPI ranks (run ./ddpm %s)", o.cmd_name, o.cmd_name);
 #ifdef _OPENMP
     if (o.threads > 0) omp_set_num_threads(o.threads);
 #endif
-    if (!strcmp(o.cmd, "help")) { fputs(HELP, stdout); return 0; }
+    int rc = 0;
+    for (int i = 0; i < N_COMMANDS; i++)
+        if (COMMANDS[i].bit == o.cmd) rc = COMMANDS[i].run(&o);
 #ifdef DDPM_MPI
-    if (!strcmp(o.cmd, "train")) {
-        int rc = cmd_train(&o);
-        world_finish();
-        return rc;
-    }
+    world_finish();
 #endif
-    if (!strcmp(o.cmd, "train")) return cmd_train(&o);
-    if (!strcmp(o.cmd, "sample")) return cmd_sample(&o);
-    if (!strcmp(o.cmd, "bpd")) return cmd_bpd(&o);
-    if (!strcmp(o.cmd, "reconstruct")) return cmd_from_data(&o, 0);
-    if (!strcmp(o.cmd, "interpolate")) return cmd_from_data(&o, 1);
-    if (!strcmp(o.cmd, "schedule")) return cmd_schedule(&o);
-    if (!strcmp(o.cmd, "export")) return cmd_export(&o);
-    if (!strcmp(o.cmd, "import")) return cmd_import(&o);
-    if (!strcmp(o.cmd, "params")) return cmd_params(&o);
-    return cmd_bench(&o);
+    return rc;
 }
 #endif // DDPM_NO_MAIN
 
@@ -5562,33 +5584,44 @@ int main(int argc, char** argv) {
 // The paper trained its CIFAR-10 model on a TPU v3-8, 21 steps/s at batch 128 (Appendix
 // B). On a cluster, `mpirun -np N ./ddpm_mpi train ...` splits each step's batch over N
 // ranks, the way llm.c does. Every rank draws the whole batch from the one seeded RNG
-// (x_0, t, eps and the dropout key, section 9) and runs its images [r B/N, (r+1) B/N);
-// block_key moves its dropout masks on to those images. The gradients are summed on rank
-// 0, averaged and sent back to every rank, so clipping, Adam and the EMA see the whole
-// batch's gradient, the same on every rank, and the ranks' states stay equal. Rank 0
-// alone writes the log, the samples and the checkpoints, which are the one process's:
-// --resume works across any change of the rank count. Ranks stop together, at a signal
-// any of them got or at rank 0's --minutes. A rank that dies ends the job (mpirun), and
-// the last checkpoint is whole (it is written atomically, section 19).
+// (x_0, t, eps and the dropout key, section 9), and batch_slice gives rank r the slice
+// [r B/N, (r+1) B/N) to compute; the dropout masks follow the images (block_key). The
+// gradients are summed on rank 0, averaged and sent back to every rank, so clipping, Adam
+// and the EMA see the whole batch's gradient, the same on every rank, and the ranks'
+// states stay equal. Rank 0 alone writes the log, the samples and the checkpoints, which
+// are the one process's: --resume works across any change of the rank count. Ranks stop
+// together, at a signal any of them got or at rank 0's --minutes. A rank that dies ends
+// the job (mpirun), and the last checkpoint is whole (it is written atomically, section 18).
 // Everything per image is computed as one process computes it, but a weight gradient's
 // sum over the images is taken in another order (each rank's share, then the ranks), so
 // the parameters agree with one process's to float rounding, not bit for bit.
+//
+// This is the whole of what training knows of it: the three functions section 9 declares.
+
+// This process's i-th slice of a batch of B images (cmd_train checked that N divides B).
+static int batch_slice(Slice* sl, int B, int i) {
+    if (i > 0) return 0;
+    sl->B = B / world_size;
+    sl->start = world_rank * sl->B;
+    return 1;
+}
+
 #ifdef DDPM_MPI
-static double world_mean(double x) {
-    double sum;
-    MPI_Allreduce(&x, &sum, 1, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
-    return sum / world_size;
+static double slices_mean_loss(double sum, int k) {
+    double all;
+    MPI_Allreduce(&sum, &all, 1, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
+    return all / ((double)k * world_size);
 }
 
 // Reduced on rank 0 and broadcast, rather than all-reduced: then every rank holds the
 // very same bits, whatever order the reduction takes.
-static void world_mean_grads(float* g, size_t n) {
-    if (world_size == 1) return;
+static void slices_mean_grads(float* g, size_t n, int k) {
+    if (world_size == 1 && k == 1) return;
     if (n > INT_MAX) die("%zu parameters are more than one MPI message holds", n);
     if (world_rank == 0) MPI_Reduce(MPI_IN_PLACE, g, (int)n, MPI_FLOAT, MPI_SUM, 0, MPI_COMM_WORLD);
     else MPI_Reduce(g, NULL, (int)n, MPI_FLOAT, MPI_SUM, 0, MPI_COMM_WORLD);
     if (world_rank == 0) {
-        float scale = 1.0f / world_size;
+        float scale = 1.0f / ((float)k * world_size);
         for (size_t i = 0; i < n; i++) g[i] *= scale;
     }
     MPI_Bcast(g, (int)n, MPI_FLOAT, 0, MPI_COMM_WORLD);
@@ -5618,7 +5651,10 @@ static void world_init(int* argc, char*** argv) {
                     world_size);
 }
 #else
-static double world_mean(double x) { return x; }
-static void world_mean_grads(float* g, size_t n) { (void)g, (void)n; }
+static double slices_mean_loss(double sum, int k) { return k == 1 ? sum : sum / k; }
+static void slices_mean_grads(float* g, size_t n, int k) {
+    if (k == 1) return;
+    for (size_t i = 0; i < n; i++) g[i] /= k;
+}
 static int world_max(int x) { return x; }
 #endif

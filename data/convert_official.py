@@ -26,7 +26,7 @@ official ones, so nothing else changes. The file is read with the standard libra
 8-byte little-endian header length, a JSON header, then raw little-endian tensors) and
 refused, naming the first problem, if a tensor is missing, unexpected, misshapen or not
 float32, or if the file is cut short. The weights go into an exchange file (ddpm.c
-section 20) that `./ddpm import` turns into the checkpoint; OUT.ckpt.source beside it
+section 21) that `./ddpm import` turns into the checkpoint; OUT.ckpt.source beside it
 records where they came from.
 """
 import hashlib, json, os, struct, subprocess, sys, tempfile

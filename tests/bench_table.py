@@ -5,7 +5,7 @@ This is what `make bench` runs.  For each (model, batch) configuration it
 runs, one after the other (never at the same time, so they do not fight over
 the cores), the C benchmark
 
-    ./ddpm bench --model M --batch B --steps S
+    tests/bench_ddpm --model M --batch B --steps S   (tests/bench_ddpm.c: it includes ddpm.c)
 
 and the PyTorch one
 
@@ -200,7 +200,7 @@ def main():
     ap.add_argument("--steps", type=int, default=None,
                     help="timed steps per run (default: 10, 5 for paper)")
     ap.add_argument("--ddpm", default=None,
-                    help="the ddpm binary (default: ./ddpm in the repository root)")
+                    help="ddpm.c's benchmark binary (default: tests/bench_ddpm, built by make bench)")
     ap.add_argument("--timeout", type=int, default=3600,
                     help="seconds allowed for one benchmark run")
     args = ap.parse_args()
@@ -208,7 +208,7 @@ def main():
         ap.error("--steps must be >= 1")
     if args.rounds < 1:
         ap.error("--rounds must be >= 1")
-    ddpm = os.path.abspath(args.ddpm) if args.ddpm else os.path.join(ROOT, "ddpm")
+    ddpm = os.path.abspath(args.ddpm) if args.ddpm else os.path.join(ROOT, "tests", "bench_ddpm")
 
     configs = QUICK_CONFIGS if args.quick else CONFIGS
     if args.only:
@@ -225,7 +225,7 @@ def main():
         common = ["--model", model, "--batch", str(batch), "--steps", str(steps)]
         row = {"model": model, "batch": batch, "steps": steps,
                "runs": {"ddpm.c": [], "pytorch": []}}
-        cmds = {"ddpm.c": [ddpm, "bench"] + common, "pytorch": [PYTHON, BENCH_TORCH] + common}
+        cmds = {"ddpm.c": [ddpm] + common, "pytorch": [PYTHON, BENCH_TORCH] + common}
         failed = set()
         for rnd in range(args.rounds):
             log(f"== {model} batch {batch}, {steps} steps, round {rnd + 1} of {args.rounds}")
@@ -292,8 +292,12 @@ def main():
         fma = median([d["fma_peak_gflops"] for d in c_runs])
         print(f"ddpm.c built for {b['isa']}: {b['vector_floats']}-float vectors, "
               f"{b['registers']} registers; tiles (rows x columns) {b['tiles']}")
-        print(f"FMA peak at that width: {fma:.1f} GFLOP/s (./ddpm bench's FMA loop, median of "
+        print(f"FMA peak at that width: {fma:.1f} GFLOP/s (tests/bench_ddpm's FMA loop, median of "
               f"{len(c_runs)} runs, {b['threads']} threads)")
+        if "matmul_gflops" in b:
+            mm = median([d["matmul_gflops"] for d in c_runs])
+            ok = "below it, as it must be" if mm <= fma else "ABOVE IT: the peak is mismeasured"
+            print(f"  check: ddpm.c's matmul on 1024^3 runs at {mm:.1f} GFLOP/s, {100 * mm / fma:.0f}% of the peak, {ok}")
         print_shares("share of FMA peak", results, fma,
                      [("train ", train_gflops), ("sample ", sample_gflops)])
         print("  3x3 convolutions of ddpm.c (C -> C at H x H, that batch), share of FMA peak, "

@@ -11,7 +11,7 @@
 // record: int32 name_len, name, int32 ndim, int32 shape[ndim], float32 data.
 //
 // With MEAN,VAR,LOSS (e.g. eps,learned,kl or mu,fixedlarge,mse: Table 2's objectives,
-// ddpm.c sections 4-6) the step is that objective's instead: x_0 on the 0..255 grid,
+// ddpm.c sections 3-5) the step is that objective's instead: x_0 on the 0..255 grid,
 // x_t = q_sample(x_0, eps) at t = 1 for the first image (the decoder L_0) and a random t
 // for the others, training_loss and its gradient. The file then also holds x_0, the
 // objective, and one bound term per image with its gradient with respect to p_theta's
@@ -22,25 +22,6 @@
 // layout give ddpm.c the eps_theta of the model they came from.
 #define DDPM_NO_MAIN
 #include "../ddpm.c"
-
-static int n_records;
-
-static void record(FILE* f, const char* name, int ndim, const int* shape, const float* data) {
-    int32_t len = (int32_t)strlen(name), nd = ndim;
-    size_t n = 1;
-    fwrite(&len, 4, 1, f);
-    fwrite(name, 1, len, f);
-    fwrite(&nd, 4, 1, f);
-    for (int i = 0; i < ndim; i++) { int32_t s = shape[i]; fwrite(&s, 4, 1, f); n *= shape[i]; }
-    if (fwrite(data, sizeof(float), n, f) != n) die("write failed");
-    n_records++;
-}
-
-static void record_ints(FILE* f, const char* name, const int* v, int n) {
-    float buf[MAX_LEVELS];
-    for (int i = 0; i < n; i++) buf[i] = (float)v[i];
-    record(f, name, 1, &n, buf);
-}
 
 int main(int argc, char** argv) {
     const char* ckpt = NULL;
@@ -64,7 +45,7 @@ int main(int argc, char** argv) {
             if (!strcmp(vt, VAR_NAMES[i])) ob.var = (VarType)i;
             if (!strcmp(lt, LOSS_NAMES[i])) ob.loss = (LossType)i;
         }
-        if ((int)ob.mean < 0 || (int)ob.var < 0 || (int)ob.loss < 0 || objective_check(&ob))
+        if ((int)ob.mean < 0 || (int)ob.var < 0 || (int)ob.loss < 0 || objective_check(&ob, NULL))
             die("objective %s: not a trainable MEAN,VAR,LOSS", argv[4]);
         cfg.learn_sigma = ob.var == VAR_LEARNED;
     }
@@ -117,28 +98,21 @@ int main(int argc, char** argv) {
     float loss = (float)training_loss(d_eps, eps_theta, x_0, x_t, eps, t_idx, B, per, &ob, &s, work);
     unet_backward(&m, d_eps, B);
 
-    FILE* f = fopen_check(argv[3], "wb", NULL);
-    fwrite("DDPMREF1", 1, 8, f);
-    int32_t placeholder = 0;
-    fwrite(&placeholder, 4, 1, f);
-    record_ints(f, "config.in_ch", &cfg.in_ch, 1);
-    record_ints(f, "config.ch", &cfg.ch, 1);
-    record_ints(f, "config.num_res_blocks", &cfg.num_res_blocks, 1);
-    record_ints(f, "config.groups", &cfg.groups, 1);
-    record_ints(f, "config.img", &cfg.img, 1);
-    record_ints(f, "config.ch_mult", cfg.ch_mult, cfg.n_levels);
-    record_ints(f, "config.attn_resolutions", cfg.attn_res, cfg.n_attn);
+    // ddpm.c's own exchange writer (section 21), as ./ddpm export uses it
+    ExWriter w;
+    ex_begin(&w);
+    ex_config(&w, &cfg);
     int shape[4] = {B, cfg.in_ch, cfg.img, cfg.img}, one = 1, oshape[4] = {B, out_channels(&cfg), cfg.img, cfg.img};
-    record(f, "input.x_t", 4, shape, x_t);
-    record(f, "input.t", 1, &B, t_f);
-    record(f, "input.eps", 4, shape, eps);
-    record(f, "output.eps_theta", 4, oshape, eps_theta);
-    record(f, "output.loss", 1, &one, &loss);
+    ex_record(&w, "input.x_t", 4, shape, x_t);
+    ex_record(&w, "input.t", 1, &B, t_f);
+    ex_record(&w, "input.eps", 4, shape, eps);
+    ex_record(&w, "output.eps_theta", 4, oshape, eps_theta);
+    ex_record(&w, "output.loss", 1, &one, &loss);
     if (with_objective) {
         int kinds[3] = {ob.mean, ob.var, ob.loss}, three = 3;
-        record_ints(f, "config.objective", kinds, three);
-        record(f, "input.x_0", 4, shape, x_0);
-        record(f, "output.d_out", 4, oshape, d_eps);
+        ex_ints(&w, "config.objective", kinds, three);
+        ex_record(&w, "input.x_0", 4, shape, x_0);
+        ex_record(&w, "output.d_out", 4, oshape, d_eps);
         // One bound term per image on its own: p_theta's mean and log variance drawn
         // here (not through the network), the posterior of Eqs. (6)-(7) from x_0, x_t.
         float* mean_q = malloc_check(n * sizeof(float), "terms");
@@ -163,26 +137,23 @@ int main(int argc, char** argv) {
             value[b] = (float)vb_term_bpd_grad(d_mean + b * per, d_lv + b * per, 1.0, x_0 + b * per, mean_q + b * per,
                                                (double)lv_q[b], mean_p + b * per, lv_p + b * per, t_idx[b], per);
         }
-        record(f, "term.mean_q", 4, shape, mean_q);
-        record(f, "term.logvar_q", 1, &B, lv_q);
-        record(f, "term.mean_p", 4, shape, mean_p);
-        record(f, "term.logvar_p", 4, shape, lv_p);
-        record(f, "term.value", 1, &B, value);
-        record(f, "term.d_mean", 4, shape, d_mean);
-        record(f, "term.d_logvar", 4, shape, d_lv);
+        ex_record(&w, "term.mean_q", 4, shape, mean_q);
+        ex_record(&w, "term.logvar_q", 1, &B, lv_q);
+        ex_record(&w, "term.mean_p", 4, shape, mean_p);
+        ex_record(&w, "term.logvar_p", 4, shape, lv_p);
+        ex_record(&w, "term.value", 1, &B, value);
+        ex_record(&w, "term.d_mean", 4, shape, d_mean);
+        ex_record(&w, "term.d_logvar", 4, shape, d_lv);
     }
     char name[80];
     for (int i = 0; i < m.L->n_tensors; i++) {
         ParamTensor* t = &m.L->tensors[i];
         snprintf(name, sizeof name, "param.%s", t->name);
-        record(f, name, t->ndim, t->shape, m.params + t->offset);
+        ex_record(&w, name, t->ndim, t->shape, m.params + t->offset);
         snprintf(name, sizeof name, "grad.%s", t->name);
-        record(f, name, t->ndim, t->shape, m.grads + t->offset);
+        ex_record(&w, name, t->ndim, t->shape, m.grads + t->offset);
     }
-    fseek(f, 8, SEEK_SET);
-    int32_t nr = n_records;
-    fwrite(&nr, 4, 1, f);
-    if (fclose(f) != 0) die("cannot write %s", argv[3]);
+    if (ex_finish(&w, argv[3]) != 0) return 1;
     printf("dump_ref: %s batch %d, %zu parameters, loss %.6f -> %s\n", argv[1], B, m.n_params, loss, argv[3]);
     unet_free(&m);
     return 0;

@@ -1,6 +1,6 @@
 // fuzz_ddpm: libFuzzer harnesses for the loaders of files a user may be handed: the
-// checkpoint reader (section 19), the Fashion-MNIST IDX reader and the CIFAR-10 reader
-// (section 18). Built by `make fuzz` with clang, -fsanitize=fuzzer,address,undefined,
+// checkpoint reader (section 20), the Fashion-MNIST IDX reader and the CIFAR-10 reader
+// (section 19). Built by `make fuzz` with clang, -fsanitize=fuzzer,address,undefined,
 // once per target:
 //
 //   tests/fuzz_checkpoint   each input is written as a checkpoint, its trailing FNV-1a

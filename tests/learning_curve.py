@@ -42,7 +42,7 @@ def checkpoint_step(path):
         h = f.read(160)
     if len(h) < 160 or h[:8] != b"DDPMCKPT":
         fail(f"{path} is not a ddpm.c checkpoint")
-    return struct.unpack_from("<Q", h, 112)[0]   # CheckpointHeader.step (ddpm.c section 19)
+    return struct.unpack_from("<Q", h, 112)[0]   # CheckpointHeader.step (ddpm.c section 20)
 
 
 def cmd_eval(a):

@@ -70,7 +70,7 @@ if $PYTHON -c 'import torch' 2>/dev/null; then
     tests/dump_ref paper 2 tests/out/ref_paper.bin >/dev/null
     suite pytorch $PYTHON tests/reference.py tests/out/ref_tiny.bin tests/out/ref_paper.bin
     rm -f tests/out/ref_paper.bin
-    # Table 2's objectives (ddpm.c sections 4-6): the true bound with a learned Sigma, and
+    # Table 2's objectives (ddpm.c sections 3-5): the true bound with a learned Sigma, and
     # the squared error on mu_tilde, through the whole network
     tests/dump_ref tiny 2 tests/out/ref_tiny_kl.bin eps,learned,kl >/dev/null &&
     tests/dump_ref tiny 2 tests/out/ref_tiny_mu.bin mu,fixedlarge,mse >/dev/null

@@ -108,6 +108,25 @@ static float* randn(size_t n, float scale) {
     return x;
 }
 
+// A dataset of 8 noise images of the network's shape, for training steps whose pixels do
+// not matter (made once per shape, from its own seed, so every test sees the same one).
+static Dataset* noise_data(const Config* c) {
+    static Dataset d[4];
+    static int n;
+    for (int i = 0; i < n; i++)
+        if (d[i].C == c->in_ch && d[i].H == c->img) return &d[i];
+    if (n == 4) die("test: noise_data holds 4 shapes");
+    Dataset* x = &d[n++];
+    snprintf(x->name, sizeof x->name, "noise");
+    x->N = 8; x->C = c->in_ch; x->H = x->W = c->img;
+    size_t k = (size_t)8 * c->in_ch * c->img * c->img;
+    x->pixels = malloc_check(k, "noise images");
+    Rng r;
+    rng_seed(&r, 99);
+    for (size_t i = 0; i < k; i++) x->pixels[i] = (uint8_t)(rng_u64(&r) >> 56);
+    return x;
+}
+
 static float* fcopy(const float* x, size_t n) {
     float* y = fmalloc(n);
     memcpy(y, x, n * sizeof(float));
@@ -1373,12 +1392,12 @@ static void test_config(void) {
     Config c;
     const char* names[3] = {"tiny", "small", "paper"};
     int all = 1;
-    for (int i = 0; i < 3; i++) all &= preset_find(names[i], &c) && config_check(&c) == NULL;
+    for (int i = 0; i < 3; i++) all &= preset_find(names[i], &c) && config_check(&c, NULL) == NULL;
     check("presets found and valid", all, "tiny, small, paper");
     check("preset_find rejects unknown names", !preset_find("huge", &c) && !preset_find("", &c) && !preset_find("Tiny", &c),
           "huge, \"\", Tiny");
     Config base = tiny_config(3, 0.1f);
-    const char* err = config_check(&base);
+    const char* err = config_check(&base, NULL);
     check("config_check accepts the test network", err == NULL, "%s", err ? err : "ok");
 
     // every case must be rejected with a reason
@@ -1405,15 +1424,19 @@ static void test_config(void) {
     int n_rejected = 0;
     char missed[512] = "";
     for (int i = 0; i < nb; i++) {
-        const char* e = config_check(&bad[i].c);
+        const char* e = config_check(&bad[i].c, NULL);
         if (e && *e) n_rejected++;
         else { size_t l = strlen(missed); snprintf(missed + l, sizeof missed - l, "[%s] ", bad[i].what); }
     }
     check("config_check rejects bad configurations", n_rejected == nb, "%d of %d rejected %s", n_rejected, nb, missed);
     Config g = base;
     g.ch = 12; g.groups = 8;
-    err = config_check(&g);
-    check("config_check names the flags", err && strstr(err, "--ch") && strstr(err, "--groups"), "\"%s\"", err ? err : "(accepted)");
+    err = config_check(&g, NULL);
+    check("config_check names the fields in the model's words", err && !strcmp(err, "ch 12 is not divisible by groups 8"),
+          "\"%s\"", err ? err : "(accepted)");
+    err = config_check(&g, &CONFIG_FLAGS);
+    check("config_check names the flags when the command line asks", err && !strcmp(err, "--ch 12 is not divisible by --groups 8"),
+          "\"%s\"", err ? err : "(accepted)");
 }
 
 static void test_unet_init(void) {
@@ -1824,12 +1847,12 @@ static void test_nonfinite_and_links(void) {
     Config c = tiny_config(3, 0.0f);
     Trainer tr;
     trainer_init(&tr, &c, &PAPER_OBJECTIVE, 2, SCHEDULE_LINEAR, &PAPER_HYPER, 7);
-    train_step(&tr, NULL);
+    train_step(&tr, noise_data(&tr.net.cfg));
     size_t n = tr.net.n_params;
     tr.net.params[n / 2] = NAN;
     float *p = fcopy(tr.net.params, n), *e = fcopy(tr.ema, n), *m1 = fcopy(tr.adam_m, n), *v1 = fcopy(tr.adam_v, n);
     uint64_t step = tr.step;
-    StepStats st = train_step(&tr, NULL);
+    StepStats st = train_step(&tr, noise_data(&tr.net.cfg));
     int same = !memcmp(p, tr.net.params, n * 4) && !memcmp(e, tr.ema, n * 4) && !memcmp(m1, tr.adam_m, n * 4) &&
                !memcmp(v1, tr.adam_v, n * 4) && tr.step == step;
     check("a non-finite loss: train_step returns it and updates nothing", !isfinite(st.loss) && same,
@@ -1923,8 +1946,8 @@ static void test_checkpoints(void) {
     char err[4400] = "";   // room for any path (and no -Wformat-truncation)
     Trainer tr;
     trainer_init(&tr, &c, &PAPER_OBJECTIVE, 2, SCHEDULE_LINEAR, &PAPER_HYPER, 42);
-    train_step(&tr, NULL);
-    train_step(&tr, NULL);
+    train_step(&tr, noise_data(&tr.net.cfg));
+    train_step(&tr, noise_data(&tr.net.cfg));
     int rc = checkpoint_save(&tr, SCHEDULE_LINEAR, path, err, sizeof err);
     check("checkpoint_save writes and leaves no .tmp", rc == 0 && exists(path) && !exists(OUT "/ck.ckpt.tmp"),
           "rc %d %s", rc, err);
@@ -1939,8 +1962,8 @@ static void test_checkpoints(void) {
     check("checkpoint round trip: step and RNG state", tr2.step == 2 && !memcmp(tr.rng.s, tr2.rng.s, sizeof tr.rng.s),
           "step %llu (want 2)", (unsigned long long)tr2.step);
     // "everything needed to continue bit-exactly": the next step is the same on both
-    train_step(&tr, NULL);
-    train_step(&tr2, NULL);
+    train_step(&tr, noise_data(&tr.net.cfg));
+    train_step(&tr2, noise_data(&tr2.net.cfg));
     arrays = !memcmp(tr.net.params, tr2.net.params, nb) && !memcmp(tr.ema, tr2.ema, nb) &&
              !memcmp(tr.adam_m, tr2.adam_m, nb) && !memcmp(tr.adam_v, tr2.adam_v, nb) && tr.step == tr2.step;
     check("checkpoint resume: the next train_step is bit-identical", arrays, "step %llu", (unsigned long long)tr.step);
@@ -2013,7 +2036,7 @@ static void test_checkpoints(void) {
         unlink(OUT "/ro/probe");
         note("checkpoint_save into a read-only folder: skipped, chmod 0555 does not stop writes here (running as root?)");
     } else {
-        train_step(&tr2, NULL);   // something new to save
+        train_step(&tr2, noise_data(&tr2.net.cfg));   // something new to save
         err[0] = 0;
         int rc2 = checkpoint_save(&tr2, SCHEDULE_LINEAR, ro_path, err, sizeof err);
         check("checkpoint_save into a read-only folder fails, old file intact",
@@ -2137,7 +2160,7 @@ static void test_fewer_steps_sampling(void) {
     Rng rng;
     Sampler ddpm = {MEAN_EPS, VAR_FIXEDLARGE, 0, 0};
     SampleBuffers sb;
-    sample_buffers_init(&sb, 2, n);
+    sample_buffers_init(&sb, 2, n, NULL);
     float* xT = randn(2 * n, 1);
 
     // K = T through the respaced schedule: Algorithm 2's bits. The chain's last 40 steps
@@ -2146,9 +2169,9 @@ static void test_fewer_steps_sampling(void) {
     memcpy(a, xT, 2 * n * sizeof(float));
     memcpy(b, xT, 2 * n * sizeof(float));
     rng_seed(&rng, 5);
-    reverse_chain(&m, &s, a, 2, 39, &ddpm, &sb, &rng, NULL, NULL);
+    reverse_chain(&m, &s, &ddpm, a, 2, 39, &sb, &rng);
     rng_seed(&rng, 5);
-    reverse_chain(&m, &r, b, 2, 39, &ddpm, &sb, &rng, NULL, NULL);
+    reverse_chain(&m, &r, &ddpm, b, 2, 39, &sb, &rng);
     int finite = all_finite(a, 2 * n);
     check("sample --steps 1000 = Algorithm 2, bit for bit", finite && !memcmp(a, b, 2 * n * sizeof(float)),
           "2 images, random weights, t = 40 ... 1; max |difference| %.3g", max_abs_diff(a, b, 2 * n));
@@ -2163,9 +2186,9 @@ static void test_fewer_steps_sampling(void) {
         memcpy(a, xT, 2 * n * sizeof(float));
         memcpy(b, xT, 2 * n * sizeof(float));
         rng_seed(&rng, 1);
-        reverse_chain(&m, &r, a, 2, r.T - 1, runs[k], &sb, &rng, NULL, NULL);
+        reverse_chain(&m, &r, runs[k], a, 2, r.T - 1, &sb, &rng);
         rng_seed(&rng, 2);
-        reverse_chain(&m, &r, b, 2, r.T - 1, runs[k], &sb, &rng, NULL, NULL);
+        reverse_chain(&m, &r, runs[k], b, 2, r.T - 1, &sb, &rng);
         if (k == 0) det = !memcmp(a, b, 2 * n * sizeof(float));
     }
     double spread = max_abs_diff(a, b, 2 * n);
@@ -2195,9 +2218,9 @@ static void test_fewer_steps_sampling(void) {
         memcpy(a, x, 2 * n * sizeof(float));
         memcpy(b, x, 2 * n * sizeof(float));
         rng_seed(&rng, 9);
-        ddim_sample(a, eps_theta, t_idx, 2, n, MEAN_EPS, VAR_FIXEDLARGE, ddim1.eta, &s, &sb, &rng);
+        ddim_sample(a, eps_theta, t_idx, 2, n, &ddim1, &s, &sb, &rng);
         rng_seed(&rng, 9);
-        p_sample(b, eps_theta, t_idx, 2, n, MEAN_EPS, small.var, &s, &sb, &rng);
+        p_sample(b, eps_theta, t_idx, 2, n, &small, &s, &sb, &rng);
         worst = fmax(worst, max_abs_diff(a, b, 2 * n));
         free(x); free(eps_theta);
     }
@@ -2236,9 +2259,9 @@ static void test_per_t(void) {
     PerT pt = {term, mse};
     Rng rng;
     rng_seed(&rng, 3);
-    BoundBpd plain = eval_bpd(&m, &s, &d, 2, MEAN_EPS, VAR_FIXEDLARGE, &rng, NULL, 0);
+    BoundBpd plain = eval_bpd(&m, &s, &(Sampler){MEAN_EPS, VAR_FIXEDLARGE, 0, 0}, &d, 2, 0, &rng, NULL, NULL);
     rng_seed(&rng, 3);
-    BoundBpd b = eval_bpd(&m, &s, &d, 2, MEAN_EPS, VAR_FIXEDLARGE, &rng, &pt, 0);
+    BoundBpd b = eval_bpd(&m, &s, &(Sampler){MEAN_EPS, VAR_FIXEDLARGE, 0, 0}, &d, 2, 0, &rng, &pt, NULL);
     double sum = b.prior;
     for (int t = 0; t < T; t++) sum += term[t];
     check("bpd --per-t: the terms and L_T sum to the total", fabs(sum - b.total) < 1e-9 * fabs(b.total) &&
@@ -2255,7 +2278,7 @@ static void test_per_t(void) {
           "RMSE (0..255) %.2f at t = 1, %.2f at t = 1000", 127.5 * sqrt(mse[0]), 127.5 * sqrt(mse[T - 1]));
     schedule_respace(&r, &full, 20);
     rng_seed(&rng, 3);
-    BoundBpd b20 = eval_bpd(&m, &r, &d, 2, MEAN_EPS, VAR_FIXEDLARGE, &rng, &pt, 0);
+    BoundBpd b20 = eval_bpd(&m, &r, &(Sampler){MEAN_EPS, VAR_FIXEDLARGE, 0, 0}, &d, 2, 0, &rng, &pt, NULL);
     sum = b20.prior;
     for (int t = 0; t < 20; t++) sum += term[t];
     check("bpd --steps 20 --per-t: 20 terms sum to that chain's total", isfinite(b20.total) &&
@@ -2293,14 +2316,14 @@ static void test_bpd_std_err(void) {
     toy_bound(&full, &s, &m, &d, 1, 43);
     Rng rng;
     rng_seed(&rng, 5);
-    BoundBpd all = eval_bpd(&m, &s, &d, 3, MEAN_EPS, VAR_FIXEDLARGE, &rng, NULL, 0);
+    BoundBpd all = eval_bpd(&m, &s, &(Sampler){MEAN_EPS, VAR_FIXEDLARGE, 0, 0}, &d, 3, 0, &rng, NULL, NULL);
     rng_seed(&rng, 5);
     double L[3], mean = 0, var = 0;
     for (int i = 0; i < 3; i++) {
         Dataset one = d;
         one.N = 1;
         one.pixels = d.pixels + (size_t)i * 64;
-        BoundBpd b = eval_bpd(&m, &s, &one, 1, MEAN_EPS, VAR_FIXEDLARGE, &rng, NULL, 0);
+        BoundBpd b = eval_bpd(&m, &s, &(Sampler){MEAN_EPS, VAR_FIXEDLARGE, 0, 0}, &one, 1, 0, &rng, NULL, NULL);
         L[i] = b.total;
         mean += L[i] / 3;
     }
@@ -2324,17 +2347,17 @@ static void test_bpd_t_samples(void) {
     toy_bound(&full, &s, &m, &d, 3, 47);
     Rng rng;
     rng_seed(&rng, 9);
-    BoundBpd a = eval_bpd(&m, &s, &d, 3, MEAN_EPS, VAR_FIXEDLARGE, &rng, NULL, 0);
+    BoundBpd a = eval_bpd(&m, &s, &(Sampler){MEAN_EPS, VAR_FIXEDLARGE, 0, 0}, &d, 3, 0, &rng, NULL, NULL);
     rng_seed(&rng, 9);
-    BoundBpd b = eval_bpd(&m, &s, &d, 3, MEAN_EPS, VAR_FIXEDLARGE, &rng, NULL, 19);
+    BoundBpd b = eval_bpd(&m, &s, &(Sampler){MEAN_EPS, VAR_FIXEDLARGE, 0, 0}, &d, 3, 19, &rng, NULL, NULL);
     check("bpd --t-samples T-1: every stratum one t, the full sum bit for bit",
           a.total == b.total && a.terms == b.terms && a.decoder == b.decoder && a.std_err == b.std_err,
           "full %.9f (s.e. %.9f), K = 19: %.9f (s.e. %.9f)", a.total, a.std_err, b.total, b.std_err);
     enum { R = 200 };
     double mf = 0, vf = 0, mk = 0, vk = 0;
     for (int r = 0; r < R; r++) {
-        double f = eval_bpd(&m, &s, &d, 3, MEAN_EPS, VAR_FIXEDLARGE, &rng, NULL, 0).terms;
-        double k = eval_bpd(&m, &s, &d, 3, MEAN_EPS, VAR_FIXEDLARGE, &rng, NULL, 4).terms;
+        double f = eval_bpd(&m, &s, &(Sampler){MEAN_EPS, VAR_FIXEDLARGE, 0, 0}, &d, 3, 0, &rng, NULL, NULL).terms;
+        double k = eval_bpd(&m, &s, &(Sampler){MEAN_EPS, VAR_FIXEDLARGE, 0, 0}, &d, 3, 4, &rng, NULL, NULL).terms;
         mf += f / R, vf += f * f / R, mk += k / R, vk += k * k / R;
     }
     vf = (vf - mf * mf) * R / (R - 1), vk = (vk - mk * mk) * R / (R - 1);
@@ -2363,7 +2386,7 @@ static void test_reconstruct_interpolate(void) {
     // network does (x0_hat = x_1 / sqrt(abar_1) - sqrt(1/abar_1 - 1) eps_theta, and
     // sqrt(1/abar_1 - 1) = 0.01: eps_theta of size 1 moves x0_hat by ~1.3 levels)
     rng_seed(&rng, 1);
-    reconstruct(&m, &s, xa, 0, 4, &sp, x_t, samples, &rng, NULL);
+    reconstruct(&m, &s, &sp, xa, 0, 4, x_t, samples, &rng, NULL);
     double se = 0;
     for (size_t i = 0; i < 4 * n; i++) se += (samples[i] - xa[i % n]) * (samples[i] - xa[i % n]);
     double rmse = 127.5 * sqrt(se / (4 * n));
@@ -2371,18 +2394,18 @@ static void test_reconstruct_interpolate(void) {
 
     // t = 50: the k decodings of one x_t differ (t = T: tests/test_e2e.sh, through ./ddpm)
     rng_seed(&rng, 1);
-    reconstruct(&m, &s, xa, 49, 4, &sp, x_t, samples, &rng, NULL);
+    reconstruct(&m, &s, &sp, xa, 49, 4, x_t, samples, &rng, NULL);
     double spread = max_abs_diff(samples, samples + n, n);
     check("reconstruct at t = 50: the k samples differ", spread > 0.1, "max |sample 1 - sample 2| = %.3f", spread);
 
     // lambda = 0 and 1 are the reconstructions of A and B from the same noise
     const int t_idx = 30;
     rng_seed(&rng, 7);
-    reconstruct(&m, &s, xa, t_idx, 1, &sp, x_t, rec_a, &rng, NULL);
+    reconstruct(&m, &s, &sp, xa, t_idx, 1, x_t, rec_a, &rng, NULL);
     rng_seed(&rng, 7);
-    reconstruct(&m, &s, xb, t_idx, 1, &sp, xt_b, rec_b, &rng, NULL);
+    reconstruct(&m, &s, &sp, xb, t_idx, 1, xt_b, rec_b, &rng, NULL);
     rng_seed(&rng, 7);
-    interpolate(&m, &s, xa, xb, t_idx, 4, &sp, inter, &rng, NULL);
+    interpolate(&m, &s, &sp, xa, xb, t_idx, 4, inter, &rng, NULL);
     double da = max_abs_diff(inter, rec_a, n), db = max_abs_diff(inter + 3 * n, rec_b, n);
     double mid = max_abs_diff(inter + n, rec_a, n);
     check("interpolate: lambda = 0 and 1 reproduce the reconstructions of A and B", da < 1e-4 && db < 1e-4 && mid > 0.01,
@@ -2484,8 +2507,8 @@ static void test_objective_gradients(void) {
     const Objective bad[] = {{MEAN_MU, VAR_FIXEDLARGE, LOSS_SIMPLE}, {MEAN_X0, VAR_FIXEDSMALL, LOSS_SIMPLE},
                              {MEAN_EPS, VAR_LEARNED, LOSS_MSE}, {MEAN_EPS, VAR_LEARNED, LOSS_SIMPLE}};
     int refused = 1;
-    for (int k = 0; k < 4; k++) refused &= objective_check(&bad[k]) != NULL;
-    for (size_t k = 0; k < sizeof obs / sizeof obs[0]; k++) refused &= objective_check(&obs[k]) == NULL;
+    for (int k = 0; k < 4; k++) refused &= objective_check(&bad[k], NULL) != NULL;
+    for (size_t k = 0; k < sizeof obs / sizeof obs[0]; k++) refused &= objective_check(&obs[k], NULL) == NULL;
     check("objective_check: simple needs eps, learned needs kl; the 11 trainable rows pass", refused, "4 refused");
     schedule_free(&s);
 }
@@ -2535,7 +2558,7 @@ static void test_kl_loss_is_the_bound_term(void) {
         double term[50], mse[50];
         PerT pt = {term, mse};
         rng_seed(&rng, 5);
-        eval_bpd(&m, &s, &d, 1, ob.mean, ob.var, &rng, &pt, 0);
+        eval_bpd(&m, &s, &(Sampler){ob.mean, ob.var, 0, 0}, &d, 1, 0, &rng, &pt, NULL);
         // replay eval_bpd's draws: one eps per step, from the last step down
         size_t n = 64;
         float x0[64], eps[64], xt[64], work[4 * 64], d_out[128];

@@ -103,7 +103,7 @@ elif cmd == "xor":          # FILE OFFSET MASK (OFFSET "mid": the middle of the 
     off = len(b) // 2 if sys.argv[3] == "mid" else int(sys.argv[3])
     b[off] ^= int(sys.argv[4], 0)
     open(sys.argv[2], "wb").write(b)
-elif cmd == "checksum":     # FILE: exit 0 if the trailing FNV-1a 64 matches (format as in ddpm.c section 19)
+elif cmd == "checksum":     # FILE: exit 0 if the trailing FNV-1a 64 matches (format as in ddpm.c section 20)
     b = open(sys.argv[2], "rb").read()
     sys.exit(0 if fnv(b[:-8]) == struct.unpack("<Q", b[-8:])[0] else 1)
 elif cmd == "nan":          # IN OUT: the live parameters set to NaN, checksum re-sealed
@@ -377,7 +377,7 @@ check "SIGTERM: log.csv steps run 1, 2, ..., $((n + 2)) once each" $? "$(cut -d,
 # 5. Sampling from a good checkpoint, and refusing bad ones.
 GOOD=$T/of/model.ckpt
 tool checksum "$GOOD"
-check "checkpoint: size and trailing FNV-1a checksum as documented in ddpm.c section 19" $? "python's FNV-1a 64 disagrees"
+check "checkpoint: size and trailing FNV-1a checksum as documented in ddpm.c section 20" $? "python's FNV-1a 64 disagrees"
 # One run: the grid beside the checkpoint, and with --trace the chain's x_t and x0_hat.
 ddp sample sample --checkpoint "$GOOD" -n 2 --trace --threads 1
 [ $rc -eq 0 ] && [ "$(head -c 4 "$T/of/samples.png" | od -An -c | tr -d ' ')" = "211PNG" ]
@@ -544,7 +544,7 @@ check "fashion-mnist: 3 steps write log.csv, model.ckpt, samples_0000003.png" $?
 # ---------------------------------------------------------------------------
 # 10. Hostile inputs: re-sealed lying headers, FIFOs, unwritable outputs, a full disk.
 # The checksum only guards against accidents; a header edited and re-sealed must still be
-# refused field by field, before anything is built from it. Header offsets (section 19):
+# refused field by field, before anything is built from it. Header offsets (section 20):
 # in_ch 16, img 20, ch 24, attn_res 64.., step 112.
 # hostile CASE CMD...: exit 1 and exactly one stderr line
 hostile() {
@@ -739,7 +739,7 @@ hostile "objective learned + simple" sample --checkpoint "$T/obj_bad2.ckpt" -n 1
 
 
 # ---------------------------------------------------------------------------
-# 13. Weights in and out (ddpm.c section 20's exchange files), and bpd --t-samples.
+# 13. Weights in and out (ddpm.c section 21's exchange files), and bpd --t-samples.
 ddp exp export --checkpoint "$GOOD" --out "$T/w.ref" --threads 1
 erc=$rc
 ddp imp import --weights "$T/w.ref" --out "$T/imp.ckpt" --batch 4 --threads 1
