@@ -68,168 +68,8 @@ err_of() { tr '\n' '|' <"$T/$1.err" | cut -c1-300; }
 # last_step CSV: the step column of a log's last row
 last_step() { tail -n 1 "$1" | cut -d, -f1; }
 
-# ---- helpers in Python (standard library only) ----
-cat >"$T/tool.py" <<'EOF'
-import ast, math, os, struct, sys
-
-def fnv(b, h=0xcbf29ce484222325):
-    for x in b:
-        h = ((h ^ x) * 0x100000001b3) & 0xffffffffffffffff
-    return h
-
-cmd = sys.argv[1]
-if cmd == "mkdata":
-    # 4 structured 32x32 RGB images (not noise) in CIFAR-10's binary format: a horizontal
-    # gradient, a vertical gradient, two colour halves, a checkerboard of 8x8 blocks.
-    # Every training file holds the same 4 records (ddpm.c refuses empty files).
-    d = os.path.join(sys.argv[2], "cifar-10-batches-bin")
-    os.makedirs(d, exist_ok=True)
-    recs = b""
-    for k in range(4):
-        r = bytearray([k])
-        for c in range(3):
-            for y in range(32):
-                for x in range(32):
-                    if k == 0: v = x * 8
-                    elif k == 1: v = 255 - y * 8
-                    elif k == 2: v = 230 if (x < 16) == (c == 0) else 20
-                    else: v = 255 if (x // 8 + y // 8) % 2 else 0
-                    r.append(v)
-        recs += bytes(r)
-    for n in ["data_batch_%d.bin" % i for i in range(1, 6)] + ["test_batch.bin"]:
-        open(os.path.join(d, n), "wb").write(recs)
-elif cmd == "xor":          # FILE OFFSET MASK (OFFSET "mid": the middle of the file)
-    b = bytearray(open(sys.argv[2], "rb").read())
-    off = len(b) // 2 if sys.argv[3] == "mid" else int(sys.argv[3])
-    b[off] ^= int(sys.argv[4], 0)
-    open(sys.argv[2], "wb").write(b)
-elif cmd == "checksum":     # FILE: exit 0 if the trailing FNV-1a 64 matches (format as in ddpm.c section 20)
-    b = open(sys.argv[2], "rb").read()
-    sys.exit(0 if fnv(b[:-8]) == struct.unpack("<Q", b[-8:])[0] else 1)
-elif cmd == "nan":          # IN OUT: the live parameters set to NaN, checksum re-sealed
-    b = bytearray(open(sys.argv[2], "rb").read())
-    n = struct.unpack_from("<Q", b, 152)[0]      # header: n_params is its last field
-    assert len(b) == 160 + 16 * n + 8
-    b[160:160 + 4 * n] = struct.pack("<f", float("nan")) * n
-    b[-8:] = struct.pack("<Q", fnv(b[:-8]))
-    open(sys.argv[3], "wb").write(b)
-elif cmd == "reseal":       # IN OUT OFFSET FORMAT VALUE ...: header fields edited, checksum re-sealed
-    b = bytearray(open(sys.argv[2], "rb").read())
-    args = sys.argv[4:]
-    for i in range(0, len(args), 3):
-        struct.pack_into("<" + args[i + 1], b, int(args[i]), int(args[i + 2], 0))
-    b[-8:] = struct.pack("<Q", fnv(b[:-8]))
-    open(sys.argv[3], "wb").write(b)
-elif cmd == "exmut":        # IN OUT MODE: an exchange file's records reversed, one renamed,
-    b = open(sys.argv[2], "rb").read()   # one dropped, one doubled, or the file cut short
-    assert b[:8] == b"DDPMREF1"
-    n, pos, recs = struct.unpack_from("<i", b, 8)[0], 12, []
-    for _ in range(n):
-        k = struct.unpack_from("<i", b, pos)[0]
-        name = b[pos + 4:pos + 4 + k]
-        nd = struct.unpack_from("<i", b, pos + 4 + k)[0]
-        shape = struct.unpack_from("<%di" % nd, b, pos + 8 + k)
-        end = pos + 8 + k + 4 * nd + 4 * math.prod(shape)
-        recs.append((name, b[pos:end]))
-        pos = end
-    mode = sys.argv[4]
-    i = next(j for j, r in enumerate(recs) if r[0].startswith(b"param.") and b"conv1.weight" in r[0])
-    if mode == "reverse": recs.reverse()
-    elif mode == "rename": recs[i] = (b"", recs[i][1].replace(b"conv1.weight", b"conv9.weight", 1))
-    elif mode == "drop": del recs[i]
-    elif mode == "double": recs.insert(i, recs[i])
-    out = b"DDPMREF1" + struct.pack("<i", len(recs)) + b"".join(r[1] for r in recs)
-    open(sys.argv[3], "wb").write(out[:len(out) // 2] if mode == "cut" else out)
-elif cmd == "npy":          # FILE SHAPE: a float32 .npy of that shape, all finite
-    b = open(sys.argv[2], "rb").read()
-    want = tuple(int(s) for s in sys.argv[3].split(","))
-    assert b[:6] == b"\x93NUMPY", "bad magic %r" % b[:6]
-    major = b[6]
-    hl = struct.unpack_from("<H" if major == 1 else "<I", b, 8)[0]
-    start = 10 + hl if major == 1 else 12 + hl
-    hd = ast.literal_eval(b[start - hl:start].decode("latin1"))
-    assert hd["descr"] == "<f4" and not hd["fortran_order"], hd
-    assert tuple(hd["shape"]) == want, "shape %r, want %r" % (hd["shape"], want)
-    assert len(b) - start == 4 * math.prod(want), "data is %d bytes" % (len(b) - start)
-    assert start % 64 == 0, "header not 64-byte aligned"
-    vals = struct.unpack_from("<%df" % math.prod(want), b, start)
-    assert all(math.isfinite(v) for v in vals), "non-finite values"
-    try:
-        import numpy as np
-    except ImportError:
-        print("numpy not importable: checked the header by hand")
-        sys.exit(0)
-    a = np.load(sys.argv[2])
-    assert a.shape == want and a.dtype == np.float32 and np.isfinite(a).all()
-    print("numpy.load: shape", a.shape)
-elif cmd == "trace_t":      # FILE: the trace's t values run from T = 1000 down to 1
-    b = open(sys.argv[2], "rb").read()
-    hl = struct.unpack_from("<H", b, 8)[0]
-    n = (len(b) - 10 - hl) // 4
-    t = struct.unpack_from("<%df" % n, b, 10 + hl)
-    assert t[0] == 1000 and t[-1] == 1 and all(x > y for x, y in zip(t, t[1:])), t
-elif cmd in ("per_t", "recon", "interp", "npz"):
-    def load(path):         # a float32 .npy (version 1.0) as (shape, flat tuple)
-        b = open(path, "rb").read()
-        hl = struct.unpack_from("<H", b, 8)[0]
-        shape = tuple(ast.literal_eval(b[10:10 + hl].decode("latin1"))["shape"])
-        return shape, struct.unpack_from("<%df" % math.prod(shape), b, 10 + hl)
-    def rmse(a, b):         # on the 0..255 scale
-        return 127.5 * math.sqrt(sum((x - y) ** 2 for x, y in zip(a, b)) / len(a))
-    if cmd == "per_t":      # CSV TOTAL L_T ROWS: the columns of bpd --per-t (ddpm.c section 11)
-        rows = [l.split(",") for l in open(sys.argv[2]).read().split("\n") if l]
-        assert rows[0] == ["t", "term_bpd", "rate_bpd", "distortion_rmse"], rows[0]
-        v = [[float(x) for x in r] for r in rows[1:]]
-        assert len(v) == int(sys.argv[5]), "%d rows" % len(v)
-        total, prior = float(sys.argv[3]), float(sys.argv[4])
-        s = prior + sum(r[1] for r in v)
-        assert abs(s - total) < 2e-6, "terms + L_T = %.7f, bpd printed %.7f" % (s, total)
-        assert all(a[2] >= b[2] for a, b in zip(v, v[1:])), "rate rises somewhere in t"
-        assert abs(v[0][2] + v[0][1] - total) < 2e-6 and abs(v[-1][2] - prior) < 2e-6, "rate ends"
-        assert v[0][3] < v[-1][3], "distortion %.2f at t = 1, %.2f at t = T" % (v[0][3], v[-1][3])
-        print("sum %.6f = total %.6f; distortion %.2f at t = %d, %.2f at t = %d" % (s, total, v[0][3], v[0][0], v[-1][3], v[-1][0]))
-    elif cmd == "recon":    # NPY K: row 0 (t = 1) within 4 levels of x_0; row 1 (t = T) samples differ
-        shape, a = load(sys.argv[2])
-        k = int(sys.argv[3]); cols = k + 2; n = math.prod(shape[2:])
-        assert shape[:2] == (2, cols), shape
-        img = lambda r, c: a[(r * cols + c) * n:(r * cols + c + 1) * n]
-        worst = max(rmse(img(0, 2 + j), img(0, 0)) for j in range(k))
-        spread = max(abs(x - y) for x, y in zip(img(1, 2), img(1, 3)))
-        assert worst < 4 and spread > 0.1, "t = 1: worst RMSE %.2f levels; t = T: spread %.3f" % (worst, spread)
-        print("t = 1: worst RMSE %.2f levels; t = T: samples differ by up to %.3f" % (worst, spread))
-    elif cmd == "npz":      # NPZ NPY: arr_0 is the float samples as uint8 N x H x W x C, rounded
-        import zipfile
-        z = zipfile.ZipFile(sys.argv[2])
-        assert z.namelist() == ["arr_0.npy"] and z.testzip() is None, z.namelist()
-        b = z.read("arr_0.npy")
-        hl = struct.unpack_from("<H", b, 8)[0]
-        d = ast.literal_eval(b[10:10 + hl].decode("latin1"))
-        shape, (N, C, H, W) = tuple(d["shape"]), load(sys.argv[3])[0]
-        assert d["descr"] == "|u1" and shape == (N, H, W, C), (d, (N, C, H, W))
-        _, x = load(sys.argv[3])
-        f32 = lambda v: struct.unpack("<f", struct.pack("<f", v))[0]
-        bad = 0
-        for i in range(N):
-            for c in range(C):
-                for y in range(H):
-                    for w in range(W):
-                        v = f32(x[((i * C + c) * H + y) * W + w] + 1.0) * 127.5 + 0.5
-                        want = min(255, max(0, math.floor(v)))
-                        got = b[10 + hl + ((i * H + y) * W + w) * C + c]
-                        tie = abs(v - round(v)) < 1e-3   # float rounding may go either way here
-                        bad += got != want and not (tie and abs(got - want) <= 1)
-        assert bad == 0, "%d pixels differ from the samples' .npy" % bad
-        print("arr_0 %s uint8 = the samples' .npy, channels last" % (shape,))
-    else:                   # NPY L: t = 1: lambda = 0 decodes near x_0, lambda = 1 near x'_0
-        shape, a = load(sys.argv[2])
-        L = int(sys.argv[3]); cols = L + 2; n = math.prod(shape[2:])
-        img = lambda r, c: a[(r * cols + c) * n:(r * cols + c + 1) * n]
-        ea, eb = rmse(img(0, 1), img(0, 0)), rmse(img(0, L), img(0, L + 1))
-        mid = rmse(img(0, 1 + L // 2), img(0, 0))
-        assert ea < 4 and eb < 4 and mid > ea, "RMSE %.2f (A), %.2f (B), middle %.2f" % (ea, eb, mid)
-        print("t = 1: lambda 0 vs A %.2f, lambda 1 vs B %.2f, middle vs A %.2f levels" % (ea, eb, mid))
-EOF
-tool() { "$PY" "$T/tool.py" "$@"; }
+# ---- helpers in Python (standard library only): tests/e2e_tool.py ----
+tool() { "$PY" tests/e2e_tool.py "$@"; }
 
 D=$T/data
 tool mkdata "$D"
@@ -510,6 +350,26 @@ bad "--lr 2" "--lr" $SAFE --lr 2
 bad "--seed without value" "--seed" $SAFE --seed
 bad "unknown command" "frobnicate" frobnicate $SAFE
 bad "sample without --checkpoint" "--checkpoint" sample -n 1
+# The option table (ddpm.c 22.1) says which commands read a flag: elsewhere it is refused
+bad "--batch on sample" "--batch applies to train and import, not sample" sample --checkpoint "$T/none.ckpt" --batch 4
+bad "--lr on bpd" "--lr applies to train, not bpd" bpd --checkpoint "$T/none.ckpt" --lr 0.1
+bad "--t with a trailing comma" "--t 5," reconstruct --checkpoint "$T/none.ckpt" --index 0 --t 5,
+bad "--index with a trailing comma" "--index 1," reconstruct --checkpoint "$T/none.ckpt" --index 1,
+bad "--seed on schedule" "--seed" schedule --seed 3
+ddp help_cmd help
+cmp -s "$T/help_cmd.out" "$T/help.out" && [ $rc -eq 0 ]
+check "./ddpm help prints what --help prints" $? "exit $rc"
+# --help is printed from the table: every option of the table has its line, with its default
+for f in --data --data-dir --model --batch --steps --minutes --run --resume --sample-every --sample-n --log-every \
+         --lr --warmup --grad-clip --ema-decay --no-flip --schedule --mean-type --var-type --loss --ch --ch-mult \
+         --num-res-blocks --attn --groups --dropout --in-ch --checkpoint -n --sigma --sampler --eta --trace --npz \
+         --per-t --t-samples --index --t -k --lambdas --out --weights --seed --threads; do
+    grep -q -- "^  $f[ ]" "$T/help.out" || { echo "  --help lacks $f"; false; } || break
+done
+check "--help has a line for every option" $? "see above"
+grep -q -- "--sample-every N  *samples + checkpoint every N steps (default 2000)" "$T/help.out" &&
+    grep -q -- "--ema-decay X  *the EMA's decay (section 9) (default 0.9999)" "$T/help.out"
+check "--help shows the defaults the code uses (the table's, PAPER_HYPER's)" $? "$(grep -- '--sample-every\|--ema-decay' "$T/help.out" | tr '\n' '|')"
 ddp nodata --data cifar10 --data-dir /nonexistent --run "$T/badrun" --steps 1
 [ $rc -eq 1 ] && one_line "$T/nodata.err" && grep -qF 'make cifar10' "$T/nodata.err" &&
     grep -qF -- '--data fashion-mnist' "$T/nodata.err"
@@ -780,5 +640,27 @@ check "bpd --t-samples 50: an estimate, said so, finite" $? "exit $rc: $(tr '\n'
 bad "--t-samples 1000" "--t-samples 1000" bpd --checkpoint "$GOOD" -n 1 --data-dir "$D" --t-samples 1000
 bad "--t-samples with --per-t" "--t-samples" bpd --checkpoint "$GOOD" -n 1 --data-dir "$D" --t-samples 10 --per-t "$T/never13.csv"
 bad "--t-samples on sample" "--t-samples" sample --checkpoint "$GOOD" --t-samples 10 --out "$T/never13.png"
+
+# ---------------------------------------------------------------------------
+# 14. The benchmark (tests/bench_ddpm.c, make bench): it runs, and refuses what it cannot do.
+# (Its times are figures for make bench, never assertions.)
+if [ -x tests/bench_ddpm ]; then
+    $TO tests/bench_ddpm --model tiny --batch 2 --steps 1 --warmup-steps 0 --threads 1 >"$T/bench.out" 2>"$T/bench.err"
+    rc=$?
+    [ $rc -eq 0 ] && "$PY" -c '
+import json, sys
+d = json.loads(open(sys.argv[1]).read())
+need = ("train_ms", "sample_ms", "fma_peak_gflops", "matmul_gflops", "conv3x3", "params", "max_rss_mb")
+missing = [k for k in need if k not in d]
+assert not missing and d["params"] > 0 and len(d["train_ms_all"]) == 1, (missing, d.get("params"))
+' "$T/bench.out"
+    check "bench_ddpm: one JSON line with the step times, the FMA peak and the matmul check" $? "exit $rc: $(tr '\n' '|' <"$T/bench.err" | cut -c1-200)"
+    $TO tests/bench_ddpm --model tiny --steps 100001 >"$T/bench2.out" 2>"$T/bench2.err"
+    rc=$?
+    [ $rc -eq 2 ] && one_line "$T/bench2.err" && grep -q -- "--steps 100001" "$T/bench2.err"
+    check "bench_ddpm --steps 100001: refused in one line (it used to run 10 steps silently)" $? "exit $rc: $(err_of bench2)"
+else
+    echo "NOTE skipped bench_ddpm: tests/bench_ddpm is not built (make tests/bench_ddpm)"
+fi
 
 finish
