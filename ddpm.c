@@ -18,15 +18,16 @@ Build and run:
     make test                            # gradients vs PyTorch autograd, and more
     make debug                           # ./ddpm_debug: the reference layers at -O0 -g, for gdb
 
-The file is a lecture in four parts. A first reading stops after Part II.
+The file is a lecture in four parts. A first reading stops after Part II, and meets
+nothing of Part IV on the way.
 
   Part I. The paper ............ what the diffusion model computes, and Algorithms 1 and 2
-     1. Plumbing ................ checked allocation, the one RNG, progress
-     2. The noise schedule ...... §2, §4: beta_t linear 1e-4..0.02, T = 1000 (and cosine)
-     3. The forward process ..... Eq. (2), (4): q(x_t | x_0); Eq. (6)-(7): q(x_{t-1} | x_t, x_0)
-     4. The reverse process ..... Eq. (1), (8)-(11): p_theta(x_{t-1} | x_t), eps-parameterisation
-     5. The variational bound ... Eq. (3), (5): KL terms, L_T, and the decoder L_0 of Eq. (13)
-     6. The training loss ....... Eq. (12), (14): L_simple and its gradient w.r.t. eps_theta
+     1. The noise schedule ...... §2, §4: beta_t linear 1e-4..0.02, T = 1000 (and cosine)
+     2. The forward process ..... Eq. (2), (4): q(x_t | x_0); Eq. (6)-(7): q(x_{t-1} | x_t, x_0)
+     3. The reverse process ..... Eq. (1), (8)-(11): p_theta(x_{t-1} | x_t), eps-parameterisation
+     4. The variational bound ... Eq. (3), (5): KL terms, L_T, and the decoder L_0 of Eq. (13)
+     5. The training loss ....... Eq. (12), (14): L_simple and its gradient w.r.t. eps_theta
+     6. Randomness .............. the one RNG that Algorithms 1 and 2 draw from
      7. The network, seen from outside: eps_theta(x_t, t) as Algorithms 1 and 2 call it
      8. The data batch .......... §3.3: images scaled to [-1, 1]; random flips
      9. Training, Alg. 1 ........ Adam, warmup, clipping, EMA (§4, Appendix B)
@@ -42,11 +43,11 @@ The file is a lecture in four parts. A first reading stops after Part II.
     17. Vectors, the matrix multiplication, the direct convolution, and fused versions
         of the layers of 16; -DDDPM_PLAIN leaves all of Part III out
   Part IV. Plumbing
-    18. Datasets on disk ........ CIFAR-10 binary, Fashion-MNIST IDX
-    19. Checkpoints ............. checksummed, written atomically, bit-exact resume
-    20. Pictures and files ...... PNG grids, .npy and .npz arrays, weights exchange files
-    21. Measuring ............... what ./ddpm bench reports beside the step times
-    22. main .................... the command line
+    18. Errors, memory, files ... one-line errors, the one atomic writer, progress, signals
+    19. Datasets on disk ........ CIFAR-10 binary, Fashion-MNIST IDX
+    20. Checkpoints ............. checksummed, written atomically, bit-exact resume
+    21. Pictures and files ...... PNG grids, .npy and .npz arrays, weights exchange files
+    22. main .................... the command line: one table of options, --help from it
     23. Many machines ........... data-parallel training over MPI (`make mpi`)
 
 Conventions
@@ -353,8 +354,8 @@ static double discretized_gaussian_log_likelihood(double x, double mean, double 
 // L_T = D_KL(q(x_T | x_0) || N(0, I)) in bits/dim for one image of n values. It has no
 // parameters; with the linear schedule it is ~1e-5 bits/dim (§4).
 static double prior_bpd(const float* x_0, size_t n, const Schedule* s) {
-    int t = s->T - 1;
-    double kl = 0, m = s->sqrt_alphas_cumprod[t], lv = log(1.0 - s->alphas_cumprod[t]);
+    int last = s->T - 1;   // t_idx of t = T
+    double kl = 0, m = s->sqrt_alphas_cumprod[last], lv = log(1.0 - s->alphas_cumprod[last]);
     for (size_t i = 0; i < n; i++) kl += normal_kl(m * x_0[i], lv, 0.0, 0.0);
     return kl / (n * M_LN2);
 }
@@ -1192,7 +1193,7 @@ static BoundBpd eval_bpd(UNet* m, const Schedule* s, const Sampler* sp, const Da
     double sum_sq = 0;
     BoundBpd r = {0, 0, 0, 0, 0, 0};
     if (per_t)
-        for (int t = 0; t < T; t++) per_t->term[t] = per_t->mse[t] = 0;
+        for (int ti = 0; ti < T; ti++) per_t->term[ti] = per_t->mse[ti] = 0;
     m->train = 0;
     m->no_grad = 1;
     int levels = t_samples > 0 ? t_samples + 1 : T;   // the strata from the top, then t = 1 (t_idx 0)
@@ -1239,7 +1240,7 @@ static BoundBpd eval_bpd(UNet* m, const Schedule* s, const Sampler* sp, const Da
     }
     if (r.n) { r.prior /= r.n; r.terms /= r.n; r.decoder /= r.n; }
     if (r.n && per_t)
-        for (int t = 0; t < T; t++) per_t->term[t] /= r.n, per_t->mse[t] /= r.n;
+        for (int ti = 0; ti < T; ti++) per_t->term[ti] /= r.n, per_t->mse[ti] /= r.n;
     r.total = r.prior + r.terms + r.decoder;
     if (r.n > 1) r.std_err = sqrt(fmax(0.0, (sum_sq / r.n - r.total * r.total) * r.n / (r.n - 1)) / r.n);
     free(img_L);
@@ -1251,7 +1252,7 @@ static BoundBpd eval_bpd(UNet* m, const Schedule* s, const Sampler* sp, const Da
 // rate[t_idx] = L_T + sum_{s > t} L_{s-1}, from the per-t terms (T values each).
 static void bound_rate(double* rate, const double* term, double prior, int T) {
     rate[T - 1] = prior;
-    for (int t = T - 2; t >= 0; t--) rate[t] = rate[t + 1] + term[t + 1];
+    for (int ti = T - 2; ti >= 0; ti--) rate[ti] = rate[ti + 1] + term[ti + 1];
 }
 
 // ============================================================================
