@@ -1335,7 +1335,7 @@ struct UNetLayers {
     float *temb_sin, *temb_h, *temb_a, *temb, *temb_act;  // (B, ch), then (B, 4ch) x4
     float *x;                   // (B, in_ch, img, img): the input x_t
     float *h0, *d_h0;           // (B, ch, img, img): conv_in's output, the first skip
-    float *h_last;              // (B, ch, img, img): the up path's output
+    float *h_last;              // (B, ch * ch_mult[0], img, img): the up path's output
     float *mean_out, *rstd_out; // (B, G)
     float *a_out;               // silu(norm_out(h_last)), as conv_out's input (conv_input_floats)
     float *eps_theta;           // (B, out_channels, img, img): the output
@@ -1535,7 +1535,7 @@ static void unet_backward(UNet* m, const float* d_eps_theta, int B) {
     int ch = c->ch, E = 4 * ch, S = c->img;
     zero(L->grad_acts, L->n_grad_acts);   // skip-connection and timestep gradients
     // eps_theta = conv_out(silu(norm_out(h_last)))
-    zero(L->d_h_last, (size_t)B * ch * S * S);
+    zero(L->d_h_last, (size_t)B * L->norm_out.C * S * S);
     norm_silu_conv_backward(L->d_h_last, &L->norm_out, &L->conv_out, d_eps_theta, L->h_last, L->a_out,
                             L->mean_out, L->rstd_out, B, S, S, 0, 0, L->scratch[1], L->scratch[2], L->conv_ws);
     for (int i = L->n_blocks - 1; i >= 0; i--) {
@@ -1985,14 +1985,32 @@ static void unet_layout(UNet* m, Arenas* ar) {
         }
         if (i != 0) h = resample_make(m, ar, h, BLOCK_UP, 0, "up.%d.upsample", i);
     }
-    // Out: GroupNorm, SiLU, 3x3 conv to the image channels.
+    // Out: GroupNorm, SiLU, 3x3 conv to the image channels, from the last up block's
+    // ch * ch_mult[0] channels (as the official model; ch when ch_mult[0] = 1).
     L->h_last = h.x;
     L->d_h_last = h.dx;
-    groupnorm_make(m, &ar->P, &L->norm_out, "norm_out", NULL, ch, G);
-    conv_make(m, &ar->P, &L->conv_out, "conv_out", NULL, ch, out_channels(c), 3, 1, S, 1e-10f);
+    groupnorm_make(m, &ar->P, &L->norm_out, "norm_out", NULL, h.C, G);
+    conv_make(m, &ar->P, &L->conv_out, "conv_out", NULL, h.C, out_channels(c), 3, 1, S, 1e-10f);
     L->mean_out = take(&ar->A, (size_t)Bm * G); L->rstd_out = take(&ar->A, (size_t)Bm * G);
-    L->a_out = take(&ar->A, (size_t)Bm * ch * conv_input_floats(S, S));
+    L->a_out = take(&ar->A, (size_t)Bm * h.C * conv_input_floats(S, S));
     L->eps_theta = take(&ar->A, (size_t)Bm * out_channels(c) * S * S);
+}
+
+// The network's plan: the sizing pass of unet_layout alone, which allocates nothing but
+// the small layer table m->L (every tensor's name, shape and offset; free(m->L) frees it)
+// and counts the parameters and activations. What a file claims is checked against it
+// before any buffer is built for the claim.
+static void unet_plan(UNet* m, const Config* cfg, int B_max) {
+    memset(m, 0, sizeof *m);
+    m->cfg = *cfg;
+    m->B_max = B_max;
+    m->L = calloc_check(1, sizeof *m->L, "the network's layers");
+    layers_init();
+    Arenas sizing = {{NULL, 0}, {NULL, 0}, {NULL, 0}};
+    unet_layout(m, &sizing);
+    m->n_params = sizing.P.used;
+    m->L->n_acts = sizing.A.used;
+    m->L->n_grad_acts = sizing.G.used;
 }
 
 // Build the network for batches of up to B_max images: size everything, allocate each
@@ -2000,16 +2018,8 @@ static void unet_layout(UNet* m, Arenas* ar) {
 static void unet_build(UNet* m, const Config* cfg, int B_max) {
     const char* err = config_check(cfg, NULL);
     if (err) die("%s", err);
-    memset(m, 0, sizeof *m);
-    m->cfg = *cfg;
-    m->B_max = B_max;
-    UNetLayers* L = m->L = calloc_check(1, sizeof *m->L, "the network's layers");
-    layers_init();
-    Arenas sizing = {{NULL, 0}, {NULL, 0}, {NULL, 0}};
-    unet_layout(m, &sizing);
-    m->n_params = sizing.P.used;
-    L->n_acts = sizing.A.used;
-    L->n_grad_acts = sizing.G.used;
+    unet_plan(m, cfg, B_max);
+    UNetLayers* L = m->L;
     size_t per = (size_t)B_max * L->max_numel;
     size_t att = (size_t)kernel_threads * L->max_attn_hw * L->max_attn_hw;   // datt, per thread
     int max_mult = 1;
@@ -2032,19 +2042,13 @@ static void unet_build(UNet* m, const Config* cfg, int B_max) {
     unet_layout(m, &carve);
 }
 
-// The parameter count of a configuration from the sizing pass alone, which allocates
-// nothing but the small layer table: a checkpoint's header is checked with it before
-// any buffer is built for what the header claims.
+// The parameter count of a configuration from the plan alone: a checkpoint's header is
+// checked with it before any buffer is built for what the header claims.
 static size_t unet_count_params(const Config* cfg) {
     UNet m;
-    memset(&m, 0, sizeof m);
-    m.cfg = *cfg;
-    m.B_max = 1;
-    m.L = calloc_check(1, sizeof *m.L, "the network's layers");
-    Arenas sizing = {{NULL, 0}, {NULL, 0}, {NULL, 0}};
-    unet_layout(&m, &sizing);
+    unet_plan(&m, cfg, 1);
     free(m.L);
-    return sizing.P.used;
+    return m.n_params;
 }
 
 static void unet_free(UNet* m) {
@@ -3888,6 +3892,32 @@ static void check_output_path(const char* path, const char* flag) {
         die("%s %s exists and is not a regular file; pass another path", flag, path);
 }
 
+// 1 if a and b name one file (the same device and inode: a link is its target).
+static int same_file(const char* a, const char* b) {
+    struct stat sa, sb;
+    return a && b && stat(a, &sa) == 0 && stat(b, &sb) == 0 && sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
+}
+
+// Before any long work: an output must not be the input the command reads (a checkpoint,
+// an exchange file), which writing it would destroy.
+static void check_not_input(const char* path, const char* flag, const char* input) {
+    if (same_file(path, input))
+        die("%s %s is the file this command reads (%s); pass another path", flag, path, input);
+}
+
+// A file of a run folder (its lock, its log), opened without following a link and
+// refused if it has other names: a planted symbolic or hard link would otherwise make a
+// run truncate or append to the file it points at.
+static int open_run_file(const char* path, int flags) {
+    int fd = open(path, flags | O_NOFOLLOW | O_CLOEXEC, 0644);
+    if (fd < 0 && errno == ELOOP) die("%s is a symbolic link; a run folder's files must be its own: remove it", path);
+    if (fd < 0) die("cannot open %s: %s; check that the run folder is writable", path, strerror(errno));
+    struct stat st;
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) || st.st_nlink > 1)
+        die("%s is not a plain file of the run folder (a hard link or something else); remove it", path);
+    return fd;
+}
+
 static void mkdir_p(const char* path) {
     char buf[4096];
     snprintf(buf, sizeof buf, "%s", path);
@@ -3896,7 +3926,7 @@ static void mkdir_p(const char* path) {
     if (mkdir(buf, 0755) != 0 && errno != EEXIST) die("cannot create folder %s: %s", path, strerror(errno));
 }
 
-// Set by Ctrl-C / SIGTERM to the signal's number: a long loop stops at its next step (a
+// Set by Ctrl-C / SIGTERM (and SIGHUP, SIGPIPE) to the signal's number: a long loop stops at its next step (a
 // chain through its Watch, below; training in section 22) and the command saves what it
 // has, or says it has nothing.
 static volatile sig_atomic_t stop_requested = 0;
@@ -3910,6 +3940,8 @@ static void install_signal_handlers(void) {
     sigemptyset(&sa.sa_mask);
     sigaction(SIGINT, &sa, NULL);
     sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGHUP, &sa, NULL);    // a closed terminal or ssh session
+    sigaction(SIGPIPE, &sa, NULL);   // stderr into a pipe whose reader left (| head)
 }
 
 // "what done/total, elapsed, ETA" on stderr: redrawn in place on a terminal, every
@@ -3941,6 +3973,25 @@ static int progress_step(Watch* w, const ChainStep* st) {
 static Progress progress_start(const char* what, long total, Watch* next) {
     Progress p = {{progress_step, next}, what, 0, total, now_seconds()};
     return p;
+}
+
+// A Watch that stops a chain whose images leave the finite range (a broken network
+// gives NaN), noting the step, so that no NaN picture is written as if it were one.
+typedef struct {
+    Watch watch;   // first: a Finite* is its Watch*
+    int t_bad;     // the step (1..T) where x_t stopped being finite; 0 while it is
+} Finite;
+
+static int finite_step(Watch* w, const ChainStep* st) {
+    Finite* f = (Finite*)w;
+    if (all_finite(st->x_t, (size_t)st->B * st->n)) return 1;
+    f->t_bad = st->t;
+    return 0;
+}
+
+static Finite finite_start(Watch* next) {
+    Finite f = {{finite_step, next}, 0};
+    return f;
 }
 
 // ----------------------------------------------------------------------------
@@ -4261,7 +4312,7 @@ static void load_ema_model(UNet* m, Schedule* s, Objective* ob, const char* path
 
 static uint8_t to_pixel(float x) {   // [-1, 1] -> 0..255, the inverse of §3.3's scaling
     float v = (x + 1.0f) * 127.5f + 0.5f;
-    return (uint8_t)(v < 0 ? 0 : v > 255 ? 255 : v);
+    return (uint8_t)(v > 255 ? 255 : v >= 0 ? v : 0);   // NaN -> 0, never (uint8_t)NaN
 }
 
 // n images (C, H, W) in [-1, 1] as a grid of `cols` columns with 2-pixel gaps.
@@ -4419,6 +4470,23 @@ static int save_trace_png(const char* path, const float* frames, const Trace* tr
 typedef struct { const char* name; int name_len, ndim, shape[EXCHANGE_MAX_DIMS]; size_t count; const uint8_t* data; } ExRecord;
 typedef struct { uint8_t* bytes; size_t len; ExRecord* rec; int n; } Exchange;
 
+// A record's name as it may be printed: bytes outside printable ASCII as \xNN, so a
+// hostile name cannot break the one-line message or send the terminal escape codes.
+static const char* ex_name(const char* name, int len) {
+    static char buf[2][300];
+    static int which;
+    char* s = buf[which ^= 1];
+    int k = 0;
+    s[0] = 0;
+    for (int i = 0; i < len; i++) {
+        if (k > (int)sizeof buf[0] - 8) { strcpy(s + k, "..."); break; }
+        unsigned char c = (unsigned char)name[i];
+        k += snprintf(s + k, 8, c >= 32 && c < 127 && c != '\\' ? "%c" : "\\x%02x", c);
+    }
+    return s;
+}
+#define EXNAME(r) ex_name((r)->name, (r)->name_len)
+
 static int32_t get_le32(const uint8_t* p) { return (int32_t)((uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24); }
 
 // Reads and indexes the whole file; dies with one line naming the file and the record
@@ -4428,11 +4496,15 @@ static void exchange_read(Exchange* x, const char* path) {
     FILE* f = fopen_regular(path, NULL);
     long size = file_size(path);
     if (size < 12) die("%s is not an exchange file (%ld bytes); pass a file written by ./ddpm export or tests/train_torch.py", path, size);
+    char magic[8];   // the magic first: a large file of another kind is refused before it is read
+    fread_check(magic, 8, f, path);
+    if (memcmp(magic, EXCHANGE_MAGIC, 8)) die("%s is not an exchange file (bad magic; want %s)", path, EXCHANGE_MAGIC);
     x->len = (size_t)size;
-    x->bytes = malloc_check(x->len, "the exchange file");
-    fread_check(x->bytes, x->len, f, path);
+    x->bytes = malloc(x->len);
+    if (!x->bytes) die("%s: its %.1f GiB do not fit in this machine's memory; is it an exchange file?", path, size / 1073741824.0);
+    memcpy(x->bytes, magic, 8);
+    fread_check(x->bytes + 8, x->len - 8, f, path);
     fclose(f);
-    if (memcmp(x->bytes, EXCHANGE_MAGIC, 8)) die("%s is not an exchange file (bad magic; want %s)", path, EXCHANGE_MAGIC);
     int32_t n = get_le32(x->bytes + 8);
     if (n < 0 || (size_t)n > (x->len - 12) / 12) die("%s: bad record count %d; the file is corrupt", path, n);
     x->rec = malloc_check((size_t)(n ? n : 1) * sizeof(ExRecord), "the exchange index");
@@ -4447,13 +4519,13 @@ static void exchange_read(Exchange* x, const char* path) {
         NEED(r->name_len + 4, "name");
         r->name = (const char*)x->bytes + pos; pos += r->name_len;
         r->ndim = get_le32(x->bytes + pos); pos += 4;
-        if (r->ndim < 0 || r->ndim > EXCHANGE_MAX_DIMS) die("%s: %.*s has %d dimensions; the file is corrupt", path, r->name_len, r->name, r->ndim);
+        if (r->ndim < 0 || r->ndim > EXCHANGE_MAX_DIMS) die("%s: %s has %d dimensions; the file is corrupt", path, EXNAME(r), r->ndim);
         NEED(4 * r->ndim, "shape");
         r->count = 1;
         for (int d = 0; d < r->ndim; d++, pos += 4) {
             r->shape[d] = get_le32(x->bytes + pos);
             if (r->shape[d] < 0 || (r->shape[d] && r->count > (x->len - pos) / 4 / (size_t)r->shape[d]))
-                die("%s: %.*s has a bad shape (dimension %d is %d); the file is corrupt", path, r->name_len, r->name, d, r->shape[d]);
+                die("%s: %s has a bad shape (dimension %d is %d); the file is corrupt", path, EXNAME(r), d, r->shape[d]);
             r->count *= (size_t)r->shape[d];
         }
         NEED(4 * r->count, "data");
@@ -4469,15 +4541,21 @@ static int exchange_is(const ExRecord* r, const char* name) {
     return (size_t)r->name_len == strlen(name) && !memcmp(r->name, name, r->name_len);
 }
 
-static const ExRecord* exchange_find(const Exchange* x, const char* name) {
-    for (int i = 0; i < x->n; i++) if (exchange_is(&x->rec[i], name)) return &x->rec[i];
-    return NULL;
+// The record NAME, or NULL; a name that two records carry is refused.
+static const ExRecord* exchange_find(const Exchange* x, const char* name, const char* path) {
+    const ExRecord* r = NULL;
+    for (int i = 0; i < x->n; i++)
+        if (exchange_is(&x->rec[i], name)) {
+            if (r) die("%s holds %s twice; the file is corrupt", path, name);
+            r = &x->rec[i];
+        }
+    return r;
 }
 
 // A config.* or meta.* record's values as integers (they are stored as floats); -1 if
 // the record is absent, else the number of values read (at most max).
 static int exchange_ints(const Exchange* x, const char* name, int* v, int max, const char* path) {
-    const ExRecord* r = exchange_find(x, name);
+    const ExRecord* r = exchange_find(x, name, path);
     if (!r) return -1;
     if (r->count > (size_t)max) die("%s: %s holds %zu values, at most %d make sense", path, name, r->count, max);
     for (size_t i = 0; i < r->count; i++) {
@@ -4490,37 +4568,47 @@ static int exchange_ints(const Exchange* x, const char* name, int* v, int max, c
 }
 
 // The network a file describes: its config.* records (all seven, or none: then *c is
-// left as the caller's), the objective if it names one. Returns 1 if it had a config.
+// left as the caller's), and the objective if it names one (else *ob is left). Returns
+// 1 if it had the network's records, + 2 if it had config.objective.
 static int exchange_config(const Exchange* x, Config* c, Objective* ob, const char* path) {
-    int v[MAX_LEVELS], got = 0;
+    int v[MAX_LEVELS], got = 0, has_obj = 0;
     const char* scalars[] = {"config.in_ch", "config.ch", "config.num_res_blocks", "config.groups", "config.img"};
     int* dst[] = {&c->in_ch, &c->ch, &c->num_res_blocks, &c->groups, &c->img};
-    for (int i = 0; i < 5; i++) got += exchange_find(x, scalars[i]) != NULL;
-    got += exchange_find(x, "config.ch_mult") != NULL;
-    got += exchange_find(x, "config.attn_resolutions") != NULL;
+    for (int i = 0; i < 5; i++) got += exchange_find(x, scalars[i], path) != NULL;
+    got += exchange_find(x, "config.ch_mult", path) != NULL;
+    got += exchange_find(x, "config.attn_resolutions", path) != NULL;
     if (got != 0 && got != 7) die("%s has only some of the seven config.* records; it needs all or none", path);
-    int k[3];
-    if (exchange_ints(x, "config.objective", k, 3, path) >= 0) {
+    int k[3], nk = exchange_ints(x, "config.objective", k, 3, path);
+    if (nk >= 0) {
+        if (nk != 3) die("%s: config.objective holds %d values, not 3 (mean, variance, loss)", path, nk);
         if (k[0] > 2 || k[1] > 2 || k[2] > 2) die("%s: config.objective names an unknown kind", path);
         ob->mean = (MeanType)k[0]; ob->var = (VarType)k[1]; ob->loss = (LossType)k[2];
+        has_obj = 2;
     }
-    if (!got) return 0;
+    const ExRecord* d = exchange_find(x, "config.dropout", path);
+    if (d) {
+        float p;
+        if (d->count != 1) die("%s: config.dropout holds %zu values, not 1", path, d->count);
+        memcpy(&p, d->data, 4);
+        if (!(p >= 0 && p < 1)) die("%s: config.dropout is %g, not a probability in [0, 1)", path, p);
+        c->dropout = p;
+    }
+    if (!got) return has_obj;
     for (int i = 0; i < 5; i++) {
         if (exchange_ints(x, scalars[i], v, 1, path) != 1) die("%s: %s should hold one value", path, scalars[i]);
         *dst[i] = v[0];
     }
     c->n_levels = exchange_ints(x, "config.ch_mult", c->ch_mult, MAX_LEVELS, path);
     c->n_attn = exchange_ints(x, "config.attn_resolutions", c->attn_res, MAX_LEVELS, path);
-    const ExRecord* d = exchange_find(x, "config.dropout");
-    if (d && d->count == 1) memcpy(&c->dropout, d->data, 4);
     c->learn_sigma = ob->var == VAR_LEARNED;
     const char* why = config_check(c, NULL);
     if (why) die("%s describes a network ddpm.c cannot build: %s", path, why);
-    return 1;
+    return 1 + has_obj;
 }
 
-// Copies every param.NAME record into dst (the network's parameter layout); dies on a
-// tensor that is missing, unknown, repeated, misshapen or not finite, naming it.
+// Copies every param.NAME record into dst (the network's parameter layout), or with dst
+// NULL only checks them (against a plan, unet_plan); dies on a tensor that is missing,
+// unknown, repeated, misshapen or not finite, naming it.
 static void exchange_weights(const Exchange* x, const UNet* m, float* dst, const char* path) {
     const UNetLayers* L = m->L;
     uint8_t* seen = calloc_check(L->n_tensors, 1, "the exchange index");
@@ -4530,15 +4618,19 @@ static void exchange_weights(const Exchange* x, const UNet* m, float* dst, const
         int j = 0;
         while (j < L->n_tensors && !(strlen(L->tensors[j].name) == (size_t)r->name_len - 6 &&
                                      !memcmp(L->tensors[j].name, r->name + 6, r->name_len - 6))) j++;
-        if (j == L->n_tensors) die("%s: %.*s is not a tensor of this network; check its configuration", path, r->name_len, r->name);
+        if (j == L->n_tensors) die("%s: %s is not a tensor of this network; check its configuration", path, EXNAME(r));
         const ParamTensor* t = &L->tensors[j];
         int same = r->ndim == t->ndim;
         for (int d = 0; same && d < t->ndim; d++) same = r->shape[d] == t->shape[d];
-        if (!same) die("%s: %.*s has the wrong shape for this network (%zu values, want %zu); check its configuration",
-                       path, r->name_len, r->name, r->count, t->numel);
-        if (seen[j]++) die("%s holds %.*s twice; the file is corrupt", path, r->name_len, r->name);
-        memcpy(dst + t->offset, r->data, 4 * t->numel);   // little-endian float32, as this machine
-        if (!all_finite(dst + t->offset, t->numel)) die("%s: %.*s holds NaN or inf", path, r->name_len, r->name);
+        if (!same) die("%s: %s has the wrong shape for this network (%zu values, want %zu); check its configuration",
+                       path, EXNAME(r), r->count, t->numel);
+        if (seen[j]++) die("%s holds %s twice; the file is corrupt", path, EXNAME(r));
+        for (size_t k = 0; k < t->numel; k++) {   // little-endian float32, as this machine
+            float v;
+            memcpy(&v, r->data + 4 * k, 4);
+            if (!isfinite(v)) die("%s: %s holds NaN or inf", path, EXNAME(r));
+        }
+        if (dst) memcpy(dst + t->offset, r->data, 4 * t->numel);
     }
     for (int j = 0; j < L->n_tensors; j++)
         if (!seen[j]) die("%s has no param.%s; it does not hold this network's weights", path, L->tensors[j].name);
@@ -4633,6 +4725,8 @@ static void world_finish(void);
 static int world_max(int x);   // section 23: the largest x over the ranks (x itself in one process)
 
 // ---- 22.1 The options: one table ----
+
+#define MAX_THREADS 256   // more would only cost memory: every thread has its scratch
 
 // The commands, as bits: an option lists those that read it.
 enum { C_TRAIN = 1, C_SAMPLE = 2, C_BPD = 4, C_RECONSTRUCT = 8, C_INTERPOLATE = 16, C_EXPORT = 32,
@@ -4785,7 +4879,7 @@ static const Option OPTIONS[] = {
     {"--weights", OPT_STR, AT(weights), C_IMPORT, NULL, .arg = "FILE.ref", .help = "import: the exchange file to read"},
     HEADING("other:"),
     {"--seed", OPT_LONG, AT(seed), C_TRAIN | C_MODEL | C_IMPORT, "1", 0, 9.2e18, .arg = "S", .help = "the one RNG's seed"},
-    {"--threads", OPT_INT, AT(threads), ~0u, NULL, 1, 1024, .arg = "N", .help = "OpenMP threads (default: all cores)"},
+    {"--threads", OPT_INT, AT(threads), ~0u, NULL, 1, MAX_THREADS, .arg = "N", .help = "OpenMP threads (default: all cores)"},
     {"--help", OPT_ON, 0, ~0u, .help = "this text (also -h)"},
 };
 #define N_OPTIONS (int)(sizeof OPTIONS / sizeof OPTIONS[0])
@@ -4834,6 +4928,7 @@ static void option_set(Options* o, const Option* p, const char* v) {
         if (p->type == OPT_FLOAT) *(float*)field = (float)x;
         else *(double*)field = x;
     } else if (p->type == OPT_STR) {
+        if (!*v) usage_error("%s: an empty value; pass a path or a name", p->name);
         if (p->words && word_index(p->words, v) < 0)
             usage_error("%s %s: expected %s", p->name, v, p->arg);
         *(const char**)field = v;
@@ -4904,9 +4999,13 @@ static void training_samples(Trainer* tr, const Options* o, const char* dir) {
     rng_seed(&rng, o->seed ^ (0x5851f42d4c957f2dULL * (tr->step + 1)));
     Sampler sp = {tr->obj.mean, given(o, "--sigma") ? o->sampler.var : tr->obj.var, 0, 0};
     long steps = (long)(o->sample_n + m->B_max - 1) / m->B_max * tr->sched.T;
-    Progress pg = progress_start("sampling: step", steps, NULL);
+    Finite fin = finite_start(NULL);
+    Progress pg = progress_start("sampling: step", steps, &fin.watch);
     int done = p_sample_loop(m, &tr->sched, &sp, imgs, o->sample_n, &rng, &pg.watch);
     memcpy(m->params, m->grads, nb);
+    if (fin.t_bad)
+        fprintf(stderr, "samples: none written at step %llu: the chain left the finite range at t = %d\n",
+                (unsigned long long)tr->step, fin.t_bad);
     if (done) {
         char path[4200];
         int cols = (int)ceil(sqrt((double)o->sample_n));
@@ -4928,7 +5027,8 @@ static void save_or_die(Trainer* tr, const Options* o, const char* path) {
 // Only whole rows are kept: a row torn by a kill (no newline, or fewer than five fields)
 // would otherwise be glued to the next one written.
 static void log_trim(const char* path, uint64_t step) {
-    FILE* in = fopen(path, "r");
+    if (access(path, F_OK) != 0 && errno == ENOENT) return;
+    FILE* in = fdopen(open_run_file(path, O_RDONLY), "r");
     if (!in) return;
     char line[512], err[4400];
     AtomicFile af;
@@ -4955,8 +5055,7 @@ static void log_trim(const char* path, uint64_t step) {
 static void lock_run_folder(const char* dir) {
     char path[4200], pid[32] = "";
     snprintf(path, sizeof path, "%s/lock", dir);
-    int fd = open(path, O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0644);
-    if (fd < 0) die("cannot create %s: %s; check that the run folder is writable", path, strerror(errno));
+    int fd = open_run_file(path, O_RDWR | O_CREAT);
     if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
         ssize_t k = read(fd, pid, sizeof pid - 1);
         pid[k > 0 ? k : 0] = 0;
@@ -5015,8 +5114,10 @@ static int cmd_train(const Options* o) {
         if (lead) fprintf(stderr, "(the RNG continues from the checkpoint, so --seed is not used; --lr, --warmup, "
                 "--grad-clip, --ema-decay and --no-flip apply as given from here on)\n");
     }
-    FILE* log = lead ? fopen_check(logp, o->resume ? "a" : "w", "check that the run folder is writable")
+    FILE* log = lead ? fdopen(open_run_file(logp, O_WRONLY | O_CREAT | (o->resume ? O_APPEND : O_TRUNC)),
+                              o->resume ? "a" : "w")
                      : fopen_check("/dev/null", "w", NULL);
+    if (!log) die("cannot open %s: %s", logp, strerror(errno));
     setvbuf(log, NULL, _IOLBF, 0);   // each row reaches the file in one write: a kill cannot tear one
     if (!o->resume) fprintf(log, "step,loss,lr,grad_norm,images_per_s\n");
     install_signal_handlers();
@@ -5092,12 +5193,23 @@ static void default_beside(char* out, size_t len, const char* ckpt, const char* 
 // The output grid: --out, or NAME beside the checkpoint; checked before any long work.
 // base gets the path without its extension, for the .npy files written beside it.
 static void output_paths(const Options* o, const char* name, char* out, char* base, size_t len) {
+    const char* flag = o->out ? "--out" : "the output grid";
     if (o->out) snprintf(out, len, "%s", o->out);
     else default_beside(out, len, o->checkpoint, name);
-    check_output_path(out, o->out ? "--out" : "the output grid");
+    check_output_path(out, flag);
+    check_not_input(out, flag, o->checkpoint);
     snprintf(base, len, "%s", out);
     char* dot = strrchr(base, '.');
     if (dot && !strchr(dot, '/')) *dot = 0;
+    // the arrays written beside the grid: neither the input nor the grid itself
+    const char* beside[] = {".npy", "_t.npy", "_trace_x_t.npy", "_trace_x0_hat.npy", "_trace_t.npy",
+                            "_trace_x_t.png", "_trace_x0_hat.png"};
+    for (int i = 0; i < (int)(sizeof beside / sizeof beside[0]); i++) {
+        char path[4400];
+        snprintf(path, sizeof path, "%s%s", base, beside[i]);
+        if (!strcmp(path, out)) die("%s %s: the arrays written beside the grid would replace it; pass a .png path", flag, out);
+        check_not_input(path, flag, o->checkpoint);
+    }
 }
 
 // How to sample from or evaluate a checkpoint trained with ob: its mean type and its
@@ -5119,26 +5231,39 @@ static Sampler checkpoint_sampler(const Options* o, const Objective* ob, const c
 // --steps K as a chain (10.2): the trained schedule respaced to K steps, or a copy for K = T.
 // A predicted mu_theta or a learned Sigma_theta belongs to one step of the trained chain,
 // not to a respaced step that spans many, so those checkpoints run the full chain only.
-static void chain_schedule(Schedule* r, const Schedule* s, const Options* o, const Sampler* sp) {
+static int chain_steps(const Options* o, const Sampler* sp, int T) {
     long K = o->steps;
-    if (K < 1 || K > s->T) usage_error("--steps %ld: expected a number of sampling steps from 1 to %d", K, s->T);
-    if (K < s->T && (sp->mean == MEAN_MU || sp->var == VAR_LEARNED))
+    if (K < 1 || K > T) usage_error("--steps %ld: expected a number of sampling steps from 1 to %d", K, T);
+    if (K < T && (sp->mean == MEAN_MU || sp->var == VAR_LEARNED))
         usage_error("--steps %ld: a checkpoint with %s predicts one step of the %d-step chain; "
-                    "run it without --steps", K, sp->mean == MEAN_MU ? "--mean-type mu" : "--var-type learned", s->T);
-    schedule_respace(r, s, (int)K);
+                    "run it without --steps", K, sp->mean == MEAN_MU ? "--mean-type mu" : "--var-type learned", T);
+    return (int)K;
 }
 
-static void check_channels(const UNet* m, const char* path) {
-    if (m->cfg.in_ch != 1 && m->cfg.in_ch != 3)
-        die("%s: a %d-channel network; image grids are grey (1) or RGB (3)", path, m->cfg.in_ch);
+// What sample, bpd, reconstruct and interpolate check before they build the network
+// (3.4 GB for the paper's model at 64 images): the checkpoint itself (checksum and
+// header), the flags against its objective (the Sampler they give), its chain's length T.
+// Returns the network's configuration.
+static Config checkpoint_first(const Options* o, Sampler* sp, int* T) {
+    CheckpointHeader hd;
+    fclose(checkpoint_open(o->checkpoint, &hd));
+    Objective ob = objective_from_header(&hd);
+    *sp = checkpoint_sampler(o, &ob, o->checkpoint);
+    *T = hd.T;
+    return config_from_header(&hd);
+}
+
+static void check_channels(const Config* c, const char* path) {
+    if (c->in_ch != 1 && c->in_ch != 3)
+        die("%s: a %d-channel network; image grids are grey (1) or RGB (3)", path, c->in_ch);
 }
 
 // The test set the network's images come from: Fashion-MNIST for one channel, else --data.
-static void load_test_set(Dataset* test, const UNet* m, const Options* o) {
-    dataset_load(test, m->cfg.in_ch == 1 ? "fashion-mnist" : o->data, o->data_dir, 0);
-    if (test->C != m->cfg.in_ch || test->H != m->cfg.img || test->W != m->cfg.img)
+static void load_test_set(Dataset* test, const Config* c, const Options* o) {
+    dataset_load(test, c->in_ch == 1 ? "fashion-mnist" : o->data, o->data_dir, 0);
+    if (test->C != c->in_ch || test->H != c->img || test->W != c->img)
         die("%s takes %d-channel %dx%d images, but the %s test set holds %d-channel %dx%d ones; "
-            "pass the --data it was trained on", o->checkpoint, m->cfg.in_ch, m->cfg.img, m->cfg.img,
+            "pass the --data it was trained on", o->checkpoint, c->in_ch, c->img, c->img,
             test->name, test->C, test->H, test->W);
     for (int i = 0; i < o->n_index; i++)
         if (o->index[i] >= test->N)
@@ -5146,36 +5271,51 @@ static void load_test_set(Dataset* test, const UNet* m, const Options* o) {
 }
 
 // --t as 0-based steps of s.
-static int step_list(const Options* o, int* t_idx, const Schedule* s) {
+static int step_list(const Options* o, int* t_idx, int T) {
     for (int i = 0; i < o->n_tlist; i++) {
-        if (o->tlist[i] > s->T) usage_error("--t %d: expected steps from 1 to %d", o->tlist[i], s->T);
+        if (o->tlist[i] > T) usage_error("--t %d: expected steps from 1 to %d", o->tlist[i], T);
         t_idx[i] = o->tlist[i] - 1;
     }
     return o->n_tlist;
 }
 
+// A chain that did not finish: a Finite watch saw NaN or inf (a broken network), or Ctrl-C.
+static void chain_stopped(const Finite* fin, const char* ckpt) {
+    if (fin->t_bad)
+        die("the chain left the finite range at t = %d (x_t holds NaN or inf): %s gives no usable pictures "
+            "(a diverged run?); nothing written", fin->t_bad, ckpt);
+    die("interrupted; nothing written");
+}
+
 static int cmd_sample(const Options* o) {
     if (!o->checkpoint) usage_error("sample needs --checkpoint PATH");
     int n = o->n, Bm = n < 64 ? n : 64;
+    char out[4200], base[4200], path[4400];
+    output_paths(o, "samples.png", out, base, sizeof out);   // before the network is built
+    if (o->npz) {
+        check_output_path(o->npz, "--npz");
+        check_not_input(o->npz, "--npz", o->checkpoint);
+        if (same_file(o->npz, out) || !strcmp(o->npz, out)) die("--npz %s is the grid's path too; pass another", o->npz);
+    }
+    Sampler sp;
+    int T;
+    Config c = checkpoint_first(o, &sp, &T);
+    check_channels(&c, o->checkpoint);
+    int K = chain_steps(o, &sp, T);
     UNet m;
     Schedule trained, s;
-    Objective ob;
-    load_ema_model(&m, &trained, &ob, o->checkpoint, Bm);
-    Sampler sp = checkpoint_sampler(o, &ob, o->checkpoint);
-    check_channels(&m, o->checkpoint);
-    chain_schedule(&s, &trained, o, &sp);
-    char out[4200], base[4200], path[4400];
-    output_paths(o, "samples.png", out, base, sizeof out);
-    if (o->npz) check_output_path(o->npz, "--npz");
+    load_ema_model(&m, &trained, NULL, o->checkpoint, Bm);
+    schedule_respace(&s, &trained, K);
     size_t sz = (size_t)m.cfg.in_ch * m.cfg.img * m.cfg.img;
     float* imgs = malloc_check((size_t)n * sz * sizeof(float), "samples");
     Trace trace;
     if (o->trace) trace_init(&trace, Bm < 8 ? Bm : 8, s.T, sz);
-    Progress pg = progress_start("sampling: step", (long)((n + Bm - 1) / Bm) * s.T, o->trace ? &trace.watch : NULL);
+    Finite fin = finite_start(o->trace ? &trace.watch : NULL);
+    Progress pg = progress_start("sampling: step", (long)((n + Bm - 1) / Bm) * s.T, &fin.watch);
     install_signal_handlers();
     Rng rng;
     rng_seed(&rng, (uint64_t)o->seed);
-    if (!p_sample_loop(&m, &s, &sp, imgs, n, &rng, &pg.watch)) die("interrupted; no samples written");
+    if (!p_sample_loop(&m, &s, &sp, imgs, n, &rng, &pg.watch)) chain_stopped(&fin, o->checkpoint);
     int shape[4] = {n, m.cfg.in_ch, m.cfg.img, m.cfg.img};
     snprintf(path, sizeof path, "%s.npy", base);
     if (save_grid_png(out, imgs, n, m.cfg.in_ch, m.cfg.img, m.cfg.img, (int)ceil(sqrt((double)n))) ||
@@ -5189,13 +5329,13 @@ static int cmd_sample(const Options* o) {
         float steps_f[1024];
         for (int k = 0; k < trace.n_steps; k++) steps_f[k] = (float)trace.steps[k];
         const char* names[5] = {"_trace_x_t.npy", "_trace_x0_hat.npy", "_trace_t.npy", "_trace_x_t.png", "_trace_x0_hat.png"};
-        int fail = 0;
-        snprintf(path, sizeof path, "%s%s", base, names[0]); fail |= save_npy(path, trace.x_t, 5, shape5);
-        snprintf(path, sizeof path, "%s%s", base, names[1]); fail |= save_npy(path, trace.x0_hat, 5, shape5);
-        snprintf(path, sizeof path, "%s%s", base, names[2]); fail |= save_npy(path, steps_f, 1, ts);
-        snprintf(path, sizeof path, "%s%s", base, names[3]); fail |= save_trace_png(path, trace.x_t, &trace, m.cfg.in_ch, m.cfg.img, m.cfg.img);
-        snprintf(path, sizeof path, "%s%s", base, names[4]); fail |= save_trace_png(path, trace.x0_hat, &trace, m.cfg.in_ch, m.cfg.img, m.cfg.img);
-        if (fail) return 1;
+        for (int k = 0; k < 5; k++) {   // the first failure ends it, in one line
+            snprintf(path, sizeof path, "%s%s", base, names[k]);
+            const float* what = k == 0 || k == 3 ? trace.x_t : trace.x0_hat;
+            if (k == 2 ? save_npy(path, steps_f, 1, ts) : k < 2 ? save_npy(path, what, 5, shape5)
+                       : save_trace_png(path, what, &trace, m.cfg.in_ch, m.cfg.img, m.cfg.img))
+                return 1;
+        }
         printf("wrote %s_trace_{x_t,x0_hat,t}.npy and %s_trace_{x_t,x0_hat}.png (t = %d ... %d)\n",
                base, base, trace.steps[0], trace.steps[trace.n_steps - 1]);
         trace_free(&trace);
@@ -5226,22 +5366,24 @@ static void write_per_t_csv(const char* path, const PerT* pt, const BoundBpd* r,
 static int cmd_bpd(const Options* o) {
     if (!o->checkpoint) usage_error("bpd needs --checkpoint PATH");
     int n = o->n, Bm = n < 32 ? n : 32;
+    Sampler sp;
+    int T;
+    Config c = checkpoint_first(o, &sp, &T);
+    int K = chain_steps(o, &sp, T);
+    if (o->t_samples > K - 1)
+        usage_error("--t-samples %d: expected 1 to %d (the chain's KL terms), or leave it out for all", o->t_samples, K - 1);
+    if (o->per_t) check_output_path(o->per_t, "--per-t"), check_not_input(o->per_t, "--per-t", o->checkpoint);
+    Dataset test;
+    load_test_set(&test, &c, o);
     UNet m;
     Schedule trained, s;
-    Objective ob;
-    load_ema_model(&m, &trained, &ob, o->checkpoint, Bm);
-    Sampler sp = checkpoint_sampler(o, &ob, o->checkpoint);
-    chain_schedule(&s, &trained, o, &sp);
-    Dataset test;
-    load_test_set(&test, &m, o);
-    if (o->per_t) check_output_path(o->per_t, "--per-t");
+    load_ema_model(&m, &trained, NULL, o->checkpoint, Bm);
+    schedule_respace(&s, &trained, K);
     PerT pt = {NULL, NULL};
     if (o->per_t) {
         pt.term = malloc_check((size_t)s.T * sizeof(double), "the per-t terms");
         pt.mse = malloc_check((size_t)s.T * sizeof(double), "the per-t terms");
     }
-    if (o->t_samples > s.T - 1)
-        usage_error("--t-samples %d: expected 1 to %d (the chain's KL terms), or leave it out for all", o->t_samples, s.T - 1);
     int images = n < test.N ? n : test.N, levels = o->t_samples > 0 ? o->t_samples + 1 : s.T;
     Progress pg = progress_start("bound: step", (long)((images + Bm - 1) / Bm) * levels, NULL);
     install_signal_handlers();
@@ -5293,20 +5435,20 @@ static int cmd_from_data(const Options* o, int interp) {
     if (!o->checkpoint) usage_error("%s needs --checkpoint PATH", cmd);
     if (o->n_index != 1 + interp)
         usage_error(interp ? "interpolate needs --index A,B: two test images" : "reconstruct needs --index I: one test image");
-    int k = interp ? o->lambdas : o->k, cols = k + 2, t_idx[64];
-    UNet m;
-    Schedule s;
-    Objective ob;
-    load_ema_model(&m, &s, &ob, o->checkpoint, k);
-    Sampler sp = checkpoint_sampler(o, &ob, o->checkpoint);
-    check_channels(&m, o->checkpoint);
+    int k = interp ? o->lambdas : o->k, cols = k + 2, t_idx[64], T;
+    Sampler sp;
+    Config c = checkpoint_first(o, &sp, &T);
+    check_channels(&c, o->checkpoint);
     Dataset test;
-    load_test_set(&test, &m, o);
-    int rows = step_list(o, t_idx, &s);
+    load_test_set(&test, &c, o);
+    int rows = step_list(o, t_idx, T);
     char out[4200], base[4200], png[64], what[64];
     snprintf(png, sizeof png, "%s.png", cmd);
     snprintf(what, sizeof what, "%s: step", cmd);
     output_paths(o, png, out, base, sizeof out);
+    UNet m;
+    Schedule s;
+    load_ema_model(&m, &s, NULL, o->checkpoint, k);
     size_t n = (size_t)m.cfg.in_ch * m.cfg.img * m.cfg.img;
     float* grid = malloc_check((size_t)rows * cols * n * sizeof(float), "the output grid");
     install_signal_handlers();
@@ -5314,14 +5456,15 @@ static int cmd_from_data(const Options* o, int interp) {
     rng_seed(&rng, (uint64_t)o->seed);
     long total = 0;
     for (int r = 0; r < rows; r++) total += t_idx[r] + 1;
-    Progress pg = progress_start(what, total, NULL);
+    Finite fin = finite_start(NULL);
+    Progress pg = progress_start(what, total, &fin.watch);
     for (int r = 0; r < rows; r++) {
         float *row = grid + (size_t)r * cols * n, *last = row + (size_t)(cols - 1) * n;
         dataset_image(row, &test, o->index[0], 0);                              // x_0
         if (interp) dataset_image(last, &test, o->index[1], 0);                 // x'_0
         int done = interp ? interpolate(&m, &s, &sp, row, last, t_idx[r], k, row + n, &rng, &pg.watch)
                           : reconstruct(&m, &s, &sp, row, t_idx[r], k, row + n, row + 2 * n, &rng, &pg.watch);
-        if (!done) die("interrupted; nothing written");
+        if (!done) chain_stopped(&fin, o->checkpoint);
     }
     int fail = save_rows(out, base, grid, rows, cols, t_idx, &m.cfg);
     free(grid);
@@ -5347,6 +5490,7 @@ static int cmd_schedule(const Options* o) {
 static int cmd_export(const Options* o) {
     if (!o->checkpoint || !o->out) usage_error("export needs --checkpoint PATH and --out FILE.ref");
     check_output_path(o->out, "--out");
+    check_not_input(o->out, "--out", o->checkpoint);
     CheckpointHeader hd;
     fclose(checkpoint_open(o->checkpoint, &hd));
     UNet m;
@@ -5388,10 +5532,24 @@ static int cmd_import(const Options* o) {
     Objective ob = PAPER_OBJECTIVE;
     Config cfg = {0};
     cfg.dropout = 0.1f;   // Appendix B's, unless the file has config.dropout: used only if it is trained on
-    if (exchange_config(&x, &cfg, &ob, o->weights)) check_objective_flags(o, &ob, o->weights);
-    else ob = o->obj, cfg = options_config(o);
+    int got = exchange_config(&x, &cfg, &ob, o->weights);
+    if (got & 2) check_objective_flags(o, &ob, o->weights);   // the file's objective decides
+    else ob = o->obj;
+    if (!(got & 1)) {   // the network from the flags
+        float dropout = cfg.dropout;
+        Options f = *o;
+        f.obj = ob;
+        cfg = options_config(&f);
+        if (exchange_find(&x, "config.dropout", o->weights)) cfg.dropout = dropout;
+    }
     const char* why = objective_check(&ob, &OBJECTIVE_FLAGS);
     if (why) usage_error("%s", why);
+    // The file must hold the network's weights before the network is built for them.
+    UNet plan;
+    unet_plan(&plan, &cfg, 1);
+    exchange_weights(&x, &plan, NULL, o->weights);
+    free(plan.L);
+    install_signal_handlers();   // Ctrl-C from here on ends cleanly: no half-written .tmp
     Trainer tr;
     trainer_init(&tr, &cfg, &ob, 1, (ScheduleKind)o->schedule, &o->hyper, (uint64_t)o->seed);
     exchange_weights(&x, &tr.net, tr.net.params, o->weights);
@@ -5401,6 +5559,7 @@ static int cmd_import(const Options* o) {
     tr.step = step > 0 ? (uint64_t)step : 0;
     tr.B = o->batch;   // the header's batch, which --resume must use; the buffers were made for one image
     char err[4400];
+    if (stop_requested) die("interrupted; nothing written");
     if (checkpoint_save(&tr, (ScheduleKind)o->schedule, o->out, err, sizeof err) != 0) die("%s", err);
     fprintf(stderr, "imported %zu parameters in %d tensors from %s into %s (step %llu)\n",
             tr.net.n_params, tr.net.L->n_tensors, o->weights, o->out, (unsigned long long)tr.step);
@@ -5534,7 +5693,7 @@ static void parse_options(int argc, char** argv, Options* o) {
         if (OPTIONS[j].def && (OPTIONS[j].cmds & o->cmd)) option_set(o, &OPTIONS[j], OPTIONS[j].def);
     for (; i < argc; i++) {
         const char* a = argv[i];
-        if (!strcmp(a, "--help") || !strcmp(a, "-h")) { print_help(stdout); exit(0); }
+        if (!strcmp(a, "--help") || !strcmp(a, "-h")) { o->cmd = C_HELP; o->cmd_name = "help"; return; }
         unsigned all = 0;
         const Option* p = NULL;
         for (int j = 0; j < N_OPTIONS; j++) {
@@ -5567,10 +5726,21 @@ int main(int argc, char** argv) {
         usage_error("%s runs as one process; only train splits over MPI ranks (run ./ddpm %s)", o.cmd_name, o.cmd_name);
 #ifdef _OPENMP
     if (o.threads > 0) omp_set_num_threads(o.threads);
+    else if (omp_get_max_threads() > MAX_THREADS) {   // OMP_NUM_THREADS=100000
+        fprintf(stderr, "ddpm: %d threads asked for (OMP_NUM_THREADS); using %d\n", omp_get_max_threads(), MAX_THREADS);
+        omp_set_num_threads(MAX_THREADS);
+    }
 #endif
     int rc = 0;
     for (int i = 0; i < N_COMMANDS; i++)
         if (COMMANDS[i].bit == o.cmd) rc = COMMANDS[i].run(&o);
+    // What went to stdout (a table, a bound, --help) must have arrived: a full disk or a
+    // closed pipe is an error, not a torn file and exit 0.
+    if (fflush(stdout) != 0 || ferror(stdout)) {
+        fprintf(stderr, "ddpm: could not write the standard output: %s; what it holds is incomplete\n",
+                strerror(errno ? errno : EIO));
+        rc = rc ? rc : 1;
+    }
 #ifdef DDPM_MPI
     world_finish();
 #endif

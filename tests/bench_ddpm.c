@@ -122,7 +122,7 @@ static void bench_conv3x3(int B, int C, int H, int reps, double* fwd, double* bw
 static double unet_forward_flops(const UNet* m) {
     const Config* c = &m->cfg;
     double S2 = (double)c->img * c->img, E = 4.0 * c->ch;
-    double f = 2 * (c->ch * E + E * E) + 2 * S2 * c->in_ch * 9 * c->ch + 2 * S2 * c->ch * 9 * out_channels(c);
+    double f = 2 * (c->ch * E + E * E) + 2 * S2 * c->in_ch * 9 * c->ch + 2 * S2 * m->L->norm_out.C * 9 * out_channels(c);
     for (int i = 0; i < m->L->n_blocks; i++) {
         const Block* k = &m->L->blocks[i];
         double HW = (double)k->H * k->W, Cx = k->C_in + k->C_skip, C = k->C_out;

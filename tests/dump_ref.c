@@ -1,6 +1,6 @@
 // dump_ref: writes the exchange file that tests/reference.py checks against PyTorch.
 //
-//   tests/dump_ref PRESET BATCH FILE [MEAN,VAR,LOSS]
+//   tests/dump_ref PRESET[+m2] BATCH FILE [MEAN,VAR,LOSS]     (+m2: the first channel multiplier 2)
 //   tests/dump_ref --checkpoint CKPT BATCH FILE
 //
 // It builds the U-Net of a preset with random weights (not the official init, whose
@@ -33,7 +33,14 @@ int main(int argc, char** argv) {
     Config cfg;
     CheckpointHeader hd;
     if (ckpt) fclose(checkpoint_open(ckpt, &hd)), cfg = config_from_header(&hd);
-    else if (!preset_find(argv[1], &cfg)) die("unknown preset %s", argv[1]);
+    else {   // PRESET, or PRESET+m2: its first channel multiplier 2 instead of 1
+        char name[32];
+        snprintf(name, sizeof name, "%s", argv[1]);
+        char* plus = strstr(name, "+m2");
+        if (plus) *plus = 0;
+        if (!preset_find(name, &cfg)) die("unknown preset %s", argv[1]);
+        if (plus) cfg.ch_mult[0] = 2;
+    }
     Objective ob = PAPER_OBJECTIVE;
     int with_objective = argc == 5;
     if (with_objective) {

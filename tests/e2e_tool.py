@@ -6,7 +6,8 @@ and .csv files ./ddpm writes.
     /usr/bin/python3 tests/e2e_tool.py COMMAND ARGS...
 
 Commands: mkdata DIR, xor FILE OFFSET MASK, checksum FILE, nan IN OUT, reseal IN OUT
-OFFSET FORMAT VALUE..., exmut IN OUT MODE, npy FILE SHAPE, trace_t FILE, per_t CSV TOTAL
+OFFSET FORMAT VALUE..., exset/exdup/exdrop/exrename IN OUT NAME [VALUES|NEW], byte FILE OFFSET, big IN OUT,
+exmut IN OUT MODE, npy FILE SHAPE, trace_t FILE, per_t CSV TOTAL
 L_T ROWS, recon NPY K, interp NPY L, npz NPZ NPY (each is described where it is handled).
 An assertion that fails exits non-zero with its message, which the shell test reports.
 """
@@ -58,6 +59,45 @@ elif cmd == "reseal":       # IN OUT OFFSET FORMAT VALUE ...: header fields edit
     args = sys.argv[4:]
     for i in range(0, len(args), 3):
         struct.pack_into("<" + args[i + 1], b, int(args[i]), int(args[i + 2], 0))
+    b[-8:] = struct.pack("<Q", fnv(b[:-8]))
+    open(sys.argv[3], "wb").write(b)
+elif cmd in ("exset", "exdup", "exdrop", "exrename"):
+    # exset IN OUT NAME V,V,...: record NAME (1-D float32; "nan" allowed) set or appended
+    # exdup IN OUT NAME: record NAME twice;  exdrop IN OUT PREFIX: records starting so dropped
+    # exrename IN OUT NAME NEW: record NAME renamed NEW (Python escapes such as \x1b allowed)
+    b = open(sys.argv[2], "rb").read()
+    assert b[:8] == b"DDPMREF1"
+    n, pos, recs = struct.unpack_from("<i", b, 8)[0], 12, []
+    for _ in range(n):
+        k = struct.unpack_from("<i", b, pos)[0]
+        name = b[pos + 4:pos + 4 + k]
+        nd = struct.unpack_from("<i", b, pos + 4 + k)[0]
+        shape = struct.unpack_from("<%di" % nd, b, pos + 8 + k)
+        end = pos + 8 + k + 4 * nd + 4 * math.prod(shape)
+        recs.append((name, b[pos:end]))
+        pos = end
+    name = sys.argv[4].encode("latin1").decode("unicode_escape").encode("latin1")
+    if cmd == "exset":
+        vals = [float(v) for v in sys.argv[5].split(",")]
+        rec = struct.pack("<i", len(name)) + name + struct.pack("<ii", 1, len(vals)) + struct.pack("<%df" % len(vals), *vals)
+        idx = [i for i, r in enumerate(recs) if r[0] == name]
+        if idx: recs[idx[0]] = (name, rec)
+        else: recs.append((name, rec))
+    elif cmd == "exdup":
+        recs += [r for r in recs if r[0] == name]
+    elif cmd == "exrename":
+        new = sys.argv[5].encode("latin1").decode("unicode_escape").encode("latin1")
+        recs = [(new, struct.pack("<i", len(new)) + new + r[1][4 + len(r[0]):]) if r[0] == name else r for r in recs]
+    else:
+        recs = [r for r in recs if not r[0].startswith(name)]
+    open(sys.argv[3], "wb").write(b"DDPMREF1" + struct.pack("<i", len(recs)) + b"".join(r[1] for r in recs))
+elif cmd == "byte":         # FILE OFFSET: print one byte of a file
+    print(open(sys.argv[2], "rb").read()[int(sys.argv[3])])
+elif cmd == "big":          # IN OUT: the EMA weights times 1e38 (finite, but the network overflows), re-sealed
+    b = bytearray(open(sys.argv[2], "rb").read())
+    n = struct.unpack_from("<Q", b, 152)[0]
+    ema = struct.unpack_from("<%df" % n, b, 160 + 4 * n)
+    struct.pack_into("<%df" % n, b, 160 + 4 * n, *[v * 1e38 for v in ema])
     b[-8:] = struct.pack("<Q", fnv(b[:-8]))
     open(sys.argv[3], "wb").write(b)
 elif cmd == "exmut":        # IN OUT MODE: an exchange file's records reversed, one renamed,

@@ -67,8 +67,9 @@ fi
 
 if $PYTHON -c 'import torch' 2>/dev/null; then
     tests/dump_ref tiny 2 tests/out/ref_tiny.bin >/dev/null &&
-    tests/dump_ref paper 2 tests/out/ref_paper.bin >/dev/null
-    suite pytorch $PYTHON tests/reference.py tests/out/ref_tiny.bin tests/out/ref_paper.bin
+    tests/dump_ref paper 2 tests/out/ref_paper.bin >/dev/null &&
+    tests/dump_ref tiny+m2 2 tests/out/ref_tiny_m2.bin >/dev/null   # a first channel multiplier of 2
+    suite pytorch $PYTHON tests/reference.py tests/out/ref_tiny.bin tests/out/ref_paper.bin tests/out/ref_tiny_m2.bin
     rm -f tests/out/ref_paper.bin
     # Table 2's objectives (ddpm.c sections 3-5): the true bound with a learned Sigma, and
     # the squared error on mu_tilde, through the whole network

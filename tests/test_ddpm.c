@@ -1388,6 +1388,37 @@ static void unet_random_params(UNet* m, Rng* rng) {
     }
 }
 
+// A first channel multiplier other than 1 (issue: norm_out and conv_out were built for ch
+// channels while the last up block gives ch * ch_mult[0], so an image's output read its
+// neighbour's channels): the output layers take what the up path gives, and every image's
+// eps_theta is its own, whatever else is in the batch.
+static void test_first_multiplier(void) {
+    Config c = tiny_config(1, 0.0f);
+    c.ch_mult[0] = 2; c.ch_mult[1] = 2; c.n_attn = 0;
+    UNet m, one;
+    unet_build(&m, &c, 2);
+    unet_build(&one, &c, 1);
+    Rng r;
+    rng_seed(&r, 11);
+    unet_random_params(&m, &r);
+    memcpy(one.params, m.params, m.n_params * sizeof(float));
+    size_t n = (size_t)c.in_ch * c.img * c.img;
+    float* x = randn(2 * n, 1);
+    int t_idx[2] = {10, 700};
+    m.train = one.train = 0;
+    m.no_grad = one.no_grad = 1;
+    float* both = fcopy(unet_forward(&m, x, t_idx, 2), 2 * n);
+    const float* alone = unet_forward(&one, x + n, t_idx + 1, 1);
+    double d = max_abs_diff(both + n, alone, n);
+    check("ch_mult 2,2: norm_out and conv_out take the last block's 16 channels; image 1's eps_theta is its own",
+          m.L->norm_out.C == 16 && m.L->conv_out.C_in == 16 && d < 1e-5,
+          "norm_out %d channels, conv_out from %d; image 1 in a batch of 2 vs alone: max |difference| %.2e",
+          m.L->norm_out.C, m.L->conv_out.C_in, d);
+    free(x); free(both);
+    unet_free(&m);
+    unet_free(&one);
+}
+
 static void test_config(void) {
     Config c;
     const char* names[3] = {"tiny", "small", "paper"};
@@ -2699,6 +2730,7 @@ int main(int argc, char** argv) {
     test_bpd_std_err();
     test_bpd_t_samples();
     test_reconstruct_interpolate();
+    test_first_multiplier();
     test_cifar10();
     test_fashion_mnist();
     test_checkpoints();

@@ -642,6 +642,91 @@ bad "--t-samples with --per-t" "--t-samples" bpd --checkpoint "$GOOD" -n 1 --dat
 bad "--t-samples on sample" "--t-samples" sample --checkpoint "$GOOD" --t-samples 10 --out "$T/never13.png"
 
 # ---------------------------------------------------------------------------
+# 15. Hardening II: outputs that are inputs, links in a run folder, stdout, NaN pictures,
+# exchange files that lie, signals, messages.
+cp "$GOOD" "$T/keep.ckpt"
+same_good() { cmp -s "$GOOD" "$T/keep.ckpt"; }
+hostile "sample --out the checkpoint" sample --checkpoint "$GOOD" -n 1 --steps 2 --out "$GOOD"
+hostile "sample --npz the checkpoint" sample --checkpoint "$GOOD" -n 1 --steps 2 --out "$T/n15.png" --npz "$GOOD"
+hostile "bpd --per-t the checkpoint" bpd --checkpoint "$GOOD" -n 1 --data-dir "$D" --per-t "$GOOD"
+hostile "reconstruct --out the checkpoint" reconstruct --checkpoint "$GOOD" --data-dir "$D" --index 0 --t 2 --out "$GOOD"
+hostile "export --out the checkpoint" export --checkpoint "$GOOD" --out "$GOOD"
+ln "$GOOD" "$T/hard.ckpt"
+hostile "sample --out a hard link of the checkpoint" sample --checkpoint "$GOOD" -n 1 --steps 2 --out "$T/hard.ckpt"
+hostile "sample --out x.npy: its .npy would replace the grid" sample --checkpoint "$GOOD" -n 1 --steps 2 --out "$T/x15.npy"
+same_good && [ ! -e "$T/n15.png" ] && [ ! -e "$T/x15.npy" ]
+check "outputs that are inputs: refused before any work, the checkpoint byte-identical" $? "$(ls "$T" | grep 15)"
+mkdir -p "$T/linklog" && echo keep >"$T/target15" && ln -s "$T/target15" "$T/linklog/log.csv"
+hostile "a log.csv symlink in the run folder" $RUN --steps 2 --run "$T/linklog" --threads 1
+mkdir -p "$T/hardlock" && echo keep >"$T/target15b" && ln "$T/target15b" "$T/hardlock/lock"
+hostile "a hard-linked lock in the run folder" $RUN --steps 2 --run "$T/hardlock" --threads 1
+[ "$(cat "$T/target15")" = keep ] && [ "$(cat "$T/target15b")" = keep ] && [ ! -e "$T/linklog/model.ckpt" ]
+check "links in a run folder: their targets untouched, no run" $? "$(cat "$T/target15" "$T/target15b" | tr '\n' ' ')"
+bad "--out ''" "--out" sample --checkpoint "$GOOD" --out ""
+bad "--run ''" "--run" $RUN --run ""
+for c in schedule params help; do
+    $TO "$DDPM" $c >/dev/full 2>"$T/full_$c.err"
+    rc=$?
+    [ $rc -eq 1 ] && one_line "$T/full_$c.err"
+    check "./ddpm $c > /dev/full: exit 1, one line" $? "exit $rc: $(err_of "full_$c")"
+done
+ddp mult2 params --data fashion-mnist --ch 8 --ch-mult 2,2 --attn none --groups 4
+grep -Eq '^norm_out +32$' "$T/mult2.out" && grep -Eq '^conv_out +145$' "$T/mult2.out"
+check "--ch-mult 2,2: norm_out and conv_out take the last block's 16 channels" $? "$(grep _out "$T/mult2.out" | tr '\n' ' ')"
+tool big "$LEARNED" "$T/big.ckpt"   # a learned Sigma: its log-variance output is not clipped as x0_hat is
+ddp nanpic sample --checkpoint "$T/big.ckpt" -n 2 --out "$T/nan15.png" --npz "$T/nan15.npz" --threads 1
+[ $rc -eq 1 ] && one_error "$T/nanpic.err" && grep -q "left the finite range at t = " "$T/nanpic.err" &&
+    [ ! -e "$T/nan15.png" ] && [ ! -e "$T/nan15.npy" ] && [ ! -e "$T/nan15.npz" ]
+check "a network that gives NaN: exit 1, one line naming the step, no picture" $? "exit $rc: $(err_of nanpic)"
+ddp nanrec reconstruct --checkpoint "$T/big.ckpt" --data-dir "$D" --index 0 --t 3 -k 1 --out "$T/nan15r.png" --threads 1
+[ $rc -eq 1 ] && one_error "$T/nanrec.err" && grep -q "left the finite range" "$T/nanrec.err" && [ ! -e "$T/nan15r.png" ]
+check "reconstruct with a network that gives NaN: exit 1, one line, no picture" $? "exit $rc: $(err_of nanrec)"
+ddp exp15 export --checkpoint "$GOOD" --out "$T/w15.ref" --threads 1
+imp_refused() {   # imp_refused NAME WORD FILE: import refuses it in one line naming WORD, writes nothing
+    ddp "imp_$1" import --weights "$3" --out "$T/never15.ckpt" --threads 1
+    [ $rc -eq 1 ] && one_line "$T/imp_$1.err" && grep -qF -- "$2" "$T/imp_$1.err" && [ ! -e "$T/never15.ckpt" ]
+    check "import refuses $1 in one line" $? "exit $rc: $(err_of "imp_$1")"
+}
+tool exset "$T/w15.ref" "$T/obj2.ref" config.objective 0,1 && imp_refused "a 2-value config.objective" "config.objective" "$T/obj2.ref"
+tool exset "$T/w15.ref" "$T/dnan.ref" config.dropout nan && imp_refused "a NaN config.dropout" "config.dropout" "$T/dnan.ref"
+tool exset "$T/w15.ref" "$T/d2.ref" config.dropout 0.1,0.2 && imp_refused "a 2-value config.dropout" "config.dropout" "$T/d2.ref"
+tool exdup "$T/w15.ref" "$T/dup.ref" config.ch && imp_refused "a repeated config.ch" "config.ch twice" "$T/dup.ref"
+tool exset "$T/w15.ref" "$T/ch192.ref" config.ch 192 && tool exdrop "$T/ch192.ref" "$T/ch192.ref" param. &&
+    ( ulimit -v 400000 2>/dev/null; exec $TO "$DDPM" import --weights "$T/ch192.ref" --out "$T/never15.ckpt" --threads 1 ) \
+        >/dev/null 2>"$T/ch192.err"
+rc=$?
+[ $rc -eq 1 ] && one_line "$T/ch192.err" && grep -q "has no param" "$T/ch192.err"
+check "import of a small file that claims a ch-192 network: refused before it is built (400 MB limit)" $? "exit $rc: $(err_of ch192)"
+tool exrename "$T/w15.ref" "$T/esc.ref" param.conv_in.bias 'param.x\n\x1b[31m' && imp_refused "an escape sequence in a record's name" '\x1b' "$T/esc.ref"
+! grep -q "$(printf '\033')" "$T/imp_an escape sequence in a record's name.err"
+check "a record's name is printed escaped: no terminal control codes" $? "raw ESC in stderr"
+truncate -s 300M "$T/huge.ref" 2>/dev/null || dd if=/dev/zero of="$T/huge.ref" bs=1M count=0 seek=300 2>/dev/null
+( ulimit -v 200000 2>/dev/null; exec $TO "$DDPM" import --weights "$T/huge.ref" --out "$T/never15.ckpt" ) >/dev/null 2>"$T/huge.err"
+rc=$?
+[ $rc -eq 1 ] && one_line "$T/huge.err" && grep -q "bad magic" "$T/huge.err"
+check "a 300 MB file that is not an exchange file: refused by its magic before it is read" $? "exit $rc: $(err_of huge)"
+tool exdrop "$T/w15.ref" "$T/noconf.ref" config.in_ch && tool exdrop "$T/noconf.ref" "$T/noconf.ref" config.ch &&
+    tool exdrop "$T/noconf.ref" "$T/noconf.ref" config.num_res_blocks && tool exdrop "$T/noconf.ref" "$T/noconf.ref" config.groups &&
+    tool exdrop "$T/noconf.ref" "$T/noconf.ref" config.img && tool exdrop "$T/noconf.ref" "$T/noconf.ref" config.attn &&
+    tool exset "$T/noconf.ref" "$T/noconf.ref" config.objective 2,0,1
+ddp impx0 import --weights "$T/noconf.ref" --out "$T/x0.ckpt" $NET --threads 1
+[ $rc -eq 0 ] && [ "$(tool byte "$T/x0.ckpt" 108)" = 2 ]
+check "import without the network's config.* records keeps the file's objective (x0)" $? "exit $rc: $(err_of impx0)"
+bad "--threads 1024" "--threads" params --threads 1024
+OMP_NUM_THREADS=100000 $TO "$DDPM" params >/dev/null 2>"$T/omp.err"
+rc=$?
+[ $rc -eq 0 ] && one_line "$T/omp.err" && grep -q "using 256" "$T/omp.err"
+check "OMP_NUM_THREADS=100000: capped at 256, said in one line" $? "exit $rc: $(err_of omp)"
+( trap '' XFSZ; ulimit -f 100 && exec $TO "$DDPM" sample --checkpoint "$GOOD" -n 1 --steps 10 --trace --out "$T/ftrace.png" --threads 1 ) \
+    >/dev/null 2>"$T/ftrace.err"
+rc=$?
+[ $rc -eq 1 ] && one_error "$T/ftrace.err"
+check "sample --trace on a full disk: exit 1, one error line" $? "exit $rc: $(err_of ftrace)"
+interrupt HUP sighup
+[ $rc -eq 129 ] && [ -n "$n" ] && [ "$n" -ge 3 ] && [ -f "$T/sighup/model.ckpt" ]
+check "SIGHUP (a closed terminal): exit 129, the checkpoint saved" $? "exit $rc: $(err_of sighup)"
+
+# ---------------------------------------------------------------------------
 # 14. The benchmark (tests/bench_ddpm.c, make bench): it runs, and refuses what it cannot do.
 # (Its times are figures for make bench, never assertions.)
 if [ -x tests/bench_ddpm ]; then
