@@ -2011,6 +2011,13 @@ static void unet_plan(UNet* m, const Config* cfg, int B_max) {
     m->n_params = sizing.P.used;
     m->L->n_acts = sizing.A.used;
     m->L->n_grad_acts = sizing.G.used;
+    // the work buffer (carved by unet_build): N_SCRATCH + 2 tensors, the largest layer's
+    // scratch, attention's (HW, HW) per thread, and a timestep projection
+    size_t per = (size_t)B_max * m->L->max_numel;
+    size_t att = (size_t)kernel_threads * m->L->max_attn_hw * m->L->max_attn_hw;
+    int max_mult = 1;
+    for (int i = 0; i < cfg->n_levels; i++) if (cfg->ch_mult[i] > max_mult) max_mult = cfg->ch_mult[i];
+    m->L->n_work = (N_SCRATCH + 2) * per + m->L->max_conv_ws + att + (size_t)B_max * cfg->ch * max_mult;
 }
 
 // Build the network for batches of up to B_max images: size everything, allocate each
@@ -2022,10 +2029,6 @@ static void unet_build(UNet* m, const Config* cfg, int B_max) {
     UNetLayers* L = m->L;
     size_t per = (size_t)B_max * L->max_numel;
     size_t att = (size_t)kernel_threads * L->max_attn_hw * L->max_attn_hw;   // datt, per thread
-    int max_mult = 1;
-    for (int i = 0; i < cfg->n_levels; i++) if (cfg->ch_mult[i] > max_mult) max_mult = cfg->ch_mult[i];
-    size_t tproj = (size_t)B_max * cfg->ch * max_mult;
-    L->n_work = (N_SCRATCH + 2) * per + L->max_conv_ws + att + tproj;
     m->params = calloc_check(m->n_params, sizeof(float), "parameters");
     m->grads = calloc_check(m->n_params, sizeof(float), "gradients");
     L->acts = calloc_check(L->n_acts, sizeof(float), "activations");
@@ -4461,7 +4464,8 @@ static int save_trace_png(const char* path, const float* frames, const Trace* tr
 // weights are the records param.NAME, with the PyTorch state_dict names of the tensor
 // table (section 15), so reference.py's DDPMUNet loads them as they are; config.*
 // records carry its shape (in_ch, ch, ch_mult, num_res_blocks, attn_resolutions,
-// groups, img, and optionally objective and dropout), meta.step the training step.
+// groups, img, and optionally objective and dropout), meta.step the training step (two
+// values, step mod 2^24 and step / 2^24, when it is too large for one float32).
 // `./ddpm export` writes a checkpoint's EMA weights this way; `./ddpm import` makes a
 // checkpoint of a file written by PyTorch (tests/train_torch.py) or by a converter.
 #define EXCHANGE_MAGIC "DDPMREF1"
@@ -5129,15 +5133,24 @@ static int cmd_train(const Options* o) {
         fprintf(stderr, "objective (Table 2): --mean-type %s --var-type %s --loss %s\n", MEAN_NAMES[ob.mean],
                 VAR_NAMES[ob.var], LOSS_NAMES[ob.loss]);
     double t0 = now_seconds(), last = t0, running = -1;
-    uint64_t first = tr.step;
+    uint64_t first = tr.step, last_saved = tr.step;   // the step model.ckpt holds (if it exists)
     int tty = lead && isatty(2);
     int out_of_time = 0, saved = 0, stop = world_max(stop_requested);
     while ((long)tr.step < o->steps && !stop && !out_of_time) {
         double ts = now_seconds();
         StepStats st = train_step(&tr, &data);
-        if (!isfinite(st.loss))
-            die("the loss became %s at step %llu; stopped without saving, so %s is the last good state; try a lower --lr",
-                isnan(st.loss) ? "nan" : "inf", (unsigned long long)tr.step + 1, exists || saved ? ckpt : "no checkpoint");
+        if (!isfinite(st.loss)) {   // nothing was updated or saved; say what will work
+            const char* v = isnan(st.loss) ? "nan" : "inf";
+            unsigned long long bad = tr.step + 1;
+            if (!exists && !saved)
+                die("the loss became %s at step %llu, before any checkpoint; start again with a lower --lr", v, bad);
+            if (last_saved + 1 == tr.step + 1)   // the forward pass from that very state overflowed
+                die("the loss became %s at step %llu; %s holds step %llu, and resuming it replays the batch that "
+                    "overflowed, at any --lr: start a new run (--run DIR) with a lower --lr", v, bad, ckpt,
+                    (unsigned long long)last_saved);
+            die("the loss became %s at step %llu; %s (step %llu) is the last saved state: resume it with a lower "
+                "--lr (--resume --lr X)", v, bad, ckpt, (unsigned long long)last_saved);
+        }
         double now = now_seconds(), ips = o->batch / (now - ts);
         running = running < 0 ? st.loss : 0.98 * running + 0.02 * st.loss;
         fprintf(log, "%llu,%.6f,%.6g,%.6f,%.2f\n", (unsigned long long)tr.step, st.loss, st.lr, st.grad_norm, ips);
@@ -5160,6 +5173,7 @@ static int cmd_train(const Options* o) {
             fflush(log);
             if (lead) save_or_die(&tr, o, ckpt), training_samples(&tr, o, dir);
             saved = 1;
+            last_saved = tr.step;
         }
     }
     if (tty) fprintf(stderr, "\n");
@@ -5503,8 +5517,11 @@ static int cmd_export(const Options* o) {
     int kinds[3] = {ob.mean, ob.var, ob.loss}, one = 1;
     ex_ints(&w, "config.objective", kinds, 3);
     ex_record(&w, "config.dropout", 1, &one, &m.cfg.dropout);
-    float step = (float)hd.step;   // exact up to 2^24 steps
-    ex_record(&w, "meta.step", 1, &one, &step);
+    // float32 holds whole numbers exactly up to 2^24: a larger step goes as two values,
+    // step mod 2^24 and step / 2^24
+    float step[2] = {(float)(hd.step & 0xffffff), (float)(hd.step >> 24)};
+    int two = hd.step >> 24 ? 2 : 1;
+    ex_record(&w, "meta.step", 1, &two, step);
     for (int i = 0; i < m.L->n_tensors; i++) {
         const ParamTensor* t = &m.L->tensors[i];
         char name[80];
@@ -5554,9 +5571,10 @@ static int cmd_import(const Options* o) {
     trainer_init(&tr, &cfg, &ob, 1, (ScheduleKind)o->schedule, &o->hyper, (uint64_t)o->seed);
     exchange_weights(&x, &tr.net, tr.net.params, o->weights);
     memcpy(tr.ema, tr.net.params, tr.net.n_params * sizeof(float));
-    int step = 0;
-    if (exchange_ints(&x, "meta.step", &step, 1, o->weights) == 0) die("%s: meta.step holds no value", o->weights);
-    tr.step = step > 0 ? (uint64_t)step : 0;
+    int step[2] = {0, 0}, k = exchange_ints(&x, "meta.step", step, 2, o->weights);
+    if (k == 0) die("%s: meta.step holds no value", o->weights);
+    if (k == 2 && step[0] >= 1 << 24) die("%s: meta.step's first value %d is not below 2^24", o->weights, step[0]);
+    tr.step = k > 0 ? (uint64_t)step[0] + ((uint64_t)step[1] << 24) : 0;
     tr.B = o->batch;   // the header's batch, which --resume must use; the buffers were made for one image
     char err[4400];
     if (stop_requested) die("interrupted; nothing written");
@@ -5568,10 +5586,12 @@ static int cmd_import(const Options* o) {
     return 0;
 }
 
+// The counts from two plans (unet_plan, for 1 and 2 images): nothing is allocated for
+// the network itself, whatever its size.
 static int cmd_params(const Options* o) {
     Config c = options_config(o);
     UNet m1, m2;
-    unet_build(&m1, &c, 1);
+    unet_plan(&m1, &c, 1);
     printf("%-24s %12s\n", "block", "parameters");
     const UNetLayers* L1 = m1.L;
     for (int i = 0; i < L1->n_tensors;) {
@@ -5582,14 +5602,14 @@ static int cmd_params(const Options* o) {
         i = j;
     }
     printf("%-24s %12zu\n", "total", m1.n_params);
-    unet_build(&m2, &c, 2);
+    unet_plan(&m2, &c, 2);
     const UNetLayers* L2 = m2.L;
     double per = ((L2->n_acts + L2->n_grad_acts + L2->n_work) - (L1->n_acts + L1->n_grad_acts + L1->n_work)) * 4.0 / 1048576;
     double fixed = (L1->n_acts + L1->n_grad_acts + L1->n_work) * 4.0 / 1048576 - per;
     printf("activation memory: %.2f MiB per image (+ %.2f MiB fixed); parameter state: %.1f MiB\n",
            per, fixed, m1.n_params * 4.0 * 6 / 1048576);
-    unet_free(&m1);
-    unet_free(&m2);
+    free(m1.L);
+    free(m2.L);
     return 0;
 }
 

@@ -6,7 +6,7 @@ and .csv files ./ddpm writes.
     /usr/bin/python3 tests/e2e_tool.py COMMAND ARGS...
 
 Commands: mkdata DIR, xor FILE OFFSET MASK, checksum FILE, nan IN OUT, reseal IN OUT
-OFFSET FORMAT VALUE..., exset/exdup/exdrop/exrename IN OUT NAME [VALUES|NEW], byte FILE OFFSET, big IN OUT,
+OFFSET FORMAT VALUE..., exset/exdup/exdrop/exrename IN OUT NAME [VALUES|NEW], byte/u64 FILE OFFSET, big IN OUT,
 exmut IN OUT MODE, npy FILE SHAPE, trace_t FILE, per_t CSV TOTAL
 L_T ROWS, recon NPY K, interp NPY L, npz NPZ NPY (each is described where it is handled).
 An assertion that fails exits non-zero with its message, which the shell test reports.
@@ -93,6 +93,8 @@ elif cmd in ("exset", "exdup", "exdrop", "exrename"):
     open(sys.argv[3], "wb").write(b"DDPMREF1" + struct.pack("<i", len(recs)) + b"".join(r[1] for r in recs))
 elif cmd == "byte":         # FILE OFFSET: print one byte of a file
     print(open(sys.argv[2], "rb").read()[int(sys.argv[3])])
+elif cmd == "u64":          # FILE OFFSET: print a little-endian uint64 of a file
+    print(struct.unpack_from("<Q", open(sys.argv[2], "rb").read(), int(sys.argv[3]))[0])
 elif cmd == "big":          # IN OUT: the EMA weights times 1e38 (finite, but the network overflows), re-sealed
     b = bytearray(open(sys.argv[2], "rb").read())
     n = struct.unpack_from("<Q", b, 152)[0]

@@ -712,6 +712,15 @@ tool exdrop "$T/w15.ref" "$T/noconf.ref" config.in_ch && tool exdrop "$T/noconf.
 ddp impx0 import --weights "$T/noconf.ref" --out "$T/x0.ckpt" $NET --threads 1
 [ $rc -eq 0 ] && [ "$(tool byte "$T/x0.ckpt" 108)" = 2 ]
 check "import without the network's config.* records keeps the file's objective (x0)" $? "exit $rc: $(err_of impx0)"
+tool reseal "$GOOD" "$T/big_step.ckpt" 112 Q 16777217
+ddp exp_big export --checkpoint "$T/big_step.ckpt" --out "$T/big_step.ref" --threads 1
+ddp imp_big import --weights "$T/big_step.ref" --out "$T/big_step2.ckpt" --batch 4 --threads 1
+[ $rc -eq 0 ] && [ "$(tool u64 "$T/big_step2.ckpt" 112)" = 16777217 ]
+check "export then import keeps step 16,777,217 (past float32's 2^24)" $? "exit $rc: $(err_of imp_big); step $(tool u64 "$T/big_step2.ckpt" 112 2>&1)"
+( ulimit -v 300000 2>/dev/null; exec $TO "$DDPM" params --ch 512 --threads 1 ) >"$T/p512.out" 2>"$T/p512.err"
+rc=$?
+[ $rc -eq 0 ] && grep -Eq '^total +282998275$' "$T/p512.out"
+check "params of a 283M-parameter network within 300 MB: counted, not allocated" $? "exit $rc: $(err_of p512)"
 bad "--threads 1024" "--threads" params --threads 1024
 OMP_NUM_THREADS=100000 $TO "$DDPM" params >/dev/null 2>"$T/omp.err"
 rc=$?
@@ -722,6 +731,19 @@ check "OMP_NUM_THREADS=100000: capped at 256, said in one line" $? "exit $rc: $(
 rc=$?
 [ $rc -eq 1 ] && one_error "$T/ftrace.err"
 check "sample --trace on a full disk: exit 1, one error line" $? "exit $rc: $(err_of ftrace)"
+# A run that overflows right after a checkpoint: resuming it replays the same batch, so
+# the advice is a new run, and both halves of that advice are checked here.
+LR1="--data-dir $D $NET --batch 4 --mean-type mu --loss kl --var-type learned --warmup 0 --sample-every 1 --sample-n 0 --threads 1"
+ddp lr1 $LR1 --lr 1 --steps 50 --run "$T/lr1"
+[ $rc -eq 1 ] && one_error "$T/lr1.err" && grep -q "start a new run (--run DIR) with a lower --lr" "$T/lr1.err"
+check "the loss overflows right after a checkpoint: exit 1, the advice is a new run" $? "exit $rc: $(err_of lr1)"
+bad_step=$(sed -n 's/.*became [a-z]* at step \([0-9]*\);.*/\1/p' "$T/lr1.err")
+ddp lr1r $LR1 --lr 1e-6 --steps 50 --run "$T/lr1" --resume
+grep -q "at step $bad_step;" "$T/lr1r.err" && [ $rc -eq 1 ]
+check "  ... and true: resuming it at --lr 1e-6 overflows at the same step $bad_step" $? "exit $rc: $(err_of lr1r)"
+ddp lr1n $LR1 --lr 1e-4 --steps $((bad_step + 2)) --run "$T/lr1new"
+[ $rc -eq 0 ]
+check "  ... and a new run at a lower --lr goes past step $bad_step" $? "exit $rc: $(err_of lr1n)"
 interrupt HUP sighup
 [ $rc -eq 129 ] && [ -n "$n" ] && [ "$n" -ge 3 ] && [ -f "$T/sighup/model.ckpt" ]
 check "SIGHUP (a closed terminal): exit 129, the checkpoint saved" $? "exit $rc: $(err_of sighup)"
