@@ -29,51 +29,90 @@ float32, or if the file is cut short. The weights go into an exchange file (ddpm
 section 21) that `./ddpm import` turns into the checkpoint; OUT.ckpt.source beside it
 records where they came from.
 """
-import hashlib, json, os, struct, subprocess, sys, tempfile
+import hashlib, json, os, signal, stat, struct, subprocess, sys, tempfile
 
 PAPER = dict(in_ch=3, ch=128, ch_mult=[1, 2, 2, 2], num_res_blocks=2, attn_resolutions=[16], groups=32, img=32)
+MAX_HEADER = 100 << 20     # the real header is 40 kB; a larger length is a corrupt file
+TEMPS = []                 # files this run is writing: removed on any failure or signal
+
+
+class Refused(Exception):
+    """A one-line reason; main prints it and exits 1, having removed what it wrote."""
 
 
 def fail(msg):
-    print(f"convert_official.py: {msg}", file=sys.stderr)
-    sys.exit(1)
+    raise Refused(msg)
+
+
+def read_regular(path):
+    """The bytes of a regular file (a FIFO or a device is refused before it can block or
+    run on forever)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as e:
+        fail(f"cannot read {path}: {e.strerror}")
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            fail(f"{path} is not a regular file (a FIFO, device or folder); pass the file itself")
+        head = f.read(8)
+        if len(head) < 8:
+            fail(f"{path} is not a safetensors file ({len(head)} bytes)")
+        n = struct.unpack_from("<Q", head)[0]
+        if n > min(MAX_HEADER, st.st_size - 8):
+            fail(f"{path}: the header length {n} runs past the end of the file ({st.st_size} bytes) "
+                 f"or past {MAX_HEADER} bytes; the file is truncated or not safetensors")
+        return n, f.read(n), f.read()
+
+
+def no_duplicates(pairs):
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        fail(f"the header names {sorted(k for k in set(keys) if keys.count(k) > 1)[0]!r} twice; the file is corrupt")
+    return dict(pairs)
+
+
+def whole(x):
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def read_safetensors(path):
     """name -> (dtype, shape, raw bytes); refuses anything malformed in one line."""
+    n, hdr, body = read_regular(path)
     try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        fail(f"cannot read {path}: {e.strerror}")
-    if len(data) < 8:
-        fail(f"{path} is not a safetensors file ({len(data)} bytes)")
-    n = struct.unpack_from("<Q", data)[0]
-    if n > len(data) - 8:
-        fail(f"{path}: the header length {n} runs past the end of the file ({len(data)} bytes); the file is truncated")
-    try:
-        header = json.loads(data[8:8 + n])
+        header = json.loads(hdr, object_pairs_hook=no_duplicates)
     except (ValueError, UnicodeDecodeError):
         fail(f"{path}: the header is not JSON; is this a safetensors file?")
+    except RecursionError:
+        fail(f"{path}: the header's JSON is nested too deeply; the file is corrupt")
     if not isinstance(header, dict):
         fail(f"{path}: the header is not a JSON object")
-    body, out = data[8 + n:], {}
+    out, spans = {}, []
     for name, t in header.items():
         if name == "__metadata__":
             continue
-        try:
-            dtype, shape, (lo, hi) = t["dtype"], [int(s) for s in t["shape"]], t["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            fail(f"{path}: {name} has no dtype, shape or data_offsets")
+        if not isinstance(t, dict) or not isinstance(t.get("dtype"), str) or not isinstance(t.get("shape"), list) \
+                or not isinstance(t.get("data_offsets"), list) or len(t["data_offsets"]) != 2:
+            fail(f"{path}: {name!r} has no dtype, shape or [begin, end] data_offsets")
+        dtype, shape, (lo, hi) = t["dtype"], t["shape"], t["data_offsets"]
+        if not all(whole(s) and 0 <= s < 1 << 31 for s in shape) or len(shape) > 8:
+            fail(f"{path}: {name!r} has a shape that is not a list of at most 8 sizes")
+        if not whole(lo) or not whole(hi):
+            fail(f"{path}: {name!r} has data_offsets that are not whole numbers")
         size = 4 if dtype == "F32" else None
         if not 0 <= lo <= hi <= len(body):
-            fail(f"{path}: {name} lies past the end of the file; the file is truncated")
+            fail(f"{path}: {name!r} lies past the end of the file; the file is truncated")
         count = 1
         for s in shape:
             count *= s
         if size and hi - lo != count * size:
-            fail(f"{path}: {name} holds {hi - lo} bytes, its shape {shape} needs {count * size}")
+            fail(f"{path}: {name!r} holds {hi - lo} bytes, its shape {shape} needs {count * size}")
+        spans.append((lo, hi, name))
         out[name] = (dtype, shape, body[lo:hi])
+    spans.sort()
+    for (lo0, hi0, a), (lo1, hi1, b) in zip(spans, spans[1:]):
+        if lo1 < hi0:
+            fail(f"{path}: {a!r} and {b!r} overlap in the file; the file is corrupt")
     return out
 
 
@@ -181,7 +220,27 @@ def convert(tensors):
     return out
 
 
-def write_exchange(path, weights, config=PAPER):
+def write_atomic(path, chunks):
+    """Writes path through path.tmp, flushed to disk, then renamed: never a half file."""
+    tmp = path + ".tmp"
+    TEMPS.append(tmp)
+    try:
+        with open(tmp, "wb") as f:
+            for c in chunks:
+                f.write(c)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        fail(f"could not write {path}: {e.strerror}")
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        TEMPS.remove(tmp)
+
+
+def exchange_bytes(weights, config=PAPER):
+    """The exchange file (ddpm.c section 21) of the paper's model with these weights."""
     recs = []
 
     def rec(name, shape, raw):
@@ -200,11 +259,16 @@ def write_exchange(path, weights, config=PAPER):
     ints("meta.step", [790000])                  # model.ckpt-790000
     for name, (shape, raw) in weights.items():
         rec("param." + name, shape, raw)
-    with open(path, "wb") as f:
-        f.write(b"DDPMREF1" + struct.pack("<i", len(recs)) + b"".join(recs))
+    return [b"DDPMREF1" + struct.pack("<i", len(recs))] + recs
 
 
-def main(argv):
+def folder_of(path, what):
+    d = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(d):
+        fail(f"{what} {path}: the folder {d} does not exist; create it first")
+
+
+def run(argv):
     args, ddpm, keep = [], os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "ddpm"), None
     it = iter(argv)
     for a in it:
@@ -214,29 +278,74 @@ def main(argv):
             keep = next(it, None)
         else:
             args.append(a)
-    if len(args) != 2 or ddpm is None:
+    if len(args) != 2 or ddpm is None or keep == "" or "" in args:
         print(__doc__.split("\n\n")[1], file=sys.stderr)
         return 2
     src, out = args
+    if not os.access(ddpm, os.X_OK):
+        fail(f"--ddpm {ddpm}: no such program; build it (make) or pass its path")
+    folder_of(out, "OUT")
+    if keep:
+        folder_of(keep, "--keep-exchange")
+    if os.path.exists(out):
+        fail(f"{out} already exists; remove it or pass another path")
     weights = convert(read_safetensors(src))
     n = sum(len(raw) // 4 for _, raw in weights.values())
     if n != 35_746_307:
         fail(f"{src} holds {n} parameters, the paper's model 35,746,307")
-    with tempfile.TemporaryDirectory() as tmp:
-        ref = keep or os.path.join(tmp, "official.ref")
-        write_exchange(ref, weights)
+    with open(src, "rb") as f:
+        sha = hashlib.sha256(f.read()).hexdigest()
+    source = (f"{os.path.basename(src)} sha256 {sha}\n"
+              "google/ddpm-cifar10-32 (diffusers), converted from the official TensorFlow checkpoint "
+              "diffusion_cifar10_model/model.ckpt-790000 (EMA weights; Ho, Jain, Abbeel 2020)\n"
+              f"converted by data/convert_official.py: {len(weights)} tensors, {n} parameters\n").encode()
+    try:
+        tmpdir = tempfile.mkdtemp(prefix="convert_official.")
+    except OSError as e:
+        fail(f"cannot make a temporary folder ({e.strerror or e}); set TMPDIR to a writable folder with 150 MB free")
+    try:
+        ref = keep or os.path.join(tmpdir, "official.ref")
+        write_atomic(ref, exchange_bytes(weights))
+        # out did not exist: whatever is there after a failure is this run's, removed with
+        # what a killed import leaves
+        TEMPS.extend([out + ".tmp", out])
         r = subprocess.run([ddpm, "import", "--weights", ref, "--out", out, "--batch", "128"],
                            capture_output=True, text=True)
         if r.returncode:
             fail(f"./ddpm import: {r.stderr.strip()}")
-    sha = hashlib.sha256(open(src, "rb").read()).hexdigest()
-    with open(out + ".source", "w") as f:
-        f.write(f"{os.path.basename(src)} sha256 {sha}\n"
-                "google/ddpm-cifar10-32 (diffusers), converted from the official TensorFlow checkpoint "
-                "diffusion_cifar10_model/model.ckpt-790000 (EMA weights; Ho, Jain, Abbeel 2020)\n"
-                f"converted by data/convert_official.py: {len(weights)} tensors, {n} parameters\n")
+        write_atomic(out + ".source", [source])
+        TEMPS.remove(out)
+    finally:
+        if not keep and os.path.exists(os.path.join(tmpdir, "official.ref")):
+            os.unlink(os.path.join(tmpdir, "official.ref"))
+        os.rmdir(tmpdir)
     print(f"wrote {out} ({len(weights)} tensors, {n:,} parameters, from {src}) and {out}.source")
     return 0
+
+
+def interrupted(sig, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv):
+    """run(), with every failure, signal and full disk ending in one line and nothing left."""
+    signal.signal(signal.SIGTERM, interrupted)
+    code, msg = 1, None
+    try:
+        return run(argv)
+    except Refused as e:
+        msg = str(e)
+    except KeyboardInterrupt:
+        code, msg = 130, "interrupted; nothing written"
+    except (OSError, MemoryError) as e:
+        msg = f"{getattr(e, 'strerror', None) or e or type(e).__name__}"
+    for t in TEMPS:
+        try:
+            os.unlink(t)
+        except OSError:
+            pass
+    print(f"convert_official.py: {msg}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

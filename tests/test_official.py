@@ -12,7 +12,7 @@ layers_per_block 2; AttnDownBlock2D second, AttnUpBlock2D third) and diffusers' 
 modules give it. It is derived, not read from the real file's index, and the README says so.
 Broken files must be refused in one line. Prints "N passed, N failed".
 """
-import json, os, re, struct, subprocess, sys, tempfile
+import json, os, re, signal, struct, subprocess, sys, tempfile
 
 import numpy as np
 import torch
@@ -123,6 +123,146 @@ def convert(src, out):
     return r.returncode, r.stderr.strip()
 
 
+def raw_file(path, header_bytes, body=b""):
+    """A safetensors file with the given header bytes, as they are."""
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(header_bytes)) + header_bytes + body)
+
+
+def run_converter(args, env=None, limit_fsize=None):
+    def limits():
+        if limit_fsize is not None:
+            import resource
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit_fsize, limit_fsize))
+    r = subprocess.run([sys.executable, CONVERTER] + args, capture_output=True, text=True, env=env,
+                       preexec_fn=limits if limit_fsize is not None else None, timeout=300)
+    return r.returncode, r.stderr.strip()
+
+
+def one_line(rc, err, word=""):
+    return rc == 1 and len(err.splitlines()) == 1 and "Traceback" not in err and word in err
+
+
+def hostile(tmp, diff):
+    """Hardening II: broken headers, special files, missing folders, full disks, signals:
+    one line, exit 1 (130 on a signal), no traceback, nothing left behind."""
+    ddpm = os.path.join(ROOT, "ddpm")
+    out = os.path.join(tmp, "h.ckpt")
+    src = os.path.join(tmp, "h.safetensors")
+    one = {"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}
+    cases = {
+        "deeply nested JSON": (b"[" * 100000 + b"]" * 100000, "nested"),
+        "data_offsets a dict": (json.dumps({"a": {"dtype": "F32", "shape": [1], "data_offsets": {"x": 1}}}).encode(), "data_offsets"),
+        "data_offsets a string": (json.dumps({"a": {"dtype": "F32", "shape": [1], "data_offsets": "0,4"}}).encode(), "data_offsets"),
+        "data_offsets nulls": (json.dumps({"a": {"dtype": "F32", "shape": [1], "data_offsets": [None, None]}}).encode(), "data_offsets"),
+        "data_offsets floats": (json.dumps({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0.0, 4.5]}}).encode(), "data_offsets"),
+        "a shape of 1e400": (b'{"a": {"dtype": "F32", "shape": [1e400], "data_offsets": [0, 4]}}', "shape"),
+        "duplicate JSON keys": (b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}', "twice"),
+        "overlapping data_offsets": (json.dumps(dict(one, b={"dtype": "F32", "shape": [1], "data_offsets": [2, 6]})).encode(), "overlap"),
+    }
+    for what, (header, word) in cases.items():
+        raw_file(src, header, b"\0" * 8)
+        rc, err = run_converter([src, out, "--ddpm", ddpm])
+        check(f"converter refuses in one line, no traceback: {what}", one_line(rc, err, word) and not os.path.exists(out),
+              f"exit {rc}: {err[-300:]}")
+    fifo = os.path.join(tmp, "fifo")
+    os.mkfifo(fifo)
+    for what, path in (("a FIFO", fifo), ("/dev/zero", "/dev/zero")):
+        rc, err = run_converter([path, out, "--ddpm", ddpm])
+        check(f"converter refuses {what} at once (not a regular file)", one_line(rc, err, "regular file"), f"exit {rc}: {err}")
+    save_safetensors(src, diff)
+    for what, args, word in (("a missing --ddpm", ["--ddpm", os.path.join(tmp, "none", "ddpm")], "--ddpm"),
+                             ("a missing --keep-exchange folder", ["--ddpm", ddpm, "--keep-exchange",
+                                                                   os.path.join(tmp, "none", "w.ref")], "--keep-exchange"),
+                             ("a missing output folder", ["--ddpm", ddpm], "OUT")):
+        o = os.path.join(tmp, "none", "x.ckpt") if what == "a missing output folder" else out
+        rc, err = run_converter([src, o] + args)
+        check(f"converter refuses {what} in one line", one_line(rc, err, word), f"exit {rc}: {err}")
+    tmpdir = os.path.join(tmp, "tmpdir")
+    os.mkdir(tmpdir)
+    rc, err = run_converter([src, out, "--ddpm", ddpm], env=dict(os.environ, TMPDIR=tmpdir), limit_fsize=50 << 20)
+    check("converter with a full TMPDIR (files limited to 50 MB): one line, nothing written or left",
+          one_line(rc, err, "could not write") and not os.path.exists(out) and not os.listdir(tmpdir), f"exit {rc}: {err}")
+    keep = os.path.join(tmp, "keep.ref")
+    rc, err = run_converter([src, out, "--ddpm", ddpm, "--keep-exchange", keep], limit_fsize=50 << 20)
+    left = [f for f in os.listdir(tmp) if f.startswith(("keep", "h.ckpt"))]
+    check("converter with --keep-exchange on a full disk (50 MB): one line, no fragment", one_line(rc, err, "could not write")
+          and not left, f"exit {rc}: {err}; left {left}")
+    # the .source alone on a full disk: its write fails after the checkpoint's (ddpm's own
+    # writes are not limited here: the limit is the converter's, set in its own process)
+    r = subprocess.run([sys.executable, "-c", f"""
+import os, resource, signal, sys
+sys.path.insert(0, {os.path.join(ROOT, 'data')!r})
+import convert_official as c
+real = c.write_atomic
+def full(path, chunks):
+    if path.endswith(".source"):
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (10, resource.RLIM_INFINITY))
+    real(path, chunks)
+c.write_atomic = full
+sys.exit(c.main([{src!r}, {out!r}, "--ddpm", {ddpm!r}]))
+"""], capture_output=True, text=True, timeout=300)
+    err = r.stderr.strip()
+    left = [f for f in os.listdir(tmp) if f.startswith("h.ckpt")]
+    check("converter with a full disk at the .source: one line, no checkpoint and no empty .source left",
+          one_line(r.returncode, err, ".source") and not left, f"exit {r.returncode}: {err}; left {left}")
+    # Ctrl-C while ./ddpm import writes: nothing left, one line
+    p = subprocess.Popen([sys.executable, CONVERTER, src, out, "--ddpm", ddpm], stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    import time
+    for _ in range(400):   # until the import has started
+        time.sleep(0.05)
+        if subprocess.run(["pgrep", "-f", "import --weights"], capture_output=True).returncode == 0:
+            break
+    os.killpg(p.pid, signal.SIGINT)
+    err = p.communicate(timeout=300)[1].strip()
+    left = [f for f in os.listdir(tmp) if f.startswith("h.ckpt") or f.endswith(".tmp")]
+    ok = (p.returncode == 130 and len(err.splitlines()) == 1 and "Traceback" not in err and not left) or \
+         (p.returncode == 0 and os.path.exists(out + ".source"))   # it may finish before the signal lands
+    check("converter on Ctrl-C: exit 130, one line, no .tmp or checkpoint left", ok, f"exit {p.returncode}: {err[-300:]}; left {left}")
+    for f in (out, out + ".source"):
+        if os.path.exists(f):
+            os.unlink(f)
+
+
+def fuzz_header(tmp, rounds=400):
+    """The header parser on random and mutated headers, in this process: a refusal
+    (Refused) is right, any other exception (a traceback) is a failure."""
+    import random
+    sys.path.insert(0, os.path.join(ROOT, "data"))
+    import convert_official as c
+    rng = random.Random(20200611)
+    base = json.dumps({"a": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]},
+                       "b": {"dtype": "F16", "shape": [4], "data_offsets": [24, 32]},
+                       "__metadata__": {"format": "pt"}}).encode()
+    src, crashes = os.path.join(tmp, "fuzz.safetensors"), []
+    for i in range(rounds):
+        h = bytearray(base)
+        for _ in range(rng.randint(1, 6)):
+            op, k = rng.random(), rng.randrange(len(h))
+            if op < 0.4:
+                h[k] = rng.choice(b'{}[]",:0123456789-.eE nulltruefalse\\x')
+            elif op < 0.6:
+                del h[k:k + rng.randint(1, 8)]
+            elif op < 0.8:
+                h[k:k] = rng.choice([b"[", b"{", b'"x":', b"1e400", b"-1", b"null", b"[[", b"9" * 30])
+            else:
+                h[k:k] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 4)))
+            if not h:
+                h = bytearray(b"{")
+        raw_file(src, bytes(h), bytes(rng.randrange(256) for _ in range(rng.choice([0, 16, 32, 40]))))
+        try:
+            c.convert(c.read_safetensors(src))
+        except c.Refused:
+            pass
+        except Exception as e:   # noqa: BLE001 -- any other exception is what this looks for
+            crashes.append(f"{type(e).__name__}: {e} on {bytes(h)[:80]!r}")
+    check(f"converter header fuzz: {rounds} random and mutated headers, every one refused or read, no traceback",
+          not crashes, f"{len(crashes)} tracebacks, first: {crashes[:1]}")
+
+
 def main():
     torch.manual_seed(0)
     cfg = dict(PRESETS["paper"], dropout=0.0)
@@ -184,6 +324,8 @@ def main():
         rc, err = convert(src, out)
         check(f"refused, in one line naming it: {what}",
               rc == 1 and len(err.splitlines()) == 1 and word in err and not os.path.exists(out), f"exit {rc}: {err}")
+    hostile(tmp, diff)
+    fuzz_header(tmp)
     subprocess.run(["rm", "-rf", tmp])
     n_fail = results.count(False)
     print(f"{len(results) - n_fail} passed, {n_fail} failed")
