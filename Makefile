@@ -9,9 +9,9 @@
 #   make bench           ddpm.c vs PyTorch, side by side (tests/bench_ddpm.c, a benchmark that
 #                        includes ddpm.c, run by tests/bench_table.py; about 20 min;
 #                        BENCH_ARGS="--quick --rounds 1" for one minute on tiny only)
-#   make fuzz            libFuzzer harnesses for the checkpoint, IDX and CIFAR-10 loaders (clang),
+#   make fuzz            libFuzzer harnesses for the checkpoint, IDX, CIFAR-10 and exchange readers (clang),
 #                        each run for FUZZ_SECONDS (30); make test runs them when clang is there
-#   make sanitize        the unit and end-to-end suites under AddressSanitizer + UBSan
+#   make sanitize        the unit, end-to-end and MPI suites under AddressSanitizer + UBSan
 #   make cifar10         download + check + unpack CIFAR-10 (binary version) into data/
 #   make fashion-mnist   unpack Debian's dataset-fashion-mnist into data/ (offline)
 #   make official-weights  the paper's CIFAR-10 model (diffusers' google/ddpm-cifar10-32)
@@ -156,12 +156,13 @@ test: ddpm ddpm_debug tests/test_ddpm tests/dump_ref tests/bench_ddpm tests/test
 # so clang needs only libclang-rt-14-dev, not libomp.
 FUZZ_CC ?= clang
 FUZZ_SECONDS ?= 30
-FUZZ_TARGETS = checkpoint idx cifar
+FUZZ_TARGETS = checkpoint idx cifar exchange
 FUZZ_FLAGS = -std=c11 -O1 -g -I$(STB_DIR) -Wno-unused-function -Wno-unknown-pragmas \
              -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all
 build/fuzz_checkpoint: FUZZ_ID = 1
 build/fuzz_idx: FUZZ_ID = 2
 build/fuzz_cifar: FUZZ_ID = 3
+build/fuzz_exchange: FUZZ_ID = 4
 build/fuzz_%: tests/fuzz_ddpm.c ddpm.c $(STB_DEP)
 	@mkdir -p build
 	$(FUZZ_CC) $(FUZZ_FLAGS) -DFUZZ_TARGET=$(FUZZ_ID) tests/fuzz_ddpm.c -o $@ -lm
@@ -177,19 +178,26 @@ fuzz: fuzz-build
 	done
 
 # Sanitizers: the program and the unit tests with AddressSanitizer and UBSan, any report
-# fatal; the end-to-end suite then runs on that build. (Leak reports are off: a refusal
-# ends the process with its buffers still held, by design.)
+# fatal; the end-to-end suite then runs on that build, and the MPI suite on ./ddpm_mpi
+# built the same way. GCC's `undefined` leaves out float-cast-overflow ((uint8_t)NaN in a
+# picture, say), so it is asked for by name. (Leak reports are off: a refusal ends the
+# process with its buffers still held, by design.)
 SAN_FLAGS = $(filter-out -O3 -march=native -mprefer-vector-width=512,$(CFLAGS)) -O2 -g -fno-omit-frame-pointer \
-            -fsanitize=address,undefined -fno-sanitize-recover=all
+            -fsanitize=address,undefined,float-cast-overflow -fno-sanitize-recover=all
 build/ddpm_san: ddpm.c $(STB_DEP)
 	@mkdir -p build
 	$(CC) $(SAN_FLAGS) ddpm.c -o $@ $(LDLIBS)
 build/test_ddpm_san: tests/test_ddpm.c ddpm.c $(STB_DEP)
 	@mkdir -p build
 	$(CC) $(SAN_FLAGS) -Wno-unused-function tests/test_ddpm.c -o $@ $(LDLIBS)
-sanitize: build/ddpm_san build/test_ddpm_san fashion-mnist
+build/ddpm_mpi_san: ddpm.c $(STB_DEP)
+	@mkdir -p build
+	@command -v $(MPICC) >/dev/null || { echo "make sanitize: $(MPICC) not found; apt-get install libopenmpi-dev openmpi-bin"; exit 1; }
+	OMPI_CC=$(CC) $(MPICC) $(SAN_FLAGS) -DDDPM_MPI ddpm.c -o $@ $(LDLIBS)
+sanitize: build/ddpm_san build/test_ddpm_san build/ddpm_mpi_san fashion-mnist
 	ASAN_OPTIONS=detect_leaks=0 build/test_ddpm_san
 	ASAN_OPTIONS=detect_leaks=0 DDPM=build/ddpm_san E2E_SLOW=4 E2E_ASAN=1 sh tests/test_e2e.sh
+	ASAN_OPTIONS=detect_leaks=0 DDPM=build/ddpm_san DDPM_MPI=build/ddpm_mpi_san sh tests/test_mpi.sh
 
 tests/bench_ddpm: tests/bench_ddpm.c ddpm.c $(STB_DEP)
 	$(CC) $(CFLAGS) -Wno-unused-function tests/bench_ddpm.c -o $@ $(LDLIBS)

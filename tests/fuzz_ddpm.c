@@ -1,6 +1,6 @@
 // fuzz_ddpm: libFuzzer harnesses for the loaders of files a user may be handed: the
 // checkpoint reader (section 20), the Fashion-MNIST IDX reader and the CIFAR-10 reader
-// (section 19). Built by `make fuzz` with clang, -fsanitize=fuzzer,address,undefined,
+// (section 19), and the exchange reader of ./ddpm import (section 21). Built by `make fuzz` with clang, -fsanitize=fuzzer,address,undefined,
 // once per target:
 //
 //   tests/fuzz_checkpoint   each input is written as a checkpoint, its trailing FNV-1a
@@ -10,6 +10,8 @@
 //   tests/fuzz_idx          each input as t10k-images-idx3-ubyte, beside a valid labels
 //                           file, then load_fashion_mnist
 //   tests/fuzz_cifar        each input as test_batch.bin, then load_cifar10
+//   tests/fuzz_exchange     each input as an exchange file, read as ./ddpm import reads one
+//                           before it builds a network (records, config, weights vs the plan)
 //
 // A refusal (die) comes back here by longjmp (DDPM_FUZZ), without its message, so it is
 // not a crash: only what the sanitizers or a signal catch is. Refused loads leave files and buffers
@@ -20,7 +22,7 @@
 #include <dirent.h>
 
 #ifndef FUZZ_TARGET
-#error "build with -DFUZZ_TARGET=1 (checkpoint), 2 (idx) or 3 (cifar)"
+#error "build with -DFUZZ_TARGET=1 (checkpoint), 2 (idx), 3 (cifar) or 4 (exchange)"
 #endif
 
 static char dir[256];
@@ -48,11 +50,15 @@ int LLVMFuzzerInitialize(int* argc, char*** argv) {
     return 0;
 }
 
-// The network a refused checkpoint had already built (the program would exit there).
-static UNet net;
+// The network a refused checkpoint had already built (the program would exit there), and
+// the exchange file and plan a refused import had read.
+static UNet net, plan;
+static Exchange ex;
 
 int LLVMFuzzerTestOneInput(const uint8_t* data, size_t n) {
     memset(&net, 0, sizeof net);
+    memset(&plan, 0, sizeof plan);
+    memset(&ex, 0, sizeof ex);
     if (setjmp(fuzz_refused) == 0) {
 #if FUZZ_TARGET == 1
         uint8_t* b = malloc(n + 8);
@@ -74,14 +80,31 @@ int LLVMFuzzerTestOneInput(const uint8_t* data, size_t n) {
         Dataset d;
         load_fashion_mnist(&d, dir, 0);
         dataset_free(&d);
-#else
+#elif FUZZ_TARGET == 3
         put("cifar-10-batches-bin/test_batch.bin", data, n);
         Dataset d;
         load_cifar10(&d, dir, 0);
         dataset_free(&d);
+#else
+        // what ./ddpm import does before it builds anything: read the records, take the
+        // network and objective from them, check the weights against the network's plan
+        put("fuzz.ref", data, n);
+        char path[512];
+        snprintf(path, sizeof path, "%s/fuzz.ref", dir);
+        exchange_read(&ex, path);
+        Config c = {0};
+        Objective ob = PAPER_OBJECTIVE;
+        if (exchange_config(&ex, &c, &ob, path) & 1) {
+            unet_plan(&plan, &c, 1);
+            exchange_weights(&ex, &plan, NULL, path);
+        }
+        int step[2];
+        exchange_ints(&ex, "meta.step", step, 2, path);
 #endif
     }
     if (net.L) unet_free(&net);
+    free(plan.L);
+    exchange_free(&ex);
     for (int fd = first_fd; fd < first_fd + 64; fd++) close(fd);   // what a refusal left open
     return 0;
 }

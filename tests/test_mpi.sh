@@ -88,14 +88,14 @@ i=0
 while [ $i -lt 600 ] && ! { [ -f "$T/kill/model.ckpt" ] && [ "$(wc -l <"$T/kill/log.csv" 2>/dev/null || echo 0)" -ge 6 ]; }; do
     sleep 0.1; i=$((i + 1))
 done
-victim=$(pgrep -f "ddpm_mpi .*$T/kill" | tail -n 1)
+victim=$(pgrep -f "ddpm_mpi[^ ]* .*$T/kill" | tail -n 1)
 [ -n "$victim" ] && kill -9 "$victim"
 i=0
 while kill -0 $job 2>/dev/null && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
 kill -9 $job 2>/dev/null
 wait $job
 rc=$?
-pkill -9 -f "ddpm_mpi .*$T/kill" 2>/dev/null
+pkill -9 -f "ddpm_mpi[^ ]* .*$T/kill" 2>/dev/null
 step=$(od -An -tu8 -j112 -N8 "$T/kill/model.ckpt" 2>/dev/null | tr -d ' ')
 $DDPM $NET --steps $((step + 1)) --run "$T/kill" --resume 2>"$T/kill2.err"
 rc2=$?
