@@ -102,6 +102,7 @@ static void* calloc_check(size_t n, size_t size, const char* what);   // zeroed,
 //   beta_tilde_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) * beta_t   (Eq. 7)
 
 typedef enum { SCHEDULE_LINEAR, SCHEDULE_COSINE } ScheduleKind;
+static const char* const SCHEDULE_NAMES[] = {"linear", "cosine", NULL};
 
 typedef struct {
     int T;
@@ -431,9 +432,9 @@ static const Objective PAPER_OBJECTIVE = {MEAN_EPS, VAR_FIXEDLARGE, LOSS_SIMPLE}
 
 // Their names, as the official code's ModelMeanType, ModelVarType and LossType (whose
 // `xstart` is x0 here, and `rescaled_mse` is not needed).
-static const char* MEAN_NAMES[] = {"eps", "mu", "x0"};
-static const char* VAR_NAMES[] = {"fixedlarge", "fixedsmall", "learned"};
-static const char* LOSS_NAMES[] = {"simple", "mse", "kl"};
+static const char* const MEAN_NAMES[] = {"eps", "mu", "x0", NULL};
+static const char* const VAR_NAMES[] = {"fixedlarge", "fixedsmall", "learned", NULL};
+static const char* const LOSS_NAMES[] = {"simple", "mse", "kl", NULL};
 
 // What a refusal calls the three choices: these words, or others the caller passes
 // (Part IV passes the names of its flags).
@@ -4798,12 +4799,8 @@ typedef struct {
 #define AT(field) offsetof(Options, field)
 #define HEADING(text) {NULL, OPT_HEADING, 0, 0, NULL, 0, 0, NULL, text, NULL, 0, 0, 0}
 static const char* const DATA_NAMES[] = {"cifar10", "fashion-mnist", NULL};
-static const char* const SCHEDULE_NAMES[] = {"linear", "cosine", NULL};      // ScheduleKind
 static const char* const SAMPLER_NAMES[] = {"ddpm", "ddim", NULL};           // Sampler.ddim
 static const char* const SIGMA_NAMES[] = {"beta", "beta_tilde", NULL};       // VAR_FIXEDLARGE, VAR_FIXEDSMALL
-static const char* const MEAN_WORDS[] = {"eps", "mu", "x0", NULL};           // MEAN_NAMES, NULL-ended
-static const char* const VAR_WORDS[] = {"fixedlarge", "fixedsmall", "learned", NULL};
-static const char* const LOSS_WORDS[] = {"simple", "mse", "kl", NULL};
 
 static const Option OPTIONS[] = {
     HEADING("training (train; the network flags also apply to params and import):"),
@@ -4832,12 +4829,12 @@ static const Option OPTIONS[] = {
     {"--schedule", OPT_WORD, AT(schedule), C_TRAIN | C_SCHEDULE | C_IMPORT, "linear", .arg = "linear|cosine",
      .help = "the beta schedule (linear is the paper's)", .words = SCHEDULE_NAMES},
     {"--mean-type", OPT_WORD, AT(obj.mean), C_TRAIN | C_MODEL | C_IMPORT, NULL, .arg = "eps|mu|x0",
-     .help = "what the network predicts (Eq. 11's eps; Table 2's rows)", .words = MEAN_WORDS},
+     .help = "what the network predicts (Eq. 11's eps; Table 2's rows)", .words = MEAN_NAMES},
     {"--var-type", OPT_WORD, AT(obj.var), C_TRAIN | C_MODEL | C_IMPORT, NULL, .arg = "fixedlarge|fixedsmall|learned",
-     .help = "sigma_t^2 = beta_t, beta_tilde_t, or learned", .words = VAR_WORDS},
+     .help = "sigma_t^2 = beta_t, beta_tilde_t, or learned", .words = VAR_NAMES},
     {"--loss", OPT_WORD, AT(obj.loss), C_TRAIN | C_MODEL | C_IMPORT, NULL, .arg = "simple|mse|kl",
      .help = "Eq. (14), MSE on the prediction, or the true bound L (all three are stored in the "
-             "checkpoint; sample, bpd and --resume read them from there)", .words = LOSS_WORDS},
+             "checkpoint; sample, bpd and --resume read them from there)", .words = LOSS_NAMES},
     HEADING("network (override the preset):"),
     {"--ch", OPT_INT, AT(ch), C_NET, NULL, 1, 4096, .arg = "N", .help = "base channels"},
     {"--ch-mult", OPT_LIST, AT(ch_mult), C_NET, NULL, 1, 4096, .arg = "1,2,2", .help = "channels per level, times --ch",

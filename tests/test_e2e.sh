@@ -744,6 +744,28 @@ check "  ... and true: resuming it at --lr 1e-6 overflows at the same step $bad_
 ddp lr1n $LR1 --lr 1e-4 --steps $((bad_step + 2)) --run "$T/lr1new"
 [ $rc -eq 0 ]
 check "  ... and a new run at a lower --lr goes past step $bad_step" $? "exit $rc: $(err_of lr1n)"
+# Bad flags are refused before the network is built: the tiny preset at 64 images needs
+# ~600 MB of activations, and these run under a 300 MB limit.
+ddp tinyck --data-dir "$D" --batch 1 --steps 1 --sample-n 0 --run "$T/tinyck" --threads 1
+TINY=$T/tinyck/model.ckpt
+before_build() {   # before_build NAME WORD ARGS...: exit 1 or 2, one line with WORD, under 300 MB
+    bname=$1; bword=$2; shift 2
+    ( [ -n "$E2E_ASAN" ] || ulimit -v 300000 2>/dev/null; exec $TO "$DDPM" "$@" --threads 1 ) >/dev/null 2>"$T/bb_$bname.err"
+    rc=$?
+    [ $rc -ge 1 ] && [ $rc -le 2 ] && one_line "$T/bb_$bname.err" && grep -qF -- "$bword" "$T/bb_$bname.err"
+    check "refused before the network is built ($bname)" $? "exit $rc: $(err_of "bb_$bname")"
+}
+before_build "sample --out in a missing folder" "does not exist" sample --checkpoint "$TINY" --out "$T/nowhere/s.png"
+before_build "reconstruct --t 2000" "--t 2000" reconstruct --checkpoint "$TINY" --data-dir "$D" --index 0 --t 2000 -k 64
+before_build "reconstruct --index 99" "--index 99" reconstruct --checkpoint "$TINY" --data-dir "$D" --index 99 -k 64
+before_build "bpd --t-samples 1000" "--t-samples" bpd --checkpoint "$TINY" --data-dir "$D" --t-samples 1000
+# SIGPIPE: training whose stderr goes to a reader that left (| head) saves and stops
+mkfifo "$T/pipe15"
+( head -c 1 <"$T/pipe15" >/dev/null ) &
+$TO "$DDPM" $RUN --steps 100000 --log-every 1 --sample-every 1000 --threads 1 --run "$T/sigpipe" 2>"$T/pipe15"
+rc=$?
+[ $rc -eq 141 ] && [ -f "$T/sigpipe/model.ckpt" ]
+check "SIGPIPE (stderr into | head): exit 141, the checkpoint saved" $? "exit $rc, $(ls "$T/sigpipe" 2>&1 | tr '\n' ' ')"
 interrupt HUP sighup
 [ $rc -eq 129 ] && [ -n "$n" ] && [ "$n" -ge 3 ] && [ -f "$T/sighup/model.ckpt" ]
 check "SIGHUP (a closed terminal): exit 129, the checkpoint saved" $? "exit $rc: $(err_of sighup)"
