@@ -48,7 +48,7 @@ nothing of Part IV on the way.
     20. Checkpoints ............. checksummed, written atomically, bit-exact resume
     21. Pictures and files ...... PNG grids, .npy and .npz arrays, weights exchange files
     22. main .................... the command line: one table of options, --help from it
-    23. Many machines ........... data-parallel training over MPI (`make mpi`)
+    23. Many machines ........... data-parallel training on several processes (`make mpi`)
 
 Conventions
     Tensors are float32, NCHW: B images, C channels, H x W pixels.
@@ -1180,17 +1180,14 @@ static BoundBpd eval_bpd(UNet* m, const Schedule* s, const Sampler* sp, const Da
     int Bm = m->B_max, T = s->T;
     size_t n = (size_t)m->cfg.in_ch * m->cfg.img * m->cfg.img;
     if (n_images > test->N) n_images = test->N;
-    float* x0 = malloc_check((size_t)Bm * n * sizeof(float), "evaluation buffers");
-    float* eps = malloc_check((size_t)Bm * n * sizeof(float), "evaluation buffers");
-    float* x_t = malloc_check((size_t)Bm * n * sizeof(float), "evaluation buffers");
-    float* mean_q = malloc_check((size_t)Bm * n * sizeof(float), "evaluation buffers");
-    float* mean_p = malloc_check((size_t)Bm * n * sizeof(float), "evaluation buffers");
-    float* x0_hat = malloc_check((size_t)Bm * n * sizeof(float), "evaluation buffers");
-    int* t_idx = malloc_check((size_t)Bm * sizeof(int), "evaluation buffers");
-    int* t_model = malloc_check((size_t)Bm * sizeof(int), "evaluation buffers");
-    double* lv_q = malloc_check((size_t)Bm * sizeof(double), "evaluation buffers");
-    float* lv_p = malloc_check((size_t)Bm * n * sizeof(float), "evaluation buffers");
-    double* img_L = malloc_check((size_t)Bm * sizeof(double), "evaluation buffers");
+    size_t k = (size_t)Bm * n;   // one buffer each of floats, doubles and ints, carved
+    float* x0 = malloc_check(7 * k * sizeof(float), "evaluation buffers");
+    float *eps = x0 + k, *x_t = x0 + 2 * k, *mean_q = x0 + 3 * k, *mean_p = x0 + 4 * k, *x0_hat = x0 + 5 * k,
+          *lv_p = x0 + 6 * k;
+    double* lv_q = malloc_check(2 * (size_t)Bm * sizeof(double), "evaluation buffers");
+    double* img_L = lv_q + Bm;
+    int* t_idx = malloc_check(2 * (size_t)Bm * sizeof(int), "evaluation buffers");
+    int* t_model = t_idx + Bm;
     double sum_sq = 0;
     BoundBpd r = {0, 0, 0, 0, 0, 0};
     if (per_t)
@@ -1244,9 +1241,7 @@ static BoundBpd eval_bpd(UNet* m, const Schedule* s, const Sampler* sp, const Da
         for (int ti = 0; ti < T; ti++) per_t->term[ti] /= r.n, per_t->mse[ti] /= r.n;
     r.total = r.prior + r.terms + r.decoder;
     if (r.n > 1) r.std_err = sqrt(fmax(0.0, (sum_sq / r.n - r.total * r.total) * r.n / (r.n - 1)) / r.n);
-    free(img_L);
-    free(x0); free(eps); free(x_t); free(mean_q); free(mean_p); free(x0_hat);
-    free(t_idx); free(t_model); free(lv_q); free(lv_p);
+    free(x0); free(lv_q); free(t_idx);
     return r;
 }
 
@@ -4473,7 +4468,7 @@ static int save_trace_png(const char* path, const float* frames, const Trace* tr
 #define EXCHANGE_MAX_DIMS 8
 
 typedef struct { const char* name; int name_len, ndim, shape[EXCHANGE_MAX_DIMS]; size_t count; const uint8_t* data; } ExRecord;
-typedef struct { uint8_t* bytes; size_t len; ExRecord* rec; int n; } Exchange;
+typedef struct { const uint8_t* bytes; size_t len; ExRecord* rec; int n; } Exchange;   // bytes: the file, mapped
 
 // A record's name as it may be printed: bytes outside printable ASCII as \xNN, so a
 // hostile name cannot break the one-line message or send the terminal escape codes.
@@ -4494,8 +4489,8 @@ static const char* ex_name(const char* name, int len) {
 
 static int32_t get_le32(const uint8_t* p) { return (int32_t)((uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24); }
 
-// Reads and indexes the whole file; dies with one line naming the file and the record
-// on anything malformed (every length is checked against what is left of the file).
+// Maps and indexes the file; dies with one line naming the file and the record on
+// anything malformed (every length is checked against what is left of the file).
 static void exchange_read(Exchange* x, const char* path) {
     memset(x, 0, sizeof *x);
     FILE* f = fopen_regular(path, NULL);
@@ -4504,12 +4499,13 @@ static void exchange_read(Exchange* x, const char* path) {
     char magic[8];   // the magic first: a large file of another kind is refused before it is read
     fread_check(magic, 8, f, path);
     if (memcmp(magic, EXCHANGE_MAGIC, 8)) die("%s is not an exchange file (bad magic; want %s)", path, EXCHANGE_MAGIC);
+    // Mapped, not read: the records are indexed where they lie, and a tensor's pages are
+    // read from disk only when it is copied out, so a huge file costs no memory up front.
     x->len = (size_t)size;
-    x->bytes = malloc(x->len);
-    if (!x->bytes) die("%s: its %.1f GiB do not fit in this machine's memory; is it an exchange file?", path, size / 1073741824.0);
-    memcpy(x->bytes, magic, 8);
-    fread_check(x->bytes + 8, x->len - 8, f, path);
+    void* p = mmap(NULL, x->len, PROT_READ, MAP_PRIVATE, fileno(f), 0);
     fclose(f);
+    if (p == MAP_FAILED) die("cannot map %s (%.1f GiB): %s", path, size / 1073741824.0, strerror(errno));
+    x->bytes = p;
     int32_t n = get_le32(x->bytes + 8);
     if (n < 0 || (size_t)n > (x->len - 12) / 12) die("%s: bad record count %d; the file is corrupt", path, n);
     x->rec = malloc_check((size_t)(n ? n : 1) * sizeof(ExRecord), "the exchange index");
@@ -4540,7 +4536,10 @@ static void exchange_read(Exchange* x, const char* path) {
     if (pos != x->len) die("%s has %zu bytes after its %d records; the file is corrupt", path, x->len - pos, n);
 }
 
-static void exchange_free(Exchange* x) { free(x->bytes); free(x->rec); }
+static void exchange_free(Exchange* x) {
+    if (x->bytes) munmap((void*)x->bytes, x->len);
+    free(x->rec);
+}
 
 static int exchange_is(const ExRecord* r, const char* name) {
     return (size_t)r->name_len == strlen(name) && !memcmp(r->name, name, r->name_len);
@@ -5684,7 +5683,7 @@ static void print_help(FILE* f) {
 
 static int cmd_help(const Options* o) {
     (void)o;
-    print_help(stdout);
+    if (world_rank == 0) print_help(stdout);   // once, under mpirun too
     return 0;
 }
 
@@ -5739,7 +5738,7 @@ int main(int argc, char** argv) {
 #endif
     Options o;
     parse_options(argc, argv, &o);
-    if (world_size > 1 && o.cmd != C_TRAIN)
+    if (world_size > 1 && o.cmd != C_TRAIN && o.cmd != C_HELP)
         usage_error("%s runs as one process; only train splits over MPI ranks (run ./ddpm %s)", o.cmd_name, o.cmd_name);
 #ifdef _OPENMP
     if (o.threads > 0) omp_set_num_threads(o.threads);

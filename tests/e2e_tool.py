@@ -18,6 +18,21 @@ def fnv(b, h=0xcbf29ce484222325):
         h = ((h ^ x) * 0x100000001b3) & 0xffffffffffffffff
     return h
 
+def records(path):
+    """An exchange file (ddpm.c section 21) as a list of (name, the record's bytes)."""
+    b = open(path, "rb").read()
+    assert b[:8] == b"DDPMREF1"
+    n, pos, recs = struct.unpack_from("<i", b, 8)[0], 12, []
+    for _ in range(n):
+        k = struct.unpack_from("<i", b, pos)[0]
+        name = b[pos + 4:pos + 4 + k]
+        nd = struct.unpack_from("<i", b, pos + 4 + k)[0]
+        shape = struct.unpack_from("<%di" % nd, b, pos + 8 + k)
+        end = pos + 8 + k + 4 * nd + 4 * math.prod(shape)
+        recs.append((name, b[pos:end]))
+        pos = end
+    return recs
+
 cmd = sys.argv[1]
 if cmd == "mkdata":
     # 4 structured 32x32 RGB images (not noise) in CIFAR-10's binary format: a horizontal
@@ -65,17 +80,7 @@ elif cmd in ("exset", "exdup", "exdrop", "exrename"):
     # exset IN OUT NAME V,V,...: record NAME (1-D float32; "nan" allowed) set or appended
     # exdup IN OUT NAME: record NAME twice;  exdrop IN OUT PREFIX: records starting so dropped
     # exrename IN OUT NAME NEW: record NAME renamed NEW (Python escapes such as \x1b allowed)
-    b = open(sys.argv[2], "rb").read()
-    assert b[:8] == b"DDPMREF1"
-    n, pos, recs = struct.unpack_from("<i", b, 8)[0], 12, []
-    for _ in range(n):
-        k = struct.unpack_from("<i", b, pos)[0]
-        name = b[pos + 4:pos + 4 + k]
-        nd = struct.unpack_from("<i", b, pos + 4 + k)[0]
-        shape = struct.unpack_from("<%di" % nd, b, pos + 8 + k)
-        end = pos + 8 + k + 4 * nd + 4 * math.prod(shape)
-        recs.append((name, b[pos:end]))
-        pos = end
+    recs = records(sys.argv[2])
     name = sys.argv[4].encode("latin1").decode("unicode_escape").encode("latin1")
     if cmd == "exset":
         vals = [float(v) for v in sys.argv[5].split(",")]
@@ -103,17 +108,7 @@ elif cmd == "big":          # IN OUT: the EMA weights times 1e38 (finite, but th
     b[-8:] = struct.pack("<Q", fnv(b[:-8]))
     open(sys.argv[3], "wb").write(b)
 elif cmd == "exmut":        # IN OUT MODE: an exchange file's records reversed, one renamed,
-    b = open(sys.argv[2], "rb").read()   # one dropped, one doubled, or the file cut short
-    assert b[:8] == b"DDPMREF1"
-    n, pos, recs = struct.unpack_from("<i", b, 8)[0], 12, []
-    for _ in range(n):
-        k = struct.unpack_from("<i", b, pos)[0]
-        name = b[pos + 4:pos + 4 + k]
-        nd = struct.unpack_from("<i", b, pos + 4 + k)[0]
-        shape = struct.unpack_from("<%di" % nd, b, pos + 8 + k)
-        end = pos + 8 + k + 4 * nd + 4 * math.prod(shape)
-        recs.append((name, b[pos:end]))
-        pos = end
+    recs = records(sys.argv[2])         # one dropped, one doubled, or the file cut short
     mode = sys.argv[4]
     i = next(j for j, r in enumerate(recs) if r[0].startswith(b"param.") and b"conv1.weight" in r[0])
     if mode == "reverse": recs.reverse()

@@ -705,6 +705,24 @@ truncate -s 300M "$T/huge.ref" 2>/dev/null || dd if=/dev/zero of="$T/huge.ref" b
 rc=$?
 [ $rc -eq 1 ] && one_line "$T/huge.err" && grep -q "bad magic" "$T/huge.err"
 check "a 300 MB file that is not an exchange file: refused by its magic before it is read" $? "exit $rc: $(err_of huge)"
+# A 2 GB exchange file (sparse) is mapped, not read: refused for its junk record within 100 MB
+"$PY" -c '
+import struct, sys
+name = b"param.junk"
+n = (2 << 30) // 4
+with open(sys.argv[1], "wb") as f:
+    f.write(b"DDPMREF1" + struct.pack("<ii", 1, len(name)) + name + struct.pack("<ii", 1, n))
+    f.truncate(f.tell() + 4 * n)
+' "$T/sparse.ref"
+"$PY" -c '
+import resource, subprocess, sys
+r = subprocess.run(sys.argv[1:], capture_output=True, text=True)
+rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+print(r.returncode, "%.0f" % rss, r.stderr.strip().replace("\n", "|"))
+' "$DDPM" import --weights "$T/sparse.ref" --out "$T/never15.ckpt" $NET --threads 1 >"$T/sparse.out"
+read src_rc src_mb src_err <"$T/sparse.out"
+[ "$src_rc" = 1 ] && { [ -n "$E2E_ASAN" ] || [ "$src_mb" -lt 100 ]; } && grep -q "param.junk is not a tensor" "$T/sparse.out"
+check "a 2 GB exchange file is mapped, not read: refused within 100 MB of memory" $? "$(cat "$T/sparse.out")"
 tool exdrop "$T/w15.ref" "$T/noconf.ref" config.in_ch && tool exdrop "$T/noconf.ref" "$T/noconf.ref" config.ch &&
     tool exdrop "$T/noconf.ref" "$T/noconf.ref" config.num_res_blocks && tool exdrop "$T/noconf.ref" "$T/noconf.ref" config.groups &&
     tool exdrop "$T/noconf.ref" "$T/noconf.ref" config.img && tool exdrop "$T/noconf.ref" "$T/noconf.ref" config.attn &&

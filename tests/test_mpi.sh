@@ -80,6 +80,18 @@ rc=$?
 [ $rc -ne 0 ] && [ "$(grep -c '^ddpm' "$T/sched.err")" -eq 1 ] && grep -q "only train" "$T/sched.err"
 check "another command than train on 2 ranks: refused in one line" $? "exit $rc: $(errs "$T/sched.err")"
 
+# --help under mpirun ends through MPI_Finalize (no abort report), and an error that
+# every rank hits gives each rank's line whole (one write each), never two spliced.
+$MPIRUN -np 2 $DDPM_MPI --help >"$T/help.out" 2>"$T/help.err"
+rc=$?
+[ $rc -eq 0 ] && [ "$(grep -c '^usage:' "$T/help.out")" -eq 1 ] && ! grep -qi "abort\|finalize" "$T/help.err"
+check "--help on 2 ranks: exit 0, printed once, MPI finalized" $? "exit $rc: $(errs "$T/help.err")"
+$MPIRUN -np 2 $DDPM_MPI $NET --data-dir "$T/nodata" --steps 2 --run "$T/nodata" >/dev/null 2>"$T/nodata.err"
+rc=$?
+[ $rc -ne 0 ] && [ "$(grep -c 'fashion-mnist' "$T/nodata.err")" -ge 1 ] &&
+    ! grep 'fashion-mnist' "$T/nodata.err" | grep -v '^ddpm\( (rank [0-9]*)\)\?: ' | grep -q .
+check "a missing dataset on 2 ranks: every error line whole, each beginning ddpm" $? "exit $rc: $(errs "$T/nodata.err")"
+
 # SIGKILL one rank of a run that checkpoints every 2 steps: the job fails, and the
 # checkpoint left behind loads and trains on.
 $MPIRUN -np 2 $DDPM_MPI $NET --steps 1000000 --sample-every 2 --run "$T/kill" >"$T/kill.out" 2>"$T/kill.err" &
