@@ -194,10 +194,14 @@ build/ddpm_mpi_san: ddpm.c $(STB_DEP)
 	@mkdir -p build
 	@command -v $(MPICC) >/dev/null || { echo "make sanitize: $(MPICC) not found; apt-get install libopenmpi-dev openmpi-bin"; exit 1; }
 	OMPI_CC=$(CC) $(MPICC) $(SAN_FLAGS) -DDDPM_MPI ddpm.c -o $@ $(LDLIBS)
-sanitize: build/ddpm_san build/test_ddpm_san build/ddpm_mpi_san fashion-mnist
+sanitize: build/ddpm_san build/test_ddpm_san fashion-mnist
 	ASAN_OPTIONS=detect_leaks=0 build/test_ddpm_san
 	ASAN_OPTIONS=detect_leaks=0 DDPM=build/ddpm_san E2E_SLOW=4 E2E_ASAN=1 sh tests/test_e2e.sh
-	ASAN_OPTIONS=detect_leaks=0 DDPM=build/ddpm_san DDPM_MPI=build/ddpm_mpi_san sh tests/test_mpi.sh
+	@if command -v $(MPICC) >/dev/null && command -v mpirun >/dev/null; then \
+	    $(MAKE) -s build/ddpm_mpi_san && \
+	    ASAN_OPTIONS=detect_leaks=0 DDPM=build/ddpm_san DDPM_MPI=build/ddpm_mpi_san sh tests/test_mpi.sh; \
+	elif [ "$$CI" = true ]; then echo "make sanitize: the MPI suite needs libopenmpi-dev openmpi-bin"; exit 1; \
+	else echo "NOTE skipped the MPI suite under sanitizers: no $(MPICC) (apt-get install libopenmpi-dev openmpi-bin)"; fi
 
 tests/bench_ddpm: tests/bench_ddpm.c ddpm.c $(STB_DEP)
 	$(CC) $(CFLAGS) -Wno-unused-function tests/bench_ddpm.c -o $@ $(LDLIBS)
