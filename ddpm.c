@@ -3875,9 +3875,12 @@ static int write_file_atomic(const char* path, const void* a, size_t na, const v
     return -1;
 }
 
-// Before any long work: PATH can be written. Its folder exists and is writable, and PATH
-// is not something other than a regular file (a device or a FIFO would be replaced).
-static void check_output_path(const char* path, const char* flag) {
+// Before any long work: PATH can be written. Its folder exists and is writable, PATH is
+// not something other than a regular file (a device or a FIFO would be replaced), and it
+// is not the file the command reads (input, may be NULL).
+static void check_not_input(const char* path, const char* flag, const char* input);
+
+static void check_output_path(const char* path, const char* flag, const char* input) {
     char dir[4200];
     snprintf(dir, sizeof dir, "%s", path);
     char* slash = strrchr(dir, '/');
@@ -3889,6 +3892,7 @@ static void check_output_path(const char* path, const char* flag) {
     if (access(dir, W_OK) != 0) die("%s %s: the folder %s is not writable", flag, path, dir);
     if (lstat(path, &st) == 0 && !S_ISREG(st.st_mode))
         die("%s %s exists and is not a regular file; pass another path", flag, path);
+    check_not_input(path, flag, input);
 }
 
 // 1 if a and b name one file (the same device and inode: a link is its target).
@@ -4275,13 +4279,12 @@ static void checkpoint_load(Trainer* tr, const char* path) {
 
 // The EMA weights of a checkpoint, into a network built from its header, for sampling
 // and evaluation (the live parameters and Adam's moments are not needed).
-static void load_ema_model(UNet* m, Schedule* s, Objective* ob, const char* path, int B_max) {
-    CheckpointHeader hd;
-    FILE* f = checkpoint_open(path, &hd);
-    if (ob) *ob = objective_from_header(&hd);
-    Config c = config_from_header(&hd);
+// load_ema reads on from a checkpoint that checkpoint_open has checked (f, its header hd),
+// and closes it; load_ema_model does both, and gives the header (hd may be NULL).
+static void load_ema(UNet* m, Schedule* s, FILE* f, const CheckpointHeader* hd, const char* path, int B_max) {
+    Config c = config_from_header(hd);
     unet_build(m, &c, B_max);
-    if (hd.n_params != m->n_params) die("%s: its header and its size disagree; the file is corrupt", path);
+    if (hd->n_params != m->n_params) die("%s: its header and its size disagree; the file is corrupt", path);
     size_t nb = m->n_params * sizeof(float);
     fread_check(m->grads, nb, f, path);    // the live parameters: skipped
     fread_check(m->params, nb, f, path);   // the EMA
@@ -4289,7 +4292,14 @@ static void load_ema_model(UNet* m, Schedule* s, Objective* ob, const char* path
     if (!all_finite(m->params, m->n_params))
         die("%s holds non-finite values (NaN or inf) in its EMA; the file is corrupt", path);
     zero(m->grads, m->n_params);
-    schedule_init(s, hd.T, (ScheduleKind)hd.schedule);
+    schedule_init(s, hd->T, (ScheduleKind)hd->schedule);
+}
+
+static void load_ema_model(UNet* m, Schedule* s, CheckpointHeader* hd, const char* path, int B_max) {
+    CheckpointHeader h;
+    FILE* f = checkpoint_open(path, &h);
+    load_ema(m, s, f, &h, path, B_max);
+    if (hd) *hd = h;
 }
 
 
@@ -5206,8 +5216,7 @@ static void output_paths(const Options* o, const char* name, char* out, char* ba
     const char* flag = o->out ? "--out" : "the output grid";
     if (o->out) snprintf(out, len, "%s", o->out);
     else default_beside(out, len, o->checkpoint, name);
-    check_output_path(out, flag);
-    check_not_input(out, flag, o->checkpoint);
+    check_output_path(out, flag, o->checkpoint);
     snprintf(base, len, "%s", out);
     char* dot = strrchr(base, '.');
     if (dot && !strchr(dot, '/')) *dot = 0;
@@ -5252,15 +5261,13 @@ static int chain_steps(const Options* o, const Sampler* sp, int T) {
 
 // What sample, bpd, reconstruct and interpolate check before they build the network
 // (3.4 GB for the paper's model at 64 images): the checkpoint itself (checksum and
-// header), the flags against its objective (the Sampler they give), its chain's length T.
-// Returns the network's configuration.
-static Config checkpoint_first(const Options* o, Sampler* sp, int* T) {
-    CheckpointHeader hd;
-    fclose(checkpoint_open(o->checkpoint, &hd));
-    Objective ob = objective_from_header(&hd);
+// header, into *hd) and the flags against its objective (the Sampler they give). Returns
+// the checkpoint open after its header, for load_ema to read on once the rest is checked.
+static FILE* checkpoint_first(const Options* o, CheckpointHeader* hd, Sampler* sp) {
+    FILE* f = checkpoint_open(o->checkpoint, hd);
+    Objective ob = objective_from_header(hd);
     *sp = checkpoint_sampler(o, &ob, o->checkpoint);
-    *T = hd.T;
-    return config_from_header(&hd);
+    return f;
 }
 
 static void check_channels(const Config* c, const char* path) {
@@ -5303,18 +5310,18 @@ static int cmd_sample(const Options* o) {
     char out[4200], base[4200], path[4400];
     output_paths(o, "samples.png", out, base, sizeof out);   // before the network is built
     if (o->npz) {
-        check_output_path(o->npz, "--npz");
-        check_not_input(o->npz, "--npz", o->checkpoint);
+        check_output_path(o->npz, "--npz", o->checkpoint);
         if (same_file(o->npz, out) || !strcmp(o->npz, out)) die("--npz %s is the grid's path too; pass another", o->npz);
     }
+    CheckpointHeader hd;
     Sampler sp;
-    int T;
-    Config c = checkpoint_first(o, &sp, &T);
+    FILE* f = checkpoint_first(o, &hd, &sp);
+    Config c = config_from_header(&hd);
     check_channels(&c, o->checkpoint);
-    int K = chain_steps(o, &sp, T);
+    int K = chain_steps(o, &sp, hd.T);
     UNet m;
     Schedule trained, s;
-    load_ema_model(&m, &trained, NULL, o->checkpoint, Bm);
+    load_ema(&m, &trained, f, &hd, o->checkpoint, Bm);
     schedule_respace(&s, &trained, K);
     size_t sz = (size_t)m.cfg.in_ch * m.cfg.img * m.cfg.img;
     float* imgs = malloc_check((size_t)n * sz * sizeof(float), "samples");
@@ -5376,18 +5383,19 @@ static void write_per_t_csv(const char* path, const PerT* pt, const BoundBpd* r,
 static int cmd_bpd(const Options* o) {
     if (!o->checkpoint) usage_error("bpd needs --checkpoint PATH");
     int n = o->n, Bm = n < 32 ? n : 32;
+    CheckpointHeader hd;
     Sampler sp;
-    int T;
-    Config c = checkpoint_first(o, &sp, &T);
-    int K = chain_steps(o, &sp, T);
+    FILE* f = checkpoint_first(o, &hd, &sp);
+    Config c = config_from_header(&hd);
+    int K = chain_steps(o, &sp, hd.T);
     if (o->t_samples > K - 1)
         usage_error("--t-samples %d: expected 1 to %d (the chain's KL terms), or leave it out for all", o->t_samples, K - 1);
-    if (o->per_t) check_output_path(o->per_t, "--per-t"), check_not_input(o->per_t, "--per-t", o->checkpoint);
+    if (o->per_t) check_output_path(o->per_t, "--per-t", o->checkpoint);
     Dataset test;
     load_test_set(&test, &c, o);
     UNet m;
     Schedule trained, s;
-    load_ema_model(&m, &trained, NULL, o->checkpoint, Bm);
+    load_ema(&m, &trained, f, &hd, o->checkpoint, Bm);
     schedule_respace(&s, &trained, K);
     PerT pt = {NULL, NULL};
     if (o->per_t) {
@@ -5445,20 +5453,22 @@ static int cmd_from_data(const Options* o, int interp) {
     if (!o->checkpoint) usage_error("%s needs --checkpoint PATH", cmd);
     if (o->n_index != 1 + interp)
         usage_error(interp ? "interpolate needs --index A,B: two test images" : "reconstruct needs --index I: one test image");
-    int k = interp ? o->lambdas : o->k, cols = k + 2, t_idx[64], T;
+    int k = interp ? o->lambdas : o->k, cols = k + 2, t_idx[64];
+    CheckpointHeader hd;
     Sampler sp;
-    Config c = checkpoint_first(o, &sp, &T);
+    FILE* f = checkpoint_first(o, &hd, &sp);
+    Config c = config_from_header(&hd);
     check_channels(&c, o->checkpoint);
     Dataset test;
     load_test_set(&test, &c, o);
-    int rows = step_list(o, t_idx, T);
+    int rows = step_list(o, t_idx, hd.T);
     char out[4200], base[4200], png[64], what[64];
     snprintf(png, sizeof png, "%s.png", cmd);
     snprintf(what, sizeof what, "%s: step", cmd);
     output_paths(o, png, out, base, sizeof out);
     UNet m;
     Schedule s;
-    load_ema_model(&m, &s, NULL, o->checkpoint, k);
+    load_ema(&m, &s, f, &hd, o->checkpoint, k);
     size_t n = (size_t)m.cfg.in_ch * m.cfg.img * m.cfg.img;
     float* grid = malloc_check((size_t)rows * cols * n * sizeof(float), "the output grid");
     install_signal_handlers();
@@ -5499,14 +5509,12 @@ static int cmd_schedule(const Options* o) {
 // (section 21), with its configuration and step; tests/reference.py's DDPMUNet loads it.
 static int cmd_export(const Options* o) {
     if (!o->checkpoint || !o->out) usage_error("export needs --checkpoint PATH and --out FILE.ref");
-    check_output_path(o->out, "--out");
-    check_not_input(o->out, "--out", o->checkpoint);
+    check_output_path(o->out, "--out", o->checkpoint);
     CheckpointHeader hd;
-    fclose(checkpoint_open(o->checkpoint, &hd));
     UNet m;
     Schedule s;
-    Objective ob;
-    load_ema_model(&m, &s, &ob, o->checkpoint, 1);
+    load_ema_model(&m, &s, &hd, o->checkpoint, 1);
+    Objective ob = objective_from_header(&hd);
     ExWriter w;
     ex_begin(&w);
     ex_config(&w, &m.cfg);
@@ -5538,7 +5546,7 @@ static int cmd_export(const Options* o) {
 // and --resume continues it at the file's meta.step with --batch (default 128).
 static int cmd_import(const Options* o) {
     if (!o->weights || !o->out) usage_error("import needs --weights FILE.ref and --out PATH (the checkpoint to write)");
-    check_output_path(o->out, "--out");
+    check_output_path(o->out, "--out", o->weights);
     if (file_size(o->out) >= 0) usage_error("--out %s already exists; remove it or pass another path", o->out);
     Exchange x;
     exchange_read(&x, o->weights);
@@ -5644,15 +5652,23 @@ static const char* command_names(unsigned mask) {
     return s;
 }
 
+// What no table row sets: the paper's hyper-parameters and objective (Part I), and the
+// network overrides at -1, "keep the preset's".
+static void options_init(Options* o) {
+    memset(o, 0, sizeof *o);
+    o->hyper = PAPER_HYPER;
+    o->obj = PAPER_OBJECTIVE;
+    o->ch = o->num_res_blocks = o->groups = o->in_ch = -1;
+    o->dropout = -1;
+}
+
 // --help, printed from COMMANDS and OPTIONS.
 static void print_help(FILE* f) {
     fprintf(f, "ddpm.c: Denoising Diffusion Probabilistic Models (Ho, Jain, Abbeel 2020) on a CPU.\n\n");
     for (int i = 0; i < N_COMMANDS; i++)
         fprintf(f, "%s ./ddpm %-42s %s\n", i ? "      " : "usage:", COMMANDS[i].args, COMMANDS[i].what);
     Options base;   // the defaults that come from Part I rather than the table
-    memset(&base, 0, sizeof base);
-    base.hyper = PAPER_HYPER;
-    base.obj = PAPER_OBJECTIVE;
+    options_init(&base);
     for (int i = 0; i < N_OPTIONS; i++) {
         const Option* p = &OPTIONS[i];
         if (p->type == OPT_HEADING) { fprintf(f, "\n%s\n", p->help); continue; }
@@ -5690,11 +5706,7 @@ static int cmd_help(const Options* o) {
 // argv into o: the command, the table's defaults for it, then the flags in order. An
 // unknown flag, one the command does not read, a missing or bad value: exit 2.
 static void parse_options(int argc, char** argv, Options* o) {
-    memset(o, 0, sizeof *o);
-    o->hyper = PAPER_HYPER;
-    o->obj = PAPER_OBJECTIVE;
-    o->ch = o->num_res_blocks = o->groups = o->in_ch = -1;
-    o->dropout = -1;
+    options_init(o);
     const Command* c = &COMMANDS[0];
     int i = 1;
     if (argc > 1 && argv[1][0] != '-') {
@@ -5838,7 +5850,7 @@ static void world_init(int* argc, char*** argv) {
                     world_size);
 }
 #else
-static double slices_mean_loss(double sum, int k) { return k == 1 ? sum : sum / k; }
+static double slices_mean_loss(double sum, int k) { return sum / k; }
 static void slices_mean_grads(float* g, size_t n, int k) {
     if (k == 1) return;
     for (size_t i = 0; i < n; i++) g[i] /= k;

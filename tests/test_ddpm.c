@@ -2628,8 +2628,9 @@ static void test_objective_checkpoint(void) {
     int rc = checkpoint_save(&tr, SCHEDULE_LINEAR, path, err, sizeof err);
     UNet m;
     Schedule sc;
-    Objective got;
-    load_ema_model(&m, &sc, &got, path, 1);
+    CheckpointHeader hd;
+    load_ema_model(&m, &sc, &hd, path, 1);
+    Objective got = objective_from_header(&hd);
     Config plain = c;
     size_t fixed = unet_count_params(&plain), learned = tr.net.n_params;
     int ok = rc == 0 && !memcmp(&got, &ob, sizeof ob) && m.cfg.learn_sigma == 1 && m.n_params == learned &&
