@@ -63,20 +63,24 @@ else
   $(info ddpm.c: OpenMP ............... not found, building single-threaded)
 endif
 
-# stb_image_write: Debian's libstb-dev, else fetched at a pinned commit and checked.
-# The checksum is that of v1.16 at commit 8b5f1f3, the same file Debian 12 ships.
+# stb_image_write, stb_image and stb_image_resize (v0.97): Debian's libstb-dev, else fetched
+# at a pinned commit into build/stb and checked. The checksums are those of commit 8b5f1f3,
+# whose three files are the very ones Debian 12 ships (compared byte for byte).
 STB_COMMIT = 8b5f1f37b5b75829fc72d38e7b5d4bcbf8a26d55
-STB_SHA256 = cbd5f0ad7a9cf4468affb36354a1d2338034f2c12473cf1a8e32053cb6914a05
-ifneq ($(wildcard /usr/include/stb/stb_image_write.h),)
+STB_SHA256_stb_image_write.h = cbd5f0ad7a9cf4468affb36354a1d2338034f2c12473cf1a8e32053cb6914a05
+STB_SHA256_stb_image.h = 91f435e0fc6a620018b878b9859c74dff60d28046f87e649191ad6f35a98c722
+STB_SHA256_stb_image_resize.h = 6a0e75adbabb48df9031c2e39ccd97437bb226fe31e7d4a01c7bf70a18d32ec6
+STB_HEADERS = stb_image_write.h stb_image.h stb_image_resize.h
+ifeq ($(words $(wildcard $(STB_HEADERS:%=/usr/include/stb/%))),3)
   STB_DIR = /usr/include/stb
   STB_DEP =
 else
   STB_DIR = build/stb
-  STB_DEP = build/stb/stb_image_write.h
+  STB_DEP = $(STB_HEADERS:%=build/stb/%)
 endif
 CFLAGS += -I$(STB_DIR)
 
-.PHONY: all plain debug mpi test bench fuzz fuzz-build sanitize cifar10 fashion-mnist official-weights clean
+.PHONY: all plain debug mpi test bench fuzz fuzz-build sanitize cifar10 fashion-mnist emoji official-weights clean
 
 all: ddpm
 	@sh data/get_cifar10.sh --optional
@@ -103,11 +107,11 @@ ddpm_mpi: ddpm.c $(STB_DEP)
 	@command -v $(MPICC) >/dev/null || { echo "make mpi: $(MPICC) not found; apt-get install libopenmpi-dev openmpi-bin"; exit 1; }
 	OMPI_CC=$(CC) $(MPICC) $(CFLAGS) -DDDPM_MPI ddpm.c -o $@ $(LDLIBS)
 
-build/stb/stb_image_write.h:
+build/stb/%.h:
 	@mkdir -p build/stb
-	@echo "fetching stb_image_write.h at $(STB_COMMIT) (or: apt-get install libstb-dev)"
-	curl -fsSL --connect-timeout 20 https://raw.githubusercontent.com/nothings/stb/$(STB_COMMIT)/stb_image_write.h -o $@.part
-	echo "$(STB_SHA256)  $@.part" | sha256sum -c --quiet - && mv $@.part $@
+	@echo "fetching $*.h at $(STB_COMMIT) (or: apt-get install libstb-dev)"
+	curl -fsSL --connect-timeout 20 https://raw.githubusercontent.com/nothings/stb/$(STB_COMMIT)/$*.h -o $@.part
+	echo "$(STB_SHA256_$*.h)  $@.part" | sha256sum -c --quiet - && mv $@.part $@
 
 tests/test_ddpm: tests/test_ddpm.c ddpm.c $(STB_DEP)
 	$(CC) $(CFLAGS) -Wno-unused-function tests/test_ddpm.c -o $@ $(LDLIBS)
@@ -214,6 +218,11 @@ cifar10:
 
 fashion-mnist:
 	@sh data/get_fashion_mnist.sh
+
+# Twemoji (npm's emoji-datasource-twitter, CC-BY 4.0) as a folder of pictures: data/emoji
+# and the held-out data/emoji-test (README, "Your own pictures").
+emoji:
+	@sh data/get_emoji.sh
 
 official-weights: ddpm
 	@PYTHON=$(PYTHON) sh data/get_official_weights.sh

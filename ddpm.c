@@ -635,7 +635,8 @@ typedef struct {
     char name[32];
     int N, C, H, W;
     uint8_t* pixels;   // (N, C, H, W)
-    uint8_t* labels;   // (N), 0..9
+    uint8_t* labels;   // (N), 0..9; NULL for a folder of pictures
+    size_t mapped;     // bytes of a mapped cache file the pixels lie in (section 19), or 0
 } Dataset;
 
 // Image i of the dataset as floats in [-1, 1] (§3.3), mirrored left-right if flip.
@@ -691,7 +692,7 @@ static const TrainHyper PAPER_HYPER = {2e-4f, 0.9f, 0.999f, 1e-8f, 5000, 1.0f, 0
 // and gradients meet as their mean. Section 23 decides the slices; by default there is
 // one, the whole batch:
 typedef struct { int start, B; } Slice;   // images [start, start + B) of the batch
-static int batch_slice(Slice* sl, int B, int i);              // this process's i-th slice; 0 past the last
+static int batch_slice(Slice* sl, int B, int K, int i);       // this process's i-th slice of K; 0 past the last
 static double slices_mean_loss(double sum, int k);            // the mean of the k slices' means, over all
 static void slices_mean_grads(float* g, size_t n, int k);     // the same for the gradient in g
 
@@ -708,24 +709,26 @@ typedef struct {
     uint64_t step;      // steps taken
     Rng rng;
     int B;              // the batch
+    int K;              // computed in K slices of B/K images (micro-batches), one after another
     // per-step buffers, sized once
     float *x0, *eps, *x_t, *d_out, *loss_work;
     int* t_idx;
 } Trainer;
 
-static void trainer_init(Trainer* tr, const Config* cfg, const Objective* ob, int B, ScheduleKind sk,
+static void trainer_init(Trainer* tr, const Config* cfg, const Objective* ob, int B, int K, ScheduleKind sk,
                          const TrainHyper* h, uint64_t seed) {
     memset(tr, 0, sizeof *tr);
     Config c = *cfg;
     c.learn_sigma = ob->var == VAR_LEARNED;
     int most = 0;   // the network is sized for the largest slice of the batch it computes
     Slice sl;
-    for (int i = 0; batch_slice(&sl, B, i); i++) most = sl.B > most ? sl.B : most;
+    for (int i = 0; batch_slice(&sl, B, K, i); i++) most = sl.B > most ? sl.B : most;
     unet_build(&tr->net, &c, most);
     schedule_init(&tr->sched, 1000, sk);
     tr->hyper = *h;
     tr->obj = *ob;
     tr->B = B;
+    tr->K = K;
     size_t n = tr->net.n_params, n_img = (size_t)cfg->in_ch * cfg->img * cfg->img, img = B * n_img;
     tr->adam_m = calloc_check(n, sizeof(float), "Adam first moments");
     tr->adam_v = calloc_check(n, sizeof(float), "Adam second moments");
@@ -825,7 +828,7 @@ static StepStats train_step(Trainer* tr, const Dataset* data) {
     double loss = 0;
     int k = 0;
     Slice sl;
-    for (; batch_slice(&sl, tr->B, k); k++) {
+    for (; batch_slice(&sl, tr->B, tr->K, k); k++) {
         float *x0 = tr->x0 + sl.start * n, *x_t = tr->x_t + sl.start * n, *eps = tr->eps + sl.start * n;
         int* t_idx = tr->t_idx + sl.start;
         q_sample(x_t, x0, eps, t_idx, sl.B, n, &tr->sched);            // Eq. (4)
@@ -1727,9 +1730,27 @@ static const Preset PRESETS[] = {
 };
 #define N_PRESETS (int)(sizeof(PRESETS) / sizeof(PRESETS[0]))
 
-static int preset_find(const char* name, Config* out) {
-    for (int i = 0; i < N_PRESETS; i++)
-        if (!strcmp(PRESETS[i].name, name)) { *out = PRESETS[i].cfg; return 1; }
+// At another image side (a folder of pictures, 16 to 256) tiny and small keep their shape:
+// one level more per doubling, so the lowest resolution stays 8x8 (16: two levels, 256:
+// six), each added level at the last multiplier, and attention stays at 16x16. The paper
+// preset is the 32x32 network of Appendix B only. Returns 0 for an unknown name, -1 for
+// a side the preset has no shape for.
+static int preset_find(const char* name, int img, Config* out) {
+    for (int i = 0; i < N_PRESETS; i++) {
+        if (strcmp(PRESETS[i].name, name)) continue;
+        Config c = PRESETS[i].cfg;
+        if (img != c.img) {
+            if (!strcmp(name, "paper")) return -1;
+            int levels = 0;
+            while ((8 << levels) < img) levels++;
+            int last = c.ch_mult[c.n_levels - 1];
+            for (int l = c.n_levels; l <= levels && l < MAX_LEVELS; l++) c.ch_mult[l] = last;
+            c.n_levels = levels + 1 < MAX_LEVELS ? levels + 1 : MAX_LEVELS;
+            c.img = img;
+        }
+        *out = c;
+        return 1;
+    }
     return 0;
 }
 
@@ -3875,6 +3896,22 @@ static int write_file_atomic(const char* path, const void* a, size_t na, const v
     return -1;
 }
 
+// FNV-1a, 64 bits: the checksum of checkpoints and caches, and the key of a cache.
+typedef struct { uint64_t h; } Fnv;
+
+static void fnv_update(Fnv* f, const void* data, size_t n) {
+    const uint8_t* p = data;
+    uint64_t h = f->h;
+    for (size_t i = 0; i < n; i++) { h ^= p[i]; h *= 0x100000001b3ULL; }
+    f->h = h;
+}
+
+// n bytes to f, added to the checksum sum (may be NULL); 1 if written.
+static int write_all(FILE* f, const void* p, size_t n, Fnv* sum) {
+    if (sum) fnv_update(sum, p, n);
+    return fwrite(p, 1, n, f) == n;
+}
+
 // Before any long work: PATH can be written. Its folder exists and is writable, PATH is
 // not something other than a regular file (a device or a FIFO would be replaced), and it
 // is not the file the command reads (input, may be NULL).
@@ -4096,6 +4133,371 @@ static void load_fashion_mnist(Dataset* d, const char* dir, int train) {
     fclose(fl);
 }
 
+// ---- 19.1 A folder of pictures (--data DIR) ----
+//
+// Any folder of pictures, searched recursively: whatever stb_image reads (PNG at 8 or 16
+// bits, JPEG, BMP, GIF's first frame, TGA, PNM, PSD, HDR, PIC), by extension in any case;
+// hidden files and folders are skipped. Files are taken in sorted path order, so one seed
+// gives one run on any file system. A folder reached twice through a symbolic link (a
+// loop) is refused. Every picture is
+//   1. composited over a grey background (--background, white by default) if it has
+//      alpha: emoji and icons are mostly transparent, and dropping alpha would show
+//      whatever colour the transparent pixels happen to hold;
+//   2. made grey (ITU-R 601 luma, as PIL's convert("L")) or RGB (grey replicated), to the
+//      network's channels: 1 if every picture of the folder is grey, else 3, unless
+//      --in-ch says;
+//   3. cropped to its centre square (the official LSUN pipeline's choice: nothing is
+//      stretched, the edges of a non-square picture are lost), then
+//   4. resized to N x N with Catmull-Rom, the cubic that PIL calls BICUBIC, widened by the
+//      scale when shrinking, which is what makes it antialias (stb_image_resize v0.97
+//      has no Lanczos, the official LSUN filter). tests/test_folder.py checks the pixels
+//      against PIL doing the same four steps. For training, a picture smaller than N is
+//      enlarged the same way and counted in a warning; evaluation refuses it (the bound
+//      of an enlarged, smoothed picture says little about the model).
+// The first run decodes the folder into one cache file of uint8 (N, C, H, W) pixels; a
+// later run with the same folder and settings maps it (mmap) instead: the kernel reads
+// pages as batches touch them and may drop them again, so a dataset larger than memory
+// trains. The cache's key is the file list with every file's size and modification
+// time, N, the channels, the background and --skip-bad: a change in any of them
+// rebuilds it. It is written atomically (section 18), and refused and rebuilt if its
+// header or pixels do not match their checksums.
+
+#define STB_IMAGE_IMPLEMENTATION
+#define STBI_MAX_DIMENSIONS (1 << 15)   // larger sides are refused before any allocation
+#define STB_IMAGE_RESIZE_IMPLEMENTATION
+#define STB_IMAGE_RESIZE_STATIC
+#if defined(__GNUC__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wunused-function"
+#pragma GCC diagnostic ignored "-Wsign-compare"
+#pragma GCC diagnostic ignored "-Wunused-parameter"
+#pragma GCC diagnostic ignored "-Wunused-but-set-variable"
+#pragma GCC diagnostic ignored "-Wimplicit-fallthrough"
+#pragma GCC diagnostic ignored "-Wmissing-field-initializers"
+#endif
+#include "stb_image.h"
+#include "stb_image_resize.h"
+#if defined(__GNUC__)
+#pragma GCC diagnostic pop
+#endif
+#include <dirent.h>
+
+typedef struct {
+    const char* dir;         // the folder
+    const char* cache_dir;   // where its decoded cache lives
+    int img;                 // the side N of the square pictures
+    int in_ch;               // 1, 3, or 0: 1 if every picture is grey, else 3
+    int background;          // the grey level alpha is composited over, 0..255
+    int skip_bad;            // skip unreadable pictures (counted) rather than refuse them
+    int enlarge;             // 1: enlarge pictures smaller than N (training); 0: refuse them
+    int at_least;            // refuse a folder with fewer pictures (the batch), before writing
+} FolderSpec;
+
+#define MAX_PICTURE_PIXELS (1L << 26)   // 64 megapixels: a bigger file is refused as bad
+
+typedef struct { char** path; long n, cap; } PathList;
+
+static int picture_extension(const char* name) {
+    static const char* const EXT[] = {"png", "jpg", "jpeg", "jpe", "bmp", "gif", "tga", "pnm", "ppm", "pgm",
+                                      "psd", "hdr", "pic", NULL};
+    const char* dot = strrchr(name, '.');
+    if (!dot) return 0;
+    for (int i = 0; EXT[i]; i++)
+        if (!strcasecmp(dot + 1, EXT[i])) return 1;
+    return 0;
+}
+
+static void pathlist_add(PathList* l, const char* path) {
+    if (l->n == l->cap) {
+        l->cap = l->cap ? 2 * l->cap : 1024;
+        char** p = realloc(l->path, l->cap * sizeof *p);
+        if (!p) die("out of memory listing the pictures of a folder");
+        l->path = p;
+    }
+    l->path[l->n] = strdup(path);
+    if (!l->path[l->n++]) die("out of memory listing the pictures of a folder");
+}
+
+// The pictures under dir (by name: whether each decodes is found out later). `up` holds
+// the folders above, to see a loop through a symbolic link.
+typedef struct Above { dev_t dev; ino_t ino; const struct Above* up; } Above;
+
+static void folder_scan(PathList* l, const char* dir, const Above* up, int depth, long* ignored) {
+    struct stat st;
+    if (stat(dir, &st) != 0) die("--data %s: %s", dir, strerror(errno));
+    for (const Above* a = up; a; a = a->up)
+        if (a->dev == st.st_dev && a->ino == st.st_ino)
+            die("--data: %s leads back to a folder above it (a symbolic link loop); remove the link", dir);
+    if (depth > 64) die("--data: %s is nested more than 64 folders deep", dir);
+    Above here = {st.st_dev, st.st_ino, up};
+    DIR* d = opendir(dir);
+    if (!d) die("--data: cannot read the folder %s: %s", dir, strerror(errno));
+    struct dirent* e;
+    char path[4096];
+    while ((e = readdir(d))) {
+        if (e->d_name[0] == '.') continue;   // hidden files and folders, and . and ..
+        if (snprintf(path, sizeof path, "%s/%s", dir, e->d_name) >= (int)sizeof path)
+            die("--data: a path under %s is longer than %zu bytes", dir, sizeof path);
+        int is_dir = stat(path, &st) == 0 && S_ISDIR(st.st_mode);
+        if (is_dir) folder_scan(l, path, &here, depth + 1, ignored);
+        else if (picture_extension(e->d_name)) pathlist_add(l, path);   // a broken link too: a bad picture
+        else ++*ignored;
+    }
+    closedir(d);
+}
+
+static int compare_paths(const void* a, const void* b) { return strcmp(*(char* const*)a, *(char* const*)b); }
+
+// Opens a picture that must be a regular file (a FIFO named x.png would block stb_image).
+static FILE* picture_open(const char* path, const char** why) {
+    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    struct stat st;
+    if (fd < 0) { *why = strerror(errno); return NULL; }
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) { close(fd); *why = "not a regular file"; return NULL; }
+    if (st.st_size == 0) { close(fd); *why = "an empty file"; return NULL; }
+    FILE* f = fdopen(fd, "rb");
+    if (!f) { close(fd); *why = strerror(errno); }
+    return f;
+}
+
+// The picture's channels as stb_image reads them (1 grey, 2 grey + alpha, 3 RGB, 4 RGBA),
+// or 0 with *why set.
+static int picture_channels(const char* path, const char** why) {
+    FILE* f = picture_open(path, why);
+    if (!f) return 0;
+    int w, h, comp;
+    if (!stbi_info_from_file(f, &w, &h, &comp)) comp = 0, *why = stbi_failure_reason();
+    fclose(f);
+    return comp;
+}
+
+// Steps 1-4 above: one picture to out (C, N, N), or a reason it cannot be. *small is set
+// if it had to be enlarged.
+static const char* picture_decode(const char* path, const FolderSpec* fs, int C, uint8_t* out, int* small) {
+    const char* why = NULL;
+    FILE* f = picture_open(path, &why);
+    if (!f) return why;
+    int w, h, comp;
+    uint8_t* p = NULL;
+    if (!stbi_info_from_file(f, &w, &h, &comp)) why = stbi_failure_reason();
+    else if ((long)w * h > MAX_PICTURE_PIXELS) why = "more than 64 megapixels";
+    else if (!(p = stbi_load_from_file(f, &w, &h, &comp, 0))) why = stbi_failure_reason();
+    fclose(f);
+    if (!p) return why ? why : "cannot be decoded";
+    int N = fs->img, s = w < h ? w : h, x0 = (w - s) / 2, y0 = (h - s) / 2, bg = fs->background;
+    uint8_t* sq = malloc((size_t)s * s * C);
+    uint8_t* res = malloc((size_t)N * N * C);
+    if (!sq || !res) { free(sq); free(res); stbi_image_free(p); return "out of memory"; }
+    for (int y = 0; y < s; y++)
+        for (int x = 0; x < s; x++) {
+            const uint8_t* px = p + ((size_t)(y + y0) * w + x + x0) * comp;
+            int grey = comp < 3, a = comp == 2 || comp == 4 ? px[comp - 1] : 255, rgb[3];
+            for (int c = 0; c < 3; c++) {   // step 1: over the background
+                int v = px[grey ? 0 : c];
+                rgb[c] = (v * a + bg * (255 - a) + 127) / 255;
+            }
+            uint8_t* q = sq + ((size_t)y * s + x) * C;   // step 2
+            if (C == 1) q[0] = grey ? rgb[0] : (rgb[0] * 19595 + rgb[1] * 38470 + rgb[2] * 7471 + 0x8000) >> 16;
+            else for (int c = 0; c < 3; c++) q[c] = rgb[c];
+        }
+    stbi_image_free(p);
+    *small = s < N;
+    if (*small && !fs->enlarge) { free(sq); free(res); return "smaller than the network's side"; }
+    int ok = stbir_resize_uint8_generic(sq, s, s, s * C, res, N, N, N * C, C, STBIR_ALPHA_CHANNEL_NONE, 0,
+                                        STBIR_EDGE_CLAMP, STBIR_FILTER_CATMULLROM, STBIR_COLORSPACE_LINEAR, NULL);
+    for (int c = 0; c < C; c++)   // interleaved -> planar (NCHW)
+        for (int i = 0; i < N * N; i++) out[(size_t)c * N * N + i] = res[(size_t)i * C + c];
+    free(sq);
+    free(res);
+    return ok ? NULL : "cannot be resized";
+}
+
+// The cache file: this header, padded to 4096 bytes so that the pixels are page-aligned
+// for mmap, then the pixels, uint8 (n, c, side, side).
+#define PIXEL_CACHE_MAGIC "DDPMPIX1"
+#define PIXEL_CACHE_DATA 4096
+typedef struct {
+    char magic[8];
+    uint64_t key;             // the folder's file list and the settings (folder_key)
+    int32_t n, c, side;
+    int32_t skipped, enlarged;
+    int32_t pad;
+    uint64_t pixels_sum;      // FNV-1a of the pixels
+    uint64_t header_sum;      // FNV-1a of the bytes above
+} PixelCacheHeader;
+
+static uint64_t folder_key(const PathList* l, const FolderSpec* fs) {
+    Fnv h = {0xcbf29ce484222325ULL};
+    size_t skip = strlen(fs->dir);
+    for (long i = 0; i < l->n; i++) {
+        struct stat st;
+        int64_t facts[3] = {-1, -1, -1};
+        if (stat(l->path[i], &st) == 0) facts[0] = st.st_size, facts[1] = st.st_mtim.tv_sec, facts[2] = st.st_mtim.tv_nsec;
+        fnv_update(&h, l->path[i] + skip, strlen(l->path[i] + skip) + 1);   // the path inside the folder
+        fnv_update(&h, facts, sizeof facts);
+    }
+    int32_t settings[5] = {1 /* this way of decoding */, fs->img, fs->in_ch, fs->background, fs->skip_bad};
+    fnv_update(&h, settings, sizeof settings);
+    return h.h;
+}
+
+static uint64_t pixel_cache_header_sum(const PixelCacheHeader* hd) {
+    Fnv h = {0xcbf29ce484222325ULL};
+    fnv_update(&h, hd, offsetof(PixelCacheHeader, header_sum));
+    return h.h;
+}
+
+// Maps the cache at path if it holds what key describes; else returns 0 (saying why, if
+// it was there but not right).
+static int pixel_cache_map(Dataset* d, const char* path, uint64_t key, const FolderSpec* fs) {
+    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0) return 0;
+    struct stat st;
+    PixelCacheHeader hd;
+    const char* bad = NULL;
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) bad = "not a regular file";
+    else if (pread(fd, &hd, sizeof hd, 0) != (ssize_t)sizeof hd || memcmp(hd.magic, PIXEL_CACHE_MAGIC, 8) ||
+             hd.header_sum != pixel_cache_header_sum(&hd))
+        bad = "its header is damaged";
+    else if (hd.key != key) bad = "the folder or the settings changed";
+    else if (hd.n <= 0 || (hd.c != 1 && hd.c != 3) || hd.side != fs->img || (fs->in_ch && hd.c != fs->in_ch) ||
+             st.st_size != PIXEL_CACHE_DATA + (off_t)hd.n * hd.c * hd.side * hd.side)
+        bad = "its size does not match its header";
+    if (!bad) {   // the pixels' checksum, read in chunks (a read, not the map: RSS stays small)
+        Fnv h = {0xcbf29ce484222325ULL};
+        size_t chunk = (size_t)1 << 24;
+        uint8_t* buf = malloc_check(chunk, "reading the picture cache");
+        for (off_t at = PIXEL_CACHE_DATA; at < st.st_size && !bad;) {
+            ssize_t k = pread(fd, buf, chunk, at);
+            if (k <= 0) bad = "it cannot be read";
+            else fnv_update(&h, buf, k), at += k;
+        }
+        free(buf);
+        if (!bad && h.h != hd.pixels_sum) bad = "its pixels do not match their checksum";
+    }
+    if (bad) {
+        fprintf(stderr, "%s: %s; decoding the folder again\n", path, bad);
+        close(fd);
+        return 0;
+    }
+    void* map = mmap(NULL, st.st_size, PROT_READ, MAP_SHARED, fd, 0);
+    close(fd);
+    if (map == MAP_FAILED) die("cannot map %s: %s", path, strerror(errno));
+#ifdef MADV_RANDOM
+    madvise(map, st.st_size, MADV_RANDOM);   // batches are drawn at random: no read-ahead
+#endif
+    d->N = hd.n; d->C = hd.c; d->H = d->W = hd.side;
+    d->pixels = (uint8_t*)map + PIXEL_CACHE_DATA;
+    d->mapped = st.st_size;
+    if (hd.skipped) fprintf(stderr, "%s: %d unreadable pictures skipped (--skip-bad)\n", fs->dir, hd.skipped);
+    if (hd.enlarged && !fs->enlarge)
+        die("--data %s: %d of its pictures are smaller than %dx%d, the network's side; evaluate on pictures at least "
+            "%d pixels on their short side", fs->dir, hd.enlarged, hd.side, hd.side, hd.side);
+    if (hd.enlarged) fprintf(stderr, "warning: %d pictures of %s are smaller than %dx%d and were enlarged\n",
+                             hd.enlarged, fs->dir, hd.side, hd.side);
+    return 1;
+}
+
+// Decodes the pictures into the cache at path, in chunks (the memory stays that of one
+// chunk, whatever the folder's size), in parallel within a chunk.
+static void pixel_cache_build(const PathList* l, const FolderSpec* fs, uint64_t key, const char* path) {
+    int C = fs->in_ch;
+    if (!C) {   // 1 if every picture is grey (with or without alpha), else 3
+        C = 1;
+        for (long i = 0; i < l->n && C == 1; i++) {
+            const char* why = NULL;
+            int comp = picture_channels(l->path[i], &why);
+            if (!comp && !fs->skip_bad)
+                die("%s: %s; remove it, or pass --skip-bad to skip such files", l->path[i], why);
+            if (comp >= 3) C = 3;
+        }
+    }
+    size_t one = (size_t)C * fs->img * fs->img;
+    long chunk = (long)((64 << 20) / one);
+    if (chunk < 64) chunk = 64;
+    uint8_t* buf = malloc_check(chunk * one, "decoding pictures");
+    const char** why = malloc_check(chunk * sizeof *why, "decoding pictures");
+    int* small = malloc_check(chunk * sizeof *small, "decoding pictures");
+    char err[4400];
+    AtomicFile af;
+    FILE* f = atomic_open(&af, path, err, sizeof err);
+    if (!f) die("%s; check that --data-dir is writable", err);
+    PixelCacheHeader hd;
+    memset(&hd, 0, sizeof hd);
+    memcpy(hd.magic, PIXEL_CACHE_MAGIC, 8);
+    hd.key = key; hd.c = C; hd.side = fs->img;
+    Fnv sum = {0xcbf29ce484222325ULL};
+    int ok = fseek(f, PIXEL_CACHE_DATA, SEEK_SET) == 0;
+    double t0 = now_seconds();
+    char what[4200];
+    snprintf(what, sizeof what, "decoding %s:", fs->dir);
+    for (long at = 0; at < l->n && ok; at += chunk) {
+        long k = l->n - at < chunk ? l->n - at : chunk;
+        #pragma omp parallel for schedule(dynamic, 4)
+        for (long i = 0; i < k; i++) why[i] = picture_decode(l->path[at + i], fs, C, buf + i * one, &small[i]);
+        for (long i = 0; i < k && ok; i++) {
+            if (why[i] && !fs->skip_bad) {
+                fclose(f), unlink(af.tmp);
+                die("%s: %s; remove it, or pass --skip-bad to skip such files", l->path[at + i], why[i]);
+            }
+            if (why[i]) { hd.skipped++; continue; }
+            hd.enlarged += small[i];
+            hd.n++;
+            ok = write_all(f, buf + i * one, one, &sum);
+        }
+        progress_line(what, at + k, l->n, t0);
+    }
+    hd.pixels_sum = sum.h;
+    hd.header_sum = pixel_cache_header_sum(&hd);
+    if (ok && hd.n < fs->at_least) {
+        fclose(f), unlink(af.tmp);
+        die("--data %s holds %d readable pictures, fewer than %d%s", fs->dir, hd.n, fs->at_least,
+            fs->at_least > 1 ? " (--batch); add pictures or pass a smaller --batch" : "");
+    }
+    ok = ok && fseek(f, 0, SEEK_SET) == 0 && fwrite(&hd, sizeof hd, 1, f) == 1;
+    if (atomic_commit(&af, ok, err, sizeof err) != 0) die("%s; check the free space of --data-dir", err);
+    fprintf(stderr, "decoded %d pictures of %s in %.1f s into %s (%.1f MiB)\n", hd.n, fs->dir, now_seconds() - t0,
+            path, (PIXEL_CACHE_DATA + (double)hd.n * one) / 1048576);
+    free(buf); free(why); free(small);
+}
+
+static void folder_load(Dataset* d, const FolderSpec* fs) {
+    memset(d, 0, sizeof *d);
+    struct stat st;
+    if (stat(fs->dir, &st) != 0) die("--data %s: %s; pass cifar10, fashion-mnist or a folder of pictures", fs->dir, strerror(errno));
+    if (!S_ISDIR(st.st_mode)) die("--data %s is a file, not a folder; pass the folder that holds the pictures", fs->dir);
+    PathList l = {0};
+    long ignored = 0;
+    folder_scan(&l, fs->dir, NULL, 0, &ignored);
+    if (l.n == 0) die("--data %s holds no pictures (PNG, JPEG, BMP, GIF, TGA, PNM, PSD, HDR, PIC)", fs->dir);
+    if (l.n > INT_MAX / 2) die("--data %s holds %ld pictures, more than ddpm.c counts", fs->dir, l.n);
+    qsort(l.path, l.n, sizeof *l.path, compare_paths);
+    // The cache's name: the folder's name, a hash of its full path, the settings.
+    char real[PATH_MAX], name[4400], path[4600];
+    if (!realpath(fs->dir, real)) snprintf(real, sizeof real, "%s", fs->dir);
+    Fnv where = {0xcbf29ce484222325ULL};
+    fnv_update(&where, real, strlen(real));
+    const char* base = strrchr(real, '/');
+    base = base && base[1] ? base + 1 : "root";
+    snprintf(name, sizeof name, "%.64s-%08x-%dpx-%s%s-bg%d%s", base, (unsigned)(where.h >> 32), fs->img,
+             fs->in_ch ? (fs->in_ch == 1 ? "grey" : "rgb") : "auto", "", fs->background, fs->skip_bad ? "-skipbad" : "");
+    snprintf(path, sizeof path, "%s/cache", fs->cache_dir);
+    mkdir_p(path);
+    // One process decodes at a time (MPI ranks, two runs): the others wait, then map.
+    int lock = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (lock < 0 || flock(lock, LOCK_EX) != 0) die("cannot lock %s: %s", path, strerror(errno));
+    snprintf(path + strlen(path), sizeof path - strlen(path), "/%s.pix", name);
+    uint64_t key = folder_key(&l, fs);
+    if (!pixel_cache_map(d, path, key, fs)) {
+        pixel_cache_build(&l, fs, key, path);
+        if (!pixel_cache_map(d, path, key, fs)) die("%s: the cache just written does not read back; check the disk", path);
+    }
+    close(lock);
+    snprintf(d->name, sizeof d->name, "%.31s", base);
+    for (long i = 0; i < l.n; i++) free(l.path[i]);
+    free(l.path);
+}
+
 static void dataset_load(Dataset* d, const char* name, const char* dir, int train) {
     memset(d, 0, sizeof *d);
     if (!strcmp(name, "cifar10")) load_cifar10(d, dir, train);
@@ -4103,7 +4505,11 @@ static void dataset_load(Dataset* d, const char* name, const char* dir, int trai
     else die("--data %s: unknown dataset; use cifar10 or fashion-mnist", name);
 }
 
-static void dataset_free(Dataset* d) { free(d->pixels); free(d->labels); }
+static void dataset_free(Dataset* d) {
+    if (d->mapped) munmap(d->pixels - PIXEL_CACHE_DATA, d->mapped);
+    else free(d->pixels);
+    free(d->labels);
+}
 
 
 // ----------------------------------------------------------------------------
@@ -4133,20 +4539,6 @@ typedef struct {
     uint64_t n_params;
 } CheckpointHeader;
 _Static_assert(sizeof(CheckpointHeader) == 160, "checkpoint header layout changed: bump CKPT_VERSION");
-
-typedef struct { uint64_t h; } Fnv;
-
-static void fnv_update(Fnv* f, const void* data, size_t n) {
-    const uint8_t* p = data;
-    uint64_t h = f->h;
-    for (size_t i = 0; i < n; i++) { h ^= p[i]; h *= 0x100000001b3ULL; }
-    f->h = h;
-}
-
-static int write_all(FILE* f, const void* p, size_t n, Fnv* sum) {
-    if (sum) fnv_update(sum, p, n);
-    return fwrite(p, 1, n, f) == n;
-}
 
 static void header_from_config(CheckpointHeader* hd, const Config* c) {
     hd->in_ch = c->in_ch; hd->img = c->img; hd->ch = c->ch; hd->n_levels = c->n_levels;
@@ -4750,7 +5142,7 @@ enum { C_TRAIN = 1, C_SAMPLE = 2, C_BPD = 4, C_RECONSTRUCT = 8, C_INTERPOLATE = 
 #define C_NET (C_TRAIN | C_PARAMS | C_IMPORT)            // build a network from the flags
 
 typedef struct {
-    const char* data;           // cifar10 | fashion-mnist
+    const char* data;           // cifar10 | fashion-mnist | a folder of pictures
     const char* data_dir;
     const char* model;          // preset name
     const char* run_dir;
@@ -4760,6 +5152,8 @@ typedef struct {
     const char* weights;        // import --weights FILE.ref
     const char* per_t;          // bpd --per-t FILE.csv
     int batch, sample_every, sample_n, n, trace, resume, threads, log_every;
+    int img, background, skip_bad;   // a folder of pictures: its side, alpha's background, bad files
+    int accumulate;             // micro-batches per step
     long steps;                 // train: total steps; sample, bpd: the chain's K steps
     long seed;
     double minutes;             // wall-clock budget of a training run (0: none)
@@ -4813,15 +5207,25 @@ static const char* const SIGMA_NAMES[] = {"beta", "beta_tilde", NULL};       // 
 
 static const Option OPTIONS[] = {
     HEADING("training (train; the network flags also apply to params and import):"),
-    {"--data", OPT_STR, AT(data), C_NET | C_BPD | C_DECODE, "cifar10", .arg = "cifar10|fashion-mnist",
-     .help = "the dataset (fashion-mnist works offline); bpd, reconstruct, interpolate: its test set, "
-             "for a 3-channel checkpoint", .words = DATA_NAMES},
-    {"--data-dir", OPT_STR, AT(data_dir), C_TRAIN | C_BPD | C_DECODE, "data", .arg = "DIR", .help = "where datasets live"},
+    {"--data", OPT_STR, AT(data), C_NET | C_BPD | C_DECODE, "cifar10", .arg = "cifar10|fashion-mnist|DIR",
+     .help = "the dataset (fashion-mnist works offline), or a folder of pictures (section 19.1; ./NAME for "
+             "a folder called cifar10); bpd, reconstruct, interpolate: its test set, or a held-out folder"},
+    {"--data-dir", OPT_STR, AT(data_dir), C_TRAIN | C_BPD | C_DECODE, "data", .arg = "DIR", .help =
+     "where datasets live, and DIR/cache the decoded pictures of folders"},
+    {"--img", OPT_INT, AT(img), C_NET, "32", 16, 256, .arg = "N", .help =
+     "a folder's pictures are cropped square and resized to N x N (a power of two, 16 to 256); the presets "
+     "add a level per doubling"},
+    {"--background", OPT_INT, AT(background), C_TRAIN | C_BPD | C_DECODE, "255", 0, 255, .arg = "V", .help =
+     "a folder's transparent pixels are composited over grey level V (255: white)"},
+    {"--skip-bad", OPT_ON, AT(skip_bad), C_TRAIN | C_BPD | C_DECODE, .help =
+     "skip (and count) pictures that cannot be read, rather than stop at the first"},
     {"--model", OPT_STR, AT(model), C_NET, "tiny", .arg = "tiny|small|paper",
      .help = "the network preset (section 15; paper is Appendix B's 35.7M)"},
     {"--batch", OPT_INT, AT(batch), C_TRAIN | C_IMPORT, "128", 1, 4096, .arg = "B", .help =
      "images per step, as the paper (import: the batch --resume will train at)"},
     {"--steps", OPT_LONG, AT(steps), C_TRAIN, "100000", 0, 1e9, .arg = "N", .help = "total training steps"},
+    {"--accumulate", OPT_INT, AT(accumulate), C_TRAIN, "1", 1, 4096, .arg = "K", .help =
+     "compute each step's batch as K micro-batches of B/K images (the same step in 1/K of the activation memory)"},
     {"--minutes", OPT_DOUBLE, AT(minutes), C_TRAIN, NULL, 0.01, 1e7, .arg = "M", .help =
      "stop after M minutes of training (checkpoint + samples)"},
     {"--run", OPT_STR, AT(run_dir), C_TRAIN, NULL, .arg = "DIR", .help = "the run folder (default runs/DATA-MODEL)"},
@@ -4853,7 +5257,8 @@ static const Option OPTIONS[] = {
      .count_at = AT(n_attn), .max_count = MAX_LEVELS, .none = 1},
     {"--groups", OPT_INT, AT(groups), C_NET, NULL, 1, 4096, .arg = "N", .help = "GroupNorm groups"},
     {"--dropout", OPT_FLOAT, AT(dropout), C_NET, NULL, 0, 0.999, .arg = "P", .help = "dropout in the ResBlocks"},
-    {"--in-ch", OPT_INT, AT(in_ch), C_NET, NULL, 1, 16, .arg = "N", .help = "image channels (default: the dataset's)"},
+    {"--in-ch", OPT_INT, AT(in_ch), C_NET, NULL, 1, 16, .arg = "N", .help =
+     "image channels (default: the dataset's; a folder's: 1 if every picture is grey, else 3)"},
     HEADING("sampling and evaluation:"),
     {"--checkpoint", OPT_STR, AT(checkpoint), C_MODEL | C_EXPORT, NULL, .arg = "PATH",
      .help = "a checkpoint written by training"},
@@ -4966,10 +5371,16 @@ static void option_set(Options* o, const Option* p, const char* v) {
 // ---- 22.2 The commands ----
 
 // The network configuration: the preset, the dataset's channels, then any overrides.
-static Config options_config(const Options* o) {
+// data_ch: the dataset's channels (0 before it is read: the preset's, or --in-ch).
+static Config options_config(const Options* o, int data_ch) {
     Config c;
-    if (!preset_find(o->model, &c)) usage_error("--model %s: unknown preset; presets are tiny, small, paper", o->model);
+    int found = preset_find(o->model, o->img, &c);
+    if (!found) usage_error("--model %s: unknown preset; presets are tiny, small, paper", o->model);
+    if (found < 0)
+        usage_error("--model %s is the 32x32 network of Appendix B; at --img %d use tiny or small, or give "
+                    "--ch-mult with a level per doubling", o->model, o->img);
     if (!strcmp(o->data, "fashion-mnist")) c.in_ch = 1;
+    if (data_ch > 0) c.in_ch = data_ch;
     if (o->in_ch > 0) c.in_ch = o->in_ch;
     if (o->ch > 0) c.ch = o->ch;
     if (o->n_mult > 0) { c.n_levels = o->n_mult; memcpy(c.ch_mult, o->ch_mult, sizeof c.ch_mult); }
@@ -5077,11 +5488,33 @@ static void lock_run_folder(const char* dir) {
     if (ftruncate(fd, 0) != 0 || write(fd, pid, n) != n) die("cannot write %s: %s", path, strerror(errno));
 }
 
+// The dataset --data names (train: its training set), or the folder it names, decoded at
+// side img with in_ch channels (0: as the folder's pictures are).
+static void data_load(Dataset* d, const Options* o, int train, int img, int in_ch, int at_least) {
+    if (word_index(DATA_NAMES, o->data) >= 0) {
+        dataset_load(d, o->data, o->data_dir, train);
+    } else {
+        FolderSpec fs = {o->data, o->data_dir, img, in_ch, o->background, o->skip_bad, train, at_least};
+        folder_load(d, &fs);
+    }
+}
+
+// What a run is called: the dataset, or the folder's name and its side.
+static void data_name(char* out, size_t len, const Options* o) {
+    if (word_index(DATA_NAMES, o->data) >= 0) { snprintf(out, len, "%s", o->data); return; }
+    size_t n = strlen(o->data);
+    while (n > 1 && o->data[n - 1] == '/') n--;
+    const char* base = o->data + n;
+    while (base > o->data && base[-1] != '/') base--;
+    snprintf(out, len, "%.*s-%dpx", (int)(o->data + n - base), base, o->img);
+}
+
 static int cmd_train(const Options* o) {
-    Config cfg = options_config(o);
-    char dir[4096], ckpt[4200], logp[4200];
+    Config cfg = options_config(o, 0);
+    char dir[4096], ckpt[4200], logp[4200], name[512];
+    data_name(name, sizeof name, o);
     if (o->run_dir) snprintf(dir, sizeof dir, "%s", o->run_dir);
-    else snprintf(dir, sizeof dir, "runs/%s-%s", o->data, o->model);
+    else snprintf(dir, sizeof dir, "runs/%s-%s", name, o->model);
     snprintf(ckpt, sizeof ckpt, "%s/model.ckpt", dir);
     snprintf(logp, sizeof logp, "%s/log.csv", dir);
     int exists = file_size(ckpt) >= 0;
@@ -5100,22 +5533,29 @@ static int cmd_train(const Options* o) {
     if (why) usage_error("%s", why);
     if (ob.var == VAR_LEARNED && given(o, "--sigma"))
         usage_error("--sigma applies to a fixed variance; --var-type learned learns Sigma_theta");
-    if (o->batch % world_size)
-        usage_error("--batch %d does not split over %d ranks; pass a multiple of %d", o->batch, world_size, world_size);
+    if (o->batch % (world_size * o->accumulate))
+        usage_error("--batch %d does not split into %d equal slices (%d ranks x --accumulate %d); pass a multiple of %d",
+                    o->batch, world_size * o->accumulate, world_size, o->accumulate, world_size * o->accumulate);
     cfg.learn_sigma = ob.var == VAR_LEARNED;
     Dataset data;
-    dataset_load(&data, o->data, o->data_dir, 1);
+    data_load(&data, o, 1, cfg.img, given(o, "--in-ch") ? o->in_ch : 0, o->batch);
+    if (!given(o, "--in-ch")) cfg = options_config(o, data.C), cfg.learn_sigma = ob.var == VAR_LEARNED;
     if (data.C != cfg.in_ch) die("--in-ch %d does not match %s's %d channels", cfg.in_ch, o->data, data.C);
+    if (data.N < o->batch)
+        die("--data %s holds %d pictures, fewer than --batch %d; add pictures or pass a smaller --batch", o->data,
+            data.N, o->batch);
     int lead = world_rank == 0;   // rank 0 alone writes the run folder (section 23)
     if (lead) mkdir_p(dir), lock_run_folder(dir);
     Trainer tr;
-    trainer_init(&tr, &cfg, &ob, o->batch, (ScheduleKind)o->schedule, &o->hyper, (uint64_t)o->seed);
+    trainer_init(&tr, &cfg, &ob, o->batch, o->accumulate, (ScheduleKind)o->schedule, &o->hyper, (uint64_t)o->seed);
     if (o->resume) {
         Config saved = config_from_header(&hd);
         if (memcmp(&saved, &cfg, sizeof cfg))
-            usage_error("%s was trained with another network; resume with the same --data, --model and network flags", ckpt);
+            usage_error("%s was trained with another network; resume with the same --data, --img, --model and network "
+                        "flags", ckpt);
         if (hd.schedule != (int)o->schedule) usage_error("%s was trained with another --schedule", ckpt);
         // Same seed and flags, same bits: that holds only at the batch the run began with.
+        // --accumulate may change: its K micro-batches take the same step, to float rounding.
         if (hd.batch != o->batch)
             usage_error("%s was trained with --batch %d; resume with --batch %d", ckpt, hd.batch, hd.batch);
         checkpoint_load(&tr, ckpt);
@@ -5131,8 +5571,12 @@ static int cmd_train(const Options* o) {
     setvbuf(log, NULL, _IOLBF, 0);   // each row reaches the file in one write: a kill cannot tear one
     if (!o->resume) fprintf(log, "step,loss,lr,grad_norm,images_per_s\n");
     install_signal_handlers();
-    if (lead) fprintf(stderr, "training %s on %s: %zu parameters, batch %d, steps %llu -> %ld, %d threads, run %s\n",
-            o->model, o->data, tr.net.n_params, o->batch, (unsigned long long)tr.step, o->steps, max_threads(), dir);
+    if (lead) fprintf(stderr, "training %s on %s (%d images, %dx%d, %d channels): %zu parameters, batch %d, "
+                      "steps %llu -> %ld, %d threads, run %s\n", o->model, o->data, data.N, cfg.img, cfg.img, cfg.in_ch,
+                      tr.net.n_params, o->batch, (unsigned long long)tr.step, o->steps, max_threads(), dir);
+    if (lead && o->accumulate > 1)
+        fprintf(stderr, "%d micro-batches of %d images a step (--accumulate)\n", o->accumulate,
+                o->batch / world_size / o->accumulate);
     if (lead && world_size > 1)
         fprintf(stderr, "data parallel over %d ranks: %d images each (section 23)\n", world_size, o->batch / world_size);
     if (lead && memcmp(&ob, &PAPER_OBJECTIVE, sizeof ob))
@@ -5275,9 +5719,11 @@ static void check_channels(const Config* c, const char* path) {
         die("%s: a %d-channel network; image grids are grey (1) or RGB (3)", path, c->in_ch);
 }
 
-// The test set the network's images come from: Fashion-MNIST for one channel, else --data.
+// The test set the network's images come from: a folder --data names, decoded at the
+// network's side and channels; else Fashion-MNIST for one channel, else --data's.
 static void load_test_set(Dataset* test, const Config* c, const Options* o) {
-    dataset_load(test, c->in_ch == 1 ? "fashion-mnist" : o->data, o->data_dir, 0);
+    if (word_index(DATA_NAMES, o->data) < 0) data_load(test, o, 0, c->img, c->in_ch, 1);
+    else dataset_load(test, c->in_ch == 1 ? "fashion-mnist" : o->data, o->data_dir, 0);
     if (test->C != c->in_ch || test->H != c->img || test->W != c->img)
         die("%s takes %d-channel %dx%d images, but the %s test set holds %d-channel %dx%d ones; "
             "pass the --data it was trained on", o->checkpoint, c->in_ch, c->img, c->img,
@@ -5560,7 +6006,7 @@ static int cmd_import(const Options* o) {
         float dropout = cfg.dropout;
         Options f = *o;
         f.obj = ob;
-        cfg = options_config(&f);
+        cfg = options_config(&f, 0);
         if (exchange_find(&x, "config.dropout", o->weights)) cfg.dropout = dropout;
     }
     const char* why = objective_check(&ob, &OBJECTIVE_FLAGS);
@@ -5572,7 +6018,7 @@ static int cmd_import(const Options* o) {
     free(plan.L);
     install_signal_handlers();   // Ctrl-C from here on ends cleanly: no half-written .tmp
     Trainer tr;
-    trainer_init(&tr, &cfg, &ob, 1, (ScheduleKind)o->schedule, &o->hyper, (uint64_t)o->seed);
+    trainer_init(&tr, &cfg, &ob, 1, 1, (ScheduleKind)o->schedule, &o->hyper, (uint64_t)o->seed);
     exchange_weights(&x, &tr.net, tr.net.params, o->weights);
     memcpy(tr.ema, tr.net.params, tr.net.n_params * sizeof(float));
     int step[2] = {0, 0}, k = exchange_ints(&x, "meta.step", step, 2, o->weights);
@@ -5593,7 +6039,7 @@ static int cmd_import(const Options* o) {
 // The counts from two plans (unet_plan, for 1 and 2 images): nothing is allocated for
 // the network itself, whatever its size.
 static int cmd_params(const Options* o) {
-    Config c = options_config(o);
+    Config c = options_config(o, 0);
     UNet m1, m2;
     unet_plan(&m1, &c, 1);
     printf("%-24s %12s\n", "block", "parameters");
@@ -5741,6 +6187,11 @@ static void parse_options(int argc, char** argv, Options* o) {
     if (o->sampler.ddim && given(o, "--sigma"))
         usage_error("--sigma applies to --sampler ddpm; DDIM's variance is set by --eta");
     if (o->t_samples && o->per_t) usage_error("--per-t needs every term; drop --t-samples");
+    if (o->img & (o->img - 1)) usage_error("--img %d: expected a power of two from 16 to 256", o->img);
+    if (o->img != 32 && o->cmd == C_TRAIN && word_index(DATA_NAMES, o->data) >= 0)
+        usage_error("--img %d: %s is 32x32; --img resizes a folder of pictures (--data DIR)", o->img, o->data);
+    if (given(o, "--in-ch") && o->cmd == C_TRAIN && word_index(DATA_NAMES, o->data) < 0 && o->in_ch != 1 && o->in_ch != 3)
+        usage_error("--in-ch %d: a folder of pictures is read as grey (1) or RGB (3)", o->in_ch);
 }
 
 #ifndef DDPM_NO_MAIN
@@ -5797,11 +6248,13 @@ int main(int argc, char** argv) {
 //
 // This is the whole of what training knows of it: the three functions section 9 declares.
 
-// This process's i-th slice of a batch of B images (cmd_train checked that N divides B).
-static int batch_slice(Slice* sl, int B, int i) {
-    if (i > 0) return 0;
-    sl->B = B / world_size;
-    sl->start = world_rank * sl->B;
+// This process's i-th slice of a batch of B images: rank r's share is [r B/N, (r+1) B/N),
+// computed as K micro-batches of B/(N K) images (cmd_train checked that N K divides B).
+static int batch_slice(Slice* sl, int B, int K, int i) {
+    if (i >= K) return 0;
+    int share = B / world_size;
+    sl->B = share / K;
+    sl->start = world_rank * share + i * sl->B;
     return 1;
 }
 

@@ -172,9 +172,9 @@ int main(int argc, char** argv) {
         else { fprintf(stderr, "bench_ddpm: unknown flag '%s'\n", a); return 2; }
     }
     Config cfg;
-    if (!preset_find(model, &cfg)) { fprintf(stderr, "bench_ddpm: --model %s: unknown preset\n", model); return 2; }
+    if (!preset_find(model, 32, &cfg)) { fprintf(stderr, "bench_ddpm: --model %s: unknown preset\n", model); return 2; }
     Trainer tr;
-    trainer_init(&tr, &cfg, &PAPER_OBJECTIVE, B, SCHEDULE_LINEAR, &PAPER_HYPER, 1);
+    trainer_init(&tr, &cfg, &PAPER_OBJECTIVE, B, 1, SCHEDULE_LINEAR, &PAPER_HYPER, 1);
     size_t n = (size_t)cfg.in_ch * cfg.img * cfg.img;
     Dataset noise = {"noise", B, cfg.in_ch, cfg.img, cfg.img, malloc_check((size_t)B * n, "bench images"), NULL};
     for (size_t i = 0; i < (size_t)B * n; i++) noise.pixels[i] = (uint8_t)(rng_u64(&tr.rng) >> 56);

@@ -38,7 +38,7 @@ int main(int argc, char** argv) {
         snprintf(name, sizeof name, "%s", argv[1]);
         char* plus = strstr(name, "+m2");
         if (plus) *plus = 0;
-        if (!preset_find(name, &cfg)) die("unknown preset %s", argv[1]);
+        if (!preset_find(name, 32, &cfg)) die("unknown preset %s", argv[1]);
         if (plus) cfg.ch_mult[0] = 2;
     }
     Objective ob = PAPER_OBJECTIVE;

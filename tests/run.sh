@@ -171,6 +171,11 @@ requires mpi "command -v mpirun && command -v mpicc" "apt-get install libopenmpi
 
 suite e2e sh tests/test_e2e.sh
 
+# A folder of pictures (ddpm.c section 19.1): every format against PIL, the cache, bad
+# pictures, each network size, evaluation on a folder, and --accumulate.
+requires folder "$PYTHON -c 'import numpy, PIL'" "$PYTHON cannot import numpy and PIL (apt-get install python3-numpy python3-pil)" &&
+    suite folder $PYTHON tests/test_folder.py
+
 echo
 echo "$total_pass passed, $total_fail failed"
 [ $total_fail -eq 0 ]

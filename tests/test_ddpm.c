@@ -1423,9 +1423,9 @@ static void test_config(void) {
     Config c;
     const char* names[3] = {"tiny", "small", "paper"};
     int all = 1;
-    for (int i = 0; i < 3; i++) all &= preset_find(names[i], &c) && config_check(&c, NULL) == NULL;
+    for (int i = 0; i < 3; i++) all &= preset_find(names[i], 32, &c) && config_check(&c, NULL) == NULL;
     check("presets found and valid", all, "tiny, small, paper");
-    check("preset_find rejects unknown names", !preset_find("huge", &c) && !preset_find("", &c) && !preset_find("Tiny", &c),
+    check("preset_find rejects unknown names", !preset_find("huge", 32, &c) && !preset_find("", 32, &c) && !preset_find("Tiny", 32, &c),
           "huge, \"\", Tiny");
     Config base = tiny_config(3, 0.1f);
     const char* err = config_check(&base, NULL);
@@ -1475,7 +1475,7 @@ static void test_unet_init(void) {
     const size_t want[3] = {35746307, 1113955, 4437699};
     for (int i = 0; i < 3; i++) {
         Config c;
-        preset_find(names[i], &c);
+        preset_find(names[i], 32, &c);
         UNet m;
         unet_build(&m, &c, 1);
         char name[64];
@@ -1485,7 +1485,7 @@ static void test_unet_init(void) {
     }
 
     Config c;
-    preset_find("tiny", &c);
+    preset_find("tiny", 32, &c);
     UNet m;
     unet_build(&m, &c, 1);
     Rng rng;
@@ -1877,7 +1877,7 @@ static int same_bytes(const char* path, const uint8_t* want, size_t n) {
 static void test_nonfinite_and_links(void) {
     Config c = tiny_config(3, 0.0f);
     Trainer tr;
-    trainer_init(&tr, &c, &PAPER_OBJECTIVE, 2, SCHEDULE_LINEAR, &PAPER_HYPER, 7);
+    trainer_init(&tr, &c, &PAPER_OBJECTIVE, 2, 1, SCHEDULE_LINEAR, &PAPER_HYPER, 7);
     train_step(&tr, noise_data(&tr.net.cfg));
     size_t n = tr.net.n_params;
     tr.net.params[n / 2] = NAN;
@@ -1916,7 +1916,7 @@ static void test_nonfinite_and_links(void) {
 static void test_resealed_headers(void) {
     Config c = tiny_config(3, 0.1f);
     Trainer tr;
-    trainer_init(&tr, &c, &PAPER_OBJECTIVE, 2, SCHEDULE_LINEAR, &PAPER_HYPER, 3);
+    trainer_init(&tr, &c, &PAPER_OBJECTIVE, 2, 1, SCHEDULE_LINEAR, &PAPER_HYPER, 3);
     char err[4400] = "";
     const char* good = OUT "/sealed.ckpt";
     const char* bad = OUT "/resealed.ckpt";
@@ -1976,7 +1976,7 @@ static void test_checkpoints(void) {
     const char* path = OUT "/ck.ckpt";
     char err[4400] = "";   // room for any path (and no -Wformat-truncation)
     Trainer tr;
-    trainer_init(&tr, &c, &PAPER_OBJECTIVE, 2, SCHEDULE_LINEAR, &PAPER_HYPER, 42);
+    trainer_init(&tr, &c, &PAPER_OBJECTIVE, 2, 1, SCHEDULE_LINEAR, &PAPER_HYPER, 42);
     train_step(&tr, noise_data(&tr.net.cfg));
     train_step(&tr, noise_data(&tr.net.cfg));
     int rc = checkpoint_save(&tr, SCHEDULE_LINEAR, path, err, sizeof err);
@@ -1984,7 +1984,7 @@ static void test_checkpoints(void) {
           "rc %d %s", rc, err);
 
     Trainer tr2;
-    trainer_init(&tr2, &c, &PAPER_OBJECTIVE, 2, SCHEDULE_LINEAR, &PAPER_HYPER, 4242);   // other seed: other weights
+    trainer_init(&tr2, &c, &PAPER_OBJECTIVE, 2, 1, SCHEDULE_LINEAR, &PAPER_HYPER, 4242);   // other seed: other weights
     checkpoint_load(&tr2, path);
     size_t nb = tr.net.n_params * sizeof(float);
     int arrays = !memcmp(tr.net.params, tr2.net.params, nb) && !memcmp(tr.ema, tr2.ema, nb) &&
@@ -2040,7 +2040,7 @@ static void test_checkpoints(void) {
     Config other = c;
     other.ch = 12;
     Trainer tr3;
-    trainer_init(&tr3, &other, &PAPER_OBJECTIVE, 2, SCHEDULE_LINEAR, &PAPER_HYPER, 1);
+    trainer_init(&tr3, &other, &PAPER_OBJECTIVE, 2, 1, SCHEDULE_LINEAR, &PAPER_HYPER, 1);
     CkptArgs m = {&tr3, path};
     expect_die("checkpoint into a network of another config (n_params)", ckpt_load_child, &m, path);
     trainer_free(&tr3);
@@ -2622,7 +2622,7 @@ static void test_objective_checkpoint(void) {
     Config c = tiny_config(1, 0.0f);
     Objective ob = {MEAN_X0, VAR_LEARNED, LOSS_KL};
     Trainer tr;
-    trainer_init(&tr, &c, &ob, 2, SCHEDULE_LINEAR, &PAPER_HYPER, 8);
+    trainer_init(&tr, &c, &ob, 2, 1, SCHEDULE_LINEAR, &PAPER_HYPER, 8);
     char err[4400];
     const char* path = OUT "/objective.ckpt";
     int rc = checkpoint_save(&tr, SCHEDULE_LINEAR, path, err, sizeof err);

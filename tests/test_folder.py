@@ -1,0 +1,270 @@
+#!/usr/bin/env python3
+"""Training on a folder of pictures (ddpm.c section 19.1) and micro-batches (--accumulate),
+end to end: ./ddpm (or $DDPM) on pictures this script writes with PIL. Prints
+"N passed, N failed".
+
+    /usr/bin/python3 tests/test_folder.py
+
+The pixels are checked against PIL doing the same four steps (composite over white,
+grey or RGB, centre square, Catmull-Rom resize = PIL's BICUBIC). Away from the edges (two
+pixels in) they agree within 2 levels of 255: PIL rounds and clips to 8 bits between its
+horizontal and vertical pass, stb_image_resize keeps floats. At the edges, where the
+filter reaches past the picture, PIL drops the missing taps and renormalises while stb
+repeats the edge pixel: within 8 levels there, and 0.5 on average over the picture.
+(Measured: interior at most 2, edges at most 6, mean 0.21 at 32 px and 0.30 at 16 px.)
+"""
+import glob, os, shutil, struct, subprocess, sys
+import numpy as np
+from PIL import Image
+
+DDPM = os.environ.get("DDPM", "./ddpm")
+T = "tests/out/folder"
+shutil.rmtree(T, ignore_errors=True)
+os.makedirs(T)
+passed = failed = 0
+
+def check(name, ok, detail=""):
+    global passed, failed
+    if ok: passed += 1; print("PASS", name)
+    else: failed += 1; print("FAIL", name, (": " + detail) if detail else "")
+
+def run(*args, env=None):
+    p = subprocess.run([DDPM, *map(str, args)], capture_output=True, text=True, env=env)
+    return p.returncode, p.stdout, p.stderr
+
+rng = np.random.default_rng(1)
+
+def smooth(h, w, c):
+    """Smooth random content with some structure: bilinear-enlarged noise."""
+    a = (rng.random((h // 4 + 2, w // 4 + 2, c)) * 255).astype(np.uint8)
+    im = Image.fromarray(a[..., 0] if c == 1 else a).resize((w, h), Image.BILINEAR)
+    return np.array(im)
+
+def write_pictures(d):
+    """Every format and shape the loader meets; returns the number of pictures."""
+    os.makedirs(d + "/sub/deep", exist_ok=True)
+    Image.fromarray(smooth(60, 80, 3)).save(d + "/a_rgb.png")                             # non-square
+    Image.fromarray(np.dstack([smooth(64, 64, 3), smooth(64, 64, 1)]), "RGBA").save(d + "/b_rgba.png")
+    Image.fromarray(smooth(70, 50, 1), "L").save(d + "/c_grey.png")
+    g16 = smooth(40, 40, 1).astype(np.uint16) * 257 + rng.integers(0, 256, (40, 40)).astype(np.uint16)
+    Image.fromarray(g16, "I;16").save(d + "/d_grey16.png")                                # 16-bit
+    Image.fromarray(np.dstack([smooth(48, 48, 1), smooth(48, 48, 1)]), "LA").save(d + "/e_la.png")
+    Image.fromarray(smooth(90, 100, 3)).save(d + "/f_photo.JPG", quality=95, subsampling=0)   # upper case
+    Image.fromarray(smooth(47, 33, 3)).save(d + "/g.bmp")
+    Image.fromarray(smooth(36, 36, 3)).convert("P", palette=Image.ADAPTIVE).save(d + "/h.gif")
+    Image.fromarray(smooth(40, 44, 3)).save(d + "/sub/deep/i.tga")                        # nested
+    Image.fromarray(smooth(35, 35, 3)).save(d + "/sub/j.ppm")
+    Image.fromarray(smooth(128, 160, 3)).save(d + "/k_big.png")
+    open(d + "/notes.txt", "w").write("not a picture\n")                                  # ignored
+    open(d + "/.hidden.png", "wb").write(b"not a png")                                    # hidden: skipped
+    os.makedirs(d + "/.git", exist_ok=True)
+    open(d + "/.git/x.png", "wb").write(b"not a png")
+    return 11
+
+def reference(path, N, C, bg=255):
+    """The four steps of ddpm.c section 19.1, in PIL."""
+    im = Image.open(path)
+    im.seek(0)
+    if im.mode.startswith("I"):   # 16-bit grey: stb_image keeps the high byte
+        im = Image.fromarray((np.array(im).astype(np.uint32) >> 8).astype(np.uint8), "L")
+    base = Image.new("RGBA", im.size, (bg, bg, bg, 255))
+    rgb = Image.alpha_composite(base, im.convert("RGBA")).convert("RGB")
+    img = rgb.convert("L") if C == 1 else rgb
+    w, h = img.size
+    s = min(w, h); l = (w - s) // 2; t = (h - s) // 2
+    a = np.array(img.crop((l, t, l + s, t + s)).resize((N, N), Image.BICUBIC))
+    return a[None] if C == 1 else a.transpose(2, 0, 1)
+
+def caches(dd):
+    return sorted(glob.glob(dd + "/cache/*.pix"))
+
+def cache_pixels(path):
+    b = open(path, "rb").read()
+    n, c, side = struct.unpack_from("<3i", b, 16)
+    return np.frombuffer(b, np.uint8, n * c * side * side, 4096).reshape(n, c, side, side)
+
+def pictures(d):
+    out = []
+    for root, dirs, files in os.walk(d):
+        dirs[:] = [x for x in dirs if not x.startswith(".")]
+        out += [os.path.join(root, f) for f in files if not f.startswith(".") and not f.endswith(".txt")]
+    return sorted(out)
+
+def decode(d, dd, *flags):   # --steps 0: read the folder, build the network, train nothing
+    shutil.rmtree(T + "/run0", ignore_errors=True)
+    return run("--data", d, "--data-dir", dd, "--steps", 0, "--batch", 2, "--run", T + "/run0", "--sample-n", 0, *flags)
+
+def one_line_error(name, r, want, lo=1, hi=127):
+    """Exit lo..hi and one error line, the last, that says want (progress may come before it)."""
+    rc, out, err = r
+    lines = err.strip().splitlines()
+    errors = [l for l in lines if l.startswith("ddpm")]
+    check(name, lo <= rc <= hi and len(errors) == 1 and lines[-1] == errors[0] and want in errors[0],
+          "exit %d, stderr %r" % (rc, err[-300:]))
+
+# 1. The pixels, against PIL.
+P, DD = T + "/pics", T + "/dd"
+n = write_pictures(P)
+rc, out, err = decode(P, DD, "--img", 32)
+check("a mixed folder decodes (PNG 8/16-bit, RGBA, LA, grey, JPEG, BMP, GIF, TGA, PPM)", rc == 0 and "decoded 11 pictures" in err, err[-400:])
+files = pictures(P)
+check("11 pictures, sorted; hidden files, .git and notes.txt left out", len(files) == n and len(caches(DD)) == 1)
+if rc == 0 and caches(DD):
+    px = cache_pixels(caches(DD)[0])
+    for i, f in enumerate(files):
+        d = np.abs(reference(f, 32, 3).astype(int) - px[i].astype(int))
+        inner = int(d[:, 2:-2, 2:-2].max())
+        check("%s equals PIL's within the tolerance (interior %d, edges %d, mean %.2f)" % (
+              os.path.relpath(f, P), inner, d.max(), d.mean()), inner <= 2 and d.max() <= 8 and d.mean() <= 0.5)
+rc, out, err = decode(P, DD, "--img", 16, "--in-ch", 1)
+if rc == 0:
+    px = cache_pixels([c for c in caches(DD) if "16px-grey" in c][0])
+    d = np.array([np.abs(reference(f, 16, 1).astype(int) - px[i].astype(int)) for i, f in enumerate(files)])
+    check("--in-ch 1 at 16 px: luma, within the tolerance (interior %d, edges %d, mean %.2f)" % (
+          d[..., 2:-2, 2:-2].max(), d.max(), d.mean()), px.shape[1] == 1 and d[..., 2:-2, 2:-2].max() <= 2
+          and d.max() <= 8 and d.mean() <= 0.5)
+else:
+    check("--in-ch 1 at 16 px decodes", False, err)
+G = T + "/grey"
+os.makedirs(G)
+for i in range(3): Image.fromarray(smooth(40, 40, 1), "L").save(G + "/%d.png" % i)
+Image.fromarray(np.dstack([smooth(40, 40, 1)] * 2), "LA").save(G + "/la.png")
+rc, out, err = decode(G, DD, "--img", 32)
+check("a folder of grey pictures trains a 1-channel network", rc == 0 and "32x32, 1 channels" in err, err[-300:])
+rc, out, err = decode(P, DD, "--img", 64)
+check("pictures smaller than 64 are enlarged, with a warning that counts them",
+      rc == 0 and "warning: 8 pictures of" in err and "smaller than 64x64" in err, err[-300:])
+
+# 2. The cache: reused, rebuilt on any change, never trusted when damaged.
+C2 = T + "/dd2"
+shutil.copytree(P, T + "/p2")
+P2 = T + "/p2"
+rc, _, err1 = decode(P2, C2, "--img", 32)
+cache = caches(C2)[0]
+mtime = os.stat(cache).st_mtime_ns
+rc, _, err2 = decode(P2, C2, "--img", 32)
+check("a second run maps the cache without decoding", rc == 0 and "decoded" in err1 and "decod" not in err2
+      and os.stat(cache).st_mtime_ns == mtime, err2[-300:])
+st = os.stat(P2 + "/g.bmp")
+os.utime(P2 + "/g.bmp", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+rc, _, err = decode(P2, C2, "--img", 32)
+check("a touched picture rebuilds the cache", rc == 0 and "the folder or the settings changed" in err and "decoded 11" in err, err[-300:])
+Image.fromarray(smooth(32, 32, 3)).save(P2 + "/sub/new.png")
+rc, _, err = decode(P2, C2, "--img", 32)
+check("an added picture rebuilds it", rc == 0 and "decoded 12" in err, err[-300:])
+os.remove(P2 + "/a_rgb.png")
+rc, _, err = decode(P2, C2, "--img", 32)
+check("a removed picture rebuilds it", rc == 0 and "decoded 11" in err, err[-300:])
+rc, _, err = decode(P2, C2, "--img", 32, "--background", 0)
+check("another --background is another cache", rc == 0 and "decoded 11" in err and len(caches(C2)) == 2, err[-300:])
+for what, edit, want in [("a flipped pixel", lambda b: b.__setitem__(len(b) - 5, b[len(b) - 5] ^ 1), "checksum"),
+                         ("a damaged header", lambda b: b.__setitem__(20, b[20] ^ 0x40), "header is damaged"),
+                         ("a truncated cache", lambda b: b.__delitem__(slice(len(b) - 100, None)), "size does not match"),
+                         ("a cache that claims 2^30 pictures", None, "size does not match")]:
+    b = bytearray(open(cache, "rb").read())
+    if edit: edit(b)
+    else:   # n = 2^30 with its header checksum re-sealed: only the file's size gives it away
+        struct.pack_into("<i", b, 16, 1 << 30)
+        h = 0xcbf29ce484222325
+        for x in b[:48]: h = ((h ^ x) * 0x100000001b3) & 0xffffffffffffffff
+        struct.pack_into("<Q", b, 48, h)
+    open(cache, "wb").write(b)
+    rc, _, err = decode(P2, C2, "--img", 32)
+    check("%s is refused and rebuilt" % what, rc == 0 and want in err and "decoded 11" in err, err[-300:])
+
+# 3. Bad input: one line, exit 1..127, nothing written.
+def bad_folder(name, make):
+    d = T + "/bad_" + name
+    os.makedirs(d)
+    make(d)
+    return d
+def good(d, k=2):
+    for i in range(k): Image.fromarray(smooth(32, 32, 3)).save(d + "/ok%d.png" % i)
+def nothing_written(dd):
+    return not glob.glob(dd + "/cache/*.pix") and not glob.glob(dd + "/cache/*.tmp") and not os.path.exists(T + "/run0/model.ckpt")
+png = open(P + "/a_rgb.png", "rb").read()
+cases = [
+    ("a truncated PNG", lambda d: (good(d), open(d + "/t.png", "wb").write(png[:len(png) // 2])), [], "t.png"),
+    ("a zero-byte JPEG", lambda d: (good(d), open(d + "/z.jpg", "wb").close()), [], "z.jpg: an empty file"),
+    ("a directory named x.png (and nothing else)", lambda d: os.makedirs(d + "/x.png"), [], "holds no pictures"),
+    ("a symbolic link loop", lambda d: (good(d), os.symlink("..", d + "/loop")), [], "symbolic link loop"),
+    ("a folder without pictures", lambda d: open(d + "/readme.txt", "w").close(), [], "holds no pictures"),
+    ("fewer pictures than the batch", lambda d: good(d, 1), [], "fewer than 2 (--batch)"),
+    ("a FIFO named p.png", lambda d: (good(d), os.mkfifo(d + "/p.png")), [], "p.png: not a regular file"),
+]
+for name, make, flags, want in cases:
+    d = bad_folder(name.split()[-1].strip("()"), make)
+    dd = d + "_dd"
+    one_line_error(name + ": one line naming it", decode(d, dd, "--img", 32, *flags), want)
+    check(name + ": nothing written", nothing_written(dd))
+one_line_error("a file as --data", decode(P + "/g.bmp", DD), "is a file, not a folder")
+one_line_error("a missing folder as --data", decode(T + "/nowhere", DD), "No such file")
+for flag, want in [(("--img", 48), "power of two"), (("--img", 512), "from 16 to 256"), (("--img", 8), "from 16 to 256"),
+                   (("--in-ch", 2), "grey (1) or RGB (3)"), (("--model", "paper", "--img", 64), "32x32 network")]:
+    one_line_error(" ".join(map(str, flag)) + ": refused", decode(P, T + "/dd_flags", *flag), want, 2, 2)
+one_line_error("--img 64 on cifar10: refused", run("--data", "cifar10", "--img", 64), "--img resizes a folder", 2, 2)
+d = bad_folder("skip", lambda d: (good(d, 3), open(d + "/t.png", "wb").write(png[:100]), open(d + "/z.jpg", "wb").close()))
+rc, _, err = decode(d, T + "/dd_skip", "--skip-bad")
+check("--skip-bad skips and counts unreadable pictures", rc == 0 and "2 unreadable pictures skipped" in err
+      and "decoded 3 pictures" in err, err[-300:])
+
+# 4. A network at each side, and evaluation on a folder.
+S = T + "/sizes"
+os.makedirs(S)
+for i in range(8): Image.fromarray(smooth(256, 256, 3)).save(S + "/%d.png" % i)
+NET = ["--ch", 8, "--groups", 4, "--batch", 2, "--sample-n", 0, "--data-dir", DD, "--lr", 1e-3, "--warmup", 1]
+for side in (16, 64, 256):
+    rc, out, err = run("params", "--model", "tiny", "--img", side)
+    levels = {16: 2, 64: 4, 256: 6}[side]
+    rc2, _, err2 = run("--data", S, "--img", side, "--steps", 1, "--run", "%s/run%d" % (T, side), *NET)
+    check("tiny at %d px: %d levels, trains a step" % (side, levels),
+          rc == 0 and out.count("downsample") == levels - 1 and rc2 == 0 and "%dx%d" % (side, side) in err2, err2[-300:])
+rc, out, err = run("params", "--model", "tiny", "--img", 64)
+check("params --img 64 prints the parameters and the activation memory per image",
+      rc == 0 and "total" in out and "MiB per image" in out, out[-300:])
+ck = T + "/run64/model.ckpt"
+E = T + "/eval"
+os.makedirs(E)
+for i in range(3): Image.fromarray(smooth(80, 64, 3)).save(E + "/%d.png" % i)
+rc, out, err = run("bpd", "--checkpoint", ck, "--data", E, "--data-dir", DD, "-n", 2, "--t-samples", 2)
+check("bpd on a held-out folder", rc == 0 and "bits/dim" in out, err[-300:])
+rc, out, err = run("reconstruct", "--checkpoint", ck, "--data", E, "--data-dir", DD, "--index", 2, "--t", 10, "-k", 1,
+                   "--out", T + "/recon.png")
+check("reconstruct from a folder", rc == 0 and os.path.exists(T + "/recon.png"), err[-300:])
+rc, out, err = run("interpolate", "--checkpoint", ck, "--data", E, "--data-dir", DD, "--index", "0,1", "--t", 10,
+                   "--lambdas", 2, "--out", T + "/interp.png")
+check("interpolate in a folder", rc == 0 and os.path.exists(T + "/interp.png"), err[-300:])
+one_line_error("--index past the folder: refused", run("reconstruct", "--checkpoint", ck, "--data", E, "--data-dir", DD,
+               "--index", 3), "images 0 to 2", 2, 2)
+small = bad_folder("small", lambda d: good(d, 3))
+one_line_error("a 64 px checkpoint on a folder of 32 px pictures: refused",
+               run("bpd", "--checkpoint", ck, "--data", small, "--data-dir", small + "_dd"), "smaller than the network's side")
+
+# 5. --accumulate K: micro-batches are slices of the one batch (ddpm.c sections 9, 23).
+A = ["--data", S, "--img", 16, "--ch", 8, "--groups", 4, "--batch", 8, "--sample-n", 0, "--data-dir", DD,
+     "--lr", 1e-3, "--warmup", 2, "--sample-every", 100000]
+def ckpt(name): return "%s/%s/model.ckpt" % (T, name)
+def same(a, b): return open(ckpt(a), "rb").read() == open(ckpt(b), "rb").read()
+def close(a, b):
+    def arrays(p):
+        raw = open(p, "rb").read()
+        n = struct.unpack_from("<Q", raw, 152)[0]
+        return np.frombuffer(raw, "<f4", 4 * n, 160).reshape(4, n)
+    x, y = arrays(ckpt(a)), arrays(ckpt(b))
+    return max(float(np.abs(x[i] - y[i]).max() / np.abs(x[i]).max()) for i in (0, 3))
+r = {k: run(*A, "--steps", 5, "--run", "%s/acc%s" % (T, k), *(["--accumulate", k] if k else [])) for k in ("", 1, 4)}
+check("--accumulate 1: the same bits as without it", all(v[0] == 0 for v in r.values()) and same("acc", "acc1"))
+err = close("acc1", "acc4") if r[4][0] == 0 else 1
+check("--accumulate 4 = one batch of 8 after 5 steps (parameters and EMA within 1e-6: %.1e)" % err,
+      err < 1e-6 and "4 micro-batches of 2 images" in r[4][2], r[4][2][-300:])
+rc1 = run(*A, "--steps", 3, "--run", T + "/accr", "--accumulate", 4)[0]
+rc2, _, err = run(*A, "--steps", 5, "--run", T + "/accr", "--accumulate", 4, "--resume")
+check("--accumulate 4 with --resume: the same bits as one run", rc1 == 0 and rc2 == 0 and same("accr", "acc4"), err[-300:])
+rc1 = run(*A, "--steps", 3, "--run", T + "/accr2", "--accumulate", 2)[0]
+rc2, _, err = run(*A, "--steps", 5, "--run", T + "/accr2", "--accumulate", 1, "--resume")
+e = close("accr2", "acc1") if rc1 == rc2 == 0 else 1
+check("resume may change --accumulate: the same steps, to rounding (%.1e)" % e, e < 1e-6, err[-300:])
+one_line_error("--batch 8 --accumulate 3: refused", run(*A, "--accumulate", 3, "--run", T + "/acc3"), "equal slices", 2, 2)
+
+print("%d passed, %d failed" % (passed, failed))
+sys.exit(1 if failed else 0)
