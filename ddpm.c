@@ -4325,6 +4325,7 @@ typedef struct {
     uint64_t pixels_sum;      // FNV-1a of the pixels
     uint64_t header_sum;      // FNV-1a of the bytes above
 } PixelCacheHeader;
+_Static_assert(sizeof(PixelCacheHeader) == 56, "the cache header is 56 bytes (tests/test_folder.py reads it)");
 
 static uint64_t folder_key(const PathList* l, const FolderSpec* fs) {
     Fnv h = {0xcbf29ce484222325ULL};
@@ -4360,7 +4361,8 @@ static int pixel_cache_map(Dataset* d, const char* path, uint64_t key, const Fol
              hd.header_sum != pixel_cache_header_sum(&hd))
         bad = "its header is damaged";
     else if (hd.key != key) bad = "the folder or the settings changed";
-    else if (hd.n <= 0 || (hd.c != 1 && hd.c != 3) || hd.side != fs->img || (fs->in_ch && hd.c != fs->in_ch) ||
+    else if (hd.n <= 0 || (hd.c != 1 && hd.c != 3) || hd.side < 1 || hd.side > 256 || hd.side != fs->img ||
+             (fs->in_ch && hd.c != fs->in_ch) ||
              st.st_size != PIXEL_CACHE_DATA + (off_t)hd.n * hd.c * hd.side * hd.side)
         bad = "its size does not match its header";
     if (!bad) {   // the pixels' checksum, read in chunks (a read, not the map: RSS stays small)

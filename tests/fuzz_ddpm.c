@@ -12,6 +12,10 @@
 //   tests/fuzz_cifar        each input as test_batch.bin, then load_cifar10
 //   tests/fuzz_exchange     each input as an exchange file, read as ./ddpm import reads one
 //                           before it builds a network (records, config, weights vs the plan)
+//   tests/fuzz_pixels       each input as the decoded cache of a folder of pictures (section
+//                           19.1), its two checksums re-sealed and its key taken as the one
+//                           wanted (so the geometry checks are what stands), then mapped and
+//                           every pixel read as training reads them
 //
 // A refusal (die) comes back here by longjmp (DDPM_FUZZ), without its message, so it is
 // not a crash: only what the sanitizers or a signal catch is. Refused loads leave files and buffers
@@ -22,7 +26,7 @@
 #include <dirent.h>
 
 #ifndef FUZZ_TARGET
-#error "build with -DFUZZ_TARGET=1 (checkpoint), 2 (idx), 3 (cifar) or 4 (exchange)"
+#error "build with -DFUZZ_TARGET=1 (checkpoint), 2 (idx), 3 (cifar), 4 (exchange) or 5 (pixels)"
 #endif
 
 static char dir[256];
@@ -85,6 +89,39 @@ int LLVMFuzzerTestOneInput(const uint8_t* data, size_t n) {
         Dataset d;
         load_cifar10(&d, dir, 0);
         dataset_free(&d);
+#elif FUZZ_TARGET == 5
+        uint8_t* b = malloc(n + 1);
+        memcpy(b, data, n);
+        PixelCacheHeader hd;
+        FolderSpec fs = {dir, dir, 32, 0, 255, 0, 1, 1};
+        uint64_t key = 0;
+        if (n >= sizeof hd) {   // re-seal both checksums; want the key and side it names
+            memcpy(&hd, b, sizeof hd);
+            Fnv sum = {0xcbf29ce484222325ULL};
+            if (n > PIXEL_CACHE_DATA) fnv_update(&sum, b + PIXEL_CACHE_DATA, n - PIXEL_CACHE_DATA);
+            hd.pixels_sum = sum.h;
+            hd.header_sum = pixel_cache_header_sum(&hd);
+            memcpy(b, &hd, sizeof hd);
+            key = hd.key;
+            fs.img = hd.side;
+        }
+        put("fuzz.pix", b, n);
+        free(b);
+        char path[512];
+        snprintf(path, sizeof path, "%s/fuzz.pix", dir);
+        Dataset d;
+        memset(&d, 0, sizeof d);
+        if (pixel_cache_map(&d, path, key, &fs)) {
+            float* x = malloc((size_t)d.C * d.H * d.W * sizeof(float));
+            double total = 0;
+            for (int i = 0; i < d.N; i++) {
+                dataset_image(x, &d, i, i & 1);
+                total += x[0];
+            }
+            if (!(total == total)) abort();
+            free(x);
+            dataset_free(&d);
+        }
 #else
         // what ./ddpm import does before it builds anything: read the records, take the
         // network and objective from them, check the weights against the network's plan
