@@ -1,6 +1,7 @@
 // dump_ref: writes the exchange file that tests/reference.py checks against PyTorch.
 //
-//   tests/dump_ref PRESET[+m2] BATCH FILE [MEAN,VAR,LOSS]     (+m2: the first channel multiplier 2)
+//   tests/dump_ref PRESET[+m2][@N] BATCH FILE [MEAN,VAR,LOSS]   (+m2: the first channel multiplier 2;
+//                                                              @N: the preset at image side N)
 //   tests/dump_ref --checkpoint CKPT BATCH FILE
 //
 // It builds the U-Net of a preset with random weights (not the official init, whose
@@ -33,12 +34,15 @@ int main(int argc, char** argv) {
     Config cfg;
     CheckpointHeader hd;
     if (ckpt) fclose(checkpoint_open(ckpt, &hd)), cfg = config_from_header(&hd);
-    else {   // PRESET, or PRESET+m2: its first channel multiplier 2 instead of 1
+    else {   // PRESET, PRESET+m2 (its first channel multiplier 2 instead of 1), PRESET@N (at side N)
         char name[32];
         snprintf(name, sizeof name, "%s", argv[1]);
+        char* at = strchr(name, '@');
+        int img = at ? atoi(at + 1) : 32;
+        if (at) *at = 0;
         char* plus = strstr(name, "+m2");
         if (plus) *plus = 0;
-        if (!preset_find(name, 32, &cfg)) die("unknown preset %s", argv[1]);
+        if (preset_find(name, img, &cfg) != 1 || config_check(&cfg, NULL)) die("unknown preset %s", argv[1]);
         if (plus) cfg.ch_mult[0] = 2;
     }
     Objective ob = PAPER_OBJECTIVE;

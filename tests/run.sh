@@ -68,8 +68,10 @@ fi
 if $PYTHON -c 'import torch' 2>/dev/null; then
     tests/dump_ref tiny 2 tests/out/ref_tiny.bin >/dev/null &&
     tests/dump_ref paper 2 tests/out/ref_paper.bin >/dev/null &&
-    tests/dump_ref tiny+m2 2 tests/out/ref_tiny_m2.bin >/dev/null   # a first channel multiplier of 2
-    suite pytorch $PYTHON tests/reference.py tests/out/ref_tiny.bin tests/out/ref_paper.bin tests/out/ref_tiny_m2.bin
+    tests/dump_ref tiny+m2 2 tests/out/ref_tiny_m2.bin >/dev/null &&   # a first channel multiplier of 2
+    tests/dump_ref tiny@64 2 tests/out/ref_tiny64.bin >/dev/null   # 64x64, four levels (a folder at --img 64)
+    suite pytorch $PYTHON tests/reference.py tests/out/ref_tiny.bin tests/out/ref_paper.bin tests/out/ref_tiny_m2.bin \
+        tests/out/ref_tiny64.bin
     rm -f tests/out/ref_paper.bin
     # Table 2's objectives (ddpm.c sections 3-5): the true bound with a learned Sigma, and
     # the squared error on mu_tilde, through the whole network

@@ -54,6 +54,18 @@ check "2 ranks x 4 images = 1 process x 8 for 5 steps, within the tolerance ($ou
 grep -q "data parallel over 2 ranks: 4 images each" "$T/r2.err" && [ "$(grep -c '^training' "$T/r2.err")" -eq 1 ]
 check "rank 0 alone reports" $? "$(errs "$T/r2.err")"
 
+# Ranks and micro-batches are one slicing of the batch: 2 ranks x 2 micro-batches of 2.
+$MPIRUN -np 2 $DDPM_MPI $NET --steps 5 --accumulate 2 --run "$T/acc" 2>"$T/acc.err"
+rc=$?
+out=$(close "$T/one/model.ckpt" "$T/acc/model.ckpt" "$T/one/log.csv" "$T/acc/log.csv" 2>&1)
+[ $rc -eq 0 ] && echo "$out" | grep -q '^step' && close "$T/one/model.ckpt" "$T/acc/model.ckpt" "$T/one/log.csv" "$T/acc/log.csv" >/dev/null 2>&1 &&
+    grep -q "2 micro-batches of 2 images" "$T/acc.err"
+check "2 ranks x --accumulate 2 = 1 process x 8 for 5 steps, within the tolerance ($out)" $? "exit $rc: $(errs "$T/acc.err")"
+$MPIRUN -np 2 $DDPM_MPI $NET --steps 5 --accumulate 3 --run "$T/acc3" >/dev/null 2>"$T/acc3.err"
+rc=$?
+[ $rc -eq 2 ] && grep -q "equal slices" "$T/acc3.err" && [ ! -e "$T/acc3" ]
+check "2 ranks x --accumulate 3 of 8 images: refused" $? "exit $rc: $(errs "$T/acc3.err")"
+
 $MPIRUN -np 2 $DDPM_MPI $NET --steps 3 --run "$T/res" 2>"$T/res.err" &&
     $DDPM $NET --steps 5 --run "$T/res" --resume 2>>"$T/res.err"
 rc=$?
