@@ -183,9 +183,11 @@ def good(d, k=2):
 def nothing_written(dd):
     return not glob.glob(dd + "/cache/*.pix") and not glob.glob(dd + "/cache/*.tmp") and not os.path.exists(T + "/run0/model.ckpt")
 png = open(P + "/a_rgb.png", "rb").read()
+jpg = open(P + "/f_photo.JPG", "rb").read()
 cases = [
     ("a truncated PNG", lambda d: (good(d), open(d + "/t.png", "wb").write(png[:len(png) // 2])), [], "t.png"),
     ("a zero-byte JPEG", lambda d: (good(d), open(d + "/z.jpg", "wb").close()), [], "z.jpg: an empty file"),
+    ("a truncated JPEG", lambda d: (good(d), open(d + "/t.jpg", "wb").write(jpg[:len(jpg) // 2])), [], "t.jpg"),
     ("a directory named x.png (and nothing else)", lambda d: os.makedirs(d + "/x.png"), [], "holds no pictures"),
     ("a symbolic link loop", lambda d: (good(d), os.symlink("..", d + "/loop")), [], "symbolic link loop"),
     ("a folder without pictures", lambda d: open(d + "/readme.txt", "w").close(), [], "holds no pictures"),
@@ -193,7 +195,7 @@ cases = [
     ("a FIFO named p.png", lambda d: (good(d), os.mkfifo(d + "/p.png")), [], "p.png: not a regular file"),
 ]
 for name, make, flags, want in cases:
-    d = bad_folder(name.split()[-1].strip("()"), make)
+    d = bad_folder(name.split()[-1].strip("()") + str(len(os.listdir(T))), make)
     dd = d + "_dd"
     one_line_error(name + ": one line naming it", decode(d, dd, "--img", 32, *flags), want)
     check(name + ": nothing written", nothing_written(dd))
