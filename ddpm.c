@@ -5,14 +5,15 @@ ddpm.c — Denoising Diffusion Probabilistic Models in one file of C.
     arXiv:2006.11239. Equation, algorithm and figure numbers below are the paper's.
 
 This file is meant to be read top to bottom beside the paper. It trains a DDPM on
-CIFAR-10 (or Fashion-MNIST) on a CPU and samples from it, with nothing but C11, libm,
-OpenMP and stb_image_write. There is no autograd: every layer of the U-Net has a
+CIFAR-10, Fashion-MNIST or a folder of your own pictures on a CPU and samples from it,
+with nothing but C11, libm, OpenMP and three stb headers (image write, load, resize). There is no autograd: every layer of the U-Net has a
 forward pass and a hand-written backward pass next to it, and tests/ proves them
 against PyTorch.
 
 Build and run:
     make && ./ddpm                       # train on CIFAR-10 (make fetches it into data/)
     ./ddpm --data fashion-mnist          # offline dataset (make fashion-mnist)
+    ./ddpm --data DIR --img 64           # a folder of pictures, at 64x64 (make emoji: Twemoji)
     ./ddpm sample --checkpoint runs/cifar10-tiny/model.ckpt -n 64
     ./ddpm --help                        # every subcommand and flag
     make test                            # gradients vs PyTorch autograd, and more
@@ -44,7 +45,8 @@ nothing of Part IV on the way.
         of the layers of 16; -DDDPM_PLAIN leaves all of Part III out
   Part IV. Plumbing
     18. Errors, memory, files ... one-line errors, the one atomic writer, progress, signals
-    19. Datasets on disk ........ CIFAR-10 binary, Fashion-MNIST IDX
+    19. Datasets on disk ........ CIFAR-10 binary, Fashion-MNIST IDX, a folder of pictures
+                                  decoded once into a mapped cache
     20. Checkpoints ............. checksummed, written atomically, bit-exact resume
     21. Pictures and files ...... PNG grids, .npy and .npz arrays, weights exchange files
     22. main .................... the command line: one table of options, --help from it
@@ -577,7 +579,7 @@ static uint32_t hash_u32(uint64_t key, uint64_t i) {
 
 typedef struct {
     int in_ch;                     // image channels: 3 (CIFAR-10) or 1 (Fashion-MNIST)
-    int img;                       // image side: 32
+    int img;                       // image side: 32 (a folder of pictures: 16 to 256)
     int ch;                        // base channel count
     int n_levels;                  // resolutions: 32, 16, 8, 4 for the paper
     int ch_mult[MAX_LEVELS];       // channels at level i: ch * ch_mult[i]
@@ -628,8 +630,8 @@ static void unet_zero_grad(UNet* m);
 // §3.3: "We assume that image data consists of integers in {0, 1, ..., 255} scaled
 // linearly to [-1, 1]. This ensures that the neural network reverse process operates
 // on consistently scaled inputs starting from the standard normal prior p(x_T)."
-// Datasets stay as bytes in memory (read from disk in section 19); a batch is scaled as
-// it is drawn.
+// Datasets stay as bytes (read from disk, or mapped from a folder's decoded cache, in
+// section 19); a batch is scaled as it is drawn.
 
 typedef struct {
     char name[32];
