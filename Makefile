@@ -80,7 +80,7 @@ else
 endif
 CFLAGS += -I$(STB_DIR)
 
-.PHONY: all plain debug mpi test bench fuzz fuzz-build sanitize cifar10 fashion-mnist emoji official-weights clean
+.PHONY: all plain debug mpi test bench bench-avx2 fuzz fuzz-build sanitize cifar10 fashion-mnist emoji official-weights clean
 
 all: ddpm
 	@sh data/get_cifar10.sh --optional
@@ -214,6 +214,14 @@ tests/bench_ddpm: tests/bench_ddpm.c ddpm.c $(STB_DEP)
 bench: tests/bench_ddpm
 	$(PYTHON) tests/bench_table.py $(BENCH_ARGS)
 
+# The AVX2 path on any x86-64 machine with AVX2 (README, Speed): ddpm.c built for
+# x86-64-v3, PyTorch held to AVX2 (tests/bench_table.py --isa avx2). Emulated, and said so.
+tests/bench_ddpm_avx2: tests/bench_ddpm.c ddpm.c $(STB_DEP)
+	$(CC) $(VARIANT_CFLAGS) -march=x86-64-v3 -mtune=generic tests/bench_ddpm.c -o $@ $(LDLIBS)
+
+bench-avx2: tests/bench_ddpm_avx2
+	$(PYTHON) tests/bench_table.py --isa avx2 --ddpm tests/bench_ddpm_avx2 $(BENCH_ARGS)
+
 cifar10:
 	@sh data/get_cifar10.sh
 
@@ -229,6 +237,6 @@ official-weights: ddpm
 	@PYTHON=$(PYTHON) sh data/get_official_weights.sh
 
 clean:
-	rm -rf ddpm ddpm_plain ddpm_debug ddpm_mpi tests/bench_ddpm tests/test_ddpm tests/test_ddpm_v2 tests/test_ddpm_v3 tests/test_ddpm_v4 \
+	rm -rf ddpm ddpm_plain ddpm_debug ddpm_mpi tests/bench_ddpm tests/bench_ddpm_avx2 tests/test_ddpm tests/test_ddpm_v2 tests/test_ddpm_v3 tests/test_ddpm_v4 \
 	    tests/test_ddpm_novec tests/test_ddpm_arm64 tests/test_ddpm_plain tests/dump_ref tests/dump_ref_plain \
 	    tests/out build

@@ -2670,6 +2670,34 @@ _Static_assert(CONV_MR * CONV_NV + CONV_NV + 1 <= VEC_REGS && CONV_MR_WIDE * CON
                "every tile's accumulators, loads and broadcast fit the register file");
 static int round_up(int n, int m) { return (n + m - 1) / m * m; }
 
+// Denormals. A float below 2^-126 in magnitude (a denormal) costs some x86 cores a
+// microcode assist of about a hundred cycles per instruction that meets it, as input or
+// result; a profile of sampling on an Intel AVX2 core found 64% of GroupNorm + SiLU on
+// one multiply, and setting the flags below made it 1.45x faster. They come from many
+// places: the exp of a very negative SiLU or softmax input, the square of a tiny
+// deviation in a GroupNorm's variance, the square of a tiny gradient in Adam's second
+// moment, products of the official init's 1e-10-scaled weights. Rather than guard each
+// of them, the fast build sets the processor to flush denormal results to zero (FTZ)
+// and to read denormal inputs as zero (DAZ), before main and so before OpenMP starts its
+// threads, which inherit the setting (tests/ checks every thread). A flushed value is
+// below 1.2e-38, far under any tolerance here; the result is as deterministic as before:
+// the same bits for the same seed and flags, on any number of threads. ARM64 has FZ,
+// which flushes both ways. The plain build (-DDDPM_PLAIN) keeps IEEE's gradual underflow.
+#if defined(__GNUC__) && (defined(__SSE2__) || defined(__aarch64__))
+__attribute__((constructor)) static void flush_denormals(void) {
+#if defined(__SSE2__)
+    __builtin_ia32_ldmxcsr(__builtin_ia32_stmxcsr() | 0x8040);   // FTZ (bit 15), DAZ (bit 6)
+#else
+    uint64_t fpcr;
+    __asm__ volatile("mrs %0, fpcr" : "=r"(fpcr));
+    __asm__ volatile("msr fpcr, %0" : : "r"(fpcr | (1ull << 24)));   // FZ
+#endif
+}
+#define DDPM_FLUSH_DENORMALS 1
+#else
+#define DDPM_FLUSH_DENORMALS 0
+#endif
+
 
 // ---- 17.1 The matrix multiplication ----
 // Linear layers, attention and the input gradient of the

@@ -176,7 +176,7 @@ int main(int argc, char** argv) {
     Trainer tr;
     trainer_init(&tr, &cfg, &PAPER_OBJECTIVE, B, 1, SCHEDULE_LINEAR, &PAPER_HYPER, 1);
     size_t n = (size_t)cfg.in_ch * cfg.img * cfg.img;
-    Dataset noise = {"noise", B, cfg.in_ch, cfg.img, cfg.img, malloc_check((size_t)B * n, "bench images"), NULL};
+    Dataset noise = {"noise", B, cfg.in_ch, cfg.img, cfg.img, malloc_check((size_t)B * n, "bench images"), NULL, 0};
     for (size_t i = 0; i < (size_t)B * n; i++) noise.pixels[i] = (uint8_t)(rng_u64(&tr.rng) >> 56);
     double* tt = malloc_check((size_t)S * sizeof(double), "timings");
     double* ts = malloc_check((size_t)S * sizeof(double), "timings");

@@ -24,7 +24,13 @@ rounds of each run's median step.
 
 Usage:
     /usr/bin/python3 tests/bench_table.py [--quick | --only MODEL:BATCH ...] [--rounds R]
-                                          [--steps S] [--ddpm PATH]
+                                          [--steps S] [--ddpm PATH] [--isa avx2]
+
+--isa avx2 (`make bench-avx2`) measures the AVX2 path on a machine with AVX-512: ddpm.c
+built for x86-64-v3 (tests/bench_ddpm_avx2), and PyTorch held to AVX2 as well
+(ONEDNN_MAX_CPU_ISA=AVX2 for oneDNN, OPENBLAS_CORETYPE=Haswell for OpenBLAS), for both
+the benchmark and the matmul ceiling. The table says it is emulated: the CPU's caches,
+clocks and ports are still the AVX-512 machine's.
 
 --quick runs only tiny at batch 32.  If a run fails (non-zero exit or no
 valid JSON) its stderr tail is printed, its cells read FAIL, the table goes
@@ -83,12 +89,15 @@ def cpu_summary():
             f"model {info.get('model', '?')}), {os.cpu_count()} cores, {' '.join(isa)}")
 
 
+ENV = dict(os.environ)   # --isa avx2 adds PyTorch's limits
+
+
 def run_json(cmd, required, timeout):
     """Run cmd; return (dict, None) on success or (None, error text)."""
     log("  $ " + " ".join(cmd))
     try:
         p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
-                           timeout=timeout)
+                           timeout=timeout, env=ENV)
     except FileNotFoundError as e:
         return None, f"cannot run: {e}"
     except subprocess.TimeoutExpired:
@@ -201,6 +210,8 @@ def main():
                     help="timed steps per run (default: 10, 5 for paper)")
     ap.add_argument("--ddpm", default=None,
                     help="ddpm.c's benchmark binary (default: tests/bench_ddpm, built by make bench)")
+    ap.add_argument("--isa", choices=["native", "avx2"], default="native",
+                    help="avx2: hold PyTorch to AVX2 too (pass an x86-64-v3 build as --ddpm)")
     ap.add_argument("--timeout", type=int, default=3600,
                     help="seconds allowed for one benchmark run")
     args = ap.parse_args()
@@ -209,6 +220,10 @@ def main():
     if args.rounds < 1:
         ap.error("--rounds must be >= 1")
     ddpm = os.path.abspath(args.ddpm) if args.ddpm else os.path.join(ROOT, "tests", "bench_ddpm")
+    if args.isa == "avx2":
+        ENV.update(ONEDNN_MAX_CPU_ISA="AVX2", DNNL_MAX_CPU_ISA="AVX2", OPENBLAS_CORETYPE="Haswell")
+        print("EMULATED AVX2: ddpm.c built for x86-64-v3 (%s), PyTorch with ONEDNN_MAX_CPU_ISA=AVX2 "
+              "OPENBLAS_CORETYPE=Haswell, on %s" % (os.path.basename(ddpm), cpu_summary()))
 
     configs = QUICK_CONFIGS if args.quick else CONFIGS
     if args.only:

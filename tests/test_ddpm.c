@@ -980,6 +980,89 @@ static void test_exp_approx(void) {
 }
 #endif
 
+// Denormals (17.0): the fast build flushes them in every OpenMP thread, so that inputs
+// that used to make them (a SiLU or softmax input far below -87, a near-constant
+// GroupNorm group, a tiny gradient squared in Adam) give none, and still agree with the
+// reference layers, which keep gradual underflow.
+#ifndef DDPM_PLAIN
+static int count_denormals(const float* x, size_t n) {
+    int k = 0;
+    for (size_t i = 0; i < n; i++) k += fpclassify(x[i]) == FP_SUBNORMAL;
+    return k;
+}
+
+static void test_denormals(void) {
+#if DDPM_FLUSH_DENORMALS && defined(_OPENMP)
+    int threads = 0, flushed = 0;
+    omp_set_num_threads(4);
+    #pragma omp parallel reduction(+ : threads, flushed)
+    {
+        threads++;
+#if defined(__SSE2__)
+        flushed += (__builtin_ia32_stmxcsr() & 0x8040) == 0x8040;
+#else
+        uint64_t fpcr;
+        __asm__ volatile("mrs %0, fpcr" : "=r"(fpcr));
+        flushed += (fpcr >> 24) & 1;
+#endif
+    }
+    omp_set_num_threads(kernel_threads);
+    check("every OpenMP thread flushes denormals (FTZ + DAZ, or FZ)", threads == 4 && flushed == 4,
+          "%d of %d threads", flushed, threads);
+    volatile float tiny = 1e-30f;
+    check("a product below 2^-126 is flushed to 0", tiny * 1e-10f == 0.0f, "1e-30 * 1e-10 = %g", tiny * 1e-10f);
+#endif
+    // SiLU at and far below -87, where sigmoid's 1 / (1 + e^-x) falls under 2^-126
+    enum { N = 256 };
+    float *x = fmalloc(N), *y = fmalloc(N), *yr = fmalloc(N), *dy = fmalloc(N), *dx = fmalloc(N), *dxr = fmalloc(N);
+    for (int i = 0; i < N; i++) x[i] = -80.0f - 0.2f * i, dy[i] = 1e-3f;   // -80 ... -131
+    silu_forward_fast(y, x, N);
+    silu_forward_ref(yr, x, N);
+    silu_backward_fast(dx, dy, x, N);
+    silu_backward_ref(dxr, dy, x, N);
+    double e = fmax(max_abs_diff(y, yr, N), max_abs_diff(dx, dxr, N));
+    int fin = all_finite(y, N) && all_finite(dx, N);
+    check("silu on [-131, -80]: finite, no denormal, the reference's within 1e-30",
+          fin && e < 1e-30 && (!DDPM_FLUSH_DENORMALS || count_denormals(y, N) + count_denormals(dx, N) == 0),
+          "finite %d, max |diff| %.2g, denormals %d", fin, e, count_denormals(y, N) + count_denormals(dx, N));
+    // GroupNorm + SiLU whose outputs lie below -87 (beta -100), and a group of 1e-21-sized
+    // deviations, whose squares are denormals in the variance
+    int B = 1, C = 4, G = 2, HW = 64;
+    size_t n = (size_t)B * C * HW;
+    float *gx = randn(n, 1), *gamma = randn(C, 0.3f), *beta = fmalloc(C), *gy = fmalloc(n), *gyr = fmalloc(n);
+    float *m = fmalloc(B * G), *r = fmalloc(B * G), *mr = fmalloc(B * G), *rr = fmalloc(B * G);
+    for (int c = 0; c < C; c++) beta[c] = -100.0f;
+    for (size_t i = n / 2; i < n; i++) gx[i] *= 1e-21f;
+    groupnorm_forward_fast(gy, m, r, gx, gamma, beta, B, C, HW, G, 1);
+    groupnorm_forward_ref(gyr, mr, rr, gx, gamma, beta, B, C, HW, G, 1);
+    e = max_abs_diff(gy, gyr, n);
+    fin = all_finite(gy, n) && all_finite(r, B * G);
+    check("groupnorm+silu below -87 and on a near-constant group: finite, no denormal, the reference's within 1e-30",
+          fin && e < 1e-30 && (!DDPM_FLUSH_DENORMALS || count_denormals(gy, n) == 0),
+          "finite %d, max |diff| %.2g, denormals %d", fin, e, count_denormals(gy, n));
+    // attention with scores thousands apart: most of each softmax column is e^-87 or less
+    int Ca = 8, Na = 40;
+    size_t na = (size_t)Ca * Na;
+    float *q = randn(na, 30), *k = randn(na, 30), *v = randn(na, 1), *o = fmalloc(na), *orf = fmalloc(na);
+    float *at = fmalloc((size_t)Na * Na), *atr = fmalloc((size_t)Na * Na), *scr = fmalloc((size_t)kernel_threads * Na * Na);
+    attention_forward_fast(o, at, q, k, v, 1, Ca, Na, scr);
+    attention_forward_ref(orf, atr, q, k, v, 1, Ca, Na, scr);
+    double ea = max_abs_diff(o, orf, na) / max_abs(orf, na);
+    fin = all_finite(o, na) && all_finite(at, (size_t)Na * Na);
+    check("attention with scores far apart: finite, no denormal weights, the reference's within 1e-5",
+          fin && ea < 1e-5 && (!DDPM_FLUSH_DENORMALS || count_denormals(at, (size_t)Na * Na) == 0),
+          "finite %d, relative error %.2g, denormal weights %d", fin, ea, count_denormals(at, (size_t)Na * Na));
+    // Adam on a gradient of 1e-25: its square, 1e-50 (times 1 - beta2), is below even a denormal
+    float p[4] = {1, 1, 1, 1}, g[4] = {1e-25f, -1e-22f, 3e-20f, 1e-19f}, am[4] = {0}, av[4] = {0};
+    for (int t = 1; t <= 3; t++) adam_update(p, g, am, av, 4, 2e-4f, 0.9f, 0.999f, 1e-8f, t, 1.0f);
+    check("Adam on gradients of 1e-25 to 1e-19: finite moments, no denormal",
+          all_finite(p, 4) && all_finite(av, 4) && (!DDPM_FLUSH_DENORMALS || count_denormals(av, 4) + count_denormals(am, 4) == 0),
+          "v = %g %g %g %g", av[0], av[1], av[2], av[3]);
+    free(x); free(y); free(yr); free(dy); free(dx); free(dxr); free(gx); free(gamma); free(beta); free(gy); free(gyr);
+    free(m); free(r); free(mr); free(rr); free(q); free(k); free(v); free(o); free(orf); free(at); free(atr); free(scr);
+}
+#endif
+
 // ---- SiLU ----
 typedef struct { float *x, *out; size_t n; } SiluCase;
 static void silu_fwd(void* p) { SiluCase* s = p; silu_forward(s->out, s->x, s->n); }
@@ -2712,6 +2795,7 @@ int main(int argc, char** argv) {
     test_conv_threads(3, 2);
     test_groupnorm_vs_ref();
     test_exp_approx();
+    test_denormals();
     test_matmul();
 #else
     note("skipped the fast-vs-reference, thread and matmul checks: they test Part III");
