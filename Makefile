@@ -183,7 +183,8 @@ fuzz: fuzz-build
 	done
 
 # Sanitizers: the program and the unit tests with AddressSanitizer and UBSan, any report
-# fatal; the end-to-end suite then runs on that build, and the MPI suite on ./ddpm_mpi
+# fatal; the end-to-end suite then runs on that build, then the pictures, cache and bad input
+# of tests/test_folder.py (stb_image meets hostile files there), and the MPI suite on ./ddpm_mpi
 # built the same way. GCC's `undefined` leaves out float-cast-overflow ((uint8_t)NaN in a
 # picture, say), so it is asked for by name. (Leak reports are off: a refusal ends the
 # process with its buffers still held, by design.)
@@ -202,6 +203,10 @@ build/ddpm_mpi_san: ddpm.c $(STB_DEP)
 sanitize: build/ddpm_san build/test_ddpm_san fashion-mnist
 	ASAN_OPTIONS=detect_leaks=0 build/test_ddpm_san
 	ASAN_OPTIONS=detect_leaks=0 DDPM=build/ddpm_san E2E_SLOW=4 E2E_ASAN=1 sh tests/test_e2e.sh
+	@if $(PYTHON) -c 'import numpy, PIL' 2>/dev/null; then \
+	    ASAN_OPTIONS=detect_leaks=0 DDPM=build/ddpm_san FOLDER_DECODE_ONLY=1 $(PYTHON) tests/test_folder.py; \
+	elif [ "$$CI" = true ]; then echo "make sanitize: tests/test_folder.py needs python3-numpy python3-pil"; exit 1; \
+	else echo "NOTE skipped the folder suite under sanitizers: no numpy and PIL"; fi
 	@if command -v $(MPICC) >/dev/null && command -v mpirun >/dev/null; then \
 	    $(MAKE) -s build/ddpm_mpi_san && \
 	    ASAN_OPTIONS=detect_leaks=0 DDPM=build/ddpm_san DDPM_MPI=build/ddpm_mpi_san sh tests/test_mpi.sh; \
