@@ -6234,6 +6234,12 @@ static void parse_options(int argc, char** argv, Options* o) {
     if (o->sampler.ddim && given(o, "--sigma"))
         usage_error("--sigma applies to --sampler ddpm; DDIM's variance is set by --eta");
     if (o->t_samples && o->per_t) usage_error("--per-t needs every term; drop --t-samples");
+    struct stat st;
+    if ((o->cmd & (C_TRAIN | C_BPD | C_DECODE)) && word_index(DATA_NAMES, o->data) < 0) {
+        if (stat(o->data, &st) != 0)
+            usage_error("--data %s: %s; pass cifar10, fashion-mnist or a folder of pictures", o->data, strerror(errno));
+        if (!S_ISDIR(st.st_mode)) usage_error("--data %s is a file, not a folder; pass the folder that holds the pictures", o->data);
+    }
     if (o->img & (o->img - 1)) usage_error("--img %d: expected a power of two from 16 to 256", o->img);
     if (o->img != 32 && o->cmd == C_TRAIN && word_index(DATA_NAMES, o->data) >= 0)
         usage_error("--img %d: %s is 32x32; --img resizes a folder of pictures (--data DIR)", o->img, o->data);
