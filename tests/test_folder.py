@@ -133,9 +133,11 @@ for i in range(3): Image.fromarray(smooth(40, 40, 1), "L").save(G + "/%d.png" % 
 Image.fromarray(np.dstack([smooth(40, 40, 1)] * 2), "LA").save(G + "/la.png")
 rc, out, err = decode(G, DD, "--img", 32)
 check("a folder of grey pictures trains a 1-channel network", rc == 0 and "32x32, 1 channels" in err, err[-300:])
-rc, out, err = decode(P, DD, "--img", 64)
-check("pictures smaller than 64 are enlarged, with a warning that counts them",
-      rc == 0 and "warning: 8 pictures of" in err and "smaller than 64x64" in err, err[-300:])
+rc, out, err = run("--data", P, "--data-dir", DD, "--img", 64, "--steps", 1, "--batch", 4, "--ch", 8, "--groups", 4,
+                   "--run", T + "/mixed64", "--sample-n", 0)
+check("tiny trains a step at 64 px on the mixed folder; pictures smaller than 64 are enlarged, with a warning "
+      "that counts them", rc == 0 and "warning: 8 pictures of" in err and "smaller than 64x64" in err
+      and os.path.exists(T + "/mixed64/model.ckpt"), err[-300:])
 
 # 2. The cache: reused, rebuilt on any change, never trusted when damaged.
 C2 = T + "/dd2"
