@@ -4512,8 +4512,8 @@ static void folder_load(Dataset* d, const FolderSpec* fs) {
     fnv_update(&where, real, strlen(real));
     const char* base = strrchr(real, '/');
     base = base && base[1] ? base + 1 : "root";
-    snprintf(name, sizeof name, "%.64s-%08x-%dpx-%s%s-bg%d%s", base, (unsigned)(where.h >> 32), fs->img,
-             fs->in_ch ? (fs->in_ch == 1 ? "grey" : "rgb") : "auto", "", fs->background, fs->skip_bad ? "-skipbad" : "");
+    snprintf(name, sizeof name, "%.64s-%08x-%dpx-%s-bg%d%s", base, (unsigned)(where.h >> 32), fs->img,
+             fs->in_ch ? (fs->in_ch == 1 ? "grey" : "rgb") : "auto", fs->background, fs->skip_bad ? "-skipbad" : "");
     snprintf(path, sizeof path, "%s/cache", fs->cache_dir);
     mkdir_p(path);
     // One process decodes at a time (MPI ranks, two runs): the others wait, then map.
