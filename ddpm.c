@@ -6,9 +6,9 @@ ddpm.c — Denoising Diffusion Probabilistic Models in one file of C.
 
 This file is meant to be read top to bottom beside the paper. It trains a DDPM on
 CIFAR-10, Fashion-MNIST or a folder of your own pictures on a CPU and samples from it,
-with nothing but C11, libm, OpenMP and three stb headers (image write, load, resize). There is no autograd: every layer of the U-Net has a
-forward pass and a hand-written backward pass next to it, and tests/ proves them
-against PyTorch.
+with nothing but C11, libm, OpenMP and three stb headers (image write, load, resize).
+There is no autograd: every layer of the U-Net has a forward pass and a hand-written
+backward pass next to it, and tests/ proves them against PyTorch.
 
 Build and run:
     make && ./ddpm                       # train on CIFAR-10 (make fetches it into data/)
@@ -4522,6 +4522,7 @@ static void folder_load(Dataset* d, const FolderSpec* fs) {
     snprintf(path + strlen(path), sizeof path - strlen(path), "/%s.pix", name);
     uint64_t key = folder_key(&l, fs);
     if (!pixel_cache_map(d, path, key, fs)) {
+        if (ignored) fprintf(stderr, "%s: %ld files that are not pictures stb_image reads are left out\n", fs->dir, ignored);
         pixel_cache_build(&l, fs, key, path);
         if (!pixel_cache_map(d, path, key, fs)) die("%s: the cache just written does not read back; check the disk", path);
     }

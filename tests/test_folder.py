@@ -110,7 +110,8 @@ n = write_pictures(P)
 rc, out, err = decode(P, DD, "--img", 32)
 check("a mixed folder decodes (PNG 8/16-bit, RGBA, LA, grey, JPEG, BMP, GIF, TGA, PPM)", rc == 0 and "decoded 11 pictures" in err, err[-400:])
 files = pictures(P)
-check("11 pictures, sorted; hidden files, .git and notes.txt left out", len(files) == n and len(caches(DD)) == 1)
+check("11 pictures, sorted; hidden files, .git and notes.txt left out, and notes.txt counted",
+      len(files) == n and len(caches(DD)) == 1 and "1 files that are not pictures" in err, err[-300:])
 if rc == 0 and caches(DD):
     px = cache_pixels(caches(DD)[0])
     for i, f in enumerate(files):
