@@ -4163,7 +4163,7 @@ static void load_fashion_mnist(Dataset* d, const char* dir, int train) {
     fclose(fl);
 }
 
-// ---- 19.1 A folder of pictures (--data DIR) ----
+// ---- 19.1 A folder of pictures, like §4's CelebA-HQ and LSUN at 256x256 (--data DIR) ----
 //
 // Any folder of pictures, searched recursively: whatever stb_image reads (PNG at 8 or 16
 // bits, JPEG, BMP, GIF's first frame, TGA, PNM, PSD, HDR, PIC), by extension in any case;
