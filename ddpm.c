@@ -3928,6 +3928,7 @@ static int write_file_atomic(const char* path, const void* a, size_t na, const v
 
 // FNV-1a, 64 bits: the checksum of checkpoints and caches, and the key of a cache.
 typedef struct { uint64_t h; } Fnv;
+#define FNV_START {0xcbf29ce484222325ULL}   // the offset basis: Fnv sum = FNV_START;
 
 static void fnv_update(Fnv* f, const void* data, size_t n) {
     const uint8_t* p = data;
@@ -4359,7 +4360,7 @@ typedef struct {
 _Static_assert(sizeof(PixelCacheHeader) == 56, "the cache header is 56 bytes (tests/test_folder.py reads it)");
 
 static uint64_t folder_key(const PathList* l, const FolderSpec* fs) {
-    Fnv h = {0xcbf29ce484222325ULL};
+    Fnv h = FNV_START;
     size_t skip = strlen(fs->dir);
     for (long i = 0; i < l->n; i++) {
         struct stat st;
@@ -4374,14 +4375,15 @@ static uint64_t folder_key(const PathList* l, const FolderSpec* fs) {
 }
 
 static uint64_t pixel_cache_header_sum(const PixelCacheHeader* hd) {
-    Fnv h = {0xcbf29ce484222325ULL};
+    Fnv h = FNV_START;
     fnv_update(&h, hd, offsetof(PixelCacheHeader, header_sum));
     return h.h;
 }
 
 // Maps the cache at path if it holds what key describes; else returns 0 (saying why, if
-// it was there but not right).
-static int pixel_cache_map(Dataset* d, const char* path, uint64_t key, const FolderSpec* fs) {
+// it was there but not right). verify: also check the pixels' checksum (not for a cache
+// this process has just written and summed).
+static int pixel_cache_map(Dataset* d, const char* path, uint64_t key, const FolderSpec* fs, int verify) {
     int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
     if (fd < 0) return 0;
     struct stat st;
@@ -4396,8 +4398,8 @@ static int pixel_cache_map(Dataset* d, const char* path, uint64_t key, const Fol
              (fs->in_ch && hd.c != fs->in_ch) ||
              st.st_size != PIXEL_CACHE_DATA + (off_t)hd.n * hd.c * hd.side * hd.side)
         bad = "its size does not match its header";
-    if (!bad) {   // the pixels' checksum, read in chunks (a read, not the map: RSS stays small)
-        Fnv h = {0xcbf29ce484222325ULL};
+    if (!bad && verify) {   // the pixels' checksum, read in chunks (a read, not the map: RSS stays small)
+        Fnv h = FNV_START;
         size_t chunk = (size_t)1 << 24;
         uint8_t* buf = malloc_check(chunk, "reading the picture cache");
         for (off_t at = PIXEL_CACHE_DATA; at < st.st_size && !bad;) {
@@ -4459,7 +4461,7 @@ static void pixel_cache_build(const PathList* l, const FolderSpec* fs, uint64_t 
     memset(&hd, 0, sizeof hd);
     memcpy(hd.magic, PIXEL_CACHE_MAGIC, 8);
     hd.key = key; hd.c = C; hd.side = fs->img;
-    Fnv sum = {0xcbf29ce484222325ULL};
+    Fnv sum = FNV_START;
     int ok = fseek(f, PIXEL_CACHE_DATA, SEEK_SET) == 0;
     double t0 = now_seconds();
     char what[4200];
@@ -4496,9 +4498,6 @@ static void pixel_cache_build(const PathList* l, const FolderSpec* fs, uint64_t 
 
 static void folder_load(Dataset* d, const FolderSpec* fs) {
     memset(d, 0, sizeof *d);
-    struct stat st;
-    if (stat(fs->dir, &st) != 0) die("--data %s: %s; pass cifar10, fashion-mnist or a folder of pictures", fs->dir, strerror(errno));
-    if (!S_ISDIR(st.st_mode)) die("--data %s is a file, not a folder; pass the folder that holds the pictures", fs->dir);
     PathList l = {0};
     long ignored = 0;
     folder_scan(&l, fs->dir, NULL, 0, &ignored);
@@ -4508,7 +4507,7 @@ static void folder_load(Dataset* d, const FolderSpec* fs) {
     // The cache's name: the folder's name, a hash of its full path, the settings.
     char real[PATH_MAX], name[4400], path[4600];
     if (!realpath(fs->dir, real)) snprintf(real, sizeof real, "%s", fs->dir);
-    Fnv where = {0xcbf29ce484222325ULL};
+    Fnv where = FNV_START;
     fnv_update(&where, real, strlen(real));
     const char* base = strrchr(real, '/');
     base = base && base[1] ? base + 1 : "root";
@@ -4521,10 +4520,10 @@ static void folder_load(Dataset* d, const FolderSpec* fs) {
     if (lock < 0 || flock(lock, LOCK_EX) != 0) die("cannot lock %s: %s", path, strerror(errno));
     snprintf(path + strlen(path), sizeof path - strlen(path), "/%s.pix", name);
     uint64_t key = folder_key(&l, fs);
-    if (!pixel_cache_map(d, path, key, fs)) {
+    if (!pixel_cache_map(d, path, key, fs, 1)) {
         if (ignored) fprintf(stderr, "%s: %ld files that are not pictures stb_image reads are left out\n", fs->dir, ignored);
         pixel_cache_build(&l, fs, key, path);
-        if (!pixel_cache_map(d, path, key, fs)) die("%s: the cache just written does not read back; check the disk", path);
+        if (!pixel_cache_map(d, path, key, fs, 0)) die("%s: the cache just written does not read back; check the disk", path);
     }
     close(lock);
     snprintf(d->name, sizeof d->name, "%.31s", base);
@@ -4631,7 +4630,7 @@ static int checkpoint_save(const Trainer* tr, ScheduleKind sk, const char* path,
     hd.step = tr->step;
     memcpy(hd.rng, tr->rng.s, sizeof hd.rng);
     hd.n_params = tr->net.n_params;
-    Fnv sum = {0xcbf29ce484222325ULL};
+    Fnv sum = FNV_START;
     size_t nb = tr->net.n_params * sizeof(float);
     int ok = write_all(f, &hd, sizeof hd, &sum) && write_all(f, tr->net.params, nb, &sum) &&
              write_all(f, tr->ema, nb, &sum) && write_all(f, tr->adam_m, nb, &sum) &&
@@ -4665,7 +4664,7 @@ static FILE* checkpoint_open(const char* path, CheckpointHeader* hd) {
     if (size != want)
         die("%s is %ld bytes but its header promises %ld: the file is truncated or corrupt; restore a copy or train again",
             path, size, want);
-    Fnv sum = {0xcbf29ce484222325ULL};
+    Fnv sum = FNV_START;
     uint8_t chunk[1 << 16];
     fseek(f, 0, SEEK_SET);
     for (long left = size - 8; left > 0;) {
@@ -5535,20 +5534,23 @@ static void lock_run_folder(const char* dir) {
     if (ftruncate(fd, 0) != 0 || write(fd, pid, n) != n) die("cannot write %s: %s", path, strerror(errno));
 }
 
+// Is --data a folder of pictures, rather than a dataset's name?
+static int data_is_folder(const Options* o) { return word_index(DATA_NAMES, o->data) < 0; }
+
 // The dataset --data names (train: its training set), or the folder it names, decoded at
 // side img with in_ch channels (0: as the folder's pictures are).
 static void data_load(Dataset* d, const Options* o, int train, int img, int in_ch, int at_least) {
-    if (word_index(DATA_NAMES, o->data) >= 0) {
-        dataset_load(d, o->data, o->data_dir, train);
-    } else {
+    if (data_is_folder(o)) {
         FolderSpec fs = {o->data, o->data_dir, img, in_ch, o->background, o->skip_bad, train, at_least};
         folder_load(d, &fs);
+    } else {
+        dataset_load(d, o->data, o->data_dir, train);
     }
 }
 
 // What a run is called: the dataset, or the folder's name and its side.
 static void data_name(char* out, size_t len, const Options* o) {
-    if (word_index(DATA_NAMES, o->data) >= 0) { snprintf(out, len, "%s", o->data); return; }
+    if (!data_is_folder(o)) { snprintf(out, len, "%s", o->data); return; }
     size_t n = strlen(o->data);
     while (n > 1 && o->data[n - 1] == '/') n--;
     const char* base = o->data + n;
@@ -5770,7 +5772,7 @@ static void check_channels(const Config* c, const char* path) {
 // The test set the network's images come from: a folder --data names, decoded at the
 // network's side and channels; else Fashion-MNIST for one channel, else --data's.
 static void load_test_set(Dataset* test, const Config* c, const Options* o) {
-    if (word_index(DATA_NAMES, o->data) < 0) data_load(test, o, 0, c->img, c->in_ch, 1);
+    if (data_is_folder(o)) data_load(test, o, 0, c->img, c->in_ch, 1);
     else dataset_load(test, c->in_ch == 1 ? "fashion-mnist" : o->data, o->data_dir, 0);
     if (test->C != c->in_ch || test->H != c->img || test->W != c->img)
         die("%s takes %d-channel %dx%d images, but the %s test set holds %d-channel %dx%d ones; "
@@ -6236,15 +6238,15 @@ static void parse_options(int argc, char** argv, Options* o) {
         usage_error("--sigma applies to --sampler ddpm; DDIM's variance is set by --eta");
     if (o->t_samples && o->per_t) usage_error("--per-t needs every term; drop --t-samples");
     struct stat st;
-    if ((o->cmd & (C_TRAIN | C_BPD | C_DECODE)) && word_index(DATA_NAMES, o->data) < 0) {
+    if ((o->cmd & (C_TRAIN | C_BPD | C_DECODE)) && data_is_folder(o)) {
         if (stat(o->data, &st) != 0)
             usage_error("--data %s: %s; pass cifar10, fashion-mnist or a folder of pictures", o->data, strerror(errno));
         if (!S_ISDIR(st.st_mode)) usage_error("--data %s is a file, not a folder; pass the folder that holds the pictures", o->data);
     }
     if (o->img & (o->img - 1)) usage_error("--img %d: expected a power of two from 16 to 256", o->img);
-    if (o->img != 32 && o->cmd == C_TRAIN && word_index(DATA_NAMES, o->data) >= 0)
+    if (o->img != 32 && o->cmd == C_TRAIN && !data_is_folder(o))
         usage_error("--img %d: %s is 32x32; --img resizes a folder of pictures (--data DIR)", o->img, o->data);
-    if (given(o, "--in-ch") && o->cmd == C_TRAIN && word_index(DATA_NAMES, o->data) < 0 && o->in_ch != 1 && o->in_ch != 3)
+    if (given(o, "--in-ch") && o->cmd == C_TRAIN && data_is_folder(o) && o->in_ch != 1 && o->in_ch != 3)
         usage_error("--in-ch %d: a folder of pictures is read as grey (1) or RGB (3)", o->in_ch);
 }
 
@@ -6347,7 +6349,7 @@ static void world_init(int* argc, char*** argv) {
     MPI_Init(argc, argv);
     MPI_Comm_rank(MPI_COMM_WORLD, &world_rank);
     MPI_Comm_size(MPI_COMM_WORLD, &world_size);
-    Fnv h = {0xcbf29ce484222325ULL};
+    Fnv h = FNV_START;
     for (int i = 1; i < *argc; i++) fnv_update(&h, (*argv)[i], strlen((*argv)[i]) + 1);
     unsigned long long lo, hi;
     MPI_Allreduce(&h.h, &lo, 1, MPI_UNSIGNED_LONG_LONG, MPI_MIN, MPI_COMM_WORLD);

@@ -68,7 +68,7 @@ int LLVMFuzzerTestOneInput(const uint8_t* data, size_t n) {
         uint8_t* b = malloc(n + 8);
         memcpy(b, data, n);
         if (n >= 8) {   // re-seal: the last 8 bytes become the FNV-1a of the rest
-            Fnv sum = {0xcbf29ce484222325ULL};
+            Fnv sum = FNV_START;
             fnv_update(&sum, b, n - 8);
             memcpy(b + n - 8, &sum.h, 8);
         }
@@ -97,7 +97,7 @@ int LLVMFuzzerTestOneInput(const uint8_t* data, size_t n) {
         uint64_t key = 0;
         if (n >= sizeof hd) {   // re-seal both checksums; want the key and side it names
             memcpy(&hd, b, sizeof hd);
-            Fnv sum = {0xcbf29ce484222325ULL};
+            Fnv sum = FNV_START;
             if (n > PIXEL_CACHE_DATA) fnv_update(&sum, b + PIXEL_CACHE_DATA, n - PIXEL_CACHE_DATA);
             hd.pixels_sum = sum.h;
             hd.header_sum = pixel_cache_header_sum(&hd);
@@ -111,7 +111,7 @@ int LLVMFuzzerTestOneInput(const uint8_t* data, size_t n) {
         snprintf(path, sizeof path, "%s/fuzz.pix", dir);
         Dataset d;
         memset(&d, 0, sizeof d);
-        if (pixel_cache_map(&d, path, key, &fs)) {
+        if (pixel_cache_map(&d, path, key, &fs, 1)) {
             float* x = malloc((size_t)d.C * d.H * d.W * sizeof(float));
             double total = 0;
             for (int i = 0; i < d.N; i++) {

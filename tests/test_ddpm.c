@@ -2012,7 +2012,7 @@ static void test_resealed_headers(void) {
     for (int off = 0; off < (int)sizeof(CheckpointHeader); off++)
         for (int mask = 1; mask <= 0x80; mask <<= 7) {
             b[off] ^= (uint8_t)mask;
-            Fnv sum = {0xcbf29ce484222325ULL};
+            Fnv sum = FNV_START;
             fnv_update(&sum, b, n - 8);
             memcpy(b + n - 8, &sum.h, 8);
             write_bytes(bad, b, n);
