@@ -3773,16 +3773,17 @@ static void fail_v(int code, const char* suffix, const char* fmt, va_list ap) {
 #ifdef DDPM_FUZZ
     longjmp(fuzz_refused, 1);
 #endif
-#ifdef DDPM_MPI
-    if (code == 2) MPI_Finalize();   // every rank ends here together
-#endif
-    if (world_rank > 0 && code == 2) exit(code);
     char line[8192];
     int k = world_rank > 0 ? snprintf(line, sizeof line, "ddpm (rank %d): ", world_rank) : snprintf(line, sizeof line, "ddpm: ");
     k += vsnprintf(line + k, sizeof line - k, fmt, ap);
     if (k < (int)sizeof line) snprintf(line + k, sizeof line - k, "%s\n", suffix);
     else line[sizeof line - 2] = '\n';
-    fputs(line, stderr);
+    if (world_rank == 0 || code != 2) fputs(line, stderr);
+#ifdef DDPM_MPI
+    // Every rank ends here together, and only after rank 0 has written its line: a rank
+    // that exited first would have mpirun kill rank 0 before the line was out.
+    if (code == 2) MPI_Finalize();
+#endif
     exit(code);
 }
 
