@@ -3831,6 +3831,27 @@ static int max_threads(void) {
 #endif
 }
 
+// Threads that give a busy core back. At the end of every parallel loop a thread that
+// is done waits for the others; libgomp lets it spin 300,000 times before it sleeps.
+// On an idle machine that saves a wake-up. But when another program holds one of the
+// cores (a browser, a notebook, a second run), the spinning threads take turns with it:
+// a thread that the scheduler took off its core holds up every other at the next
+// barrier, while they burn the time it needs. Measured on 2 cores beside one busy
+// process (README, Speed): a training step of tiny 3.4x its idle time, a sampling step
+// 3.5x. With GOMP_SPINCOUNT=1000 they took about 2x, what losing one of two cores
+// costs, and on an idle machine no more than the noise; OMP_WAIT_POLICY=PASSIVE
+// (never spin) cost 9% idle. libgomp reads its settings once, before main, so ddpm
+// starts itself again with GOMP_SPINCOUNT=1000 unless a wait policy was given.
+static void threads_spin_briefly(char** argv) {
+#ifdef _OPENMP
+    if (getenv("OMP_WAIT_POLICY") || getenv("GOMP_SPINCOUNT")) return;
+    if (setenv("GOMP_SPINCOUNT", "1000", 1) != 0) return;
+    execv("/proc/self/exe", argv);   // returns only if it failed: go on as started
+#else
+    (void)argv;
+#endif
+}
+
 static double now_seconds(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -4789,6 +4810,57 @@ static int save_grid_png(const char* path, const float* imgs, int n, int C, int 
     return r;
 }
 
+// The learning film, progress.png: one row per preview of a training run (section 22),
+// each the same few samples (the same x_T) at that step, with the step written at its
+// left. A row is appended to the film on disk, so a resumed run continues it; a file
+// that is not such a film (another --sample-n, --img, a damaged file) is started again.
+// The digits are a 3x5 pixel font, a row of 3 bits each from the top, scaled up with H.
+static const uint16_t DIGITS_3X5[10] = {0x7b6f, 0x2c97, 0x73e7, 0x73cf, 0x5bc9, 0x79cf, 0x79ef, 0x7249, 0x7bef, 0x7bcf};
+#define FILM_DIGITS 7   // steps up to 9,999,999 are written; later ones are left blank
+
+static int film_append(const char* path, const float* imgs, int k, int C, int H, int W, unsigned long long step) {
+    int gap = 2, sc = H / 16 < 1 ? 1 : H / 16 > 4 ? 4 : H / 16, comp = C == 1 ? 1 : 3;
+    int label = FILM_DIGITS * 4 * sc + 2 * gap, GW = label + k * (W + gap), RH = H + gap;
+    // the film so far: its size is checked before it is decoded
+    int w = 0, h = 0, c = 0, rows = 0;
+    uint8_t* old = NULL;
+    FILE* f = fopen(path, "rb");
+    int existed = f != NULL;
+    if (f && stbi_info_from_file(f, &w, &h, &c) && w == GW && h > gap && (h - gap) % RH == 0 && h / RH < 100000)
+        old = stbi_load_from_file(f, &w, &h, &c, comp);
+    if (f) fclose(f);
+    if (existed && !old) fprintf(stderr, "%s is not this run's film (another --sample-n or --img?); starting it again\n", path);
+    rows = old ? (h - gap) / RH : 0;
+    size_t GH = (size_t)gap + (size_t)(rows + 1) * RH, stride = (size_t)GW * comp;
+    uint8_t* buf = malloc_check(GH * stride, "the film");
+    memset(buf, 255, GH * stride);
+    if (old) memcpy(buf, old, (size_t)h * stride);
+    stbi_image_free(old);
+    uint8_t* row = buf + (size_t)(gap + rows * RH) * stride;
+    for (int i = 0; i < k; i++)
+        for (int y = 0; y < H; y++)
+            for (int x = 0; x < W; x++)
+                for (int ch = 0; ch < comp; ch++)
+                    row[(size_t)y * stride + (size_t)(label + i * (W + gap) + x) * comp + ch] =
+                        to_pixel(imgs[(((size_t)i * C + (C == 1 ? 0 : ch)) * H + y) * W + x]);
+    char digits[32];
+    int nd = snprintf(digits, sizeof digits, "%llu", step), top = (H - 5 * sc) / 2;
+    for (int d = 0; d < nd && nd <= FILM_DIGITS; d++) {   // right-aligned against the first image
+        int x0 = label - gap - (nd - d) * 4 * sc;
+        for (int gy = 0; gy < 5 * sc; gy++)
+            for (int gx = 0; gx < 3 * sc; gx++)
+                if (DIGITS_3X5[digits[d] - '0'] >> (14 - (gy / sc) * 3 - gx / sc) & 1)
+                    memset(row + (size_t)(top + gy) * stride + (size_t)(x0 + gx) * comp, 0, comp);
+    }
+    int len = 0;
+    unsigned char* png = stbi_write_png_to_mem(buf, (int)stride, GW, (int)GH, comp, &len);
+    free(buf);
+    if (!png) die("out of memory encoding %s", path);
+    int r = write_file_atomic(path, png, (size_t)len, NULL, 0);
+    STBIW_FREE(png);
+    return r;
+}
+
 // NumPy's .npy format, version 1.0: magic, header length, a Python dict literal padded
 // with spaces to a multiple of 64 bytes, then the raw little-endian data. npy_header
 // fills head (330 bytes at most) for elements of type descr ('<f4', '|u1') and returns
@@ -5202,6 +5274,7 @@ typedef struct {
     int img, background, skip_bad;   // a folder of pictures: its side, alpha's background, bad files
     int accumulate;             // micro-batches per step
     long steps;                 // train: total steps; sample, bpd: the chain's K steps
+    long first_preview;         // train: the first preview's step (0: none)
     long seed;
     double minutes;             // wall-clock budget of a training run (0: none)
     Sampler sampler;            // --sigma, --sampler, --eta
@@ -5247,6 +5320,28 @@ typedef struct {
 } Option;
 
 #define AT(field) offsetof(Options, field)
+
+// The run each preset trains when --batch, --steps or --warmup are not given. paper's is
+// Appendix B's: 800k steps at batch 128, 5000 steps of warmup (the paper's TPU v3-8 took
+// 10.6 hours; a CPU would take months). tiny's is sized for a CPU: 50,000 steps at batch
+// 32 took about 3 hours on 2 cores of a Zen 5 and about 6.5 on a Zen 3 (0.21 and 0.47 s a
+// step, README "Speed"), so it ends within a night, and its samples by then are past
+// the colour fields of the first hour (README, "What a CIFAR-10 run looks like"). small
+// is 4x tiny's cost a step, so its night is 15,000 steps. The learning rate is constant
+// after warmup, as the paper's: a run stopped early, or continued with a larger --steps,
+// follows the same path. The shorter warmup (1000) lets the first previews show more
+// than noise; it is a departure from Appendix B, which warms up over 5000 steps.
+typedef struct { const char* model; int batch; long steps; int warmup; } RunPlan;
+static const RunPlan RUN_PLANS[] = {
+    {"tiny", 32, 50000, 1000}, {"small", 32, 15000, 1000}, {"paper", 128, 800000, 5000},
+};
+#define N_RUN_PLANS (int)(sizeof RUN_PLANS / sizeof RUN_PLANS[0])
+
+static const RunPlan* run_plan(const char* model) {
+    for (int i = 0; i < N_RUN_PLANS; i++)
+        if (!strcmp(RUN_PLANS[i].model, model)) return &RUN_PLANS[i];
+    return NULL;
+}
 #define HEADING(text) {NULL, OPT_HEADING, 0, 0, NULL, 0, 0, NULL, text, NULL, 0, 0, 0}
 static const char* const DATA_NAMES[] = {"cifar10", "fashion-mnist", NULL};
 static const char* const SAMPLER_NAMES[] = {"ddpm", "ddim", NULL};           // Sampler.ddim
@@ -5268,17 +5363,22 @@ static const Option OPTIONS[] = {
      "skip (and count) pictures that cannot be read, rather than stop at the first"},
     {"--model", OPT_STR, AT(model), C_NET, "tiny", .arg = "tiny|small|paper",
      .help = "the network preset (section 15; paper is Appendix B's 35.7M)"},
-    {"--batch", OPT_INT, AT(batch), C_TRAIN | C_IMPORT, "128", 1, 4096, .arg = "B", .help =
-     "images per step, as the paper (import: the batch --resume will train at)"},
-    {"--steps", OPT_LONG, AT(steps), C_TRAIN, "100000", 0, 1e9, .arg = "N", .help = "total training steps"},
+    {"--batch", OPT_INT, AT(batch), C_TRAIN | C_IMPORT, NULL, 1, 4096, .arg = "B", .help =
+     "images per step (import: the batch --resume will train at; --resume: the checkpoint's)"},
+    {"--steps", OPT_LONG, AT(steps), C_TRAIN, NULL, 0, 1e9, .arg = "N", .help = "total training steps"},
     {"--accumulate", OPT_INT, AT(accumulate), C_TRAIN, "1", 1, 4096, .arg = "K", .help =
      "compute each step's batch as K micro-batches of B/K images (the same step in 1/K of the activation memory)"},
     {"--minutes", OPT_DOUBLE, AT(minutes), C_TRAIN, NULL, 0.01, 1e7, .arg = "M", .help =
      "stop after M minutes of training (checkpoint + samples)"},
     {"--run", OPT_STR, AT(run_dir), C_TRAIN, NULL, .arg = "DIR", .help = "the run folder (default runs/DATA-MODEL)"},
     {"--resume", OPT_ON, AT(resume), C_TRAIN, .help = "continue the checkpoint in the run folder"},
-    {"--sample-every", OPT_INT, AT(sample_every), C_TRAIN, "2000", 1, 1e9, .arg = "N", .help = "samples + checkpoint every N steps"},
-    {"--sample-n", OPT_INT, AT(sample_n), C_TRAIN, "64", 0, 4096, .arg = "N", .help = "images in each sample grid"},
+    {"--sample-every", OPT_INT, AT(sample_every), C_TRAIN, "2000", 1, 1e9, .arg = "N", .help =
+     "a preview grid + checkpoint every N steps"},
+    {"--first-preview", OPT_LONG, AT(first_preview), C_TRAIN, "250", 0, 1e9, .arg = "N", .help =
+     "previews (DDIM, 50 steps, one fixed x_T; a row of progress.png each) also at steps N, 2N, 4N, ... "
+     "below --sample-every; 0: none"},
+    {"--sample-n", OPT_INT, AT(sample_n), C_TRAIN, "64", 0, 4096, .arg = "N", .help =
+     "images in each grid (0: no grids); the run's last grid is Algorithm 2's, 1000 steps"},
     {"--log-every", OPT_INT, AT(log_every), C_TRAIN, "100", 1, 1e9, .arg = "N", .help =
      "plain progress lines every N steps when stderr is not a terminal"},
     {"--lr", OPT_FLOAT, AT(hyper.lr), C_TRAIN, NULL, 0, 1, .arg = "X", .help = "Adam's learning rate (Appendix B)"},
@@ -5453,34 +5553,72 @@ static void check_objective_flags(const Options* o, const Objective* ob, const c
         usage_error("%s was trained with --loss %s; drop --loss", path, LOSS_NAMES[ob->loss]);
 }
 
-// Samples with the EMA weights. The live parameters are parked in the gradient buffer,
-// which is free between steps, so this needs no extra memory. Its own RNG, seeded by
-// (seed, step), leaves the training stream untouched.
-static void training_samples(Trainer* tr, const Options* o, const char* dir) {
+// The grids of a training run, with the EMA weights. The live parameters are parked in
+// the gradient buffer, which is free between steps, so this needs no extra memory, and
+// the samplers' own RNGs leave the training stream untouched: previews change none of
+// the run's bits.
+//   A preview: DDIM (eta = 0, section 10.2) in PREVIEW_STEPS steps, from one fixed x_T,
+//   the same at every preview and in every run. It is cheap (1/20 of Algorithm 2), and
+//   as DDIM at eta = 0 is a fixed function of x_T, the first row of each preview, added
+//   to progress.png, shows the same samples from noise to pictures as training goes.
+//   The run's last grid (final) is also Algorithm 2's, T steps, as the paper samples.
+#define PREVIEW_STEPS 50
+#define FILM_SEED 0x66696c6dULL   // "film": x_T of every preview
+
+// Is step a preview's? N, 2N, 4N, ... below --sample-every (N: --first-preview), then
+// every multiple of it.
+static int preview_due(uint64_t step, long first, long every) {
+    if (step % (uint64_t)every == 0) return 1;
+    for (uint64_t s = (uint64_t)first; first > 0 && s < (uint64_t)every; s *= 2)
+        if (s == step) return 1;
+    return 0;
+}
+
+// One grid into imgs: returns 1 if written, 0 if the chain was stopped or left the finite range.
+static int training_grid(UNet* m, const Schedule* s, const Sampler* sp, float* imgs, int n, Rng* rng,
+                         const char* what, const char* path, unsigned long long step) {
+    Finite fin = finite_start(NULL);
+    Progress pg = progress_start(what, (long)(n + m->B_max - 1) / m->B_max * s->T, &fin.watch);
+    int done = p_sample_loop(m, s, sp, imgs, n, rng, &pg.watch);
+    if (fin.t_bad)
+        fprintf(stderr, "samples: none written at step %llu: the chain left the finite range at t = %d\n", step,
+                fin.t_bad);
+    if (!done) return 0;
+    int cols = (int)ceil(sqrt((double)n));
+    if (save_grid_png(path, imgs, n, m->cfg.in_ch, m->cfg.img, m->cfg.img, cols) == 0)
+        fprintf(stderr, "samples: %s\n", path);
+    return 1;
+}
+
+static void training_samples(Trainer* tr, const Options* o, const char* dir, int final) {
     if (o->sample_n <= 0) return;
     UNet* m = &tr->net;
     size_t n = (size_t)m->cfg.in_ch * m->cfg.img * m->cfg.img, nb = m->n_params * sizeof(float);
+    unsigned long long step = tr->step;
     float* imgs = malloc_check((size_t)o->sample_n * n * sizeof(float), "sample images");
     memcpy(m->grads, m->params, nb);
     memcpy(m->params, tr->ema, nb);
+    char path[4200], what[64];
+    Schedule fast;
+    schedule_respace(&fast, &tr->sched, PREVIEW_STEPS < tr->sched.T ? PREVIEW_STEPS : tr->sched.T);
+    Sampler ddim = {tr->obj.mean, tr->obj.var, 1, 0.0};
     Rng rng;
-    rng_seed(&rng, o->seed ^ (0x5851f42d4c957f2dULL * (tr->step + 1)));
-    Sampler sp = {tr->obj.mean, given(o, "--sigma") ? o->sampler.var : tr->obj.var, 0, 0};
-    long steps = (long)(o->sample_n + m->B_max - 1) / m->B_max * tr->sched.T;
-    Finite fin = finite_start(NULL);
-    Progress pg = progress_start("sampling: step", steps, &fin.watch);
-    int done = p_sample_loop(m, &tr->sched, &sp, imgs, o->sample_n, &rng, &pg.watch);
-    memcpy(m->params, m->grads, nb);
-    if (fin.t_bad)
-        fprintf(stderr, "samples: none written at step %llu: the chain left the finite range at t = %d\n",
-                (unsigned long long)tr->step, fin.t_bad);
-    if (done) {
-        char path[4200];
-        int cols = (int)ceil(sqrt((double)o->sample_n));
-        snprintf(path, sizeof path, "%s/samples_%07llu.png", dir, (unsigned long long)tr->step);
-        if (save_grid_png(path, imgs, o->sample_n, m->cfg.in_ch, m->cfg.img, m->cfg.img, cols) == 0)
-            fprintf(stderr, "samples: %s\n", path);
+    rng_seed(&rng, FILM_SEED);
+    snprintf(what, sizeof what, "preview (DDIM, %d steps): step", fast.T);
+    snprintf(path, sizeof path, "%s/samples_%07llu_ddim%d.png", dir, step, fast.T);
+    if (training_grid(m, &fast, &ddim, imgs, o->sample_n, &rng, what, path, step)) {
+        int k = (int)ceil(sqrt((double)o->sample_n));
+        snprintf(path, sizeof path, "%s/progress.png", dir);
+        film_append(path, imgs, k < o->sample_n ? k : o->sample_n, m->cfg.in_ch, m->cfg.img, m->cfg.img, step);
     }
+    schedule_free(&fast);
+    if (final && !stop_requested) {
+        Sampler sp = {tr->obj.mean, given(o, "--sigma") ? o->sampler.var : tr->obj.var, 0, 0};
+        rng_seed(&rng, o->seed ^ (0x5851f42d4c957f2dULL * (step + 1)));
+        snprintf(path, sizeof path, "%s/samples_%07llu.png", dir, step);
+        training_grid(m, &tr->sched, &sp, imgs, o->sample_n, &rng, "sampling (Algorithm 2): step", path, step);
+    }
+    memcpy(m->params, m->grads, nb);
     free(imgs);
 }
 
@@ -5559,7 +5697,52 @@ static void data_name(char* out, size_t len, const Options* o) {
     snprintf(out, len, "%.*s-%dpx", (int)(o->data + n - base), base, o->img);
 }
 
-static int cmd_train(const Options* o) {
+// "1 h 05 min", "14 min", "40 s"
+static const char* duration(double sec) {
+    static char s[2][32];
+    static int which;
+    char* d = s[which ^= 1];
+    long m = lround(sec / 60);
+    if (sec < 90) snprintf(d, sizeof s[0], "%.0f s", sec);
+    else if (m < 60) snprintf(d, sizeof s[0], "%ld min", m);
+    else snprintf(d, sizeof s[0], "%ld h %02ld min", m / 60, m % 60);
+    return d;
+}
+
+// The run's first line: what it will do, and where the length came from.
+static void print_plan(const Options* o, const Dataset* data, const Trainer* tr, const char* dir) {
+    char when[256] = "";
+    int k = 0;
+    if (o->sample_n > 0) {
+        k = snprintf(when, sizeof when, "; preview grids (DDIM, %d steps) ", PREVIEW_STEPS);
+        int listed = 0;
+        for (long s = o->first_preview; s > 0 && s < o->sample_every && k < 200; s *= 2, listed++)
+            k += snprintf(when + k, sizeof when - k, "%s%ld", listed ? ", " : "at steps ", s);
+        snprintf(when + k, sizeof when - k, "%severy %d steps; Algorithm 2's grid at the end", listed ? ", then " : "",
+                 o->sample_every);
+    }
+    fprintf(stderr, "plan: train %s (%zu parameters) on %s (%d images, %dx%d, %d channels) for %ld steps of batch %d "
+            "(%s), from step %llu%s; %d threads, run %s\n", o->model, tr->net.n_params, o->data, data->N,
+            tr->net.cfg.img, tr->net.cfg.img, tr->net.cfg.in_ch, o->steps, o->batch,
+            given(o, "--steps") ? "--steps" : "the preset's default run; --steps N or --minutes M to change it",
+            (unsigned long long)tr->step, when, max_threads(), dir);
+}
+
+// After the first steps: how long the plan will take at the speed measured.
+static void print_plan_time(const Options* o, uint64_t step, double sec_per_step, long steps_timed) {
+    double left = sec_per_step * (o->steps - (long)step);
+    fprintf(stderr, "time: %.2f s a training step (the mean of %ld), so about %s for the %ld steps left, "
+            "and the grids", sec_per_step, steps_timed,
+            duration(left), o->steps - (long)step);
+    if (o->minutes > 0 && 60 * o->minutes < left)
+        fprintf(stderr, "; --minutes %g ends it first, near step %ld", o->minutes,
+                (long)step + (long)(60 * o->minutes / sec_per_step));
+    fprintf(stderr, "\n");
+}
+
+static int cmd_train(const Options* flags) {
+    Options run = *flags;   // the flags, with --resume's batch
+    const Options* o = &run;
     Config cfg = options_config(o, 0);
     char dir[4096], ckpt[4200], logp[4200], name[512];
     data_name(name, sizeof name, o);
@@ -5576,6 +5759,7 @@ static int cmd_train(const Options* o) {
     CheckpointHeader hd;
     if (o->resume) {
         fclose(checkpoint_open(ckpt, &hd));
+        if (!given(o, "--batch")) run.batch = hd.batch;
         ob = objective_from_header(&hd);
         check_objective_flags(o, &ob, ckpt);
     }
@@ -5621,9 +5805,7 @@ static int cmd_train(const Options* o) {
     setvbuf(log, NULL, _IOLBF, 0);   // each row reaches the file in one write: a kill cannot tear one
     if (!o->resume) fprintf(log, "step,loss,lr,grad_norm,images_per_s\n");
     install_signal_handlers();
-    if (lead) fprintf(stderr, "training %s on %s (%d images, %dx%d, %d channels): %zu parameters, batch %d, "
-                      "steps %llu -> %ld, %d threads, run %s\n", o->model, o->data, data.N, cfg.img, cfg.img, cfg.in_ch,
-                      tr.net.n_params, o->batch, (unsigned long long)tr.step, o->steps, max_threads(), dir);
+    if (lead) print_plan(o, &data, &tr, dir);
     if (lead && o->accumulate > 1)
         fprintf(stderr, "%d micro-batches of %d images a step (--accumulate)\n", o->accumulate,
                 o->batch / world_size / o->accumulate);
@@ -5632,7 +5814,7 @@ static int cmd_train(const Options* o) {
     if (lead && memcmp(&ob, &PAPER_OBJECTIVE, sizeof ob))
         fprintf(stderr, "objective (Table 2): --mean-type %s --var-type %s --loss %s\n", MEAN_NAMES[ob.mean],
                 VAR_NAMES[ob.var], LOSS_NAMES[ob.loss]);
-    double t0 = now_seconds(), last = t0, running = -1;
+    double t0 = now_seconds(), last = t0, running = -1, t_timed = 0;
     uint64_t first = tr.step, last_saved = tr.step;   // the step model.ckpt holds (if it exists)
     int tty = lead && isatty(2);
     int out_of_time = 0, saved = 0, stop = world_max(stop_requested);
@@ -5653,6 +5835,8 @@ static int cmd_train(const Options* o) {
                 "--lr (--resume --lr X)", v, bad, ckpt, (unsigned long long)last_saved);
         }
         double now = now_seconds(), ips = o->batch / (now - ts);
+        if (tr.step > first + 1) t_timed += now - ts;   // the first step warms up: not timed
+        if (lead && tr.step == first + 11 && (long)tr.step < o->steps) print_plan_time(o, tr.step, t_timed / 10, 10);
         running = running < 0 ? st.loss : 0.98 * running + 0.02 * st.loss;
         fprintf(log, "%llu,%.6f,%.6g,%.6f,%.2f\n", (unsigned long long)tr.step, st.loss, st.lr, st.grad_norm, ips);
         double el = now - t0, eta = el / (tr.step - first) * (o->steps - tr.step);
@@ -5669,10 +5853,11 @@ static int cmd_train(const Options* o) {
         // every rank stops at the same step: at a signal any rank got, or rank 0's clock
         out_of_time = world_max(lead && o->minutes > 0 && now - t0 > 60 * o->minutes);
         stop = world_max(stop_requested);
-        if (tr.step % o->sample_every == 0 || (long)tr.step == o->steps || out_of_time) {
+        int final = (long)tr.step == o->steps || out_of_time;
+        if (final || preview_due(tr.step, o->first_preview, o->sample_every)) {
             if (tty) fprintf(stderr, "\n");
             fflush(log);
-            if (lead) save_or_die(&tr, o, ckpt), training_samples(&tr, o, dir);
+            if (lead) save_or_die(&tr, o, ckpt), training_samples(&tr, o, dir, final);
             saved = 1;
             last_saved = tr.step;
         }
@@ -6169,10 +6354,20 @@ static void print_help(FILE* f) {
     for (int i = 0; i < N_OPTIONS; i++) {
         const Option* p = &OPTIONS[i];
         if (p->type == OPT_HEADING) { fprintf(f, "\n%s\n", p->help); continue; }
-        char left[64], def[64] = "";
+        char left[64], def[96] = "";
         snprintf(left, sizeof left, "%s%s%s", p->name, p->arg ? " " : "", p->arg ? p->arg : "");
         const char* field = (const char*)&base + p->at;
-        if (p->def) snprintf(def, sizeof def, " (default %s)", p->def);
+        size_t plan_at = p->at == AT(batch) ? offsetof(RunPlan, batch) : p->at == AT(steps) ? offsetof(RunPlan, steps)
+                       : p->at == AT(hyper.warmup) ? offsetof(RunPlan, warmup) : 0;
+        if (plan_at && (p->cmds & C_TRAIN)) {   // the presets' plans: "tiny 32, small 32, paper 128"
+            int k = snprintf(def, sizeof def, " (default: ");
+            for (int j = 0; j < N_RUN_PLANS; j++) {
+                const char* r = (const char*)&RUN_PLANS[j] + plan_at;
+                long v = plan_at == offsetof(RunPlan, steps) ? *(const long*)r : *(const int*)r;
+                k += snprintf(def + k, sizeof def - k, "%s%s %ld", j ? ", " : "", RUN_PLANS[j].model, v);
+            }
+            snprintf(def + k, sizeof def - k, ")");
+        } else if (p->def) snprintf(def, sizeof def, " (default %s)", p->def);
         else if (p->type == OPT_FLOAT && *(const float*)field > 0) snprintf(def, sizeof def, " (default %g)", *(const float*)field);
         else if (p->type == OPT_INT && *(const int*)field > 0) snprintf(def, sizeof def, " (default %d)", *(const int*)field);
         else if (p->type == OPT_WORD) snprintf(def, sizeof def, " (default %s)", p->words[*(const int*)field]);
@@ -6233,6 +6428,13 @@ static void parse_options(int argc, char** argv, Options* o) {
         else usage_error("%s needs a value", a);
         o->given[p - OPTIONS] = 1;
     }
+    // The preset's plan for what was not given (the batch of --resume is the checkpoint's).
+    const RunPlan* plan = run_plan(o->model ? o->model : "");
+    if (plan && (o->cmd & (C_TRAIN | C_IMPORT))) {
+        if (!given(o, "--batch")) o->batch = plan->batch;
+        if (!given(o, "--steps") && o->cmd == C_TRAIN) o->steps = plan->steps;
+        if (!given(o, "--warmup")) o->hyper.warmup = plan->warmup;
+    }
     // What one flag cannot say alone:
     if (given(o, "--eta") && !o->sampler.ddim) usage_error("--eta applies to --sampler ddim");
     if (o->sampler.ddim && given(o, "--sigma"))
@@ -6253,6 +6455,7 @@ static void parse_options(int argc, char** argv, Options* o) {
 
 #ifndef DDPM_NO_MAIN
 int main(int argc, char** argv) {
+    threads_spin_briefly(argv);
 #ifdef DDPM_MPI
     world_init(&argc, &argv);
 #endif

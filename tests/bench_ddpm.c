@@ -156,6 +156,7 @@ static int arg_int(const char* flag, const char* v, int lo, int hi) {
 }
 
 int main(int argc, char** argv) {
+    threads_spin_briefly(argv);   // as ./ddpm starts (section 18)
     const char* model = "tiny";
     int B = 128, S = 10, W = 2;
     for (int i = 1; i < argc; i++) {

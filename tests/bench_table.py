@@ -32,7 +32,12 @@ built for x86-64-v3 (tests/bench_ddpm_avx2), and PyTorch held to AVX2 as well
 the benchmark and the matmul ceiling. The table says it is emulated: the CPU's caches,
 clocks and ports are still the AVX-512 machine's.
 
---quick runs only tiny at batch 32.  If a run fails (non-zero exit or no
+A "busy" row (tiny at batch 32) runs each side beside one CPU-bound process pinned to
+the last core, as a student's laptop runs a browser or a second job: losing one core of
+two should cost about 2x. (ddpm.c starts itself with GOMP_SPINCOUNT=1000 for this, ddpm.c
+section 18; PyTorch runs as it comes.)
+
+--quick runs only tiny at batch 32, idle and busy.  If a run fails (non-zero exit or no
 valid JSON) its stderr tail is printed, its cells read FAIL, the table goes
 on, and the script exits with status 1 at the end.
 """
@@ -49,8 +54,10 @@ ROOT = os.path.dirname(HERE)                       # the repository root
 BENCH_TORCH = os.path.join(HERE, "bench_torch.py")
 PYTHON = "/usr/bin/python3"                        # Debian's python3-torch
 
-CONFIGS = [("tiny", 32), ("tiny", 128), ("small", 32), ("small", 128), ("paper", 8)]
-QUICK_CONFIGS = [("tiny", 32)]
+# (model, batch, busy): a busy row runs beside one CPU-bound process (see Busy below)
+CONFIGS = [("tiny", 32, False), ("tiny", 32, True), ("tiny", 128, False), ("small", 32, False),
+           ("small", 128, False), ("paper", 8, False)]
+QUICK_CONFIGS = [("tiny", 32, False), ("tiny", 32, True)]
 DEFAULT_STEPS = {"tiny": 10, "small": 10, "paper": 5}
 WARMUP = 2                                         # both sides' default
 REQUIRED = ("train_ms", "sample_ms", "fwd_gflop", "max_rss_mb", "threads")
@@ -92,12 +99,32 @@ def cpu_summary():
 ENV = dict(os.environ)   # --isa avx2 adds PyTorch's limits
 
 
-def run_json(cmd, required, timeout):
-    """Run cmd; return (dict, None) on success or (None, error text)."""
-    log("  $ " + " ".join(cmd))
+class Busy:
+    """One CPU-bound process pinned to the last core, for as long as the with-block."""
+
+    def __init__(self, on):
+        self.on, self.p = on, None
+
+    def __enter__(self):
+        if self.on:
+            core = max(os.sched_getaffinity(0))
+            self.p = subprocess.Popen([PYTHON, "-c", "while True: pass"],
+                                      preexec_fn=lambda: os.sched_setaffinity(0, {core}))
+        return self
+
+    def __exit__(self, *exc):
+        if self.p:
+            self.p.kill()
+            self.p.wait()
+
+
+def run_json(cmd, required, timeout, busy=False):
+    """Run cmd (beside a busy core if busy); return (dict, None) on success or (None, error text)."""
+    log("  $ " + " ".join(cmd) + ("   (beside a busy core)" if busy else ""))
     try:
-        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
-                           timeout=timeout, env=ENV)
+        with Busy(busy):
+            p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                               timeout=timeout, env=ENV)
     except FileNotFoundError as e:
         return None, f"cannot run: {e}"
     except subprocess.TimeoutExpired:
@@ -232,25 +259,26 @@ def main():
             model, _, batch = spec.partition(":")
             if model not in DEFAULT_STEPS or not batch.isdigit() or int(batch) < 1:
                 ap.error(f"--only {spec}: want MODEL:BATCH, MODEL one of {', '.join(DEFAULT_STEPS)}")
-            configs.append((model, int(batch)))
+            configs.append((model, int(batch), False))
     load_start = load_average()
     results, failures = [], []     # failures: one-line summaries for stdout
-    for model, batch in configs:
+    for model, batch, busy in configs:
         steps = args.steps or DEFAULT_STEPS[model]
         common = ["--model", model, "--batch", str(batch), "--steps", str(steps)]
-        row = {"model": model, "batch": batch, "steps": steps,
+        row = {"model": model, "batch": batch, "steps": steps, "busy": busy,
+               "label": f"{batch} busy" if busy else str(batch),
                "runs": {"ddpm.c": [], "pytorch": []}}
         cmds = {"ddpm.c": [ddpm] + common, "pytorch": [PYTHON, BENCH_TORCH] + common}
         failed = set()
         for rnd in range(args.rounds):
-            log(f"== {model} batch {batch}, {steps} steps, round {rnd + 1} of {args.rounds}")
+            log(f"== {model} batch {row['label']}, {steps} steps, round {rnd + 1} of {args.rounds}")
             for impl in (("ddpm.c", "pytorch") if rnd % 2 == 0 else ("pytorch", "ddpm.c")):
                 if impl in failed:
                     continue
-                d, err = run_json(cmds[impl], REQUIRED, args.timeout)
+                d, err = run_json(cmds[impl], REQUIRED, args.timeout, busy)
                 if err:
                     failed.add(impl)
-                    failures.append(f"{impl} {model} batch {batch}: {err.splitlines()[0]}")
+                    failures.append(f"{impl} {model} batch {row['label']}: {err.splitlines()[0]}")
                     log(f"  {impl} FAILED: {err}")
                 else:
                     row["runs"][impl].append(d)
@@ -274,7 +302,7 @@ def main():
     rows = []
     for r in results:
         c, t = r["ddpm.c"], r["pytorch"]
-        rows.append([r["model"], r["batch"]]
+        rows.append([r["model"], r["label"]]
                     + both(c, t, lambda d: d["train_ms"], ".1f")
                     + [ratio(r, "train_ms")]
                     + both(c, t, lambda d: d["sample_ms"], ".1f")
@@ -287,7 +315,7 @@ def main():
     for r in results:
         cells = [f"{what} " + (" ".join(f"{v:.2f}" for v in round_ratios(r, key)) or "-")
                  for what, key in (("train", "train_ms"), ("sample", "sample_ms"))]
-        print(f"  {r['model']:>5} batch {r['batch']:<4} round by round: " + ",  ".join(cells))
+        print(f"  {r['model']:>5} batch {r['label']:<4} round by round: " + ",  ".join(cells))
     print()
 
     # ---- the fp32 ceiling ------------------------------------------------
