@@ -178,6 +178,11 @@ suite e2e sh tests/test_e2e.sh
 requires folder "$PYTHON -c 'import numpy, PIL'" "$PYTHON cannot import numpy and PIL (apt-get install python3-numpy python3-pil)" &&
     suite folder $PYTHON tests/test_folder.py
 
+# The first hour of a run (ddpm.c section 22): the plan line, the previews and the film,
+# which leave the run's bits alone, and CIFAR-10's loader on the real subset where it exists.
+requires first-hour "$PYTHON -c 'import numpy, PIL'" "$PYTHON cannot import numpy and PIL (apt-get install python3-numpy python3-pil)" &&
+    suite first-hour $PYTHON tests/test_first_hour.py
+
 echo
 echo "$total_pass passed, $total_fail failed"
 [ $total_fail -eq 0 ]

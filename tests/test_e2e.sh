@@ -360,16 +360,17 @@ ddp help_cmd help
 cmp -s "$T/help_cmd.out" "$T/help.out" && [ $rc -eq 0 ]
 check "./ddpm help prints what --help prints" $? "exit $rc"
 # --help is printed from the table: every option of the table has its line, with its default
-for f in --data --data-dir --model --batch --steps --minutes --run --resume --sample-every --sample-n --log-every \
+for f in --data --data-dir --model --batch --steps --minutes --run --resume --sample-every --first-preview --sample-n --log-every \
          --lr --warmup --grad-clip --ema-decay --no-flip --schedule --mean-type --var-type --loss --ch --ch-mult \
          --num-res-blocks --attn --groups --dropout --in-ch --checkpoint -n --sigma --sampler --eta --trace --npz \
          --per-t --t-samples --index --t -k --lambdas --out --weights --seed --threads; do
     grep -q -- "^  $f[ ]" "$T/help.out" || { echo "  --help lacks $f"; false; } || break
 done
 check "--help has a line for every option" $? "see above"
-grep -q -- "--sample-every N  *samples + checkpoint every N steps (default 2000)" "$T/help.out" &&
-    grep -q -- "--ema-decay X  *the EMA's decay (section 9) (default 0.9999)" "$T/help.out"
-check "--help shows the defaults the code uses (the table's, PAPER_HYPER's)" $? "$(grep -- '--sample-every\|--ema-decay' "$T/help.out" | tr '\n' '|')"
+grep -q -- "--sample-every N  *a preview grid + checkpoint every N steps (default 2000)" "$T/help.out" &&
+    grep -q -- "--ema-decay X  *the EMA's decay (section 9) (default 0.9999)" "$T/help.out" &&
+    grep -q -- "(default: tiny 32, small 32, paper 128)" "$T/help.out"
+check "--help shows the defaults the code uses (the table's, PAPER_HYPER's, the presets' runs)" $? "$(grep -- '--sample-every\|--ema-decay\|--batch' "$T/help.out" | tr '\n' '|')"
 ddp nodata --data cifar10 --data-dir /nonexistent --run "$T/badrun" --steps 1
 [ $rc -eq 1 ] && one_line "$T/nodata.err" && grep -qF 'make cifar10' "$T/nodata.err" &&
     grep -qF -- '--data fashion-mnist' "$T/nodata.err"
