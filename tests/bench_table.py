@@ -174,7 +174,7 @@ def print_shares(title, results, peak, rates):
             parts = [label + ("FAIL" if d is None else f"{100 * rate(d) / peak:.1f}%").rjust(6)
                      for label, rate in rates]
             cells.append(f"{impl} " + " ".join(parts))
-        print(f"  {title}, {r['model']:>5} batch {r['batch']:<4}: " + "   ".join(cells))
+        print(f"  {title}, {r['model']:>5} batch {r['label']:<4}: " + "   ".join(cells))
 
 
 def combine(runs):
@@ -354,7 +354,7 @@ def main():
                 f = median([d["conv3x3"][i]["fwd_gflops"] for d in runs])
                 g = median([d["conv3x3"][i]["bwd_gflops"] for d in runs])
                 cells.append(f"{k['C']}@{k['H']}x{k['H']} {100 * f / fma:.0f}%/{100 * g / fma:.0f}%")
-            print(f"    {r['model']:>5} batch {r['batch']:<4}: " + ", ".join(cells))
+            print(f"    {r['model']:>5} batch {r['label']:<4}: " + ", ".join(cells))
         print()
 
     # ---- footer ------------------------------------------------------------
@@ -381,8 +381,8 @@ def main():
     load_end = load_average()
     print(f"Load average (1 min): {load_start:.2f} at the start, {load_end:.2f} at the end; "
           "trust only numbers from an otherwise idle machine")
-    print("(both sides run OpenMP threads, which slow down many-fold when another "
-          "job competes for the cores).")
+    print("(both sides run OpenMP threads, which slow down when another job competes for the cores; "
+          "a busy row measures that on purpose, beside one CPU-bound process on the last core).")
     # Sanity check: both sides should count the same FLOPs and parameters.
     for r in results:
         c, t = r["ddpm.c"], r["pytorch"]
