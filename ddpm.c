@@ -3841,9 +3841,11 @@ static int max_threads(void) {
 // 3.5x. With GOMP_SPINCOUNT=1000 they took about 2x, what losing one of two cores
 // costs, and on an idle machine no more than the noise; OMP_WAIT_POLICY=PASSIVE
 // (never spin) cost 9% idle. libgomp reads its settings once, before main, so ddpm
-// starts itself again with GOMP_SPINCOUNT=1000 unless a wait policy was given.
+// starts itself again with GOMP_SPINCOUNT=1000 unless a wait policy was given. (Not the
+// reference build, make plain and make debug: it is for reading, and under gdb a second
+// start would only add a line to what the student sees.)
 static void threads_spin_briefly(char** argv) {
-#ifdef _OPENMP
+#if defined(_OPENMP) && !defined(DDPM_PLAIN)
     if (getenv("OMP_WAIT_POLICY") || getenv("GOMP_SPINCOUNT")) return;
     if (setenv("GOMP_SPINCOUNT", "1000", 1) != 0) return;
     execv("/proc/self/exe", argv);   // returns only if it failed: go on as started
