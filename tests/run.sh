@@ -4,6 +4,11 @@
 # In CI (CI=true) a missing PyTorch is a failure, elsewhere it is skipped with a note.
 cd "$(dirname "$0")/.." || exit 1
 PYTHON=${PYTHON:-/usr/bin/python3}
+# The test binaries include ddpm.c without its main, so they lack the start that sets
+# ./ddpm's OpenMP wait (ddpm.c section 18); they get it here. With libgomp's default spin,
+# the unit suite beside one busy process ran for over 27 minutes before it was stopped;
+# with this, under a minute (tests/test_first_hour.py checks ./ddpm's own start).
+export GOMP_SPINCOUNT=${GOMP_SPINCOUNT:-1000}
 mkdir -p tests/out
 total_pass=0
 total_fail=0

@@ -118,6 +118,37 @@ rows_d = film_rows(T + "/d/progress.png") if rc2 == 0 else []
 check("a damaged progress.png is started again, in one line", rc1 == 0 and rc2 == 0 and len(rows_d) == 1
       and "starting it again" in err, f"exit {rc1}, {rc2}: {tail(err)}")
 
+# --- the OpenMP wait (ddpm.c section 18) ------------------------------------------------
+import time
+
+def started_env(extra):
+    """The environment ./ddpm trains under, read from /proc while it runs, started with
+    os.environ less any wait setting, plus extra."""
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    env.update(extra)
+    shutil.rmtree(T + "/wait", ignore_errors=True)
+    p = subprocess.Popen([DDPM, *NET, *B4, "--steps", "100000", "--sample-n", "0", "--run", T + "/wait"],
+                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    seen = None
+    for _ in range(200):
+        time.sleep(0.05)
+        if os.path.exists(T + "/wait/log.csv"):   # past main's start: the environment is final
+            seen = dict(kv.split("=", 1) for kv in open(f"/proc/{p.pid}/environ").read().split("\0") if "=" in kv)
+            break
+    p.kill()
+    p.wait()
+    return seen
+
+if os.path.exists("/proc/self/environ"):
+    e = started_env({})
+    check("./ddpm starts itself with GOMP_SPINCOUNT=1000 when no wait policy is set",
+          e is not None and e.get("GOMP_SPINCOUNT") == "1000", str(e and e.get("GOMP_SPINCOUNT")))
+    e = started_env({"OMP_WAIT_POLICY": "PASSIVE"})
+    check("... and keeps a wait policy the user set", e is not None and "GOMP_SPINCOUNT" not in e
+          and e.get("OMP_WAIT_POLICY") == "PASSIVE", str(e and (e.get("GOMP_SPINCOUNT"), e.get("OMP_WAIT_POLICY"))))
+else:
+    print("NOTE skipped the OpenMP wait checks: no /proc")
+
 # --- CIFAR-10's loader on real files ---------------------------------------------------
 SUBSET = "../shared/cifar10-subset/cifar-10-batches-bin"
 if not os.path.isdir(SUBSET):
