@@ -51,7 +51,7 @@ rc=$?
 out=$(close "$T/one/model.ckpt" "$T/r2/model.ckpt" "$T/one/log.csv" "$T/r2/log.csv" 2>&1)
 [ $rc -eq 0 ] && [ -n "$out" ] && echo "$out" | grep -q '^step' && close "$T/one/model.ckpt" "$T/r2/model.ckpt" "$T/one/log.csv" "$T/r2/log.csv" >/dev/null 2>&1
 check "2 ranks x 4 images = 1 process x 8 for 5 steps, within the tolerance ($out)" $? "exit $rc: $(errs "$T/r2.err")"
-grep -q "data parallel over 2 ranks: 4 images each" "$T/r2.err" && [ "$(grep -c '^training' "$T/r2.err")" -eq 1 ]
+grep -q "data parallel over 2 ranks: 4 images each" "$T/r2.err" && [ "$(grep -c '^plan: ' "$T/r2.err")" -eq 1 ]
 check "rank 0 alone reports" $? "$(errs "$T/r2.err")"
 
 # Ranks and micro-batches are one slicing of the batch: 2 ranks x 2 micro-batches of 2.
