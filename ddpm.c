@@ -5326,9 +5326,10 @@ typedef struct {
 // The run each preset trains when --batch, --steps or --warmup are not given. paper's is
 // Appendix B's: 800k steps at batch 128, 5000 steps of warmup (the paper's TPU v3-8 took
 // 10.6 hours; a CPU would take months). tiny's is sized for a CPU: 50,000 steps at batch
-// 32 took about 3 hours on 2 cores of a Zen 5 and about 6.5 on a Zen 3 (0.21 and 0.47 s a
-// step, README "Speed"), so it ends within a night, and its samples by then are past
-// the colour fields of the first hour (README, "What a CIFAR-10 run looks like"). small
+// 32 come to about 3 hours on 2 cores of a Zen 5 and about 6.5 on a Zen 3 (at their
+// measured 0.21 and 0.47 s a step, README "Speed"), so the run ends within a night, and
+// 18,000 steps of it already gave firmer shapes than the colour fields of the first
+// minutes (README, "What a CIFAR-10 run looks like"). small
 // is 4x tiny's cost a step, so its night is 15,000 steps. The learning rate is constant
 // after warmup, as the paper's: a run stopped early, or continued with a larger --steps,
 // follows the same path. The shorter warmup (1000) lets the first previews show more
