@@ -3838,7 +3838,7 @@ static int max_threads(void) {
 // a thread that the scheduler took off its core holds up every other at the next
 // barrier, while they burn the time it needs. Measured on 2 cores beside one busy
 // process (README, Speed): a training step of tiny 3.4x its idle time, a sampling step
-// 3.5x. With GOMP_SPINCOUNT=1000 they took about 2x, what losing one of two cores
+// up to 4.1x. With GOMP_SPINCOUNT=1000 they took about 2x, what losing one of two cores
 // costs, and on an idle machine no more than the noise; OMP_WAIT_POLICY=PASSIVE
 // (never spin) cost 9% idle. libgomp reads its settings once, before main, so ddpm
 // starts itself again with GOMP_SPINCOUNT=1000 unless a wait policy was given. (Not the
@@ -4786,6 +4786,26 @@ static uint8_t to_pixel(float x) {   // [-1, 1] -> 0..255, the inverse of §3.3'
     return (uint8_t)(v > 255 ? 255 : v >= 0 ? v : 0);   // NaN -> 0, never (uint8_t)NaN
 }
 
+// One image (C, H, W) in [-1, 1] into a GW-pixel-wide picture of comp channels (1: grey,
+// 3: RGB), its top left corner at (ox, oy).
+static void put_image(uint8_t* buf, int GW, int comp, int ox, int oy, const float* img, int C, int H, int W) {
+    for (int y = 0; y < H; y++)
+        for (int x = 0; x < W; x++)
+            for (int c = 0; c < comp; c++)
+                buf[((size_t)(oy + y) * GW + ox + x) * comp + c] = to_pixel(img[((size_t)(C == 1 ? 0 : c) * H + y) * W + x]);
+}
+
+// The picture as a PNG, encoded in memory, then written by write_file_atomic: stb's own
+// file writer ignores write errors, and a full disk would leave an empty "written" file.
+static int write_png(const char* path, const uint8_t* buf, int GW, int GH, int comp) {
+    int len = 0;
+    unsigned char* png = stbi_write_png_to_mem(buf, GW * comp, GW, GH, comp, &len);
+    if (!png) die("out of memory encoding %s", path);
+    int r = write_file_atomic(path, png, (size_t)len, NULL, 0);
+    STBIW_FREE(png);
+    return r;
+}
+
 // n images (C, H, W) in [-1, 1] as a grid of `cols` columns with 2-pixel gaps.
 static int save_grid_png(const char* path, const float* imgs, int n, int C, int H, int W, int cols) {
     if (n <= 0) return 0;
@@ -4793,22 +4813,11 @@ static int save_grid_png(const char* path, const float* imgs, int n, int C, int 
     int GW = cols * (W + gap) + gap, GH = rows * (H + gap) + gap, comp = C == 1 ? 1 : 3;
     uint8_t* buf = malloc_check((size_t)GW * GH * comp, "an image grid");
     memset(buf, 255, (size_t)GW * GH * comp);
-    for (int i = 0; i < n; i++) {
-        int ox = gap + (i % cols) * (W + gap), oy = gap + (i / cols) * (H + gap);
-        for (int y = 0; y < H; y++)
-            for (int x = 0; x < W; x++)
-                for (int c = 0; c < comp; c++)
-                    buf[((size_t)(oy + y) * GW + ox + x) * comp + c] =
-                        to_pixel(imgs[(((size_t)i * C + (C == 1 ? 0 : c)) * H + y) * W + x]);
-    }
-    // Encoded in memory, then written by write_file_atomic: stb's own file writer
-    // ignores write errors, and a full disk would leave an empty "written" file.
-    int len = 0;
-    unsigned char* png = stbi_write_png_to_mem(buf, GW * comp, GW, GH, comp, &len);
+    for (int i = 0; i < n; i++)
+        put_image(buf, GW, comp, gap + (i % cols) * (W + gap), gap + (i / cols) * (H + gap),
+                  imgs + (size_t)i * C * H * W, C, H, W);
+    int r = write_png(path, buf, GW, GH, comp);
     free(buf);
-    if (!png) die("out of memory encoding %s", path);
-    int r = write_file_atomic(path, png, (size_t)len, NULL, 0);
-    STBIW_FREE(png);
     return r;
 }
 
@@ -4838,13 +4847,9 @@ static int film_append(const char* path, const float* imgs, int k, int C, int H,
     memset(buf, 255, GH * stride);
     if (old) memcpy(buf, old, (size_t)h * stride);
     stbi_image_free(old);
-    uint8_t* row = buf + (size_t)(gap + rows * RH) * stride;
     for (int i = 0; i < k; i++)
-        for (int y = 0; y < H; y++)
-            for (int x = 0; x < W; x++)
-                for (int ch = 0; ch < comp; ch++)
-                    row[(size_t)y * stride + (size_t)(label + i * (W + gap) + x) * comp + ch] =
-                        to_pixel(imgs[(((size_t)i * C + (C == 1 ? 0 : ch)) * H + y) * W + x]);
+        put_image(buf, GW, comp, label + i * (W + gap), gap + rows * RH, imgs + (size_t)i * C * H * W, C, H, W);
+    uint8_t* row = buf + (size_t)(gap + rows * RH) * stride;
     char digits[32];
     int nd = snprintf(digits, sizeof digits, "%llu", step), top = (H - 5 * sc) / 2;
     for (int d = 0; d < nd && nd <= FILM_DIGITS; d++) {   // right-aligned against the first image
@@ -4854,12 +4859,8 @@ static int film_append(const char* path, const float* imgs, int k, int C, int H,
                 if (DIGITS_3X5[digits[d] - '0'] >> (14 - (gy / sc) * 3 - gx / sc) & 1)
                     memset(row + (size_t)(top + gy) * stride + (size_t)(x0 + gx) * comp, 0, comp);
     }
-    int len = 0;
-    unsigned char* png = stbi_write_png_to_mem(buf, (int)stride, GW, (int)GH, comp, &len);
+    int r = write_png(path, buf, GW, (int)GH, comp);
     free(buf);
-    if (!png) die("out of memory encoding %s", path);
-    int r = write_file_atomic(path, png, (size_t)len, NULL, 0);
-    STBIW_FREE(png);
     return r;
 }
 
@@ -5610,9 +5611,8 @@ static void training_samples(Trainer* tr, const Options* o, const char* dir, int
     snprintf(what, sizeof what, "preview (DDIM, %d steps): step", fast.T);
     snprintf(path, sizeof path, "%s/samples_%07llu_ddim%d.png", dir, step, fast.T);
     if (training_grid(m, &fast, &ddim, imgs, o->sample_n, &rng, what, path, step)) {
-        int k = (int)ceil(sqrt((double)o->sample_n));
-        snprintf(path, sizeof path, "%s/progress.png", dir);
-        film_append(path, imgs, k < o->sample_n ? k : o->sample_n, m->cfg.in_ch, m->cfg.img, m->cfg.img, step);
+        snprintf(path, sizeof path, "%s/progress.png", dir);   // the grid's first row
+        film_append(path, imgs, (int)ceil(sqrt((double)o->sample_n)), m->cfg.in_ch, m->cfg.img, m->cfg.img, step);
     }
     schedule_free(&fast);
     if (final && !stop_requested) {
