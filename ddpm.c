@@ -1720,29 +1720,33 @@ static void resample_backward(UNet* m, Block* k, int B) {
 // same layout in UNet.grads and in the trainer's Adam moments and EMA), saved
 // activations, activation gradients, and the work space of one block.
 
-typedef struct { const char* name; Config cfg; } Preset;
+typedef struct { const char* name; Config cfg; int any_side; } Preset;
 
-// `paper` is the official CIFAR-10 model of Appendix B: 35.7M parameters. The two
-// compact presets keep its shape (three levels, attention at 16x16) at a size a CPU
-// can train in hours rather than weeks.
+// `paper` is the official CIFAR-10 model of Appendix B: 35.7M parameters. `paper256` is
+// the paper's model for LSUN and CelebA-HQ at 256x256 (§4, Table 1, Figs. 1, 3, 4): the
+// official code's unet2d16b2c112244, six levels from 256x256 down to 8x8, attention at
+// 16x16 only, no dropout, 113,673,219 parameters (the paper's "114M"). The two compact
+// presets keep the CIFAR-10 model's shape (three levels, attention at 16x16) at a size a
+// CPU can train in hours rather than weeks.
 static const Preset PRESETS[] = {
-    {"tiny",  {3, 32, 32, 3, {1, 2, 2}, 1, 1, {16}, 8, 0.1f, 0}},
-    {"small", {3, 32, 64, 3, {1, 2, 2}, 1, 1, {16}, 32, 0.1f, 0}},
-    {"paper", {3, 32, 128, 4, {1, 2, 2, 2}, 2, 1, {16}, 32, 0.1f, 0}},
+    {"tiny",     {3, 32, 32, 3, {1, 2, 2}, 1, 1, {16}, 8, 0.1f, 0}, 1},
+    {"small",    {3, 32, 64, 3, {1, 2, 2}, 1, 1, {16}, 32, 0.1f, 0}, 1},
+    {"paper",    {3, 32, 128, 4, {1, 2, 2, 2}, 2, 1, {16}, 32, 0.1f, 0}, 0},
+    {"paper256", {3, 256, 128, 6, {1, 1, 2, 2, 4, 4}, 2, 1, {16}, 32, 0.0f, 0}, 0},
 };
 #define N_PRESETS (int)(sizeof(PRESETS) / sizeof(PRESETS[0]))
 
 // At another image side (a folder of pictures, 16 to 256) tiny and small keep their shape:
 // one level more per doubling, so the lowest resolution stays 8x8 (16: two levels, 256:
-// six), each added level at the last multiplier, and attention stays at 16x16. The paper
-// preset is the 32x32 network of Appendix B only. Returns 0 for an unknown name, -1 for
-// a side the preset has no shape for.
+// six), each added level at the last multiplier, and attention stays at 16x16. The paper's
+// two networks exist at their own side only. img 0 means the preset's own side. Returns
+// 0 for an unknown name, -1 for a side the preset has no shape for.
 static int preset_find(const char* name, int img, Config* out) {
     for (int i = 0; i < N_PRESETS; i++) {
         if (strcmp(PRESETS[i].name, name)) continue;
         Config c = PRESETS[i].cfg;
-        if (img != c.img) {
-            if (!strcmp(name, "paper")) return -1;
+        if (img && img != c.img) {
+            if (!PRESETS[i].any_side) return -1;
             int levels = 0;
             while ((8 << levels) < img) levels++;
             int last = c.ch_mult[c.n_levels - 1];
@@ -3822,6 +3826,52 @@ static void* calloc_check(size_t n, size_t size, const char* what) {
     return p;
 }
 
+// Memory, before it is allocated. A network is built at full size once (section 15:
+// calloc_check touches every page), so what it needs is known from its plan alone, and a
+// run that cannot fit is refused in one line, before any data is read, rather than killed
+// by the kernel's out-of-memory killer hours later. A 256x256 network needs 1.8 GiB of
+// activations per image (paper256), so this is where a batch meets the machine.
+static double network_gib(const Config* c, int B, int train) {
+    UNet p;
+    unet_plan(&p, c, B);
+    double floats = (double)p.L->n_acts + p.L->n_grad_acts + p.L->n_work + (train ? 5.0 : 2.0) * p.n_params;
+    free(p.L);
+    return floats * 4 / 1073741824.0;
+}
+
+// MemAvailable of /proc/meminfo in GiB, or -1 where it cannot be read (not Linux).
+static double memory_available_gib(void) {
+    FILE* f = fopen("/proc/meminfo", "r");
+    if (!f) return -1;
+    char line[256];
+    double kb = -1;
+    while (fgets(line, sizeof line, f))
+        if (sscanf(line, "MemAvailable: %lf kB", &kb) == 1) break;
+    fclose(f);
+    return kb < 0 ? -1 : kb / 1048576.0;
+}
+
+// Sampling and evaluation go through the images in batches of at most `most`, and of
+// at most 4 GiB of network: 64 images of a 32x32 network, 2 of paper256. The batch is a
+// function of the network alone, never of the machine, so the same seed gives the same
+// samples everywhere.
+#define EVAL_BATCH_GIB 4.0
+static int eval_batch(const Config* c, int n, int most) {
+    int B = n < most ? n : most;
+    double per = network_gib(c, 2, 0) - network_gib(c, 1, 0);
+    while (B > 1 && network_gib(c, 1, 0) + (B - 1) * per > EVAL_BATCH_GIB) B--;
+    return B;
+}
+
+// Dies, in one line ending in `fix`, if B images of the network (train: with gradients
+// and Adam's state) need more memory than the machine has available.
+static void check_memory(const Config* c, int B, int train, const char* fix) {
+    double need = network_gib(c, B, train), have = memory_available_gib();
+    if (have >= 0 && need > have)
+        die("%d image%s at once through the %dx%d network need%s about %.1f GiB of memory, and %.1f GiB is "
+            "available; %s", B, B == 1 ? "" : "s", c->img, c->img, B == 1 ? "s" : "", need, have, fix);
+}
+
 // The OpenMP thread count, or 1 without OpenMP.
 static int max_threads(void) {
 #ifdef _OPENMP
@@ -4039,13 +4089,17 @@ static void install_signal_handlers(void) {
     sigaction(SIGPIPE, &sa, NULL);   // stderr into a pipe whose reader left (| head)
 }
 
-// "what done/total, elapsed, ETA" on stderr: redrawn in place on a terminal, every
-// tenth of the way in a log file.
+// "what done/total, time each, elapsed, ETA" on stderr: redrawn in place on a terminal,
+// every tenth of the way in a log file. The time each is what a 256x256 chain needs
+// (a second or more a step on a CPU).
 static void progress_line(const char* what, long done, long total, double t0) {
-    double el = now_seconds() - t0, eta = done > 0 ? el * (total - done) / done : 0;
-    if (isatty(2)) fprintf(stderr, "\r%s %ld/%ld  %.0fs elapsed, ETA %.0fs   ", what, done, total, el, eta);
+    double el = now_seconds() - t0, eta = done > 0 ? el * (total - done) / done : 0, each = done > 0 ? el / done : 0;
+    char e[32];
+    if (each >= 0.1) snprintf(e, sizeof e, "%.2f s", each);
+    else snprintf(e, sizeof e, "%.1f ms", 1e3 * each);
+    if (isatty(2)) fprintf(stderr, "\r%s %ld/%ld  %s each, %.0fs elapsed, ETA %.0fs   ", what, done, total, e, el, eta);
     else if (done == total || done % (total / 10 > 0 ? total / 10 : 1) == 0)
-        fprintf(stderr, "%s %ld/%ld  %.0fs elapsed, ETA %.0fs\n", what, done, total, el, eta);
+        fprintf(stderr, "%s %ld/%ld  %s each, %.0fs elapsed, ETA %.0fs\n", what, done, total, e, el, eta);
     if (isatty(2) && done == total) fprintf(stderr, "\n");
 }
 
@@ -5335,9 +5389,15 @@ typedef struct {
 // after warmup, as the paper's: a run stopped early, or continued with a larger --steps,
 // follows the same path. The shorter warmup (1000) lets the first previews show more
 // than noise; it is a departure from Appendix B, which warms up over 5000 steps.
-typedef struct { const char* model; int batch; long steps; int warmup; } RunPlan;
+//   paper256's is the official LSUN and CelebA-HQ run (scripts/run_lsun.py): batch 64,
+// lr 2e-5 (the 256x256 runs were unstable at 2e-4), warmup 5000, and 1.2M steps, LSUN
+// Church's (Appendix B: CelebA-HQ 0.5M, Cat 1.8M, Bedroom 2.4M). Its sampler's variance
+// is beta_tilde, as the official code sampled these models (its first GaussianDiffusion
+// uses the posterior's variance; diffusers' scheduler configs say "fixed_small").
+typedef struct { const char* model; int batch; long steps; int warmup; float lr; VarType var; } RunPlan;
 static const RunPlan RUN_PLANS[] = {
-    {"tiny", 32, 50000, 1000}, {"small", 32, 15000, 1000}, {"paper", 128, 800000, 5000},
+    {"tiny", 32, 50000, 1000, 2e-4f, VAR_FIXEDLARGE},     {"small", 32, 15000, 1000, 2e-4f, VAR_FIXEDLARGE},
+    {"paper", 128, 800000, 5000, 2e-4f, VAR_FIXEDLARGE}, {"paper256", 64, 1200000, 5000, 2e-5f, VAR_FIXEDSMALL},
 };
 #define N_RUN_PLANS (int)(sizeof RUN_PLANS / sizeof RUN_PLANS[0])
 
@@ -5358,15 +5418,16 @@ static const Option OPTIONS[] = {
              "a folder called cifar10); bpd, reconstruct, interpolate: its test set, or a held-out folder"},
     {"--data-dir", OPT_STR, AT(data_dir), C_TRAIN | C_BPD | C_DECODE, "data", .arg = "DIR", .help =
      "where datasets live, and DIR/cache the decoded pictures of folders"},
-    {"--img", OPT_INT, AT(img), C_NET, "32", 16, 256, .arg = "N", .help =
-     "a folder's pictures are cropped square and resized to N x N (a power of two, 16 to 256); the presets "
-     "add a level per doubling"},
+    {"--img", OPT_INT, AT(img), C_NET, NULL, 16, 256, .arg = "N", .help =
+     "a folder's pictures are cropped square and resized to N x N (a power of two, 16 to 256); tiny and small "
+     "add a level per doubling (default: the preset's side, 32; paper256 256)"},
     {"--background", OPT_INT, AT(background), C_TRAIN | C_BPD | C_DECODE, "255", 0, 255, .arg = "V", .help =
      "a folder's transparent pixels are composited over grey level V (255: white)"},
     {"--skip-bad", OPT_ON, AT(skip_bad), C_TRAIN | C_BPD | C_DECODE, .help =
      "skip (and count) pictures that cannot be read, rather than stop at the first"},
-    {"--model", OPT_STR, AT(model), C_NET, "tiny", .arg = "tiny|small|paper",
-     .help = "the network preset (section 15; paper is Appendix B's 35.7M)"},
+    {"--model", OPT_STR, AT(model), C_NET, "tiny", .arg = "tiny|small|paper|paper256",
+     .help = "the network preset (section 15; paper is Appendix B's 35.7M for CIFAR-10, paper256 the 114M of "
+             "the paper's 256x256 LSUN and CelebA-HQ models)"},
     {"--batch", OPT_INT, AT(batch), C_TRAIN | C_IMPORT, NULL, 1, 4096, .arg = "B", .help =
      "images per step (import: the batch --resume will train at; --resume: the checkpoint's)"},
     {"--steps", OPT_LONG, AT(steps), C_TRAIN, NULL, 0, 1e9, .arg = "N", .help = "total training steps"},
@@ -5526,10 +5587,12 @@ static void option_set(Options* o, const Option* p, const char* v) {
 static Config options_config(const Options* o, int data_ch) {
     Config c;
     int found = preset_find(o->model, o->img, &c);
-    if (!found) usage_error("--model %s: unknown preset; presets are tiny, small, paper", o->model);
-    if (found < 0)
-        usage_error("--model %s is the 32x32 network of Appendix B; at --img %d use tiny or small, or give "
-                    "--ch-mult with a level per doubling", o->model, o->img);
+    if (!found) usage_error("--model %s: unknown preset; presets are tiny, small, paper, paper256", o->model);
+    if (found < 0) {
+        preset_find(o->model, 0, &c);
+        usage_error("--model %s is the paper's %dx%d network; at --img %d use tiny or small, or give "
+                    "--ch-mult with a level per doubling", o->model, c.img, c.img, o->img);
+    }
     if (!strcmp(o->data, "fashion-mnist")) c.in_ch = 1;
     if (data_ch > 0) c.in_ch = data_ch;
     if (o->in_ch > 0) c.in_ch = o->in_ch;
@@ -5725,8 +5788,8 @@ static void print_plan(const Options* o, const Dataset* data, const Trainer* tr,
                  o->sample_every);
     }
     fprintf(stderr, "plan: train %s (%zu parameters) on %s (%d images, %dx%d, %d channels) for %ld steps of batch %d "
-            "(%s), from step %llu%s; %d threads, run %s\n", o->model, tr->net.n_params, o->data, data->N,
-            tr->net.cfg.img, tr->net.cfg.img, tr->net.cfg.in_ch, o->steps, o->batch,
+            "at lr %g (%s), from step %llu%s; %d threads, run %s\n", o->model, tr->net.n_params, o->data, data->N,
+            tr->net.cfg.img, tr->net.cfg.img, tr->net.cfg.in_ch, o->steps, o->batch, tr->hyper.lr,
             given(o, "--steps") ? "--steps" : "the preset's default run; --steps N or --minutes M to change it",
             (unsigned long long)tr->step, when, max_threads(), dir);
 }
@@ -5741,6 +5804,24 @@ static void print_plan_time(const Options* o, uint64_t step, double sec_per_step
         fprintf(stderr, "; --minutes %g ends it first, near step %ld", o->minutes,
                 (long)step + (long)(60 * o->minutes / sec_per_step));
     fprintf(stderr, "\n");
+}
+
+// The batch's slice (per rank, per micro-batch) must fit in memory; if it does not, the
+// line names the --accumulate that would fit (section 9: the same step, in slices).
+static void check_training_memory(const Options* o, const Config* cfg) {
+    int per_rank = o->batch / world_size, K = o->accumulate;
+    double have = memory_available_gib();
+    if (have < 0 || network_gib(cfg, per_rank / K, 1) <= have) return;
+    char fix[256];
+    int k = K;
+    while (++k <= per_rank && (per_rank % k || network_gib(cfg, per_rank / k, 1) > have)) {}
+    if (k <= per_rank)
+        snprintf(fix, sizeof fix, "pass --accumulate %d (%d micro-batches of %d images, about %.1f GiB)", k, k,
+                 per_rank / k, network_gib(cfg, per_rank / k, 1));
+    else
+        snprintf(fix, sizeof fix, "even one image at a time does not fit: close other programs, or pass a smaller "
+                 "--img, --ch or --model");
+    check_memory(cfg, per_rank / K, 1, fix);
 }
 
 static int cmd_train(const Options* flags) {
@@ -5774,6 +5855,7 @@ static int cmd_train(const Options* flags) {
         usage_error("--batch %d does not split into %d equal slices (%d ranks x --accumulate %d); pass a multiple of %d",
                     o->batch, world_size * o->accumulate, world_size, o->accumulate, world_size * o->accumulate);
     cfg.learn_sigma = ob.var == VAR_LEARNED;
+    check_training_memory(o, &cfg);
     Dataset data;
     data_load(&data, o, 1, cfg.img, given(o, "--in-ch") ? o->in_ch : 0, o->batch);
     if (!given(o, "--in-ch")) cfg = options_config(o, data.C), cfg.learn_sigma = ob.var == VAR_LEARNED;
@@ -5814,7 +5896,9 @@ static int cmd_train(const Options* flags) {
                 o->batch / world_size / o->accumulate);
     if (lead && world_size > 1)
         fprintf(stderr, "data parallel over %d ranks: %d images each (section 23)\n", world_size, o->batch / world_size);
-    if (lead && memcmp(&ob, &PAPER_OBJECTIVE, sizeof ob))
+    Objective usual = PAPER_OBJECTIVE;   // the paper's, with the variance its preset samples with
+    if (run_plan(o->model)) usual.var = run_plan(o->model)->var;
+    if (lead && memcmp(&ob, &usual, sizeof ob))
         fprintf(stderr, "objective (Table 2): --mean-type %s --var-type %s --loss %s\n", MEAN_NAMES[ob.mean],
                 VAR_NAMES[ob.var], LOSS_NAMES[ob.loss]);
     double t0 = now_seconds(), last = t0, running = -1, t_timed = 0;
@@ -5991,7 +6075,7 @@ static void chain_stopped(const Finite* fin, const char* ckpt) {
 
 static int cmd_sample(const Options* o) {
     if (!o->checkpoint) usage_error("sample needs --checkpoint PATH");
-    int n = o->n, Bm = n < 64 ? n : 64;
+    int n = o->n;
     char out[4200], base[4200], path[4400];
     output_paths(o, "samples.png", out, base, sizeof out);   // before the network is built
     if (o->npz) {
@@ -6003,7 +6087,8 @@ static int cmd_sample(const Options* o) {
     FILE* f = checkpoint_first(o, &hd, &sp);
     Config c = config_from_header(&hd);
     check_channels(&c, o->checkpoint);
-    int K = chain_steps(o, &sp, hd.T);
+    int K = chain_steps(o, &sp, hd.T), Bm = eval_batch(&c, n, 64);
+    check_memory(&c, Bm, 0, "close other programs");
     UNet m;
     Schedule trained, s;
     load_ema(&m, &trained, f, &hd, o->checkpoint, Bm);
@@ -6067,12 +6152,13 @@ static void write_per_t_csv(const char* path, const PerT* pt, const BoundBpd* r,
 
 static int cmd_bpd(const Options* o) {
     if (!o->checkpoint) usage_error("bpd needs --checkpoint PATH");
-    int n = o->n, Bm = n < 32 ? n : 32;
+    int n = o->n;
     CheckpointHeader hd;
     Sampler sp;
     FILE* f = checkpoint_first(o, &hd, &sp);
     Config c = config_from_header(&hd);
-    int K = chain_steps(o, &sp, hd.T);
+    int K = chain_steps(o, &sp, hd.T), Bm = eval_batch(&c, n, 32);
+    check_memory(&c, Bm, 0, "close other programs");
     if (o->t_samples > K - 1)
         usage_error("--t-samples %d: expected 1 to %d (the chain's KL terms), or leave it out for all", o->t_samples, K - 1);
     if (o->per_t) check_output_path(o->per_t, "--per-t", o->checkpoint);
@@ -6151,6 +6237,7 @@ static int cmd_from_data(const Options* o, int interp) {
     snprintf(png, sizeof png, "%s.png", cmd);
     snprintf(what, sizeof what, "%s: step", cmd);
     output_paths(o, png, out, base, sizeof out);
+    check_memory(&c, k, 0, interp ? "pass a smaller --lambdas" : "pass a smaller -k");
     UNet m;
     Schedule s;
     load_ema(&m, &s, f, &hd, o->checkpoint, k);
@@ -6347,6 +6434,26 @@ static void options_init(Options* o) {
     o->dropout = -1;
 }
 
+// The presets' plans for a flag that one sets (--batch, --steps, --warmup, --lr,
+// --var-type), as --help's "(default: tiny 32, small 32, ...)"; 0 for other flags.
+static int plan_default(const Option* p, char* def, size_t len) {
+    if (p->at != AT(batch) && p->at != AT(steps) && p->at != AT(hyper.warmup) && p->at != AT(hyper.lr) &&
+        p->at != AT(obj.var))
+        return 0;
+    int k = snprintf(def, len, " (default: ");
+    for (int j = 0; j < N_RUN_PLANS && k < (int)len; j++) {
+        const RunPlan* r = &RUN_PLANS[j];
+        k += snprintf(def + k, len - k, "%s%s ", j ? ", " : "", r->model);
+        if (p->at == AT(batch)) k += snprintf(def + k, len - k, "%d", r->batch);
+        else if (p->at == AT(steps)) k += snprintf(def + k, len - k, "%ld", r->steps);
+        else if (p->at == AT(hyper.warmup)) k += snprintf(def + k, len - k, "%d", r->warmup);
+        else if (p->at == AT(hyper.lr)) k += snprintf(def + k, len - k, "%g", r->lr);
+        else k += snprintf(def + k, len - k, "%s", VAR_NAMES[r->var]);
+    }
+    if (k < (int)len) snprintf(def + k, len - k, ")");
+    return 1;
+}
+
 // --help, printed from COMMANDS and OPTIONS.
 static void print_help(FILE* f) {
     fprintf(f, "ddpm.c: Denoising Diffusion Probabilistic Models (Ho, Jain, Abbeel 2020) on a CPU.\n\n");
@@ -6360,16 +6467,7 @@ static void print_help(FILE* f) {
         char left[64], def[96] = "";
         snprintf(left, sizeof left, "%s%s%s", p->name, p->arg ? " " : "", p->arg ? p->arg : "");
         const char* field = (const char*)&base + p->at;
-        size_t plan_at = p->at == AT(batch) ? offsetof(RunPlan, batch) : p->at == AT(steps) ? offsetof(RunPlan, steps)
-                       : p->at == AT(hyper.warmup) ? offsetof(RunPlan, warmup) : 0;
-        if (plan_at && (p->cmds & C_TRAIN)) {   // the presets' plans: "tiny 32, small 32, paper 128"
-            int k = snprintf(def, sizeof def, " (default: ");
-            for (int j = 0; j < N_RUN_PLANS; j++) {
-                const char* r = (const char*)&RUN_PLANS[j] + plan_at;
-                long v = plan_at == offsetof(RunPlan, steps) ? *(const long*)r : *(const int*)r;
-                k += snprintf(def + k, sizeof def - k, "%s%s %ld", j ? ", " : "", RUN_PLANS[j].model, v);
-            }
-            snprintf(def + k, sizeof def - k, ")");
+        if ((p->cmds & C_TRAIN) && plan_default(p, def, sizeof def)) {   // "(default: tiny 32, ...)"
         } else if (p->def) snprintf(def, sizeof def, " (default %s)", p->def);
         else if (p->type == OPT_FLOAT && *(const float*)field > 0) snprintf(def, sizeof def, " (default %g)", *(const float*)field);
         else if (p->type == OPT_INT && *(const int*)field > 0) snprintf(def, sizeof def, " (default %d)", *(const int*)field);
@@ -6437,6 +6535,12 @@ static void parse_options(int argc, char** argv, Options* o) {
         if (!given(o, "--batch")) o->batch = plan->batch;
         if (!given(o, "--steps") && o->cmd == C_TRAIN) o->steps = plan->steps;
         if (!given(o, "--warmup")) o->hyper.warmup = plan->warmup;
+        if (!given(o, "--lr")) o->hyper.lr = plan->lr;
+        if (!given(o, "--var-type") && o->cmd == C_TRAIN) o->obj.var = plan->var;
+    }
+    if (!given(o, "--img")) {   // the preset's own side: 32, or paper256's 256
+        Config c;
+        o->img = preset_find(o->model ? o->model : "", 0, &c) == 1 ? c.img : 32;
     }
     // What one flag cannot say alone:
     if (given(o, "--eta") && !o->sampler.ddim) usage_error("--eta applies to --sampler ddim");
@@ -6450,6 +6554,9 @@ static void parse_options(int argc, char** argv, Options* o) {
         if (!S_ISDIR(st.st_mode)) usage_error("--data %s is a file, not a folder; pass the folder that holds the pictures", o->data);
     }
     if (o->img & (o->img - 1)) usage_error("--img %d: expected a power of two from 16 to 256", o->img);
+    if (o->img != 32 && o->cmd == C_TRAIN && !data_is_folder(o) && !given(o, "--img"))
+        usage_error("--model %s is the %dx%d network; train it on a folder of pictures (--data DIR), or pick "
+                    "tiny, small or paper for %s", o->model, o->img, o->img, o->data);
     if (o->img != 32 && o->cmd == C_TRAIN && !data_is_folder(o))
         usage_error("--img %d: %s is 32x32; --img resizes a folder of pictures (--data DIR)", o->img, o->data);
     if (given(o, "--in-ch") && o->cmd == C_TRAIN && data_is_folder(o) && o->in_ch != 1 && o->in_ch != 3)

@@ -1,12 +1,19 @@
 #!/usr/bin/python3
-"""Converts the paper's CIFAR-10 model, as diffusers publishes it, into a ddpm.c checkpoint.
+"""Converts the paper's models, as diffusers publishes them, into ddpm.c checkpoints.
 
-  convert_official.py SAFETENSORS OUT.ckpt [--ddpm ./ddpm] [--keep-exchange FILE.ref]
+  convert_official.py WEIGHTS OUT.ckpt [--model NAME] [--ddpm ./ddpm] [--keep-exchange FILE.ref]
 
-SAFETENSORS is google/ddpm-cifar10-32's diffusion_pytorch_model.safetensors: the
-official TensorFlow checkpoint (model.ckpt-790000, the EMA weights), renamed by
-diffusers' scripts/convert_ddpm_original_checkpoint_to_diffusers.py. Its network is
-ddpm.c's `paper` preset (35,746,307 parameters; Appendix B) under other names:
+WEIGHTS is a diffusers diffusion_pytorch_model.safetensors (or .bin, read with
+python3-torch) of one of the paper's models, NAME (default cifar10-32):
+
+  cifar10-32     google/ddpm-cifar10-32: the official TensorFlow checkpoint
+                 model.ckpt-790000's EMA weights; ddpm.c's `paper` preset (35,746,307
+                 parameters, Appendix B)
+  church-256, bedroom-256, cat-256, celebahq-256
+                 google/ddpm-{church,bedroom,cat,celebahq}-256: the LSUN and CelebA-HQ
+                 models (§4, Table 1); ddpm.c's `paper256` preset (113,673,219 parameters)
+
+diffusers renamed the official weights (scripts/convert_ddpm_original_checkpoint_to_diffusers.py):
 
   ddpm.c (= tests/reference.py)          diffusers
   temb.dense0 / temb.dense1              time_embedding.linear_1 / linear_2
@@ -16,22 +23,44 @@ ddpm.c's `paper` preset (35,746,307 parameters; Appendix B) under other names:
                                              value,proj_attn} (or to_q, to_k, to_v, to_out.0)
   down.i.downsample.conv                 down_blocks.i.downsamplers.0.conv
   mid.block_1, mid.attn_1, mid.block_2   mid_block.resnets.0, attentions.0, resnets.1
-  up.i.*                                 up_blocks.(3 - i).*, upsample -> upsamplers.0
+  up.i.*                                 up_blocks.(L - 1 - i).*, upsample -> upsamplers.0
   norm_out                               conv_norm_out
 
-diffusers stores the attention's 1x1 convolutions as linear layers, (C, C) instead of
-(C, C, 1, 1): the same numbers in the same order. Its time embedding (flip_sin_to_cos
-false, freq_shift 1) and its stride-2 downsampling (padding 0 before, 1 after) are the
-official ones, so nothing else changes. The file is read with the standard library (an
-8-byte little-endian header length, a JSON header, then raw little-endian tensors) and
-refused, naming the first problem, if a tensor is missing, unexpected, misshapen or not
-float32, or if the file is cut short. The weights go into an exchange file (ddpm.c
-section 21) that `./ddpm import` turns into the checkpoint; OUT.ckpt.source beside it
-records where they came from.
+(L levels: 4 at 32x32, where attention is in down block 1 and up block 2; 6 at 256x256,
+where it is in down block 4 and up block 1.) diffusers stores the attention's 1x1
+convolutions as linear layers, (C, C) instead of (C, C, 1, 1): the same numbers in the
+same order. Its time embedding (flip_sin_to_cos false, freq_shift 1), its GroupNorm
+(eps 1e-6) and its stride-2 downsampling (downsample_padding 0: no padding before, one
+row and column after, TensorFlow's "SAME") are the official ones at both sizes, so
+nothing else changes. A safetensors file is read with the standard library (an 8-byte
+little-endian header length, a JSON header, then raw little-endian tensors) and refused,
+naming the first problem, if a tensor is missing, unexpected, misshapen or not float32,
+if the file is cut short, or if it is another model's layout. The weights go into an
+exchange file (ddpm.c section 21) that `./ddpm import` turns into the checkpoint;
+OUT.ckpt.source beside it records where they came from.
 """
 import hashlib, json, os, signal, stat, struct, subprocess, sys, tempfile
 
 PAPER = dict(in_ch=3, ch=128, ch_mult=[1, 2, 2, 2], num_res_blocks=2, attn_resolutions=[16], groups=32, img=32)
+PAPER256 = dict(in_ch=3, ch=128, ch_mult=[1, 1, 2, 2, 4, 4], num_res_blocks=2, attn_resolutions=[16], groups=32,
+                img=256)
+LSUN_SOURCE = ("the official TensorFlow checkpoint of the paper's {what} model (EMA weights; Ho, Jain, Abbeel 2020, "
+               "scripts/run_{script}.py, unet2d16b2c112244), as converted by diffusers; the training step is not "
+               "in the file")
+# name -> the network, its objective, its ddpm.c preset and batch, and where it came from.
+# var: 0 fixedlarge (sigma^2 = beta, the CIFAR-10 model's sampler), 1 fixedsmall (beta
+# tilde: the official code's first GaussianDiffusion, which sampled the 256x256 models).
+MODELS = {
+    "cifar10-32": dict(config=PAPER, dropout=0.1, var=0, step=790000, preset="paper", batch=128,
+                       params=35_746_307, repo="google/ddpm-cifar10-32",
+                       source="converted from the official TensorFlow checkpoint "
+                              "diffusion_cifar10_model/model.ckpt-790000 (EMA weights; Ho, Jain, Abbeel 2020)"),
+}
+for _name, _what, _script in (("church", "LSUN Church", "lsun"), ("bedroom", "LSUN Bedroom", "lsun"),
+                               ("cat", "LSUN Cat", "lsun"), ("celebahq", "CelebA-HQ", "celebahq")):
+    MODELS[_name + "-256"] = dict(config=PAPER256, dropout=0.0, var=1, step=None, preset="paper256", batch=64,
+                                  params=113_673_219, repo=f"google/ddpm-{_name}-256",
+                                  source=LSUN_SOURCE.format(what=_what, script=_script))
 MAX_HEADER = 100 << 20     # the real header is 40 kB; a larger length is a corrupt file
 TEMPS = []                 # files this run is writing: removed on any failure or signal
 
@@ -198,25 +227,83 @@ def diffusers_names(name, L=len(PAPER["ch_mult"])):
     return [f"{base}.{RES[layer]}.{leaf}"]
 
 
-def convert(tensors):
-    """ddpm.c name -> (shape, raw float32 bytes), checked against the paper preset."""
-    out, used = {}, set()
-    for name, shape in ddpm_tensors():
-        cands = [d for d in diffusers_names(name) if d in tensors]
+def layout(tensors, m):
+    """The tensor names model m's file must hold (one per ddpm.c tensor, in the spelling
+    the file uses), or None if a tensor of m has no name in the file."""
+    names = []
+    for name, _ in ddpm_tensors(m["config"]):
+        cands = [d for d in diffusers_names(name, len(m["config"]["ch_mult"])) if d in tensors]
         if not cands:
-            fail(f"no tensor {diffusers_names(name)[0]} (ddpm.c's {name}); is this google/ddpm-cifar10-32?")
+            return None
+        names.append(cands[0])
+    return names if len(names) == len(tensors) else None
+
+
+def known_layout(tensors):
+    """The models whose layout (names and shapes) this file has, as words for a message."""
+    same = []
+    for key, m in MODELS.items():
+        names = layout(tensors, m)
+        if names and all(tensors[d][1] == (shape[:2] if ".attentions." in d and shape[2:] == [1, 1] else shape)
+                         for d, (_, shape) in zip(names, ddpm_tensors(m["config"]))):
+            same.append(key)
+    return same
+
+
+def convert(tensors, model="cifar10-32"):
+    """ddpm.c name -> (shape, raw float32 bytes), checked against the model's network."""
+    m = MODELS[model]
+    c, L = m["config"], len(m["config"]["ch_mult"])
+    others = [k for k in known_layout(tensors) if MODELS[k]["config"] is not c]
+    if others:
+        fail(f"this is the layout of {' / '.join(others)}, not of {model} "
+             f"({len(c['ch_mult'])} levels at {c['img']}x{c['img']}); pass --model {others[0]}")
+    out, used = {}, set()
+    for name, shape in ddpm_tensors(c):
+        cands = [d for d in diffusers_names(name, L) if d in tensors]
+        if not cands:
+            fail(f"no tensor {diffusers_names(name, L)[0]} (ddpm.c's {name}); is this {m['repo']}?")
         d = cands[0]
         dtype, dshape, raw = tensors[d]
         want = shape[:2] if ".attentions." in d and shape[2:] == [1, 1] else shape
         if dtype != "F32":
             fail(f"{d} is {dtype}; only float32 (F32) files are converted")
         if dshape != want:
-            fail(f"{d} has shape {dshape}, the paper's model needs {want}")
+            fail(f"{d} has shape {dshape}, {m['repo']}'s model needs {want}")
         out[name] = (shape, raw)
         used.add(d)
     extra = sorted(set(tensors) - used)
     if extra:
-        fail(f"{extra[0]} is not a tensor of the paper's model ({len(extra)} unexpected); is this google/ddpm-cifar10-32?")
+        fail(f"{extra[0]} is not a tensor of {m['repo']}'s model ({len(extra)} unexpected); is this {m['repo']}?")
+    return out
+
+
+def read_bin(path):
+    """A diffusers .bin (a PyTorch state_dict, pickled in a zip) as read_safetensors
+    gives it, read with python3-torch without running the pickle's code (weights_only)."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        fail(f"cannot read {path}: {e.strerror}")
+    if not stat.S_ISREG(st.st_mode):
+        fail(f"{path} is not a regular file (a FIFO, device or folder); pass the file itself")
+    try:
+        import torch
+    except ImportError:
+        fail(f"{path}: a .bin file needs python3-torch (apt-get install python3-torch), or pass the .safetensors")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:   # noqa: BLE001 -- torch raises many kinds for a bad file
+        fail(f"{path}: not a PyTorch state_dict that can be read safely ({type(e).__name__}); is it truncated?")
+    if not isinstance(sd, dict):
+        fail(f"{path}: holds a {type(sd).__name__}, not a state_dict")
+    out = {}
+    for name, t in sd.items():
+        if not isinstance(name, str) or not isinstance(t, torch.Tensor):
+            fail(f"{path}: {name!r} is not a named tensor")
+        dtype = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}.get(t.dtype, str(t.dtype))
+        raw = t.contiguous().numpy().astype("<f4").tobytes() if dtype == "F32" else b""
+        out[name] = (dtype, list(t.shape), raw)
     return out
 
 
@@ -239,9 +326,10 @@ def write_atomic(path, chunks):
         TEMPS.remove(tmp)
 
 
-def exchange_bytes(weights, config=PAPER):
-    """The exchange file (ddpm.c section 21) of the paper's model with these weights."""
-    recs = []
+def exchange_bytes(weights, model="cifar10-32"):
+    """The exchange file (ddpm.c section 21) of the model's network with these weights."""
+    m = MODELS[model]
+    config, recs = m["config"], []
 
     def rec(name, shape, raw):
         b = name.encode()
@@ -254,9 +342,10 @@ def exchange_bytes(weights, config=PAPER):
         ints("config." + k, [config[k]])
     ints("config.ch_mult", config["ch_mult"])
     ints("config.attn_resolutions", config["attn_resolutions"])
-    ints("config.objective", [0, 0, 0])          # eps, fixed variance, L_simple: the paper's model
-    rec("config.dropout", [1], struct.pack("<f", 0.1))
-    ints("meta.step", [790000])                  # model.ckpt-790000
+    ints("config.objective", [0, m["var"], 0])   # eps, the official sampler's variance, L_simple
+    rec("config.dropout", [1], struct.pack("<f", m["dropout"]))
+    if m["step"] is not None:
+        ints("meta.step", [m["step"]])           # model.ckpt-790000
     for name, (shape, raw) in weights.items():
         rec("param." + name, shape, raw)
     return [b"DDPMREF1" + struct.pack("<i", len(recs))] + recs
@@ -269,18 +358,24 @@ def folder_of(path, what):
 
 
 def run(argv):
-    args, ddpm, keep = [], os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "ddpm"), None
+    args, ddpm, keep, model = [], os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "ddpm"), None, \
+        "cifar10-32"
     it = iter(argv)
     for a in it:
         if a == "--ddpm":
             ddpm = next(it, None)
         elif a == "--keep-exchange":
             keep = next(it, None)
+        elif a == "--model":
+            model = next(it, None)
         else:
             args.append(a)
-    if len(args) != 2 or ddpm is None or keep == "" or "" in args:
+    if len(args) != 2 or ddpm is None or keep == "" or model is None or "" in args:
         print(__doc__.split("\n\n")[1], file=sys.stderr)
         return 2
+    if model not in MODELS:
+        fail(f"--model {model}: unknown; the models are {', '.join(MODELS)}")
+    m = MODELS[model]
     src, out = args
     if not os.access(ddpm, os.X_OK):
         fail(f"--ddpm {ddpm}: no such program; build it (make) or pass its path")
@@ -289,28 +384,28 @@ def run(argv):
         folder_of(keep, "--keep-exchange")
     if os.path.exists(out):
         fail(f"{out} already exists; remove it or pass another path")
-    weights = convert(read_safetensors(src))
+    weights = convert(read_bin(src) if src.endswith(".bin") else read_safetensors(src), model)
     n = sum(len(raw) // 4 for _, raw in weights.values())
-    if n != 35_746_307:
-        fail(f"{src} holds {n} parameters, the paper's model 35,746,307")
+    if n != m["params"]:
+        fail(f"{src} holds {n} parameters, {m['repo']}'s model {m['params']:,}")
     with open(src, "rb") as f:
         sha = hashlib.sha256(f.read()).hexdigest()
     source = (f"{os.path.basename(src)} sha256 {sha}\n"
-              "google/ddpm-cifar10-32 (diffusers), converted from the official TensorFlow checkpoint "
-              "diffusion_cifar10_model/model.ckpt-790000 (EMA weights; Ho, Jain, Abbeel 2020)\n"
-              f"converted by data/convert_official.py: {len(weights)} tensors, {n} parameters\n").encode()
+              f"{m['repo']} (diffusers), {m['source']}\n"
+              f"converted by data/convert_official.py --model {model}: {len(weights)} tensors, {n} parameters\n").encode()
     try:
         tmpdir = tempfile.mkdtemp(prefix="convert_official.")
     except OSError as e:
-        fail(f"cannot make a temporary folder ({e.strerror or e}); set TMPDIR to a writable folder with 150 MB free")
+        fail(f"cannot make a temporary folder ({e.strerror or e}); set TMPDIR to a writable folder with "
+             f"{n * 4 // 1000000 + 10} MB free")
     try:
         ref = keep or os.path.join(tmpdir, "official.ref")
-        write_atomic(ref, exchange_bytes(weights))
+        write_atomic(ref, exchange_bytes(weights, model))
         # out did not exist: whatever is there after a failure is this run's, removed with
         # what a killed import leaves
         TEMPS.extend([out + ".tmp", out])
-        r = subprocess.run([ddpm, "import", "--weights", ref, "--out", out, "--batch", "128"],
-                           capture_output=True, text=True)
+        r = subprocess.run([ddpm, "import", "--weights", ref, "--out", out, "--model", m["preset"],
+                            "--batch", str(m["batch"])], capture_output=True, text=True)
         if r.returncode:
             fail(f"./ddpm import: {r.stderr.strip()}")
         write_atomic(out + ".source", [source])
@@ -319,7 +414,7 @@ def run(argv):
         if not keep and os.path.exists(os.path.join(tmpdir, "official.ref")):
             os.unlink(os.path.join(tmpdir, "official.ref"))
         os.rmdir(tmpdir)
-    print(f"wrote {out} ({len(weights)} tensors, {n:,} parameters, from {src}) and {out}.source")
+    print(f"wrote {out} ({model}: {len(weights)} tensors, {n:,} parameters, from {src}) and {out}.source")
     return 0
 
 

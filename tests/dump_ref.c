@@ -1,7 +1,9 @@
 // dump_ref: writes the exchange file that tests/reference.py checks against PyTorch.
 //
-//   tests/dump_ref PRESET[+m2][@N] BATCH FILE [MEAN,VAR,LOSS]   (+m2: the first channel multiplier 2;
-//                                                              @N: the preset at image side N)
+//   tests/dump_ref PRESET[+m2][@N][/W] BATCH FILE [MEAN,VAR,LOSS]   (+m2: the first channel multiplier 2;
+//                                                              @N: the preset at image side N;
+//                                                              /W: at base width ch = W, groups W/4,
+//                                                              as paper256's 128 and 32)
 //   tests/dump_ref --checkpoint CKPT BATCH FILE
 //
 // It builds the U-Net of a preset with random weights (not the official init, whose
@@ -19,8 +21,10 @@
 // mean and log variance (vb_term_bpd_grad, for the KL and the decoder on their own).
 //
 // With --checkpoint the weights are a checkpoint's EMA weights instead (its network, the
-// paper's objective): tests/test_official.py checks that weights converted from another
-// layout give ddpm.c the eps_theta of the model they came from.
+// paper's objective), and the file holds the inputs, eps_theta and the loss only (no
+// backward pass, no weights: the 256x256 model's would be 900 MB): tests/test_official.py
+// checks that weights converted from another layout give ddpm.c the eps_theta of the
+// model they came from.
 #define DDPM_NO_MAIN
 #include "../ddpm.c"
 
@@ -34,16 +38,22 @@ int main(int argc, char** argv) {
     Config cfg;
     CheckpointHeader hd;
     if (ckpt) fclose(checkpoint_open(ckpt, &hd)), cfg = config_from_header(&hd);
-    else {   // PRESET, PRESET+m2 (its first channel multiplier 2 instead of 1), PRESET@N (at side N)
+    else {   // PRESET, PRESET+m2 (its first channel multiplier 2 instead of 1), PRESET@N (at side N),
+             // PRESET/W (at width W)
         char name[32];
         snprintf(name, sizeof name, "%s", argv[1]);
+        char* slash = strchr(name, '/');
+        int width = slash ? atoi(slash + 1) : 0;
+        if (slash) *slash = 0;
         char* at = strchr(name, '@');
-        int img = at ? atoi(at + 1) : 32;
+        int img = at ? atoi(at + 1) : 0;
         if (at) *at = 0;
         char* plus = strstr(name, "+m2");
         if (plus) *plus = 0;
         if (preset_find(name, img, &cfg) != 1 || config_check(&cfg, NULL)) die("unknown preset %s", argv[1]);
         if (plus) cfg.ch_mult[0] = 2;
+        if (width) cfg.ch = width, cfg.groups = width / 4;
+        if (config_check(&cfg, NULL)) die("%s: %s", argv[1], config_check(&cfg, NULL));
     }
     Objective ob = PAPER_OBJECTIVE;
     int with_objective = argc == 5;
@@ -104,10 +114,11 @@ int main(int argc, char** argv) {
         q_sample(x_t, x_0, eps, t_idx, B, per, &s);
     }
     m.train = 0;
+    m.no_grad = ckpt != NULL;   // a checkpoint's file holds the forward pass alone
     unet_zero_grad(&m);
     float* eps_theta = unet_forward(&m, x_t, t_idx, B);
     float loss = (float)training_loss(d_eps, eps_theta, x_0, x_t, eps, t_idx, B, per, &ob, &s, work);
-    unet_backward(&m, d_eps, B);
+    if (!ckpt) unet_backward(&m, d_eps, B);
 
     // ddpm.c's own exchange writer (section 21), as ./ddpm export uses it
     ExWriter w;
@@ -157,7 +168,7 @@ int main(int argc, char** argv) {
         ex_record(&w, "term.d_logvar", 4, shape, d_lv);
     }
     char name[80];
-    for (int i = 0; i < m.L->n_tensors; i++) {
+    for (int i = 0; !ckpt && i < m.L->n_tensors; i++) {
         ParamTensor* t = &m.L->tensors[i];
         snprintf(name, sizeof name, "param.%s", t->name);
         ex_record(&w, name, t->ndim, t->shape, m.params + t->offset);

@@ -62,6 +62,9 @@ PRESETS = {
                  attn_resolutions=[16], groups=8, img=32, dropout=0.0),
     "small": dict(in_ch=3, ch=64, ch_mult=[1, 2, 2], num_res_blocks=1,
                   attn_resolutions=[16], groups=32, img=32, dropout=0.0),
+    # the LSUN and CelebA-HQ model (the official unet2d16b2c112244, 113,673,219 parameters)
+    "paper256": dict(in_ch=3, ch=128, ch_mult=[1, 1, 2, 2, 4, 4], num_res_blocks=2,
+                     attn_resolutions=[16], groups=32, img=256, dropout=0.0),
 }
 PAPER_PARAM_COUNT = 35_746_307
 

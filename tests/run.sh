@@ -74,10 +74,11 @@ if $PYTHON -c 'import torch' 2>/dev/null; then
     tests/dump_ref tiny 2 tests/out/ref_tiny.bin >/dev/null &&
     tests/dump_ref paper 2 tests/out/ref_paper.bin >/dev/null &&
     tests/dump_ref tiny+m2 2 tests/out/ref_tiny_m2.bin >/dev/null &&   # a first channel multiplier of 2
-    tests/dump_ref tiny@64 2 tests/out/ref_tiny64.bin >/dev/null   # 64x64, four levels (a folder at --img 64)
+    tests/dump_ref tiny@64 2 tests/out/ref_tiny64.bin >/dev/null &&   # 64x64, four levels (a folder at --img 64)
+    tests/dump_ref paper256/16 2 tests/out/ref_paper256w16.bin >/dev/null   # paper256's six levels at 256x256, ch 16
     suite pytorch $PYTHON tests/reference.py tests/out/ref_tiny.bin tests/out/ref_paper.bin tests/out/ref_tiny_m2.bin \
-        tests/out/ref_tiny64.bin
-    rm -f tests/out/ref_paper.bin
+        tests/out/ref_tiny64.bin tests/out/ref_paper256w16.bin
+    rm -f tests/out/ref_paper.bin tests/out/ref_paper256w16.bin
     # Table 2's objectives (ddpm.c sections 3-5): the true bound with a learned Sigma, and
     # the squared error on mu_tilde, through the whole network
     tests/dump_ref tiny 2 tests/out/ref_tiny_kl.bin eps,learned,kl >/dev/null &&
@@ -187,6 +188,11 @@ requires folder "$PYTHON -c 'import numpy, PIL'" "$PYTHON cannot import numpy an
 # which leave the run's bits alone, and CIFAR-10's loader on the real subset where it exists.
 requires first-hour "$PYTHON -c 'import numpy, PIL'" "$PYTHON cannot import numpy and PIL (apt-get install python3-numpy python3-pil)" &&
     suite first-hour $PYTHON tests/test_first_hour.py
+
+# The paper's 256x256 network (the paper256 preset): its count, plan and refusals, and at a
+# reduced width: training on a folder, sample, reconstruct, interpolate.
+requires paper256 "$PYTHON -c 'import numpy, PIL'" "$PYTHON cannot import numpy and PIL (apt-get install python3-numpy python3-pil)" &&
+    suite paper256 $PYTHON tests/test_paper256.py
 
 echo
 echo "$total_pass passed, $total_fail failed"

@@ -1510,6 +1510,25 @@ static void test_config(void) {
     check("presets found and valid", all, "tiny, small, paper");
     check("preset_find rejects unknown names", !preset_find("huge", 32, &c) && !preset_find("", 32, &c) && !preset_find("Tiny", 32, &c),
           "huge, \"\", Tiny");
+    // paper256: the official unet2d16b2c112244 (LSUN, CelebA-HQ), counted from its plan
+    // alone (building it would take 4 GiB)
+    int found = preset_find("paper256", 0, &c);
+    size_t n256 = found == 1 ? unet_count_params(&c) : 0;
+    check("paper256: 256x256, six levels 1,1,2,2,4,4, attention at 16, no dropout, 113,673,219 parameters",
+          found == 1 && !config_check(&c, NULL) && c.img == 256 && c.n_levels == 6 && c.ch_mult[4] == 4 &&
+          c.n_attn == 1 && c.attn_res[0] == 16 && c.dropout == 0 && n256 == 113673219, "found %d, %zu parameters", found, n256);
+    check("paper and paper256 exist at their own side only; tiny grows", preset_find("paper256", 64, &c) == -1 &&
+          preset_find("paper", 256, &c) == -1 && preset_find("paper", 0, &c) == 1 && c.img == 32 &&
+          preset_find("tiny", 256, &c) == 1 && c.n_levels == 6 && c.img == 256, "sides");
+    const RunPlan* pl = run_plan("paper256");
+    check("paper256's plan: batch 64, lr 2e-5, warmup 5000, sigma beta_tilde (the official LSUN run)",
+          pl && pl->batch == 64 && pl->lr == 2e-5f && pl->warmup == 5000 && pl->var == VAR_FIXEDSMALL, "plan");
+    preset_find("paper256", 0, &c);
+    Config p32;
+    preset_find("paper", 0, &p32);
+    check("sampling batches by the network alone: 1 image of paper256, 64 of paper",
+          eval_batch(&c, 64, 64) == 1 && eval_batch(&p32, 64, 64) == 64 && eval_batch(&p32, 5, 64) == 5,
+          "%d, %d", eval_batch(&c, 64, 64), eval_batch(&p32, 64, 64));
     Config base = tiny_config(3, 0.1f);
     const char* err = config_check(&base, NULL);
     check("config_check accepts the test network", err == NULL, "%s", err ? err : "ok");

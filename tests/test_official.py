@@ -31,19 +31,26 @@ def check(name, ok, detail=""):
     print(("PASS " if ok else "FAIL ") + name + ("" if ok else ": " + detail), flush=True)
 
 
-def fixture_keys():
-    """diffusers UNet2DModel's state_dict keys and shapes for google/ddpm-cifar10-32."""
-    out = {"conv_in.weight": (128, 3, 3, 3), "conv_in.bias": (128,),
-           "time_embedding.linear_1.weight": (512, 128), "time_embedding.linear_1.bias": (512,),
-           "time_embedding.linear_2.weight": (512, 512), "time_embedding.linear_2.bias": (512,),
-           "conv_norm_out.weight": (128,), "conv_norm_out.bias": (128,),
-           "conv_out.weight": (3, 128, 3, 3), "conv_out.bias": (3,)}
-    chans = [128, 256, 256, 256]
+# The published layouts, from each model's config.json: block_out_channels, and the one
+# down block with attention (AttnDownBlock2D; its up block is AttnUpBlock2D at L - 1 - i).
+# layers_per_block is 2 and norm_num_groups 32 in both.
+CIFAR10_LAYOUT = dict(chans=[128, 256, 256, 256], attn=1)           # google/ddpm-cifar10-32
+LSUN_LAYOUT = dict(chans=[128, 128, 256, 256, 512, 512], attn=4)    # google/ddpm-{church,bedroom,cat,celebahq}-256
+
+
+def fixture_keys(chans=CIFAR10_LAYOUT["chans"], attn=CIFAR10_LAYOUT["attn"]):
+    """diffusers UNet2DModel's state_dict keys and shapes for that layout."""
+    ch, L = chans[0], len(chans)
+    out = {"conv_in.weight": (ch, 3, 3, 3), "conv_in.bias": (ch,),
+           "time_embedding.linear_1.weight": (4 * ch, ch), "time_embedding.linear_1.bias": (4 * ch,),
+           "time_embedding.linear_2.weight": (4 * ch, 4 * ch), "time_embedding.linear_2.bias": (4 * ch,),
+           "conv_norm_out.weight": (ch,), "conv_norm_out.bias": (ch,),
+           "conv_out.weight": (3, ch, 3, 3), "conv_out.bias": (3,)}
 
     def resnet(p, cin, cout):
         out.update({f"{p}.norm1.weight": (cin,), f"{p}.norm1.bias": (cin,),
                     f"{p}.conv1.weight": (cout, cin, 3, 3), f"{p}.conv1.bias": (cout,),
-                    f"{p}.time_emb_proj.weight": (cout, 512), f"{p}.time_emb_proj.bias": (cout,),
+                    f"{p}.time_emb_proj.weight": (cout, 4 * ch), f"{p}.time_emb_proj.bias": (cout,),
                     f"{p}.norm2.weight": (cout,), f"{p}.norm2.bias": (cout,),
                     f"{p}.conv2.weight": (cout, cout, 3, 3), f"{p}.conv2.bias": (cout,)})
         if cin != cout:
@@ -54,36 +61,37 @@ def fixture_keys():
         for k in ("query", "key", "value", "proj_attn"):
             out.update({f"{p}.{k}.weight": (c, c), f"{p}.{k}.bias": (c,)})
 
-    prev = 128
-    for i, c in enumerate(chans):                       # DownBlock2D, AttnDownBlock2D, DownBlock2D, DownBlock2D
+    prev = ch
+    for i, c in enumerate(chans):                       # DownBlock2D, ..., AttnDownBlock2D at attn, ...
         for j in range(2):
             resnet(f"down_blocks.{i}.resnets.{j}", prev if j == 0 else c, c)
-            if i == 1:
+            if i == attn:
                 attention(f"down_blocks.{i}.attentions.{j}", c)
         prev = c
-        if i < 3:
+        if i < L - 1:
             out.update({f"down_blocks.{i}.downsamplers.0.conv.weight": (c, c, 3, 3),
                         f"down_blocks.{i}.downsamplers.0.conv.bias": (c,)})
-    resnet("mid_block.resnets.0", 256, 256)
-    attention("mid_block.attentions.0", 256)
-    resnet("mid_block.resnets.1", 256, 256)
-    rev = chans[::-1]                                   # UpBlock2D, UpBlock2D, AttnUpBlock2D, UpBlock2D
-    prev = 256
+    top = chans[-1]
+    resnet("mid_block.resnets.0", top, top)
+    attention("mid_block.attentions.0", top)
+    resnet("mid_block.resnets.1", top, top)
+    rev = chans[::-1]                                   # UpBlock2D, ..., AttnUpBlock2D at L - 1 - attn, ...
+    prev = top
     for i, c in enumerate(rev):
-        skip_in = rev[min(i + 1, 3)]
+        skip_in = rev[min(i + 1, L - 1)]
         for j in range(3):
             skip = c if j < 2 else skip_in
             resnet(f"up_blocks.{i}.resnets.{j}", (prev if j == 0 else c) + skip, c)
-            if i == 2:
+            if i == L - 1 - attn:
                 attention(f"up_blocks.{i}.attentions.{j}", c)
         prev = c
-        if i < 3:
+        if i < L - 1:
             out.update({f"up_blocks.{i}.upsamplers.0.conv.weight": (c, c, 3, 3),
                         f"up_blocks.{i}.upsamplers.0.conv.bias": (c,)})
     return out
 
 
-def to_diffusers(name):
+def to_diffusers(name, L=4):
     """tests/reference.py's state_dict name -> diffusers', by rules written for this test."""
     rules = [(r"^temb\.dense0\.", "time_embedding.linear_1."), (r"^temb\.dense1\.", "time_embedding.linear_2."),
              (r"^norm_out\.", "conv_norm_out."),
@@ -91,9 +99,9 @@ def to_diffusers(name):
              (r"^mid\.attn_1\.", "mid_block.attentions.0."),
              (r"^down\.(\d)\.block\.", r"down_blocks.\1.resnets."), (r"^down\.(\d)\.attn\.", r"down_blocks.\1.attentions."),
              (r"^down\.(\d)\.downsample\.", r"down_blocks.\1.downsamplers.0."),
-             (r"^up\.(\d)\.block\.", lambda m: f"up_blocks.{3 - int(m.group(1))}.resnets."),
-             (r"^up\.(\d)\.attn\.", lambda m: f"up_blocks.{3 - int(m.group(1))}.attentions."),
-             (r"^up\.(\d)\.upsample\.", lambda m: f"up_blocks.{3 - int(m.group(1))}.upsamplers.0."),
+             (r"^up\.(\d)\.block\.", lambda m: f"up_blocks.{L - 1 - int(m.group(1))}.resnets."),
+             (r"^up\.(\d)\.attn\.", lambda m: f"up_blocks.{L - 1 - int(m.group(1))}.attentions."),
+             (r"^up\.(\d)\.upsample\.", lambda m: f"up_blocks.{L - 1 - int(m.group(1))}.upsamplers.0."),
              (r"\.temb_proj\.", ".time_emb_proj."), (r"\.nin_shortcut\.", ".conv_shortcut."),
              (r"(attentions\.\d)\.norm\.", r"\1.group_norm."), (r"(attentions\.\d)\.q\.", r"\1.query."),
              (r"(attentions\.\d)\.k\.", r"\1.key."), (r"(attentions\.\d)\.v\.", r"\1.value."),
@@ -101,6 +109,15 @@ def to_diffusers(name):
     for pat, rep in rules:
         name = re.sub(pat, rep, name)
     return name
+
+
+def diffusers_state(model, L):
+    """The model's weights under diffusers' names and shapes, as float32 arrays."""
+    diff = {}
+    for k, v in model.state_dict().items():
+        d, v = to_diffusers(k, L), v.detach().float().numpy()
+        diff[d] = v.reshape(v.shape[:2]) if ".attentions." in d and v.ndim == 4 else v
+    return diff
 
 
 def save_safetensors(path, tensors, dtype="F32", cut=0, header_len_extra=0):
@@ -117,9 +134,9 @@ def save_safetensors(path, tensors, dtype="F32", cut=0, header_len_extra=0):
         f.write(data[:len(data) - cut] if cut else data)
 
 
-def convert(src, out):
-    r = subprocess.run([sys.executable, CONVERTER, src, out, "--ddpm", os.path.join(ROOT, "ddpm")],
-                       capture_output=True, text=True)
+def convert(src, out, model=None):
+    r = subprocess.run([sys.executable, CONVERTER, src, out, "--ddpm", os.path.join(ROOT, "ddpm")] +
+                       (["--model", model] if model else []), capture_output=True, text=True)
     return r.returncode, r.stderr.strip()
 
 
@@ -263,16 +280,69 @@ def fuzz_header(tmp, rounds=400):
           not crashes, f"{len(crashes)} tracebacks, first: {crashes[:1]}")
 
 
+def lsun_layout(tmp, cifar):
+    """The 256x256 models (google/ddpm-{church,bedroom,cat,celebahq}-256): a file in their
+    published layout converts into ddpm.c's paper256, whose eps_theta is the PyTorch
+    model's at batch 1; another model's file and a truncated file are refused in one line
+    (a misnamed tensor is main()'s case, on the smaller CIFAR-10 file)."""
+    torch.manual_seed(1)
+    model = build_model(PRESETS["paper256"]).eval()
+    randomize(model, torch.Generator().manual_seed(11))
+    diff = diffusers_state(model, 6)
+    fix = fixture_keys(**LSUN_LAYOUT)
+    n_fix = sum(int(np.prod(s)) for s in fix.values())
+    check(f"the 256x256 fixture lists {len(fix)} tensors, 113,673,219 values (the paper's 114M)",
+          n_fix == 113_673_219, f"{len(fix)} tensors, {n_fix} values")
+    bad = sorted(set(fix) ^ set(diff)) + [k for k in fix if k in diff and tuple(diff[k].shape) != fix[k]]
+    check("the renamed PyTorch paper256 has exactly the 256x256 fixture's keys and shapes", not bad, str(bad[:5]))
+    src, ckpt = os.path.join(tmp, "church.safetensors"), os.path.join(tmp, "church_ema.ckpt")
+    save_safetensors(src, diff)
+    rc, err = convert(src, ckpt, "church-256")
+    source = open(ckpt + ".source").read() if os.path.exists(ckpt + ".source") else ""
+    check("convert_official.py --model church-256 converts the file, and .source names google/ddpm-church-256",
+          rc == 0 and os.path.exists(ckpt) and "google/ddpm-church-256" in source, f"exit {rc}: {err}")
+    if rc == 0:
+        ref = os.path.join(tmp, "eps256.ref")
+        r = subprocess.run([os.path.join(ROOT, "tests", "dump_ref"), "--checkpoint", ckpt, "1", ref],
+                           capture_output=True, text=True)
+        if r.returncode:
+            check("tests/dump_ref --checkpoint runs on the 256x256 checkpoint", False, r.stderr.strip())
+        else:
+            rec = read_exchange(ref)
+            os.unlink(ref)
+            # PyTorch in float32 here: in float64 this forward alone takes a minute on 2 cores
+            with torch.no_grad():
+                want = model(torch.from_numpy(rec["input.x_t"]), torch.from_numpy(rec["input.t"])).double().numpy()
+            e = rel_err(rec["output.eps_theta"], want)
+            check(f"ddpm.c's eps_theta at 256x256, batch 1, from the converted church-256 = PyTorch's in float32 "
+                  f"(rel. error {e:.1e} < {FORWARD_TOL:.0e})", e < FORWARD_TOL, f"{e:.3e}")
+        os.unlink(ckpt)
+    # another model's file, named as such
+    cases = [("the church-256 file converted as cifar10-32", src, None, "pass --model church-256"),
+             ("the cifar10-32 file converted as church-256", os.path.join(tmp, "model.safetensors"), "church-256",
+              "pass --model cifar10-32")]
+    save_safetensors(cases[1][1], cifar)
+    for what, f, model_name, word in cases:
+        out = os.path.join(tmp, "never.ckpt")
+        rc, err = convert(f, out, model_name)
+        check(f"refused in one line: {what}", rc == 1 and len(err.splitlines()) == 1 and word in err
+              and not os.path.exists(out), f"exit {rc}: {err}")
+    with open(src, "r+b") as f:   # cut in place: a second 455 MB file would only cost time
+        f.truncate(os.path.getsize(src) - 4096)
+    out = os.path.join(tmp, "never.ckpt")
+    rc, err = convert(src, out, "church-256")
+    check("refused in one line naming it: a truncated 256x256 file", rc == 1 and len(err.splitlines()) == 1
+          and "truncated" in err and not os.path.exists(out), f"exit {rc}: {err}")
+    os.unlink(src)
+
+
 def main():
+    torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
     cfg = dict(PRESETS["paper"], dropout=0.0)
     model = build_model(cfg).eval()
     randomize(model, torch.Generator().manual_seed(7))
-    sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-    diff = {}
-    for k, v in sd.items():
-        d = to_diffusers(k)
-        diff[d] = v.reshape(v.shape[:2]) if ".attentions." in d and v.ndim == 4 else v
+    diff = diffusers_state(model, 4)
     fix = fixture_keys()
     check("the fixture lists the paper model's 328 tensors, 35,746,307 values",
           len(fix) == 328 and sum(int(np.prod(s)) for s in fix.values()) == 35_746_307,
@@ -283,7 +353,8 @@ def main():
     tmp = tempfile.mkdtemp(prefix="official.")
     src, ckpt = os.path.join(tmp, "model.safetensors"), os.path.join(tmp, "cifar10_ema.ckpt")
     save_safetensors(src, diff)
-    rc, err = convert(src, ckpt)
+    rc0, err = convert(src, ckpt)
+    rc = rc0
     check("convert_official.py converts the file", rc == 0 and os.path.exists(ckpt) and os.path.exists(ckpt + ".source"),
           f"exit {rc}: {err}")
     if rc == 0:
@@ -313,6 +384,8 @@ def main():
     cases = {
         "a missing tensor": (lambda: save_safetensors(src, {k: v for k, v in diff.items() if k != first}), first),
         "a wrong shape": (lambda: save_safetensors(src, dict(diff, **{first: diff[first][:, :8]})), first),
+        "a misnamed tensor": (lambda: save_safetensors(src, {(k.replace("query", "querry") if k == first else k): v
+                                                             for k, v in diff.items()}), first),
         "a wrong dtype": (lambda: save_safetensors(src, diff, dtype="F16"), "F16"),
         "an unexpected tensor": (lambda: save_safetensors(src, dict(diff, extra=np.zeros(3, np.float32))), "extra"),
         "a truncated body": (lambda: save_safetensors(src, diff, cut=1000), "truncated"),
@@ -324,6 +397,20 @@ def main():
         rc, err = convert(src, out)
         check(f"refused, in one line naming it: {what}",
               rc == 1 and len(err.splitlines()) == 1 and word in err and not os.path.exists(out), f"exit {rc}: {err}")
+    # diffusers' older .bin (a pickled state_dict, read with weights_only) gives the same bytes
+    if rc0 == 0:
+        binf, ckpt3 = os.path.join(tmp, "diffusion_pytorch_model.bin"), os.path.join(tmp, "bin.ckpt")
+        torch.save({k: torch.from_numpy(v) for k, v in diff.items()}, binf)
+        rc3, err3 = convert(binf, ckpt3)
+        check("a .bin state_dict gives the same checkpoint bytes as the .safetensors",
+              rc3 == 0 and open(ckpt, "rb").read() == open(ckpt3, "rb").read(), f"exit {rc3}: {err3}")
+        with open(binf, "r+b") as f:
+            f.truncate(os.path.getsize(binf) // 2)
+        rc3, err3 = convert(binf, os.path.join(tmp, "never.ckpt"))
+        check("a truncated .bin is refused in one line", rc3 == 1 and len(err3.splitlines()) == 1 and "Traceback"
+              not in err3, f"exit {rc3}: {err3}")
+        os.unlink(binf)
+    lsun_layout(tmp, diff)
     hostile(tmp, diff)
     fuzz_header(tmp)
     subprocess.run(["rm", "-rf", tmp])
