@@ -7,7 +7,7 @@
 #                        runs, ARM64 under qemu), gradients vs PyTorch autograd (fast and
 #                        reference builds), the README's gdb walkthrough, end-to-end tests
 #   make bench           ddpm.c vs PyTorch, side by side (tests/bench_ddpm.c, a benchmark that
-#                        includes ddpm.c, run by tests/bench_table.py; about 20 min;
+#                        includes ddpm.c, run by tests/bench_table.py; about 26 min;
 #                        BENCH_ARGS="--quick --rounds 1" for one minute on tiny only)
 #   make fuzz            libFuzzer harnesses for the checkpoint, IDX, CIFAR-10 and exchange readers (clang),
 #                        each run for FUZZ_SECONDS (16); make test runs them when clang is there

@@ -173,7 +173,7 @@ int main(int argc, char** argv) {
         else { fprintf(stderr, "bench_ddpm: unknown flag '%s'\n", a); return 2; }
     }
     Config cfg;
-    if (!preset_find(model, 32, &cfg)) { fprintf(stderr, "bench_ddpm: --model %s: unknown preset\n", model); return 2; }
+    if (preset_find(model, 0, &cfg) != 1) { fprintf(stderr, "bench_ddpm: --model %s: unknown preset\n", model); return 2; }
     Trainer tr;
     trainer_init(&tr, &cfg, &PAPER_OBJECTIVE, B, 1, SCHEDULE_LINEAR, &PAPER_HYPER, 1);
     size_t n = (size_t)cfg.in_ch * cfg.img * cfg.img;

@@ -56,9 +56,9 @@ PYTHON = "/usr/bin/python3"                        # Debian's python3-torch
 
 # (model, batch, busy): a busy row runs beside one CPU-bound process (see Busy below)
 CONFIGS = [("tiny", 32, False), ("tiny", 32, True), ("tiny", 128, False), ("small", 32, False),
-           ("small", 128, False), ("paper", 8, False)]
+           ("small", 128, False), ("paper", 8, False), ("paper256", 1, False)]
 QUICK_CONFIGS = [("tiny", 32, False), ("tiny", 32, True)]
-DEFAULT_STEPS = {"tiny": 10, "small": 10, "paper": 5}
+DEFAULT_STEPS = {"tiny": 10, "small": 10, "paper": 5, "paper256": 2}
 WARMUP = 2                                         # both sides' default
 REQUIRED = ("train_ms", "sample_ms", "fwd_gflop", "max_rss_mb", "threads")
 
@@ -174,7 +174,7 @@ def print_shares(title, results, peak, rates):
             parts = [label + ("FAIL" if d is None else f"{100 * rate(d) / peak:.1f}%").rjust(6)
                      for label, rate in rates]
             cells.append(f"{impl} " + " ".join(parts))
-        print(f"  {title}, {r['model']:>5} batch {r['label']:<4}: " + "   ".join(cells))
+        print(f"  {title}, {r['model']:>8} batch {r['label']:<4}: " + "   ".join(cells))
 
 
 def combine(runs):
@@ -315,7 +315,7 @@ def main():
     for r in results:
         cells = [f"{what} " + (" ".join(f"{v:.2f}" for v in round_ratios(r, key)) or "-")
                  for what, key in (("train", "train_ms"), ("sample", "sample_ms"))]
-        print(f"  {r['model']:>5} batch {r['label']:<4} round by round: " + ",  ".join(cells))
+        print(f"  {r['model']:>8} batch {r['label']:<4} round by round: " + ",  ".join(cells))
     print()
 
     # ---- the fp32 ceiling ------------------------------------------------
@@ -354,7 +354,7 @@ def main():
                 f = median([d["conv3x3"][i]["fwd_gflops"] for d in runs])
                 g = median([d["conv3x3"][i]["bwd_gflops"] for d in runs])
                 cells.append(f"{k['C']}@{k['H']}x{k['H']} {100 * f / fma:.0f}%/{100 * g / fma:.0f}%")
-            print(f"    {r['model']:>5} batch {r['label']:<4}: " + ", ".join(cells))
+            print(f"    {r['model']:>8} batch {r['label']:<4}: " + ", ".join(cells))
         print()
 
     # ---- footer ------------------------------------------------------------

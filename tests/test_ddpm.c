@@ -2805,6 +2805,7 @@ int main(int argc, char** argv) {
     test_conv_vs_ref(3, 1, 2, 3, 3, 7, 13);      // 4-row tiles for <= 4 channels (conv_out; d input)
     test_conv_vs_ref(3, 2, 2, 13, 10, 8, 12);    // stride 2: phase grids, col2im input gradient
     test_conv_vs_ref(3, 2, 3, 5, 7, 6, 10);
+    test_conv_vs_ref(3, 1, 2, 3, 500, 71, 30);   // dweight in bands of rows (dy over CONV_DW_SWEEP), the last one short
     test_conv_input_vs_ref(2, 8, 11, 7, 9, 2);
     test_conv_input_vs_ref(3, 12, 3, 8, 8, 4);   // conv_out's 3 channels, the wide tile on 8 x 8
     test_upsample_conv_vs_ref(2, 5, 11, 3, 5);
