@@ -15,7 +15,9 @@
 #   make cifar10         download + check + unpack CIFAR-10 (binary version) into data/
 #   make fashion-mnist   unpack Debian's dataset-fashion-mnist into data/ (offline)
 #   make official-weights  the paper's CIFAR-10 model (diffusers' google/ddpm-cifar10-32)
-#                        as data/official/cifar10_ema.ckpt (needs the network once)
+#                        as data/official/cifar10_ema.ckpt (needs the network once);
+#                        MODEL=church-256 (bedroom-256, cat-256, celebahq-256): the 256x256
+#                        LSUN / CelebA-HQ models as data/official/church-256_ema.ckpt
 #   make clean
 #
 # Options: NO_OMP=1 (no OpenMP), NO_NATIVE=1 (no -march=native), CC=clang.
@@ -239,7 +241,7 @@ emoji:
 	@sh data/get_emoji.sh
 
 official-weights: ddpm
-	@PYTHON=$(PYTHON) sh data/get_official_weights.sh
+	@PYTHON=$(PYTHON) sh data/get_official_weights.sh $(MODEL)
 
 clean:
 	rm -rf ddpm ddpm_plain ddpm_debug ddpm_mpi tests/bench_ddpm tests/bench_ddpm_avx2 tests/test_ddpm tests/test_ddpm_v2 tests/test_ddpm_v3 tests/test_ddpm_v4 \

@@ -1265,7 +1265,9 @@ static void bound_rate(double* rate, const double* term, double prior, int T) {
 // using the Transformer sinusoidal position embedding. We use self-attention at the
 // 16 x 16 feature map resolution." (§4). The layout below is the official CIFAR-10
 // model (diffusion_tf/models/unet.py; 35.7M parameters with the `paper` preset); the
-// compact presets shrink it for a CPU. This part reads from the whole down to the
+// compact presets shrink it for a CPU. The paper's 256x256 models (LSUN, CelebA-HQ) are
+// the same code with six levels instead of four (the `paper256` preset, 114M): nothing
+// below depends on the image side. This part reads from the whole down to the
 // parts: the types (12), the whole network forward and backward (13), its blocks (14),
 // how its buffers are laid out (15), and every layer as a plain reference (16).
 

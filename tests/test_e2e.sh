@@ -369,7 +369,7 @@ done
 check "--help has a line for every option" $? "see above"
 grep -q -- "--sample-every N  *a preview grid + checkpoint every N steps (default 2000)" "$T/help.out" &&
     grep -q -- "--ema-decay X  *the EMA's decay (section 9) (default 0.9999)" "$T/help.out" &&
-    grep -q -- "(default: tiny 32, small 32, paper 128)" "$T/help.out"
+    tr -s " \n" " " < "$T/help.out" | grep -q -- "(default: tiny 32, small 32, paper 128, paper256 64)"
 check "--help shows the defaults the code uses (the table's, PAPER_HYPER's, the presets' runs)" $? "$(grep -- '--sample-every\|--ema-decay\|--batch' "$T/help.out" | tr '\n' '|')"
 ddp nodata --data cifar10 --data-dir /nonexistent --run "$T/badrun" --steps 1
 [ $rc -eq 1 ] && one_line "$T/nodata.err" && grep -qF 'make cifar10' "$T/nodata.err" &&

@@ -280,6 +280,25 @@ def fuzz_header(tmp, rounds=400):
           not crashes, f"{len(crashes)} tracebacks, first: {crashes[:1]}")
 
 
+def eps_matches(model, ckpt, batch, ref, what, double=True):
+    """ddpm.c's eps_theta from ckpt (tests/dump_ref --checkpoint) against the model's on
+    the same x_t and t, in float64 (or float32)."""
+    r = subprocess.run([os.path.join(ROOT, "tests", "dump_ref"), "--checkpoint", ckpt, str(batch), ref],
+                       capture_output=True, text=True)
+    if r.returncode:
+        check(f"tests/dump_ref --checkpoint runs ({what})", False, r.stderr.strip())
+        return
+    rec = read_exchange(ref)
+    os.unlink(ref)
+    x, t = torch.from_numpy(rec["input.x_t"]), torch.from_numpy(rec["input.t"])
+    with torch.no_grad():
+        want = (model.double()(x.double(), t.double()) if double else model(x, t).double()).numpy()
+    model.float()
+    e = rel_err(rec["output.eps_theta"], want)
+    check(f"ddpm.c's eps_theta {what} = the PyTorch model's{'' if double else ' in float32'} "
+          f"(rel. error {e:.1e} < {FORWARD_TOL:.0e})", e < FORWARD_TOL, f"{e:.3e}")
+
+
 def lsun_layout(tmp, cifar):
     """The 256x256 models (google/ddpm-{church,bedroom,cat,celebahq}-256): a file in their
     published layout converts into ddpm.c's paper256, whose eps_theta is the PyTorch
@@ -302,20 +321,9 @@ def lsun_layout(tmp, cifar):
     check("convert_official.py --model church-256 converts the file, and .source names google/ddpm-church-256",
           rc == 0 and os.path.exists(ckpt) and "google/ddpm-church-256" in source, f"exit {rc}: {err}")
     if rc == 0:
-        ref = os.path.join(tmp, "eps256.ref")
-        r = subprocess.run([os.path.join(ROOT, "tests", "dump_ref"), "--checkpoint", ckpt, "1", ref],
-                           capture_output=True, text=True)
-        if r.returncode:
-            check("tests/dump_ref --checkpoint runs on the 256x256 checkpoint", False, r.stderr.strip())
-        else:
-            rec = read_exchange(ref)
-            os.unlink(ref)
-            # PyTorch in float32 here: in float64 this forward alone takes a minute on 2 cores
-            with torch.no_grad():
-                want = model(torch.from_numpy(rec["input.x_t"]), torch.from_numpy(rec["input.t"])).double().numpy()
-            e = rel_err(rec["output.eps_theta"], want)
-            check(f"ddpm.c's eps_theta at 256x256, batch 1, from the converted church-256 = PyTorch's in float32 "
-                  f"(rel. error {e:.1e} < {FORWARD_TOL:.0e})", e < FORWARD_TOL, f"{e:.3e}")
+        # PyTorch in float32 here: in float64 this forward alone takes a minute on 2 cores
+        eps_matches(model, ckpt, 1, os.path.join(tmp, "eps256.ref"), "at 256x256, batch 1, from the converted church-256",
+                    double=False)
         os.unlink(ckpt)
     # another model's file, named as such
     cases = [("the church-256 file converted as cifar10-32", src, None, "pass --model church-256"),
@@ -358,19 +366,7 @@ def main():
     check("convert_official.py converts the file", rc == 0 and os.path.exists(ckpt) and os.path.exists(ckpt + ".source"),
           f"exit {rc}: {err}")
     if rc == 0:
-        ref = os.path.join(tmp, "eps.ref")
-        r = subprocess.run([os.path.join(ROOT, "tests", "dump_ref"), "--checkpoint", ckpt, "2", ref],
-                           capture_output=True, text=True)
-        if r.returncode:
-            check("tests/dump_ref --checkpoint runs", False, r.stderr.strip())
-        else:
-            rec = read_exchange(ref)
-            with torch.no_grad():
-                m64 = model.double()
-                want = m64(torch.from_numpy(rec["input.x_t"]).double(), torch.from_numpy(rec["input.t"]).double()).numpy()
-            e = rel_err(rec["output.eps_theta"], want)
-            check(f"ddpm.c's eps_theta from the converted checkpoint = the PyTorch model's (rel. error {e:.1e} < {FORWARD_TOL:.0e})",
-                  e < FORWARD_TOL, f"{e:.3e}")
+        eps_matches(model, ckpt, 2, os.path.join(tmp, "eps.ref"), "from the converted checkpoint")
         # diffusers' newer attention names (to_q, to_k, to_v, to_out.0) give the same checkpoint
         new = {re.sub(r"\.query\.", ".to_q.", re.sub(r"\.key\.", ".to_k.", re.sub(r"\.value\.", ".to_v.",
                re.sub(r"\.proj_attn\.", ".to_out.0.", k)))): v for k, v in diff.items()}
