@@ -10,7 +10,7 @@
 #                        includes ddpm.c, run by tests/bench_table.py; about 26 min;
 #                        BENCH_ARGS="--quick --rounds 1" for one minute on tiny only)
 #   make fuzz            libFuzzer harnesses for the checkpoint, IDX, CIFAR-10 and exchange readers (clang),
-#                        each run for FUZZ_SECONDS (16); make test runs them when clang is there
+#                        each run for FUZZ_SECONDS (12); make test runs them when clang is there
 #   make sanitize        the unit, end-to-end and MPI suites under AddressSanitizer + UBSan
 #   make cifar10         download + check + unpack CIFAR-10 (binary version) into data/
 #   make fashion-mnist   unpack Debian's dataset-fashion-mnist into data/ (offline)
@@ -161,7 +161,7 @@ test: ddpm ddpm_debug tests/test_ddpm tests/dump_ref tests/bench_ddpm tests/test
 # scratch folder, so the seeds in git stay as they are. Single-threaded (no -fopenmp),
 # so clang needs only libclang-rt-14-dev, not libomp.
 FUZZ_CC ?= clang
-FUZZ_SECONDS ?= 16
+FUZZ_SECONDS ?= 12
 FUZZ_TARGETS = checkpoint idx cifar exchange pixels
 FUZZ_FLAGS = -std=c11 -O1 -g -I$(STB_DIR) -Wno-unused-function -Wno-unknown-pragmas \
              -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all
