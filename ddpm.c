@@ -3870,7 +3870,7 @@ static double memory_available_gib(void) {
 }
 
 // Sampling and evaluation go through the images in batches of at most `most`, and of
-// at most 4 GiB of network: 64 images of a 32x32 network, 2 of paper256. The batch is a
+// at most 4 GiB of network: 64 images of a 32x32 network, 1 of paper256. The batch is a
 // function of the network alone, never of the machine, so the same seed gives the same
 // samples everywhere.
 #define EVAL_BATCH_GIB 4.0

@@ -73,7 +73,7 @@ check("the default run's first line states its plan: tiny, 50000 steps of batch 
 rc, err = run(*NET, *B4, *FILM, "--steps", "12", "--run", T + "/a")
 first = err.splitlines()[0] if err else ""
 check("--steps in the plan line, with the preview schedule",
-      rc == 0 and "for 12 steps of batch 4 (--steps)" in first and "at steps 2, 4, then every 8 steps" in first,
+      rc == 0 and "for 12 steps of batch 4 at lr 0.0002 (--steps)" in first and "at steps 2, 4, then every 8 steps" in first,
       f"exit {rc}: {first}")
 check("a time estimate follows the first steps", rc == 0 and any(l.startswith("time: ") for l in err.splitlines()),
       tail(err))
