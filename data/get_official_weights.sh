@@ -26,19 +26,19 @@ esac
 BASE=https://huggingface.co/google/ddpm-$MODEL/resolve/main
 [ -f "$OUT" ] && { echo "$OUT exists"; exit 0; }
 offline() { rmdir "$DIR" official 2>/dev/null; echo "make official-weights: $1; run it again when online (nothing was changed)"; exit 0; }
-fetch() {   # fetch URL FILE: 0 downloaded, 22 not there (HTTP 404), else no connection
+fetch() {   # fetch URL FILE [quiet]: 0 downloaded, 22 not there (an HTTP error), else no connection
     if command -v curl >/dev/null 2>&1; then
-        curl -fL --connect-timeout 15 -o "$2" "$1" 2>/dev/null; r=$?
-        [ $r -eq 22 ] && return 22; return $r
+        if [ -n "$3" ]; then curl -fsL --connect-timeout 15 -o "$2" "$1"; else curl -fL --progress-bar --connect-timeout 15 -o "$2" "$1"; fi
+        r=$?; [ $r -eq 22 ] && return 22; return $r
     elif command -v wget >/dev/null 2>&1; then
-        wget -q -T 15 -O "$2" "$1"; r=$?
-        [ $r -eq 8 ] && return 22; return $r
+        if [ -n "$3" ]; then wget -q -T 15 -O "$2" "$1"; else wget -q --show-progress -T 15 -O "$2" "$1"; fi
+        r=$?; [ $r -eq 8 ] && return 22; return $r
     fi
     return 127
 }
 command -v curl >/dev/null 2>&1 || command -v wget >/dev/null 2>&1 || offline "neither curl nor wget is installed"
 mkdir -p "$DIR" || exit 1
-fetch "$BASE/config.json" "$DIR/config.json.part"; r=$?
+fetch "$BASE/config.json" "$DIR/config.json.part" quiet; r=$?
 if [ $r -eq 22 ]; then
     rm -f "$DIR/config.json.part"; rmdir "$DIR" official 2>/dev/null
     echo "make official-weights: huggingface.co has no google/ddpm-$MODEL (HTTP error); check the name" >&2; exit 1
@@ -60,12 +60,13 @@ if [ ! -f "$WEIGHTS" ] && [ ! -f "$DIR/diffusion_pytorch_model.bin" ]; then
 elif [ ! -f "$WEIGHTS" ]; then
     WEIGHTS=$DIR/diffusion_pytorch_model.bin
 fi
-if [ -f official-weights.sha256 ] && grep -q "${WEIGHTS#official/}\$" official-weights.sha256; then
-    (cd official && grep "${WEIGHTS#official/}\$" ../official-weights.sha256 | sha256sum -c --quiet) ||
-        { echo "make official-weights: sha256 mismatch against data/official-weights.sha256; delete $WEIGHTS and download again" >&2; exit 1; }
+NAME=${WEIGHTS#official/}
+if [ -f official-weights.sha256 ] && grep -q "  $NAME\$" official-weights.sha256; then
+    (cd official && grep "  $NAME\$" ../official-weights.sha256 | sha256sum -c --quiet) ||
+        { echo "make official-weights: sha256 mismatch against data/official-weights.sha256; delete data/$WEIGHTS and download again" >&2; exit 1; }
 else
     echo "sha256 of the download (not pinned yet; see the top of data/get_official_weights.sh):"
-    (cd official && sha256sum "${WEIGHTS#official/}")
+    (cd official && sha256sum "$NAME")
 fi
 [ -x ../ddpm ] || { echo "make official-weights: build ./ddpm first (make)" >&2; exit 1; }
 ${PYTHON:-python3} convert_official.py "$WEIGHTS" "$OUT" --model "$MODEL" --ddpm ../ddpm || exit 1

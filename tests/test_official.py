@@ -280,6 +280,56 @@ def fuzz_header(tmp, rounds=400):
           not crashes, f"{len(crashes)} tracebacks, first: {crashes[:1]}")
 
 
+FAKE_CURL = """#!/bin/sh
+# curl for the test: serves the files of $FAKE_SRC by name; exit 22 (HTTP error) for others
+out=/dev/null; prev=; for a in "$@"; do [ "$prev" = -o ] && out=$a; prev=$a; url=$a; done
+case $url in *config.json) echo '{}' > "$out"; exit 0;; esac
+[ -f "$FAKE_SRC/${url##*/}" ] || exit 22
+cp "$FAKE_SRC/${url##*/}" "$out"
+"""
+
+
+def download_script(tmp, binf, want):
+    """data/get_official_weights.sh offline, against a curl that serves only a .bin: it
+    falls back to the .bin, converts it into the checkpoint main() converted, checks a
+    pinned sha256, and refuses an unknown MODEL."""
+    repo = os.path.join(tmp, "repo")
+    os.makedirs(os.path.join(repo, "data"))
+    os.makedirs(os.path.join(repo, "bin"))
+    for f in ("get_official_weights.sh", "convert_official.py"):
+        subprocess.run(["cp", os.path.join(ROOT, "data", f), os.path.join(repo, "data", f)], check=True)
+    os.symlink(os.path.join(ROOT, "ddpm"), os.path.join(repo, "ddpm"))
+    with open(os.path.join(repo, "bin", "curl"), "w") as f:
+        f.write(FAKE_CURL)
+    os.chmod(os.path.join(repo, "bin", "curl"), 0o755)
+    env = dict(os.environ, PATH=os.path.join(repo, "bin") + ":" + os.environ["PATH"], FAKE_SRC=os.path.dirname(binf),
+               PYTHON=sys.executable)
+    script = os.path.join(repo, "data", "get_official_weights.sh")
+
+    def run(*args):
+        r = subprocess.run(["sh", script] + list(args), capture_output=True, text=True, env=env, timeout=300)
+        return r.returncode, r.stdout + r.stderr
+    out = os.path.join(repo, "data", "official", "cifar10_ema.ckpt")
+    rc, log = run()
+    check("get_official_weights.sh without .safetensors fetches the .bin and converts it into the same checkpoint",
+          rc == 0 and "no .safetensors there" in log and os.path.exists(out)
+          and open(out, "rb").read() == open(want, "rb").read(), f"exit {rc}: {log[-400:]}")
+    sha = re.search(r"^([0-9a-f]{64})  diffusion_pytorch_model\.bin$", log, re.M)
+    if sha:
+        with open(os.path.join(repo, "data", "official-weights.sha256"), "w") as f:
+            f.write(("0" * 64) + "  church-256/diffusion_pytorch_model.safetensors\n" +
+                    ("1" if sha.group(1)[0] == "0" else "0") + sha.group(1)[1:] + "  diffusion_pytorch_model.bin\n")
+        for f in (out, out + ".source"):
+            os.unlink(f)
+        rc, log = run()
+        check("get_official_weights.sh with a pinned sha256 that does not match: exit 1, nothing converted",
+              rc == 1 and "sha256 mismatch" in log and not os.path.exists(out), f"exit {rc}: {log[-400:]}")
+    rc, log = run("nosuch-256")
+    check("get_official_weights.sh MODEL=nosuch-256: exit 2, naming the models",
+          rc == 2 and "church-256" in log, f"exit {rc}: {log[-300:]}")
+    subprocess.run(["rm", "-rf", repo])
+
+
 def eps_matches(model, ckpt, batch, ref, what, double=True):
     """ddpm.c's eps_theta from ckpt (tests/dump_ref --checkpoint) against the model's on
     the same x_t and t, in float64 (or float32)."""
@@ -400,6 +450,7 @@ def main():
         rc3, err3 = convert(binf, ckpt3)
         check("a .bin state_dict gives the same checkpoint bytes as the .safetensors",
               rc3 == 0 and open(ckpt, "rb").read() == open(ckpt3, "rb").read(), f"exit {rc3}: {err3}")
+        download_script(tmp, binf, ckpt)
         with open(binf, "r+b") as f:
             f.truncate(os.path.getsize(binf) // 2)
         rc3, err3 = convert(binf, os.path.join(tmp, "never.ckpt"))
