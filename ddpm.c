@@ -717,6 +717,9 @@ typedef struct {
     int* t_idx;
 } Trainer;
 
+// B = 0 builds the parameters and the optimizer's state alone, with no room for images:
+// enough to write a checkpoint of weights trained elsewhere (2.8 GB for the 256x256
+// network rather than 4.7).
 static void trainer_init(Trainer* tr, const Config* cfg, const Objective* ob, int B, int K, ScheduleKind sk,
                          const TrainHyper* h, uint64_t seed) {
     memset(tr, 0, sizeof *tr);
@@ -6362,7 +6365,7 @@ static int cmd_import(const Options* o) {
     free(plan.L);
     install_signal_handlers();   // Ctrl-C from here on ends cleanly: no half-written .tmp
     Trainer tr;
-    trainer_init(&tr, &cfg, &ob, 1, 1, (ScheduleKind)o->schedule, &o->hyper, (uint64_t)o->seed);
+    trainer_init(&tr, &cfg, &ob, 0, 1, (ScheduleKind)o->schedule, &o->hyper, (uint64_t)o->seed);   // no images
     exchange_weights(&x, &tr.net, tr.net.params, o->weights);
     memcpy(tr.ema, tr.net.params, tr.net.n_params * sizeof(float));
     int step[2] = {0, 0}, k = exchange_ints(&x, "meta.step", step, 2, o->weights);

@@ -108,6 +108,7 @@ def whole(x):
 def read_safetensors(path):
     """name -> (dtype, shape, raw bytes); refuses anything malformed in one line."""
     n, hdr, body = read_regular(path)
+    body = memoryview(body)
     try:
         header = json.loads(hdr, object_pairs_hook=no_duplicates)
     except (ValueError, UnicodeDecodeError):
@@ -137,7 +138,7 @@ def read_safetensors(path):
         if size and hi - lo != count * size:
             fail(f"{path}: {name!r} holds {hi - lo} bytes, its shape {shape} needs {count * size}")
         spans.append((lo, hi, name))
-        out[name] = (dtype, shape, body[lo:hi])
+        out[name] = (dtype, shape, body[lo:hi])   # a view: the 455 MB of a 256x256 model are not copied
     spans.sort()
     for (lo0, hi0, a), (lo1, hi1, b) in zip(spans, spans[1:]):
         if lo1 < hi0:
@@ -333,7 +334,8 @@ def exchange_bytes(weights, model="cifar10-32"):
 
     def rec(name, shape, raw):
         b = name.encode()
-        recs.append(struct.pack("<i", len(b)) + b + struct.pack(f"<i{len(shape)}i", len(shape), *shape) + raw)
+        recs.append(struct.pack("<i", len(b)) + b + struct.pack(f"<i{len(shape)}i", len(shape), *shape))
+        recs.append(raw)   # written as it is, not copied into the record
 
     def ints(name, v):
         rec(name, [len(v)], struct.pack(f"<{len(v)}f", *v))
@@ -348,7 +350,7 @@ def exchange_bytes(weights, model="cifar10-32"):
         ints("meta.step", [m["step"]])           # model.ckpt-790000
     for name, (shape, raw) in weights.items():
         rec("param." + name, shape, raw)
-    return [b"DDPMREF1" + struct.pack("<i", len(recs))] + recs
+    return [b"DDPMREF1" + struct.pack("<i", len(recs) // 2)] + recs
 
 
 def folder_of(path, what):
