@@ -408,6 +408,8 @@ def run(argv):
         TEMPS.extend([out + ".tmp", out])
         r = subprocess.run([ddpm, "import", "--weights", ref, "--out", out, "--model", m["preset"],
                             "--batch", str(m["batch"])], capture_output=True, text=True)
+        if r.returncode and "interrupted" in r.stderr:   # Ctrl-C reached ./ddpm before this process saw it
+            raise KeyboardInterrupt
         if r.returncode:
             fail(f"./ddpm import: {r.stderr.strip()}")
         write_atomic(out + ".source", [source])
