@@ -3879,18 +3879,22 @@ static double memory_available_gib(void) {
 #define EVAL_BATCH_GIB 4.0
 static int eval_batch(const Config* c, int n, int most) {
     int B = n < most ? n : most;
-    double per = network_gib(c, 2, 0) - network_gib(c, 1, 0);
-    while (B > 1 && network_gib(c, 1, 0) + (B - 1) * per > EVAL_BATCH_GIB) B--;
+    double one = network_gib(c, 1, 0), per = network_gib(c, 2, 0) - one;   // two plans, not one per B
+    while (B > 1 && one + (B - 1) * per > EVAL_BATCH_GIB) B--;
     return B;
 }
 
-// Dies, in one line ending in `fix`, if B images of the network (train: with gradients
-// and Adam's state) need more memory than the machine has available.
+// The one line of a network that does not fit, ending in what to do.
+static void die_memory(const Config* c, int B, double need, double have, const char* fix) {
+    die("%d image%s at once through the %dx%d network need%s about %.1f GiB of memory, and %.1f GiB is "
+        "available; %s", B, B == 1 ? "" : "s", c->img, c->img, B == 1 ? "s" : "", need, have, fix);
+}
+
+// Dies if B images of the network (train: with gradients and Adam's state) need more
+// memory than the machine has available.
 static void check_memory(const Config* c, int B, int train, const char* fix) {
     double need = network_gib(c, B, train), have = memory_available_gib();
-    if (have >= 0 && need > have)
-        die("%d image%s at once through the %dx%d network need%s about %.1f GiB of memory, and %.1f GiB is "
-            "available; %s", B, B == 1 ? "" : "s", c->img, c->img, B == 1 ? "s" : "", need, have, fix);
+    if (have >= 0 && need > have) die_memory(c, B, need, have, fix);
 }
 
 // The OpenMP thread count, or 1 without OpenMP.
@@ -5831,8 +5835,8 @@ static void print_plan_time(const Options* o, uint64_t step, double sec_per_step
 // line names the --accumulate that would fit (section 9: the same step, in slices).
 static void check_training_memory(const Options* o, const Config* cfg) {
     int per_rank = o->batch / world_size, K = o->accumulate;
-    double have = memory_available_gib();
-    if (have < 0 || network_gib(cfg, per_rank / K, 1) <= have) return;
+    double have = memory_available_gib(), need = network_gib(cfg, per_rank / K, 1);
+    if (have < 0 || need <= have) return;
     char fix[256];
     int k = K;
     while (++k <= per_rank && (per_rank % k || network_gib(cfg, per_rank / k, 1) > have)) {}
@@ -5842,7 +5846,7 @@ static void check_training_memory(const Options* o, const Config* cfg) {
     else
         snprintf(fix, sizeof fix, "even one image at a time does not fit: close other programs, or pass a smaller "
                  "--img, --ch or --model");
-    check_memory(cfg, per_rank / K, 1, fix);
+    die_memory(cfg, per_rank / K, need, have, fix);
 }
 
 static int cmd_train(const Options* flags) {
@@ -5918,7 +5922,8 @@ static int cmd_train(const Options* flags) {
     if (lead && world_size > 1)
         fprintf(stderr, "data parallel over %d ranks: %d images each (section 23)\n", world_size, o->batch / world_size);
     Objective usual = PAPER_OBJECTIVE;   // the paper's, with the variance its preset samples with
-    if (run_plan(o->model)) usual.var = run_plan(o->model)->var;
+    const RunPlan* plan = run_plan(o->model);
+    if (plan) usual.var = plan->var;
     if (lead && memcmp(&ob, &usual, sizeof ob))
         fprintf(stderr, "objective (Table 2): --mean-type %s --var-type %s --loss %s\n", MEAN_NAMES[ob.mean],
                 VAR_NAMES[ob.var], LOSS_NAMES[ob.loss]);
