@@ -2621,9 +2621,10 @@ static void zero(float* x, size_t n) {
 #define GEMM_MR 6
 #define GEMM_NV 2
 #elif defined(__ARM_NEON) || defined(__aarch64__)
-// ARM64 NEON: 32 registers of 4 floats, fused multiply-add by vector lane. conv 8 x 3 =
-// 24 + 3 + 2 (the 8 weights as two vectors); wide 4 x 5 = 20 + 5 + 1; dweight 9 x 2 =
-// 18 + 2 + 1 (8 output channels); gemm 8 x 3 = 24 + 3 + 2, BLIS's Cortex-A57 shape.
+// ARM64 NEON: 32 registers of 4 floats. conv 8 x 3 = 24 + 3 + 1 (the weights are read
+// from 8 rows, one broadcast at a time); wide 4 x 5 = 20 + 5 + 1; dweight 9 x 2 =
+// 18 + 2 + 1 (8 output channels); gemm 8 x 3 = 24 + 3 + 2 (multiply-add by vector lane,
+// the 8 values of A as two vectors), BLIS's Cortex-A57 shape.
 #define DDPM_ISA "neon"
 #define VW 4
 #define VEC_REGS 32
@@ -2669,6 +2670,8 @@ static inline void vstore(float* p, vecf v) { *(vecf_u*)p = v; }
 #endif
 #define CONV_NR (VW * CONV_NV)             // pixels per conv tile
 #define CONV_NR_WIDE (VW * CONV_NV_WIDE)
+#define CONV_NV_SMALL (CONV_NV - 1)        // the small tile: CONV_MR x one vector fewer, for 4 x 4 maps (17.2)
+#define CONV_NR_SMALL (VW * CONV_NV_SMALL)
 #define CONV_NV_MAX (CONV_NV > CONV_NV_WIDE ? CONV_NV : CONV_NV_WIDE)
 #define CONV_NR_MAX (VW * CONV_NV_MAX)
 #define CONV_DW_CO (VW * CONV_DW_NV)       // output channels per weight-gradient tile
@@ -2889,9 +2892,10 @@ static void matmul(float* C, const float* A, const float* B, int M, int N, int K
 // The register tile (17.0 gives its shape per target; 8 output channels x 48 flat pixels
 // on AVX-512) sums over all C_in x K x K taps before it is stored once: each step loads
 // CONV_NV vectors of the input and broadcasts CONV_MR weights into CONV_MR x CONV_NV
-// fused multiply-adds. Two variants waste less where the main tile would: the wide
+// fused multiply-adds. Three variants waste less where the main tile would: the wide
 // tile on maps it covers with less overrun (on AVX-512, 4 channels x 80 pixels on an
-// 8 x 8 map, whose 8 rows of pitch 9 fit one tile where 48-pixel tiles compute 96), and
+// 8 x 8 map, whose 8 rows of pitch 9 fit one tile where 48-pixel tiles compute 96), the
+// small tile of one vector fewer (on AVX-512, 32 pixels for the 20 of a 4 x 4 map), and
 // CONV_MR_WIDE rows for a conv with at most that many outputs (conv_out: 3 channels).
 //
 // Backward, with dy on the output's grid:
@@ -2930,8 +2934,6 @@ static double lane_sum(const float* x, int n) {
     return sum;
 }
 
-// Floats of a conv's weights packed into CONV_MR-row panels (conv_pack_weights).
-static size_t conv_packed_floats(int rows, int cols, int T) { return (size_t)round_up(rows, CONV_MR) * cols * T; }
 // Columns (c, tap) of the weight matrix per weight-gradient tile, for T taps: all of a
 // channel's taps when they fit the tile, else CONV_DW_K at a time across channels.
 static int conv_dw_group(int T) { return T == 1 ? CONV_DW_K1 : T <= CONV_DW_K ? T : CONV_DW_K; }
@@ -2960,10 +2962,15 @@ static ConvGeom conv_geom(int H, int W, int K, int stride) {
     g.Wp = g.mode == CONV_PLAIN ? g.W : g.W + 1;
     g.L = g.H * g.Wp;
     // the tile that wastes fewer pixels past the end (AVX-512 on 8 x 8: 72 = 8 rows of 9
-    // fit in 80, 48 would compute 96); a plain 1x1 needs the tile to fit in the image.
-    int wide = round_up(g.L, CONV_NR_WIDE) < round_up(g.L, CONV_NR) && (g.mode != CONV_PLAIN || g.L >= CONV_NR_WIDE);
+    // fit in 80, 48 would compute 96; on 4 x 4, 20 = 4 rows of 5 fit in 32, 48 would
+    // compute 48, three times the 16 pixels); a plain 1x1 needs the tile to fit in the
+    // image. The small tile loads fewer vectors per broadcast weight, so it must save a
+    // quarter of the pixels to be taken.
+    int main = round_up(g.L, CONV_NR), fits = g.mode != CONV_PLAIN;
+    int wide = round_up(g.L, CONV_NR_WIDE) < main && (fits || g.L >= CONV_NR_WIDE);
+    int small = !wide && 4 * round_up(g.L, CONV_NR_SMALL) <= 3 * main && (fits || g.L >= CONV_NR_SMALL);
     g.mr = wide ? CONV_MR_WIDE : CONV_MR;
-    g.nr = wide ? CONV_NR_WIDE : CONV_NR;
+    g.nr = wide ? CONV_NR_WIDE : small ? CONV_NR_SMALL : CONV_NR;
     g.Lr = round_up(g.L, g.nr);
     g.P = g.mode == CONV_PLAIN ? (size_t)g.L : (size_t)round_up(g.Lr + 2 * g.Wp + 2, 16);
     g.S = g.mode == CONV_PHASES ? 4 * g.P : g.P;
@@ -2981,10 +2988,10 @@ static ConvGeom conv_geom(int H, int W, int K, int stride) {
 // Scratch of one conv call (the caller owns it, sized by conv2d_workspace_floats):
 //   planes   B x max(C_in, C_out) input grids: the input, later the output gradient
 //   dyt      B x HW_out x C_out (rounded up to 32): the output gradient transposed, for dweight
-//   packed   the weights in 8-row panels
+//   flipped  the weights as the input gradient's matrix (conv_flip_weights)
 //   dwacc    the weight-gradient tiles being summed
 //   dcol     stride 2 only: weight^T . dy of one image per thread, for col2im
-typedef struct { float *planes, *dyt, *packed, *dwacc, *dcol; } ConvWork;
+typedef struct { float *planes, *dyt, *flipped, *dwacc, *dcol; } ConvWork;
 
 static ConvWork conv_work(float* ws, int B, int C_in, int H, int W, int C_out, int K, int stride,
                           int threads, size_t* total) {
@@ -2992,7 +2999,7 @@ static ConvWork conv_work(float* ws, int B, int C_in, int H, int W, int C_out, i
     int C_max = C_in > C_out ? C_in : C_out, CoP = round_up(C_out, CONV_DW_CO);
     size_t n[5] = {g.mode == CONV_PLAIN ? 0 : (size_t)B * C_max * g.S,
                    (size_t)B * g.H * g.W * CoP,
-                   conv_packed_floats(C_max, C_max, g.T),
+                   (size_t)C_in * C_out * g.T,
                    (size_t)CoP * CONV_DW_K * ((C_in * g.T + conv_dw_group(g.T) - 1) / conv_dw_group(g.T)),
                    stride == 2 ? (size_t)threads * C_in * g.T * g.H * g.W : 0};
     float* p[5];
@@ -3043,52 +3050,47 @@ static const float* conv_grids(float* planes, const float* x, int B, int C, Conv
     return planes;
 }
 
-// The weights as panels of 8 rows: packed[panel][c][tap][r]. flip = 0: rows are output
-// channels, columns (c, tap) as stored. flip = 1: rows are input channels, columns
-// (output channel, flipped tap), the matrix of the input gradient. Rows past the end are 0.
-static void conv_pack_weights(float* packed, const float* weight, int C_out, int C_in, int T, int flip) {
-    int rows = flip ? C_in : C_out, cols = flip ? C_out : C_in;
+// The matrix of the input gradient (backward): rows are input channels, columns (output
+// channel, flipped tap), wt[i][o T + t] = weight[o][i][T - 1 - t]. The forward reads the
+// weights where they lie: their rows (output channels) already run over (c, tap).
+static void conv_flip_weights(float* wt, const float* weight, int C_out, int C_in, int T) {
     #pragma omp parallel for schedule(static) num_threads(kernel_threads)
-    for (int i0 = 0; i0 < rows; i0 += CONV_MR) {
-        float* p = packed + (size_t)i0 * cols * T;
-        for (int c = 0; c < cols; c++)
+    for (int i = 0; i < C_in; i++)
+        for (int o = 0; o < C_out; o++)
             for (int t = 0; t < T; t++)
-                for (int r = 0; r < CONV_MR; r++) {
-                    int i = i0 + r;
-                    *p++ = i >= rows ? 0.0f
-                         : flip ? weight[((size_t)c * C_in + i) * T + (T - 1 - t)]
-                                : weight[((size_t)i * C_in + c) * T + t];
-                }
-    }
+                wt[((size_t)i * C_out + o) * T + t] = weight[((size_t)o * C_in + i) * T + (T - 1 - t)];
 }
 
-// The register tile: tile[r][j] = sum_{c, t} a[c][t][r] x[c S + toff[t] + j] for
-// r < MR rows and j < VW NV pixels, stored row by row. `a` is a CONV_MR-row panel (at
-// the tile's first row), x the first input grid (at the tile's first pixel). Called
-// with MR and NV constants, so that acc lives in registers. (Unrolling the taps as
-// well runs AVX-512's 4 x 80 tile out of registers.)
-static inline void conv_tile(float* restrict tile, const float* restrict a, const float* restrict x,
-                             int C, size_t S, int T, const int* toff, int MR, int NV) {
+// The register tile: tile[r][j] = sum_{c, t} a[r lda + c T + t] x[c S + toff[t] + j] for
+// r < MR rows and j < VW NV pixels, stored row by row. `a` is the tile's first row of
+// the weight matrix (rows of lda = C T floats; only the first `rows` are read, the others
+// repeat the last one and are dropped by the store), x the first input grid (at the
+// tile's first pixel). Called with MR and NV constants, so that acc lives in registers.
+// (Unrolling the taps as well runs AVX-512's 4 x 80 tile out of registers.)
+static inline void conv_tile(float* restrict tile, const float* restrict a, size_t lda, int rows,
+                             const float* restrict x, int C, size_t S, int T, const int* toff, int MR, int NV) {
+    const float* ar[CONV_MR];
+    for (int r = 0; r < MR; r++) ar[r] = a + (r < rows ? r : rows - 1) * lda;
 #if DDPM_SIMD
     vecf acc[CONV_MR][CONV_NV_MAX];
     for (int r = 0; r < MR; r++)
         for (int j = 0; j < NV; j++) acc[r][j] = (vecf){0};
-    for (int c = 0; c < C; c++, x += S)
-        for (int t = 0; t < T; t++, a += CONV_MR) {
+    for (int c = 0, k = 0; c < C; c++, x += S)
+        for (int t = 0; t < T; t++, k++) {
             const float* xt = x + toff[t];
             vecf v[CONV_NV_MAX];
             for (int j = 0; j < NV; j++) v[j] = vload(xt + VW * j);
             for (int r = 0; r < MR; r++)
-                for (int j = 0; j < NV; j++) acc[r][j] += a[r] * v[j];
+                for (int j = 0; j < NV; j++) acc[r][j] += ar[r][k] * v[j];
         }
     for (int r = 0; r < MR; r++)
         for (int j = 0; j < NV; j++) vstore(tile + (r * NV + j) * VW, acc[r][j]);
 #else
     memset(tile, 0, sizeof(float) * MR * NV * VW);
-    for (int c = 0; c < C; c++, x += S)
-        for (int t = 0; t < T; t++, a += CONV_MR)
+    for (int c = 0, k = 0; c < C; c++, x += S)
+        for (int t = 0; t < T; t++, k++)
             for (int r = 0; r < MR; r++)
-                for (int j = 0; j < VW * NV; j++) tile[r * NV * VW + j] += a[r] * x[toff[t] + j];
+                for (int j = 0; j < VW * NV; j++) tile[r * NV * VW + j] += ar[r][k] * x[toff[t] + j];
 #endif
 }
 
@@ -3114,18 +3116,19 @@ static void conv_store_tile(float* out, const float* tile, int o0, int rows, int
 }
 
 // out (B, C_out, H, W) = (or +=, if bias is NULL) the direct convolution of the input
-// grids (B x C_in of them) with packed weights. Work items are (image, one tile of pixels).
+// grids (B x C_in of them) with the weights w (C_out, C_in, T): their rows are read where
+// they lie. Work items are (image, one tile of pixels).
 // A plain 1x1 has no slack after its planes, so its last tile is moved back to end at
 // the image's last pixel, and stores only the columns not done yet. n_ph > 1: the four
 // phases of 17.7's upsampling conv, g[0..3] (taps and output pixels differ), weights
-// packed one phase after another; each item does all four, so the 2 x 2 output blocks
+// one phase after another; each item does all four, so the 2 x 2 output blocks
 // are complete while their cache lines are still at hand.
-static void conv_direct(float* out, const float* planes, const float* packed, const float* bias,
+static void conv_direct(float* out, const float* planes, const float* w, const float* bias,
                         int B, int C_in, int C_out, const ConvGeom* g, int n_ph) {
     // A 3-channel output (conv_out) would waste 5 of 8 rows: CONV_MR_WIDE-row tiles then.
     int narrow = g->nr == CONV_NR && C_out <= CONV_MR_WIDE, mr = narrow ? CONV_MR_WIDE : g->mr;
     int n_p = g->Lr / g->nr, n_m = (C_out + mr - 1) / mr, T = g->T;
-    size_t panel = (size_t)CONV_MR * C_in * T, phase = conv_packed_floats(C_out, C_in, T);
+    size_t lda = (size_t)C_in * T, phase = (size_t)C_out * lda;
     #pragma omp parallel for schedule(static) num_threads(kernel_threads)
     for (int item = 0; item < B * n_p; item++) {
         int b = item / n_p, p0 = (item % n_p) * g->nr, skip = 0;
@@ -3136,10 +3139,12 @@ static void conv_direct(float* out, const float* planes, const float* packed, co
         for (int m = 0; m < n_m; m++)
             for (int ph = 0; ph < n_ph; ph++) {
                 int o0 = m * mr, rows = C_out - o0 < mr ? C_out - o0 : mr;
-                const float* a = packed + ph * phase + (o0 / CONV_MR) * panel + o0 % CONV_MR;
-                if (narrow)                conv_tile(tile, a, x, C_in, g->S, T, g[ph].toff, CONV_MR_WIDE, CONV_NV);
-                else if (g->nr == CONV_NR) conv_tile(tile, a, x, C_in, g->S, T, g[ph].toff, CONV_MR, CONV_NV);
-                else                       conv_tile(tile, a, x, C_in, g->S, T, g[ph].toff, CONV_MR_WIDE, CONV_NV_WIDE);
+                const float* a = w + ph * phase + o0 * lda;
+                const int* toff = g[ph].toff;
+                if (narrow)                conv_tile(tile, a, lda, rows, x, C_in, g->S, T, toff, CONV_MR_WIDE, CONV_NV);
+                else if (g->nr == CONV_NR) conv_tile(tile, a, lda, rows, x, C_in, g->S, T, toff, CONV_MR, CONV_NV);
+                else if (g->nr == CONV_NR_SMALL) conv_tile(tile, a, lda, rows, x, C_in, g->S, T, toff, CONV_MR, CONV_NV_SMALL);
+                else                       conv_tile(tile, a, lda, rows, x, C_in, g->S, T, toff, CONV_MR_WIDE, CONV_NV_WIDE);
                 conv_store_tile(y, tile, o0, rows, p0, skip, g[ph], bias);
             }
     }
@@ -3299,8 +3304,7 @@ static void conv_forward(float* out, const float* inp, int in_grids, const float
     ConvGeom g = conv_geom(H, W, K, stride);
     size_t total;
     ConvWork w = conv_work(ws, B, C_in, H, W, C_out, K, stride, kernel_threads, &total);
-    conv_pack_weights(w.packed, weight, C_out, C_in, g.T, 0);
-    conv_direct(out, in_grids ? inp : conv_grids(w.planes, inp, B, C_in, g), w.packed, bias, B, C_in, C_out, &g, 1);
+    conv_direct(out, in_grids ? inp : conv_grids(w.planes, inp, B, C_in, g), weight, bias, B, C_in, C_out, &g, 1);
 }
 
 // out (B, C_out, H/stride, W/stride). ws: conv2d_workspace_floats(...) floats of scratch.
@@ -3322,8 +3326,8 @@ static void conv_backward(float* dinp, float* dweight, float* dbias, const float
     conv_dweight(dweight, w.dwacc, x, w.dyt, B, C_in, C_out, g);
     if (!dinp) return;
     if (stride != 1) { conv_strided_dinp(dinp, w.dcol, dout, weight, B, C_in, H, W, C_out, K, stride); return; }
-    conv_pack_weights(w.packed, weight, C_out, C_in, g.T, 1);
-    conv_direct(dinp, conv_grids(w.planes, dout, B, C_out, g), w.packed, NULL, B, C_out, C_in, &g, 1);
+    conv_flip_weights(w.flipped, weight, C_out, C_in, g.T);
+    conv_direct(dinp, conv_grids(w.planes, dout, B, C_out, g), w.flipped, NULL, B, C_out, C_in, &g, 1);
 }
 
 // dinp may be NULL (the network input needs no gradient).
@@ -3704,11 +3708,10 @@ static void upconv_combine(float* wc, const float* weight, int C_out, int C_in) 
 }
 
 // Scratch: the 17.2 layout of a stride-2 conv onto H x W (phase grids of the 2H x 2W
-// gradient), then the combined weights, and one phase's weight gradient (backward) or
-// the four phases' packed weights (forward).
+// gradient), then the combined weights (the forward reads them as they are: 4 phases
+// of (C_out, C_in, 2 x 2)), and one phase's weight gradient (backward).
 static size_t upsample_conv_workspace_floats_fast(int B, int C_in, int H, int W, int C_out, int threads) {
-    return conv2d_workspace_floats_fast(B, C_in, 2 * H, 2 * W, C_out, 3, 2, threads) +
-           (size_t)16 * C_out * C_in + 4 * conv_packed_floats(C_out, C_in, 4);
+    return conv2d_workspace_floats_fast(B, C_in, 2 * H, 2 * W, C_out, 3, 2, threads) + (size_t)20 * C_out * C_in;
 }
 
 // inp (B, C_in, H, W) -> out (B, C_out, 2H, 2W).
@@ -3718,16 +3721,11 @@ static void upsample_conv_forward_fast(float* out, const float* inp, const float
     ConvWork w = conv_work(ws, B, C_in, 2 * H, 2 * W, C_out, 3, 2, kernel_threads, &total);
     float* wc = ws + total;
     ConvGeom g = conv_geom(H, W, 3, 1);
-    float* packed = wc + (size_t)16 * C_out * C_in;
-    size_t phase = conv_packed_floats(C_out, C_in, 4);
     const float* x = conv_grids(w.planes, inp, B, C_in, g);
     upconv_combine(wc, weight, C_out, C_in);
     ConvGeom u[4];
-    for (int ph = 0; ph < 4; ph++) {
-        u[ph] = upconv_geom(g, ph / 2, ph % 2, 0);
-        conv_pack_weights(packed + ph * phase, wc + (size_t)ph * C_out * C_in * 4, C_out, C_in, 4, 0);
-    }
-    conv_direct(out, x, packed, bias, B, C_in, C_out, u, 4);
+    for (int ph = 0; ph < 4; ph++) u[ph] = upconv_geom(g, ph / 2, ph % 2, 0);
+    conv_direct(out, x, wc, bias, B, C_in, C_out, u, 4);
 }
 
 static void upsample_conv_backward_fast(float* dinp, float* dweight, float* dbias, const float* dout,
@@ -3755,9 +3753,9 @@ static void upsample_conv_backward_fast(float* dinp, float* dweight, float* dbia
     const float* d = conv_grids(w.planes, dout, B, C_out, phases);
     upconv_combine(wc, weight, C_out, C_in);
     for (int ph = 0; ph < 4; ph++) {
-        conv_pack_weights(w.packed, wc + (size_t)ph * n * 4, C_out, C_in, 4, 1);
+        conv_flip_weights(w.flipped, wc + (size_t)ph * n * 4, C_out, C_in, 4);
         ConvGeom u = upconv_geom(g, ph / 2, ph % 2, 1);
-        conv_direct(dinp, d + ph * g.P, w.packed, NULL, B, C_out, C_in, &u, 1);
+        conv_direct(dinp, d + ph * g.P, w.flipped, NULL, B, C_out, C_in, &u, 1);
     }
 }
 

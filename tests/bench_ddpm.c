@@ -208,9 +208,9 @@ int main(int argc, char** argv) {
            "\"matmul_gflops\": %.1f, \"conv3x3\": [", peak, mm);
 #else
     printf("{\"impl\": \"ddpm.c\", \"isa\": \"%s\", \"vector_floats\": %d, \"registers\": %d, "
-           "\"tiles\": \"conv %dx%d, wide %dx%d, dweight %dx%d, gemm %dx%d\", \"fma_peak_gflops\": %.1f, "
+           "\"tiles\": \"conv %dx%d, wide %dx%d, small %dx%d, dweight %dx%d, gemm %dx%d\", \"fma_peak_gflops\": %.1f, "
            "\"matmul_gflops\": %.1f, \"conv3x3\": [",
-           DDPM_ISA, VW, VEC_REGS, CONV_MR, CONV_NR, CONV_MR_WIDE, CONV_NR_WIDE, CONV_DW_K, CONV_DW_CO,
+           DDPM_ISA, VW, VEC_REGS, CONV_MR, CONV_NR, CONV_MR_WIDE, CONV_NR_WIDE, CONV_MR, CONV_NR_SMALL, CONV_DW_K, CONV_DW_CO,
            GEMM_MR, GEMM_NR, peak, mm);
 #endif
     for (int l = 0; l < cfg.n_levels; l++) {

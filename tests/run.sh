@@ -28,9 +28,11 @@ count() {   # count LOGFILE STATUS: add the suite's closing line to the totals
 suite() {   # suite NAME COMMAND...: run one suite, show its output, count it
     name=$1; shift
     echo "== $name"
+    t0=$(date +%s)
     "$@" > tests/out/$name.log 2>&1
     status=$?
     cat tests/out/$name.log
+    echo "($name: $(( $(date +%s) - t0 )) s)"   # CI's 30 minutes are shared among the suites
     count tests/out/$name.log $status
 }
 

@@ -2771,9 +2771,17 @@ int main(int argc, char** argv) {
     note("built with -DDDPM_PLAIN: the network runs the reference layers of section 16; "
          "the fast-kernel checks are left out with Part III");
 #else
-    note("kernels built for %s: %d-float %s, %d registers; tiles conv %dx%d, wide %dx%d, "
+    note("kernels built for %s: %d-float %s, %d registers; tiles conv %dx%d, wide %dx%d, small %dx%d, "
          "dweight %dx%d, gemm %dx%d", DDPM_ISA, VW, DDPM_SIMD ? "vectors" : "rows (no vector types)",
-         VEC_REGS, CONV_MR, CONV_NR, CONV_MR_WIDE, CONV_NR_WIDE, CONV_DW_K, CONV_DW_CO, GEMM_MR, GEMM_NR);
+         VEC_REGS, CONV_MR, CONV_NR, CONV_MR_WIDE, CONV_NR_WIDE, CONV_MR, CONV_NR_SMALL, CONV_DW_K, CONV_DW_CO,
+         GEMM_MR, GEMM_NR);
+    {   // which tile each map gets (17.2): the tests below cover the one chosen here
+        ConvGeom g4 = conv_geom(4, 4, 3, 1), g8 = conv_geom(8, 8, 3, 1);
+        check("conv tiles: 4 x 4 and 8 x 8 maps get the tile that computes the fewest pixels",
+              round_up(g4.L, g4.nr) <= round_up(g4.L, CONV_NR) && round_up(g8.L, g8.nr) <= round_up(g8.L, CONV_NR) &&
+              (VW != 16 || (g4.nr == CONV_NR_SMALL && g8.nr == CONV_NR_WIDE)),
+              "4 x 4: %d pixels a tile, 8 x 8: %d", g4.nr, g8.nr);
+    }
 #endif
 
     test_schedule_linear();
@@ -2806,10 +2814,14 @@ int main(int argc, char** argv) {
     test_conv_vs_ref(3, 2, 2, 13, 10, 8, 12);    // stride 2: phase grids, col2im input gradient
     test_conv_vs_ref(3, 2, 3, 5, 7, 6, 10);
     test_conv_vs_ref(3, 1, 2, 3, 500, 71, 30);   // dweight in bands of rows (dy over CONV_DW_SWEEP), the last one short
+    test_conv_vs_ref(3, 1, 3, 20, 13, 4, 4);     // 4 x 4: the small tile (AVX-512), 13 rows = a panel and 5
+    test_conv_vs_ref(1, 1, 2, 24, 9, 4, 4);      // a 1x1 on 4 x 4 (the grid's centre)
+    test_conv_vs_ref(3, 2, 2, 11, 17, 8, 8);     // stride 2 onto 4 x 4
     test_conv_input_vs_ref(2, 8, 11, 7, 9, 2);
     test_conv_input_vs_ref(3, 12, 3, 8, 8, 4);   // conv_out's 3 channels, the wide tile on 8 x 8
     test_upsample_conv_vs_ref(2, 5, 11, 3, 5);
     test_upsample_conv_vs_ref(2, 32, 40, 8, 8);
+    test_upsample_conv_vs_ref(3, 24, 13, 4, 4);  // the four phases on a 4 x 4 map
     test_conv_threads(3, 1);
     test_conv_threads(1, 1);
     test_conv_threads(3, 2);
