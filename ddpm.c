@@ -3178,35 +3178,38 @@ static void conv_dbias(float* dbias, const float* dout, int B, int C_out, size_t
 }
 
 // The weight-gradient tile: acc[t][o] += sum_{h0 <= h < h1, w} x[off[t] + h Wp + w] dyt[h W + w][o]
-// for CONV_DW_CO channels o and n <= CONV_DW_K columns t, kept in memory between
-// images and row bands. Called with n a constant where it can be, so the compiler
-// unrolls the taps.
+// for CONV_DW_CO channels o and n <= CONV_DW_K columns t, over nb images (x and dyt
+// advance by xs and ds floats from one to the next), kept in memory between calls.
+// Called with n a constant where it can be, so the compiler unrolls the taps.
 static inline void conv_dw_tile(float* restrict accmem, const float* restrict dyt, int CoP,
-                                const float* restrict x, const int* off, int n, ConvGeom g, int h0, int h1) {
+                                const float* restrict x, const int* off, int n, ConvGeom g, int h0, int h1,
+                                int nb, size_t xs, size_t ds) {
 #if DDPM_SIMD
     vecf acc[CONV_DW_K][CONV_DW_NV];
     for (int t = 0; t < n; t++)
         for (int v = 0; v < CONV_DW_NV; v++) acc[t][v] = vload(accmem + (t * CONV_DW_NV + v) * VW);
-    for (int h = h0; h < h1; h++) {
-        const float* xr = x + (size_t)h * g.Wp;
-        const float* d = dyt + (size_t)h * g.W * CoP;
-        for (int w = 0; w < g.W; w++, d += CoP) {
-            vecf dv[CONV_DW_NV];
-            for (int v = 0; v < CONV_DW_NV; v++) dv[v] = vload(d + VW * v);
-            for (int t = 0; t < n; t++) {
-                float xv = xr[w + off[t]];
-                for (int v = 0; v < CONV_DW_NV; v++) acc[t][v] += xv * dv[v];
+    for (int b = 0; b < nb; b++, x += xs, dyt += ds)
+        for (int h = h0; h < h1; h++) {
+            const float* xr = x + (size_t)h * g.Wp;
+            const float* d = dyt + (size_t)h * g.W * CoP;
+            for (int w = 0; w < g.W; w++, d += CoP) {
+                vecf dv[CONV_DW_NV];
+                for (int v = 0; v < CONV_DW_NV; v++) dv[v] = vload(d + VW * v);
+                for (int t = 0; t < n; t++) {
+                    float xv = xr[w + off[t]];
+                    for (int v = 0; v < CONV_DW_NV; v++) acc[t][v] += xv * dv[v];
+                }
             }
         }
-    }
     for (int t = 0; t < n; t++)
         for (int v = 0; v < CONV_DW_NV; v++) vstore(accmem + (t * CONV_DW_NV + v) * VW, acc[t][v]);
 #else
-    for (int h = h0; h < h1; h++)
-        for (int w = 0; w < g.W; w++)
-            for (int t = 0; t < n; t++)
-                for (int o = 0; o < CONV_DW_CO; o++)
-                    accmem[t * CONV_DW_CO + o] += x[off[t] + h * g.Wp + w] * dyt[((size_t)h * g.W + w) * CoP + o];
+    for (int b = 0; b < nb; b++, x += xs, dyt += ds)
+        for (int h = h0; h < h1; h++)
+            for (int w = 0; w < g.W; w++)
+                for (int t = 0; t < n; t++)
+                    for (int o = 0; o < CONV_DW_CO; o++)
+                        accmem[t * CONV_DW_CO + o] += x[off[t] + h * g.Wp + w] * dyt[((size_t)h * g.W + w) * CoP + o];
 #endif
 }
 
@@ -3220,8 +3223,11 @@ static inline void conv_dw_tile(float* restrict accmem, const float* restrict dy
 // KiB) stays in L2 while the thread's tiles take their turn. Measured on Zen 5 (2
 // threads, B = 1, the backward pass's share of the FMA peak): 256 x 256 x 128 from 37%
 // to 75%, 128 x 128 x 128 from 65% to 73%; below CONV_DW_SWEEP floats of dy (64 x 64 x
-// 256 and smaller) bands lost up to 10%, so those images are swept whole. Each tile adds
-// its pixels in the same order either way: the bits do not change.
+// 256 and smaller) bands lost up to 10%, so those images are swept whole. Small images
+// are taken several at a time instead, as many as fill a band: a tile then keeps its
+// sums in registers across them (a 4 x 4 map is 16 pixels, little work between loading
+// and storing the tile), and the group's dy still stays in L2. Each tile adds its
+// pixels in the same order in every case: the bits do not change.
 #ifndef CONV_DW_BAND
 #define CONV_DW_BAND 32768
 #endif
@@ -3230,7 +3236,9 @@ static void conv_dweight(float* dweight, float* dwacc, const float* planes, cons
                          int B, int C_in, int C_out, ConvGeom g) {
     int CoP = round_up(C_out, CONV_DW_CO), Kc = C_in * g.T, G = conv_dw_group(g.T);
     int n_groups = (Kc + G - 1) / G, n_tiles = (CoP / CONV_DW_CO) * n_groups;
-    int band = (size_t)g.H * g.W * CoP <= CONV_DW_SWEEP ? g.H : CONV_DW_BAND / (g.W * CoP) > 0 ? CONV_DW_BAND / (g.W * CoP) : 1;
+    size_t image = (size_t)g.H * g.W * CoP;   // dy of one image
+    int band = image <= CONV_DW_SWEEP ? g.H : CONV_DW_BAND / (g.W * CoP) > 0 ? CONV_DW_BAND / (g.W * CoP) : 1;
+    int nb = band == g.H && image < CONV_DW_BAND ? (int)(CONV_DW_BAND / image) : 1;   // images at a time
     memset(dwacc, 0, (size_t)n_tiles * CONV_DW_K * CONV_DW_CO * sizeof(float));
     #pragma omp parallel num_threads(kernel_threads)
     {
@@ -3240,20 +3248,21 @@ static void conv_dweight(float* dweight, float* dwacc, const float* planes, cons
         int nth = 1;
 #endif
         int id = thread_id(), lo = n_tiles * id / nth, hi = n_tiles * (id + 1) / nth;
-        for (int b = 0; b < B; b++)
+        size_t xs = (size_t)C_in * g.S;
+        for (int b = 0; b < B; b += nb)
             for (int h0 = 0; h0 < g.H; h0 += band)
                 for (int tile = lo; tile < hi; tile++) {
                     int o0 = (tile / n_groups) * CONV_DW_CO, k0 = (tile % n_groups) * G, h1 = h0 + band;
-                    int n = Kc - k0 < G ? Kc - k0 : G, off[CONV_DW_K];
+                    int n = Kc - k0 < G ? Kc - k0 : G, off[CONV_DW_K], m = B - b < nb ? B - b : nb;
                     if (h1 > g.H) h1 = g.H;
                     for (int t = 0; t < n; t++) off[t] = (int)(((k0 + t) / g.T) * g.S) + g.toff[(k0 + t) % g.T];
-                    const float* x = planes + (size_t)b * C_in * g.S;
-                    const float* d = dyt + (size_t)b * g.H * g.W * CoP + o0;
+                    const float* x = planes + b * xs;
+                    const float* d = dyt + b * image + o0;
                     float* acc = dwacc + (size_t)tile * CONV_DW_K * CONV_DW_CO;
-                    if (n == CONV_DW_K)       conv_dw_tile(acc, d, CoP, x, off, CONV_DW_K, g, h0, h1);
-                    else if (n == CONV_DW_K1) conv_dw_tile(acc, d, CoP, x, off, CONV_DW_K1, g, h0, h1);
-                    else if (n == 4)          conv_dw_tile(acc, d, CoP, x, off, 4, g, h0, h1);
-                    else                      conv_dw_tile(acc, d, CoP, x, off, n, g, h0, h1);
+                    if (n == CONV_DW_K)       conv_dw_tile(acc, d, CoP, x, off, CONV_DW_K, g, h0, h1, m, xs, image);
+                    else if (n == CONV_DW_K1) conv_dw_tile(acc, d, CoP, x, off, CONV_DW_K1, g, h0, h1, m, xs, image);
+                    else if (n == 4)          conv_dw_tile(acc, d, CoP, x, off, 4, g, h0, h1, m, xs, image);
+                    else                      conv_dw_tile(acc, d, CoP, x, off, n, g, h0, h1, m, xs, image);
                 }
     }
     #pragma omp parallel for schedule(static) num_threads(kernel_threads)
