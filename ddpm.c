@@ -3117,7 +3117,9 @@ static void conv_store_tile(float* out, const float* tile, int o0, int rows, int
 
 // out (B, C_out, H, W) = (or +=, if bias is NULL) the direct convolution of the input
 // grids (B x C_in of them) with the weights w (C_out, C_in, T): their rows are read where
-// they lie. Work items are (image, one tile of pixels).
+// they lie. Work items are (image, one tile of pixels), each over all output channels,
+// or over a part of them where there are too few items to share among the threads (one
+// image of 8 x 8 is one tile of pixels).
 // A plain 1x1 has no slack after its planes, so its last tile is moved back to end at
 // the image's last pixel, and stores only the columns not done yet. n_ph > 1: the four
 // phases of 17.7's upsampling conv, g[0..3] (taps and output pixels differ), weights
@@ -3129,14 +3131,19 @@ static void conv_direct(float* out, const float* planes, const float* w, const f
     int narrow = g->nr == CONV_NR && C_out <= CONV_MR_WIDE, mr = narrow ? CONV_MR_WIDE : g->mr;
     int n_p = g->Lr / g->nr, n_m = (C_out + mr - 1) / mr, T = g->T;
     size_t lda = (size_t)C_in * T, phase = (size_t)C_out * lda;
+    int parts = 1;
+    while (parts < n_m && B * n_p * parts < 4 * kernel_threads) parts *= 2;
+    int per = (n_m + parts - 1) / parts;
+    parts = (n_m + per - 1) / per;
     #pragma omp parallel for schedule(static) num_threads(kernel_threads)
-    for (int item = 0; item < B * n_p; item++) {
-        int b = item / n_p, p0 = (item % n_p) * g->nr, skip = 0;
+    for (int item = 0; item < B * n_p * parts; item++) {
+        int b = item / parts / n_p, p0 = (item / parts % n_p) * g->nr, skip = 0;
+        int m0 = item % parts * per, m1 = m0 + per < n_m ? m0 + per : n_m;
         if (g->mode == CONV_PLAIN && p0 + g->nr > g->L) { skip = p0 + g->nr - g->L; p0 = g->L - g->nr; }
         const float* x = planes + (size_t)b * C_in * g->S + p0;
         float* y = out + (size_t)b * C_out * g->out_plane;
         float tile[CONV_MR * CONV_NR_MAX];
-        for (int m = 0; m < n_m; m++)
+        for (int m = m0; m < m1; m++)
             for (int ph = 0; ph < n_ph; ph++) {
                 int o0 = m * mr, rows = C_out - o0 < mr ? C_out - o0 : mr;
                 const float* a = w + ph * phase + o0 * lda;
