@@ -3713,14 +3713,15 @@ static ConvGeom upconv_geom(ConvGeom g, int p, int q, int dx) {
 
 // wc[phase][o][c][a b] from weight[o][c][i j].
 static void upconv_combine(float* wc, const float* weight, int C_out, int C_in) {
-    size_t n = (size_t)C_out * C_in;
-    memset(wc, 0, 16 * n * sizeof(float));
-    #pragma omp parallel for collapse(2) schedule(static) num_threads(kernel_threads)
-    for (int ph = 0; ph < 4; ph++)
-        for (size_t oc = 0; oc < n; oc++)
+    long n = (long)C_out * C_in;
+    #pragma omp parallel for schedule(static) num_threads(kernel_threads)
+    for (long oc = 0; oc < n; oc++)   // each 3x3 kernel read once, its 4 x 4 sums made in registers
+        for (int ph = 0; ph < 4; ph++) {
+            float sum[4] = {0};
             for (int i = 0; i < 3; i++)
-                for (int j = 0; j < 3; j++)
-                    wc[(ph * n + oc) * 4 + up_tap(ph / 2, i) * 2 + up_tap(ph % 2, j)] += weight[oc * 9 + i * 3 + j];
+                for (int j = 0; j < 3; j++) sum[up_tap(ph / 2, i) * 2 + up_tap(ph % 2, j)] += weight[oc * 9 + i * 3 + j];
+            memcpy(wc + (ph * n + oc) * 4, sum, sizeof sum);
+        }
 }
 
 // Scratch: the 17.2 layout of a stride-2 conv onto H x W (phase grids of the 2H x 2W
