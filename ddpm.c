@@ -2966,9 +2966,9 @@ static ConvGeom conv_geom(int H, int W, int K, int stride) {
     // compute 48, three times the 16 pixels); a plain 1x1 needs the tile to fit in the
     // image. The small tile loads fewer vectors per broadcast weight, so it must save a
     // quarter of the pixels to be taken.
-    int main = round_up(g.L, CONV_NR), fits = g.mode != CONV_PLAIN;
-    int wide = round_up(g.L, CONV_NR_WIDE) < main && (fits || g.L >= CONV_NR_WIDE);
-    int small = !wide && 4 * round_up(g.L, CONV_NR_SMALL) <= 3 * main && (fits || g.L >= CONV_NR_SMALL);
+    int full = round_up(g.L, CONV_NR), fits = g.mode != CONV_PLAIN;   // pixels the main tile computes
+    int wide = round_up(g.L, CONV_NR_WIDE) < full && (fits || g.L >= CONV_NR_WIDE);
+    int small = !wide && 4 * round_up(g.L, CONV_NR_SMALL) <= 3 * full && (fits || g.L >= CONV_NR_SMALL);
     g.mr = wide ? CONV_MR_WIDE : CONV_MR;
     g.nr = wide ? CONV_NR_WIDE : small ? CONV_NR_SMALL : CONV_NR;
     g.Lr = round_up(g.L, g.nr);
@@ -3069,8 +3069,7 @@ static void conv_flip_weights(float* wt, const float* weight, int C_out, int C_i
 // (Unrolling the taps as well runs AVX-512's 4 x 80 tile out of registers.)
 static inline void conv_tile(float* restrict tile, const float* restrict a, size_t lda, int rows,
                              const float* restrict x, int C, size_t S, int T, const int* toff, int MR, int NV) {
-    const float* ar[CONV_MR];
-    for (int r = 0; r < MR; r++) ar[r] = a + (r < rows ? r : rows - 1) * lda;
+#define CONV_ROW(r) ((size_t)((r) < rows ? (r) : rows - 1) * lda)   // row r's offset in a
 #if DDPM_SIMD
     vecf acc[CONV_MR][CONV_NV_MAX];
     for (int r = 0; r < MR; r++)
@@ -3080,8 +3079,9 @@ static inline void conv_tile(float* restrict tile, const float* restrict a, size
             const float* xt = x + toff[t];
             vecf v[CONV_NV_MAX];
             for (int j = 0; j < NV; j++) v[j] = vload(xt + VW * j);
+            #pragma GCC unroll 8   // so that each row's offset is a constant of the loop, at -O2 too
             for (int r = 0; r < MR; r++)
-                for (int j = 0; j < NV; j++) acc[r][j] += ar[r][k] * v[j];
+                for (int j = 0; j < NV; j++) acc[r][j] += a[CONV_ROW(r) + k] * v[j];
         }
     for (int r = 0; r < MR; r++)
         for (int j = 0; j < NV; j++) vstore(tile + (r * NV + j) * VW, acc[r][j]);
@@ -3090,8 +3090,9 @@ static inline void conv_tile(float* restrict tile, const float* restrict a, size
     for (int c = 0, k = 0; c < C; c++, x += S)
         for (int t = 0; t < T; t++, k++)
             for (int r = 0; r < MR; r++)
-                for (int j = 0; j < VW * NV; j++) tile[r * NV * VW + j] += ar[r][k] * x[toff[t] + j];
+                for (int j = 0; j < VW * NV; j++) tile[r * NV * VW + j] += a[CONV_ROW(r) + k] * x[toff[t] + j];
 #endif
+#undef CONV_ROW
 }
 
 // Write (bias == NULL: add) `rows` rows of the tile at flat index p0 into channels
@@ -3131,7 +3132,7 @@ static void conv_direct(float* out, const float* planes, const float* w, const f
     int narrow = g->nr == CONV_NR && C_out <= CONV_MR_WIDE, mr = narrow ? CONV_MR_WIDE : g->mr;
     int n_p = g->Lr / g->nr, n_m = (C_out + mr - 1) / mr, T = g->T;
     size_t lda = (size_t)C_in * T, phase = (size_t)C_out * lda;
-    int parts = 1;
+    int parts = 1;   // the output channels in `parts` parts: at least 4 work items a thread
     while (parts < n_m && B * n_p * parts < 4 * kernel_threads) parts *= 2;
     int per = (n_m + parts - 1) / parts;
     parts = (n_m + per - 1) / per;

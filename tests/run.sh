@@ -73,11 +73,13 @@ else
 fi
 
 if $PYTHON -c 'import torch' 2>/dev/null; then
+    t_dump=$(date +%s)
     tests/dump_ref tiny 2 tests/out/ref_tiny.bin >/dev/null &&
     tests/dump_ref paper 2 tests/out/ref_paper.bin >/dev/null &&
     tests/dump_ref tiny+m2 2 tests/out/ref_tiny_m2.bin >/dev/null &&   # a first channel multiplier of 2
     tests/dump_ref tiny@64 2 tests/out/ref_tiny64.bin >/dev/null &&   # 64x64, four levels (a folder at --img 64)
     tests/dump_ref paper256/16 1 tests/out/ref_paper256w16.bin >/dev/null   # paper256's six levels at 256x256, ch 16
+    echo "(dump_ref, the files the pytorch suite reads: $(( $(date +%s) - t_dump )) s)"
     suite pytorch $PYTHON tests/reference.py tests/out/ref_tiny.bin tests/out/ref_paper.bin tests/out/ref_tiny_m2.bin \
         tests/out/ref_tiny64.bin tests/out/ref_paper256w16.bin
     rm -f tests/out/ref_paper.bin tests/out/ref_paper256w16.bin
