@@ -3069,7 +3069,11 @@ static void conv_flip_weights(float* wt, const float* weight, int C_out, int C_i
 // (Unrolling the taps as well runs AVX-512's 4 x 80 tile out of registers.)
 static inline void conv_tile(float* restrict tile, const float* restrict a, size_t lda, int rows,
                              const float* restrict x, int C, size_t S, int T, const int* toff, int MR, int NV) {
-#define CONV_ROW(r) ((size_t)((r) < rows ? (r) : rows - 1) * lda)   // row r's offset in a
+    // Row r's offset in a, set once per tile (the row loops are unrolled at -O2 too, so
+    // each is a register, not a test and a product for every weight read).
+    size_t ro[CONV_MR];
+    #pragma GCC unroll 8
+    for (int r = 0; r < MR; r++) ro[r] = (size_t)(r < rows ? r : rows - 1) * lda;
 #if DDPM_SIMD
     vecf acc[CONV_MR][CONV_NV_MAX];
     for (int r = 0; r < MR; r++)
@@ -3079,9 +3083,9 @@ static inline void conv_tile(float* restrict tile, const float* restrict a, size
             const float* xt = x + toff[t];
             vecf v[CONV_NV_MAX];
             for (int j = 0; j < NV; j++) v[j] = vload(xt + VW * j);
-            #pragma GCC unroll 8   // so that each row's offset is a constant of the loop, at -O2 too
+            #pragma GCC unroll 8
             for (int r = 0; r < MR; r++)
-                for (int j = 0; j < NV; j++) acc[r][j] += a[CONV_ROW(r) + k] * v[j];
+                for (int j = 0; j < NV; j++) acc[r][j] += a[ro[r] + k] * v[j];
         }
     for (int r = 0; r < MR; r++)
         for (int j = 0; j < NV; j++) vstore(tile + (r * NV + j) * VW, acc[r][j]);
@@ -3090,9 +3094,8 @@ static inline void conv_tile(float* restrict tile, const float* restrict a, size
     for (int c = 0, k = 0; c < C; c++, x += S)
         for (int t = 0; t < T; t++, k++)
             for (int r = 0; r < MR; r++)
-                for (int j = 0; j < VW * NV; j++) tile[r * NV * VW + j] += a[CONV_ROW(r) + k] * x[toff[t] + j];
+                for (int j = 0; j < VW * NV; j++) tile[r * NV * VW + j] += a[ro[r] + k] * x[toff[t] + j];
 #endif
-#undef CONV_ROW
 }
 
 // Write (bias == NULL: add) `rows` rows of the tile at flat index p0 into channels
