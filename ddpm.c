@@ -2676,7 +2676,6 @@ static inline void vstore(float* p, vecf v) { *(vecf_u*)p = v; }
 #define CONV_NR_MAX (VW * CONV_NV_MAX)
 #define CONV_DW_CO (VW * CONV_DW_NV)       // output channels per weight-gradient tile
 #define GEMM_NR (VW * GEMM_NV)
-_Static_assert(CONV_MR % CONV_MR_WIDE == 0, "the wide tile reads rows of CONV_MR-row weight panels");
 _Static_assert(CONV_MR * CONV_NV + CONV_NV + 1 <= VEC_REGS && CONV_MR_WIDE * CONV_NV_WIDE + CONV_NV_WIDE + 1 <= VEC_REGS &&
                CONV_DW_K * CONV_DW_NV + CONV_DW_NV + 1 <= VEC_REGS && GEMM_MR * GEMM_NV + GEMM_NV + 1 <= VEC_REGS,
                "every tile's accumulators, loads and broadcast fit the register file");
