@@ -7,18 +7,15 @@ It reads the ```sh block under "## Stepping through Algorithm 2 in gdb" in READM
 the ./ddpm line (run as written, its run folder moved to a temporary one), the
 `gdb -q --args ...` line, and the `(gdb)` commands, which it gives to `gdb -batch`.
 Then it checks what gdb printed against the README's transcript:
-  - every "FUNC (...) at ddpm.c:LINE" of the README (breakpoint hits, finish, the
-    backtrace) appears in gdb's output with the same function and line;
+  - every "FUNC (...) at ddpm.c:…" of the README (breakpoint hits, finish, the
+    backtrace) appears in gdb's output, in that function, and the line gdb gives is
+    where ddpm.c says it is: a breakpoint's, the first statement of FUNC's body; a
+    caller's (finish, frames #1 and up), a statement of FUNC that calls the function
+    below it. The README shows no line numbers, so an edit above them changes nothing;
   - every "$N = value" is printed; a plain number (the schedule's alpha_bar_t, which no
     training changes) must match exactly, a {...} array must hold as many numbers;
   - the backtrace holds only reference layers: no Part III kernel (a *_fast function).
 Prints "PASS name" / "FAIL name: detail" lines and "N passed, N failed".
-
-    /usr/bin/python3 tests/test_gdb.py --update
-
-rewrites the README's ddpm.c:LINE numbers to what gdb printed (the k-th appearance of a
-function in the README takes the line of its k-th appearance in gdb's output), for when
-code above them moved; check the diff, then run the test again.
 """
 import os, re, shutil, subprocess, sys, tempfile
 
@@ -42,22 +39,37 @@ def walkthrough(readme):
     return block.splitlines()
 
 
-def update_readme(expect, got_lines):
-    text = open("README.md").read()
-    seen = {}
-    for e in expect:
-        m = re.search(r"(\w+) \((.*)\) at ddpm\.c:(\d+)\s*$", e)
-        if not m:
-            continue
-        fn = m.group(1)
-        hits = [g for g in got_lines if re.search(rf"\b{fn} \(.*\) at ddpm\.c:\d+\s*$", g)]
-        k = seen.get(fn, 0)
-        seen[fn] = k + 1
-        if k < len(hits):
-            line = re.search(r"ddpm\.c:(\d+)\s*$", hits[k]).group(1)
-            text = text.replace(e, e[:m.start(3)] + line + e[m.end(3):], 1)
-    open("README.md", "w").write(text)
-    print("NOTE updated README.md's ddpm.c line numbers from gdb's output")
+def function_span(src, fn):
+    """The lines (1-based) of fn's definition in ddpm.c: its opening line to its closing brace."""
+    for i, l in enumerate(src):
+        if re.match(rf"^(static |int )[^(;]*\b{fn}\(", l) and not l.rstrip().endswith(";"):
+            for j in range(i, len(src)):
+                if src[j].startswith("}"):
+                    return i + 1, j + 1
+    return None
+
+
+def first_statement(src, span):
+    """The first line of code in the body of the function at span."""
+    i = span[0] - 1
+    while "{" not in src[i]:
+        i += 1
+    for j in range(i + 1, span[1]):
+        t = src[j].strip()
+        if t and not t.startswith("//") and not re.fullmatch(r"(\(void\)\w+;\s*)+", t):   # (void)x; makes no code
+            return j + 1
+    return None
+
+
+def statement_at(src, n):
+    """The text of the statement that holds line n (from the line after the previous ';', '{' or '}')."""
+    i = n - 1
+    while i > 0 and not src[i - 1].rstrip().endswith((";", "{", "}")):
+        i -= 1
+    j = n - 1
+    while j < len(src) - 1 and not src[j].rstrip().endswith((";", "{", "}")):
+        j += 1
+    return " ".join(src[i:j + 1])
 
 
 def main():
@@ -82,14 +94,40 @@ def main():
     with open(os.path.join("tests/out", "gdb.log"), "w") as f:
         f.write(out)
     got_lines = out.splitlines()
+    src = open("ddpm.c").read().split("\n")
+    frame_re = r"(\w+) \((.*)\) at ddpm\.c:(\S+)\s*$"
+    seen = {}
+    below = None   # the function the previous frame line (or the finished function) names
     for e in expect:
-        m = re.search(r"(\w+) \((.*)\) at ddpm\.c:(\d+)\s*$", e)
+        m = re.search(frame_re, e)
         if m:
-            fn, line = m.group(1), m.group(3)
+            fn = m.group(1)
             hit = [g for g in got_lines if re.search(rf"\b{fn} \(.*\) at ddpm\.c:(\d+)\s*$", g)]
-            lines_seen = sorted({re.search(r"ddpm\.c:(\d+)\s*$", g).group(1) for g in hit})
-            check(f"gdb shows {fn} at ddpm.c:{line}", line in lines_seen,
-                  f"gdb printed {fn} at ddpm.c:{', '.join(lines_seen) or '(nowhere)'} (update the README walkthrough to what gdb prints: tests/out/gdb.log)")
+            k = seen.get(fn, 0)
+            seen[fn] = k + 1
+            if k >= len(hit):
+                check(f"gdb shows {fn}", False, f"gdb printed {fn} {len(hit)} times, the README {k + 1} (tests/out/gdb.log)")
+                continue
+            n = int(re.search(r"ddpm\.c:(\d+)\s*$", hit[k]).group(1))
+            span = function_span(src, fn)
+            if not span or not span[0] <= n <= span[1]:
+                check(f"gdb shows {fn} at ddpm.c:{n}, inside it", False, f"ddpm.c has {fn} at lines {span}")
+                continue
+            if "hit Breakpoint" in e:
+                want = first_statement(src, span)
+                check(f"breakpoint in {fn} at ddpm.c:{n}, its first statement", n == want, f"its first statement is line {want}")
+            elif re.match(r"#0 ", e):
+                check(f"frame #0 {fn} at ddpm.c:{n}, in its body", True)
+            else:
+                callee = below
+                text = statement_at(src, n)
+                calls = re.search(rf"\b{callee}\(", text) is not None
+                if not calls and callee.endswith("_ref"):   # section 12.1's name of a reference layer
+                    calls = re.search(rf"\b{callee[:-4]}\(", text) is not None
+                if not calls and "COMMANDS[i].run(" in text:   # main calls the commands through their table
+                    calls = re.search(rf"\{{[^}}]*\b{callee}\b[^}}]*\}}", "\n".join(src)) is not None
+                check(f"{fn} at ddpm.c:{n} calls {callee}", calls, f"line {n}'s statement: {text.strip()[:120]}")
+            below = fn
             continue
         m = re.match(r"(\$\d+) = (.*)$", e)
         if m:
@@ -101,8 +139,6 @@ def main():
                 check(f"gdb prints {var} as {n_want} numbers", ok, f"got {got[0] if got else '(nothing)'}")
             else:
                 check(f"gdb prints {var} = {want}", bool(got) and got[0] == want, f"got {got[0] if got else '(nothing)'}")
-    if "--update" in sys.argv:
-        update_readme(expect, got_lines)
     frames = [g for g in got_lines if re.match(r"#\d+ ", g)]
     fast = [g for g in frames if re.search(r"\w+_fast \(", g)]
     check("the debug build steps through reference layers only", frames and not fast,
