@@ -177,8 +177,8 @@ static void schedule_derive(Schedule* s) {
         s->posterior_mean_coef1[i] = beta * sqrt(abar_prev) / (1.0 - abar);
         s->posterior_mean_coef2[i] = (1.0 - abar_prev) * sqrt(1.0 - beta) / (1.0 - abar);
     }
-    // beta_tilde_1 = 0 (x_0 is known exactly given x_1 and x_0), so its log is -inf;
-    // like the official code, use beta_tilde_2 in its place for the log.
+    // beta_tilde_1 = 0 (alpha_bar_0 = 1 makes 1 - alpha_bar_{t-1} vanish), so its log is
+    // -inf; like the official code, use beta_tilde_2 in its place for the log.
     for (int i = 0; i < T; i++)
         s->posterior_log_variance_clipped[i] = log(s->posterior_variance[i == 0 && T > 1 ? 1 : i]);
 }
@@ -246,8 +246,9 @@ static void predict_x0_from_eps(float* x_0, const float* x_t, const float* eps, 
 // Sigma_theta = sigma_t^2 I, untrained, with one of two choices that give "similar results":
 //   sigma_t^2 = beta_t        (optimal for x_0 ~ N(0, I); the official "fixedlarge")
 //   sigma_t^2 = beta_tilde_t  (optimal for x_0 deterministic; "fixedsmall")
-// and parameterises the mean by a noise predictor eps_theta. Why eps: with sigma_t fixed, Eq. (8) makes each term of the bound a squared error
-// between means, L_{t-1} = E_q[ ||mu_tilde_t(x_t, x_0) - mu_theta(x_t, t)||^2 / (2 sigma_t^2) ] + C,
+// and parameterises the mean by a noise predictor eps_theta. Why eps: with sigma_t fixed,
+// Eq. (8) makes each term of the bound a squared error between means,
+//   L_{t-1} = E_q[ ||mu_tilde_t(x_t, x_0) - mu_theta(x_t, t)||^2 / (2 sigma_t^2) ] + C,
 // and Eqs. (9)-(10) write x_0 through x_t and the noise (Eq. 4), which turns the target
 // mu_tilde_t into 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - alpha_bar_t) eps). So predict eps:
 //   Eq. (11): mu_theta(x_t, t) = 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - alpha_bar_t) eps_theta).
@@ -255,10 +256,11 @@ static void predict_x0_from_eps(float* x_0, const float* x_t, const float* eps, 
 // is how we compute it: that way x0_hat can be clipped to [-1, 1] first, as the official
 // sampler does (the data lives there), and the unclipped path equals Eq. (11) to rounding.
 //
-// Table 2 compares this with the other choices: the network can output
-// mu_theta directly ("predicting mu_tilde", §3.2), or x_0 (the official `xstart`; the mean
-// is then mu_tilde_t(x_t, x0_hat), Eq. 7); and it can learn a diagonal Sigma_theta, the
-// output conv then having 2C channels: mean, then log sigma_t^2 (the official `learned`).
+// Table 2 compares eps with predicting mu_tilde directly (the network outputs mu_theta),
+// and a fixed Sigma with a learned diagonal Sigma_theta (the output conv then has 2C
+// channels: mean, then log sigma_t^2; the official `learned`). §3.2 also mentions
+// predicting x_0 (the official `xstart`; the mean is then mu_tilde_t(x_t, x0_hat), Eq. 7),
+// which it found to give worse samples early in training; Table 2 has no row for it.
 
 typedef enum { MEAN_EPS, MEAN_MU, MEAN_X0 } MeanType;                 // what the network outputs
 typedef enum { VAR_FIXEDLARGE, VAR_FIXEDSMALL, VAR_LEARNED } VarType;  // sigma_t^2: beta_t, beta_tilde_t, learned
@@ -432,8 +434,10 @@ typedef enum { LOSS_SIMPLE, LOSS_MSE, LOSS_KL } LossType;
 typedef struct { MeanType mean; VarType var; LossType loss; } Objective;
 static const Objective PAPER_OBJECTIVE = {MEAN_EPS, VAR_FIXEDLARGE, LOSS_SIMPLE};
 
-// Their names, as the official code's ModelMeanType, ModelVarType and LossType (whose
-// `xstart` is x0 here, and `rescaled_mse` is not needed).
+// Their names. The official code (diffusion_utils_2.py) calls the mean types `eps`,
+// `xprev` (mu here) and `xstart` (x0 here), the variances `fixedlarge`, `fixedsmall` and
+// `learned`, and the losses `mse` (simple here: on eps it is Eq. 14) and `kl`; its `mse`
+// on another mean type is our mse.
 static const char* const MEAN_NAMES[] = {"eps", "mu", "x0", NULL};
 static const char* const VAR_NAMES[] = {"fixedlarge", "fixedsmall", "learned", NULL};
 static const char* const LOSS_NAMES[] = {"simple", "mse", "kl", NULL};
@@ -486,7 +490,7 @@ static double training_loss(float* d_out, const float* out, const float* x_0, co
         double lv_q;
         q_posterior_mean_variance(target, NULL, &lv_q, x0, xt, ti, 1, n, s);
         p_mean_variance(mean_p, logvar_p, x0_hat, xt, o, ti, 1, n, ob->mean, ob->var, 0, s);
-        float* d_logvar = !d ? NULL : ob->var == VAR_LEARNED ? d + n : x0_hat;   // a fixed variance: discarded
+        float* d_logvar = d && ob->var == VAR_LEARNED ? d + n : NULL;   // a fixed variance has none
         sum += vb_term_bpd_grad(d, d_logvar, 1.0 / B, x0, target, lv_q, mean_p, logvar_p, *ti, n);
         if (!d) continue;
         float c1 = (float)s->posterior_mean_coef1[*ti];
@@ -500,10 +504,11 @@ static double training_loss(float* d_out, const float* out, const float* x_0, co
 // 6. Randomness: the one RNG
 //
 // Alg. 1 draws x_0, t and eps (lines 2-4), Alg. 2 draws x_T and every z, and the network
-// draws its initial weights and dropout masks. All of it comes from one random number generator,
-// xoshiro256** (Blackman & Vigna), seeded through splitmix64. All randomness (data order, t, eps, flips, dropout, sampling noise)
-// comes from it in a fixed order, so the same seed and flags give the same bits, and
-// its 32-byte state goes into checkpoints so a resumed run continues the same stream.
+// draws its initial weights and dropout masks. All of it (data order, t, eps, flips,
+// dropout, sampling noise) comes from one random number generator, xoshiro256** (Blackman
+// & Vigna) seeded through splitmix64, in a fixed order, so the same seed and flags give
+// the same bits, and its 32-byte state goes into checkpoints so a resumed run continues
+// the same stream.
 typedef struct { uint64_t s[4]; } Rng;
 
 static uint64_t splitmix64(uint64_t* x) {
@@ -798,7 +803,7 @@ static void adam_update(float* p, const float* g, float* m, float* v, size_t n, 
 // 800k steps the start does not matter. A CPU run is short: with a fixed 0.999, 22% of
 // the EMA is still the random initial weights at step 1,500 (0.999^1500), and with
 // 0.9999, 86%. The warm-up (TensorFlow's num_updates rule) lets the EMA follow
-// the weights while they move fast; it reaches 0.999 at step 8,991, 0.9999 at 89,991.
+// the weights while they move fast; it reaches 0.999 at step 8,990, 0.9999 at 89,990.
 static void ema_update(float* ema, const float* p, size_t n, float decay, uint64_t step) {
     float d = fminf(decay, (1.0f + step) / (10.0f + step));
     #pragma omp parallel for schedule(static)
@@ -871,7 +876,7 @@ static StepStats train_step(Trainer* tr, const Dataset* data) {
 // Line 4 is mu_theta of Eq. (11) plus noise; p_mean_variance computes it through
 // x0_hat (Eq. 15), clipped to [-1, 1] as the official sampler does (clip_denoised).
 // To watch it in gdb (`make debug`, README): break p_sample if t_idx[0] == 995 (the
-// sixth step), then print x_t[0]@4 and out[0]@4 (the network's eps_theta).
+// fifth step), then print x_t[0]@4 and out[0]@4 (the network's eps_theta).
 
 // How to take the steps: Alg. 2's, or DDIM's (10.2).
 typedef struct {
