@@ -1369,11 +1369,12 @@ struct UNetLayers {
 };
 
 // ---- 12.1 The layers, as the network calls them (§4: conv, GroupNorm, attention) ----
-// Every layer has a plain reference implementation in section 16, a screenful with its
-// forward beside its backward, and the costly ones also have a fast kernel in Part III.
-// The network calls the names in this table. Built with -DDDPM_PLAIN (make plain, make
-// debug) they are the references, and Part III is not compiled at all; otherwise they
-// are the fast kernels. tests/ checks every fast kernel against its reference.
+// Every layer is a function of section 16, a plain reference implementation, a screenful
+// with its forward beside its backward. The costly ones also have a fast kernel in Part
+// III, of the same name with _fast and the same arguments, to which the layer's first line
+// (FAST, section 16) hands the work. Built with -DDDPM_PLAIN (make plain, make debug) that
+// line is empty and Part III is not compiled at all. tests/ checks every fast kernel
+// against its reference.
 //
 // Arguments run outputs, inputs, weights, dims, scratch:
 //   xxx_forward(out, <saved for backward>, inp, <weights>, <dims>, <scratch>)
@@ -1381,25 +1382,16 @@ struct UNetLayers {
 // Backward functions accumulate (+=) into dinp and into the weight gradients, so a
 // tensor read twice (a skip connection) simply receives both contributions; the
 // callers zero what needs zeroing. dinp may be NULL where no input gradient is needed.
-#ifdef DDPM_PLAIN
-#define LAYER(name) name##_ref
-#else
-#define LAYER(name) name##_fast
-#endif
 
 // The thread count the layers' scratch is sized for, and that their parallel loops
 // ask for: read once, by layers_init (unet_build calls it), so no step allocates.
 static int kernel_threads;
 static int max_threads(void);   // OpenMP's thread count, or 1 (Part IV)
-#define layers_init LAYER(layers_init)
 static void layers_init(void);
 
 // Convolution, K x K (3 or 1), stride 1 ("SAME" padding) or 2 (the official Downsample):
 //   out (B, C_out, H/stride, W/stride) = inp (B, C_in, H, W) * weight (C_out, C_in, K, K) + bias (C_out)
 // ws: conv2d_workspace_floats(...) floats of scratch.
-#define conv2d_forward LAYER(conv2d_forward)
-#define conv2d_backward LAYER(conv2d_backward)
-#define conv2d_workspace_floats LAYER(conv2d_workspace_floats)
 static void conv2d_forward(float* out, const float* inp, const float* weight, const float* bias,
                            int B, int C_in, int H, int W, int C_out, int K, int stride, float* ws);
 static void conv2d_backward(float* dinp, float* dweight, float* dbias, const float* dout,
@@ -1414,11 +1406,6 @@ static size_t conv2d_workspace_floats(int B, int C_in, int H, int W, int C_out, 
 //   dropout_conv_input:         a = dropout(a), in place
 //   conv3x3_forward / backward: conv2d with K = 3, stride 1, reading such an input
 //                               (its input gradient da is plain (B, C_in, H, W))
-#define conv_input_floats LAYER(conv_input_floats)
-#define groupnorm_silu_conv_input LAYER(groupnorm_silu_conv_input)
-#define dropout_conv_input LAYER(dropout_conv_input)
-#define conv3x3_forward LAYER(conv3x3_forward)
-#define conv3x3_backward LAYER(conv3x3_backward)
 static size_t conv_input_floats(int H, int W);
 static void groupnorm_silu_conv_input(float* a, float* mean, float* rstd, const float* x, const float* gamma,
                                       const float* beta, int B, int C, int H, int W, int G);
@@ -1430,9 +1417,6 @@ static void conv3x3_backward(float* da, float* dweight, float* dbias, const floa
 
 // Nearest-neighbour 2x upsampling, then a 3x3 convolution (the official Upsample):
 //   out (B, C_out, 2H, 2W) = conv3x3(upsample(inp (B, C_in, H, W)))
-#define upsample_conv_forward LAYER(upsample_conv_forward)
-#define upsample_conv_backward LAYER(upsample_conv_backward)
-#define upsample_conv_workspace_floats LAYER(upsample_conv_workspace_floats)
 static void upsample_conv_forward(float* out, const float* inp, const float* weight, const float* bias,
                                   int B, int C_in, int H, int W, int C_out, float* ws);
 static void upsample_conv_backward(float* dinp, float* dweight, float* dbias, const float* dout,
@@ -1441,23 +1425,17 @@ static void upsample_conv_backward(float* dinp, float* dweight, float* dbias, co
 static size_t upsample_conv_workspace_floats(int B, int C_in, int H, int W, int C_out, int threads);
 
 // Linear: out (B, C_out) = inp (B, C_in) . weight^T + bias, weight (C_out, C_in) as in PyTorch.
-#define linear_forward LAYER(linear_forward)
-#define linear_backward LAYER(linear_backward)
 static void linear_forward(float* out, const float* inp, const float* weight, const float* bias,
                            int B, int C_in, int C_out);
 static void linear_backward(float* dinp, float* dweight, float* dbias, const float* dout,
                             const float* inp, const float* weight, int B, int C_in, int C_out);
 
 // SiLU ("swish", the official nonlinearity): out = inp sigmoid(inp), N values.
-#define silu_forward LAYER(silu_forward)
-#define silu_backward LAYER(silu_backward)
 static void silu_forward(float* out, const float* inp, size_t N);
 static void silu_backward(float* dinp, const float* dout, const float* inp, size_t N);
 
 // GroupNorm over G groups of channels, then SiLU if `silu`: (B, C, HW) -> (B, C, HW);
 // mean, rstd (B, G) are saved for the backward pass.
-#define groupnorm_forward LAYER(groupnorm_forward)
-#define groupnorm_backward LAYER(groupnorm_backward)
 static void groupnorm_forward(float* out, float* mean, float* rstd, const float* inp,
                               const float* gamma, const float* beta, int B, int C, int HW, int G, int silu);
 static void groupnorm_backward(float* dinp, float* dgamma, float* dbeta, const float* dout,
@@ -1467,8 +1445,6 @@ static void groupnorm_backward(float* dinp, float* dgamma, float* dbeta, const f
 // Self-attention over the N = H W positions of each image: q, k, v, out (B, C, N),
 // attT (B, N, N) the softmax weights, transposed, saved for the backward pass (NULL in
 // sampling: then they go to scratch, N x N floats per thread).
-#define attention_forward LAYER(attention_forward)
-#define attention_backward LAYER(attention_backward)
 static void attention_forward(float* out, float* attT, const float* q, const float* k, const float* v,
                               int B, int C, int N, float* scratch);
 static void attention_backward(float* dq, float* dk, float* dv, const float* dout,
@@ -1476,7 +1452,6 @@ static void attention_backward(float* dq, float* dk, float* dv, const float* dou
                                int B, int C, int N, float* scratch);
 
 // dv[b, c] = sum of dh[b, c, :] over the pixels: the backward of add_channel_bias.
-#define sum_channel LAYER(sum_channel)
 static void sum_channel(float* dv, const float* dh, int B, int C, int HW);
 
 // Layers with one implementation, in section 16: plain loops already.
@@ -2111,15 +2086,37 @@ static void unet_init(UNet* m, Rng* rng) {
 // gdb steps through in `make debug`; tests/ checks every kernel of Part III against them,
 // and the PyTorch comparison runs on both builds.
 
-// (In the default build only tests/ calls them: no warning for that.)
-#ifndef DDPM_PLAIN
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wunused-function"
+// FAST: a layer's first line, which in the default build hands the work to its kernel in
+// Part III (of the same type: its prototype is below) and returns; with -DDDPM_PLAIN it is
+// empty. tests/ set fast_layers to 0 to run a reference in the same binary as its kernel.
+#ifdef DDPM_PLAIN
+#define FAST(call)
+#define FAST_RETURN(call)
+#else
+static int fast_layers = 1;
+#define FAST(call) do { if (fast_layers) { call; return; } } while (0)
+#define FAST_RETURN(call) do { if (fast_layers) return call; } while (0)
+static __typeof__(layers_init) layers_init_fast; static __typeof__(conv2d_forward) conv2d_forward_fast;
+static __typeof__(conv2d_backward) conv2d_backward_fast;
+static __typeof__(conv2d_workspace_floats) conv2d_workspace_floats_fast;
+static __typeof__(conv_input_floats) conv_input_floats_fast;
+static __typeof__(groupnorm_silu_conv_input) groupnorm_silu_conv_input_fast;
+static __typeof__(dropout_conv_input) dropout_conv_input_fast;
+static __typeof__(conv3x3_forward) conv3x3_forward_fast; static __typeof__(conv3x3_backward) conv3x3_backward_fast;
+static __typeof__(upsample_conv_forward) upsample_conv_forward_fast;
+static __typeof__(upsample_conv_backward) upsample_conv_backward_fast;
+static __typeof__(upsample_conv_workspace_floats) upsample_conv_workspace_floats_fast;
+static __typeof__(linear_forward) linear_forward_fast; static __typeof__(linear_backward) linear_backward_fast;
+static __typeof__(silu_forward) silu_forward_fast; static __typeof__(silu_backward) silu_backward_fast;
+static __typeof__(groupnorm_forward) groupnorm_forward_fast;
+static __typeof__(groupnorm_backward) groupnorm_backward_fast;
+static __typeof__(attention_forward) attention_forward_fast;
+static __typeof__(attention_backward) attention_backward_fast; static __typeof__(sum_channel) sum_channel_fast;
 #endif
 
-static void layers_init_ref(void) { kernel_threads = max_threads(); }
+static void layers_init(void) { FAST(layers_init_fast()); kernel_threads = max_threads(); }
 
-// ---- 16.1 Convolution: conv2d_forward_ref / conv2d_backward_ref ----
+// ---- 16.1 Convolution: conv2d_forward / conv2d_backward ----
 // The U-Net of §4 / Appendix B is built of 3x3 convolutions (1x1 for shortcuts and
 // attention, and 3x3 stride 2 to downsample). Padding is TensorFlow's "SAME", as in the
 // official model: stride 1 pads K/2 on every side; stride 2 (on an even input) pads 0
@@ -2137,13 +2134,15 @@ static void conv_range(int* lo, int* hi, int n_out, int n_in, int tap, int strid
     while (*hi > *lo && stride * (*hi - 1) + tap - pad >= n_in) (*hi)--;
 }
 
-static size_t conv2d_workspace_floats_ref(int B, int C_in, int H, int W, int C_out, int K, int stride, int threads) {
+static size_t conv2d_workspace_floats(int B, int C_in, int H, int W, int C_out, int K, int stride, int threads) {
+    FAST_RETURN(conv2d_workspace_floats_fast(B, C_in, H, W, C_out, K, stride, threads));
     (void)B; (void)C_in; (void)H; (void)W; (void)C_out; (void)K; (void)stride; (void)threads;
     return 0;
 }
 
-static void conv2d_forward_ref(float* out, const float* inp, const float* weight, const float* bias,
+static void conv2d_forward(float* out, const float* inp, const float* weight, const float* bias,
                                int B, int C_in, int H, int W, int C_out, int K, int stride, float* ws) {
+    FAST(conv2d_forward_fast(out, inp, weight, bias, B, C_in, H, W, C_out, K, stride, ws));
     (void)ws;
     int Ho = H / stride, Wo = W / stride, pad = conv_pad(K, stride);
     for (int b = 0; b < B; b++)
@@ -2170,9 +2169,10 @@ static void conv2d_forward_ref(float* out, const float* inp, const float* weight
 //   dinp[b, c, iy, ix] += weight[o, c, i, j] dout[b, o, oy, ox]
 //   dweight[o, c, i, j] += sum_{b, oy, ox} inp[b, c, iy, ix] dout[b, o, oy, ox]
 //   dbias[o] += sum_{b, oy, ox} dout[b, o, oy, ox]
-static void conv2d_backward_ref(float* dinp, float* dweight, float* dbias, const float* dout,
+static void conv2d_backward(float* dinp, float* dweight, float* dbias, const float* dout,
                                 const float* inp, const float* weight,
                                 int B, int C_in, int H, int W, int C_out, int K, int stride, float* ws) {
+    FAST(conv2d_backward_fast(dinp, dweight, dbias, dout, inp, weight, B, C_in, H, W, C_out, K, stride, ws));
     (void)ws;
     int Ho = H / stride, Wo = W / stride, pad = conv_pad(K, stride);
     for (int o = 0; o < C_out; o++) {
@@ -2206,22 +2206,25 @@ static void conv2d_backward_ref(float* dinp, float* dweight, float* dbias, const
 
 // The input of a 3x3 conv kept as it is: plain (B, C, H, W). (Part III keeps it as the
 // zero-bordered grids its convolution reads, and writes them straight from GroupNorm.)
-static size_t conv_input_floats_ref(int H, int W) { return (size_t)H * W; }
+static size_t conv_input_floats(int H, int W) { FAST_RETURN(conv_input_floats_fast(H, W)); return (size_t)H * W; }
 
-static void conv3x3_forward_ref(float* out, const float* a, const float* weight, const float* bias,
+static void conv3x3_forward(float* out, const float* a, const float* weight, const float* bias,
                                 int B, int C_in, int H, int W, int C_out, float* ws) {
-    conv2d_forward_ref(out, a, weight, bias, B, C_in, H, W, C_out, 3, 1, ws);
+    FAST(conv3x3_forward_fast(out, a, weight, bias, B, C_in, H, W, C_out, ws));
+    conv2d_forward(out, a, weight, bias, B, C_in, H, W, C_out, 3, 1, ws);
 }
 
-static void conv3x3_backward_ref(float* da, float* dweight, float* dbias, const float* dout, const float* a,
+static void conv3x3_backward(float* da, float* dweight, float* dbias, const float* dout, const float* a,
                                  const float* weight, int B, int C_in, int H, int W, int C_out, float* ws) {
-    conv2d_backward_ref(da, dweight, dbias, dout, a, weight, B, C_in, H, W, C_out, 3, 1, ws);
+    FAST(conv3x3_backward_fast(da, dweight, dbias, dout, a, weight, B, C_in, H, W, C_out, ws));
+    conv2d_backward(da, dweight, dbias, dout, a, weight, B, C_in, H, W, C_out, 3, 1, ws);
 }
 
-// ---- 16.2 Linear: linear_forward_ref / linear_backward_ref ----
+// ---- 16.2 Linear: linear_forward / linear_backward ----
 //   out[b, o] = bias[o] + sum_i inp[b, i] weight[o, i]
-static void linear_forward_ref(float* out, const float* inp, const float* weight, const float* bias,
+static void linear_forward(float* out, const float* inp, const float* weight, const float* bias,
                                int B, int C_in, int C_out) {
+    FAST(linear_forward_fast(out, inp, weight, bias, B, C_in, C_out));
     for (int b = 0; b < B; b++)
         for (int o = 0; o < C_out; o++) {
             double s = bias[o];
@@ -2232,8 +2235,9 @@ static void linear_forward_ref(float* out, const float* inp, const float* weight
 
 //   dinp[b, i] += sum_o dout[b, o] weight[o, i],  dweight[o, i] += sum_b dout[b, o] inp[b, i],
 //   dbias[o] += sum_b dout[b, o]
-static void linear_backward_ref(float* dinp, float* dweight, float* dbias, const float* dout,
+static void linear_backward(float* dinp, float* dweight, float* dbias, const float* dout,
                                 const float* inp, const float* weight, int B, int C_in, int C_out) {
+    FAST(linear_backward_fast(dinp, dweight, dbias, dout, inp, weight, B, C_in, C_out));
     for (int o = 0; o < C_out; o++) {
         double sb = 0;
         for (int b = 0; b < B; b++) sb += dout[(size_t)b * C_out + o];
@@ -2253,25 +2257,27 @@ static void linear_backward_ref(float* dinp, float* dweight, float* dbias, const
             }
 }
 
-// ---- 16.3 SiLU: silu_forward_ref / silu_backward_ref ----
+// ---- 16.3 SiLU: silu_forward / silu_backward ----
 // The official code's nonlinearity, swish: silu(x) = x sigmoid(x).
-static float sigmoid_ref(float x) { return 1.0f / (1.0f + expf(-x)); }
+static float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
 
-static void silu_forward_ref(float* out, const float* inp, size_t N) {
-    for (size_t i = 0; i < N; i++) out[i] = inp[i] * sigmoid_ref(inp[i]);
+static void silu_forward(float* out, const float* inp, size_t N) {
+    FAST(silu_forward_fast(out, inp, N));
+    for (size_t i = 0; i < N; i++) out[i] = inp[i] * sigmoid(inp[i]);
 }
 
 // d silu / dx = s + x s (1 - s) = s (1 + x (1 - s)),  s = sigmoid(x)
-static float silu_grad_ref(float x) {
-    float s = sigmoid_ref(x);
+static float silu_derivative(float x) {
+    float s = sigmoid(x);
     return s * (1.0f + x * (1.0f - s));
 }
 
-static void silu_backward_ref(float* dinp, const float* dout, const float* inp, size_t N) {
-    for (size_t i = 0; i < N; i++) dinp[i] += dout[i] * silu_grad_ref(inp[i]);
+static void silu_backward(float* dinp, const float* dout, const float* inp, size_t N) {
+    FAST(silu_backward_fast(dinp, dout, inp, N));
+    for (size_t i = 0; i < N; i++) dinp[i] += dout[i] * silu_derivative(inp[i]);
 }
 
-// ---- 16.4 GroupNorm (+ SiLU): groupnorm_forward_ref / groupnorm_backward_ref ----
+// ---- 16.4 GroupNorm (+ SiLU): groupnorm_forward / groupnorm_backward ----
 // "group normalization throughout" (§4; Wu & He 2018): the C channels are split into G
 // groups of C/G, and each (image, group), C/G x HW values, is normalised by its own
 // mean and variance, then scaled and shifted per channel:
@@ -2281,8 +2287,9 @@ static void silu_backward_ref(float* dinp, const float* dout, const float* inp, 
 // In NCHW the values of one (image, group) are contiguous: x = inp + (b G + g) (C/G) HW.
 #define GN_EPS 1e-6
 
-static void groupnorm_forward_ref(float* out, float* mean, float* rstd, const float* inp,
+static void groupnorm_forward(float* out, float* mean, float* rstd, const float* inp,
                                   const float* gamma, const float* beta, int B, int C, int HW, int G, int silu) {
+    FAST(groupnorm_forward_fast(out, mean, rstd, inp, gamma, beta, B, C, HW, G, silu));
     int Cg = C / G;
     size_t n = (size_t)Cg * HW;
     for (int bg = 0; bg < B * G; bg++) {
@@ -2298,7 +2305,7 @@ static void groupnorm_forward_ref(float* out, float* mean, float* rstd, const fl
             int c = (bg % G) * Cg + cg;
             for (int i = 0; i < HW; i++) {
                 float v = gamma[c] * (x[cg * HW + i] - mean[bg]) * rstd[bg] + beta[c];
-                y[cg * HW + i] = silu ? v * sigmoid_ref(v) : v;
+                y[cg * HW + i] = silu ? v * sigmoid(v) : v;
             }
         }
     }
@@ -2308,9 +2315,10 @@ static void groupnorm_forward_ref(float* out, float* mean, float* rstd, const fl
 //   dbeta_c += sum dn,  dgamma_c += sum dn xhat,  dxhat = dn gamma_c,
 //   dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)), the means over the group
 // (mean and rstd depend on every x of the group: the last two terms are their share).
-static void groupnorm_backward_ref(float* dinp, float* dgamma, float* dbeta, const float* dout,
+static void groupnorm_backward(float* dinp, float* dgamma, float* dbeta, const float* dout,
                                    const float* inp, const float* gamma, const float* beta,
                                    const float* mean, const float* rstd, int B, int C, int HW, int G, int silu) {
+    FAST(groupnorm_backward_fast(dinp, dgamma, dbeta, dout, inp, gamma, beta, mean, rstd, B, C, HW, G, silu));
     int Cg = C / G;
     size_t n = (size_t)Cg * HW;
     for (int bg = 0; bg < B * G; bg++) {
@@ -2323,7 +2331,7 @@ static void groupnorm_backward_ref(float* dinp, float* dgamma, float* dbeta, con
                 double sdn = 0, sdn_xhat = 0;
                 for (int i = 0; i < HW; i++) {
                     float xhat = (x[cg * HW + i] - m) * r, v = gamma[c] * xhat + beta[c];
-                    float dn = silu ? dy[cg * HW + i] * silu_grad_ref(v) : dy[cg * HW + i];
+                    float dn = silu ? dy[cg * HW + i] * silu_derivative(v) : dy[cg * HW + i];
                     if (pass == 0) { sdn += dn; sdn_xhat += (double)dn * xhat; continue; }
                     dinp[(size_t)bg * n + cg * HW + i] +=
                         r * (float)(dn * gamma[c] - sum_dxhat / n - xhat * sum_dxhat_xhat / n);
@@ -2338,9 +2346,10 @@ static void groupnorm_backward_ref(float* dinp, float* dgamma, float* dbeta, con
 }
 
 // a = silu(groupnorm(x)) as the next 3x3 conv's input: plain, like x.
-static void groupnorm_silu_conv_input_ref(float* a, float* mean, float* rstd, const float* x, const float* gamma,
+static void groupnorm_silu_conv_input(float* a, float* mean, float* rstd, const float* x, const float* gamma,
                                           const float* beta, int B, int C, int H, int W, int G) {
-    groupnorm_forward_ref(a, mean, rstd, x, gamma, beta, B, C, H * W, G, 1);
+    FAST(groupnorm_silu_conv_input_fast(a, mean, rstd, x, gamma, beta, B, C, H, W, G));
+    groupnorm_forward(a, mean, rstd, x, gamma, beta, B, C, H * W, G, 1);
 }
 
 // ---- 16.5 Dropout: dropout_forward / dropout_backward ----
@@ -2363,18 +2372,20 @@ static void dropout_backward(float* dinp, const float* dout, size_t N, float p, 
     for (size_t i = 0; i < N; i++) if (dropout_keep(key, i, p)) dinp[i] += dout[i] * scale;
 }
 
-static void dropout_conv_input_ref(float* a, int B, int C, int H, int W, float p, uint64_t key) {
+static void dropout_conv_input(float* a, int B, int C, int H, int W, float p, uint64_t key) {
+    FAST(dropout_conv_input_fast(a, B, C, H, W, p, key));
     dropout_forward(a, a, (size_t)B * C * H * W, p, key);
 }
 
-// ---- 16.6 Attention: attention_forward_ref / attention_backward_ref ----
+// ---- 16.6 Attention: attention_forward / attention_backward ----
 // §4: "self-attention at the 16 x 16 feature map resolution". The core of the official
 // AttnBlock (a non-local / self-attention layer over the N = H W positions of each image),
 // given q, k, v of shape (B, C, N):
 //   att[i, j] = softmax_j( sum_c q[c, i] k[c, j] / sqrt(C) ),   out[c, i] = sum_j att[i, j] v[c, j]
 // att is saved transposed, attT[j, i] = att[i, j], the layout the fast kernel wants.
-static void attention_forward_ref(float* out, float* attT, const float* q, const float* k, const float* v,
+static void attention_forward(float* out, float* attT, const float* q, const float* k, const float* v,
                                   int B, int C, int N, float* scratch) {
+    FAST(attention_forward_fast(out, attT, q, k, v, B, C, N, scratch));
     double scale = 1.0 / sqrt((double)C);
     for (int b = 0; b < B; b++) {
         const float *qb = q + (size_t)b * C * N, *kb = k + (size_t)b * C * N, *vb = v + (size_t)b * C * N;
@@ -2403,9 +2414,10 @@ static void attention_forward_ref(float* out, float* attT, const float* q, const
 //   ds[i, j] = att[i, j] (datt[i, j] - sum_j' att[i, j'] datt[i, j']) / sqrt(C):
 //   dv[c, j] += sum_i att[i, j] dout[c, i],  dq[c, i] += sum_j ds[i, j] k[c, j],
 //   dk[c, j] += sum_i ds[i, j] q[c, i].   scratch: N x N floats, for ds.
-static void attention_backward_ref(float* dq, float* dk, float* dv, const float* dout,
+static void attention_backward(float* dq, float* dk, float* dv, const float* dout,
                                    const float* q, const float* k, const float* v, const float* attT,
                                    int B, int C, int N, float* scratch) {
+    FAST(attention_backward_fast(dq, dk, dv, dout, q, k, v, attT, B, C, N, scratch));
     double scale = 1.0 / sqrt((double)C);
     float* ds = scratch;   // ds[i N + j]
     for (int b = 0; b < B; b++) {
@@ -2460,25 +2472,28 @@ static void upsample_backward(float* dinp, const float* dup, int BC, int H, int 
 
 // The official Upsample: out = conv3x3(upsample(inp)). ws holds the upsampled input
 // and (backward) its gradient, B C_in 2H 2W floats each.
-static size_t upsample_conv_workspace_floats_ref(int B, int C_in, int H, int W, int C_out, int threads) {
+static size_t upsample_conv_workspace_floats(int B, int C_in, int H, int W, int C_out, int threads) {
+    FAST_RETURN(upsample_conv_workspace_floats_fast(B, C_in, H, W, C_out, threads));
     (void)C_out; (void)threads;
     return 2 * (size_t)B * C_in * 4 * H * W;
 }
 
-static void upsample_conv_forward_ref(float* out, const float* inp, const float* weight, const float* bias,
+static void upsample_conv_forward(float* out, const float* inp, const float* weight, const float* bias,
                                       int B, int C_in, int H, int W, int C_out, float* ws) {
+    FAST(upsample_conv_forward_fast(out, inp, weight, bias, B, C_in, H, W, C_out, ws));
     upsample_forward(ws, inp, B * C_in, H, W);
-    conv2d_forward_ref(out, ws, weight, bias, B, C_in, 2 * H, 2 * W, C_out, 3, 1, NULL);
+    conv2d_forward(out, ws, weight, bias, B, C_in, 2 * H, 2 * W, C_out, 3, 1, NULL);
 }
 
-static void upsample_conv_backward_ref(float* dinp, float* dweight, float* dbias, const float* dout,
+static void upsample_conv_backward(float* dinp, float* dweight, float* dbias, const float* dout,
                                        const float* inp, const float* weight, int B, int C_in, int H, int W,
                                        int C_out, float* ws) {
+    FAST(upsample_conv_backward_fast(dinp, dweight, dbias, dout, inp, weight, B, C_in, H, W, C_out, ws));
     size_t n_up = (size_t)B * C_in * 4 * H * W;
     float *up = ws, *dup = ws + n_up;
     upsample_forward(up, inp, B * C_in, H, W);
     memset(dup, 0, n_up * sizeof(float));
-    conv2d_backward_ref(dinp ? dup : NULL, dweight, dbias, dout, up, weight, B, C_in, 2 * H, 2 * W, C_out, 3, 1, NULL);
+    conv2d_backward(dinp ? dup : NULL, dweight, dbias, dout, up, weight, B, C_in, 2 * H, 2 * W, C_out, 3, 1, NULL);
     if (dinp) upsample_backward(dinp, dup, B * C_in, H, W);
 }
 
@@ -2526,7 +2541,8 @@ static void add_channel_bias(float* h, const float* v, int B, int C, int HW) {
 
 // dv[b, c] = sum over pixels of dh[b, c, :]   (the backward of add_channel_bias; it
 // writes, not accumulates: its caller's projection gradient starts there)
-static void sum_channel_ref(float* dv, const float* dh, int B, int C, int HW) {
+static void sum_channel(float* dv, const float* dh, int B, int C, int HW) {
+    FAST(sum_channel_fast(dv, dh, B, C, HW));
     for (int bc = 0; bc < B * C; bc++) {
         double s = 0;
         for (int i = 0; i < HW; i++) s += dh[(size_t)bc * HW + i];
@@ -2545,9 +2561,6 @@ static void zero(float* x, size_t n) {
     for (size_t i = 0; i < n; i += chunk) memset(x + i, 0, (n - i < chunk ? n - i : chunk) * sizeof(float));
 }
 
-#ifndef DDPM_PLAIN
-#pragma GCC diagnostic pop
-#endif
 
 // ============================================================================
 // Part III. Fast kernels (an appendix: skip it on a first reading)

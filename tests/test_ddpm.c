@@ -749,6 +749,12 @@ static void test_conv(int K, int stride, int accumulation_check) {
 }
 
 #ifndef DDPM_PLAIN
+// A layer's reference (ddpm.c section 16) in the binary where the layer itself hands its
+// work to the kernel of Part III: REF(conv2d_forward, args...) runs the plain loops.
+#define REF(layer, ...) (fast_layers = 0, layer(__VA_ARGS__), fast_layers = 1)
+static size_t ref_size;
+#define REF_SIZE(layer, ...) (fast_layers = 0, ref_size = layer(__VA_ARGS__), fast_layers = 1, ref_size)
+
 // e[k] = max |got[k] - want[k]| / max |want[k]| for the four tensors of a layer's check
 // (output, and three gradients); returns the worst.
 static double rel_errors4(double e[4], float* const got[4], float* const want[4], const size_t n[4]) {
@@ -766,7 +772,7 @@ static double rel_diff(const float* got, const float* want, size_t n, double sca
     return max_abs_diff(got, want, n) / fmax(scale, 1e-30);
 }
 
-// The tiled kernels (17.2) against conv2d_forward_ref / conv2d_backward_ref, on shapes
+// The tiled kernels (17.2) against the reference conv2d_forward / conv2d_backward, on shapes
 // that exercise every edge: C_out not a multiple of the tiles' channel counts, C_in x
 // taps not a multiple of 9, W not a multiple of the vector width, pixel tiles that
 // straddle rows and the image's end, stride 2. The scales are the same loops run on
@@ -784,10 +790,10 @@ static void test_conv_vs_ref(int K, int stride, int B, int C_in, int C_out, int 
     float *db = fmalloc(C_out), *dbr = fmalloc(C_out), *dba = fmalloc(C_out);
     conv2d_forward_fast(y, x, w, b, B, C_in, H, W, C_out, K, stride, ws);
     conv2d_backward_fast(dx, dw, db, dy, x, w, B, C_in, H, W, C_out, K, stride, ws);
-    conv2d_forward_ref(yr, x, w, b, B, C_in, H, W, C_out, K, stride, NULL);
-    conv2d_backward_ref(dxr, dwr, dbr, dy, x, w, B, C_in, H, W, C_out, K, stride, NULL);
-    conv2d_forward_ref(ya, ax, aw, ab, B, C_in, H, W, C_out, K, stride, NULL);
-    conv2d_backward_ref(dxa, dwa, dba, ady, ax, aw, B, C_in, H, W, C_out, K, stride, NULL);
+    REF(conv2d_forward, yr, x, w, b, B, C_in, H, W, C_out, K, stride, NULL);
+    REF(conv2d_backward, dxr, dwr, dbr, dy, x, w, B, C_in, H, W, C_out, K, stride, NULL);
+    REF(conv2d_forward, ya, ax, aw, ab, B, C_in, H, W, C_out, K, stride, NULL);
+    REF(conv2d_backward, dxa, dwa, dba, ady, ax, aw, B, C_in, H, W, C_out, K, stride, NULL);
     double e[4] = {rel_diff(y, yr, no, max_abs(ya, no)), rel_diff(dx, dxr, nx, max_abs(dxa, nx)),
                    rel_diff(dw, dwr, nw, max_abs(dwa, nw)), rel_diff(db, dbr, C_out, max_abs(dba, C_out))};
     double worst = fmax(fmax(e[0], e[1]), fmax(e[2], e[3]));
@@ -859,9 +865,9 @@ static void test_conv_input_vs_ref(int B, int C, int C_out, int H, int W, int G)
     float* ws = fmalloc(conv2d_workspace_floats_fast(B, C, H, W, C_out, 3, 1, kernel_threads));
     for (size_t i = 0; i < ng; i++) grid[i] = 0;
     groupnorm_silu_conv_input_fast(grid, m1, r1, x, gamma, beta, B, C, H, W, G);
-    groupnorm_silu_conv_input_ref(a, m2, r2, x, gamma, beta, B, C, H, W, G);
+    REF(groupnorm_silu_conv_input, a, m2, r2, x, gamma, beta, B, C, H, W, G);
     dropout_conv_input_fast(grid, B, C, H, W, 0.3f, 77);
-    dropout_conv_input_ref(a, B, C, H, W, 0.3f, 77);
+    REF(dropout_conv_input, a, B, C, H, W, 0.3f, 77);
     int bad_border = 0;
     for (int bc = 0; bc < B * C; bc++)
         for (size_t j = 0; j < P; j++) {
@@ -872,9 +878,9 @@ static void test_conv_input_vs_ref(int B, int C, int C_out, int H, int W, int G)
         }
     double e_gn = max_abs_diff(back, a, nx) / max_abs(a, nx);
     conv3x3_forward_fast(y, grid, w, b, B, C, H, W, C_out, ws);
-    conv3x3_forward_ref(yr, a, w, b, B, C, H, W, C_out, NULL);
+    REF(conv3x3_forward, yr, a, w, b, B, C, H, W, C_out, NULL);
     conv3x3_backward_fast(da, dw, db, dy, grid, w, B, C, H, W, C_out, ws);
-    conv3x3_backward_ref(dar, dwr, dbr, dy, a, w, B, C, H, W, C_out, NULL);
+    REF(conv3x3_backward, dar, dwr, dbr, dy, a, w, B, C, H, W, C_out, NULL);
     double e[4];
     double worst = rel_errors4(e, (float* [4]){y, da, dw, db}, (float* [4]){yr, dar, dwr, dbr},
                                (size_t[4]){no, nx, nw, (size_t)C_out});
@@ -947,9 +953,9 @@ static void test_groupnorm_vs_ref(void) {
             float *mr = fmalloc(B * G), *rr = fmalloc(B * G), *dx = fmalloc(n), *dxr = fmalloc(n);
             float *dg = fmalloc(C), *dgr = fmalloc(C), *dbt = fmalloc(C), *dbr = fmalloc(C);
             groupnorm_forward_fast(y, mean, rstd, x, gamma, beta, B, C, HW, G, silu);
-            groupnorm_forward_ref(yr, mr, rr, x, gamma, beta, B, C, HW, G, silu);
+            REF(groupnorm_forward, yr, mr, rr, x, gamma, beta, B, C, HW, G, silu);
             groupnorm_backward_fast(dx, dg, dbt, dy, x, gamma, beta, mean, rstd, B, C, HW, G, silu);
-            groupnorm_backward_ref(dxr, dgr, dbr, dy, x, gamma, beta, mr, rr, B, C, HW, G, silu);
+            REF(groupnorm_backward, dxr, dgr, dbr, dy, x, gamma, beta, mr, rr, B, C, HW, G, silu);
             double e[4];
             double worst = rel_errors4(e, (float* [4]){y, dx, dg, dbt}, (float* [4]){yr, dxr, dgr, dbr},
                                        (size_t[4]){n, n, (size_t)C, (size_t)C});
@@ -1017,9 +1023,9 @@ static void test_denormals(void) {
     float *x = fmalloc(N), *y = fmalloc(N), *yr = fmalloc(N), *dy = fmalloc(N), *dx = fmalloc(N), *dxr = fmalloc(N);
     for (int i = 0; i < N; i++) x[i] = -80.0f - 0.2f * i, dy[i] = 1e-3f;   // -80 ... -131
     silu_forward_fast(y, x, N);
-    silu_forward_ref(yr, x, N);
+    REF(silu_forward, yr, x, N);
     silu_backward_fast(dx, dy, x, N);
-    silu_backward_ref(dxr, dy, x, N);
+    REF(silu_backward, dxr, dy, x, N);
     double e = fmax(max_abs_diff(y, yr, N), max_abs_diff(dx, dxr, N));
     int fin = all_finite(y, N) && all_finite(dx, N);
     check("silu on [-131, -80]: finite, no denormal, the reference's within 1e-30",
@@ -1034,7 +1040,7 @@ static void test_denormals(void) {
     for (int c = 0; c < C; c++) beta[c] = -100.0f;
     for (size_t i = n / 2; i < n; i++) gx[i] *= 1e-21f;
     groupnorm_forward_fast(gy, m, r, gx, gamma, beta, B, C, HW, G, 1);
-    groupnorm_forward_ref(gyr, mr, rr, gx, gamma, beta, B, C, HW, G, 1);
+    REF(groupnorm_forward, gyr, mr, rr, gx, gamma, beta, B, C, HW, G, 1);
     e = max_abs_diff(gy, gyr, n);
     fin = all_finite(gy, n) && all_finite(r, B * G);
     check("groupnorm+silu below -87 and on a near-constant group: finite, no denormal, the reference's within 1e-30",
@@ -1046,7 +1052,7 @@ static void test_denormals(void) {
     float *q = randn(na, 30), *k = randn(na, 30), *v = randn(na, 1), *o = fmalloc(na), *orf = fmalloc(na);
     float *at = fmalloc((size_t)Na * Na), *atr = fmalloc((size_t)Na * Na), *scr = fmalloc((size_t)kernel_threads * Na * Na);
     attention_forward_fast(o, at, q, k, v, 1, Ca, Na, scr);
-    attention_forward_ref(orf, atr, q, k, v, 1, Ca, Na, scr);
+    REF(attention_forward, orf, atr, q, k, v, 1, Ca, Na, scr);
     double ea = max_abs_diff(o, orf, na) / max_abs(orf, na);
     fin = all_finite(o, na) && all_finite(at, (size_t)Na * Na);
     check("attention with scores far apart: finite, no denormal weights, the reference's within 1e-5",
@@ -1108,9 +1114,9 @@ static void test_linear(void) {
     float *y = fmalloc((size_t)B * Co), *yr = fmalloc((size_t)B * Co), *gx = fmalloc((size_t)B * Ci), *gxr = fmalloc((size_t)B * Ci);
     float *gw = fmalloc((size_t)Co * Ci), *gwr = fmalloc((size_t)Co * Ci), *gb = fmalloc(Co), *gbr = fmalloc(Co);
     linear_forward_fast(y, x, w, b, B, Ci, Co);
-    linear_forward_ref(yr, x, w, b, B, Ci, Co);
+    REF(linear_forward, yr, x, w, b, B, Ci, Co);
     linear_backward_fast(gx, gw, gb, dy, x, w, B, Ci, Co);
-    linear_backward_ref(gxr, gwr, gbr, dy, x, w, B, Ci, Co);
+    REF(linear_backward, gxr, gwr, gbr, dy, x, w, B, Ci, Co);
     double e = fmax(fmax(max_abs_diff(y, yr, (size_t)B * Co) / max_abs(yr, (size_t)B * Co),
                          max_abs_diff(gx, gxr, (size_t)B * Ci) / max_abs(gxr, (size_t)B * Ci)),
                     fmax(max_abs_diff(gw, gwr, (size_t)Co * Ci) / max_abs(gwr, (size_t)Co * Ci),
@@ -1161,9 +1167,9 @@ static void test_attention(void) {
         float *gq = fmalloc(nn), *gk = fmalloc(nn), *gv = fmalloc(nn), *gqr = fmalloc(nn), *gkr = fmalloc(nn), *gvr = fmalloc(nn);
         float* scr = fmalloc((size_t)kernel_threads * N * N);
         attention_forward_fast(y, at, q, k, v, B, C, N, scr);
-        attention_forward_ref(yr, atr, q, k, v, B, C, N, scr);
+        REF(attention_forward, yr, atr, q, k, v, B, C, N, scr);
         attention_backward_fast(gq, gk, gv, dy, q, k, v, at, B, C, N, scr);
-        attention_backward_ref(gqr, gkr, gvr, dy, q, k, v, atr, B, C, N, scr);
+        REF(attention_backward, gqr, gkr, gvr, dy, q, k, v, atr, B, C, N, scr);
         double e[4];
         double worst = rel_errors4(e, (float* [4]){y, gq, gk, gv}, (float* [4]){yr, gqr, gkr, gvr},
                                    (size_t[4]){nn, nn, nn, nn});
@@ -1210,13 +1216,13 @@ static void test_upsample_conv_vs_ref(int B, int C_in, int C_out, int H, int W) 
     float *x = randn(nx, 1), *w = randn(nw, 0.3f), *b = randn(C_out, 0.1f), *dy = randn(no, 1);
     layers_init();
     float* ws = fmalloc(upsample_conv_workspace_floats_fast(B, C_in, H, W, C_out, kernel_threads));
-    float* wr = fmalloc(upsample_conv_workspace_floats_ref(B, C_in, H, W, C_out, kernel_threads));
+    float* wr = fmalloc(REF_SIZE(upsample_conv_workspace_floats, B, C_in, H, W, C_out, kernel_threads));
     float *y = fmalloc(no), *yr = fmalloc(no), *dx = fmalloc(nx), *dxr = fmalloc(nx);
     float *dw = fmalloc(nw), *dwr = fmalloc(nw), *db = fmalloc(C_out), *dbr = fmalloc(C_out);
     upsample_conv_forward_fast(y, x, w, b, B, C_in, H, W, C_out, ws);
-    upsample_conv_forward_ref(yr, x, w, b, B, C_in, H, W, C_out, wr);
+    REF(upsample_conv_forward, yr, x, w, b, B, C_in, H, W, C_out, wr);
     upsample_conv_backward_fast(dx, dw, db, dy, x, w, B, C_in, H, W, C_out, ws);
-    upsample_conv_backward_ref(dxr, dwr, dbr, dy, x, w, B, C_in, H, W, C_out, wr);
+    REF(upsample_conv_backward, dxr, dwr, dbr, dy, x, w, B, C_in, H, W, C_out, wr);
     double e[4];
     double worst = rel_errors4(e, (float* [4]){y, dx, dw, db}, (float* [4]){yr, dxr, dwr, dbr},
                                (size_t[4]){no, nx, nw, (size_t)C_out});
