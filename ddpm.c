@@ -563,7 +563,7 @@ static void rng_normal(Rng* r, float* out, size_t n) {
 // decided by hash(k, i) alone, so masks can be made by many threads in any order
 // and still be the same bits, and the backward pass can rebuild them. It is additive,
 // hash(k, i + j) = hash(k + j golden, i), so the masks of images computed apart from the
-// rest of their batch (section 14's block_key) are those of the whole batch.
+// rest of their batch (section 14's block_dropout) are those of the whole batch.
 #define GOLDEN 0x9e3779b97f4a7c15ULL
 static uint32_t hash_u32(uint64_t key, uint64_t i) {
     uint64_t x = key + i * GOLDEN;
@@ -862,6 +862,18 @@ static StepStats train_step(Trainer* tr, const Dataset* data) {
     return st;
 }
 
+// Algorithm 1 as a whole: "repeat ... until converged" is here until `steps` steps are
+// taken, or the watcher stops it. The watcher (the command line's: the log, the progress
+// line, previews, checkpoints, Ctrl-C and the clock) is told of every step.
+typedef struct { int (*step)(void* ctx, const StepStats* st); void* ctx; } TrainWatch;
+
+static void train(Trainer* tr, const Dataset* data, uint64_t steps, const TrainWatch* w) {
+    while (tr->step < steps) {                                         // 1: repeat
+        StepStats st = train_step(tr, data);                           // 2-5
+        if (!w->step(w->ctx, &st)) return;                             // 6: until converged
+    }
+}
+
 // ----------------------------------------------------------------------------
 // 10. Sampling: Algorithm 2 (§3.2) and progressive generation (§4.3, Fig. 6)
 //
@@ -886,8 +898,8 @@ typedef struct {
     double eta;        // DDIM's eta in [0, 1]
 } Sampler;
 
-// One step of the chain as a watcher sees it (below): x_t holds the B images after the
-// step, x0_hat their predicted x_0 (Eq. 15).
+// One step of a chain as its watcher sees it: x_t holds the B images after the step,
+// x0_hat their predicted x_0 (Eq. 15).
 typedef struct {
     const float *x_t, *x0_hat;  // (B, C, H, W) each
     int t_idx;                  // the step just taken, on the chain's schedule
@@ -896,136 +908,122 @@ typedef struct {
     size_t n;                   // values per image
 } ChainStep;
 
-// Whoever wants to follow a chain (a progress line, the record of Fig. 6) passes a Watch
-// once, to the function that runs the chain; it is told of every step, and returns 0 to
-// stop the chain there (Ctrl-C). Watches chain through `next`.
-typedef struct Watch Watch;
-struct Watch {
-    int (*step)(Watch* self, const ChainStep* st);
-    Watch* next;
-};
+// Whoever follows a chain (a progress line and Ctrl-C, the record of Fig. 6) passes one
+// watcher: a function told of every step, which returns 0 to stop the chain there.
+typedef struct { int (*step)(void* ctx, const ChainStep* st); void* ctx; } Watch;
 
-static int watch_step(Watch* w, const ChainStep* st) {
-    int go = 1;
-    for (; w; w = w->next) go &= w->step(w, st);
-    return go;
-}
-
+// A running chain: the scratch of one step for B images, and its watcher.
 typedef struct {
     float *mean, *x0_hat, *z;   // (B, C, H, W) each
     float* log_var;             // (B, C, H, W): log sigma_t^2
     int* t_idx;                 // (B): the chain's step
     int* t_model;               // (B): the network's timestep for it (section 10.2)
     int shared_noise;           // one image's z for all B images (the interpolations of 10.3)
-    Watch* watch;               // told of every step (may be NULL)
+    const Watch* watch;         // told of every step (may be NULL)
     int start;                  // the first image's number among all the caller draws
-} SampleBuffers;
+} Chain;
 
-static void sample_buffers_init(SampleBuffers* sb, int B, size_t n, Watch* watch) {
+static void chain_init(Chain* ch, int B, size_t n, const Watch* watch) {
     size_t k = (size_t)B * n;
-    sb->mean = malloc_check(4 * k * sizeof(float), "sampling buffers");
-    sb->x0_hat = sb->mean + k, sb->z = sb->mean + 2 * k, sb->log_var = sb->mean + 3 * k;
-    sb->t_idx = malloc_check(2 * (size_t)B * sizeof(int), "sampling buffers");
-    sb->t_model = sb->t_idx + B;
-    sb->shared_noise = 0;
-    sb->watch = watch;
-    sb->start = 0;
+    ch->mean = malloc_check(4 * k * sizeof(float), "sampling buffers");
+    ch->x0_hat = ch->mean + k, ch->z = ch->mean + 2 * k, ch->log_var = ch->mean + 3 * k;
+    ch->t_idx = malloc_check(2 * (size_t)B * sizeof(int), "sampling buffers");
+    ch->t_model = ch->t_idx + B;
+    ch->shared_noise = 0;
+    ch->watch = watch;
+    ch->start = 0;
 }
 
-static void sample_buffers_free(SampleBuffers* sb) { free(sb->mean); free(sb->t_idx); }
+static void chain_free(Chain* ch) { free(ch->mean); free(ch->t_idx); }
 
 // z ~ N(0, I) for the batch: B * n draws, or n draws copied to every image.
-static void draw_z(SampleBuffers* sb, int B, size_t n, Rng* rng) {
-    rng_normal(rng, sb->z, sb->shared_noise ? n : (size_t)B * n);
-    if (sb->shared_noise)
-        for (int b = 1; b < B; b++) memcpy(sb->z + b * n, sb->z, n * sizeof(float));
+static void draw_z(Chain* ch, int B, size_t n, Rng* rng) {
+    rng_normal(rng, ch->z, ch->shared_noise ? n : (size_t)B * n);
+    if (ch->shared_noise)
+        for (int b = 1; b < B; b++) memcpy(ch->z + b * n, ch->z, n * sizeof(float));
 }
 
 // Alg. 2, lines 3-4 (the official p_sample): x_t is overwritten by x_{t-1}, for B images
 // at steps t_idx[b], from the network's output `out` (eps_theta for the paper's model).
 // z is drawn for the whole batch unless every image is at t = 1.
 static void p_sample(float* x_t, const float* out, const int* t_idx, int B, size_t n, const Sampler* sp,
-                     const Schedule* s, SampleBuffers* sb, Rng* rng) {
-    p_mean_variance(sb->mean, sb->log_var, sb->x0_hat, x_t, out, t_idx, B, n, sp->mean, sp->var, 1, s);
+                     const Schedule* s, Chain* ch, Rng* rng) {
+    p_mean_variance(ch->mean, ch->log_var, ch->x0_hat, x_t, out, t_idx, B, n, sp->mean, sp->var, 1, s);
     int any_noise = 0;
     for (int b = 0; b < B; b++) any_noise |= t_idx[b] > 0;
-    if (any_noise) draw_z(sb, B, n, rng);                                 // z ~ N(0, I) if t > 1
+    if (any_noise) draw_z(ch, B, n, rng);                                 // z ~ N(0, I) if t > 1
     for (int b = 0; b < B; b++) {
         if (t_idx[b] == 0) {                                              // else z = 0
-            memcpy(x_t + b * n, sb->mean + b * n, n * sizeof(float));
+            memcpy(x_t + b * n, ch->mean + b * n, n * sizeof(float));
             continue;
         }
         for (size_t i = b * n; i < (b + 1) * n; i++)
-            x_t[i] = sb->mean[i] + (float)exp(0.5 * sb->log_var[i]) * sb->z[i];
+            x_t[i] = ch->mean[i] + (float)exp(0.5 * ch->log_var[i]) * ch->z[i];
     }
 }
 
 // ---- 10.1 The chain, from any step down to x_0 ----
 
 static void ddim_sample(float* x_t, const float* out, const int* t_idx, int B, size_t n, const Sampler* sp,
-                        const Schedule* s, SampleBuffers* sb, Rng* rng);
+                        const Schedule* s, Chain* ch, Rng* rng);
 
 // Lines 2-5 of Alg. 2 (or the DDIM steps) for B images held in x, from the chain's step
 // t_from down to t = 1: x holds x_{t_from + 1} on entry (0-based t_from) and x_0 on
-// return. Returns 0 if the watch stopped it.
+// return. Returns 0 if the watcher stopped it.
 static int reverse_chain(UNet* m, const Schedule* s, const Sampler* sp, float* x, int B, int t_from,
-                         SampleBuffers* sb, Rng* rng) {
+                         Chain* ch, Rng* rng) {
     size_t n = (size_t)m->cfg.in_ch * m->cfg.img * m->cfg.img;
     m->train = 0;
     m->no_grad = 1;
     for (int t_idx = t_from; t_idx >= 0; t_idx--) {        // t = t_from + 1, ..., 1
-        for (int b = 0; b < B; b++) sb->t_idx[b] = t_idx, sb->t_model[b] = s->t_model[t_idx];
-        const float* out = unet_forward(m, x, sb->t_model, B);
-        if (sp->ddim) ddim_sample(x, out, sb->t_idx, B, n, sp, s, sb, rng);
-        else p_sample(x, out, sb->t_idx, B, n, sp, s, sb, rng);
-        ChainStep st = {x, sb->x0_hat, t_idx, s->t_model[t_idx] + 1, sb->start, B, n};
-        if (!watch_step(sb->watch, &st)) return 0;
+        for (int b = 0; b < B; b++) ch->t_idx[b] = t_idx, ch->t_model[b] = s->t_model[t_idx];
+        const float* out = unet_forward(m, x, ch->t_model, B);
+        if (sp->ddim) ddim_sample(x, out, ch->t_idx, B, n, sp, s, ch, rng);
+        else p_sample(x, out, ch->t_idx, B, n, sp, s, ch, rng);
+        ChainStep st = {x, ch->x0_hat, t_idx, s->t_model[t_idx] + 1, ch->start, B, n};
+        if (ch->watch && !ch->watch->step(ch->watch->ctx, &st)) return 0;
     }
     return 1;
 }
 
 // Alg. 2 for n_images, in batches of the network's B_max, on the schedule s (the
-// trained one, or a respaced one). Returns 0 if the watch stopped it.
+// trained one, or a respaced one). Returns 0 if the watcher stopped it.
 static int p_sample_loop(UNet* m, const Schedule* s, const Sampler* sp, float* out, int n_images, Rng* rng,
-                         Watch* watch) {
+                         const Watch* watch) {
     int Bm = m->B_max, done = 1;
     size_t n = (size_t)m->cfg.in_ch * m->cfg.img * m->cfg.img;
-    SampleBuffers sb;
-    sample_buffers_init(&sb, Bm, n, watch);
-    for (sb.start = 0; sb.start < n_images && done; sb.start += Bm) {
-        int B = n_images - sb.start < Bm ? n_images - sb.start : Bm;
-        float* x_t = out + (size_t)sb.start * n;
+    Chain ch;
+    chain_init(&ch, Bm, n, watch);
+    for (ch.start = 0; ch.start < n_images && done; ch.start += Bm) {
+        int B = n_images - ch.start < Bm ? n_images - ch.start : Bm;
+        float* x_t = out + (size_t)ch.start * n;
         rng_normal(rng, x_t, (size_t)B * n);                  // x_T ~ N(0, I)
-        done = reverse_chain(m, s, sp, x_t, B, s->T - 1, &sb, rng);
+        done = reverse_chain(m, s, sp, x_t, B, s->T - 1, &ch, rng);
     }
-    sample_buffers_free(&sb);
+    chain_free(&ch);
     return done;
 }
 
-// The record of Fig. 6, a watch: x_t and x0_hat of the first n_images images at every
-// `every`-th step ((t_idx + 1) % every == 0) and at t_idx = 0.
+// The record of Fig. 6: x_t and x0_hat of the first n_images images at every `every`-th
+// step ((t_idx + 1) % every == 0) and at t_idx = 0. A watcher calls trace_record.
 typedef struct {
-    Watch watch;          // first: a Trace* is its Watch*
     int every;
     int n_images, n_steps, max_steps;
     int* steps;           // t (1-based, the network's) of each record
     float *x_t, *x0_hat;  // (max_steps, n_images, C, H, W)
 } Trace;
 
-static int trace_step(Watch* w, const ChainStep* st) {
-    Trace* tr = (Trace*)w;
-    if (st->start > 0 || tr->n_steps >= tr->max_steps || ((st->t_idx + 1) % tr->every && st->t_idx != 0)) return 1;
+static void trace_record(Trace* tr, const ChainStep* st) {
+    if (st->start > 0 || tr->n_steps >= tr->max_steps || ((st->t_idx + 1) % tr->every && st->t_idx != 0)) return;
     size_t k = (size_t)tr->n_steps++ * tr->n_images * st->n;
     memcpy(tr->x_t + k, st->x_t, tr->n_images * st->n * sizeof(float));
     memcpy(tr->x0_hat + k, st->x0_hat, tr->n_images * st->n * sizeof(float));
     tr->steps[tr->n_steps - 1] = st->t;
-    return 1;
 }
 
 // Makes tr record every T/10-th step of the first n_images images (n values each).
 static void trace_init(Trace* tr, int n_images, int T, size_t n) {
     memset(tr, 0, sizeof *tr);
-    tr->watch.step = trace_step;
     tr->every = T >= 10 ? T / 10 : 1;
     tr->n_images = n_images;
     tr->max_steps = T / tr->every + 1;
@@ -1079,11 +1077,11 @@ static double ddim_sigma2(int t_idx, double eta, const Schedule* s) {
 }
 
 static void ddim_sample(float* x_t, const float* out, const int* t_idx, int B, size_t n, const Sampler* sp,
-                        const Schedule* s, SampleBuffers* sb, Rng* rng) {
-    p_mean_variance(sb->mean, NULL, sb->x0_hat, x_t, out, t_idx, B, n, sp->mean, sp->var, 1, s);
+                        const Schedule* s, Chain* ch, Rng* rng) {
+    p_mean_variance(ch->mean, NULL, ch->x0_hat, x_t, out, t_idx, B, n, sp->mean, sp->var, 1, s);
     int any_noise = 0;
     for (int b = 0; b < B; b++) any_noise |= sp->eta > 0 && t_idx[b] > 0;
-    if (any_noise) draw_z(sb, B, n, rng);
+    if (any_noise) draw_z(ch, B, n, rng);
     for (int b = 0; b < B; b++) {
         int ti = t_idx[b];
         double abar_prev = s->alphas_cumprod_prev[ti], sig2 = ddim_sigma2(ti, sp->eta, s);
@@ -1091,8 +1089,8 @@ static void ddim_sample(float* x_t, const float* out, const int* t_idx, int B, s
         float sigma = (float)sqrt(sig2), r0 = (float)s->sqrt_recip_alphas_cumprod[ti];
         float r1 = (float)s->sqrt_recipm1_alphas_cumprod[ti];
         for (size_t i = b * n; i < (b + 1) * n; i++) {
-            float eps_hat = (r0 * x_t[i] - sb->x0_hat[i]) / r1;
-            x_t[i] = c_x0 * sb->x0_hat[i] + c_eps * eps_hat + (sigma > 0 ? sigma * sb->z[i] : 0.0f);
+            float eps_hat = (r0 * x_t[i] - ch->x0_hat[i]) / r1;
+            x_t[i] = c_x0 * ch->x0_hat[i] + c_eps * eps_hat + (sigma > 0 ? sigma * ch->z[i] : 0.0f);
         }
     }
 }
@@ -1109,29 +1107,29 @@ static void ddim_sample(float* x_t, const float* out, const int* t_idx, int B, s
 // pixel-space blending; large t gives new, plausible images (Fig. 9).
 
 // Image x_0 (n values) at step t_idx: writes x_t (n) and k decodings x_0 ~ p_theta(x_0|x_t)
-// (k * n, k <= m->B_max). Returns 0 if the watch stopped it.
+// (k * n, k <= m->B_max). Returns 0 if the watcher stopped it.
 static int reconstruct(UNet* m, const Schedule* s, const Sampler* sp, const float* x_0, int t_idx, int k,
-                       float* x_t, float* samples, Rng* rng, Watch* watch) {
+                       float* x_t, float* samples, Rng* rng, const Watch* watch) {
     size_t n = (size_t)m->cfg.in_ch * m->cfg.img * m->cfg.img;
-    SampleBuffers sb;
-    sample_buffers_init(&sb, k, n, watch);
-    rng_normal(rng, sb.z, n);                                  // eps of Eq. (4), once
-    q_sample(x_t, x_0, sb.z, &t_idx, 1, n, s);
+    float* eps = malloc_check(n * sizeof(float), "the encoding");
+    rng_normal(rng, eps, n);                                   // eps of Eq. (4), once
+    q_sample(x_t, x_0, eps, &t_idx, 1, n, s);
+    free(eps);
     for (int j = 0; j < k; j++) memcpy(samples + j * n, x_t, n * sizeof(float));
-    int done = reverse_chain(m, s, sp, samples, k, t_idx, &sb, rng);
-    sample_buffers_free(&sb);
+    Chain ch;
+    chain_init(&ch, k, n, watch);
+    int done = reverse_chain(m, s, sp, samples, k, t_idx, &ch, rng);
+    chain_free(&ch);
     return done;
 }
 
 // Images a and b at step t_idx, decoded at n_lambda >= 2 evenly spaced lambda in [0, 1]
-// (one image each in out, n_lambda <= m->B_max). Returns 0 if the watch stopped it.
+// (one image each in out, n_lambda <= m->B_max). Returns 0 if the watcher stopped it.
 static int interpolate(UNet* m, const Schedule* s, const Sampler* sp, const float* a, const float* b, int t_idx,
-                       int n_lambda, float* out, Rng* rng, Watch* watch) {
+                       int n_lambda, float* out, Rng* rng, const Watch* watch) {
     size_t n = (size_t)m->cfg.in_ch * m->cfg.img * m->cfg.img;
-    SampleBuffers sb;
-    sample_buffers_init(&sb, n_lambda, n, watch);
-    sb.shared_noise = 1;
-    float *eps = sb.mean, *xa = sb.x0_hat, *xb = sb.x0_hat + n;   // free until the first step
+    float* eps = malloc_check(3 * n * sizeof(float), "the encodings");
+    float *xa = eps + n, *xb = eps + 2 * n;
     rng_normal(rng, eps, n);                                   // one eps for both images
     q_sample(xa, a, eps, &t_idx, 1, n, s);                     // x_t
     q_sample(xb, b, eps, &t_idx, 1, n, s);                     // x'_t
@@ -1139,8 +1137,12 @@ static int interpolate(UNet* m, const Schedule* s, const Sampler* sp, const floa
         float lam = (float)l / (n_lambda - 1);
         for (size_t i = 0; i < n; i++) out[l * n + i] = (1 - lam) * xa[i] + lam * xb[i];
     }
-    int done = reverse_chain(m, s, sp, out, n_lambda, t_idx, &sb, rng);
-    sample_buffers_free(&sb);
+    free(eps);
+    Chain ch;
+    chain_init(&ch, n_lambda, n, watch);
+    ch.shared_noise = 1;
+    int done = reverse_chain(m, s, sp, out, n_lambda, t_idx, &ch, rng);
+    chain_free(&ch);
     return done;
 }
 
@@ -1186,10 +1188,10 @@ typedef struct {
 
 // The bound of the first n_images test images under the chain s, its mean and variance
 // taken as sp says. With per_t (may be NULL) also every term; with t_samples = K > 0 the
-// sum of the KL terms from K stratified t per image. The watch is told of every network
-// evaluation (as a chain step of all the images in the batch) and may stop it.
+// sum of the KL terms from K stratified t per image. The watcher (may be NULL) is told of
+// every network evaluation (as a chain step of all the images in the batch) and may stop it.
 static BoundBpd eval_bpd(UNet* m, const Schedule* s, const Sampler* sp, const Dataset* test, int n_images,
-                         int t_samples, Rng* rng, PerT* per_t, Watch* watch) {
+                         int t_samples, Rng* rng, PerT* per_t, const Watch* watch) {
     int Bm = m->B_max, T = s->T;
     size_t n = (size_t)m->cfg.in_ch * m->cfg.img * m->cfg.img;
     if (n_images > test->N) n_images = test->N;
@@ -1243,7 +1245,7 @@ static BoundBpd eval_bpd(UNet* m, const Schedule* s, const Sampler* sp, const Da
                 per_t->mse[ti] += se / n;
             }
             ChainStep st = {x_t, x0_hat, t_idx[0], t_model[0] + 1, start, B, n};
-            go = watch_step(watch, &st);
+            go = !watch || watch->step(watch->ctx, &st);
         }
         if (!go) break;
         for (int b = 0; b < B; b++) sum_sq += img_L[b] * img_L[b];
@@ -1485,12 +1487,13 @@ static void attnblock_forward(UNet* m, Block* k, int B);
 static void attnblock_backward(UNet* m, Block* k, int B);
 static void resample_forward(UNet* m, Block* k, int B);
 static void resample_backward(UNet* m, Block* k, int B);
+typedef struct { float p; uint64_t key; } Dropout;   // a dropout's rate and its mask's key (section 14)
+static const Dropout NO_DROPOUT = {0.0f, 0};
 static void norm_silu_conv_forward(float* h, float* a, float* mean, float* rstd, const float* x,
-                                   const GroupNorm* n, const Conv2d* c, int B, int H, int W,
-                                   float p, uint64_t key, float* ws);
+                                   const GroupNorm* n, const Conv2d* c, int B, int H, int W, Dropout d, float* ws);
 static void norm_silu_conv_backward(float* dx, GroupNorm* n, Conv2d* c, const float* dh, const float* x,
                                     const float* a, const float* mean, const float* rstd, int B, int H, int W,
-                                    float p, uint64_t key, float* tmp1, float* tmp2, float* ws);
+                                    Dropout d, float* tmp1, float* tmp2, float* ws);
 
 static float* unet_forward(UNet* m, const float* x_t, const int* t_idx, int B) {
     UNetLayers* L = m->L;
@@ -1511,7 +1514,7 @@ static float* unet_forward(UNet* m, const float* x_t, const int* t_idx, int B) {
         else resample_forward(m, k, B);
     }
     norm_silu_conv_forward(L->eps_theta, L->a_out, L->mean_out, L->rstd_out, L->h_last, &L->norm_out, &L->conv_out,
-                           B, S, S, 0, 0, L->conv_ws);
+                           B, S, S, NO_DROPOUT, L->conv_ws);
     return L->eps_theta;
 }
 
@@ -1523,7 +1526,7 @@ static void unet_backward(UNet* m, const float* d_eps_theta, int B) {
     // eps_theta = conv_out(silu(norm_out(h_last)))
     zero(L->d_h_last, (size_t)B * L->norm_out.C * S * S);
     norm_silu_conv_backward(L->d_h_last, &L->norm_out, &L->conv_out, d_eps_theta, L->h_last, L->a_out,
-                            L->mean_out, L->rstd_out, B, S, S, 0, 0, L->scratch[1], L->scratch[2], L->conv_ws);
+                            L->mean_out, L->rstd_out, B, S, S, NO_DROPOUT, L->scratch[1], L->scratch[2], L->conv_ws);
     for (int i = L->n_blocks - 1; i >= 0; i--) {
         Block* k = &L->blocks[i];
         if (k->din_transient) zero(k->din, (size_t)B * k->C_in * k->H * k->W);
@@ -1547,39 +1550,37 @@ static void unet_zero_grad(UNet* m) { zero(m->grads, m->n_params); }
 // 14. The blocks, forward and backward (Appendix B; the official resnet_block,
 // attn_block, downsample and upsample)
 
-// The key of a ResBlock's dropout mask (over its (B, C_out, H, W) conv2 input). It is
-// moved on by the images of the step's batch before these (batch_start; hash_u32 is
-// additive), so an image gets the same mask whichever slice of the batch computes it.
-static uint64_t block_key(const UNet* m, const Block* k) {
+// A ResBlock's dropout (over its (B, C_out, H, W) conv2 input): none outside training.
+// The mask's key is moved on by the images of the step's batch before these (batch_start;
+// hash_u32 is additive), so an image gets the same mask whichever slice computes it.
+static Dropout block_dropout(const UNet* m, const Block* k) {
     uint64_t key = m->dropout_key ^ (GOLDEN * (uint64_t)(k - m->L->blocks + 1));
-    return key + (uint64_t)m->batch_start * k->C_out * k->H * k->W * GOLDEN;
+    Dropout d = {m->train ? m->cfg.dropout : 0.0f, key + (uint64_t)m->batch_start * k->C_out * k->H * k->W * GOLDEN};
+    return d;
 }
 
-static float dropout_p(const UNet* m) { return m->train ? m->cfg.dropout : 0.0f; }
-
 // The unit the U-Net is built of, twice in every ResBlock and once before the output:
-//   h = conv3x3(dropout(silu(groupnorm(x))))      (p = 0: no dropout)
+//   h = conv3x3(dropout(silu(groupnorm(x))))      (d.p = 0: no dropout)
 // a = dropout(silu(groupnorm(x))) is kept for the backward pass, as a conv input (12.1),
-// with GroupNorm's mean and rstd. The dropout mask is never stored: key rebuilds it.
+// with GroupNorm's mean and rstd. The dropout mask is never stored: its key rebuilds it.
 static void norm_silu_conv_forward(float* h, float* a, float* mean, float* rstd, const float* x,
-                                   const GroupNorm* n, const Conv2d* c, int B, int H, int W,
-                                   float p, uint64_t key, float* ws) {
+                                   const GroupNorm* n, const Conv2d* c, int B, int H, int W, Dropout d, float* ws) {
     groupnorm_silu_conv_input(a, mean, rstd, x, n->gamma, n->beta, B, n->C, H, W, n->G);
-    if (p > 0) dropout_conv_input(a, B, n->C, H, W, p, key);
+    if (d.p > 0) dropout_conv_input(a, B, n->C, H, W, d.p, d.key);
     conv3x3_forward(h, a, c->w, c->b, B, c->C_in, H, W, c->C_out, ws);
 }
 
 // dx += d/dx of the above; tmp1, tmp2: (B, C_in, H, W) of scratch each.
 static void norm_silu_conv_backward(float* dx, GroupNorm* n, Conv2d* c, const float* dh, const float* x,
                                     const float* a, const float* mean, const float* rstd, int B, int H, int W,
-                                    float p, uint64_t key, float* tmp1, float* tmp2, float* ws) {
+                                    Dropout d, float* tmp1, float* tmp2, float* ws) {
     size_t N = (size_t)B * n->C * H * W;
     float* da = tmp1;
     zero(da, N);
     conv3x3_backward(da, c->dw, c->db, dh, a, c->w, B, c->C_in, H, W, c->C_out, ws);   // h = conv3x3(a)
-    if (p > 0) {   // a = dropout(a'): the mask is rebuilt from its key
+    if (d.p > 0) {   // a = dropout(a'): the mask is rebuilt from its key
         zero(tmp2, N);
-        dropout_backward(tmp2, da, N, p, key);
+        dropout_backward(tmp2, da, N, d.p, d.key);
         da = tmp2;
     }
     groupnorm_backward(dx, n->dgamma, n->dbeta, da, x, n->gamma, n->beta, mean, rstd,   // a' = silu(norm(x))
@@ -1597,14 +1598,15 @@ static void resblock_forward(UNet* m, Block* k, int B) {
     size_t N = (size_t)B * C * HW;
     const float* x = k->in;
     if (k->skip) { concat_forward(L->scratch[0], k->in, k->skip, B, k->C_in, k->C_skip, HW); x = L->scratch[0]; }
-    norm_silu_conv_forward(k->h1, k->a1, k->mean1, k->rstd1, x, &k->norm1, &k->conv1, B, H, W, 0, 0, L->conv_ws);
+    norm_silu_conv_forward(k->h1, k->a1, k->mean1, k->rstd1, x, &k->norm1, &k->conv1, B, H, W, NO_DROPOUT, L->conv_ws);
     linear_forward(L->tproj, L->temb_act, k->temb_proj.w, k->temb_proj.b, B, 4 * m->cfg.ch, C);
     add_channel_bias(k->h1, L->tproj, B, C, HW);
     norm_silu_conv_forward(k->out, k->a2, k->mean2, k->rstd2, k->h1, &k->norm2, &k->conv2, B, H, W,
-                           dropout_p(m), block_key(m, k), L->conv_ws);
+                           block_dropout(m, k), L->conv_ws);
     if (k->nin_shortcut.w) {
-        conv2d_forward(L->scratch[2], x, k->nin_shortcut.w, k->nin_shortcut.b, B, C_x, H, W, C, 1, 1, L->conv_ws);
-        add_inplace(k->out, L->scratch[2], N);
+        float* shortcut = L->scratch[2];
+        conv2d_forward(shortcut, x, k->nin_shortcut.w, k->nin_shortcut.b, B, C_x, H, W, C, 1, 1, L->conv_ws);
+        add_inplace(k->out, shortcut, N);
     } else {
         add_inplace(k->out, x, N);
     }
@@ -1614,13 +1616,14 @@ static void resblock_backward(UNet* m, Block* k, int B) {
     UNetLayers* L = m->L;
     int C_x = k->C_in + k->C_skip, C = k->C_out, H = k->H, W = k->W, HW = H * W;
     size_t N = (size_t)B * C * HW;
-    float **s = L->scratch;
+    float *x_cat = L->scratch[0], *tmp1 = L->scratch[1], *tmp2 = L->scratch[2], *dh1 = L->scratch[3],
+          *dx_cat = L->scratch[4];
     const float* x = k->in;
     float* dx = k->din;
     if (k->skip) {   // x = concat(in, skip): rebuild it, and collect its gradient apart
-        concat_forward(s[0], k->in, k->skip, B, k->C_in, k->C_skip, HW);
-        x = s[0];
-        dx = s[4];
+        concat_forward(x_cat, k->in, k->skip, B, k->C_in, k->C_skip, HW);
+        x = x_cat;
+        dx = dx_cat;
         zero(dx, (size_t)B * C_x * HW);
     }
     // out = shortcut(x) + h2
@@ -1630,16 +1633,15 @@ static void resblock_backward(UNet* m, Block* k, int B) {
     else
         add_inplace(dx, k->dout, N);
     // h2 = conv2(dropout(silu(norm2(h1))))
-    float* dh1 = s[3];
     zero(dh1, N);
     norm_silu_conv_backward(dh1, &k->norm2, &k->conv2, k->dout, k->h1, k->a2, k->mean2, k->rstd2, B, H, W,
-                            dropout_p(m), block_key(m, k), s[2], s[1], L->conv_ws);
+                            block_dropout(m, k), tmp2, tmp1, L->conv_ws);
     // h1 = conv1(silu(norm1(x))) + temb_proj(silu(temb)): the projection gets the per-channel sums
     sum_channel(L->tproj, dh1, B, C, HW);
     linear_backward(L->d_temb_act, k->temb_proj.dw, k->temb_proj.db, L->tproj, L->temb_act,
                     k->temb_proj.w, B, 4 * m->cfg.ch, C);
     norm_silu_conv_backward(dx, &k->norm1, &k->conv1, dh1, x, k->a1, k->mean1, k->rstd1, B, H, W,
-                            0, 0, s[2], s[1], L->conv_ws);
+                            NO_DROPOUT, tmp2, tmp1, L->conv_ws);
     if (k->skip) concat_backward(k->din, k->dskip, dx, B, k->C_in, k->C_skip, HW);
 }
 
@@ -1662,8 +1664,7 @@ static void attnblock_backward(UNet* m, Block* k, int B) {
     UNetLayers* L = m->L;
     int C = k->C_in, H = k->H, W = k->W, HW = H * W;
     size_t N = (size_t)B * C * HW;
-    float **s = L->scratch;
-    float *n = s[0], *do_ = s[1], *dq = s[2], *dk = s[3], *dv = s[4];
+    float *n = L->scratch[0], *do_ = L->scratch[1], *dq = L->scratch[2], *dk = L->scratch[3], *dv = L->scratch[4];
     add_inplace(k->din, k->dout, N);   // the residual connection
     zero(do_, N);
     conv2d_backward(do_, k->proj_out.dw, k->proj_out.db, k->dout, k->o, k->proj_out.w, B, C, H, W, C, 1, 1, L->conv_ws);
@@ -4133,7 +4134,7 @@ static void mkdir_p(const char* path) {
 }
 
 // Set by Ctrl-C / SIGTERM (and SIGHUP, SIGPIPE) to the signal's number: a long loop stops at its next step (a
-// chain through its Watch, below; training in section 22) and the command saves what it
+// chain through its watcher, below; training in section 22) and the command saves what it
 // has, or says it has nothing.
 static volatile sig_atomic_t stop_requested = 0;
 
@@ -4164,44 +4165,31 @@ static void progress_line(const char* what, long done, long total, double t0) {
     if (isatty(2) && done == total) fprintf(stderr, "\n");
 }
 
-// A progress line as a Watch of the chains of section 10: one count per step, and a
-// stop at Ctrl-C.
+// The watcher of a chain of section 10: a progress line, one count per step; a stop at
+// Ctrl-C; with `finite`, a stop where the images leave the finite range (a broken network
+// gives NaN: no NaN picture is written as if it were one), noting the step in t_bad; and
+// the record of Fig. 6 if trace is set. progress_start points pg->watch at pg.
 typedef struct {
-    Watch watch;   // first: a Progress* is its Watch*
     const char* what;
     long done, total;
     double t0;
+    int finite, t_bad;   // t_bad: the step (1..T) where x_t stopped being finite; 0 while it is
+    Trace* trace;
+    Watch watch;
 } Progress;
 
-static int progress_step(Watch* w, const ChainStep* st) {
-    (void)st;
-    Progress* p = (Progress*)w;
+static int progress_step(void* ctx, const ChainStep* st) {
+    Progress* p = ctx;
     progress_line(p->what, ++p->done, p->total, p->t0);
-    return !stop_requested;
+    int go = !stop_requested;
+    if (p->finite && !all_finite(st->x_t, (size_t)st->B * st->n)) p->t_bad = st->t, go = 0;
+    if (p->trace) trace_record(p->trace, st);
+    return go;
 }
 
-static Progress progress_start(const char* what, long total, Watch* next) {
-    Progress p = {{progress_step, next}, what, 0, total, now_seconds()};
-    return p;
-}
-
-// A Watch that stops a chain whose images leave the finite range (a broken network
-// gives NaN), noting the step, so that no NaN picture is written as if it were one.
-typedef struct {
-    Watch watch;   // first: a Finite* is its Watch*
-    int t_bad;     // the step (1..T) where x_t stopped being finite; 0 while it is
-} Finite;
-
-static int finite_step(Watch* w, const ChainStep* st) {
-    Finite* f = (Finite*)w;
-    if (all_finite(st->x_t, (size_t)st->B * st->n)) return 1;
-    f->t_bad = st->t;
-    return 0;
-}
-
-static Finite finite_start(Watch* next) {
-    Finite f = {{finite_step, next}, 0};
-    return f;
+static const Watch* progress_start(Progress* p, const char* what, long total, int finite, Trace* trace) {
+    *p = (Progress){what, 0, total, now_seconds(), finite, 0, trace, {progress_step, p}};
+    return &p->watch;
 }
 
 // ----------------------------------------------------------------------------
@@ -5705,12 +5693,12 @@ static int preview_due(uint64_t step, long first, long every) {
 // One grid into imgs: returns 1 if written, 0 if the chain was stopped or left the finite range.
 static int training_grid(UNet* m, const Schedule* s, const Sampler* sp, float* imgs, int n, Rng* rng,
                          const char* what, const char* path, unsigned long long step) {
-    Finite fin = finite_start(NULL);
-    Progress pg = progress_start(what, (long)(n + m->B_max - 1) / m->B_max * s->T, &fin.watch);
-    int done = p_sample_loop(m, s, sp, imgs, n, rng, &pg.watch);
-    if (fin.t_bad)
+    Progress pg;
+    const Watch* w = progress_start(&pg, what, (long)(n + m->B_max - 1) / m->B_max * s->T, 1, NULL);
+    int done = p_sample_loop(m, s, sp, imgs, n, rng, w);
+    if (pg.t_bad)
         fprintf(stderr, "samples: none written at step %llu: the chain left the finite range at t = %d\n", step,
-                fin.t_bad);
+                pg.t_bad);
     if (!done) return 0;
     int cols = (int)ceil(sqrt((double)n));
     if (save_grid_png(path, imgs, n, m->cfg.in_ch, m->cfg.img, m->cfg.img, cols) == 0)
@@ -5885,6 +5873,69 @@ static void check_training_memory(const Options* o, const Config* cfg) {
     die_memory(cfg, per_rank / K, need, have, fix);
 }
 
+// A training run's watcher (Algorithm 1's, section 9), on every rank: the log row and the
+// progress line of each step, the time estimate after ten, previews and checkpoints, and
+// the stop at Ctrl-C or at --minutes. Rank 0 (lead) alone writes the run folder.
+typedef struct {
+    const Options* o;
+    Trainer* tr;
+    Dataset* data;
+    FILE* log;
+    const char *dir, *ckpt;
+    int lead, tty, exists;             // exists: the run folder held a checkpoint at the start
+    int saved, out_of_time, stop;
+    uint64_t first, last_saved;        // the run's first step; the step model.ckpt holds
+    double t0, last, ts, running, t_timed;   // ts: when the step began; last: the last progress line
+} TrainRun;
+
+static int train_run_step(void* ctx, const StepStats* st) {
+    TrainRun* r = ctx;
+    const Options* o = r->o;
+    Trainer* tr = r->tr;
+    dataset_forget(r->data);
+    if (!isfinite(st->loss)) {   // nothing was updated or saved; say what will work
+        const char* v = isnan(st->loss) ? "nan" : "inf";
+        unsigned long long bad = tr->step + 1;
+        if (!r->exists && !r->saved)
+            die("the loss became %s at step %llu, before any checkpoint; start again with a lower --lr", v, bad);
+        if (r->last_saved + 1 == tr->step + 1)   // the forward pass from that very state overflowed
+            die("the loss became %s at step %llu; %s holds step %llu, and resuming it replays the batch that "
+                "overflowed, at any --lr: start a new run (--run DIR) with a lower --lr", v, bad, r->ckpt,
+                (unsigned long long)r->last_saved);
+        die("the loss became %s at step %llu; %s (step %llu) is the last saved state: resume it with a lower "
+            "--lr (--resume --lr X)", v, bad, r->ckpt, (unsigned long long)r->last_saved);
+    }
+    double now = now_seconds(), ips = o->batch / (now - r->ts);
+    if (tr->step > r->first + 1) r->t_timed += now - r->ts;   // the first step warms up: not timed
+    if (r->lead && tr->step == r->first + 11 && (long)tr->step < o->steps) print_plan_time(o, tr->step, r->t_timed / 10, 10);
+    r->running = r->running < 0 ? st->loss : 0.98 * r->running + 0.02 * st->loss;
+    fprintf(r->log, "%llu,%.6f,%.6g,%.6f,%.2f\n", (unsigned long long)tr->step, st->loss, st->lr, st->grad_norm, ips);
+    double el = now - r->t0, eta = el / (tr->step - r->first) * (o->steps - tr->step);
+    if (r->tty && (now - r->last > 0.25 || (long)tr->step == o->steps)) {
+        fprintf(stderr, "\rstep %llu/%ld | loss %.4f | %.1f img/s | %02d:%02d:%02d elapsed | ETA %02d:%02d:%02d   ",
+                (unsigned long long)tr->step, o->steps, r->running, (tr->step - r->first) * o->batch / el,
+                (int)el / 3600, (int)el / 60 % 60, (int)el % 60, (int)eta / 3600, (int)eta / 60 % 60, (int)eta % 60);
+        r->last = now;
+    } else if (r->lead && !r->tty && (tr->step % o->log_every == 0 || (long)tr->step == o->steps)) {
+        fprintf(stderr, "step %llu/%ld loss %.4f (running %.4f) lr %.3g grad_norm %.3f %.1f img/s elapsed %.0fs ETA %.0fs\n",
+                (unsigned long long)tr->step, o->steps, st->loss, r->running, st->lr, st->grad_norm,
+                (tr->step - r->first) * o->batch / el, el, eta);
+    }
+    // every rank stops at the same step: at a signal any rank got, or rank 0's clock
+    r->out_of_time = world_max(r->lead && o->minutes > 0 && now - r->t0 > 60 * o->minutes);
+    r->stop = world_max(stop_requested);
+    int final = (long)tr->step == o->steps || r->out_of_time;
+    if (final || preview_due(tr->step, o->first_preview, o->sample_every)) {
+        if (r->tty) fprintf(stderr, "\n");
+        fflush(r->log);
+        if (r->lead) save_or_die(tr, o, r->ckpt), training_samples(tr, o, r->dir, final);
+        r->saved = 1;
+        r->last_saved = tr->step;
+    }
+    r->ts = now_seconds();
+    return !r->stop && !r->out_of_time;
+}
+
 static int cmd_train(const Options* flags) {
     Options run = *flags;   // the flags, with --resume's batch
     const Options* o = &run;
@@ -5963,67 +6014,24 @@ static int cmd_train(const Options* flags) {
     if (lead && memcmp(&ob, &usual, sizeof ob))
         fprintf(stderr, "objective (Table 2): --mean-type %s --var-type %s --loss %s\n", MEAN_NAMES[ob.mean],
                 VAR_NAMES[ob.var], LOSS_NAMES[ob.loss]);
-    double t0 = now_seconds(), last = t0, running = -1, t_timed = 0;
-    uint64_t first = tr.step, last_saved = tr.step;   // the step model.ckpt holds (if it exists)
-    int tty = lead && isatty(2);
-    int out_of_time = 0, saved = 0, stop = world_max(stop_requested);
-    while ((long)tr.step < o->steps && !stop && !out_of_time) {
-        double ts = now_seconds();
-        StepStats st = train_step(&tr, &data);
-        dataset_forget(&data);
-        if (!isfinite(st.loss)) {   // nothing was updated or saved; say what will work
-            const char* v = isnan(st.loss) ? "nan" : "inf";
-            unsigned long long bad = tr.step + 1;
-            if (!exists && !saved)
-                die("the loss became %s at step %llu, before any checkpoint; start again with a lower --lr", v, bad);
-            if (last_saved + 1 == tr.step + 1)   // the forward pass from that very state overflowed
-                die("the loss became %s at step %llu; %s holds step %llu, and resuming it replays the batch that "
-                    "overflowed, at any --lr: start a new run (--run DIR) with a lower --lr", v, bad, ckpt,
-                    (unsigned long long)last_saved);
-            die("the loss became %s at step %llu; %s (step %llu) is the last saved state: resume it with a lower "
-                "--lr (--resume --lr X)", v, bad, ckpt, (unsigned long long)last_saved);
-        }
-        double now = now_seconds(), ips = o->batch / (now - ts);
-        if (tr.step > first + 1) t_timed += now - ts;   // the first step warms up: not timed
-        if (lead && tr.step == first + 11 && (long)tr.step < o->steps) print_plan_time(o, tr.step, t_timed / 10, 10);
-        running = running < 0 ? st.loss : 0.98 * running + 0.02 * st.loss;
-        fprintf(log, "%llu,%.6f,%.6g,%.6f,%.2f\n", (unsigned long long)tr.step, st.loss, st.lr, st.grad_norm, ips);
-        double el = now - t0, eta = el / (tr.step - first) * (o->steps - tr.step);
-        if (tty && (now - last > 0.25 || (long)tr.step == o->steps)) {
-            fprintf(stderr, "\rstep %llu/%ld | loss %.4f | %.1f img/s | %02d:%02d:%02d elapsed | ETA %02d:%02d:%02d   ",
-                    (unsigned long long)tr.step, o->steps, running, (tr.step - first) * o->batch / el,
-                    (int)el / 3600, (int)el / 60 % 60, (int)el % 60, (int)eta / 3600, (int)eta / 60 % 60, (int)eta % 60);
-            last = now;
-        } else if (lead && !tty && (tr.step % o->log_every == 0 || (long)tr.step == o->steps)) {
-            fprintf(stderr, "step %llu/%ld loss %.4f (running %.4f) lr %.3g grad_norm %.3f %.1f img/s elapsed %.0fs ETA %.0fs\n",
-                    (unsigned long long)tr.step, o->steps, st.loss, running, st.lr, st.grad_norm,
-                    (tr.step - first) * o->batch / el, el, eta);
-        }
-        // every rank stops at the same step: at a signal any rank got, or rank 0's clock
-        out_of_time = world_max(lead && o->minutes > 0 && now - t0 > 60 * o->minutes);
-        stop = world_max(stop_requested);
-        int final = (long)tr.step == o->steps || out_of_time;
-        if (final || preview_due(tr.step, o->first_preview, o->sample_every)) {
-            if (tty) fprintf(stderr, "\n");
-            fflush(log);
-            if (lead) save_or_die(&tr, o, ckpt), training_samples(&tr, o, dir, final);
-            saved = 1;
-            last_saved = tr.step;
-        }
-    }
-    if (tty) fprintf(stderr, "\n");
+    double t0 = now_seconds();
+    TrainRun r = {.o = o, .tr = &tr, .data = &data, .log = log, .dir = dir, .ckpt = ckpt, .lead = lead,
+                  .tty = lead && isatty(2), .exists = exists, .first = tr.step, .last_saved = tr.step,
+                  .t0 = t0, .last = t0, .ts = t0, .running = -1, .stop = world_max(stop_requested)};
+    if (!r.stop) train(&tr, &data, (uint64_t)o->steps, &(TrainWatch){train_run_step, &r});
+    if (r.tty) fprintf(stderr, "\n");
     fclose(log);
-    if (stop) {
+    if (r.stop) {
         if (lead) save_or_die(&tr, o, ckpt);
         if (lead) fprintf(stderr, "interrupted at step %llu; continue with the same command plus --resume\n",
                           (unsigned long long)tr.step);
         trainer_free(&tr);
         dataset_free(&data);
-        return 128 + stop;   // as a shell reports a process the signal ended: 130, 143
-    } else if (lead && out_of_time) {
+        return 128 + r.stop;   // as a shell reports a process the signal ended: 130, 143
+    } else if (lead && r.out_of_time) {
         fprintf(stderr, "--minutes %g reached at step %llu; continue with the same command plus --resume\n",
                 o->minutes, (unsigned long long)tr.step);
-    } else if (lead && tr.step == first) {
+    } else if (lead && tr.step == r.first) {
         fprintf(stderr, "nothing to do: the run is at step %llu of --steps %ld\n", (unsigned long long)tr.step, o->steps);
     }
     trainer_free(&tr);
@@ -6127,8 +6135,8 @@ static int step_list(const Options* o, int* t_idx, int T) {
     return o->n_tlist;
 }
 
-// A chain that did not finish: a Finite watch saw NaN or inf (a broken network), or Ctrl-C.
-static void chain_stopped(const Finite* fin, const char* ckpt) {
+// A chain that did not finish: its watcher saw NaN or inf (a broken network), or Ctrl-C.
+static void chain_stopped(const Progress* fin, const char* ckpt) {
     if (fin->t_bad)
         die("the chain left the finite range at t = %d (x_t holds NaN or inf): %s gives no usable pictures "
             "(a diverged run?); nothing written", fin->t_bad, ckpt);
@@ -6159,12 +6167,12 @@ static int cmd_sample(const Options* o) {
     float* imgs = malloc_check((size_t)n * sz * sizeof(float), "samples");
     Trace trace;
     if (o->trace) trace_init(&trace, Bm < 8 ? Bm : 8, s.T, sz);
-    Finite fin = finite_start(o->trace ? &trace.watch : NULL);
-    Progress pg = progress_start("sampling: step", (long)((n + Bm - 1) / Bm) * s.T, &fin.watch);
+    Progress pg;
+    const Watch* w = progress_start(&pg, "sampling: step", (long)((n + Bm - 1) / Bm) * s.T, 1, o->trace ? &trace : NULL);
     install_signal_handlers();
     Rng rng;
     rng_seed(&rng, (uint64_t)o->seed);
-    if (!p_sample_loop(&m, &s, &sp, imgs, n, &rng, &pg.watch)) chain_stopped(&fin, o->checkpoint);
+    if (!p_sample_loop(&m, &s, &sp, imgs, n, &rng, w)) chain_stopped(&pg, o->checkpoint);
     int shape[4] = {n, m.cfg.in_ch, m.cfg.img, m.cfg.img};
     snprintf(path, sizeof path, "%s.npy", base);
     if (save_grid_png(out, imgs, n, m.cfg.in_ch, m.cfg.img, m.cfg.img, (int)ceil(sqrt((double)n))) ||
@@ -6236,11 +6244,12 @@ static int cmd_bpd(const Options* o) {
         pt.mse = malloc_check((size_t)s.T * sizeof(double), "the per-t terms");
     }
     int images = n < test.N ? n : test.N, levels = o->t_samples > 0 ? o->t_samples + 1 : s.T;
-    Progress pg = progress_start("bound: step", (long)((images + Bm - 1) / Bm) * levels, NULL);
+    Progress pg;
+    const Watch* w = progress_start(&pg, "bound: step", (long)((images + Bm - 1) / Bm) * levels, 0, NULL);
     install_signal_handlers();
     Rng rng;
     rng_seed(&rng, (uint64_t)o->seed);
-    BoundBpd r = eval_bpd(&m, &s, &sp, &test, n, o->t_samples, &rng, o->per_t ? &pt : NULL, &pg.watch);
+    BoundBpd r = eval_bpd(&m, &s, &sp, &test, n, o->t_samples, &rng, o->per_t ? &pt : NULL, w);
     if (stop_requested) die("interrupted; no result");
     printf("variational bound (Eq. 5) on %d %s test images, %d steps, sigma_t^2 = %s, bits/dim:\n", r.n, test.name,
            s.T, sp.var == VAR_FIXEDLARGE ? "beta_t" : sp.var == VAR_FIXEDSMALL ? "beta_tilde_t" : "learned");
@@ -6310,15 +6319,15 @@ static int cmd_from_data(const Options* o, int interp) {
     rng_seed(&rng, (uint64_t)o->seed);
     long total = 0;
     for (int r = 0; r < rows; r++) total += t_idx[r] + 1;
-    Finite fin = finite_start(NULL);
-    Progress pg = progress_start(what, total, &fin.watch);
+    Progress pg;
+    const Watch* w = progress_start(&pg, what, total, 1, NULL);
     for (int r = 0; r < rows; r++) {
         float *row = grid + (size_t)r * cols * n, *last = row + (size_t)(cols - 1) * n;
         dataset_image(row, &test, o->index[0], 0);                              // x_0
         if (interp) dataset_image(last, &test, o->index[1], 0);                 // x'_0
-        int done = interp ? interpolate(&m, &s, &sp, row, last, t_idx[r], k, row + n, &rng, &pg.watch)
-                          : reconstruct(&m, &s, &sp, row, t_idx[r], k, row + n, row + 2 * n, &rng, &pg.watch);
-        if (!done) chain_stopped(&fin, o->checkpoint);
+        int done = interp ? interpolate(&m, &s, &sp, row, last, t_idx[r], k, row + n, &rng, w)
+                          : reconstruct(&m, &s, &sp, row, t_idx[r], k, row + n, row + 2 * n, &rng, w);
+        if (!done) chain_stopped(&pg, o->checkpoint);
     }
     int fail = save_rows(out, base, grid, rows, cols, t_idx, &m.cfg);
     free(grid);
@@ -6667,7 +6676,7 @@ int main(int argc, char** argv) {
 // B). On a cluster, `mpirun -np N ./ddpm_mpi train ...` splits each step's batch over N
 // ranks, the way llm.c does. Every rank draws the whole batch from the one seeded RNG
 // (x_0, t, eps and the dropout key, section 9), and batch_slice gives rank r the slice
-// [r B/N, (r+1) B/N) to compute; the dropout masks follow the images (block_key). The
+// [r B/N, (r+1) B/N) to compute; the dropout masks follow the images (block_dropout). The
 // gradients are summed on rank 0, averaged and sent back to every rank, so clipping, Adam
 // and the EMA see the whole batch's gradient, the same on every rank, and the ranks'
 // states stay equal. Rank 0 alone writes the log, the samples and the checkpoints, which

@@ -186,8 +186,8 @@ int main(int argc, char** argv) {
         train_step(&tr, &noise);
         if (i >= W) tt[i - W] = 1e3 * (now_seconds() - t0);
     }
-    SampleBuffers sb;
-    sample_buffers_init(&sb, B, n, NULL);
+    Chain sb;
+    chain_init(&sb, B, n, NULL);
     rng_normal(&tr.rng, tr.x_t, B * n);
     Sampler sp = {tr.obj.mean, tr.obj.var, 0, 0};
     tr.net.train = 0;
@@ -226,7 +226,7 @@ int main(int argc, char** argv) {
     for (int i = 0; i < S; i++) printf("%s%.3f", i ? ", " : "", ts[i]);
     printf("], \"train_ms\": %.3f, \"sample_ms\": %.3f, \"fwd_gflop\": %.4f, \"max_rss_mb\": %.1f, \"blas\": \"none (ddpm.c matmul)\"}\n",
            median(tt, S), median(ts, S), unet_forward_flops(&tr.net) * B / 1e9, ru.ru_maxrss / 1024.0);
-    sample_buffers_free(&sb);
+    chain_free(&sb);
     free(tt); free(ts); free(noise.pixels);
     trainer_free(&tr);
     return fflush(stdout) == 0 ? 0 : 1;

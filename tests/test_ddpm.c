@@ -2298,8 +2298,8 @@ static void test_fewer_steps_sampling(void) {
     float* b = fmalloc(2 * n);
     Rng rng;
     Sampler ddpm = {MEAN_EPS, VAR_FIXEDLARGE, 0, 0};
-    SampleBuffers sb;
-    sample_buffers_init(&sb, 2, n, NULL);
+    Chain sb;
+    chain_init(&sb, 2, n, NULL);
     float* xT = randn(2 * n, 1);
 
     // K = T through the respaced schedule: Algorithm 2's bits. The chain's last 40 steps
@@ -2365,7 +2365,7 @@ static void test_fewer_steps_sampling(void) {
     }
     check("DDIM eta = 1, K = T: one step = Alg. 2's step with sigma_t^2 = beta_tilde_t", worst < 1e-4,
           "same x_t, eps_theta and z at t = 1000, 501, 4: max |difference| %.2e (pass < 1e-4)", worst);
-    sample_buffers_free(&sb);
+    chain_free(&sb);
     free(a); free(b); free(xT);
     unet_free(&m);
     schedule_free(&s);
