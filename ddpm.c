@@ -1320,7 +1320,7 @@ typedef struct {
     // BLOCK_ATTN: out = x + proj_out(attention(q(n), k(n), v(n))), n = norm(x)
     GroupNorm norm;
     Conv2d q, k, v, proj_out;
-    float *mean, *rstd, *qa, *ka, *va, *att, *o;  // saved: (B, G), (B, C, HW) x3, attT (B, HW, HW), (B, C, HW)
+    float *mean, *rstd, *qa, *ka, *va, *att, *o;  // saved: (B, G), (B, C, HW) x3, att (B, HW, HW), (B, C, HW)
     // BLOCK_DOWN: out = conv (3x3, stride 2);  BLOCK_UP: out = conv (3x3) of upsample(x)
     Conv2d conv;
     const float *in, *skip;
@@ -1445,12 +1445,12 @@ static void groupnorm_backward(float* dinp, float* dgamma, float* dbeta, const f
                                const float* mean, const float* rstd, int B, int C, int HW, int G, int silu);
 
 // Self-attention over the N = H W positions of each image: q, k, v, out (B, C, N),
-// attT (B, N, N) the softmax weights, transposed, saved for the backward pass (NULL in
-// sampling: then they go to scratch, N x N floats per thread).
-static void attention_forward(float* out, float* attT, const float* q, const float* k, const float* v,
+// att (B, N, N) the softmax weights, saved for the backward pass (NULL in sampling: then
+// they go to scratch, N x N floats per thread; Part III keeps them transposed).
+static void attention_forward(float* out, float* att, const float* q, const float* k, const float* v,
                               int B, int C, int N, float* scratch);
 static void attention_backward(float* dq, float* dk, float* dv, const float* dout,
-                               const float* q, const float* k, const float* v, const float* attT,
+                               const float* q, const float* k, const float* v, const float* att,
                                int B, int C, int N, float* scratch);
 
 // dv[b, c] = sum of dh[b, c, :] over the pixels: the backward of add_channel_bias.
@@ -2383,29 +2383,31 @@ static void dropout_conv_input(float* a, int B, int C, int H, int W, float p, ui
 // AttnBlock (a non-local / self-attention layer over the N = H W positions of each image),
 // given q, k, v of shape (B, C, N):
 //   att[i, j] = softmax_j( sum_c q[c, i] k[c, j] / sqrt(C) ),   out[c, i] = sum_j att[i, j] v[c, j]
-// att is saved transposed, attT[j, i] = att[i, j], the layout the fast kernel wants.
-static void attention_forward(float* out, float* attT, const float* q, const float* k, const float* v,
-                                  int B, int C, int N, float* scratch) {
-    FAST(attention_forward_fast(out, attT, q, k, v, B, C, N, scratch));
+// att (B, N, N), att[i, j] at i N + j, is saved for the backward pass (NULL: it goes to
+// scratch, N x N floats).
+static void attention_forward(float* out, float* att, const float* q, const float* k, const float* v,
+                              int B, int C, int N, float* scratch) {
+    FAST(attention_forward_fast(out, att, q, k, v, B, C, N, scratch));
     double scale = 1.0 / sqrt((double)C);
     for (int b = 0; b < B; b++) {
         const float *qb = q + (size_t)b * C * N, *kb = k + (size_t)b * C * N, *vb = v + (size_t)b * C * N;
-        float* a = attT ? attT + (size_t)b * N * N : scratch;
+        float* a = att ? att + (size_t)b * N * N : scratch;
         for (int i = 0; i < N; i++) {
+            float* ai = a + (size_t)i * N;   // row i: the weights position i gives every j
             double mx = -INFINITY, sum = 0;
             for (int j = 0; j < N; j++) {
                 double s = 0;
                 for (int c = 0; c < C; c++) s += (double)qb[c * N + i] * kb[c * N + j];
-                a[(size_t)j * N + i] = (float)(s * scale);
+                ai[j] = (float)(s * scale);
                 mx = fmax(mx, s * scale);
             }
-            for (int j = 0; j < N; j++) sum += exp(a[(size_t)j * N + i] - mx);
-            for (int j = 0; j < N; j++) a[(size_t)j * N + i] = (float)(exp(a[(size_t)j * N + i] - mx) / sum);
+            for (int j = 0; j < N; j++) sum += exp(ai[j] - mx);
+            for (int j = 0; j < N; j++) ai[j] = (float)(exp(ai[j] - mx) / sum);
         }
         for (int c = 0; c < C; c++)
             for (int i = 0; i < N; i++) {
                 double s = 0;
-                for (int j = 0; j < N; j++) s += (double)a[(size_t)j * N + i] * vb[c * N + j];
+                for (int j = 0; j < N; j++) s += (double)a[(size_t)i * N + j] * vb[c * N + j];
                 out[(size_t)b * C * N + c * N + i] = (float)s;
             }
     }
@@ -2416,18 +2418,18 @@ static void attention_forward(float* out, float* attT, const float* q, const flo
 //   dv[c, j] += sum_i att[i, j] dout[c, i],  dq[c, i] += sum_j ds[i, j] k[c, j],
 //   dk[c, j] += sum_i ds[i, j] q[c, i].   scratch: N x N floats, for ds.
 static void attention_backward(float* dq, float* dk, float* dv, const float* dout,
-                                   const float* q, const float* k, const float* v, const float* attT,
-                                   int B, int C, int N, float* scratch) {
-    FAST(attention_backward_fast(dq, dk, dv, dout, q, k, v, attT, B, C, N, scratch));
+                               const float* q, const float* k, const float* v, const float* att,
+                               int B, int C, int N, float* scratch) {
+    FAST(attention_backward_fast(dq, dk, dv, dout, q, k, v, att, B, C, N, scratch));
     double scale = 1.0 / sqrt((double)C);
-    float* ds = scratch;   // ds[i N + j]
+    float* ds = scratch;   // ds[i, j] at i N + j
     for (int b = 0; b < B; b++) {
         size_t o = (size_t)b * C * N;
-        const float* a = attT + (size_t)b * N * N;   // att[i, j] = a[j N + i]
+        const float* a = att + (size_t)b * N * N;
         for (int c = 0; c < C; c++)
             for (int j = 0; j < N; j++) {
                 double s = 0;
-                for (int i = 0; i < N; i++) s += (double)a[(size_t)j * N + i] * dout[o + c * N + i];
+                for (int i = 0; i < N; i++) s += (double)a[(size_t)i * N + j] * dout[o + c * N + i];
                 dv[o + c * N + j] += (float)s;
             }
         for (int i = 0; i < N; i++) {
@@ -2436,20 +2438,22 @@ static void attention_backward(float* dq, float* dk, float* dv, const float* dou
                 double datt = 0;
                 for (int c = 0; c < C; c++) datt += (double)dout[o + c * N + i] * v[o + c * N + j];
                 ds[(size_t)i * N + j] = (float)datt;
-                dot += a[(size_t)j * N + i] * datt;
+                dot += a[(size_t)i * N + j] * datt;
             }
             for (int j = 0; j < N; j++)
-                ds[(size_t)i * N + j] = (float)(a[(size_t)j * N + i] * (ds[(size_t)i * N + j] - dot) * scale);
+                ds[(size_t)i * N + j] = (float)(a[(size_t)i * N + j] * (ds[(size_t)i * N + j] - dot) * scale);
         }
         for (int c = 0; c < C; c++)
             for (int i = 0; i < N; i++) {
-                double sq = 0, sk = 0;
-                for (int j = 0; j < N; j++) {
-                    sq += (double)ds[(size_t)i * N + j] * k[o + c * N + j];
-                    sk += (double)ds[(size_t)j * N + i] * q[o + c * N + j];   // i plays j here
-                }
-                dq[o + c * N + i] += (float)sq;
-                dk[o + c * N + i] += (float)sk;
+                double s = 0;
+                for (int j = 0; j < N; j++) s += (double)ds[(size_t)i * N + j] * k[o + c * N + j];
+                dq[o + c * N + i] += (float)s;
+            }
+        for (int c = 0; c < C; c++)
+            for (int j = 0; j < N; j++) {
+                double s = 0;
+                for (int i = 0; i < N; i++) s += (double)ds[(size_t)i * N + j] * q[o + c * N + i];
+                dk[o + c * N + j] += (float)s;
             }
     }
 }
