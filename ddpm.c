@@ -1706,21 +1706,46 @@ static void resample_backward(UNet* m, Block* k, int B) {
 // same layout in UNet.grads and in the trainer's Adam moments and EMA), saved
 // activations, activation gradients, and the work space of one block.
 
-typedef struct { const char* name; Config cfg; int any_side; } Preset;
+// A preset: a network, and the run it trains when --batch, --steps, --warmup, --lr or
+// --var-type are not given (its plan: batch, steps, warmup, lr, and sigma_t^2 to sample with).
+typedef struct {
+    const char* name;
+    Config cfg;
+    int any_side;   // grows a level per doubling of the image side (below)
+    int batch;
+    long steps;
+    int warmup;
+    float lr;
+    VarType var;
+} Preset;
 
-// `paper` is the official CIFAR-10 model of Appendix B: 35.7M parameters. `paper256` is
-// the paper's model for LSUN and CelebA-HQ at 256x256 (§4, Table 1, Figs. 1, 3, 4): the
-// official code's unet2d16b2c112244, six levels from 256x256 down to 8x8, attention at
-// 16x16 only, no dropout, 113,673,219 parameters (the paper's "114M"). The two compact
+// `paper` is the official CIFAR-10 model of Appendix B: 35.7M parameters, and its plan
+// Appendix B's: 800k steps at batch 128, 5000 steps of warmup. `paper256` is the paper's
+// model for LSUN and CelebA-HQ at 256x256 (§4, Table 1, Figs. 1, 3, 4): the official
+// code's unet2d16b2c112244, six levels from 256x256 down to 8x8, attention at 16x16 only,
+// no dropout, 113,673,219 parameters (the paper's "114M"); its plan is the official LSUN
+// run's (scripts/run_lsun.py): batch 64, lr 2e-5 (the 256x256 runs were unstable at
+// 2e-4), 1.2M steps (LSUN Church's; Appendix B: CelebA-HQ 0.5M, Bedroom 2.4M), sampled
+// with sigma_t^2 = beta_tilde as the official code sampled these models. The two compact
 // presets keep the CIFAR-10 model's shape (three levels, attention at 16x16) at a size a
-// CPU can train in hours rather than weeks.
+// CPU can train in hours: tiny's 50,000 steps at batch 32 are about 3 hours on 2 cores
+// of a Zen 5 (a night on a Zen 3), small's 15,000 about as long. Their shorter warmup
+// (1000, a departure from Appendix B's 5000) lets the first previews show more than noise.
 static const Preset PRESETS[] = {
-    {"tiny",     {3, 32, 32, 3, {1, 2, 2}, 1, 1, {16}, 8, 0.1f, 0}, 1},
-    {"small",    {3, 32, 64, 3, {1, 2, 2}, 1, 1, {16}, 32, 0.1f, 0}, 1},
-    {"paper",    {3, 32, 128, 4, {1, 2, 2, 2}, 2, 1, {16}, 32, 0.1f, 0}, 0},
-    {"paper256", {3, 256, 128, 6, {1, 1, 2, 2, 4, 4}, 2, 1, {16}, 32, 0.0f, 0}, 0},
+    {"tiny",     {3, 32, 32, 3, {1, 2, 2}, 1, 1, {16}, 8, 0.1f, 0}, 1, 32, 50000, 1000, 2e-4f, VAR_FIXEDLARGE},
+    {"small",    {3, 32, 64, 3, {1, 2, 2}, 1, 1, {16}, 32, 0.1f, 0}, 1, 32, 15000, 1000, 2e-4f, VAR_FIXEDLARGE},
+    {"paper",    {3, 32, 128, 4, {1, 2, 2, 2}, 2, 1, {16}, 32, 0.1f, 0}, 0, 128, 800000, 5000, 2e-4f, VAR_FIXEDLARGE},
+    {"paper256", {3, 256, 128, 6, {1, 1, 2, 2, 4, 4}, 2, 1, {16}, 32, 0.0f, 0}, 0, 64, 1200000, 5000, 2e-5f,
+     VAR_FIXEDSMALL},
 };
 #define N_PRESETS (int)(sizeof(PRESETS) / sizeof(PRESETS[0]))
+
+// The preset called name, or NULL.
+static const Preset* run_plan(const char* name) {
+    for (int i = 0; i < N_PRESETS; i++)
+        if (!strcmp(PRESETS[i].name, name)) return &PRESETS[i];
+    return NULL;
+}
 
 // At another image side (a folder of pictures, 16 to 256) tiny and small keep their shape:
 // one level more per doubling, so the lowest resolution stays 8x8 (16: two levels, 256:
@@ -1728,22 +1753,20 @@ static const Preset PRESETS[] = {
 // two networks exist at their own side only. img 0 means the preset's own side. Returns
 // 0 for an unknown name, -1 for a side the preset has no shape for.
 static int preset_find(const char* name, int img, Config* out) {
-    for (int i = 0; i < N_PRESETS; i++) {
-        if (strcmp(PRESETS[i].name, name)) continue;
-        Config c = PRESETS[i].cfg;
-        if (img && img != c.img) {
-            if (!PRESETS[i].any_side) return -1;
-            int levels = 0;
-            while ((8 << levels) < img) levels++;
-            int last = c.ch_mult[c.n_levels - 1];
-            for (int l = c.n_levels; l <= levels && l < MAX_LEVELS; l++) c.ch_mult[l] = last;
-            c.n_levels = levels + 1 < MAX_LEVELS ? levels + 1 : MAX_LEVELS;
-            c.img = img;
-        }
-        *out = c;
-        return 1;
+    const Preset* p = run_plan(name);
+    if (!p) return 0;
+    Config c = p->cfg;
+    if (img && img != c.img) {
+        if (!p->any_side) return -1;
+        int levels = 0;
+        while ((8 << levels) < img) levels++;
+        int last = c.ch_mult[c.n_levels - 1];
+        for (int l = c.n_levels; l <= levels && l < MAX_LEVELS; l++) c.ch_mult[l] = last;
+        c.n_levels = levels + 1 < MAX_LEVELS ? levels + 1 : MAX_LEVELS;
+        c.img = img;
     }
-    return 0;
+    *out = c;
+    return 1;
 }
 
 static int config_has_attn(const Config* c, int res) {
@@ -5272,17 +5295,12 @@ static void exchange_weights(const Exchange* x, const UNet* m, float* dst, const
     free(seen);
 }
 
-// The writer's side: records appended to a growing buffer, n_records patched at the end.
-typedef struct { uint8_t* p; size_t len, cap; int32_t n; } ExWriter;
+// The writer's side: records written straight into PATH.tmp (section 18's atomic writer),
+// so a 1.8 GB network needs no copy of itself; n_records is patched in at the end.
+typedef struct { AtomicFile af; FILE* f; int32_t n; int ok, err_no; } ExWriter;
 
 static void ex_bytes(ExWriter* w, const void* b, size_t k) {
-    if (w->len + k > w->cap) {
-        w->cap = (w->len + k) * 2;
-        w->p = realloc(w->p, w->cap);
-        if (!w->p) die("out of memory writing an exchange file");
-    }
-    memcpy(w->p + w->len, b, k);
-    w->len += k;
+    if (w->ok && fwrite(b, 1, k, w->f) != k) w->ok = 0, w->err_no = errno;
 }
 
 static void ex_i32(ExWriter* w, int32_t v) {
@@ -5307,10 +5325,16 @@ static void ex_ints(ExWriter* w, const char* name, const int* v, int n) {
     ex_record(w, name, 1, &n, f);
 }
 
-static void ex_begin(ExWriter* w) {
+// Starts the file at path: 0, or -1 after one line on stderr.
+static int ex_begin(ExWriter* w, const char* path) {
+    char err[4400];
     memset(w, 0, sizeof *w);
+    w->f = atomic_open(&w->af, path, err, sizeof err);
+    if (!w->f) { fprintf(stderr, "ddpm: %s\n", err); return -1; }
+    w->ok = 1;
     ex_bytes(w, EXCHANGE_MAGIC, 8);
     ex_i32(w, 0);   // n_records, patched by ex_finish
+    return 0;
 }
 
 // The network's shape: the seven config.* records.
@@ -5324,13 +5348,16 @@ static void ex_config(ExWriter* w, const Config* c) {
     ex_ints(w, "config.img", &c->img, 1);
 }
 
-// Writes the file (atomically, section 18) and frees the buffer. Returns 0, or -1 after
-// one line on stderr.
-static int ex_finish(ExWriter* w, const char* path) {
-    put_le(w->p + 8, (uint32_t)w->n, 4);
-    int r = write_file_atomic(path, w->p, w->len, NULL, 0);
-    free(w->p);
-    return r;
+// Finishes the file (atomically, section 18). Returns 0, or -1 after one line on stderr.
+static int ex_finish(ExWriter* w) {
+    char err[4400];
+    uint8_t b[4];
+    put_le(b, (uint32_t)w->n, 4);
+    if (w->ok && (fseek(w->f, 8, SEEK_SET) != 0 || fwrite(b, 1, 4, w->f) != 4)) w->ok = 0, w->err_no = errno;
+    errno = w->err_no;
+    if (atomic_commit(&w->af, w->ok, err, sizeof err) == 0) return 0;
+    fprintf(stderr, "ddpm: %s\n", err);
+    return -1;
 }
 
 
@@ -5431,34 +5458,6 @@ typedef struct {
 
 #define AT(field) offsetof(Options, field)
 
-// The run each preset trains when --batch, --steps or --warmup are not given. paper's is
-// Appendix B's: 800k steps at batch 128, 5000 steps of warmup (the paper's TPU v3-8 took
-// 10.6 hours; a CPU would take months). tiny's is sized for a CPU: 50,000 steps at batch
-// 32 come to about 3 hours on 2 cores of a Zen 5 and about 6.5 on a Zen 3 (at their
-// measured 0.21 and 0.47 s a step, README "Speed"), so the run ends within a night, and
-// 18,000 steps of it already gave firmer shapes than the colour fields of the first
-// minutes (README, "What a CIFAR-10 run looks like"). small
-// is 4x tiny's cost a step, so its night is 15,000 steps. The learning rate is constant
-// after warmup, as the paper's: a run stopped early, or continued with a larger --steps,
-// follows the same path. The shorter warmup (1000) lets the first previews show more
-// than noise; it is a departure from Appendix B, which warms up over 5000 steps.
-//   paper256's is the official LSUN and CelebA-HQ run (scripts/run_lsun.py): batch 64,
-// lr 2e-5 (the 256x256 runs were unstable at 2e-4), warmup 5000, and 1.2M steps, LSUN
-// Church's (Appendix B: CelebA-HQ 0.5M, Cat 1.8M, Bedroom 2.4M). Its sampler's variance
-// is beta_tilde, as the official code sampled these models (its first GaussianDiffusion
-// uses the posterior's variance; diffusers' scheduler configs say "fixed_small").
-typedef struct { const char* model; int batch; long steps; int warmup; float lr; VarType var; } RunPlan;
-static const RunPlan RUN_PLANS[] = {
-    {"tiny", 32, 50000, 1000, 2e-4f, VAR_FIXEDLARGE},     {"small", 32, 15000, 1000, 2e-4f, VAR_FIXEDLARGE},
-    {"paper", 128, 800000, 5000, 2e-4f, VAR_FIXEDLARGE}, {"paper256", 64, 1200000, 5000, 2e-5f, VAR_FIXEDSMALL},
-};
-#define N_RUN_PLANS (int)(sizeof RUN_PLANS / sizeof RUN_PLANS[0])
-
-static const RunPlan* run_plan(const char* model) {
-    for (int i = 0; i < N_RUN_PLANS; i++)
-        if (!strcmp(RUN_PLANS[i].model, model)) return &RUN_PLANS[i];
-    return NULL;
-}
 #define HEADING(text) {NULL, OPT_HEADING, 0, 0, NULL, 0, 0, NULL, text, NULL, 0, 0, 0}
 static const char* const DATA_NAMES[] = {"cifar10", "fashion-mnist", NULL};
 static const char* const SAMPLER_NAMES[] = {"ddpm", "ddim", NULL};           // Sampler.ddim
@@ -6013,7 +6012,7 @@ static int cmd_train(const Options* flags) {
     if (lead && world_size > 1)
         fprintf(stderr, "data parallel over %d ranks: %d images each (section 23)\n", world_size, o->batch / world_size);
     Objective usual = PAPER_OBJECTIVE;   // the paper's, with the variance its preset samples with
-    const RunPlan* plan = run_plan(o->model);
+    const Preset* plan = run_plan(o->model);
     if (plan) usual.var = plan->var;
     if (lead && memcmp(&ob, &usual, sizeof ob))
         fprintf(stderr, "objective (Table 2): --mean-type %s --var-type %s --loss %s\n", MEAN_NAMES[ob.mean],
@@ -6363,7 +6362,7 @@ static int cmd_export(const Options* o) {
     load_ema_model(&m, &s, &hd, o->checkpoint, 1);
     Objective ob = objective_from_header(&hd);
     ExWriter w;
-    ex_begin(&w);
+    if (ex_begin(&w, o->out) != 0) return 1;
     ex_config(&w, &m.cfg);
     int kinds[3] = {ob.mean, ob.var, ob.loss}, one = 1;
     ex_ints(&w, "config.objective", kinds, 3);
@@ -6379,7 +6378,7 @@ static int cmd_export(const Options* o) {
         snprintf(name, sizeof name, "param.%s", t->name);
         ex_record(&w, name, t->ndim, t->shape, m.params + t->offset);
     }
-    int r = ex_finish(&w, o->out);
+    int r = ex_finish(&w);
     if (r == 0) fprintf(stderr, "exported the EMA weights of %s (step %llu, %zu parameters in %d tensors) to %s\n",
                         o->checkpoint, (unsigned long long)hd.step, m.n_params, m.L->n_tensors, o->out);
     unet_free(&m);
@@ -6516,9 +6515,9 @@ static int plan_default(const Option* p, char* def, size_t len) {
         p->at != AT(obj.var))
         return 0;
     int k = snprintf(def, len, " (default: ");
-    for (int j = 0; j < N_RUN_PLANS && k < (int)len; j++) {
-        const RunPlan* r = &RUN_PLANS[j];
-        k += snprintf(def + k, len - k, "%s%s ", j ? ", " : "", r->model);
+    for (int j = 0; j < N_PRESETS && k < (int)len; j++) {
+        const Preset* r = &PRESETS[j];
+        k += snprintf(def + k, len - k, "%s%s ", j ? ", " : "", r->name);
         if (p->at == AT(batch)) k += snprintf(def + k, len - k, "%d", r->batch);
         else if (p->at == AT(steps)) k += snprintf(def + k, len - k, "%ld", r->steps);
         else if (p->at == AT(hyper.warmup)) k += snprintf(def + k, len - k, "%d", r->warmup);
@@ -6605,7 +6604,7 @@ static void parse_options(int argc, char** argv, Options* o) {
         o->given[p - OPTIONS] = 1;
     }
     // The preset's plan for what was not given (the batch of --resume is the checkpoint's).
-    const RunPlan* plan = run_plan(o->model ? o->model : "");
+    const Preset* plan = run_plan(o->model ? o->model : "");
     if (plan && (o->cmd & (C_TRAIN | C_IMPORT))) {
         if (!given(o, "--batch")) o->batch = plan->batch;
         if (!given(o, "--steps") && o->cmd == C_TRAIN) o->steps = plan->steps;

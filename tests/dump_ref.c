@@ -122,7 +122,7 @@ int main(int argc, char** argv) {
 
     // ddpm.c's own exchange writer (section 21), as ./ddpm export uses it
     ExWriter w;
-    ex_begin(&w);
+    if (ex_begin(&w, argv[3]) != 0) return 1;
     ex_config(&w, &cfg);
     int shape[4] = {B, cfg.in_ch, cfg.img, cfg.img}, one = 1, oshape[4] = {B, out_channels(&cfg), cfg.img, cfg.img};
     ex_record(&w, "input.x_t", 4, shape, x_t);
@@ -175,7 +175,7 @@ int main(int argc, char** argv) {
         snprintf(name, sizeof name, "grad.%s", t->name);
         ex_record(&w, name, t->ndim, t->shape, m.grads + t->offset);
     }
-    if (ex_finish(&w, argv[3]) != 0) return 1;
+    if (ex_finish(&w) != 0) return 1;
     printf("dump_ref: %s batch %d, %zu parameters, loss %.6f -> %s\n", argv[1], B, m.n_params, loss, argv[3]);
     unet_free(&m);
     return 0;
