@@ -2589,7 +2589,6 @@ static void zero(float* x, size_t n) {
     for (size_t i = 0; i < n; i += chunk) memset(x + i, 0, (n - i < chunk ? n - i : chunk) * sizeof(float));
 }
 
-
 // ============================================================================
 // Part III. Fast kernels (an appendix: skip it on a first reading)
 // ============================================================================
@@ -2755,7 +2754,6 @@ __attribute__((constructor)) static void flush_denormals(void) {
 #define DDPM_FLUSH_DENORMALS 0
 #endif
 
-
 // ---- 17.1 The matrix multiplication ----
 // Linear layers, attention and the input gradient of the
 // stride-2 convolution reduce to
@@ -2789,7 +2787,6 @@ static int in_parallel(void) {
     return 0;
 #endif
 }
-
 
 // Called once at start-up (model build), so no step ever allocates. Per-thread buffers
 // are sized for the thread count seen here; the parallel loops that use them ask for
@@ -2919,7 +2916,6 @@ static void matmul(float* C, const float* A, const float* B, int M, int N, int K
         }
     }
 }
-
 
 // ---- 17.2 Convolution: conv2d_forward_fast / conv2d_backward_fast ----
 // The convolution of 16.1 (K = 3 or 1, stride 1 or 2, "SAME" padding) runs "direct",
@@ -3889,10 +3885,9 @@ static void* malloc_check(size_t size, const char* what) {
     return p;
 }
 
-// Zeroed memory. A big buffer (the parameters, activations and scratch of the network)
-// is aligned to 2 MiB and, where Linux offers it, marked for transparent huge pages: a
-// training step sweeps hundreds of MiB, and with 4 KiB pages every 1024 floats need
-// their own TLB entry, so the sweep would keep missing the TLB.
+// Zeroed memory. A big buffer (the network's) is aligned to 2 MiB and, where Linux offers
+// it, marked for transparent huge pages: a step sweeps hundreds of MiB, which with 4 KiB
+// pages would keep missing the TLB.
 static void* calloc_check(size_t n, size_t size, const char* what) {
     size_t bytes = (n ? n : 1) * (size ? size : 1), huge = (size_t)2 << 20;
     void* p;
@@ -3911,11 +3906,9 @@ static void* calloc_check(size_t n, size_t size, const char* what) {
     return p;
 }
 
-// Memory, before it is allocated. A network is built at full size once (section 15:
-// calloc_check touches every page), so what it needs is known from its plan alone, and a
-// run that cannot fit is refused in one line, before any data is read, rather than killed
-// by the kernel's out-of-memory killer hours later. A 256x256 network needs 1.8 GiB of
-// activations per image (paper256), so this is where a batch meets the machine.
+// Memory, before it is allocated. A network is built at full size once (section 15), so
+// what it needs is known from its plan alone, and a run that cannot fit is refused in one
+// line before any data is read, rather than killed by the out-of-memory killer hours later.
 static double network_gib(const Config* c, int B, int train) {
     UNet p;
     unet_plan(&p, c, B);
@@ -3970,19 +3963,13 @@ static int max_threads(void) {
 #endif
 }
 
-// Threads that give a busy core back. At the end of every parallel loop a thread that
-// is done waits for the others; libgomp lets it spin 300,000 times before it sleeps.
-// On an idle machine that saves a wake-up. But when another program holds one of the
-// cores (a browser, a notebook, a second run), the spinning threads take turns with it:
-// a thread that the scheduler took off its core holds up every other at the next
-// barrier, while they burn the time it needs. Measured on 2 cores beside one busy
-// process (README, Speed): a training step of tiny 3.4x its idle time, a sampling step
-// up to 4.1x. With GOMP_SPINCOUNT=1000 they took about 2x, what losing one of two cores
-// costs, and on an idle machine no more than the noise; OMP_WAIT_POLICY=PASSIVE
-// (never spin) cost 9% idle. libgomp reads its settings once, before main, so ddpm
-// starts itself again with GOMP_SPINCOUNT=1000 unless a wait policy was given. (Not the
-// reference build, make plain and make debug: it is for reading, and under gdb a second
-// start would only add a line to what the student sees.)
+// Threads that give a busy core back. libgomp lets a thread that finished a parallel loop
+// spin 300,000 times before it sleeps; beside another busy program those spinning threads
+// hold up the one the scheduler took off its core. With GOMP_SPINCOUNT=1000 a step beside
+// one busy process took about 2x its idle time (what losing one of two cores costs)
+// rather than 3.4x, and idle no more than the noise (tests/README.md, Speed). libgomp
+// reads it once, before main, so ddpm starts itself again with it unless a wait policy
+// was given (not in the reference build: under gdb a restart only adds noise).
 static void threads_spin_briefly(char** argv) {
 #if defined(_OPENMP) && !defined(DDPM_PLAIN)
     if (getenv("OMP_WAIT_POLICY") || getenv("GOMP_SPINCOUNT")) return;
@@ -4160,9 +4147,9 @@ static void mkdir_p(const char* path) {
     if (mkdir(buf, 0755) != 0 && errno != EEXIST) die("cannot create folder %s: %s", path, strerror(errno));
 }
 
-// Set by Ctrl-C / SIGTERM (and SIGHUP, SIGPIPE) to the signal's number: a long loop stops at its next step (a
-// chain through its watcher, below; training in section 22) and the command saves what it
-// has, or says it has nothing.
+// Set by Ctrl-C / SIGTERM (and SIGHUP, SIGPIPE) to the signal's number: a long loop stops
+// at its next step (a chain through its watcher, below; training in section 22) and the
+// command saves what it has, or says it has nothing.
 static volatile sig_atomic_t stop_requested = 0;
 
 static void on_signal(int sig) { stop_requested = sig; }
@@ -4320,33 +4307,24 @@ static void load_fashion_mnist(Dataset* d, const char* dir, int train) {
 
 // ---- 19.1 A folder of pictures, like §4's CelebA-HQ and LSUN at 256x256 (--data DIR) ----
 //
-// Any folder of pictures, searched recursively: whatever stb_image reads (PNG at 8 or 16
-// bits, JPEG, BMP, GIF's first frame, TGA, PNM, PSD, HDR, PIC), by extension in any case;
-// hidden files and folders are skipped. Files are taken in sorted path order, so one seed
-// gives one run on any file system. A folder reached twice through a symbolic link (a
-// loop) is refused. Every picture is
+// Any folder of pictures, searched recursively: whatever stb_image reads, by extension in
+// any case, hidden files and folders skipped, in sorted path order (one seed, one run on
+// any file system); a folder reached again through a symbolic link (a loop) is refused.
+// Every picture is
 //   1. composited over a grey background (--background, white by default) if it has
-//      alpha: emoji and icons are mostly transparent, and dropping alpha would show
-//      whatever colour the transparent pixels happen to hold;
-//   2. made grey (ITU-R 601 luma, as PIL's convert("L")) or RGB (grey replicated), to the
-//      network's channels: 1 if every picture of the folder is grey, else 3, unless
-//      --in-ch says;
-//   3. cropped to its centre square (the official LSUN pipeline's choice: nothing is
-//      stretched, the edges of a non-square picture are lost), then
-//   4. resized to N x N with Catmull-Rom, the cubic that PIL calls BICUBIC, widened by the
-//      scale when shrinking, which is what makes it antialias (stb_image_resize v0.97
-//      has no Lanczos, the official LSUN filter). tests/test_folder.py checks the pixels
-//      against PIL doing the same four steps. For training, a picture smaller than N is
-//      enlarged the same way and counted in a warning; evaluation refuses it (the bound
-//      of an enlarged, smoothed picture says little about the model).
-// The first run decodes the folder into one cache file of uint8 (N, C, H, W) pixels; a
-// later run with the same folder and settings maps it (mmap) instead: the kernel reads
-// pages as batches touch them and may drop them again, so a dataset larger than memory
-// trains. The cache's key is the file list with every file's size and modification
-// time, N, the channels, the background and --skip-bad: a change in any of them
-// rebuilds it. It is written atomically (section 18), and refused and rebuilt if its
-// header or pixels do not match their checksums. Training drops the pages it has read
-// after every step (dataset_forget), so its resident memory holds one batch of them.
+//      alpha: dropping alpha would show whatever the transparent pixels happen to hold;
+//   2. made grey (ITU-R 601 luma, as PIL's convert("L")) or RGB, to the network's
+//      channels: 1 if every picture of the folder is grey, else 3, unless --in-ch says;
+//   3. cropped to its centre square (the official LSUN pipeline's choice), then
+//   4. resized to N x N with Catmull-Rom (PIL's BICUBIC), widened by the scale when
+//      shrinking so that it antialiases (stb_image_resize v0.97 has no Lanczos, the
+//      official filter). tests/test_folder.py checks the pixels against PIL. A picture
+//      smaller than N is enlarged for training (and counted), refused for evaluation.
+// The first run decodes the folder into one cache file of uint8 (N, C, H, W) pixels,
+// written atomically (section 18); later runs map it (mmap), so a dataset larger than
+// memory trains, and training drops the pages it read after every step (dataset_forget).
+// Its key is the file list with each file's size and modification time, N, the channels,
+// the background and --skip-bad; a change rebuilds it, and so does a damaged one.
 
 #define STB_IMAGE_IMPLEMENTATION
 #define STBI_MAX_DIMENSIONS (1 << 15)   // larger sides are refused before any allocation
@@ -4692,11 +4670,9 @@ static void dataset_load(Dataset* d, const char* name, const char* dir, int trai
     else die("--data %s: unknown dataset; use cifar10 or fashion-mnist", name);
 }
 
-// Drops a mapped cache's pages from this process; they stay in the kernel's page cache,
-// so the next batch that needs one maps it again at the cost of a minor fault. Called
-// after every training step, it keeps the resident memory of a dataset larger than
-// memory at one batch's pictures, where the kernel would otherwise count every picture
-// drawn so far until it needs the memory back.
+// Drops a mapped cache's pages from this process (they stay in the kernel's page cache):
+// called after every training step, it keeps the resident memory of a dataset larger than
+// memory at one batch's pictures.
 static void dataset_forget(const Dataset* d) {
 #ifdef MADV_DONTNEED
     if (d->mapped) madvise(d->pixels - PIXEL_CACHE_DATA, d->mapped, MADV_DONTNEED);
@@ -4711,16 +4687,13 @@ static void dataset_free(Dataset* d) {
     free(d->labels);
 }
 
-
 // ----------------------------------------------------------------------------
 // 20. Checkpoints
 //
-// A checkpoint is everything needed to continue bit-exactly: the header below, then
-// four float32 arrays of n_params values (parameters, EMA, Adam m, Adam v, in the
-// layout of the network's tensor table, section 15), then a 64-bit FNV-1a checksum of
-// all preceding bytes.
-// Little-endian, as written by x86-64 and ARM64. It is written to PATH.tmp, flushed
-// to disk and renamed over PATH, so a crash or a full disk never leaves a half file.
+// A checkpoint is everything needed to continue bit-exactly: the header below, then four
+// float32 arrays of n_params values (parameters, EMA, Adam m, Adam v, in the layout of the
+// tensor table, section 15), then a 64-bit FNV-1a checksum of all preceding bytes;
+// little-endian, written atomically (section 18).
 #define CKPT_MAGIC "DDPMCKPT"
 #define CKPT_VERSION 1
 
@@ -4894,7 +4867,6 @@ static void load_ema_model(UNet* m, Schedule* s, CheckpointHeader* hd, const cha
     if (hd) *hd = h;
 }
 
-
 // ----------------------------------------------------------------------------
 // 21. Pictures and files: PNG grids (stb_image_write), .npy and .npz arrays, exchange files
 
@@ -5051,11 +5023,10 @@ static uint8_t* zip_member_fields(uint8_t* p, uint32_t crc, size_t size, size_t 
     return put_le(put_le(p, name_len, 2), 0, 2);
 }
 
-// --npz: the samples as numpy.savez writes them, one array arr_0 of uint8, N x H x W x C
-// (channels last): the input of the usual tools for the FID of §4 and Table 1 (the
-// evaluator of Dhariwal & Nichol; pytorch-fid and clean-fid through numpy). An .npz is a ZIP archive; its one member,
-// arr_0.npy, is stored uncompressed, so the archive is a local header, the .npy, a central
-// directory entry and the end record. Pixels are rounded as in the PNG grid.
+// --npz: the samples as numpy.savez writes them, one array arr_0 of uint8, N x H x W x C,
+// the input of the usual FID tools (the evaluator of Dhariwal & Nichol; pytorch-fid and
+// clean-fid through numpy): a ZIP archive of one stored member, arr_0.npy, so a local
+// header, the .npy, a central directory entry and the end record.
 static int save_npz(const char* path, const float* imgs, int N, int C, int H, int W) {
     int shape[4] = {N, H, W, C};
     char head[10 + 256 + 64];
@@ -5108,16 +5079,14 @@ static int save_trace_png(const char* path, const float* frames, const Trace* tr
     return r;
 }
 
-// Weights from elsewhere: the exchange format of tests/reference.py. Named float32
-// arrays, little-endian: "DDPMREF1", int32 n_records, then per record int32 name_len,
-// the name, int32 ndim, int32 shape[ndim], float32 data[prod(shape)]. A network's
-// weights are the records param.NAME, with the PyTorch state_dict names of the tensor
-// table (section 15), so reference.py's DDPMUNet loads them as they are; config.*
-// records carry its shape (in_ch, ch, ch_mult, num_res_blocks, attn_resolutions,
-// groups, img, and optionally objective and dropout), meta.step the training step (two
-// values, step mod 2^24 and step / 2^24, when it is too large for one float32).
-// `./ddpm export` writes a checkpoint's EMA weights this way; `./ddpm import` makes a
-// checkpoint of a file written by PyTorch (tests/train_torch.py) or by a converter.
+// Weights from elsewhere: the exchange format of tests/reference.py. Named float32 arrays,
+// little-endian: "DDPMREF1", int32 n_records, then per record int32 name_len, the name,
+// int32 ndim, int32 shape[ndim], float32 data[prod(shape)]. A network's weights are the
+// records param.NAME (the state_dict names of section 15's tensor table); config.* records
+// carry its shape (in_ch, ch, ch_mult, num_res_blocks, attn_resolutions, groups, img, and
+// optionally objective and dropout), meta.step the step (as step mod 2^24 and step / 2^24
+// when one float32 cannot hold it). `export` writes a checkpoint's EMA weights this way;
+// `import` makes a checkpoint of such a file (tests/train_torch.py, data/convert_official.py).
 #define EXCHANGE_MAGIC "DDPMREF1"
 #define EXCHANGE_MAX_DIMS 8
 
@@ -5360,19 +5329,8 @@ static int ex_finish(ExWriter* w) {
     return -1;
 }
 
-
 // ----------------------------------------------------------------------------
 // 22. main: the command line
-//
-//   ./ddpm [train] [flags]      Alg. 1 on a dataset, with samples and checkpoints
-//   ./ddpm sample  --checkpoint PATH [-n 64] [--trace] [--steps K] [--sampler ddim --eta E]
-//   ./ddpm bpd     --checkpoint PATH [-n 32] [--steps K] [--per-t FILE.csv]
-//   ./ddpm reconstruct --checkpoint PATH --index I [--t 1000,750,500,250] [-k 4]
-//   ./ddpm interpolate --checkpoint PATH --index A,B [--t 500] [--lambdas 9]
-//   ./ddpm schedule [--schedule linear|cosine]
-//   ./ddpm export  --checkpoint PATH --out FILE.ref    its EMA weights, for PyTorch
-//   ./ddpm import  --weights FILE.ref --out PATH       weights from PyTorch, as a checkpoint
-//   ./ddpm params  [--model NAME]
 //
 // One table (OPTIONS, 22.1) says of every option its name, type, default, range, the
 // commands that read it and its line in --help, which is printed from the table: a
@@ -5672,15 +5630,11 @@ static void check_objective_flags(const Options* o, const Objective* ob, const c
         usage_error("%s was trained with --loss %s; drop --loss", path, LOSS_NAMES[ob->loss]);
 }
 
-// The grids of a training run, with the EMA weights. The live parameters are parked in
-// the gradient buffer, which is free between steps, so this needs no extra memory, and
-// the samplers' own RNGs leave the training stream untouched: previews change none of
-// the run's bits.
-//   A preview: DDIM (eta = 0, section 10.2) in PREVIEW_STEPS steps, from one fixed x_T,
-//   the same at every preview and in every run. It is cheap (1/20 of Algorithm 2), and
-//   as DDIM at eta = 0 is a fixed function of x_T, the first row of each preview, added
-//   to progress.png, shows the same samples from noise to pictures as training goes.
-//   The run's last grid (final) is also Algorithm 2's, T steps, as the paper samples.
+// The grids of a training run, with the EMA weights; the live parameters wait in the
+// gradient buffer, free between steps, and the samplers' own RNGs leave the training stream
+// untouched: previews change none of the run's bits. A preview is DDIM (eta = 0) in
+// PREVIEW_STEPS steps from one fixed x_T, so the first row of each, added to progress.png,
+// shows the same samples as training goes; the run's last grid is also Algorithm 2's.
 #define PREVIEW_STEPS 50
 #define FILM_SEED 0x66696c6dULL   // "film": x_T of every preview
 
@@ -6671,25 +6625,17 @@ int main(int argc, char** argv) {
 }
 #endif // DDPM_NO_MAIN
 
-
 // ----------------------------------------------------------------------------
 // 23. Many machines: data-parallel training over MPI (`make mpi`)
 //
-// The paper trained its CIFAR-10 model on a TPU v3-8, 21 steps/s at batch 128 (Appendix
-// B). On a cluster, `mpirun -np N ./ddpm_mpi train ...` splits each step's batch over N
-// ranks, the way llm.c does. Every rank draws the whole batch from the one seeded RNG
-// (x_0, t, eps and the dropout key, section 9), and batch_slice gives rank r the slice
-// [r B/N, (r+1) B/N) to compute; the dropout masks follow the images (block_dropout). The
-// gradients are summed on rank 0, averaged and sent back to every rank, so clipping, Adam
-// and the EMA see the whole batch's gradient, the same on every rank, and the ranks'
-// states stay equal. Rank 0 alone writes the log, the samples and the checkpoints, which
-// are the one process's: --resume works across any change of the rank count. Ranks stop
-// together, at a signal any of them got or at rank 0's --minutes. A rank that dies ends
-// the job (mpirun), and the last checkpoint is whole (it is written atomically, section 18).
-// Everything per image is computed as one process computes it, but a weight gradient's
-// sum over the images is taken in another order (each rank's share, then the ranks), so
-// the parameters agree with one process's to float rounding, not bit for bit.
-//
+// The paper trained its CIFAR-10 model on a TPU v3-8 (Appendix B). `mpirun -np N ./ddpm_mpi`
+// splits each step's batch over N ranks, the way llm.c does: every rank draws the whole
+// batch from the one seeded RNG (section 9) and computes its slice [r B/N, (r+1) B/N); the
+// gradients are summed on rank 0 and sent back, so clipping, Adam and the EMA see the
+// whole batch's, the same on every rank. Rank 0 alone writes the run folder, whose
+// checkpoints are the one process's (--resume works across rank counts); ranks stop
+// together. A weight gradient's sum over the images is taken in another order (each
+// rank's share, then the ranks), so the parameters agree with one process's to rounding.
 // This is the whole of what training knows of it: the three functions section 9 declares.
 
 // This process's i-th slice of a batch of B images: rank r's share is [r B/N, (r+1) B/N),
