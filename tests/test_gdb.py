@@ -113,6 +113,13 @@ def main():
                 check(f"gdb shows {fn}", False, f"gdb printed {fn} {len(hit)} times, the README {k + 1} (tests/out/gdb.log)")
                 continue
             n = int(re.search(r"ddpm\.c:(\d+)\s*$", hit[k]).group(1))
+            # the arguments: the same names, and the same values where the README shows one
+            want_args = re.findall(r"(\w+)=([^,)]*)", m.group(2))
+            got_args = re.findall(r"(\w+)=([^,)]*)", re.search(rf"\b{fn} \((.*)\) at ddpm", hit[k]).group(1))
+            check(f"gdb shows {fn}'s arguments as the README does",
+                  [a for a, _ in want_args] == [a for a, _ in got_args] and
+                  all(v == "…" or v == g for (_, v), (_, g) in zip(want_args, got_args)),
+                  f"README {m.group(2)[:100]}; gdb {', '.join(a + '=' + v for a, v in got_args)[:100]}")
             span = function_span(src, fn)
             if not span or not span[0] <= n <= span[1]:
                 check(f"gdb shows {fn} at ddpm.c:{n}, inside it", False, f"ddpm.c has {fn} at lines {span}")
