@@ -1323,6 +1323,8 @@ typedef struct {
     float *mean, *rstd, *qa, *ka, *va, *att, *o;  // saved: (B, G), (B, C, HW) x3, att (B, HW, HW), (B, C, HW)
     // BLOCK_DOWN: out = conv (3x3, stride 2);  BLOCK_UP: out = conv (3x3) of upsample(x)
     Conv2d conv;
+    int src, skip_src;   // the blocks whose outputs it reads (section 15.1)
+    int kept;            // its output is also read by an up-path block, as a skip
     const float *in, *skip;
     float *out;
     float *din, *dskip, *dout;
@@ -1883,98 +1885,125 @@ static void groupnorm_make(UNet* m, Arena* P, GroupNorm* g, const char* group, c
     g->beta = param_add(m, P, &g->dbeta, group, n, 1, s, INIT_ZERO, 0);
 }
 
-// A tensor flowing between blocks. Tensors kept for a skip connection are read by two
-// blocks, so their gradient has its own buffer and sums two contributions; every other
-// tensor is read by exactly one block, right after it is written, so its gradient
-// can live in one of two ping-pong buffers (consecutive ones alternate).
-typedef struct { float* x; float* dx; int C, H, persistent; } Flow;
+// ---- 15.1 The architecture: the official U-Net (diffusion_tf/models/unet.py), as code ----
+// Each block reads the output of the block before it (`in`; -1 is conv_in's, h0) and, on
+// the up path, a skip: the output of a down-path block, which is therefore read twice
+// (`kept`). Channels and sides follow from what the block reads.
+#define FROM_CONV_IN (-1)
+#define NO_SKIP (-2)
 
-typedef struct { Arena P, A, G; } Arenas;
-
-static Flow flow_new(UNet* m, Arenas* ar, int C, int H, int persistent) {
-    size_t numel = (size_t)C * H * H;
-    Flow f = {take(&ar->A, m->B_max * numel), NULL, C, H, persistent};
-    f.dx = persistent ? take(&ar->G, m->B_max * numel) : m->L->ping[m->L->n_transient++ % 2];
-    if (numel > m->L->max_numel) m->L->max_numel = numel;
-    return f;
+static int out_side(const UNet* m, int i) {   // the side of block i's output (-1: h0's)
+    if (i == FROM_CONV_IN) return m->cfg.img;
+    const Block* k = &m->L->blocks[i];
+    return k->kind == BLOCK_DOWN ? k->H / 2 : k->kind == BLOCK_UP ? 2 * k->H : k->H;
 }
+static int out_channels_of(const UNet* m, int i) { return i == FROM_CONV_IN ? m->cfg.ch : m->L->blocks[i].C_out; }
 
-static Block* block_new(UNet* m, BlockKind kind, const char* fmt, int a, int b) {
+// Appends a block of `kind` reading block `in` (and `skip`), with C_out channels out (0: as
+// many as it reads: attention and resampling keep them); returns its index.
+static int block_add(UNet* m, BlockKind kind, int in, int skip, int C_out, const char* fmt, int a, int b) {
     if (m->L->n_blocks >= MAX_BLOCKS) die("too many blocks; raise MAX_BLOCKS");
-    Block* k = &m->L->blocks[m->L->n_blocks++];
+    Block* k = &m->L->blocks[m->L->n_blocks];
     memset(k, 0, sizeof *k);
     k->kind = kind;
     snprintf(k->name, sizeof k->name, fmt, a, b);
-    return k;
+    k->src = in;
+    k->skip_src = skip;
+    k->C_in = out_channels_of(m, in);
+    k->C_skip = skip == NO_SKIP ? 0 : out_channels_of(m, skip);
+    k->C_out = C_out ? C_out : k->C_in;
+    k->H = k->W = out_side(m, in);
+    return m->L->n_blocks++;
 }
 
-static void block_connect(UNet* m, Block* k, Flow in, const Flow* skip, Flow out) {
-    k->in = in.x; k->din = in.dx; k->din_transient = !in.persistent;
-    k->C_in = in.C; k->H = k->W = in.H;
-    if (skip) { k->skip = skip->x; k->dskip = skip->dx; k->C_skip = skip->C; }
-    k->out = out.x; k->dout = out.dx; k->C_out = out.C;
-    size_t need = (size_t)(k->C_in + k->C_skip) * in.H * in.H;   // a concatenated input
-    if (need > m->L->max_numel) m->L->max_numel = need;
-}
-
-static Flow resblock_make(UNet* m, Arenas* ar, Flow in, const Flow* skip, int C_out, int persistent, const char* name, int a, int b) {
-    Block* k = block_new(m, BLOCK_RES, name, a, b);
-    int C_x = in.C + (skip ? skip->C : 0), G = m->cfg.groups, H = in.H, Bm = m->B_max;
-    groupnorm_make(m, &ar->P, &k->norm1, k->name, "norm1", C_x, G);
-    conv_make(m, &ar->P, &k->conv1, k->name, "conv1", C_x, C_out, 3, 1, H, 1.0f);
-    linear_make(m, &ar->P, &k->temb_proj, k->name, "temb_proj", 4 * m->cfg.ch, C_out);
-    groupnorm_make(m, &ar->P, &k->norm2, k->name, "norm2", C_out, G);
-    conv_make(m, &ar->P, &k->conv2, k->name, "conv2", C_out, C_out, 3, 1, H, 1e-10f);
-    if (C_x != C_out) conv_make(m, &ar->P, &k->nin_shortcut, k->name, "nin_shortcut", C_x, C_out, 1, 1, H, 1.0f);
-    k->mean1 = take(&ar->A, Bm * G); k->rstd1 = take(&ar->A, Bm * G);
-    k->mean2 = take(&ar->A, Bm * G); k->rstd2 = take(&ar->A, Bm * G);
-    k->h1 = take(&ar->A, (size_t)Bm * C_out * H * H);
-    k->a1 = take(&ar->A, (size_t)Bm * C_x * conv_input_floats(H, H));    // written as conv1's grids
-    k->a2 = take(&ar->A, (size_t)Bm * C_out * conv_input_floats(H, H));  // written as conv2's grids
-    Flow out = flow_new(m, ar, C_out, H, persistent);
-    block_connect(m, k, in, skip, out);
-    return out;
-}
-
-static Flow attnblock_make(UNet* m, Arenas* ar, Flow in, int persistent, const char* name, int a, int b) {
-    Block* k = block_new(m, BLOCK_ATTN, name, a, b);
-    int C = in.C, G = m->cfg.groups, HW = in.H * in.H, Bm = m->B_max;
-    groupnorm_make(m, &ar->P, &k->norm, k->name, "norm", C, G);
-    conv_make(m, &ar->P, &k->q, k->name, "q", C, C, 1, 1, in.H, 1.0f);
-    conv_make(m, &ar->P, &k->k, k->name, "k", C, C, 1, 1, in.H, 1.0f);
-    conv_make(m, &ar->P, &k->v, k->name, "v", C, C, 1, 1, in.H, 1.0f);
-    conv_make(m, &ar->P, &k->proj_out, k->name, "proj_out", C, C, 1, 1, in.H, 1e-10f);
-    k->mean = take(&ar->A, Bm * G); k->rstd = take(&ar->A, Bm * G);
-    k->qa = take(&ar->A, (size_t)Bm * C * HW); k->ka = take(&ar->A, (size_t)Bm * C * HW);
-    k->va = take(&ar->A, (size_t)Bm * C * HW); k->o = take(&ar->A, (size_t)Bm * C * HW);
-    k->att = take(&ar->A, (size_t)Bm * HW * HW);
-    if (HW > m->L->max_attn_hw) m->L->max_attn_hw = HW;
-    Flow out = flow_new(m, ar, C, in.H, persistent);
-    block_connect(m, k, in, NULL, out);
-    return out;
-}
-
-// Downsample (stride-2 conv) and Upsample (nearest 2x, then conv), both C -> C.
-static Flow resample_make(UNet* m, Arenas* ar, Flow in, BlockKind kind, int persistent, const char* name, int a) {
-    Block* k = block_new(m, kind, name, a, 0);
-    conv_make(m, &ar->P, &k->conv, k->name, "conv", in.C, in.C, 3, kind == BLOCK_DOWN ? 2 : 1,
-              kind == BLOCK_DOWN ? in.H : 2 * in.H, 1.0f);
-    int H_out = kind == BLOCK_DOWN ? in.H / 2 : in.H * 2;
-    Flow out = flow_new(m, ar, in.C, H_out, persistent);
-    block_connect(m, k, in, NULL, out);
-    if (kind == BLOCK_UP) {   // the upsampling conv needs its own scratch
-        size_t need = upsample_conv_workspace_floats(m->B_max, in.C, in.H, in.H, in.C, kernel_threads);
-        if (need > m->L->max_conv_ws) m->L->max_conv_ws = need;
+static void unet_architecture(UNet* m) {
+    const Config* c = &m->cfg;
+    m->L->n_blocks = 0;
+    int hs[4 * MAX_LEVELS * 8], n_hs = 0;   // the down path's outputs, for the up path's skips
+    int h = FROM_CONV_IN;
+    hs[n_hs++] = h;
+    // Down path: num_res_blocks ResBlocks per level (attention after each at 16x16), then
+    // a stride-2 conv to the next level; every output is kept for a skip connection.
+    for (int i = 0; i < c->n_levels; i++) {
+        for (int j = 0; j < c->num_res_blocks; j++) {
+            h = block_add(m, BLOCK_RES, h, NO_SKIP, c->ch * c->ch_mult[i], "down.%d.block.%d", i, j);
+            if (config_has_attn(c, out_side(m, h))) h = block_add(m, BLOCK_ATTN, h, NO_SKIP, 0, "down.%d.attn.%d", i, j);
+            hs[n_hs++] = h;
+        }
+        if (i != c->n_levels - 1) hs[n_hs++] = h = block_add(m, BLOCK_DOWN, h, NO_SKIP, 0, "down.%d.downsample", i, 0);
     }
-    return out;
+    // Middle: ResBlock, AttnBlock, ResBlock at the lowest resolution.
+    h = block_add(m, BLOCK_RES, h, NO_SKIP, 0, "mid.block_1", 0, 0);
+    h = block_add(m, BLOCK_ATTN, h, NO_SKIP, 0, "mid.attn_1", 0, 0);
+    h = block_add(m, BLOCK_RES, h, NO_SKIP, 0, "mid.block_2", 0, 0);
+    // Up path: num_res_blocks + 1 ResBlocks per level, each on concat(h, skip), then nearest
+    // 2x and a conv to the next level.
+    for (int i = c->n_levels - 1; i >= 0; i--) {
+        for (int j = 0; j < c->num_res_blocks + 1; j++) {
+            int skip = hs[--n_hs];
+            if (skip != FROM_CONV_IN) m->L->blocks[skip].kept = 1;
+            h = block_add(m, BLOCK_RES, h, skip, c->ch * c->ch_mult[i], "up.%d.block.%d", i, j);
+            if (config_has_attn(c, out_side(m, h))) h = block_add(m, BLOCK_ATTN, h, NO_SKIP, 0, "up.%d.attn.%d", i, j);
+        }
+        if (i != 0) h = block_add(m, BLOCK_UP, h, NO_SKIP, 0, "up.%d.upsample", i, 0);
+    }
+    // Out: GroupNorm, SiLU and a 3x3 conv from the last block's output (unet_layout).
 }
 
-// The official U-Net (diffusion_tf/models/unet.py), block by block.
+// ---- 15.2 The buffers: every block's parameters, saved activations and gradients ----
+// A block's output is read by the next block alone, right after it is written, so its
+// gradient can live in one of two ping-pong buffers (consecutive ones alternate); a kept
+// output (and h0) is read twice, so its gradient has a buffer of its own and sums both.
+typedef struct { Arena P, A, G; } Arenas;
+
+static void block_buffers(UNet* m, Arenas* ar, Block* k) {
+    int C_x = k->C_in + k->C_skip, C = k->C_out, G = m->cfg.groups, H = k->H, HW = H * H, Bm = m->B_max;
+    if (k->kind == BLOCK_RES) {
+        groupnorm_make(m, &ar->P, &k->norm1, k->name, "norm1", C_x, G);
+        conv_make(m, &ar->P, &k->conv1, k->name, "conv1", C_x, C, 3, 1, H, 1.0f);
+        linear_make(m, &ar->P, &k->temb_proj, k->name, "temb_proj", 4 * m->cfg.ch, C);
+        groupnorm_make(m, &ar->P, &k->norm2, k->name, "norm2", C, G);
+        conv_make(m, &ar->P, &k->conv2, k->name, "conv2", C, C, 3, 1, H, 1e-10f);
+        if (C_x != C) conv_make(m, &ar->P, &k->nin_shortcut, k->name, "nin_shortcut", C_x, C, 1, 1, H, 1.0f);
+        k->mean1 = take(&ar->A, Bm * G); k->rstd1 = take(&ar->A, Bm * G);
+        k->mean2 = take(&ar->A, Bm * G); k->rstd2 = take(&ar->A, Bm * G);
+        k->h1 = take(&ar->A, (size_t)Bm * C * HW);
+        k->a1 = take(&ar->A, (size_t)Bm * C_x * conv_input_floats(H, H));   // written as conv1's grids
+        k->a2 = take(&ar->A, (size_t)Bm * C * conv_input_floats(H, H));     // written as conv2's grids
+    } else if (k->kind == BLOCK_ATTN) {
+        groupnorm_make(m, &ar->P, &k->norm, k->name, "norm", C, G);
+        conv_make(m, &ar->P, &k->q, k->name, "q", C, C, 1, 1, H, 1.0f);
+        conv_make(m, &ar->P, &k->k, k->name, "k", C, C, 1, 1, H, 1.0f);
+        conv_make(m, &ar->P, &k->v, k->name, "v", C, C, 1, 1, H, 1.0f);
+        conv_make(m, &ar->P, &k->proj_out, k->name, "proj_out", C, C, 1, 1, H, 1e-10f);
+        k->mean = take(&ar->A, Bm * G); k->rstd = take(&ar->A, Bm * G);
+        k->qa = take(&ar->A, (size_t)Bm * C * HW); k->ka = take(&ar->A, (size_t)Bm * C * HW);
+        k->va = take(&ar->A, (size_t)Bm * C * HW); k->o = take(&ar->A, (size_t)Bm * C * HW);
+        k->att = take(&ar->A, (size_t)Bm * HW * HW);
+        if (HW > m->L->max_attn_hw) m->L->max_attn_hw = HW;
+    } else {   // Downsample (stride-2 conv) and Upsample (nearest 2x, then conv), both C -> C
+        int down = k->kind == BLOCK_DOWN;
+        conv_make(m, &ar->P, &k->conv, k->name, "conv", C, C, 3, down ? 2 : 1, down ? H : 2 * H, 1.0f);
+        if (!down) {   // the upsampling conv needs its own scratch
+            size_t need = upsample_conv_workspace_floats(Bm, C, H, H, C, kernel_threads);
+            if (need > m->L->max_conv_ws) m->L->max_conv_ws = need;
+        }
+    }
+    size_t numel = (size_t)C * out_side(m, (int)(k - m->L->blocks)) * out_side(m, (int)(k - m->L->blocks));
+    k->out = take(&ar->A, Bm * numel);
+    k->dout = k->kept ? take(&ar->G, Bm * numel) : m->L->ping[m->L->n_transient++ % 2];
+    if (numel > m->L->max_numel) m->L->max_numel = numel;
+    if ((size_t)C_x * HW > m->L->max_numel) m->L->max_numel = (size_t)C_x * HW;   // a concatenated input
+}
+
+// The parameters and buffers, in the order of the official model's variables: the timestep
+// MLP, conv_in, the blocks, the output. Run once to count (arenas without a base) and once
+// to carve.
 static void unet_layout(UNet* m, Arenas* ar) {
     UNetLayers* L = m->L;
     const Config* c = &m->cfg;
     int Bm = m->B_max, ch = c->ch, E = 4 * ch, S = c->img, G = c->groups;
-    L->n_tensors = L->n_blocks = L->n_transient = 0;
+    L->n_tensors = L->n_transient = 0;
     // timestep embedding: sinusoid -> dense0 -> silu -> dense1 (-> silu in every ResBlock)
     linear_make(m, &ar->P, &L->dense0, "temb", "dense0", ch, E);
     linear_make(m, &ar->P, &L->dense1, "temb", "dense1", E, E);
@@ -1985,46 +2014,31 @@ static void unet_layout(UNet* m, Arenas* ar) {
     L->d_temb_a = take(&ar->G, (size_t)Bm * E); L->d_temb_h = take(&ar->G, (size_t)Bm * E);
     L->x = take(&ar->A, (size_t)Bm * c->in_ch * S * S);
     conv_make(m, &ar->P, &L->conv_in, "conv_in", NULL, c->in_ch, ch, 3, 1, S, 1.0f);
-    // Down path: every output is kept (hs) for a skip connection.
-    Flow hs[4 * MAX_LEVELS * 8];
-    int n_hs = 0;
-    hs[n_hs++] = flow_new(m, ar, ch, S, 1);
-    L->h0 = hs[0].x;
-    L->d_h0 = hs[0].dx;
-    for (int i = 0; i < c->n_levels; i++) {
-        for (int j = 0; j < c->num_res_blocks; j++) {
-            int attn = config_has_attn(c, hs[n_hs - 1].H);
-            Flow h = resblock_make(m, ar, hs[n_hs - 1], NULL, ch * c->ch_mult[i], !attn, "down.%d.block.%d", i, j);
-            if (attn) h = attnblock_make(m, ar, h, 1, "down.%d.attn.%d", i, j);
-            hs[n_hs++] = h;
+    L->h0 = take(&ar->A, (size_t)Bm * ch * S * S);   // read by the first block and the last skip
+    L->d_h0 = take(&ar->G, (size_t)Bm * ch * S * S);
+    if ((size_t)ch * S * S > L->max_numel) L->max_numel = (size_t)ch * S * S;
+    for (int i = 0; i < L->n_blocks; i++) {
+        Block* k = &L->blocks[i];
+        block_buffers(m, ar, k);
+        const Block* src = k->src == FROM_CONV_IN ? NULL : &L->blocks[k->src];
+        k->in = src ? src->out : L->h0;
+        k->din = src ? src->dout : L->d_h0;
+        k->din_transient = src && !src->kept;
+        if (k->skip_src != NO_SKIP) {
+            const Block* sk = k->skip_src == FROM_CONV_IN ? NULL : &L->blocks[k->skip_src];
+            k->skip = sk ? sk->out : L->h0;
+            k->dskip = sk ? sk->dout : L->d_h0;
         }
-        if (i != c->n_levels - 1) {
-            hs[n_hs] = resample_make(m, ar, hs[n_hs - 1], BLOCK_DOWN, 1, "down.%d.downsample", i);
-            n_hs++;
-        }
-    }
-    // Middle: ResBlock, AttnBlock, ResBlock at the lowest resolution.
-    Flow h = hs[n_hs - 1];
-    h = resblock_make(m, ar, h, NULL, h.C, 0, "mid.block_1", 0, 0);
-    h = attnblock_make(m, ar, h, 0, "mid.attn_1", 0, 0);
-    h = resblock_make(m, ar, h, NULL, h.C, 0, "mid.block_2", 0, 0);
-    // Up path: num_res_blocks + 1 ResBlocks per level, each on concat(h, skip).
-    for (int i = c->n_levels - 1; i >= 0; i--) {
-        for (int j = 0; j < c->num_res_blocks + 1; j++) {
-            Flow skip = hs[--n_hs];
-            h = resblock_make(m, ar, h, &skip, ch * c->ch_mult[i], 0, "up.%d.block.%d", i, j);
-            if (config_has_attn(c, h.H)) h = attnblock_make(m, ar, h, 0, "up.%d.attn.%d", i, j);
-        }
-        if (i != 0) h = resample_make(m, ar, h, BLOCK_UP, 0, "up.%d.upsample", i);
     }
     // Out: GroupNorm, SiLU, 3x3 conv to the image channels, from the last up block's
     // ch * ch_mult[0] channels (as the official model; ch when ch_mult[0] = 1).
-    L->h_last = h.x;
-    L->d_h_last = h.dx;
-    groupnorm_make(m, &ar->P, &L->norm_out, "norm_out", NULL, h.C, G);
-    conv_make(m, &ar->P, &L->conv_out, "conv_out", NULL, h.C, out_channels(c), 3, 1, S, 1e-10f);
+    const Block* last = &L->blocks[L->n_blocks - 1];
+    L->h_last = last->out;
+    L->d_h_last = last->dout;
+    groupnorm_make(m, &ar->P, &L->norm_out, "norm_out", NULL, last->C_out, G);
+    conv_make(m, &ar->P, &L->conv_out, "conv_out", NULL, last->C_out, out_channels(c), 3, 1, S, 1e-10f);
     L->mean_out = take(&ar->A, (size_t)Bm * G); L->rstd_out = take(&ar->A, (size_t)Bm * G);
-    L->a_out = take(&ar->A, (size_t)Bm * h.C * conv_input_floats(S, S));
+    L->a_out = take(&ar->A, (size_t)Bm * last->C_out * conv_input_floats(S, S));
     L->eps_theta = take(&ar->A, (size_t)Bm * out_channels(c) * S * S);
 }
 
@@ -2038,6 +2052,7 @@ static void unet_plan(UNet* m, const Config* cfg, int B_max) {
     m->B_max = B_max;
     m->L = calloc_check(1, sizeof *m->L, "the network's layers");
     layers_init();
+    unet_architecture(m);
     Arenas sizing = {{NULL, 0}, {NULL, 0}, {NULL, 0}};
     unet_layout(m, &sizing);
     m->n_params = sizing.P.used;
