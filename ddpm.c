@@ -1195,14 +1195,13 @@ static BoundBpd eval_bpd(UNet* m, const Schedule* s, const Sampler* sp, const Da
     int Bm = m->B_max, T = s->T;
     size_t n = (size_t)m->cfg.in_ch * m->cfg.img * m->cfg.img;
     if (n_images > test->N) n_images = test->N;
-    size_t k = (size_t)Bm * n;   // one buffer each of floats, doubles and ints, carved
-    float* x0 = malloc_check(7 * k * sizeof(float), "evaluation buffers");
-    float *eps = x0 + k, *x_t = x0 + 2 * k, *mean_q = x0 + 3 * k, *mean_p = x0 + 4 * k, *x0_hat = x0 + 5 * k,
-          *lv_p = x0 + 6 * k;
-    double* lv_q = malloc_check(2 * (size_t)Bm * sizeof(double), "evaluation buffers");
-    double* img_L = lv_q + Bm;
-    int* t_idx = malloc_check(2 * (size_t)Bm * sizeof(int), "evaluation buffers");
-    int* t_model = t_idx + Bm;
+    size_t k = (size_t)Bm * n * sizeof(float);
+    const char* what = "evaluation buffers";
+    float *x0 = malloc_check(k, what), *eps = malloc_check(k, what), *x_t = malloc_check(k, what);
+    float *mean_q = malloc_check(k, what), *mean_p = malloc_check(k, what);   // the two means of Eq. (5)'s KL
+    float *x0_hat = malloc_check(k, what), *lv_p = malloc_check(k, what);     // and p_theta's log variance
+    double *lv_q = malloc_check(Bm * sizeof(double), what), *img_L = malloc_check(Bm * sizeof(double), what);
+    int *t_idx = malloc_check(Bm * sizeof(int), what), *t_model = malloc_check(Bm * sizeof(int), what);
     double sum_sq = 0;
     BoundBpd r = {0, 0, 0, 0, 0, 0};
     if (per_t)
@@ -1256,7 +1255,8 @@ static BoundBpd eval_bpd(UNet* m, const Schedule* s, const Sampler* sp, const Da
         for (int ti = 0; ti < T; ti++) per_t->term[ti] /= r.n, per_t->mse[ti] /= r.n;
     r.total = r.prior + r.terms + r.decoder;
     if (r.n > 1) r.std_err = sqrt(fmax(0.0, (sum_sq / r.n - r.total * r.total) * r.n / (r.n - 1)) / r.n);
-    free(x0); free(lv_q); free(t_idx);
+    free(x0); free(eps); free(x_t); free(mean_q); free(mean_p); free(x0_hat); free(lv_p);
+    free(lv_q); free(img_L); free(t_idx); free(t_model);
     return r;
 }
 
