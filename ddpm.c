@@ -975,14 +975,14 @@ static int reverse_chain(UNet* m, const Schedule* s, const Sampler* sp, float* x
     size_t n = (size_t)m->cfg.in_ch * m->cfg.img * m->cfg.img;
     m->train = 0;
     m->no_grad = 1;
-    for (int t_idx = t_from; t_idx >= 0; t_idx--) {        // t = t_from + 1, ..., 1
+    for (int t_idx = t_from; t_idx >= 0; t_idx--) {        // 2: for t = T (t_from + 1), ..., 1 do
         for (int b = 0; b < B; b++) ch->t_idx[b] = t_idx, ch->t_model[b] = s->t_model[t_idx];
-        const float* out = unet_forward(m, x, ch->t_model, B);
-        if (sp->ddim) ddim_sample(x, out, ch->t_idx, B, n, sp, s, ch, rng);
-        else p_sample(x, out, ch->t_idx, B, n, sp, s, ch, rng);
+        const float* out = unet_forward(m, x, ch->t_model, B);          // eps_theta(x_t, t)
+        if (sp->ddim) ddim_sample(x, out, ch->t_idx, B, n, sp, s, ch, rng);   // (10.2)
+        else p_sample(x, out, ch->t_idx, B, n, sp, s, ch, rng);            // 3-4: z; x_{t-1}
         ChainStep st = {x, ch->x0_hat, t_idx, s->t_model[t_idx] + 1, ch->start, B, n};
         if (ch->watch && !ch->watch->step(ch->watch->ctx, &st)) return 0;
-    }
+    }                                                      // 5: end for
     return 1;
 }
 
@@ -997,11 +997,11 @@ static int p_sample_loop(UNet* m, const Schedule* s, const Sampler* sp, float* o
     for (ch.start = 0; ch.start < n_images && done; ch.start += Bm) {
         int B = n_images - ch.start < Bm ? n_images - ch.start : Bm;
         float* x_t = out + (size_t)ch.start * n;
-        rng_normal(rng, x_t, (size_t)B * n);                  // x_T ~ N(0, I)
-        done = reverse_chain(m, s, sp, x_t, B, s->T - 1, &ch, rng);
+        rng_normal(rng, x_t, (size_t)B * n);                  // 1: x_T ~ N(0, I)
+        done = reverse_chain(m, s, sp, x_t, B, s->T - 1, &ch, rng);   // 2-5
     }
     chain_free(&ch);
-    return done;
+    return done;                                           // 6: return x_0 (in out)
 }
 
 // The record of Fig. 6: x_t and x0_hat of the first n_images images at every `every`-th
