@@ -1403,21 +1403,17 @@ static void conv2d_backward(float* dinp, float* dweight, float* dbias, const flo
                             int B, int C_in, int H, int W, int C_out, int K, int stride, float* ws);
 static size_t conv2d_workspace_floats(int B, int C_in, int H, int W, int C_out, int K, int stride, int threads);
 
-// The input of a 3x3 stride-1 convolution, written by GroupNorm+SiLU, kept for the
-// backward pass in the layout that convolution reads (the reference: plain
-// (B, C, H, W); Part III: zero-bordered grids, conv_input_floats(H, W) floats a channel).
-//   groupnorm_silu_conv_input:  a = silu(groupnorm(x)), stored as a conv input
-//   dropout_conv_input:         a = dropout(a), in place
-//   conv3x3_forward / backward: conv2d with K = 3, stride 1, reading such an input
-//                               (its input gradient da is plain (B, C_in, H, W))
+// The unit the U-Net is built of (section 14): h = conv3x3(dropout(silu(groupnorm(x)))),
+// its input a = dropout(silu(groupnorm(x))) kept for the backward pass, conv_input_floats(H, W)
+// floats a channel (H W; Part III keeps zero-bordered grids, written straight by its GroupNorm).
+typedef struct { float p; uint64_t key; } Dropout;   // a dropout's rate and its mask's key
+static const Dropout NO_DROPOUT = {0.0f, 0};
 static size_t conv_input_floats(int H, int W);
-static void groupnorm_silu_conv_input(float* a, float* mean, float* rstd, const float* x, const float* gamma,
-                                      const float* beta, int B, int C, int H, int W, int G);
-static void dropout_conv_input(float* a, int B, int C, int H, int W, float p, uint64_t key);
-static void conv3x3_forward(float* out, const float* a, const float* weight, const float* bias,
-                            int B, int C_in, int H, int W, int C_out, float* ws);
-static void conv3x3_backward(float* da, float* dweight, float* dbias, const float* dout, const float* a,
-                             const float* weight, int B, int C_in, int H, int W, int C_out, float* ws);
+static void norm_silu_conv_forward(float* h, float* a, float* mean, float* rstd, const float* x,
+                                   const GroupNorm* n, const Conv2d* c, int B, int H, int W, Dropout d, float* ws);
+static void norm_silu_conv_backward(float* dx, GroupNorm* n, Conv2d* c, const float* dh, const float* x,
+                                    const float* a, const float* mean, const float* rstd, int B, int H, int W,
+                                    Dropout d, float* tmp1, float* tmp2, float* ws);
 
 // Nearest-neighbour 2x upsampling, then a 3x3 convolution (the official Upsample):
 //   out (B, C_out, 2H, 2W) = conv3x3(upsample(inp (B, C_in, H, W)))
@@ -1468,6 +1464,33 @@ static void add_channel_bias(float* h, const float* v, int B, int C, int HW);
 static void add_inplace(float* y, const float* x, size_t N);
 static void zero(float* x, size_t n);
 
+// FAST: a layer's first line, which in the default build hands the work to its kernel in
+// Part III (of the same type: its prototype is below) and returns; with -DDDPM_PLAIN it is
+// empty. tests/ set fast_layers to 0 to run a reference in the same binary as its kernel.
+#ifdef DDPM_PLAIN
+#define FAST(call)
+#define FAST_RETURN(call)
+#else
+static int fast_layers = 1;
+#define FAST(call) do { if (fast_layers) { call; return; } } while (0)
+#define FAST_RETURN(call) do { if (fast_layers) return call; } while (0)
+static __typeof__(layers_init) layers_init_fast; static __typeof__(conv2d_forward) conv2d_forward_fast;
+static __typeof__(conv2d_backward) conv2d_backward_fast;
+static __typeof__(conv2d_workspace_floats) conv2d_workspace_floats_fast;
+static __typeof__(conv_input_floats) conv_input_floats_fast;
+static __typeof__(norm_silu_conv_forward) norm_silu_conv_forward_fast;
+static __typeof__(norm_silu_conv_backward) norm_silu_conv_backward_fast;
+static __typeof__(upsample_conv_forward) upsample_conv_forward_fast;
+static __typeof__(upsample_conv_backward) upsample_conv_backward_fast;
+static __typeof__(upsample_conv_workspace_floats) upsample_conv_workspace_floats_fast;
+static __typeof__(linear_forward) linear_forward_fast; static __typeof__(linear_backward) linear_backward_fast;
+static __typeof__(silu_forward) silu_forward_fast; static __typeof__(silu_backward) silu_backward_fast;
+static __typeof__(groupnorm_forward) groupnorm_forward_fast;
+static __typeof__(groupnorm_backward) groupnorm_backward_fast;
+static __typeof__(attention_forward) attention_forward_fast;
+static __typeof__(attention_backward) attention_backward_fast; static __typeof__(sum_channel) sum_channel_fast;
+#endif
+
 // ----------------------------------------------------------------------------
 // 13. eps_theta(x_t, t): the whole network, forward and backward (§4, Appendix B)
 //
@@ -1489,13 +1512,6 @@ static void attnblock_forward(UNet* m, Block* k, int B);
 static void attnblock_backward(UNet* m, Block* k, int B);
 static void resample_forward(UNet* m, Block* k, int B);
 static void resample_backward(UNet* m, Block* k, int B);
-typedef struct { float p; uint64_t key; } Dropout;   // a dropout's rate and its mask's key (section 14)
-static const Dropout NO_DROPOUT = {0.0f, 0};
-static void norm_silu_conv_forward(float* h, float* a, float* mean, float* rstd, const float* x,
-                                   const GroupNorm* n, const Conv2d* c, int B, int H, int W, Dropout d, float* ws);
-static void norm_silu_conv_backward(float* dx, GroupNorm* n, Conv2d* c, const float* dh, const float* x,
-                                    const float* a, const float* mean, const float* rstd, int B, int H, int W,
-                                    Dropout d, float* tmp1, float* tmp2, float* ws);
 
 static float* unet_forward(UNet* m, const float* x_t, const int* t_idx, int B) {
     UNetLayers* L = m->L;
@@ -1563,23 +1579,25 @@ static Dropout block_dropout(const UNet* m, const Block* k) {
 
 // The unit the U-Net is built of, twice in every ResBlock and once before the output:
 //   h = conv3x3(dropout(silu(groupnorm(x))))      (d.p = 0: no dropout)
-// a = dropout(silu(groupnorm(x))) is kept for the backward pass, as a conv input (12.1),
-// with GroupNorm's mean and rstd. The dropout mask is never stored: its key rebuilds it.
+// a = dropout(silu(groupnorm(x))) is kept for the backward pass with GroupNorm's mean and
+// rstd. The dropout mask is never stored: its key rebuilds it. (Part III fuses the three.)
 static void norm_silu_conv_forward(float* h, float* a, float* mean, float* rstd, const float* x,
                                    const GroupNorm* n, const Conv2d* c, int B, int H, int W, Dropout d, float* ws) {
-    groupnorm_silu_conv_input(a, mean, rstd, x, n->gamma, n->beta, B, n->C, H, W, n->G);
-    if (d.p > 0) dropout_conv_input(a, B, n->C, H, W, d.p, d.key);
-    conv3x3_forward(h, a, c->w, c->b, B, c->C_in, H, W, c->C_out, ws);
+    FAST(norm_silu_conv_forward_fast(h, a, mean, rstd, x, n, c, B, H, W, d, ws));
+    groupnorm_forward(a, mean, rstd, x, n->gamma, n->beta, B, n->C, H * W, n->G, 1);
+    if (d.p > 0) dropout_forward(a, a, (size_t)B * n->C * H * W, d.p, d.key);
+    conv2d_forward(h, a, c->w, c->b, B, c->C_in, H, W, c->C_out, 3, 1, ws);
 }
 
 // dx += d/dx of the above; tmp1, tmp2: (B, C_in, H, W) of scratch each.
 static void norm_silu_conv_backward(float* dx, GroupNorm* n, Conv2d* c, const float* dh, const float* x,
                                     const float* a, const float* mean, const float* rstd, int B, int H, int W,
                                     Dropout d, float* tmp1, float* tmp2, float* ws) {
+    FAST(norm_silu_conv_backward_fast(dx, n, c, dh, x, a, mean, rstd, B, H, W, d, tmp1, tmp2, ws));
     size_t N = (size_t)B * n->C * H * W;
     float* da = tmp1;
     zero(da, N);
-    conv3x3_backward(da, c->dw, c->db, dh, a, c->w, B, c->C_in, H, W, c->C_out, ws);   // h = conv3x3(a)
+    conv2d_backward(da, c->dw, c->db, dh, a, c->w, B, c->C_in, H, W, c->C_out, 3, 1, ws);   // h = conv3x3(a)
     if (d.p > 0) {   // a = dropout(a'): the mask is rebuilt from its key
         zero(tmp2, N);
         dropout_backward(tmp2, da, N, d.p, d.key);
@@ -2125,33 +2143,6 @@ static void unet_init(UNet* m, Rng* rng) {
 // gdb steps through in `make debug`; tests/ checks every kernel of Part III against them,
 // and the PyTorch comparison runs on both builds.
 
-// FAST: a layer's first line, which in the default build hands the work to its kernel in
-// Part III (of the same type: its prototype is below) and returns; with -DDDPM_PLAIN it is
-// empty. tests/ set fast_layers to 0 to run a reference in the same binary as its kernel.
-#ifdef DDPM_PLAIN
-#define FAST(call)
-#define FAST_RETURN(call)
-#else
-static int fast_layers = 1;
-#define FAST(call) do { if (fast_layers) { call; return; } } while (0)
-#define FAST_RETURN(call) do { if (fast_layers) return call; } while (0)
-static __typeof__(layers_init) layers_init_fast; static __typeof__(conv2d_forward) conv2d_forward_fast;
-static __typeof__(conv2d_backward) conv2d_backward_fast;
-static __typeof__(conv2d_workspace_floats) conv2d_workspace_floats_fast;
-static __typeof__(conv_input_floats) conv_input_floats_fast;
-static __typeof__(groupnorm_silu_conv_input) groupnorm_silu_conv_input_fast;
-static __typeof__(dropout_conv_input) dropout_conv_input_fast;
-static __typeof__(conv3x3_forward) conv3x3_forward_fast; static __typeof__(conv3x3_backward) conv3x3_backward_fast;
-static __typeof__(upsample_conv_forward) upsample_conv_forward_fast;
-static __typeof__(upsample_conv_backward) upsample_conv_backward_fast;
-static __typeof__(upsample_conv_workspace_floats) upsample_conv_workspace_floats_fast;
-static __typeof__(linear_forward) linear_forward_fast; static __typeof__(linear_backward) linear_backward_fast;
-static __typeof__(silu_forward) silu_forward_fast; static __typeof__(silu_backward) silu_backward_fast;
-static __typeof__(groupnorm_forward) groupnorm_forward_fast;
-static __typeof__(groupnorm_backward) groupnorm_backward_fast;
-static __typeof__(attention_forward) attention_forward_fast;
-static __typeof__(attention_backward) attention_backward_fast; static __typeof__(sum_channel) sum_channel_fast;
-#endif
 
 static void layers_init(void) { FAST(layers_init_fast()); kernel_threads = max_threads(); }
 
@@ -2243,21 +2234,9 @@ static void conv2d_backward(float* dinp, float* dweight, float* dbias, const flo
     }
 }
 
-// The input of a 3x3 conv kept as it is: plain (B, C, H, W). (Part III keeps it as the
-// zero-bordered grids its convolution reads, and writes them straight from GroupNorm.)
+// A channel of the input of a 3x3 conv, kept for the backward pass (section 14): H W floats,
+// plain. (Part III keeps it as the zero-bordered grid its convolution reads.)
 static size_t conv_input_floats(int H, int W) { FAST_RETURN(conv_input_floats_fast(H, W)); return (size_t)H * W; }
-
-static void conv3x3_forward(float* out, const float* a, const float* weight, const float* bias,
-                                int B, int C_in, int H, int W, int C_out, float* ws) {
-    FAST(conv3x3_forward_fast(out, a, weight, bias, B, C_in, H, W, C_out, ws));
-    conv2d_forward(out, a, weight, bias, B, C_in, H, W, C_out, 3, 1, ws);
-}
-
-static void conv3x3_backward(float* da, float* dweight, float* dbias, const float* dout, const float* a,
-                                 const float* weight, int B, int C_in, int H, int W, int C_out, float* ws) {
-    FAST(conv3x3_backward_fast(da, dweight, dbias, dout, a, weight, B, C_in, H, W, C_out, ws));
-    conv2d_backward(da, dweight, dbias, dout, a, weight, B, C_in, H, W, C_out, 3, 1, ws);
-}
 
 // ---- 16.2 Linear: linear_forward / linear_backward ----
 //   out[b, o] = bias[o] + sum_i inp[b, i] weight[o, i]
@@ -2384,13 +2363,6 @@ static void groupnorm_backward(float* dinp, float* dgamma, float* dbeta, const f
     }
 }
 
-// a = silu(groupnorm(x)) as the next 3x3 conv's input: plain, like x.
-static void groupnorm_silu_conv_input(float* a, float* mean, float* rstd, const float* x, const float* gamma,
-                                          const float* beta, int B, int C, int H, int W, int G) {
-    FAST(groupnorm_silu_conv_input_fast(a, mean, rstd, x, gamma, beta, B, C, H, W, G));
-    groupnorm_forward(a, mean, rstd, x, gamma, beta, B, C, H * W, G, 1);
-}
-
 // ---- 16.5 Dropout: dropout_forward / dropout_backward ----
 // "dropout 0.1" on CIFAR-10 (Appendix B), inside each ResBlock. Inverted dropout: keep
 // each value with probability 1 - p and scale it by 1/(1 - p), so that nothing changes
@@ -2409,11 +2381,6 @@ static void dropout_backward(float* dinp, const float* dout, size_t N, float p, 
     float scale = 1.0f / (1.0f - p);
     #pragma omp parallel for schedule(static) if (N > 65536)
     for (size_t i = 0; i < N; i++) if (dropout_keep(key, i, p)) dinp[i] += dout[i] * scale;
-}
-
-static void dropout_conv_input(float* a, int B, int C, int H, int W, float p, uint64_t key) {
-    FAST(dropout_conv_input_fast(a, B, C, H, W, p, key));
-    dropout_forward(a, a, (size_t)B * C * H * W, p, key);
 }
 
 // ---- 16.6 Attention: attention_forward / attention_backward ----
@@ -3656,6 +3623,32 @@ static void dropout_conv_input_fast(float* grid, int B, int C, int H, int W, flo
             size_t i0 = ((size_t)bc * H + h) * W;
             for (int w = 0; w < W; w++) y[w] = dropout_keep(key, i0 + w, p) ? y[w] * scale : 0.0f;
         }
+}
+
+// Section 14's unit on the grids: GroupNorm+SiLU writes the conv's grid (17.4), dropout
+// runs on it (17.5), the conv reads it (17.2); its backward is section 14's, with the
+// conv's input gradient from the grid.
+static void norm_silu_conv_forward_fast(float* h, float* a, float* mean, float* rstd, const float* x,
+                                        const GroupNorm* n, const Conv2d* c, int B, int H, int W, Dropout d,
+                                        float* ws) {
+    groupnorm_silu_conv_input_fast(a, mean, rstd, x, n->gamma, n->beta, B, n->C, H, W, n->G);
+    if (d.p > 0) dropout_conv_input_fast(a, B, n->C, H, W, d.p, d.key);
+    conv3x3_forward_fast(h, a, c->w, c->b, B, c->C_in, H, W, c->C_out, ws);
+}
+
+static void norm_silu_conv_backward_fast(float* dx, GroupNorm* n, Conv2d* c, const float* dh, const float* x,
+                                         const float* a, const float* mean, const float* rstd, int B, int H, int W,
+                                         Dropout d, float* tmp1, float* tmp2, float* ws) {
+    size_t N = (size_t)B * n->C * H * W;
+    float* da = tmp1;
+    zero(da, N);
+    conv3x3_backward_fast(da, c->dw, c->db, dh, a, c->w, B, c->C_in, H, W, c->C_out, ws);
+    if (d.p > 0) {
+        zero(tmp2, N);
+        dropout_backward(tmp2, da, N, d.p, d.key);
+        da = tmp2;
+    }
+    groupnorm_backward(dx, n->dgamma, n->dbeta, da, x, n->gamma, n->beta, mean, rstd, B, n->C, H * W, n->G, 1);
 }
 
 // ---- 17.6 Attention: attention_forward_fast / attention_backward_fast ----

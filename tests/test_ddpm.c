@@ -865,9 +865,9 @@ static void test_conv_input_vs_ref(int B, int C, int C_out, int H, int W, int G)
     float* ws = fmalloc(conv2d_workspace_floats_fast(B, C, H, W, C_out, 3, 1, kernel_threads));
     for (size_t i = 0; i < ng; i++) grid[i] = 0;
     groupnorm_silu_conv_input_fast(grid, m1, r1, x, gamma, beta, B, C, H, W, G);
-    REF(groupnorm_silu_conv_input, a, m2, r2, x, gamma, beta, B, C, H, W, G);
+    REF(groupnorm_forward, a, m2, r2, x, gamma, beta, B, C, H * W, G, 1);   // section 14's reference unit
     dropout_conv_input_fast(grid, B, C, H, W, 0.3f, 77);
-    REF(dropout_conv_input, a, B, C, H, W, 0.3f, 77);
+    dropout_forward(a, a, nx, 0.3f, 77);
     int bad_border = 0;
     for (int bc = 0; bc < B * C; bc++)
         for (size_t j = 0; j < P; j++) {
@@ -878,9 +878,9 @@ static void test_conv_input_vs_ref(int B, int C, int C_out, int H, int W, int G)
         }
     double e_gn = max_abs_diff(back, a, nx) / max_abs(a, nx);
     conv3x3_forward_fast(y, grid, w, b, B, C, H, W, C_out, ws);
-    REF(conv3x3_forward, yr, a, w, b, B, C, H, W, C_out, NULL);
+    REF(conv2d_forward, yr, a, w, b, B, C, H, W, C_out, 3, 1, NULL);
     conv3x3_backward_fast(da, dw, db, dy, grid, w, B, C, H, W, C_out, ws);
-    REF(conv3x3_backward, dar, dwr, dbr, dy, a, w, B, C, H, W, C_out, NULL);
+    REF(conv2d_backward, dar, dwr, dbr, dy, a, w, B, C, H, W, C_out, 3, 1, NULL);
     double e[4];
     double worst = rel_errors4(e, (float* [4]){y, da, dw, db}, (float* [4]){yr, dar, dwr, dbr},
                                (size_t[4]){no, nx, nw, (size_t)C_out});
