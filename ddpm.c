@@ -2575,12 +2575,10 @@ static void zero(float* x, size_t n) {
 // Part III. Fast kernels (an appendix: skip it on a first reading)
 // ============================================================================
 //
-// Nothing here is in the paper. This is where the network of Part II spends its time,
-// made fast: the same layers as section 16, with the same results up to the rounding of
-// a different order of sums (tests/ checks every one against its reference). The
-// convolutions run "direct" on zero-bordered grids (17.2), and the GroupNorm+SiLU before
-// a 3x3 convolution writes those grids itself (17.4): that seam is why section 12.1 has
-// the "conv input" functions. -DDDPM_PLAIN leaves this part out.
+// Nothing here is in the paper: the layers of section 16, made fast, with the same results
+// up to the rounding of another order of sums (tests/ checks every one against its
+// reference). The convolutions run "direct" on zero-bordered grids (17.2), which section
+// 14's GroupNorm+SiLU writes itself here (17.4-17.5). -DDDPM_PLAIN leaves this part out.
 #ifndef DDPM_PLAIN
 
 // ----------------------------------------------------------------------------
@@ -2601,9 +2599,8 @@ static void zero(float* x, size_t n) {
 //   gemm     GEMM_MR rows x GEMM_NV vectors of columns (17.1)
 // A tile of R rows x V vectors costs R V accumulators + V loaded vectors + 1 broadcast
 // (+ 1 product when there is no fused multiply-add).
-// -DDDPM_NO_SIMD builds the same kernels as loops over arrays instead of vectors (what a
-// compiler without vector extensions gets); tests/ runs every variant this machine can
-// execute.
+// -DDDPM_NO_SIMD builds the same kernels as loops over arrays (a compiler without vector
+// extensions gets that); tests/ runs every variant this machine can execute.
 #if defined(DDPM_NO_SIMD) || !defined(__GNUC__)
 #define DDPM_SIMD 0
 #else
@@ -2708,19 +2705,13 @@ _Static_assert(CONV_MR * CONV_NV + CONV_NV + 1 <= VEC_REGS && CONV_MR_WIDE * CON
                "every tile's accumulators, loads and broadcast fit the register file");
 static int round_up(int n, int m) { return (n + m - 1) / m * m; }
 
-// Denormals. A float below 2^-126 in magnitude (a denormal) costs some x86 cores a
-// microcode assist of about a hundred cycles per instruction that meets it, as input or
-// result; a profile of sampling on an Intel AVX2 core found 64% of GroupNorm + SiLU on
-// one multiply, and setting the flags below made it 1.45x faster. They come from many
-// places: the exp of a very negative SiLU or softmax input, the square of a tiny
-// deviation in a GroupNorm's variance, the square of a tiny gradient in Adam's second
-// moment, products of the official init's 1e-10-scaled weights. Rather than guard each
-// of them, the fast build sets the processor to flush denormal results to zero (FTZ)
-// and to read denormal inputs as zero (DAZ), before main and so before OpenMP starts its
-// threads, which inherit the setting (tests/ checks every thread). A flushed value is
-// below 1.2e-38, far under any tolerance here; the result is as deterministic as before:
-// the same bits for the same seed and flags, on any number of threads. ARM64 has FZ,
-// which flushes both ways. The plain build (-DDDPM_PLAIN) keeps IEEE's gradual underflow.
+// Denormals. A float below 2^-126 (a denormal) costs some x86 cores a microcode assist of
+// about a hundred cycles per instruction that meets it (an Intel AVX2 core sampled 1.45x
+// faster without them). SiLU, softmax, GroupNorm, Adam and the 1e-10-scaled initial
+// weights all make some, so the fast build flushes denormal results to zero (FTZ) and
+// reads denormal inputs as zero (DAZ; ARM64's FZ does both), before main, so every OpenMP
+// thread inherits it (tests/ checks each). A flushed value is below 1.2e-38, and the bits
+// stay deterministic. The plain build (-DDDPM_PLAIN) keeps IEEE's gradual underflow.
 #if defined(__GNUC__) && (defined(__SSE2__) || defined(__aarch64__))
 __attribute__((constructor)) static void flush_denormals(void) {
 #if defined(__SSE2__)
@@ -2737,16 +2728,14 @@ __attribute__((constructor)) static void flush_denormals(void) {
 #endif
 
 // ---- 17.1 The matrix multiplication ----
-// Linear layers, attention and the input gradient of the
-// stride-2 convolution reduce to
+// Linear layers, attention and the input gradient of the stride-2 convolution reduce to
 //   C[M,N] (+)= op(A)[M,K] op(B)[K,N],  op(A)[i,p] = transA ? A[p*lda + i] : A[i*lda + p]
 // (the convolutions themselves have their own direct kernel, 17.2). It is the classic
 // blocked design of BLIS/GotoBLAS, in plain C: copy ("pack") a KC-deep slab of A into
 // MR-row panels and of B into NR-column panels (B's rows are read where they lie when
 // B is not transposed), so the innermost kernel streams both and keeps an MR x NR block
-// of C in registers. OpenMP splits C into tiles; each tile is owned by one thread
-// and sums over K in the same order whatever the tile size, so the result has the
-// same bits for any number of threads.
+// of C in registers. OpenMP splits C into tiles, each owned by one thread and summed over
+// K in one order, so the bits do not depend on the number of threads.
 #define GEMM_MC 96
 #define GEMM_KC 512
 #define GEMM_NC (GEMM_NR * (1024 / GEMM_NR))
@@ -2929,9 +2918,8 @@ static void matmul(float* C, const float* A, const float* B, int M, int N, int K
 //         a reduction over pixels, so its tile is CONV_DW_CO output channels (vectors
 //         of a transposed dy, [pixel][o]) x CONV_DW_K columns (c, tap) of the weight
 //         matrix, each a broadcast input value.
-// Every output element is summed by one thread in a fixed order, so the bits do not
-// depend on the number of threads.
-// Long float sums (here, in GroupNorm and in softmax) run in 16 interleaved partial sums,
+// One thread sums each output element in a fixed order: the bits do not depend on the
+// number of threads. Long float sums (here, in GroupNorm and in softmax) run in 16 partial sums,
 // "lanes": a plain s += x[i] is one chain of dependent adds the compiler may not
 // reorder, while the lanes are independent and become vector adds. The order is fixed,
 // so the bits are too.
@@ -3143,15 +3131,11 @@ static void conv_store_tile(float* out, const float* tile, int o0, int rows, int
 }
 
 // out (B, C_out, H, W) = (or +=, if bias is NULL) the direct convolution of the input
-// grids (B x C_in of them) with the weights w (C_out, C_in, T): their rows are read where
-// they lie. Work items are (image, one tile of pixels), each over all output channels,
-// or over a part of them where there are too few items to share among the threads (one
-// image of 8 x 8 is one tile of pixels).
-// A plain 1x1 has no slack after its planes, so its last tile is moved back to end at
-// the image's last pixel, and stores only the columns not done yet. n_ph > 1: the four
-// phases of 17.7's upsampling conv, g[0..3] (taps and output pixels differ), weights
-// one phase after another; each item does all four, so the 2 x 2 output blocks
-// are complete while their cache lines are still at hand.
+// grids (B x C_in) with the weights w (C_out, C_in, T), read where they lie. Work items
+// are (image, tile of pixels), over all output channels, or over a part where items are
+// too few for the threads. A plain 1x1's last tile ends at the image's last pixel (it
+// has no slack). n_ph > 1: the four phases of 17.7's upsampling conv, g[0..3], weights
+// one phase after another; an item does all four, while their cache lines are at hand.
 static void conv_direct(float* out, const float* planes, const float* w, const float* bias,
                         int B, int C_in, int C_out, const ConvGeom* g, int n_ph) {
     // A 3-channel output (conv_out) would waste 5 of 8 rows: CONV_MR_WIDE-row tiles then.
@@ -3251,17 +3235,12 @@ static inline void conv_dw_tile(float* restrict accmem, const float* restrict dy
 // columns (c, tap) of the weight matrix, conv_dw_group: on AVX-512 one channel's 9 taps
 // (3x3), 4 taps (17.7's 2x2), or 8 channels of a 1x1, so that channel counts divide
 // evenly). Each thread owns a fixed range of tiles and walks the images in order. A
-// large image is walked in bands of rows: every tile sweeps all the image's pixels, and
-// at 256 x 256 with 128 channels the transposed dy of one image is 32 MiB, so unbanded
-// each tile would stream it from memory again. A band's dy (CONV_DW_BAND floats, 128
-// KiB) stays in L2 while the thread's tiles take their turn. Measured on Zen 5 (2
-// threads, B = 1, the backward pass's share of the FMA peak): 256 x 256 x 128 from 37%
-// to 75%, 128 x 128 x 128 from 65% to 73%; below CONV_DW_SWEEP floats of dy (64 x 64 x
-// 256 and smaller) bands lost up to 10%, so those images are swept whole. Small images
-// are taken several at a time instead, as many as fill a band: a tile then keeps its
-// sums in registers across them (a 4 x 4 map is 16 pixels, little work between loading
-// and storing the tile), and the group's dy still stays in L2. Each tile adds its
-// pixels in the same order in every case: the bits do not change.
+// large image is walked in bands of rows, so that a band's transposed dy (CONV_DW_BAND
+// floats, 128 KiB) stays in L2 while the thread's tiles take their turn (at 256 x 256 x 128
+// one image's is 32 MiB: on Zen 5 the backward went from 37% to 75% of the FMA peak);
+// below CONV_DW_SWEEP floats an image is swept whole. Small images are taken several at
+// a time instead, as many as fill a band, each tile keeping its sums in registers across
+// them. Each tile adds its pixels in the same order in every case: the same bits.
 #ifndef CONV_DW_BAND
 #define CONV_DW_BAND 32768
 #endif
@@ -3455,10 +3434,9 @@ static void silu_backward_fast(float* dinp, const float* dout, const float* inp,
 // GroupNorm of 16.4, its SiLU fused: one pass over memory instead of two, and nothing
 // but mean and rstd (B*G floats) is stored. The backward pass recomputes xhat and n
 // from the input, which costs a few flops and saves two activation tensors per layer.
-// The statistics of each (image, group) are sums over its C/G x HW contiguous values,
-// taken in blocks of 4096 in 16 interleaved float lanes (the compiler turns the lane
-// loop into vector adds; the order is fixed, so the bits are too), each block's lanes
-// then added in double; the backward pass sums each channel in lanes, then in double.
+// The statistics of each (image, group) are sums over its C/G x HW contiguous values, in
+// blocks of 4096 in float lanes, each block's lanes then added in double; the backward
+// pass sums each channel in lanes, then in double.
 
 // Where the output goes. grid_W = 0: out is (B, C, H, W) like inp. grid_W = W: out is
 // the padded grids of a 3x3 conv's input (17.2), so that conv need not copy it.
@@ -3626,8 +3604,7 @@ static void dropout_conv_input_fast(float* grid, int B, int C, int H, int W, flo
 }
 
 // Section 14's unit on the grids: GroupNorm+SiLU writes the conv's grid (17.4), dropout
-// runs on it (17.5), the conv reads it (17.2); its backward is section 14's, with the
-// conv's input gradient from the grid.
+// runs on it, the conv reads it (17.2); the backward is section 14's on the grid.
 static void norm_silu_conv_forward_fast(float* h, float* a, float* mean, float* rstd, const float* x,
                                         const GroupNorm* n, const Conv2d* c, int B, int H, int W, Dropout d,
                                         float* ws) {
