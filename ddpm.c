@@ -1316,7 +1316,7 @@ typedef struct {
     Conv2d conv1, conv2, nin_shortcut;   // nin_shortcut only when C_in + C_skip != C_out
     Linear temb_proj;
     float *mean1, *rstd1, *h1, *mean2, *rstd2;   // saved: (B, G), (B, C_out, H, W)
-    float *a1, *a2;     // saved: silu(norm1(x)), dropout(silu(norm2(h1))), as conv inputs (12.1)
+    float *a1, *a2;     // saved: silu(norm1(x)), dropout(silu(norm2(h1))), the convs' inputs (section 14)
     // BLOCK_ATTN: out = x + proj_out(attention(q(n), k(n), v(n))), n = norm(x)
     GroupNorm norm;
     Conv2d q, k, v, proj_out;
@@ -1503,7 +1503,7 @@ static __typeof__(attention_backward) attention_backward_fast; static __typeof__
 //   up path:   per level, num_res_blocks + 1 ResBlocks on concat(h, skip) (+ AttnBlock),
 //              Upsample
 //   eps_theta = conv_out(silu(norm_out(h)))
-// The blocks are listed in L->blocks in the order they run (section 15 builds the list),
+// The blocks are listed in L->blocks in the order they run (section 15.1 builds the list),
 // so the forward pass walks the list and the backward pass walks it back.
 
 static void resblock_forward(UNet* m, Block* k, int B);
@@ -3359,7 +3359,7 @@ static void conv2d_backward_fast(float* dinp, float* dweight, float* dbias, cons
     conv_backward(dinp, dweight, dbias, dout, inp, 0, weight, B, C_in, H, W, C_out, K, stride, ws);
 }
 
-// The 3x3 conv of a kept conv input (12.1): its padded grids are read as they are.
+// The 3x3 conv of section 14's unit: its saved input's padded grids are read as they are.
 static void conv3x3_forward_fast(float* out, const float* a, const float* weight, const float* bias,
                                  int B, int C_in, int H, int W, int C_out, float* ws) {
     conv_forward(out, a, 1, weight, bias, B, C_in, H, W, C_out, 3, 1, ws);
