@@ -1761,7 +1761,7 @@ static const Preset PRESETS[] = {
 #define N_PRESETS (int)(sizeof(PRESETS) / sizeof(PRESETS[0]))
 
 // The preset called name, or NULL.
-static const Preset* run_plan(const char* name) {
+static const Preset* preset_named(const char* name) {
     for (int i = 0; i < N_PRESETS; i++)
         if (!strcmp(PRESETS[i].name, name)) return &PRESETS[i];
     return NULL;
@@ -1773,7 +1773,7 @@ static const Preset* run_plan(const char* name) {
 // two networks exist at their own side only. img 0 means the preset's own side. Returns
 // 0 for an unknown name, -1 for a side the preset has no shape for.
 static int preset_find(const char* name, int img, Config* out) {
-    const Preset* p = run_plan(name);
+    const Preset* p = preset_named(name);
     if (!p) return 0;
     Config c = p->cfg;
     if (img && img != c.img) {
@@ -1904,18 +1904,20 @@ static void groupnorm_make(UNet* m, Arena* P, GroupNorm* g, const char* group, c
 }
 
 // ---- 15.1 The architecture: the official U-Net (diffusion_tf/models/unet.py), as code ----
+// §4 and Appendix B: "a U-Net backbone similar to an unmasked PixelCNN++", four resolutions
+// for CIFAR-10, six at 256x256, two residual blocks per level, self-attention at 16x16.
 // Each block reads the output of the block before it (`in`; -1 is conv_in's, h0) and, on
 // the up path, a skip: the output of a down-path block, which is therefore read twice
 // (`kept`). Channels and sides follow from what the block reads.
 #define FROM_CONV_IN (-1)
 #define NO_SKIP (-2)
 
-static int out_side(const UNet* m, int i) {   // the side of block i's output (-1: h0's)
+static int block_out_side(const UNet* m, int i) {   // the side of block i's output (-1: h0's)
     if (i == FROM_CONV_IN) return m->cfg.img;
     const Block* k = &m->L->blocks[i];
     return k->kind == BLOCK_DOWN ? k->H / 2 : k->kind == BLOCK_UP ? 2 * k->H : k->H;
 }
-static int out_channels_of(const UNet* m, int i) { return i == FROM_CONV_IN ? m->cfg.ch : m->L->blocks[i].C_out; }
+static int block_out_channels(const UNet* m, int i) { return i == FROM_CONV_IN ? m->cfg.ch : m->L->blocks[i].C_out; }
 
 // Appends a block of `kind` reading block `in` (and `skip`), with C_out channels out (0: as
 // many as it reads: attention and resampling keep them); returns its index.
@@ -1927,10 +1929,10 @@ static int block_add(UNet* m, BlockKind kind, int in, int skip, int C_out, const
     snprintf(k->name, sizeof k->name, fmt, a, b);
     k->src = in;
     k->skip_src = skip;
-    k->C_in = out_channels_of(m, in);
-    k->C_skip = skip == NO_SKIP ? 0 : out_channels_of(m, skip);
+    k->C_in = block_out_channels(m, in);
+    k->C_skip = skip == NO_SKIP ? 0 : block_out_channels(m, skip);
     k->C_out = C_out ? C_out : k->C_in;
-    k->H = k->W = out_side(m, in);
+    k->H = k->W = block_out_side(m, in);
     return m->L->n_blocks++;
 }
 
@@ -1945,7 +1947,8 @@ static void unet_architecture(UNet* m) {
     for (int i = 0; i < c->n_levels; i++) {
         for (int j = 0; j < c->num_res_blocks; j++) {
             h = block_add(m, BLOCK_RES, h, NO_SKIP, c->ch * c->ch_mult[i], "down.%d.block.%d", i, j);
-            if (config_has_attn(c, out_side(m, h))) h = block_add(m, BLOCK_ATTN, h, NO_SKIP, 0, "down.%d.attn.%d", i, j);
+            if (config_has_attn(c, block_out_side(m, h)))
+                h = block_add(m, BLOCK_ATTN, h, NO_SKIP, 0, "down.%d.attn.%d", i, j);
             hs[n_hs++] = h;
         }
         if (i != c->n_levels - 1) hs[n_hs++] = h = block_add(m, BLOCK_DOWN, h, NO_SKIP, 0, "down.%d.downsample", i, 0);
@@ -1961,7 +1964,8 @@ static void unet_architecture(UNet* m) {
             int skip = hs[--n_hs];
             if (skip != FROM_CONV_IN) m->L->blocks[skip].kept = 1;
             h = block_add(m, BLOCK_RES, h, skip, c->ch * c->ch_mult[i], "up.%d.block.%d", i, j);
-            if (config_has_attn(c, out_side(m, h))) h = block_add(m, BLOCK_ATTN, h, NO_SKIP, 0, "up.%d.attn.%d", i, j);
+            if (config_has_attn(c, block_out_side(m, h)))
+                h = block_add(m, BLOCK_ATTN, h, NO_SKIP, 0, "up.%d.attn.%d", i, j);
         }
         if (i != 0) h = block_add(m, BLOCK_UP, h, NO_SKIP, 0, "up.%d.upsample", i, 0);
     }
@@ -2007,7 +2011,8 @@ static void block_buffers(UNet* m, Arenas* ar, Block* k) {
             if (need > m->L->max_conv_ws) m->L->max_conv_ws = need;
         }
     }
-    size_t numel = (size_t)C * out_side(m, (int)(k - m->L->blocks)) * out_side(m, (int)(k - m->L->blocks));
+    int H_out = block_out_side(m, (int)(k - m->L->blocks));
+    size_t numel = (size_t)C * H_out * H_out;
     k->out = take(&ar->A, Bm * numel);
     k->dout = k->kept ? take(&ar->G, Bm * numel) : m->L->ping[m->L->n_transient++ % 2];
     if (numel > m->L->max_numel) m->L->max_numel = numel;
@@ -5951,7 +5956,7 @@ static int cmd_train(const Options* flags) {
     if (lead && world_size > 1)
         fprintf(stderr, "data parallel over %d ranks: %d images each (section 23)\n", world_size, o->batch / world_size);
     Objective usual = PAPER_OBJECTIVE;   // the paper's, with the variance its preset samples with
-    const Preset* plan = run_plan(o->model);
+    const Preset* plan = preset_named(o->model);
     if (plan) usual.var = plan->var;
     if (lead && memcmp(&ob, &usual, sizeof ob))
         fprintf(stderr, "objective (Table 2): --mean-type %s --var-type %s --loss %s\n", MEAN_NAMES[ob.mean],
@@ -6543,7 +6548,7 @@ static void parse_options(int argc, char** argv, Options* o) {
         o->given[p - OPTIONS] = 1;
     }
     // The preset's plan for what was not given (the batch of --resume is the checkpoint's).
-    const Preset* plan = run_plan(o->model ? o->model : "");
+    const Preset* plan = preset_named(o->model ? o->model : "");
     if (plan && (o->cmd & (C_TRAIN | C_IMPORT))) {
         if (!given(o, "--batch")) o->batch = plan->batch;
         if (!given(o, "--steps") && o->cmd == C_TRAIN) o->steps = plan->steps;

@@ -1526,7 +1526,7 @@ static void test_config(void) {
     check("paper and paper256 exist at their own side only; tiny grows", preset_find("paper256", 64, &c) == -1 &&
           preset_find("paper", 256, &c) == -1 && preset_find("paper", 0, &c) == 1 && c.img == 32 &&
           preset_find("tiny", 256, &c) == 1 && c.n_levels == 6 && c.img == 256, "sides");
-    const Preset* pl = run_plan("paper256");
+    const Preset* pl = preset_named("paper256");
     check("paper256's plan: batch 64, lr 2e-5, warmup 5000, sigma beta_tilde (the official LSUN run)",
           pl && pl->batch == 64 && pl->lr == 2e-5f && pl->warmup == 5000 && pl->var == VAR_FIXEDSMALL, "plan");
     preset_find("paper256", 0, &c);
