@@ -9,7 +9,7 @@
 #   make bench           ddpm.c vs PyTorch, side by side (tests/bench_ddpm.c, a benchmark that
 #                        includes ddpm.c, run by tests/bench_table.py; about 26 min;
 #                        BENCH_ARGS="--quick --rounds 1" for one minute on tiny only)
-#   make fuzz            libFuzzer harnesses for the checkpoint, IDX, CIFAR-10 and exchange readers (clang),
+#   make fuzz            libFuzzer harnesses for the checkpoint, IDX, CIFAR-10, exchange, cache and picture readers (clang),
 #                        each run for FUZZ_SECONDS (12); make test runs them when clang is there
 #   make sanitize        the unit, end-to-end and MPI suites under AddressSanitizer + UBSan
 #   make cifar10         download + check + unpack CIFAR-10 (binary version) into data/
@@ -162,7 +162,7 @@ test: ddpm ddpm_debug tests/test_ddpm tests/dump_ref tests/bench_ddpm tests/test
 # so clang needs only libclang-rt-14-dev, not libomp.
 FUZZ_CC ?= clang
 FUZZ_SECONDS ?= 12
-FUZZ_TARGETS = checkpoint idx cifar exchange pixels
+FUZZ_TARGETS = checkpoint idx cifar exchange pixels pictures
 FUZZ_FLAGS = -std=c11 -O1 -g -I$(STB_DIR) -Wno-unused-function -Wno-unknown-pragmas \
              -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all
 build/fuzz_checkpoint: FUZZ_ID = 1
@@ -170,6 +170,7 @@ build/fuzz_idx: FUZZ_ID = 2
 build/fuzz_cifar: FUZZ_ID = 3
 build/fuzz_exchange: FUZZ_ID = 4
 build/fuzz_pixels: FUZZ_ID = 5
+build/fuzz_pictures: FUZZ_ID = 6
 build/fuzz_%: tests/fuzz_ddpm.c ddpm.c $(STB_DEP)
 	@mkdir -p build
 	$(FUZZ_CC) $(FUZZ_FLAGS) -DFUZZ_TARGET=$(FUZZ_ID) tests/fuzz_ddpm.c -o $@ -lm

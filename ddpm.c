@@ -3830,8 +3830,11 @@ static void sum_channel_fast(float* dv, const float* dh, int B, int C, int HW) {
 // line on stderr that names the file or flag and says what to do, and an exit code
 // below 128: 1 for an error, 2 for a bad flag (section 22).
 
-#ifdef DDPM_FUZZ
 #include <setjmp.h>
+#ifdef __linux__
+#include <sys/auxv.h>
+#endif
+#ifdef DDPM_FUZZ
 static jmp_buf fuzz_refused;   // tests/fuzz_ddpm.c: a refusal returns to the harness
 #endif
 #ifdef DDPM_MPI
@@ -3850,9 +3853,11 @@ static void fail_v(int code, const char* suffix, const char* fmt, va_list ap) {
 #endif
     char line[8192];
     int k = world_rank > 0 ? snprintf(line, sizeof line, "ddpm (rank %d): ", world_rank) : snprintf(line, sizeof line, "ddpm: ");
-    k += vsnprintf(line + k, sizeof line - k, fmt, ap);
-    if (k < (int)sizeof line) snprintf(line + k, sizeof line - k, "%s\n", suffix);
-    else line[sizeof line - 2] = '\n';
+    char msg[8192];   // control bytes (a newline or ESC in a file's name) as \xNN: one line, no escape codes
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    for (const unsigned char* c = (const unsigned char*)msg; *c && k < (int)sizeof line - 64; c++)
+        k += snprintf(line + k, 5, *c < 32 || *c == 127 ? "\\x%02x" : "%c", *c);
+    snprintf(line + k, sizeof line - k, "%s\n", suffix);
     if (world_rank == 0 || code != 2) fputs(line, stderr);
 #ifdef DDPM_MPI
     // Every rank ends here together, and only after rank 0 has written its line: a rank
@@ -3868,10 +3873,12 @@ static void die(const char* fmt, ...) {
     fail_v(1, "", fmt, ap);
 }
 
+// What asks for less memory, in the command's own flags (main sets it).
+static const char* memory_fix = "try a smaller --batch or --model";
+
 static void* malloc_check(size_t size, const char* what) {
     void* p = malloc(size ? size : 1);
-    if (!p) die("out of memory allocating %.1f MiB for %s; try a smaller --batch or --model",
-                size / 1048576.0, what);
+    if (!p) die("out of memory allocating %.1f MiB for %s; %s", size / 1048576.0, what, memory_fix);
     return p;
 }
 
@@ -3891,8 +3898,7 @@ static void* calloc_check(size_t n, size_t size, const char* what) {
     } else {
         p = calloc(n ? n : 1, size ? size : 1);
     }
-    if (!p) die("out of memory allocating %.1f MiB for %s; try a smaller --batch or --model",
-                (double)n * size / 1048576.0, what);
+    if (!p) die("out of memory allocating %.1f MiB for %s; %s", (double)n * size / 1048576.0, what, memory_fix);
     return p;
 }
 
@@ -3959,10 +3965,16 @@ static int max_threads(void) {
 // one busy process took about 2x its idle time (what losing one of two cores costs)
 // rather than 3.4x, and idle no more than the noise (tests/README.md, Speed). libgomp
 // reads it once, before main, so ddpm starts itself again with it unless a wait policy
-// was given (not in the reference build: under gdb a restart only adds noise).
+// was given (not in the reference build: under gdb a restart only adds noise), and only
+// where /proc/self/exe is this program: run by the loader (ld.so ./ddpm) or valgrind it is
+// another, which would run instead.
 static void threads_spin_briefly(char** argv) {
-#if defined(_OPENMP) && !defined(DDPM_PLAIN)
-    if (getenv("OMP_WAIT_POLICY") || getenv("GOMP_SPINCOUNT")) return;
+#if defined(_OPENMP) && !defined(DDPM_PLAIN) && defined(__linux__)
+    struct stat self, named;
+    const char* fn = (const char*)getauxval(AT_EXECFN);
+    if (getenv("OMP_WAIT_POLICY") || getenv("GOMP_SPINCOUNT") || !fn || stat("/proc/self/exe", &self) ||
+        stat(fn, &named) || self.st_dev != named.st_dev || self.st_ino != named.st_ino)
+        return;
     if (setenv("GOMP_SPINCOUNT", "1000", 1) != 0) return;
     execv("/proc/self/exe", argv);   // returns only if it failed: go on as started
 #else
@@ -4159,6 +4171,7 @@ static void install_signal_handlers(void) {
 // every tenth of the way in a log file. The time each is what a 256x256 chain needs
 // (a second or more a step on a CPU).
 static void progress_line(const char* what, long done, long total, double t0) {
+    int saved = errno;   // isatty sets it: a failed write's reason, read after this line, must survive
     double el = now_seconds() - t0, eta = done > 0 ? el * (total - done) / done : 0, each = done > 0 ? el / done : 0;
     char e[32];
     if (each >= 0.1) snprintf(e, sizeof e, "%.2f s", each);
@@ -4167,6 +4180,7 @@ static void progress_line(const char* what, long done, long total, double t0) {
     else if (done == total || done % (total / 10 > 0 ? total / 10 : 1) == 0)
         fprintf(stderr, "%s %ld/%ld  %s each, %.0fs elapsed, ETA %.0fs\n", what, done, total, e, el, eta);
     if (isatty(2) && done == total) fprintf(stderr, "\n");
+    errno = saved;
 }
 
 // The watcher of a chain of section 10: a progress line, one count per step; a stop at
@@ -4194,6 +4208,22 @@ static int progress_step(void* ctx, const ChainStep* st) {
 static const Watch* progress_start(Progress* p, const char* what, long total, int finite, Trace* trace) {
     *p = (Progress){what, 0, total, now_seconds(), finite, 0, trace, {progress_step, p}};
     return &p->watch;
+}
+
+// A mapped cache (section 19.1) cut short by another process gives SIGBUS at the next read
+// of a lost page. A training run catches it (cache_fault: back to cmd_train, which saves its
+// checkpoint); elsewhere it ends in one line naming the file.
+static struct { const uint8_t* at; size_t len; char path[4400], line[4600]; } cache_map;
+static sigjmp_buf* cache_fault;
+
+static void on_bus(int sig, siginfo_t* si, void* uc) {
+    (void)uc;
+    const uint8_t* a = si->si_addr;
+    if (a < cache_map.at || a >= cache_map.at + cache_map.len) { signal(sig, SIG_DFL); return; }   // not ours
+    if (cache_fault) siglongjmp(*cache_fault, 1);
+    ssize_t w = write(2, cache_map.line, strlen(cache_map.line));
+    (void)w;
+    _exit(1);
 }
 
 // ----------------------------------------------------------------------------
@@ -4317,7 +4347,7 @@ static void load_fashion_mnist(Dataset* d, const char* dir, int train) {
 // the background and --skip-bad; a change rebuilds it, and so does a damaged one.
 
 #define STB_IMAGE_IMPLEMENTATION
-#define STBI_MAX_DIMENSIONS (1 << 15)   // larger sides are refused before any allocation
+#define STBI_MAX_DIMENSIONS INT_MAX   // every side is read; MAX_PICTURE_PIXELS refuses, before any allocation
 #define STB_IMAGE_RESIZE_IMPLEMENTATION
 #define STB_IMAGE_RESIZE_STATIC
 #if defined(__GNUC__)
@@ -4348,8 +4378,14 @@ typedef struct {
 } FolderSpec;
 
 #define MAX_PICTURE_PIXELS (1L << 26)   // 64 megapixels: a bigger file is refused as bad
+// Larger pictures decode one at a time (the others in parallel): stb's buffers and ours then
+// stay under about 1.5 GB for the largest (64 megapixels, 16-bit RGBA) plus 100 MB a thread.
+#define BIG_PICTURE_PIXELS (1L << 22)
 
-typedef struct { char** path; long n, cap; } PathList;
+typedef struct { dev_t dev; ino_t ino; } FileId;
+// The pictures found, and the folders read (seen): a folder reached again through a
+// symbolic link is read once (`again` counts them), else its pictures would weigh double.
+typedef struct { char** path; long n, cap; FileId* seen; long n_seen, again; } PathList;
 
 static int picture_extension(const char* name) {
     static const char* const EXT[] = {"png", "jpg", "jpeg", "jpe", "bmp", "gif", "tga", "pnm", "ppm", "pgm",
@@ -4373,7 +4409,7 @@ static void pathlist_add(PathList* l, const char* path) {
 }
 
 // The pictures under dir (by name: whether each decodes is found out later). `up` holds
-// the folders above, to see a loop through a symbolic link.
+// the folders above, to see a loop through a symbolic link (refused: a mistake, surely).
 typedef struct Above { dev_t dev; ino_t ino; const struct Above* up; } Above;
 
 static void folder_scan(PathList* l, const char* dir, const Above* up, int depth, long* ignored) {
@@ -4383,21 +4419,26 @@ static void folder_scan(PathList* l, const char* dir, const Above* up, int depth
         if (a->dev == st.st_dev && a->ino == st.st_ino)
             die("--data: %s leads back to a folder above it (a symbolic link loop); remove the link", dir);
     if (depth > 64) die("--data: %s is nested more than 64 folders deep", dir);
+    for (long i = 0; i < l->n_seen; i++)
+        if (l->seen[i].dev == st.st_dev && l->seen[i].ino == st.st_ino) { l->again++; return; }
+    if (!(l->n_seen & (l->n_seen - 1)) && !(l->seen = realloc(l->seen, 2 * (l->n_seen + 1) * sizeof *l->seen)))
+        die("out of memory listing the folders of %s", dir);
+    l->seen[l->n_seen++] = (FileId){st.st_dev, st.st_ino};
     Above here = {st.st_dev, st.st_ino, up};
-    DIR* d = opendir(dir);
-    if (!d) die("--data: cannot read the folder %s: %s", dir, strerror(errno));
-    struct dirent* e;
+    struct dirent** e;   // in sorted order: which path reaches a folder first is the same on any file system
+    int n = scandir(dir, &e, NULL, alphasort);
+    if (n < 0) die("--data: cannot read the folder %s: %s", dir, strerror(errno));
     char path[4096];
-    while ((e = readdir(d))) {
-        if (e->d_name[0] == '.') continue;   // hidden files and folders, and . and ..
-        if (snprintf(path, sizeof path, "%s/%s", dir, e->d_name) >= (int)sizeof path)
+    for (int i = 0; i < n; free(e[i++])) {
+        if (e[i]->d_name[0] == '.') continue;   // hidden files and folders, and . and ..
+        if (snprintf(path, sizeof path, "%s/%s", dir, e[i]->d_name) >= (int)sizeof path)
             die("--data: a path under %s is longer than %zu bytes", dir, sizeof path);
         int is_dir = stat(path, &st) == 0 && S_ISDIR(st.st_mode);
         if (is_dir) folder_scan(l, path, &here, depth + 1, ignored);
-        else if (picture_extension(e->d_name)) pathlist_add(l, path);   // a broken link too: a bad picture
+        else if (picture_extension(e[i]->d_name)) pathlist_add(l, path);   // a broken link too: a bad picture
         else ++*ignored;
     }
-    closedir(d);
+    free(e);
 }
 
 static int compare_paths(const void* a, const void* b) { return strcmp(*(char* const*)a, *(char* const*)b); }
@@ -4414,30 +4455,102 @@ static FILE* picture_open(const char* path, const char** why) {
     return f;
 }
 
-// The picture's channels as stb_image reads them (1 grey, 2 grey + alpha, 3 RGB, 4 RGBA),
-// or 0 with *why set.
-static int picture_channels(const char* path, const char** why) {
+// stb_image reads a short BMP, GIF, PNM, TGA, PSD, HDR or PIC file as if it went on in
+// zeros. So pictures are read through these callbacks, which note a read past the end: a
+// file cut short is refused, in every format. (Before a picture is decoded, stb probes the
+// formats with at most 4 bytes each, TGA's last with 18: only a file that short is read
+// past its end in a probe, and it is no picture anyway.)
+typedef struct { FILE* f; int past_end; } PictureFile;
+static int picture_read(void* u, char* buf, int n) {
+    PictureFile* p = u;
+    size_t k = fread(buf, 1, n, p->f);
+    p->past_end |= k < (size_t)n && (k == 0 || n != 128);   // 128: stb's buffer refill, which may end short
+    return (int)k;
+}
+static void picture_skip(void* u, int n) { fseek(((PictureFile*)u)->f, n, SEEK_CUR); }
+static int picture_eof(void* u) { return feof(((PictureFile*)u)->f) || ferror(((PictureFile*)u)->f); }
+static const stbi_io_callbacks PICTURE_IO = {picture_read, picture_skip, picture_eof};
+
+// stb_image 2.27 (Debian bookworm's) builds a JPEG's Huffman tables from counts it does not
+// check: counts summing past 256 codes write past its tables (found by tests/fuzz_pictures).
+// So every DHT segment is checked first, between the scans too (a scan's bytes are skipped:
+// 0xff there is followed by 0, a restart marker, or the next marker).
+static int jpeg_tables_ok(FILE* f) {
+    for (int c = getc(f), m; c != EOF; c = getc(f)) {
+        if (c != 0xff || (m = getc(f)) == 0xff) { if (c == 0xff) ungetc(m, f); continue; }
+        if (m == EOF || m == 0 || m == 1 || (m >= 0xd0 && m <= 0xd9)) continue;   // no segment follows
+        int hi = getc(f), lo = getc(f);
+        if (hi < 0 || lo < 0) return 1;
+        int len = (hi << 8 | lo) - 2;
+        for (uint8_t t[17]; m == 0xc4 && len > 0; len -= 17) {   // its tables, read as stb does: zeros past the end
+            size_t got = fread(memset(t, 0, 17), 1, 17, f);
+            int n = 0;
+            for (int i = 1; i < 17; i++) n += t[i];
+            if (n > 256) return 0;
+            if (got < 17 || fseek(f, n, SEEK_CUR) != 0) return 1;
+            len -= n;
+        }
+        if (len < 0 || fseek(f, len, SEEK_CUR) != 0) return 1;   // what stb will refuse itself
+    }
+    return 1;
+}
+
+// Opens the picture, reads its header: its size and channels (1 grey, 2 grey + alpha, 3 RGB,
+// 4 RGBA), or NULL with *why set. stb allocates a picture at the size its header declares,
+// before it reads a pixel, so a header alone could cost a gigabyte: the header must fit
+// the file's size. A JPEG codes at least one bit per 8x8 block of its widest component
+// (subsampled at most 4 times), so at most 2,048 pixels a byte; deflate (PNG), LZW (GIF)
+// and PIC's runs less than 32,768; the run lengths of TGA, PSD and HDR less than 64, and
+// BMP and PNM store every pixel.
+static FILE* picture_header(const char* path, PictureFile* pf, int* w, int* h, int* comp, const char** why) {
     FILE* f = picture_open(path, why);
-    if (!f) return 0;
+    if (!f) return NULL;
+    *pf = (PictureFile){f, 0};
+    unsigned char m[4] = {0};
+    long size = fread(m, 1, 4, f) == 4 && fseek(f, 0, SEEK_END) == 0 ? ftell(f) : 0;
+    rewind(f);
+    long most = !memcmp(m, "\xff\xd8", 2) ? 2048 : !memcmp(m, "\x89PNG", 4) || !memcmp(m, "GIF8", 4) ||
+                !memcmp(m, "\x53\x80\xf6\x34", 4) ? 32768 : 64;
+    if (most == 2048 && !jpeg_tables_ok(f)) {
+        fclose(f);
+        *why = "a damaged JPEG (a Huffman table of more than 256 codes)";
+        return NULL;
+    }
+    rewind(f);
+    if (!stbi_info_from_callbacks(&PICTURE_IO, pf, w, h, comp)) {
+        stbi__context s;   // stb tries each format and keeps the last one's reason: ask PNG and JPEG again
+        rewind(f), stbi__start_callbacks(&s, (stbi_io_callbacks*)&PICTURE_IO, pf);
+        if (m[0] == 0x89) stbi__png_info(&s, w, h, comp);
+        if (m[0] == 0xff) stbi__jpeg_info(&s, w, h, comp);
+        *why = pf->past_end ? "cut short" : stbi_failure_reason();
+    } else if ((double)*w * *h > MAX_PICTURE_PIXELS) {
+        *why = "too large (more than 64 megapixels)";
+    } else if (*w < 1 || *h < 1 || (double)*w * *h > (double)most * size) {
+        *why = "cut short or damaged (its header promises more pixels than its size holds)";
+    } else {
+        rewind(f);
+        return f;
+    }
+    fclose(f);
+    return NULL;
+}
+
+static int picture_channels(const char* path, const char** why) {
+    PictureFile pf;
     int w, h, comp;
-    if (!stbi_info_from_file(f, &w, &h, &comp)) comp = 0, *why = stbi_failure_reason();
+    FILE* f = picture_header(path, &pf, &w, &h, &comp, why);
+    if (!f) return 0;
     fclose(f);
     return comp;
 }
 
-// Steps 1-4 above: one picture to out (C, N, N), or a reason it cannot be. *small is set
-// if it had to be enlarged.
-static const char* picture_decode(const char* path, const FolderSpec* fs, int C, uint8_t* out, int* small) {
-    const char* why = NULL;
-    FILE* f = picture_open(path, &why);
-    if (!f) return why;
+// Steps 1-4 above: the pixels of an opened picture to out (C, N, N), or a reason they
+// cannot be. *small is set if it had to be enlarged.
+static const char* picture_pixels(PictureFile* pf, const FolderSpec* fs, int C, uint8_t* out, int* small) {
     int w, h, comp;
-    uint8_t* p = NULL;
-    if (!stbi_info_from_file(f, &w, &h, &comp)) why = stbi_failure_reason();
-    else if ((long)w * h > MAX_PICTURE_PIXELS) why = "more than 64 megapixels";
-    else if (!(p = stbi_load_from_file(f, &w, &h, &comp, 0))) why = stbi_failure_reason();
-    fclose(f);
-    if (!p) return why ? why : "cannot be decoded";
+    uint8_t* p = stbi_load_from_callbacks(&PICTURE_IO, pf, &w, &h, &comp, 0);
+    if (p && pf->past_end) stbi_image_free(p), p = NULL;
+    if (!p) return pf->past_end ? "cut short (the file ends before its pixels do)" : stbi_failure_reason();
     int N = fs->img, s = w < h ? w : h, x0 = (w - s) / 2, y0 = (h - s) / 2, bg = fs->background;
     uint8_t* sq = malloc((size_t)s * s * C);
     uint8_t* res = malloc((size_t)N * N * C);
@@ -4464,6 +4577,23 @@ static const char* picture_decode(const char* path, const FolderSpec* fs, int C,
     free(sq);
     free(res);
     return ok ? NULL : "cannot be resized";
+}
+
+// One picture to out (C, N, N), or a reason it cannot be; a big one decodes alone.
+static const char* picture_decode(const char* path, const FolderSpec* fs, int C, uint8_t* out, int* small) {
+    const char* why = NULL;
+    PictureFile pf;
+    int w, h, comp;
+    FILE* f = picture_header(path, &pf, &w, &h, &comp, &why);
+    if (!f) return why;
+    if ((long)w * h > BIG_PICTURE_PIXELS) {
+        #pragma omp critical(big_picture)
+        why = picture_pixels(&pf, fs, C, out, small);
+    } else {
+        why = picture_pixels(&pf, fs, C, out, small);
+    }
+    fclose(f);
+    return why;
 }
 
 // The cache file: this header, padded to 4096 bytes so that the pixels are page-aligned
@@ -4540,6 +4670,12 @@ static int pixel_cache_map(Dataset* d, const char* path, uint64_t key, const Fol
     void* map = mmap(NULL, st.st_size, PROT_READ, MAP_SHARED, fd, 0);
     close(fd);
     if (map == MAP_FAILED) die("cannot map %s: %s", path, strerror(errno));
+    cache_map.at = map, cache_map.len = st.st_size;   // section 18: SIGBUS if it is cut short
+    snprintf(cache_map.path, sizeof cache_map.path, "%s", path);
+    snprintf(cache_map.line, sizeof cache_map.line, "ddpm: %s was cut short while this command read it (another "
+             "process truncated it); run the command again to decode the folder anew\n", path);
+    struct sigaction sa = {.sa_sigaction = on_bus, .sa_flags = SA_SIGINFO};
+    sigaction(SIGBUS, &sa, NULL);
 #ifdef MADV_RANDOM
     madvise(map, st.st_size, MADV_RANDOM);   // batches are drawn at random: no read-ahead
 #endif
@@ -4556,7 +4692,8 @@ static int pixel_cache_map(Dataset* d, const char* path, uint64_t key, const Fol
 }
 
 // Decodes the pictures into the cache at path, in chunks (the memory stays that of one
-// chunk, whatever the folder's size), in parallel within a chunk.
+// chunk, whatever the folder's size, plus stb's buffers: BIG_PICTURE_PIXELS), in parallel
+// within a chunk.
 static void pixel_cache_build(const PathList* l, const FolderSpec* fs, uint64_t key, const char* path) {
     int C = fs->in_ch;
     if (!C) {   // 1 if every picture is grey (with or without alpha), else 3
@@ -4623,6 +4760,7 @@ static void folder_load(Dataset* d, const FolderSpec* fs) {
     PathList l = {0};
     long ignored = 0;
     folder_scan(&l, fs->dir, NULL, 0, &ignored);
+    if (l.again) fprintf(stderr, "%s: %ld folders reached again through symbolic links are read once\n", fs->dir, l.again);
     if (l.n == 0) die("--data %s holds no pictures (PNG, JPEG, BMP, GIF, TGA, PNM, PSD, HDR, PIC)", fs->dir);
     if (l.n > INT_MAX / 2) die("--data %s holds %ld pictures, more than ddpm.c counts", fs->dir, l.n);
     qsort(l.path, l.n, sizeof *l.path, compare_paths);
@@ -4651,6 +4789,7 @@ static void folder_load(Dataset* d, const FolderSpec* fs) {
     snprintf(d->name, sizeof d->name, "%.31s", base);
     for (long i = 0; i < l.n; i++) free(l.path[i]);
     free(l.path);
+    free(l.seen);
 }
 
 static void dataset_load(Dataset* d, const char* name, const char* dir, int train) {
@@ -4927,7 +5066,8 @@ static int film_append(const char* path, const float* imgs, int k, int C, int H,
     // the film so far: its size is checked before it is decoded
     int w = 0, h = 0, c = 0, rows = 0;
     uint8_t* old = NULL;
-    FILE* f = fopen(path, "rb");
+    const char* why;
+    FILE* f = picture_open(path, &why);   // not fopen: a FIFO put there would block it
     int existed = f != NULL;
     if (f && stbi_info_from_file(f, &w, &h, &c) && w == GW && h > gap && (h - gap) % RH == 0 && h / RH < 100000)
         old = stbi_load_from_file(f, &w, &h, &c, comp);
@@ -5653,6 +5793,8 @@ static int training_grid(UNet* m, const Schedule* s, const Sampler* sp, float* i
     return 1;
 }
 
+static unsigned long long film_stopped;   // the step whose row the film could not take, or 0
+
 static void training_samples(Trainer* tr, const Options* o, const char* dir, int final) {
     if (o->sample_n <= 0) return;
     UNet* m = &tr->net;
@@ -5661,7 +5803,7 @@ static void training_samples(Trainer* tr, const Options* o, const char* dir, int
     float* imgs = malloc_check((size_t)o->sample_n * n * sizeof(float), "sample images");
     memcpy(m->grads, m->params, nb);
     memcpy(m->params, tr->ema, nb);
-    char path[4200], what[64];
+    char path[4200], film[4200], what[64];
     Schedule fast;
     schedule_respace(&fast, &tr->sched, PREVIEW_STEPS < tr->sched.T ? PREVIEW_STEPS : tr->sched.T);
     Sampler ddim = {tr->obj.mean, tr->obj.var, 1, 0.0};
@@ -5669,10 +5811,10 @@ static void training_samples(Trainer* tr, const Options* o, const char* dir, int
     rng_seed(&rng, FILM_SEED);
     snprintf(what, sizeof what, "preview (DDIM, %d steps): step", fast.T);
     snprintf(path, sizeof path, "%s/samples_%07llu_ddim%d.png", dir, step, fast.T);
-    if (training_grid(m, &fast, &ddim, imgs, o->sample_n, &rng, what, path, step)) {
-        snprintf(path, sizeof path, "%s/progress.png", dir);   // the grid's first row
-        film_append(path, imgs, (int)ceil(sqrt((double)o->sample_n)), m->cfg.in_ch, m->cfg.img, m->cfg.img, step);
-    }
+    snprintf(film, sizeof film, "%s/progress.png", dir);   // the grid's first row
+    if (training_grid(m, &fast, &ddim, imgs, o->sample_n, &rng, what, path, step) && !film_stopped &&
+        film_append(film, imgs, (int)ceil(sqrt((double)o->sample_n)), m->cfg.in_ch, m->cfg.img, m->cfg.img, step))
+        film_stopped = step;   // said once (above), and again at the end of the run
     schedule_free(&fast);
     if (final && !stop_requested) {
         Sampler sp = {tr->obj.mean, given(o, "--sigma") ? o->sampler.var : tr->obj.var, 0, 0};
@@ -5733,6 +5875,9 @@ static void lock_run_folder(const char* dir) {
     }
     int n = snprintf(pid, sizeof pid, "%ld\n", (long)getpid());
     if (ftruncate(fd, 0) != 0 || write(fd, pid, n) != n) die("cannot write %s: %s", path, strerror(errno));
+    struct stat st;   // the film is the run folder's too: a link, FIFO or folder there is refused now
+    snprintf(path, sizeof path, "%s/progress.png", dir);
+    if (lstat(path, &st) == 0) close(open_run_file(path, O_RDONLY | O_NONBLOCK));
 }
 
 // Is --data a folder of pictures, rather than a dataset's name?
@@ -5832,6 +5977,7 @@ typedef struct {
     int lead, tty, exists;             // exists: the run folder held a checkpoint at the start
     int saved, out_of_time, stop;
     uint64_t first, last_saved;        // the run's first step; the step model.ckpt holds
+    Rng rng;                           // the RNG before the step under way (section 18's SIGBUS)
     double t0, last, ts, running, t_timed;   // ts: when the step began; last: the last progress line
 } TrainRun;
 
@@ -5880,7 +6026,24 @@ static int train_run_step(void* ctx, const StepStats* st) {
         r->last_saved = tr->step;
     }
     r->ts = now_seconds();
+    r->rng = tr->rng;
     return !r->stop && !r->out_of_time;
+}
+
+// --resume continues the checkpoint's network, schedule and batch; other flags are refused.
+// Before the data is read a folder's channels are not known: they are taken as the
+// checkpoint's, and checked when it has been read.
+static void check_resume(const Options* o, const CheckpointHeader* hd, Config c, int data_read, const char* ckpt) {
+    Config saved = config_from_header(hd);
+    if (!data_read && data_is_folder(o) && !given(o, "--in-ch")) c.in_ch = saved.in_ch;
+    if (memcmp(&saved, &c, sizeof c))
+        usage_error("%s was trained with another network; resume with the same --data, --img, --model and network "
+                    "flags", ckpt);
+    if (hd->schedule != (int)o->schedule) usage_error("%s was trained with another --schedule", ckpt);
+    // Same seed and flags, same bits: that holds only at the batch the run began with.
+    // --accumulate may change: its K micro-batches take the same step, to float rounding.
+    if (hd->batch != o->batch)
+        usage_error("%s was trained with --batch %d; resume with --batch %d", ckpt, hd->batch, hd->batch);
 }
 
 static int cmd_train(const Options* flags) {
@@ -5914,6 +6077,7 @@ static int cmd_train(const Options* flags) {
         usage_error("--batch %d does not split into %d equal slices (%d ranks x --accumulate %d); pass a multiple of %d",
                     o->batch, world_size * o->accumulate, world_size, o->accumulate, world_size * o->accumulate);
     cfg.learn_sigma = ob.var == VAR_LEARNED;
+    if (o->resume) check_resume(o, &hd, cfg, 0, ckpt);   // before anything is built: a mistake costs nothing
     check_training_memory(o, &cfg);
     Dataset data;
     data_load(&data, o, 1, cfg.img, given(o, "--in-ch") ? o->in_ch : 0, o->batch);
@@ -5922,20 +6086,12 @@ static int cmd_train(const Options* flags) {
     if (data.N < o->batch)
         die("--data %s holds %d pictures, fewer than --batch %d; add pictures or pass a smaller --batch", o->data,
             data.N, o->batch);
+    if (o->resume) check_resume(o, &hd, cfg, 1, ckpt);   // again, with the data's channels
     int lead = world_rank == 0;   // rank 0 alone writes the run folder (section 23)
     if (lead) mkdir_p(dir), lock_run_folder(dir);
     Trainer tr;
     trainer_init(&tr, &cfg, &ob, o->batch, o->accumulate, (ScheduleKind)o->schedule, &o->hyper, (uint64_t)o->seed);
     if (o->resume) {
-        Config saved = config_from_header(&hd);
-        if (memcmp(&saved, &cfg, sizeof cfg))
-            usage_error("%s was trained with another network; resume with the same --data, --img, --model and network "
-                        "flags", ckpt);
-        if (hd.schedule != (int)o->schedule) usage_error("%s was trained with another --schedule", ckpt);
-        // Same seed and flags, same bits: that holds only at the batch the run began with.
-        // --accumulate may change: its K micro-batches take the same step, to float rounding.
-        if (hd.batch != o->batch)
-            usage_error("%s was trained with --batch %d; resume with --batch %d", ckpt, hd.batch, hd.batch);
         checkpoint_load(&tr, ckpt);
         if (lead) log_trim(logp, tr.step);
         if (lead) fprintf(stderr, "resumed %s at step %llu\n", ckpt, (unsigned long long)tr.step);
@@ -5964,10 +6120,21 @@ static int cmd_train(const Options* flags) {
     double t0 = now_seconds();
     TrainRun r = {.o = o, .tr = &tr, .data = &data, .log = log, .dir = dir, .ckpt = ckpt, .lead = lead,
                   .tty = lead && isatty(2), .exists = exists, .first = tr.step, .last_saved = tr.step,
-                  .t0 = t0, .last = t0, .ts = t0, .running = -1, .stop = world_max(stop_requested)};
+                  .t0 = t0, .last = t0, .ts = t0, .running = -1, .stop = world_max(stop_requested), .rng = tr.rng};
+    sigjmp_buf fault;
+    if (sigsetjmp(fault, 1)) {   // the cache was cut short under a batch: that step is not taken
+        tr.rng = r.rng;
+        if (lead) save_or_die(&tr, o, ckpt);
+        die("%s was cut short while the run read it (another process truncated it); continue with the same "
+            "command plus --resume, which decodes the folder anew", cache_map.path);
+    }
+    cache_fault = &fault;
     if (!r.stop) train(&tr, &data, (uint64_t)o->steps, &(TrainWatch){train_run_step, &r});
+    cache_fault = NULL;
     if (r.tty) fprintf(stderr, "\n");
     fclose(log);
+    if (film_stopped) fprintf(stderr, "note: the film %s/progress.png stopped at step %llu: it could not be written "
+                              "(see above)\n", dir, film_stopped);
     if (r.stop) {
         if (lead) save_or_die(&tr, o, ckpt);
         if (lead) fprintf(stderr, "interrupted at step %llu; continue with the same command plus --resume\n",
@@ -6105,7 +6272,10 @@ static int cmd_sample(const Options* o) {
     Config c = config_from_header(&hd);
     check_channels(&c, o->checkpoint);
     int K = chain_steps(o, &sp, hd.T), Bm = eval_batch(&c, n, 64);
-    check_memory(&c, Bm, 0, "close other programs");
+    double have = memory_available_gib(), need = network_gib(&c, Bm, 0) + 5.0 * n * c.in_ch * c.img * c.img / 1073741824;
+    if (have >= 0 && need > have)   // the samples as floats, and as bytes for the grid
+        die("sample -n %d: %d samples at %dx%d and the network need about %.1f GiB of memory, and %.1f GiB is available; "
+            "pass a smaller -n", n, n, c.img, c.img, need, have);
     UNet m;
     Schedule trained, s;
     load_ema(&m, &trained, f, &hd, o->checkpoint, Bm);
@@ -6174,13 +6344,14 @@ static int cmd_bpd(const Options* o) {
     Sampler sp;
     FILE* f = checkpoint_first(o, &hd, &sp);
     Config c = config_from_header(&hd);
-    int K = chain_steps(o, &sp, hd.T), Bm = eval_batch(&c, n, 32);
-    check_memory(&c, Bm, 0, "close other programs");
+    int K = chain_steps(o, &sp, hd.T);
     if (o->t_samples > K - 1)
         usage_error("--t-samples %d: expected 1 to %d (the chain's KL terms), or leave it out for all", o->t_samples, K - 1);
     if (o->per_t) check_output_path(o->per_t, "--per-t", o->checkpoint);
     Dataset test;
     load_test_set(&test, &c, o);
+    int images = n < test.N ? n : test.N, Bm = eval_batch(&c, images, 32);   // sized by the images there are
+    check_memory(&c, Bm, 0, "pass a smaller -n");
     UNet m;
     Schedule trained, s;
     load_ema(&m, &trained, f, &hd, o->checkpoint, Bm);
@@ -6190,7 +6361,7 @@ static int cmd_bpd(const Options* o) {
         pt.term = malloc_check((size_t)s.T * sizeof(double), "the per-t terms");
         pt.mse = malloc_check((size_t)s.T * sizeof(double), "the per-t terms");
     }
-    int images = n < test.N ? n : test.N, levels = o->t_samples > 0 ? o->t_samples + 1 : s.T;
+    int levels = o->t_samples > 0 ? o->t_samples + 1 : s.T;
     Progress pg;
     const Watch* w = progress_start(&pg, "bound: step", (long)((images + Bm - 1) / Bm) * levels, 0, NULL);
     install_signal_handlers();
@@ -6598,6 +6769,9 @@ int main(int argc, char** argv) {
         omp_set_num_threads(MAX_THREADS);
     }
 #endif
+    if (!(o.cmd & (C_TRAIN | C_IMPORT)))
+        memory_fix = o.cmd & (C_SAMPLE | C_BPD) ? "pass a smaller -n" : o.cmd == C_RECONSTRUCT ? "pass a smaller -k"
+                   : o.cmd == C_INTERPOLATE ? "pass a smaller --lambdas" : "close other programs";
     int rc = 0;
     for (int i = 0; i < N_COMMANDS; i++)
         if (COMMANDS[i].bit == o.cmd) rc = COMMANDS[i].run(&o);

@@ -308,8 +308,15 @@ def read_bin(path):
     return out
 
 
+def not_special(path):
+    """An output must be a regular file or absent: a FIFO or a device would be replaced by a file."""
+    if os.path.lexists(path) and not stat.S_ISREG(os.lstat(path).st_mode):
+        fail(f"{path} exists and is not a regular file; not replacing it")
+
+
 def write_atomic(path, chunks):
     """Writes path through path.tmp, flushed to disk, then renamed: never a half file."""
+    not_special(path)
     tmp = path + ".tmp"
     TEMPS.append(tmp)
     try:
@@ -384,6 +391,8 @@ def run(argv):
     folder_of(out, "OUT")
     if keep:
         folder_of(keep, "--keep-exchange")
+        not_special(keep)
+    not_special(out + ".source")
     if os.path.exists(out):
         fail(f"{out} already exists; remove it or pass another path")
     weights = convert(read_bin(src) if src.endswith(".bin") else read_safetensors(src), model)

@@ -16,6 +16,10 @@
 //                           19.1), its two checksums re-sealed and its key taken as the one
 //                           wanted (so the geometry checks are what stands), then mapped and
 //                           every pixel read as training reads them
+//   tests/fuzz_pictures     each input as a picture of a folder (section 19.1): its header
+//                           checked against its size, then decoded by stb_image through the
+//                           callbacks that refuse a file cut short, cropped and resized; the
+//                           seeds are whole, cut and header-only files of every format
 //
 // A refusal (die) comes back here by longjmp (DDPM_FUZZ), without its message, so it is
 // not a crash: only what the sanitizers or a signal catch is. Refused loads leave files and buffers
@@ -26,7 +30,7 @@
 #include <dirent.h>
 
 #ifndef FUZZ_TARGET
-#error "build with -DFUZZ_TARGET=1 (checkpoint), 2 (idx), 3 (cifar), 4 (exchange) or 5 (pixels)"
+#error "build with -DFUZZ_TARGET=1 (checkpoint), 2 (idx), 3 (cifar), 4 (exchange), 5 (pixels) or 6 (pictures)"
 #endif
 
 static char dir[256];
@@ -122,6 +126,15 @@ int LLVMFuzzerTestOneInput(const uint8_t* data, size_t n) {
             free(x);
             dataset_free(&d);
         }
+#elif FUZZ_TARGET == 6
+        put("fuzz.img", data, n);
+        char path[512];
+        snprintf(path, sizeof path, "%s/fuzz.img", dir);
+        const char* why = NULL;
+        FolderSpec fs = {dir, dir, 16, 0, 255, 0, 1, 1};
+        uint8_t out[3 * 16 * 16];
+        int small, comp = picture_channels(path, &why);
+        if (comp) picture_decode(path, &fs, comp >= 3 ? 3 : 1, out, &small);
 #else
         // what ./ddpm import does before it builds anything: read the records, take the
         // network and objective from them, check the weights against the network's plan

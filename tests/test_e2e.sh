@@ -791,7 +791,72 @@ interrupt HUP sighup
 check "SIGHUP (a closed terminal): exit 129, the checkpoint saved" $? "exit $rc: $(err_of sighup)"
 
 # ---------------------------------------------------------------------------
-# 14. The benchmark (tests/bench_ddpm.c, make bench): it runs, and refuses what it cannot do.
+# 14. Hardening III (issue 36): the run folder's film, --resume, evaluation memory, the
+# self-restart. Each check is named after its defect.
+peak() {   # peak NAME ARGS...: run ./ddpm, print "EXIT PEAK_MB" into $T/NAME.out, stderr into $T/NAME.err
+    pname=$1; shift
+    "$PY" -c '
+import resource, subprocess, sys
+r = subprocess.run(sys.argv[2:], stderr=open(sys.argv[1], "w"), stdout=subprocess.DEVNULL)
+print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024)
+' "$T/$pname.err" $TO "$DDPM" "$@" >"$T/$pname.out"
+    read rc mb <"$T/$pname.out"
+}
+FILM="--data-dir $D $NET --batch 4 --steps 2 --sample-every 1 --sample-n 1 --threads 1"
+mkdir -p "$T/fifo_film" && mkfifo "$T/fifo_film/progress.png"
+ddp fifo_film $FILM --run "$T/fifo_film"
+[ $rc -eq 1 ] && one_error "$T/fifo_film.err" && grep -q "progress.png is not a plain file" "$T/fifo_film.err"
+check "#36.3 a FIFO named progress.png: refused at the start in one line, no hang" $? "exit $rc: $(err_of fifo_film)"
+mkdir -p "$T/link_film" && ln -s /dev/null "$T/link_film/progress.png"
+ddp link_film $FILM --run "$T/link_film"
+[ $rc -eq 1 ] && one_error "$T/link_film.err" && grep -q "progress.png is a symbolic link" "$T/link_film.err"
+check "#36.3 a symbolic link named progress.png: refused at the start, not exit 0 with the film stopped" $? "exit $rc: $(err_of link_film)"
+ddp film_ok $FILM --run "$T/film_ok"
+[ $rc -eq 0 ] && [ -f "$T/film_ok/progress.png" ] && ! grep -q "note: the film" "$T/film_ok.err"
+check "#36.3 ... and a run folder without one writes its film as before" $? "exit $rc: $(err_of film_ok)"
+mkdir -p "$T/film_fails/progress.png.tmp"   # a folder where the film's temporary file goes: every write fails
+ddp film_fails $FILM --steps 3 --run "$T/film_fails"
+[ $rc -eq 0 ] && [ "$(grep -c 'progress.png.tmp' "$T/film_fails.err")" -eq 1 ] &&
+    tail -n 1 "$T/film_fails.err" | grep -q "note: the film .*progress.png stopped at step 1"
+check "#36.3 a film that cannot be written mid-run: said once, and again at the end of the run" $? "exit $rc: $(err_of film_fails)"
+peak resume_net --data-dir "$D" $NET --batch 4 --steps 3 --resume --model paper --ch 128 --run "$T/film_ok"
+[ "$rc" = 2 ] && one_line "$T/resume_net.err" && grep -q "was trained with another network" "$T/resume_net.err" &&
+    { [ -n "$E2E_ASAN" ] || [ "$mb" -lt 150 ]; }
+check "#36.6 --resume with another network: refused before it is built (${mb} MB; paper at batch 4 is ~1 GB)" $? "exit $rc: $(err_of resume_net)"
+peak resume_batch --data-dir "$D" $NET --batch 4096 --steps 3 --resume --run "$T/film_ok"
+[ "$rc" = 2 ] && one_line "$T/resume_batch.err" && grep -q "resume with --batch 4" "$T/resume_batch.err" &&
+    { [ -n "$E2E_ASAN" ] || [ "$mb" -lt 150 ]; }
+check "#36.6 --resume --batch 4096 on a batch-4 run: refused before anything is built (${mb} MB)" $? "exit $rc: $(err_of resume_batch)"
+peak bpd_exact bpd --checkpoint "$TINY" --data-dir "$D" -n 4 --t-samples 1 --threads 1
+mb_exact=$mb
+peak bpd_few bpd --checkpoint "$TINY" --data-dir "$D" -n 100000 --t-samples 1 --threads 1
+[ "$rc" = 0 ] && { [ -n "$E2E_ASAN" ] || [ "$mb" -le $((mb_exact + 20)) ]; }
+check "#36.7 bpd -n 100000 on 4 test images: its batch is sized by the images there are (${mb} MB, -n 4: ${mb_exact} MB)" $? "exit $rc: $(err_of bpd_few)"
+( [ -n "$E2E_ASAN" ] || ulimit -v 1000000 2>/dev/null; exec $TO "$DDPM" sample --checkpoint "$T/film_ok/model.ckpt" -n 100000 \
+    --steps 1 --out "$T/many.png" --threads 1 ) >/dev/null 2>"$T/many.err"
+rc=$?
+[ $rc -eq 1 ] && one_line "$T/many.err" && grep -q -- "-n" "$T/many.err" && ! grep -q -- "--batch" "$T/many.err"
+check "#36.7 sample -n 100000 without the memory: one line that names -n, not --batch" $? "exit $rc: $(err_of many)"
+for ld in /lib64/ld-linux-x86-64.so.2 /lib/ld-linux-aarch64.so.1; do [ -x "$ld" ] && break; done
+if [ -x "$ld" ]; then
+    $TO "$ld" "$DDPM" schedule >"$T/ldso.out" 2>"$T/ldso.err"
+    rc=$?
+    [ $rc -eq 0 ] && [ "$(lines "$T/ldso.out")" -eq 1001 ]
+    check "#36.9 run by the dynamic loader ($ld ./ddpm schedule): no self-restart into the loader" $? "exit $rc: $(err_of ldso)"
+fi
+if command -v valgrind >/dev/null 2>&1 && [ -z "$E2E_ASAN" ]; then   # valgrind knows no AVX-512: a plain x86-64 build
+    stb=/usr/include/stb; [ -f $stb/stb_image.h ] || stb=build/stb
+    ${CC:-cc} -std=c11 -O0 -fopenmp -I$stb ddpm.c -o "$T/ddpm_vg" -lm 2>"$T/vg_build.err" &&
+        $TO valgrind -q "$T/ddpm_vg" schedule >"$T/vg.out" 2>"$T/vg.err"
+    rc=$?
+    [ $rc -eq 0 ] && [ "$(lines "$T/vg.out")" -eq 1001 ]
+    check "#36.9 under valgrind (valgrind ./ddpm schedule): no self-restart into valgrind's tool" $? "exit $rc: $(err_of vg)"
+elif [ "$CI" = "true" ] && [ -z "$E2E_ASAN" ]; then
+    check "#36.9 under valgrind" 1 "valgrind is not installed (see .ci/run)"
+fi
+
+# ---------------------------------------------------------------------------
+# 15. The benchmark (tests/bench_ddpm.c, make bench): it runs, and refuses what it cannot do.
 # (Its times are figures for make bench, never assertions.)
 if [ -x tests/bench_ddpm ]; then
     $TO tests/bench_ddpm --model tiny --batch 2 --steps 1 --warmup-steps 0 --threads 1 >"$T/bench.out" 2>"$T/bench.err"

@@ -215,6 +215,141 @@ rc, _, err = decode(d, T + "/dd_skip", "--skip-bad")
 check("--skip-bad skips and counts unreadable pictures", rc == 0 and "2 unreadable pictures skipped" in err
       and "decoded 3 pictures" in err, err[-300:])
 
+# 3b. Hardening III (issue 36): each check is named after its defect.
+ASAN = bool(os.environ.get("FOLDER_DECODE_ONLY"))   # the sanitizer build: its memory is not the program's
+def peak(*args, limit_fsize=None):
+    """./ddpm ARGS in its own process: (exit, peak RSS in MB, stderr)."""
+    code = ("import resource, signal, subprocess, sys\n"
+            "def lim():\n"
+            "    if %r: signal.signal(signal.SIGXFSZ, signal.SIG_IGN); resource.setrlimit(resource.RLIMIT_FSIZE, (%r, %r))\n"
+            "r = subprocess.run(sys.argv[1:], capture_output=True, text=True, preexec_fn=lim)\n"
+            "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024)\n"
+            "sys.stdout.write(r.stderr)\n") % (limit_fsize, limit_fsize, limit_fsize)
+    p = subprocess.run([sys.executable, "-c", code, DDPM, *map(str, args)], capture_output=True, text=True)
+    head, _, err = p.stdout.partition("\n")
+    rc, mb = map(int, head.split())
+    return rc, mb, err
+def psd(w, h, pixels=b""):   # Photoshop: 8-bit RGB, raw
+    return (b"8BPS" + struct.pack(">H6xHIIHH", 1, 3, h, w, 8, 3) + struct.pack(">IIIH", 0, 0, 0, 0) + pixels)
+def hdr(w, h, pixels=b""):   # Radiance: flat RGBE pixels
+    return b"#?RADIANCE\nFORMAT=32-bit_rle_rgbe\n\n-Y %d +X %d\n" % (h, w) + pixels
+def png_header(w, h):
+    import zlib
+    chunk = lambda t, d: struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)) + \
+        chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+F = T + "/formats"
+os.makedirs(F)
+im = smooth(64, 64, 3)
+Image.fromarray(im).save(F + "/p.bmp"); Image.fromarray(im).convert("P", palette=Image.ADAPTIVE).save(F + "/p.gif")
+Image.fromarray(im).save(F + "/p.ppm"); Image.fromarray(im[..., 0], "L").save(F + "/p.pgm")
+Image.fromarray(im).save(F + "/p.tga"); Image.fromarray(im).save(F + "/p_rle.tga", compression="tga_rle")
+open(F + "/p.psd", "wb").write(psd(64, 64, im.transpose(2, 0, 1).tobytes()))
+open(F + "/p.hdr", "wb").write(hdr(64, 64, np.dstack([im, np.full((64, 64), 128, np.uint8)]).tobytes()))
+formats = sorted(os.listdir(F))
+rc, _, err = decode(F, T + "/dd_formats", "--img", 32)
+check("#36.2 whole pictures of every format a folder may hold still decode (%s)" % " ".join(formats),
+      rc == 0 and "decoded %d pictures" % len(formats) in err, err[-300:])
+for f in formats:
+    whole = open(F + "/" + f, "rb").read()
+    for frac in (0.5, 0.95):
+        name = f.replace(".", "_cut%d." % (frac * 100))
+        d = bad_folder(name.replace(".", "_"), lambda d: (good(d), open(d + "/" + name, "wb").write(whole[:int(len(whole) * frac)])))
+        one_line_error("#36.2 %s cut at %d%%: refused as cut short, naming it" % (f, frac * 100),
+                       decode(d, d + "_dd", "--img", 32), name + ": cut short")
+    d = bad_folder(f.replace(".", "_skip"), lambda d: (good(d, 3), open(d + "/" + f, "wb").write(whole[:len(whole) // 2])))
+    rc, _, err = decode(d, d + "_dd", "--img", 32, "--skip-bad")
+    check("#36.2 %s cut at 50%% with --skip-bad: skipped and counted" % f, rc == 0 and "1 unreadable pictures skipped" in err
+          and "decoded 3 pictures" in err, err[-300:])
+tiny_jpg = T + "/tiny.jpg"
+Image.fromarray(smooth(16, 16, 3)).save(tiny_jpg, quality=90)
+j = bytearray(open(tiny_jpg, "rb").read())
+sof = j.index(b"\xff\xc0")
+struct.pack_into(">HH", j, sof + 5, 8192, 8192)
+headers = {"h.ppm": b"P6\n8192 8192\n255\n", "h.tga": struct.pack("<BBB5xHHHHBB", 0, 0, 2, 0, 0, 8192, 8192, 24, 0),
+           "h.psd": psd(8192, 8192), "h.hdr": hdr(8192, 8192),
+           "h.bmp": b"BM" + struct.pack("<IIIIiiHHIIiiII", 54, 0, 54, 40, 8192, 8192, 1, 24, 0, 0, 0, 0, 0, 0),
+           "h.jpg": bytes(j)}
+for f, b in headers.items():
+    d = bad_folder(f.replace(".", "_head"), lambda d: (good(d), open(d + "/" + f, "wb").write(b)))
+    rc, mb, err = peak("--data", d, "--data-dir", d + "_dd", "--steps", 0, "--batch", 2, "--run", T + "/run0",
+                       "--sample-n", 0, "--img", 32, "--threads", 2)
+    one_line_error("#36.2 a %d-byte %s that declares 8192x8192: refused, naming it" % (len(b), f[2:].upper()),
+                   (rc, "", err), f + ": cut short or damaged")
+    check("#36.2 ... before its pixels are allocated (%d MB)" % mb, ASAN or mb < 150)
+d = bad_folder("huge_side", lambda d: (good(d), open(d + "/wide.png", "wb").write(png_header(40000, 40000))))
+one_line_error("#36.2 a side above stb's limit: refused as too large, not as an unknown type",
+               decode(d, d + "_dd", "--img", 32), "wide.png: too large")
+if not ASAN:   # 5: two 8192x8192 16-bit RGB PNGs of 400 KB each; stb takes about 1 GB for one
+    import zlib
+    B5 = T + "/big16"
+    os.makedirs(B5)
+    row, z = b"\0" + b"\x12\x34" * (3 * 8192), zlib.compressobj(9)
+    idat = b"".join(z.compress(row) for _ in range(8192)) + z.flush()
+    ihdr = struct.pack(">IIBBBBB", 8192, 8192, 16, 2, 0, 0, 0)
+    chunk = lambda t, dd: struct.pack(">I", len(dd)) + t + dd + struct.pack(">I", zlib.crc32(t + dd))
+    big = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    for k in range(5):   # pictures 0 and 4 are big: each in one of the two threads' first chunks of 4
+        if k % 4: Image.fromarray(smooth(32, 32, 3)).save(B5 + "/%d.png" % k)
+        else: open(B5 + "/%d.png" % k, "wb").write(big)
+    rc, mb, err = peak("--data", B5, "--data-dir", B5 + "_dd", "--steps", 0, "--batch", 2, "--run", T + "/run0",
+                       "--sample-n", 0, "--img", 32, "--threads", 2)
+    check("#36.5 two 8192x8192 16-bit RGB pictures at --threads 2 decode one at a time (%d MB; both at once take "
+          "about 1,500)" % mb, rc == 0 and "decoded 5 pictures" in err and mb < 1200, err[-300:])
+L8 = T + "/links"
+os.makedirs(L8 + "/photos")
+good(L8 + "/photos", 2)
+os.symlink("photos", L8 + "/backup")
+rc, _, err = decode(L8, T + "/dd_links", "--img", 32)
+check("#36.8 a folder reached twice (backup -> photos): its pictures are read once, and that is said",
+      rc == 0 and "decoded 2 pictures" in err and "1 folders reached again" in err, err[-300:])
+DM = T + "/diamond"
+os.makedirs(DM + "/d0")
+good(DM + "/d0", 1)
+for k in range(1, 15):
+    os.makedirs(DM + "/d%d" % k)
+    os.symlink("../d%d" % (k - 1), DM + "/d%d/a" % k)
+    os.symlink("../d%d" % (k - 1), DM + "/d%d/b" % k)
+rc, _, err = decode(DM + "/d14", T + "/dd_diamond", "--img", 32, "--batch", 1)
+check("#36.8 a diamond of 28 links over one picture: 1 picture, not 2^14", rc == 0 and "decoded 1 pictures" in err, err[-300:])
+for what, name in (("a newline and a forged line", "evil\nddpm: all is well.png"), ("an escape sequence", "\x1b[31mred.png")):
+    d = bad_folder("esc%d" % len(name), lambda d: (good(d), open(d + "/" + name, "wb").write(b"not a picture")))
+    rc, out, err = decode(d, d + "_dd", "--img", 32)
+    one_line_error("#36.10 a bad picture whose name holds %s: one line" % what, (rc, out, err), "unknown image type")
+    check("#36.10 ... printed escaped (\\x0a, \\x1b), no control bytes", "\x1b" not in err and
+          ("\\x0a" in err or "\\x1b" in err), repr(err[-300:]))
+FULL = T + "/full"
+os.makedirs(FULL)
+for k in range(40): Image.fromarray(smooth(32, 32, 3)).save(FULL + "/%d.png" % k)
+rc, _, err = peak("--data", FULL, "--data-dir", T + "/dd_full", "--steps", 0, "--batch", 2, "--run", T + "/run0",
+                  "--sample-n", 0, "--img", 32, limit_fsize=64 << 10)
+one_line_error("#36.11 a --data-dir that fills up while the cache is written: the write's own reason",
+               (rc, "", err), "File too large")
+check("#36.11 ... not the reason of a later call (Inappropriate ioctl for device)", "ioctl" not in err, err[-200:])
+
+# Defect 4: the cache cut short under a running training.
+import time
+S4, DD4, R4 = T + "/bus", T + "/dd_bus", T + "/bus_run"
+os.makedirs(S4)
+for i in range(8): Image.fromarray(smooth(32, 32, 3)).save(S4 + "/%d.png" % i)
+B4 = ["--data", S4, "--data-dir", DD4, "--img", 16, "--ch", 8, "--groups", 4, "--batch", 2, "--sample-n", 0,
+      "--sample-every", 10**6, "--run", R4, "--threads", 1]
+p = subprocess.Popen([DDPM, *map(str, B4 + ["--steps", 10**6])], stderr=subprocess.PIPE, text=True)
+t0 = time.time()
+while time.time() - t0 < 60 and p.poll() is None and (not os.path.exists(R4 + "/log.csv") or
+                                                      len(open(R4 + "/log.csv").read().splitlines()) < 4):
+    time.sleep(0.02)
+if caches(DD4): os.truncate(caches(DD4)[0], 4096)   # what another process rebuilding it in place would do
+try: err = p.communicate(timeout=60)[1]
+except subprocess.TimeoutExpired: p.kill(); err = p.communicate()[1]
+one_line_error("#36.4 a cache truncated under a running training: one line naming it, not SIGBUS (exit 135)",
+               (p.returncode, "", err), "bus-")
+rows = len(open(R4 + "/log.csv").read().splitlines()) - 1 if os.path.exists(R4 + "/log.csv") else -1
+saved = "checkpoint: %s/model.ckpt (step %d)" % (R4, rows)
+rc, _, err2 = run(*B4, "--steps", rows + 1, "--resume")
+check("#36.4 ... the checkpoint holds the last whole step (%d), and --resume decodes the folder anew and goes on" % rows,
+      saved in err and rc == 0 and "decoded 8 pictures" in err2 and "at step %d" % rows in err2, (err + err2)[-400:])
+
 if os.environ.get("FOLDER_DECODE_ONLY"):
     print("%d passed, %d failed" % (passed, failed))
     sys.exit(1 if failed else 0)

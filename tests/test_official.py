@@ -12,7 +12,7 @@ layers_per_block 2; AttnDownBlock2D second, AttnUpBlock2D third) and diffusers' 
 modules give it. It is derived, not read from the real file's index, and the README says so.
 Broken files must be refused in one line. Prints "N passed, N failed".
 """
-import json, os, re, signal, struct, subprocess, sys, tempfile
+import json, os, re, signal, stat, struct, subprocess, sys, tempfile
 
 import numpy as np
 import torch
@@ -242,6 +242,20 @@ sys.exit(c.main([{src!r}, {out!r}, "--ddpm", {ddpm!r}]))
     for f in (out, out + ".source"):
         if os.path.exists(f):
             os.unlink(f)
+    # Hardening III (issue 36), defect 1: the converter's outputs, like ./ddpm's, must be
+    # regular files or absent; a FIFO or a device there is refused, never replaced.
+    fifo2 = os.path.join(tmp, "keep.fifo")
+    os.mkfifo(fifo2)
+    for what, args, node in (("--keep-exchange naming a FIFO", ["--keep-exchange", fifo2], fifo2),
+                             ("OUT.source naming a FIFO", [], out + ".source")):
+        if node == out + ".source":
+            os.mkfifo(node)
+        rc, err = run_converter([src, out, "--ddpm", ddpm] + args)
+        kept = stat.S_ISFIFO(os.stat(node).st_mode)
+        check(f"#36.1 converter with {what}: refused in ./ddpm's words, the node left as it was",
+              one_line(rc, err, "exists and is not a regular file; not replacing it") and kept and not os.path.exists(out),
+              f"exit {rc}: {err[-300:]}")
+    os.unlink(out + ".source")
 
 
 def fuzz_header(tmp, rounds=400):
