@@ -179,7 +179,7 @@ fuzz: fuzz-build
 	@for t in $(FUZZ_TARGETS); do \
 	    rm -rf build/corpus_$$t && mkdir -p build/corpus_$$t && cp tests/fuzz/$$t/* build/corpus_$$t/ && \
 	    echo "fuzz_$$t: $(FUZZ_SECONDS) s" && \
-	    ASAN_OPTIONS=detect_leaks=0 build/fuzz_$$t -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 \
+	    ASAN_OPTIONS=detect_leaks=0 build/fuzz_$$t -max_total_time=$(FUZZ_SECONDS) -timeout=20 -rss_limit_mb=2048 \
 	        -artifact_prefix=build/ build/corpus_$$t tests/fuzz/$$t 2>build/fuzz_$$t.log || \
 	        { tail -n 30 build/fuzz_$$t.log; echo "fuzz_$$t: crashed; the input is in build/ (see build/fuzz_$$t.log)"; exit 1; }; \
 	    grep -h 'DONE' build/fuzz_$$t.log | tail -n 1; \

@@ -4467,7 +4467,11 @@ static int picture_read(void* u, char* buf, int n) {
     p->past_end |= k < (size_t)n && (k == 0 || n != 128);   // 128: stb's buffer refill, which may end short
     return (int)k;
 }
-static void picture_skip(void* u, int n) { fseek(((PictureFile*)u)->f, n, SEEK_CUR); }
+static void picture_skip(void* u, int n) {   // as stb's own: a seek past the end leaves feof set
+    FILE* f = ((PictureFile*)u)->f;
+    int c = fseek(f, n, SEEK_CUR) == 0 ? getc(f) : EOF;
+    if (c != EOF) ungetc(c, f);
+}
 static int picture_eof(void* u) { return feof(((PictureFile*)u)->f) || ferror(((PictureFile*)u)->f); }
 static const stbi_io_callbacks PICTURE_IO = {picture_read, picture_skip, picture_eof};
 

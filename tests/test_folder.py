@@ -31,7 +31,8 @@ def check(name, ok, detail=""):
     else: failed += 1; print("FAIL", name, (": " + detail) if detail else "")
 
 def run(*args, env=None):
-    p = subprocess.run([DDPM, *map(str, args)], capture_output=True, text=True, env=env)
+    try: p = subprocess.run([DDPM, *map(str, args)], capture_output=True, text=True, env=env, timeout=600)
+    except subprocess.TimeoutExpired as e: return 124, "", "timed out (a hang): %s" % (e.stderr or b"")[-200:]
     return p.returncode, p.stdout, p.stderr
 
 rng = np.random.default_rng(1)
@@ -277,6 +278,9 @@ for f, b in headers.items():
     one_line_error("#36.2 a %d-byte %s that declares 8192x8192: refused, naming it" % (len(b), f[2:].upper()),
                    (rc, "", err), f + ": cut short or damaged")
     check("#36.2 ... before its pixels are allocated (%d MB)" % mb, ASAN or mb < 150)
+d = bad_folder("skip_past_end", lambda d: (good(d), open(d + "/s.jpg", "wb").write(b"\xff\xd8\xff\xe0\x10\0JFIF\0\1\1")))
+one_line_error("#36.2 a JPEG whose first segment runs past its end: refused as cut short, no hang",
+               decode(d, d + "_dd", "--img", 32), "s.jpg: cut short")
 d = bad_folder("huge_side", lambda d: (good(d), open(d + "/wide.png", "wb").write(png_header(40000, 40000))))
 one_line_error("#36.2 a side above stb's limit: refused as too large, not as an unknown type",
                decode(d, d + "_dd", "--img", 32), "wide.png: too large")
