@@ -4478,7 +4478,8 @@ static const stbi_io_callbacks PICTURE_IO = {picture_read, picture_skip, picture
 // stb_image 2.27 (Debian bookworm's) builds a JPEG's Huffman tables from counts it does not
 // check: counts summing past 256 codes write past its tables (found by tests/fuzz_pictures).
 // So every DHT segment is checked first, between the scans too (a scan's bytes are skipped:
-// 0xff there is followed by 0, a restart marker, or the next marker).
+// 0xff there is followed by 0, a restart marker, or the next marker). stb takes any file
+// that starts with 0xff (then fill bytes, then SOI) for a JPEG.
 static int jpeg_tables_ok(FILE* f) {
     for (int c = getc(f), m; c != EOF; c = getc(f)) {
         if (c != 0xff || (m = getc(f)) == 0xff) { if (c == 0xff) ungetc(m, f); continue; }
@@ -4499,6 +4500,22 @@ static int jpeg_tables_ok(FILE* f) {
     return 1;
 }
 
+// It also reads a PNM header's three numbers into an int without a bound (a signed
+// overflow): a number of more than 9 digits is refused first.
+static int pnm_numbers_ok(FILE* f) {
+    int c = (getc(f), getc(f), getc(f));   // past "P5" or "P6"
+    for (int k = 0; k < 3; k++) {
+        for (;;) {   // whitespace and # comments, skipped as stb skips them
+            while (c == ' ' || (c >= '\t' && c <= '\r')) c = getc(f);
+            if (c != '#') break;
+            while (c != EOF && c != '\n' && c != '\r') c = getc(f);
+        }
+        for (int digits = 0; c >= '0' && c <= '9'; c = getc(f))
+            if (++digits > 9) return 0;
+    }
+    return 1;
+}
+
 // Opens the picture, reads its header: its size and channels (1 grey, 2 grey + alpha, 3 RGB,
 // 4 RGBA), or NULL with *why set. stb allocates a picture at the size its header declares,
 // before it reads a pixel, so a header alone could cost a gigabyte: the header must fit
@@ -4513,11 +4530,11 @@ static FILE* picture_header(const char* path, PictureFile* pf, int* w, int* h, i
     unsigned char m[4] = {0};
     long size = fread(m, 1, 4, f) == 4 && fseek(f, 0, SEEK_END) == 0 ? ftell(f) : 0;
     rewind(f);
-    long most = !memcmp(m, "\xff\xd8", 2) ? 2048 : !memcmp(m, "\x89PNG", 4) || !memcmp(m, "GIF8", 4) ||
+    long most = m[0] == 0xff ? 2048 : !memcmp(m, "\x89PNG", 4) || !memcmp(m, "GIF8", 4) ||
                 !memcmp(m, "\x53\x80\xf6\x34", 4) ? 32768 : 64;
-    if (most == 2048 && !jpeg_tables_ok(f)) {
+    if (most == 2048 ? !jpeg_tables_ok(f) : m[0] == 'P' && (m[1] == '5' || m[1] == '6') && !pnm_numbers_ok(f)) {
         fclose(f);
-        *why = "a damaged JPEG (a Huffman table of more than 256 codes)";
+        *why = "damaged (a header that stb_image would misread)";
         return NULL;
     }
     rewind(f);
