@@ -5073,6 +5073,26 @@ static int save_grid_png(const char* path, const float* imgs, int n, int C, int 
     return r;
 }
 
+// For a debugger: `call show(x_t, 1, 1, 32, 32)` in gdb writes the B images of a
+// (B, C, H, W) tensor as a grid (the sample grids' mapping, [-1, 1] to 0..255) to
+// show_1.png, then show_2.png, ..., and prints each image's mean, standard deviation, min
+// and max (README, gdb).
+__attribute__((used)) static void show(const float* x, int B, int C, int H, int W) {
+    static int calls;
+    char path[32];
+    snprintf(path, sizeof path, "show_%d.png", ++calls);
+    size_t n = (size_t)C * H * W;
+    for (int b = 0; b < B; b++) {
+        double sum = 0, sq = 0, lo = INFINITY, hi = -INFINITY;
+        for (const float* p = x + b * n; p < x + (b + 1) * n; p++)
+            sum += *p, sq += (double)*p * *p, lo = fmin(lo, *p), hi = fmax(hi, *p);
+        double mean = sum / n;
+        printf("image %d: mean %.4f, std %.4f, min %.4f, max %.4f\n", b, mean, sqrt(fmax(0, sq / n - mean * mean)), lo, hi);
+    }
+    if (save_grid_png(path, x, B, C, H, W, (int)ceil(sqrt(B))) == 0) printf("wrote %s\n", path);
+    fflush(stdout);
+}
+
 // The learning film, progress.png: one row per preview of a training run (section 22),
 // each the same few samples (the same x_T) at that step, with the step written at its
 // left. A row is appended to the film on disk, so a resumed run continues it; a file

@@ -17,7 +17,7 @@ Then it checks what gdb printed against the README's transcript:
   - the backtrace holds only reference layers: no Part III kernel (a *_fast function).
 Prints "PASS name" / "FAIL name: detail" lines and "N passed, N failed".
 """
-import os, re, shutil, subprocess, sys, tempfile
+import math, os, re, shutil, subprocess, sys, tempfile
 
 passed = failed = 0
 
@@ -78,7 +78,7 @@ def statement_at(src, n):
 
 def main():
     lines = walkthrough("README.md")
-    tmp = tempfile.mkdtemp(prefix="gdb.", dir="tests/out")
+    tmp = os.path.abspath(tempfile.mkdtemp(prefix="gdb.", dir="tests/out"))   # gdb runs there: show_K.png
     run_dir = os.path.join(tmp, "gdb")
     train = [l for l in lines if l.startswith("./ddpm ")]
     gdb_line = [l for l in lines if l.startswith("gdb ")]
@@ -92,8 +92,20 @@ def main():
     check("the walkthrough's training command", r.returncode == 0, r.stderr.strip().splitlines()[-1:] or "")
     args = gdb_line[0].replace("runs/gdb", run_dir).split()
     assert args[:3] == ["gdb", "-q", "--args"], args
-    gdb = ["gdb", "-q", "-batch", "-nx"] + sum((["-ex", c] for c in cmds), []) + ["--args"] + args[3:]
-    r = subprocess.run(gdb, capture_output=True, text=True, timeout=600)
+    args[3] = os.path.abspath(args[3])   # ./ddpm_debug
+    # after each `call show(EXPR, B, C, H, W)`, the tensor itself as gdb reads it (output
+    # makes no $N), to check show's statistics against
+    shows = [re.match(r"call show\((.+), (\d+), (\d+), (\d+), (\d+)\)$", c) for c in cmds]
+    shows = [(m.group(1), *map(int, m.groups()[1:])) for m in shows if m]
+    run = ["set print elements 0"]
+    for c in cmds:
+        run.append(c)
+        m = re.match(r"call show\((.+), (\d+), (\d+), (\d+), (\d+)\)$", c)
+        if m:
+            run += [f"output {m.group(1)}[0]@{int(m.group(2)) * int(m.group(3)) * int(m.group(4)) * int(m.group(5))}",
+                    "echo \\n"]
+    gdb = ["gdb", "-q", "-batch", "-nx"] + sum((["-ex", c] for c in run), []) + ["--args"] + args[3:]
+    r = subprocess.run(gdb, capture_output=True, text=True, timeout=600, cwd=tmp)
     out = r.stdout + r.stderr
     with open(os.path.join("tests/out", "gdb.log"), "w") as f:
         f.write(out)
@@ -149,11 +161,39 @@ def main():
                 check(f"gdb prints {var} as {n_want} numbers", ok, f"got {got[0] if got else '(nothing)'}")
             else:
                 check(f"gdb prints {var} = {want}", bool(got) and got[0] == want, f"got {got[0] if got else '(nothing)'}")
+    check_shows(shows, got_lines, tmp)
     frames = [g for g in got_lines if re.match(r"#\d+ ", g)]
     fast = [g for g in frames if re.search(r"\w+_fast \(", g)]
     check("the debug build steps through reference layers only", frames and not fast,
           f"{len(frames)} frames, {len(fast)} in Part III kernels")
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_shows(shows, got_lines, tmp):
+    """Each `call show(...)`: its statistics are those of the tensor gdb reads, and its PNG
+    is the grid of B images; the first (x_t at t = 996) is almost pure noise."""
+    stats = [i for i, g in enumerate(got_lines) if g.startswith("image 0: mean ")]
+    check("show is called as often as the README calls it", len(stats) == len(shows), f"{len(stats)} of {len(shows)}")
+    for k, ((expr, B, C, H, W), i) in enumerate(zip(shows, stats)):
+        values = [float(v) for v in got_lines[i + B + 1].strip("{}").split(",")]   # after B lines and "wrote"
+        printed = [float(v) for v in re.findall(r"-?\d+\.\d+", got_lines[i])]
+        n = C * H * W
+        x = values[:n]
+        mean = sum(x) / n
+        want = [mean, (sum(v * v for v in x) / n - mean * mean) ** 0.5, min(x), max(x)]
+        check(f"show({expr}) prints the mean, std, min and max of the tensor gdb reads",
+              len(values) == B * n and all(abs(a - b) <= 6e-4 for a, b in zip(printed, want)),
+              f"printed {printed}, from gdb's values {[round(v, 4) for v in want]}")
+        png = os.path.join(tmp, f"show_{k + 1}.png")
+        size = tuple(int.from_bytes(open(png, "rb").read()[16:24][j:j + 4], "big") for j in (0, 4)) \
+            if os.path.exists(png) else None
+        cols = math.ceil(math.sqrt(B))
+        rows = (B + cols - 1) // cols
+        check(f"show({expr}) writes show_{k + 1}.png, a grid of {B}", size == (cols * (W + 2) + 2, rows * (H + 2) + 2),
+              f"size {size}")
+        if k == 0:
+            check("x_t at t = 996 is almost pure noise: mean ~ 0, std ~ 1", abs(want[0]) < 0.1 and abs(want[1] - 1) < 0.1,
+                  f"mean {want[0]:.4f}, std {want[1]:.4f}")
 
 
 if __name__ == "__main__":
