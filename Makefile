@@ -3,6 +3,8 @@
 #   make                 build ./ddpm and fetch CIFAR-10 into data/ (offline: says so, still succeeds)
 #   make plain           ./ddpm_plain: -O2 -DDDPM_PLAIN, the reference layers of section 16 only
 #   make debug           ./ddpm_debug: the same at -O0 -g, for stepping through with gdb (see README)
+#   make exercise        exercise/ddpm.c: Part I's functions to write (EX=q_sample,... to choose);
+#                        make exercise-check grades them (tests/exercise.py, notebooks/README.md)
 #   make test            C tests (on the reference build and on every kernel variant this machine
 #                        runs, ARM64 under qemu), gradients vs PyTorch autograd (fast and
 #                        reference builds), the README's gdb walkthrough, end-to-end tests
@@ -82,7 +84,7 @@ else
 endif
 CFLAGS += -I$(STB_DIR)
 
-.PHONY: all plain debug mpi test bench bench-avx2 fuzz fuzz-build sanitize cifar10 fashion-mnist emoji official-weights clean
+.PHONY: all plain debug exercise exercise-check mpi test bench bench-avx2 fuzz fuzz-build sanitize cifar10 fashion-mnist emoji official-weights clean
 
 all: ddpm
 	@sh data/get_cifar10.sh --optional
@@ -98,6 +100,12 @@ ddpm_plain: ddpm.c $(STB_DEP)
 	$(CC) $(PLAIN_CFLAGS) -O2 ddpm.c -o $@ $(LDLIBS)
 
 debug: ddpm_debug
+
+# The course kit (tests/exercise.py): exercise/ddpm.c with Part I functions to write, and its grader.
+exercise:
+	@$(PYTHON) tests/exercise.py make $(EX)
+exercise-check: fashion-mnist
+	@$(PYTHON) tests/exercise.py check
 ddpm_debug: ddpm.c $(STB_DEP)
 	$(CC) $(PLAIN_CFLAGS) -O0 -g ddpm.c -o $@ $(LDLIBS)
 

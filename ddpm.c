@@ -88,7 +88,7 @@ Conventions
 
 // Every failure a user can cause (a bad configuration, a missing file, a full disk) ends
 // in one line that says what to do; the helpers that print it are plumbing (Part IV):
-static void die(const char* fmt, ...);                                // print one line, exit 1
+_Noreturn static void die(const char* fmt, ...);                      // print one line, exit 1
 static void* malloc_check(size_t size, const char* what);             // malloc, or die naming `what`
 static void* calloc_check(size_t n, size_t size, const char* what);   // zeroed, or die likewise
 
@@ -3847,7 +3847,7 @@ static int world_rank = 0, world_size = 1;
 // Prints "ddpm: <message><suffix>" as one line, in one write (ranks' lines do not
 // interleave), and exits with `code`. Built with DDPM_FUZZ (the fuzzing harnesses) a
 // refusal returns to the harness instead, which then tries the next input.
-static void fail_v(int code, const char* suffix, const char* fmt, va_list ap) {
+_Noreturn static void fail_v(int code, const char* suffix, const char* fmt, va_list ap) {
 #ifdef DDPM_FUZZ
     longjmp(fuzz_refused, 1);
 #endif
@@ -3867,7 +3867,7 @@ static void fail_v(int code, const char* suffix, const char* fmt, va_list ap) {
     exit(code);
 }
 
-static void die(const char* fmt, ...) {
+_Noreturn static void die(const char* fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
     fail_v(1, "", fmt, ap);

@@ -124,6 +124,8 @@ else
     echo "NOTE skipped gdb: gdb is not installed (apt-get install gdb to run the README's walkthrough)"
 fi
 
+suite exercise $PYTHON tests/exercise.py selftest   # the course kit's grader (make exercise-check)
+
 requires() {   # requires NAME CHECK HINT: true if the shell command CHECK succeeds; else a
     # failure in CI, a NOTE elsewhere, naming what to install
     sh -c "$2" >/dev/null 2>&1 && return 0
