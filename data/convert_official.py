@@ -319,8 +319,10 @@ def write_atomic(path, chunks):
     not_special(path)
     tmp = path + ".tmp"
     TEMPS.append(tmp)
-    try:
-        with open(tmp, "wb") as f:
+    try:   # made anew, as ddpm.c's PATH.tmp: a FIFO or a link planted there is removed, never opened
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644), "wb") as f:
             for c in chunks:
                 f.write(c)
             f.flush()

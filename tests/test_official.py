@@ -256,6 +256,13 @@ sys.exit(c.main([{src!r}, {out!r}, "--ddpm", {ddpm!r}]))
               one_line(rc, err, "exists and is not a regular file; not replacing it") and kept and not os.path.exists(out),
               f"exit {rc}: {err[-300:]}")
     os.unlink(out + ".source")
+    os.mkfifo(keep + ".tmp")   # a FIFO where the converter's temporary file goes: removed, not opened (no hang)
+    rc, err = run_converter([src, out, "--ddpm", ddpm, "--keep-exchange", keep])
+    check("#36.1 converter with a FIFO at --keep-exchange's PATH.tmp: made anew, no hang", rc == 0 and
+          os.path.isfile(keep) and not os.path.exists(keep + ".tmp"), f"exit {rc}: {err[-300:]}")
+    for f in (out, out + ".source", keep):
+        if os.path.exists(f):
+            os.unlink(f)
 
 
 def fuzz_header(tmp, rounds=400):
