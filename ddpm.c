@@ -4348,6 +4348,11 @@ static void load_fashion_mnist(Dataset* d, const char* dir, int train) {
 
 #define STB_IMAGE_IMPLEMENTATION
 #define STBI_MAX_DIMENSIONS INT_MAX   // every side is read; MAX_PICTURE_PIXELS refuses, before any allocation
+// stb_image's asserts are its "cannot happen"s, and a corrupt JPEG scan makes one happen
+// (stb 2.27; found by tests/fuzz_pictures): noted, so that the picture is refused, not the
+// program aborted.
+static _Thread_local int stb_inconsistent;
+#define STBI_ASSERT(x) (stb_inconsistent |= !(x))
 #define STB_IMAGE_RESIZE_IMPLEMENTATION
 #define STB_IMAGE_RESIZE_STATIC
 #if defined(__GNUC__)
@@ -4569,9 +4574,11 @@ static int picture_channels(const char* path, const char** why) {
 // cannot be. *small is set if it had to be enlarged.
 static const char* picture_pixels(PictureFile* pf, const FolderSpec* fs, int C, uint8_t* out, int* small) {
     int w, h, comp;
+    stb_inconsistent = 0;
     uint8_t* p = stbi_load_from_callbacks(&PICTURE_IO, pf, &w, &h, &comp, 0);
-    if (p && pf->past_end) stbi_image_free(p), p = NULL;
-    if (!p) return pf->past_end ? "cut short (the file ends before its pixels do)" : stbi_failure_reason();
+    if (p && (pf->past_end || stb_inconsistent)) stbi_image_free(p), p = NULL;
+    if (!p) return pf->past_end ? "cut short (the file ends before its pixels do)"
+                  : stb_inconsistent ? "damaged (stb_image found its data inconsistent)" : stbi_failure_reason();
     int N = fs->img, s = w < h ? w : h, x0 = (w - s) / 2, y0 = (h - s) / 2, bg = fs->background;
     uint8_t* sq = malloc((size_t)s * s * C);
     uint8_t* res = malloc((size_t)N * N * C);
