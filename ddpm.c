@@ -3845,20 +3845,32 @@ static jmp_buf fuzz_refused;   // tests/fuzz_ddpm.c: a refusal returns to the ha
 static int world_rank = 0, world_size = 1;
 
 // Prints "ddpm: <message><suffix>" as one line, in one write (ranks' lines do not
-// interleave), and exits with `code`. Built with DDPM_FUZZ (the fuzzing harnesses) a
+// interleave), control bytes (a newline or ESC in a file's name) as \xNN: one line, no
+// escape codes, whatever a path holds.
+static void error_line_v(const char* suffix, const char* fmt, va_list ap) {
+    char line[8192], msg[8192];
+    int k = world_rank > 0 ? snprintf(line, sizeof line, "ddpm (rank %d): ", world_rank) : snprintf(line, sizeof line, "ddpm: ");
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    for (const unsigned char* c = (const unsigned char*)msg; *c && k < (int)sizeof line - 64; c++)
+        k += snprintf(line + k, 5, *c < 32 || *c == 127 ? "\\x%02x" : "%c", *c);
+    snprintf(line + k, sizeof line - k, "%s\n", suffix);
+    fputs(line, stderr);
+}
+
+static void error_line(const char* fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    error_line_v("", fmt, ap);
+    va_end(ap);
+}
+
+// The same line, then exit with `code`. Built with DDPM_FUZZ (the fuzzing harnesses) a
 // refusal returns to the harness instead, which then tries the next input.
 _Noreturn static void fail_v(int code, const char* suffix, const char* fmt, va_list ap) {
 #ifdef DDPM_FUZZ
     longjmp(fuzz_refused, 1);
 #endif
-    char line[8192];
-    int k = world_rank > 0 ? snprintf(line, sizeof line, "ddpm (rank %d): ", world_rank) : snprintf(line, sizeof line, "ddpm: ");
-    char msg[8192];   // control bytes (a newline or ESC in a file's name) as \xNN: one line, no escape codes
-    vsnprintf(msg, sizeof msg, fmt, ap);
-    for (const unsigned char* c = (const unsigned char*)msg; *c && k < (int)sizeof line - 64; c++)
-        k += snprintf(line + k, 5, *c < 32 || *c == 127 ? "\\x%02x" : "%c", *c);
-    snprintf(line + k, sizeof line - k, "%s\n", suffix);
-    if (world_rank == 0 || code != 2) fputs(line, stderr);
+    if (world_rank == 0 || code != 2) error_line_v(suffix, fmt, ap);
 #ifdef DDPM_MPI
     // Every rank ends here together, and only after rank 0 has written its line: a rank
     // that exited first would have mpirun kill rank 0 before the line was out.
@@ -4074,7 +4086,7 @@ static int write_file_atomic(const char* path, const void* a, size_t na, const v
     if (f && atomic_commit(&af, fwrite(a, 1, na, f) == na && (nb == 0 || fwrite(b, 1, nb, f) == nb),
                            err, sizeof err) == 0)
         return 0;
-    fprintf(stderr, "ddpm: %s\n", err);
+    error_line("%s", err);
     return -1;
 }
 
@@ -5211,7 +5223,7 @@ static int save_npz(const char* path, const float* imgs, int N, int C, int H, in
     size_t count, hl = npy_header(head, "|u1", 4, shape, &count);
     size_t member = hl + count;
     if (member >= 0xffffffffu) {
-        fprintf(stderr, "ddpm: %s: %d samples are over the 4 GiB of a plain ZIP; write fewer with -n\n", path, N);
+        error_line("%s: %d samples are over the 4 GiB of a plain ZIP; write fewer with -n", path, N);
         return -1;
     }
     const char name[] = "arr_0.npy";
@@ -5477,7 +5489,7 @@ static int ex_begin(ExWriter* w, const char* path) {
     char err[4400];
     memset(w, 0, sizeof *w);
     w->f = atomic_open(&w->af, path, err, sizeof err);
-    if (!w->f) { fprintf(stderr, "ddpm: %s\n", err); return -1; }
+    if (!w->f) { error_line("%s", err); return -1; }
     w->ok = 1;
     ex_bytes(w, EXCHANGE_MAGIC, 8);
     ex_i32(w, 0);   // n_records, patched by ex_finish
@@ -5503,7 +5515,7 @@ static int ex_finish(ExWriter* w) {
     if (w->ok && (fseek(w->f, 8, SEEK_SET) != 0 || fwrite(b, 1, 4, w->f) != 4)) w->ok = 0, w->err_no = errno;
     errno = w->err_no;
     if (atomic_commit(&w->af, w->ok, err, sizeof err) == 0) return 0;
-    fprintf(stderr, "ddpm: %s\n", err);
+    error_line("%s", err);
     return -1;
 }
 
