@@ -3846,21 +3846,29 @@ static int world_rank = 0, world_size = 1;
 
 // Prints "ddpm: <message><suffix>" as one line, in one write (ranks' lines do not
 // interleave), control bytes (a newline or ESC in a file's name) as \xNN: one line, no
-// escape codes, whatever a path holds.
-static void error_line_v(const char* suffix, const char* fmt, va_list ap) {
+// escape codes, whatever a path holds. to: the line goes there (cap bytes), not to stderr.
+static void error_line_v(char* to, size_t cap, const char* suffix, const char* fmt, va_list ap) {
     char line[8192], msg[8192];
     int k = world_rank > 0 ? snprintf(line, sizeof line, "ddpm (rank %d): ", world_rank) : snprintf(line, sizeof line, "ddpm: ");
     vsnprintf(msg, sizeof msg, fmt, ap);
     for (const unsigned char* c = (const unsigned char*)msg; *c && k < (int)sizeof line - 64; c++)
         k += snprintf(line + k, 5, *c < 32 || *c == 127 ? "\\x%02x" : "%c", *c);
     snprintf(line + k, sizeof line - k, "%s\n", suffix);
-    fputs(line, stderr);
+    if (to) snprintf(to, cap, "%s", line);
+    else fputs(line, stderr);
 }
 
 static void error_line(const char* fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
-    error_line_v("", fmt, ap);
+    error_line_v(NULL, 0, "", fmt, ap);
+    va_end(ap);
+}
+
+static void error_text(char* to, size_t cap, const char* fmt, ...) {   // the same line, kept to print later
+    va_list ap;
+    va_start(ap, fmt);
+    error_line_v(to, cap, "", fmt, ap);
     va_end(ap);
 }
 
@@ -3870,7 +3878,7 @@ _Noreturn static void fail_v(int code, const char* suffix, const char* fmt, va_l
 #ifdef DDPM_FUZZ
     longjmp(fuzz_refused, 1);
 #endif
-    if (world_rank == 0 || code != 2) error_line_v(suffix, fmt, ap);
+    if (world_rank == 0 || code != 2) error_line_v(NULL, 0, suffix, fmt, ap);
 #ifdef DDPM_MPI
     // Every rank ends here together, and only after rank 0 has written its line: a rank
     // that exited first would have mpirun kill rank 0 before the line was out.
@@ -4225,7 +4233,7 @@ static const Watch* progress_start(Progress* p, const char* what, long total, in
 // A mapped cache (section 19.1) cut short by another process gives SIGBUS at the next read
 // of a lost page. A training run catches it (cache_fault: back to cmd_train, which saves its
 // checkpoint); elsewhere it ends in one line naming the file.
-static struct { const uint8_t* at; size_t len; char path[4400], line[4600]; } cache_map;
+static struct { const uint8_t* at; size_t len; char path[4400], line[8192]; } cache_map;
 static sigjmp_buf* cache_fault;
 
 static void on_bus(int sig, siginfo_t* si, void* uc) {
@@ -4712,8 +4720,8 @@ static int pixel_cache_map(Dataset* d, const char* path, uint64_t key, const Fol
     if (map == MAP_FAILED) die("cannot map %s: %s", path, strerror(errno));
     cache_map.at = map, cache_map.len = st.st_size;   // section 18: SIGBUS if it is cut short
     snprintf(cache_map.path, sizeof cache_map.path, "%s", path);
-    snprintf(cache_map.line, sizeof cache_map.line, "ddpm: %s was cut short while this command read it (another "
-             "process truncated it); run the command again to decode the folder anew\n", path);
+    error_text(cache_map.line, sizeof cache_map.line, "%s was cut short while this command read it (another process "
+               "truncated it); run the command again to decode the folder anew", path);
     struct sigaction sa = {.sa_sigaction = on_bus, .sa_flags = SA_SIGINFO};
     sigaction(SIGBUS, &sa, NULL);
 #ifdef MADV_RANDOM
