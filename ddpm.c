@@ -890,11 +890,12 @@ static void train(Trainer* tr, const Dataset* data, uint64_t steps, const TrainW
 // To watch it in gdb (`make debug`, README): break p_sample if t_idx[0] == 995 (the
 // fifth step), then print x_t[0]@4 and out[0]@4 (the network's eps_theta).
 
-// How to take the steps: Alg. 2's, or DDIM's (10.2).
+// How to take the steps: Alg. 2's, DDIM's or DPM-Solver++'s (10.2).
+typedef enum { SAMPLER_ALG2, SAMPLER_DDIM, SAMPLER_DPM } SamplerKind;
 typedef struct {
     MeanType mean;     // what the network outputs (section 3)
     VarType var;       // Alg. 2's sigma_t^2 (section 3)
-    int ddim;          // the DDIM step instead of Alg. 2's
+    SamplerKind kind;  // the step: Alg. 2's, or one of 10.2
     double eta;        // DDIM's eta in [0, 1]
 } Sampler;
 
@@ -918,6 +919,8 @@ typedef struct {
     float* log_var;             // (B, C, H, W): log sigma_t^2
     int* t_idx;                 // (B): the chain's step
     int* t_model;               // (B): the network's timestep for it (section 10.2)
+    float* x0_prev;             // (B, C, H, W): DPM-Solver++'s x0_hat of the step before (10.2)
+    double h_prev;              // and that step's h in log-SNR; 0 at a chain's first step
     int shared_noise;           // one image's z for all B images (the interpolations of 10.3)
     const Watch* watch;         // told of every step (may be NULL)
     int start;                  // the first image's number among all the caller draws
@@ -925,8 +928,8 @@ typedef struct {
 
 static void chain_init(Chain* ch, int B, size_t n, const Watch* watch) {
     size_t k = (size_t)B * n;
-    ch->mean = malloc_check(4 * k * sizeof(float), "sampling buffers");
-    ch->x0_hat = ch->mean + k, ch->z = ch->mean + 2 * k, ch->log_var = ch->mean + 3 * k;
+    ch->mean = malloc_check(5 * k * sizeof(float), "sampling buffers");
+    ch->x0_hat = ch->mean + k, ch->z = ch->mean + 2 * k, ch->log_var = ch->mean + 3 * k, ch->x0_prev = ch->mean + 4 * k;
     ch->t_idx = malloc_check(2 * (size_t)B * sizeof(int), "sampling buffers");
     ch->t_model = ch->t_idx + B;
     ch->shared_noise = 0;
@@ -966,6 +969,8 @@ static void p_sample(float* x_t, const float* out, const int* t_idx, int B, size
 
 static void ddim_sample(float* x_t, const float* out, const int* t_idx, int B, size_t n, const Sampler* sp,
                         const Schedule* s, Chain* ch, Rng* rng);
+static void dpm_solver_sample(float* x_t, const float* out, const int* t_idx, int B, size_t n, const Sampler* sp,
+                              const Schedule* s, Chain* ch);
 
 // Lines 2-5 of Alg. 2 (or the DDIM steps) for B images held in x, from the chain's step
 // t_from down to t = 1: x holds x_{t_from + 1} on entry (0-based t_from) and x_0 on
@@ -975,10 +980,12 @@ static int reverse_chain(UNet* m, const Schedule* s, const Sampler* sp, float* x
     size_t n = (size_t)m->cfg.in_ch * m->cfg.img * m->cfg.img;
     m->train = 0;
     m->no_grad = 1;
+    ch->h_prev = 0;
     for (int t_idx = t_from; t_idx >= 0; t_idx--) {        // 2: for t = T (t_from + 1), ..., 1 do
         for (int b = 0; b < B; b++) ch->t_idx[b] = t_idx, ch->t_model[b] = s->t_model[t_idx];
         const float* out = unet_forward(m, x, ch->t_model, B);          // eps_theta(x_t, t)
-        if (sp->ddim) ddim_sample(x, out, ch->t_idx, B, n, sp, s, ch, rng);   // (10.2)
+        if (sp->kind == SAMPLER_DDIM) ddim_sample(x, out, ch->t_idx, B, n, sp, s, ch, rng);   // (10.2)
+        else if (sp->kind == SAMPLER_DPM) dpm_solver_sample(x, out, ch->t_idx, B, n, sp, s, ch);
         else p_sample(x, out, ch->t_idx, B, n, sp, s, ch, rng);            // 3-4: z; x_{t-1}
         ChainStep st = {x, ch->x0_hat, t_idx, s->t_model[t_idx] + 1, ch->start, B, n};
         if (ch->watch && !ch->watch->step(ch->watch->ctx, &st)) return 0;
@@ -1047,13 +1054,22 @@ static void trace_free(Trace* tr) { free(tr->steps); free(tr->x_t); free(tr->x0_
 // variances, its bound. We take K evenly strided steps with both ends kept,
 // tau_i = 1 + round((i - 1)(T - 1)/(K - 1)), and tau_1 = T for K = 1. Where two kept
 // steps are consecutive the ratio is exactly alpha_t, so beta_t is kept as it is:
-// K = T is then Algorithm 2 bit for bit.
-static void schedule_respace(Schedule* r, const Schedule* s, int K) {
+// K = T is then Algorithm 2 bit for bit. DPM-Solver++ (below) takes its K steps evenly in
+// lambda_t = log(sqrt(abar_t) / sqrt(1 - abar_t)) instead (log_snr): each tau_i is the
+// step whose lambda is nearest, kept distinct from its neighbours.
+static double log_snr(const Schedule* s, int t) { return 0.5 * log(s->alphas_cumprod[t] / (1 - s->alphas_cumprod[t])); }
+
+static void schedule_respace(Schedule* r, const Schedule* s, int K, int by_log_snr) {
     schedule_alloc(r, K);
-    double abar_prev = 1.0;
+    double abar_prev = 1.0, lo = log_snr(s, 0), hi = log_snr(s, s->T - 1);
     int prev = -1;
     for (int i = 0; i < K; i++) {
         int tau = K == 1 ? s->T - 1 : (int)floor(i * (double)(s->T - 1) / (K - 1) + 0.5);
+        if (by_log_snr && K > 1) {   // lambda falls with t: walk up to the nearest, leave room for the rest
+            double want = lo + i * (hi - lo) / (K - 1);
+            for (tau = prev + 1; tau < s->T - K + i && fabs(log_snr(s, tau + 1) - want) < fabs(log_snr(s, tau) - want);)
+                tau++;
+        }
         r->t_model[i] = tau;
         r->betas[i] = tau == prev + 1 ? s->betas[tau] : 1.0 - s->alphas_cumprod[tau] / abar_prev;
         abar_prev = s->alphas_cumprod[tau];
@@ -1093,6 +1109,34 @@ static void ddim_sample(float* x_t, const float* out, const int* t_idx, int B, s
             x_t[i] = c_x0 * ch->x0_hat[i] + c_eps * eps_hat + (sigma > 0 ? sigma * ch->z[i] : 0.0f);
         }
     }
+}
+
+// DPM-Solver++ (Lu et al. 2022b) reads DDIM with eta = 0 as a step of an ODE. With
+// alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t) and lambda_t = log(alpha_t / sigma_t),
+// write DDIM's step from s to t with eps_hat = (x_s - alpha_s x0_hat) / sigma_s:
+//   x_t = sigma_t / sigma_s x_s + (alpha_t - alpha_s sigma_t / sigma_s) x0_hat
+//       = sigma_t / sigma_s x_s + alpha_t (1 - e^{-h}) x0_hat,      h = lambda_t - lambda_s,
+// which is the exact solution of the probability-flow ODE (their Eq. 8) if x0_hat stayed
+// constant over the step: DDIM is the ODE's first-order solver. Their Algorithm 2,
+// DPM-Solver++(2M), takes x0_hat as linear in lambda instead, its slope from the x0_hat of
+// the step before (h_prev earlier), at no extra network call: the same step with
+//   D = (1 + 1/(2r)) x0_hat - 1/(2r) x0_hat_prev,   r = h_prev / h.
+// The first step has no history, and the last, to sigma = 0 (abar_0 = 1), has h = inf:
+// both take x0_hat itself (the last one is x_0 = x0_hat, as DDIM's). x0_hat is clipped
+// to [-1, 1] as everywhere in this file; the steps are even in lambda (10.2's respacing).
+static void dpm_solver_sample(float* x_t, const float* out, const int* t_idx, int B, size_t n, const Sampler* sp,
+                              const Schedule* s, Chain* ch) {
+    p_mean_variance(ch->mean, NULL, ch->x0_hat, x_t, out, t_idx, B, n, sp->mean, sp->var, 1, s);
+    int ti = t_idx[0];   // the whole batch is at one step (reverse_chain)
+    double a_s = sqrt(s->alphas_cumprod[ti]), sg_s = sqrt(1 - s->alphas_cumprod[ti]);
+    double a_t = sqrt(s->alphas_cumprod_prev[ti]), sg_t = sqrt(1 - s->alphas_cumprod_prev[ti]);
+    double h = ti > 0 ? log(a_t / sg_t) - log(a_s / sg_s) : INFINITY;
+    double r = ch->h_prev / h, c1 = ti > 0 && r > 0 ? 1 + 0.5 / r : 1, c0 = 1 - c1;   // D = c1 x0_hat + c0 prev
+    float cx = (float)(sg_t / sg_s), cd = (float)(a_t - a_s * sg_t / sg_s);
+    for (size_t i = 0; i < (size_t)B * n; i++)   // (x0_prev is not read at a first step: it holds no values yet)
+        x_t[i] = cx * x_t[i] + cd * (c0 != 0 ? (float)c1 * ch->x0_hat[i] + (float)c0 * ch->x0_prev[i] : ch->x0_hat[i]);
+    memcpy(ch->x0_prev, ch->x0_hat, (size_t)B * n * sizeof(float));
+    ch->h_prev = h;
 }
 
 // ---- 10.3 The chain started from data: reconstructions (§4.3, Fig. 7), interpolations (§4.4, Fig. 8) ----
@@ -5616,7 +5660,7 @@ typedef struct {
 
 #define HEADING(text) {NULL, OPT_HEADING, 0, 0, NULL, 0, 0, NULL, text, NULL, 0, 0, 0}
 static const char* const DATA_NAMES[] = {"cifar10", "fashion-mnist", NULL};
-static const char* const SAMPLER_NAMES[] = {"ddpm", "ddim", NULL};           // Sampler.ddim
+static const char* const SAMPLER_NAMES[] = {"ddpm", "ddim", "dpm++", NULL};  // SamplerKind
 static const char* const SIGMA_NAMES[] = {"beta", "beta_tilde", NULL};       // VAR_FIXEDLARGE, VAR_FIXEDSMALL
 
 static const Option OPTIONS[] = {
@@ -5688,8 +5732,8 @@ static const Option OPTIONS[] = {
      "sample, bpd: a chain of K evenly strided steps (section 10.2)"},
     {"--sigma", OPT_WORD, AT(sampler.var), C_TRAIN | C_MODEL, "beta", .arg = "beta|beta_tilde",
      .help = "sigma_t^2 of §3.2, for a fixed variance", .words = SIGMA_NAMES},
-    {"--sampler", OPT_WORD, AT(sampler.ddim), C_SAMPLE, "ddpm", .arg = "ddpm|ddim",
-     .help = "sample: Alg. 2, or DDIM (section 10.2)", .words = SAMPLER_NAMES},
+    {"--sampler", OPT_WORD, AT(sampler.kind), C_SAMPLE, "ddpm", .arg = "ddpm|ddim|dpm++",
+     .help = "sample: Alg. 2, DDIM or DPM-Solver++(2M) (section 10.2)", .words = SAMPLER_NAMES},
     {"--eta", OPT_DOUBLE, AT(sampler.eta), C_SAMPLE, "0", 0, 1, .arg = "E", .help = "sample: DDIM's eta"},
     {"--trace", OPT_ON, AT(trace), C_SAMPLE, .help = "sample: also x_t and x0_hat along the chain (Fig. 6; .npy + PNG)"},
     {"--npz", OPT_STR, AT(npz), C_SAMPLE, NULL, .arg = "FILE",
@@ -5873,7 +5917,7 @@ static void training_samples(Trainer* tr, const Options* o, const char* dir, int
     memcpy(m->params, tr->ema, nb);
     char path[4200], film[4200], what[64];
     Schedule fast;
-    schedule_respace(&fast, &tr->sched, PREVIEW_STEPS < tr->sched.T ? PREVIEW_STEPS : tr->sched.T);
+    schedule_respace(&fast, &tr->sched, PREVIEW_STEPS < tr->sched.T ? PREVIEW_STEPS : tr->sched.T, 0);
     Sampler ddim = {tr->obj.mean, tr->obj.var, 1, 0.0};
     Rng rng;
     rng_seed(&rng, FILM_SEED);
@@ -6258,7 +6302,8 @@ static Sampler checkpoint_sampler(const Options* o, const Objective* ob, const c
     sp.mean = ob->mean;
     if (ob->var == VAR_LEARNED) {
         if (given(o, "--sigma")) usage_error("--sigma applies to a fixed variance; %s has a learned Sigma_theta", path);
-        if (sp.ddim) usage_error("--sampler ddim needs a fixed variance; %s has a learned Sigma_theta", path);
+        if (sp.kind != SAMPLER_ALG2)
+            usage_error("--sampler %s needs a fixed variance; %s has a learned Sigma_theta", SAMPLER_NAMES[sp.kind], path);
         sp.var = VAR_LEARNED;
     } else if (!given(o, "--sigma")) {
         sp.var = ob->var;
@@ -6347,7 +6392,7 @@ static int cmd_sample(const Options* o) {
     UNet m;
     Schedule trained, s;
     load_ema(&m, &trained, f, &hd, o->checkpoint, Bm);
-    schedule_respace(&s, &trained, K);
+    schedule_respace(&s, &trained, K, sp.kind == SAMPLER_DPM);
     size_t sz = (size_t)m.cfg.in_ch * m.cfg.img * m.cfg.img;
     float* imgs = malloc_check((size_t)n * sz * sizeof(float), "samples");
     Trace trace;
@@ -6364,7 +6409,7 @@ static int cmd_sample(const Options* o) {
         save_npy(path, imgs, 4, shape) || (o->npz && save_npz(o->npz, imgs, n, m.cfg.in_ch, m.cfg.img, m.cfg.img)))
         return 1;
     printf("wrote %s and %s (%d samples, %d steps, %s)\n", out, path, n, s.T,
-           sp.ddim ? (sp.eta > 0 ? "DDIM, eta > 0" : "DDIM, eta = 0") : "Alg. 2");
+           sp.kind == SAMPLER_DPM ? "DPM-Solver++(2M)" : sp.kind ? (sp.eta > 0 ? "DDIM, eta > 0" : "DDIM, eta = 0") : "Alg. 2");
     if (o->npz) printf("wrote %s (arr_0: %d x %d x %d x %d uint8)\n", o->npz, n, m.cfg.img, m.cfg.img, m.cfg.in_ch);
     if (o->trace) {
         int shape5[5] = {trace.n_steps, trace.n_images, m.cfg.in_ch, m.cfg.img, m.cfg.img}, ts[1] = {trace.n_steps};
@@ -6423,7 +6468,7 @@ static int cmd_bpd(const Options* o) {
     UNet m;
     Schedule trained, s;
     load_ema(&m, &trained, f, &hd, o->checkpoint, Bm);
-    schedule_respace(&s, &trained, K);
+    schedule_respace(&s, &trained, K, 0);
     PerT pt = {NULL, NULL};
     if (o->per_t) {
         pt.term = malloc_check((size_t)s.T * sizeof(double), "the per-t terms");
@@ -6800,9 +6845,9 @@ static void parse_options(int argc, char** argv, Options* o) {
         o->img = preset_find(o->model ? o->model : "", 0, &c) == 1 ? c.img : 32;
     }
     // What one flag cannot say alone:
-    if (given(o, "--eta") && !o->sampler.ddim) usage_error("--eta applies to --sampler ddim");
-    if (o->sampler.ddim && given(o, "--sigma"))
-        usage_error("--sigma applies to --sampler ddpm; DDIM's variance is set by --eta");
+    if (given(o, "--eta") && o->sampler.kind != SAMPLER_DDIM) usage_error("--eta applies to --sampler ddim");
+    if (o->sampler.kind != SAMPLER_ALG2 && given(o, "--sigma"))
+        usage_error("--sigma applies to --sampler ddpm; DDIM's variance is set by --eta, DPM-Solver++ has none");
     if (o->t_samples && o->per_t) usage_error("--per-t needs every term; drop --t-samples");
     struct stat st;
     if ((o->cmd & (C_TRAIN | C_BPD | C_DECODE)) && data_is_folder(o)) {

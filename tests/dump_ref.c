@@ -5,6 +5,7 @@
 //                                                              /W: at base width ch = W, groups W/4,
 //                                                              as paper256's 128 and 32)
 //   tests/dump_ref --checkpoint CKPT BATCH FILE
+//   tests/dump_ref --dpm K FILE                         (DPM-Solver++'s chain, below)
 //
 // It builds the U-Net of a preset with random weights (not the official init, whose
 // 1e-10 scales would silence whole branches and hide their gradients), runs one
@@ -25,12 +26,57 @@
 // backward pass, no weights: the 256x256 model's would be 900 MB): tests/test_official.py
 // checks that weights converted from another layout give ddpm.c the eps_theta of the
 // model they came from.
+//
+// With --dpm K the file holds a chain of DPM-Solver++(2M) (ddpm.c 10.2) instead: tiny's
+// network with random weights samples 2 images in K steps, even in log-SNR, and the file
+// holds x_T, the steps' t, and each step's eps_theta and x after it; reference.py redoes
+// the steps in float64 from those eps_theta (its own transcription of the update).
 #define DDPM_NO_MAIN
 #include "../ddpm.c"
 
+// --dpm K: the chain of reverse_chain with SAMPLER_DPM, step by step, with what it saw.
+static int dump_dpm(UNet* m, const Config* cfg, int K, const char* path, Rng* rng) {
+    int B = 2, shape[4] = {B, cfg->in_ch, cfg->img, cfg->img};
+    size_t n = (size_t)cfg->in_ch * cfg->img * cfg->img;
+    Schedule trained, s;
+    schedule_init(&trained, 1000, SCHEDULE_LINEAR);
+    schedule_respace(&s, &trained, K, 1);
+    Sampler sp = {MEAN_EPS, VAR_FIXEDLARGE, SAMPLER_DPM, 0};
+    Chain ch;
+    chain_init(&ch, B, n, NULL);
+    ch.h_prev = 0;
+    float* x = malloc_check(B * n * sizeof(float), "x");
+    float t_f[1000];
+    rng_normal(rng, x, B * n);
+    ExWriter w;
+    if (ex_begin(&w, path) != 0) return 1;
+    ex_config(&w, cfg);
+    ex_record(&w, "dpm.x_T", 4, shape, x);
+    m->train = 0, m->no_grad = 1;
+    char name[64];
+    for (int t_idx = K - 1; t_idx >= 0; t_idx--) {
+        for (int b = 0; b < B; b++) ch.t_idx[b] = t_idx, ch.t_model[b] = s.t_model[t_idx];
+        const float* out = unet_forward(m, x, ch.t_model, B);
+        snprintf(name, sizeof name, "dpm.eps.%d", K - 1 - t_idx);
+        ex_record(&w, name, 4, shape, out);
+        dpm_solver_sample(x, out, ch.t_idx, B, n, &sp, &s, &ch);
+        snprintf(name, sizeof name, "dpm.x.%d", K - 1 - t_idx);
+        ex_record(&w, name, 4, shape, x);
+        t_f[K - 1 - t_idx] = (float)s.t_model[t_idx];
+    }
+    ex_record(&w, "dpm.t", 1, &K, t_f);
+    if (ex_finish(&w) != 0) return 1;
+    printf("dump_ref: DPM-Solver++(2M), %d steps on tiny -> %s\n", K, path);
+    return 0;
+}
+
 int main(int argc, char** argv) {
     const char* ckpt = NULL;
+    int dpm_steps = 0;
     if (argc == 5 && !strcmp(argv[1], "--checkpoint")) ckpt = argv[2], argv++, argc--;
+    if (argc == 4 && !strcmp(argv[1], "--dpm")) dpm_steps = atoi(argv[2]), argv[1] = "tiny", argv[2] = "2";
+    if (argc == 4 && dpm_steps < 1 && !strcmp(argv[1], "--dpm")) die("--dpm K: expected 1 to 1000 steps");
+    if (dpm_steps > 1000) die("--dpm K: expected 1 to 1000 steps");
     if (argc != 4 && argc != 5) {
         fprintf(stderr, "usage: %s PRESET BATCH FILE [MEAN,VAR,LOSS] | --checkpoint CKPT BATCH FILE\n", argv[0]);
         return 2;
@@ -93,6 +139,7 @@ int main(int argc, char** argv) {
             else p[j] = 0.1f * z[0];
         }
     }
+    if (dpm_steps > 0) return dump_dpm(&m, &cfg, dpm_steps, argv[3], &rng);
     size_t n = (size_t)B * cfg.in_ch * cfg.img * cfg.img, per = n / B, n_out = n / cfg.in_ch * out_channels(&cfg);
     float* x_t = malloc_check(n * sizeof(float), "x_t");
     float* x_0 = malloc_check(n * sizeof(float), "x_0");

@@ -560,8 +560,78 @@ def check_terms(records):
             ("term.d_logvar (f64 only)", records["term.d_logvar"], dl, dl, GRAD_TOL, 0.0)]
 
 
+# DPM-Solver++'s steps: ddpm.c's float32 step against a float64 one from the same x and
+# eps_theta. x0_hat = x / sqrt(abar) - eps sqrt(1/abar - 1) is a difference of two terms
+# of up to sqrt(1/abar_s) max(|x|, |eps|) (156 x that at t = T), each rounded to float32
+# (unit roundoff u = 2^-24): the bound allows 4 such roundings of each x0_hat the step
+# uses (this step's, and for a second-order step the one before it), times its weight in
+# the step, plus 1e-6 for the rest.
+DPM_U = 2.0 ** -24
+
+
+def dpm_log_snr_steps(abar, K):
+    """DPM-Solver++'s K steps (0-based t, ascending), even in lambda = log(alpha/sigma):
+    for each target the nearest t above the previous one that leaves room for the rest."""
+    lam = 0.5 * np.log(abar / (1.0 - abar))
+    T = len(abar)
+    if K == 1:
+        return [T - 1]
+    steps, prev = [], -1
+    for i in range(K):
+        want = lam[0] + i * (lam[T - 1] - lam[0]) / (K - 1)
+        cand = np.arange(prev + 1, T - K + i + 1)
+        prev = int(cand[np.argmin(np.abs(lam[cand] - want))])
+        steps.append(prev)
+    return steps
+
+
+def check_dpm(path, records):
+    """DPM-Solver++(2M) (Lu et al. 2022b, Algorithm 2, data prediction), transcribed in
+    float64 from the paper, against ddpm.c's chain (tests/dump_ref --dpm K): the same
+    steps, and each step's x from ddpm.c's x before it and the eps_theta its network gave."""
+    print(f"== {path} (DPM-Solver++(2M) chain)")
+    abar_all = linear_schedule()["abar"]
+    t = [int(v) for v in records["dpm.t"]]
+    K = len(t)
+    steps = dpm_log_snr_steps(abar_all, K)[::-1]          # t = T first
+    n_pass = n_fail = 0
+    ok = t == steps
+    print(f"{'PASS' if ok else 'FAIL'} steps even in log-SNR: ddpm.c {t}, float64 {steps}")
+    n_pass, n_fail = (1, 0) if ok else (0, 1)
+    alpha = lambda a: math.sqrt(a)
+    sigma = lambda a: math.sqrt(1.0 - a)
+    x0_prev, h_prev, e_prev = None, None, 0.0
+    for i in range(K):
+        x = records["dpm.x_T" if i == 0 else f"dpm.x.{i - 1}"].astype(np.float64)
+        a_s = abar_all[steps[i]]
+        a_t = abar_all[steps[i + 1]] if i + 1 < K else 1.0     # the last step ends at abar_0 = 1
+        eps = records[f"dpm.eps.{i}"].astype(np.float64)
+        x0 = np.clip((x - sigma(a_s) * eps) / alpha(a_s), -1.0, 1.0)   # Eq. (15), clipped
+        c1, c0, cd = 1.0, 0.0, 1.0
+        if a_t == 1.0:                                          # sigma = 0: x_0 = x0_hat
+            x_next, h = x0, None
+        else:
+            h = math.log(alpha(a_t) / sigma(a_t)) - math.log(alpha(a_s) / sigma(a_s))
+            if x0_prev is not None:
+                c1, c0 = 1 + 1 / (2 * (h_prev / h)), -1 / (2 * (h_prev / h))
+            cd = -alpha(a_t) * (math.exp(-h) - 1.0)
+            x_next = sigma(a_t) / sigma(a_s) * x + cd * (c1 * x0 + c0 * (0 if x0_prev is None else x0_prev))
+        err = rel_err(records[f"dpm.x.{i}"], x_next)
+        e_x0 = 4 * DPM_U * max(np.abs(x).max(), np.abs(eps).max()) / math.sqrt(a_s)
+        tol = 1e-6 + abs(cd) * (abs(c1) * e_x0 + abs(c0) * e_prev) / max(1.0, np.abs(x_next).max())
+        ok = err < tol
+        n_pass, n_fail = n_pass + ok, n_fail + (not ok)
+        print(f"{'PASS' if ok else 'FAIL'} step {i + 1} of {K} (t = {steps[i] + 1}, "
+              f"{'first order' if x0_prev is None or h is None else 'second order'}): "
+              f"rel. error {err:.2e} (tol {tol:.1e})")
+        x0_prev, h_prev, e_prev = x0, h, e_x0
+    return n_pass, n_fail
+
+
 def check_file(path, records):
     """Compare one exchange file against PyTorch.  Returns (passed, failed)."""
+    if "dpm.t" in records:
+        return check_dpm(path, records)
     print(f"== {path}")
     config = config_from_records(records, path)
     print("   config: " + ", ".join(f"{k}={v}" for k, v in config.items()))

@@ -78,10 +78,12 @@ if $PYTHON -c 'import torch' 2>/dev/null; then
     tests/dump_ref paper 2 tests/out/ref_paper.bin >/dev/null &&
     tests/dump_ref tiny+m2 2 tests/out/ref_tiny_m2.bin >/dev/null &&   # a first channel multiplier of 2
     tests/dump_ref tiny@64 2 tests/out/ref_tiny64.bin >/dev/null &&   # 64x64, four levels (a folder at --img 64)
-    tests/dump_ref paper256/16 1 tests/out/ref_paper256w16.bin >/dev/null   # paper256's six levels at 256x256, ch 16
+    tests/dump_ref paper256/16 1 tests/out/ref_paper256w16.bin >/dev/null &&   # paper256's six levels at 256x256, ch 16
+    tests/dump_ref --dpm 3 tests/out/ref_dpm3.bin >/dev/null &&   # DPM-Solver++(2M)'s chain, step by step in float64
+    tests/dump_ref --dpm 12 tests/out/ref_dpm12.bin >/dev/null
     echo "(dump_ref, the files the pytorch suite reads: $(( $(date +%s) - t_dump )) s)"
     suite pytorch $PYTHON tests/reference.py tests/out/ref_tiny.bin tests/out/ref_paper.bin tests/out/ref_tiny_m2.bin \
-        tests/out/ref_tiny64.bin tests/out/ref_paper256w16.bin
+        tests/out/ref_tiny64.bin tests/out/ref_paper256w16.bin tests/out/ref_dpm3.bin tests/out/ref_dpm12.bin
     rm -f tests/out/ref_paper.bin tests/out/ref_paper256w16.bin
     # Table 2's objectives (ddpm.c sections 3-5): the true bound with a learned Sigma, and
     # the squared error on mu_tilde, through the whole network

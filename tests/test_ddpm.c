@@ -2261,7 +2261,7 @@ static void test_respace(void) {
     for (int k = 0; k < 5; k++) {
         int K = Ks[k];
         Schedule r;
-        schedule_respace(&r, &s, K);
+        schedule_respace(&r, &s, K, 0);
         int map_ok = r.T == K;
         double worst_beta = 0, worst_abar = 0;
         long double prev = 1;
@@ -2281,7 +2281,7 @@ static void test_respace(void) {
         schedule_free(&r);
     }
     Schedule r;
-    schedule_respace(&r, &s, T);
+    schedule_respace(&r, &s, T, 0);
     int same = !memcmp(r.buffer, s.buffer, 12 * (size_t)T * sizeof(double) + (size_t)T * sizeof(int));
     check("respace: K = T is the trained schedule, bit for bit", same, "all 12 tables and t_model");
     schedule_free(&r);
@@ -2304,7 +2304,7 @@ static void test_fewer_steps_sampling(void) {
 
     // K = T through the respaced schedule: Algorithm 2's bits. The chain's last 40 steps
     // here (the ARM64 run is under qemu); tests/test_e2e.sh compares all 1000 through ./ddpm.
-    schedule_respace(&r, &s, 1000);
+    schedule_respace(&r, &s, 1000, 0);
     memcpy(a, xT, 2 * n * sizeof(float));
     memcpy(b, xT, 2 * n * sizeof(float));
     rng_seed(&rng, 5);
@@ -2317,7 +2317,7 @@ static void test_fewer_steps_sampling(void) {
     schedule_free(&r);
 
     // DDIM with eta = 0: x_0 is a function of x_T; the RNG after x_T does not matter
-    schedule_respace(&r, &s, 10);
+    schedule_respace(&r, &s, 10, 0);
     Sampler ddim0 = {MEAN_EPS, VAR_FIXEDLARGE, 1, 0.0}, ddim_half = {MEAN_EPS, VAR_FIXEDLARGE, 1, 0.5};
     const Sampler* runs[2] = {&ddim0, &ddim_half};
     int det = 0;
@@ -2339,7 +2339,7 @@ static void test_fewer_steps_sampling(void) {
     // DDIM with eta = 1: sigma_t^2 = beta_tilde_t, and the step is Alg. 2's with sigma_t^2 = beta_tilde_t
     const int Ks[2] = {1000, 50};
     for (int k = 0; k < 2; k++) {
-        schedule_respace(&r, &s, Ks[k]);
+        schedule_respace(&r, &s, Ks[k], 0);
         double worst = 0;
         for (int t = 0; t < r.T; t++)
             worst = fmax(worst, fabs(ddim_sigma2(t, 1.0, &r) - r.posterior_variance[t]) / fmax(r.posterior_variance[t], 1e-300));
@@ -2365,6 +2365,40 @@ static void test_fewer_steps_sampling(void) {
     }
     check("DDIM eta = 1, K = T: one step = Alg. 2's step with sigma_t^2 = beta_tilde_t", worst < 1e-4,
           "same x_t, eps_theta and z at t = 1000, 501, 4: max |difference| %.2e (pass < 1e-4)", worst);
+
+    // DPM-Solver++(2M): its first step, with no history, is DDIM's with eta = 0 (10.2's
+    // derivation); tests/reference.py checks whole chains against float64
+    Sampler dpm = {MEAN_EPS, VAR_FIXEDLARGE, SAMPLER_DPM, 0};
+    worst = 0;
+    for (int i = 0; i < 3; i++) {
+        int t_idx[2] = {ts[i], ts[i]};
+        float* x = randn(2 * n, 1);
+        float* eps_theta = randn(2 * n, 0.5);
+        memcpy(a, x, 2 * n * sizeof(float));
+        memcpy(b, x, 2 * n * sizeof(float));
+        sb.h_prev = 0;
+        dpm_solver_sample(a, eps_theta, t_idx, 2, n, &dpm, &s, &sb);
+        ddim_sample(b, eps_theta, t_idx, 2, n, &ddim0, &s, &sb, &rng);
+        worst = fmax(worst, max_abs_diff(a, b, 2 * n));
+        free(x); free(eps_theta);
+    }
+    check("DPM-Solver++ without history: one step = DDIM's with eta = 0", worst < 1e-4,
+          "same x_t and eps_theta at t = 1000, 501, 4: max |difference| %.2e (pass < 1e-4)", worst);
+    int bad_K = 0, K_max = 0;
+    for (int K = 1; K <= 1000; K += K < 20 ? 1 : 37) {   // distinct steps, rising, both ends kept
+        schedule_respace(&r, &s, K, 1);
+        int ok = r.t_model[K - 1] == 999 && (K == 1 || r.t_model[0] == 0);
+        for (int i = 1; i < K; i++) ok &= r.t_model[i] > r.t_model[i - 1];
+        if (!ok && !bad_K) bad_K = K;
+        K_max = K;
+        schedule_free(&r);
+    }
+    schedule_respace(&r, &s, 1000, 1);
+    int all = 1;
+    for (int t = 0; t < 1000; t++) all &= r.t_model[t] == t && r.betas[t] == s.betas[t];
+    schedule_free(&r);
+    check("log-SNR respacing: K distinct rising steps from t = 1 to T; K = T is the trained chain", !bad_K && all,
+          "K = 1 ... %d: %s%d; K = 1000 %s", K_max, bad_K ? "first bad K = " : "bad: ", bad_K, all ? "equal" : "DIFFERS");
     chain_free(&sb);
     free(a); free(b); free(xT);
     unet_free(&m);
@@ -2389,7 +2423,7 @@ static Dataset toy_dataset(int N, int C, int H, int W) {
 static void test_per_t(void) {
     Schedule full, s, r;
     schedule_init(&full, 1000, SCHEDULE_LINEAR);
-    schedule_respace(&s, &full, 50);
+    schedule_respace(&s, &full, 50, 0);
     const int T = 50;
     UNet m;
     random_net(&m, 1, 2, 41);
@@ -2415,7 +2449,7 @@ static void test_per_t(void) {
           rate[0], rate[0] + term[0], b.total);
     check("bpd --per-t: distortion at t = 1 below distortion at t = T", sqrt(mse[0]) < sqrt(mse[T - 1]),
           "RMSE (0..255) %.2f at t = 1, %.2f at t = 1000", 127.5 * sqrt(mse[0]), 127.5 * sqrt(mse[T - 1]));
-    schedule_respace(&r, &full, 20);
+    schedule_respace(&r, &full, 20, 0);
     rng_seed(&rng, 3);
     BoundBpd b20 = eval_bpd(&m, &r, &(Sampler){MEAN_EPS, VAR_FIXEDLARGE, 0, 0}, &d, 2, 0, &rng, &pt, NULL);
     sum = b20.prior;
@@ -2434,7 +2468,7 @@ static void test_per_t(void) {
 // linear schedule respaced to 20 steps.
 static void toy_bound(Schedule* full, Schedule* s, UNet* m, Dataset* d, int B_max, uint64_t seed) {
     schedule_init(full, 1000, SCHEDULE_LINEAR);
-    schedule_respace(s, full, 20);
+    schedule_respace(s, full, 20, 0);
     random_net(m, 1, B_max, seed);
     *d = toy_dataset(3, 1, 8, 8);
 }
@@ -2682,7 +2716,7 @@ static void test_vb_term_derivatives(void) {
 static void test_kl_loss_is_the_bound_term(void) {
     Schedule full, s;
     schedule_init(&full, 1000, SCHEDULE_LINEAR);
-    schedule_respace(&s, &full, 50);
+    schedule_respace(&s, &full, 50, 0);
     const VarType vars[2] = {VAR_FIXEDLARGE, VAR_LEARNED};
     for (int v = 0; v < 2; v++) {
         Objective ob = {MEAN_MU, vars[v], LOSS_KL};

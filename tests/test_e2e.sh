@@ -516,6 +516,17 @@ ddp s_ddim2 sample --checkpoint "$GOOD" -n 2 --threads 1 --out "$T/ddim2.png" --
 ddp s_ddim3 sample --checkpoint "$GOOD" -n 2 --threads 1 --out "$T/ddim3.png" --steps 20 --sampler ddim --eta 1
 [ $rc -eq 0 ] && cmp -s "$T/ddim.npy" "$T/ddim2.npy" && ! cmp -s "$T/ddim.npy" "$T/ddim3.npy" && tool npy "$T/ddim3.npy" 2,3,32,32 >/dev/null
 check "sample --sampler ddim: eta 0 is the default, eta 1 differs, both finite" $? "exit $rc: $(err_of s_ddim3)"
+ddp s_dpm1 sample --checkpoint "$GOOD" -n 2 --threads 1 --out "$T/dpm1.png" --steps 1 --sampler dpm++
+ddp s_dpm2 sample --checkpoint "$GOOD" -n 2 --threads 1 --out "$T/dpm2.png" --steps 2 --sampler dpm++ --trace
+out=$(tool npy "$T/dpm1.npy" 2,3,32,32 2>&1 && tool npy "$T/dpm2.npy" 2,3,32,32 2>&1 &&
+      tool npy "$T/dpm2_trace_x_t.npy" 2,2,3,32,32 2>&1)
+[ $rc -eq 0 ] && ! cmp -s "$T/dpm1.npy" "$T/dpm2.npy" && grep -q "1 steps, DPM-Solver++(2M)" "$T/s_dpm1.out"
+check "sample --sampler dpm++ --steps 1 and --steps 2 (--trace): finite samples, two records, the two differ" $? \
+      "exit $rc: $out $(err_of s_dpm2)"
+ddp s_dpm20 sample --checkpoint "$GOOD" -n 2 --threads 1 --out "$T/dpm20.png" --steps 20 --sampler dpm++
+ddp s_dpm20b sample --checkpoint "$GOOD" -n 2 --threads 2 --out "$T/dpm20b.png" --steps 20 --sampler dpm++
+[ $rc -eq 0 ] && cmp -s "$T/dpm20.npy" "$T/dpm20b.npy" && ! cmp -s "$T/dpm20.npy" "$T/ddim.npy"
+check "sample --sampler dpm++ --steps 20: the same bits on 1 and 2 threads, not DDIM's" $? "exit $rc: $(err_of s_dpm20b)"
 ddp pert bpd --checkpoint "$GOOD" -n 2 --data-dir "$D" --threads 1 --per-t "$T/per_t.csv"
 total=$(awk '/^  total / { print $4 }' "$T/pert.out"); prior=$(awk '/^  L_T / { print $2 }' "$T/pert.out")
 out=$(tool per_t "$T/per_t.csv" "$total" "$prior" 1000 2>&1)
@@ -540,6 +551,8 @@ bad "sample --steps 0" "--steps" sample --checkpoint "$GOOD" --steps 0 --out "$T
 bad "sample --steps 1001" "--steps" sample --checkpoint "$GOOD" --steps 1001 --out "$T/never11.png"
 bad "--eta 2" "--eta" sample --checkpoint "$GOOD" --sampler ddim --eta 2 --out "$T/never11.png"
 bad "--eta without ddim" "--eta" sample --checkpoint "$GOOD" --eta 0.5 --out "$T/never11.png"
+bad "--eta with dpm++" "--eta" sample --checkpoint "$GOOD" --sampler dpm++ --eta 0.5 --out "$T/never11.png"
+bad "--sigma with dpm++" "--sigma" sample --checkpoint "$GOOD" --sampler dpm++ --sigma beta_tilde --out "$T/never11.png"
 bad "--sampler ddim on bpd" "--sampler" bpd --checkpoint "$GOOD" --sampler ddim
 bad "--index past the test set" "--index 4" reconstruct --checkpoint "$GOOD" --data-dir "$D" --index 4 --out "$T/never11.png"
 bad "--index -1" "--index" reconstruct --checkpoint "$GOOD" --data-dir "$D" --index -1 --out "$T/never11.png"
@@ -585,6 +598,7 @@ bad "fewer steps on a learned Sigma" "predicts one step of the" sample --checkpo
 bad "fewer steps on a predicted mu" "--mean-type mu predicts one step" bpd --checkpoint "$T/obj_mu_mse_fixedlarge/model.ckpt" --steps 50
 bad "--sigma on a learned Sigma" "--sigma" sample --checkpoint "$LEARNED" --sigma beta_tilde --out "$T/never12.png"
 bad "DDIM on a learned Sigma" "--sampler ddim" sample --checkpoint "$LEARNED" --sampler ddim --out "$T/never12.png"
+bad "DPM-Solver++ on a learned Sigma" "--sampler dpm++" sample --checkpoint "$LEARNED" --sampler dpm++ --out "$T/never12.png"
 bad "--loss simple --mean-type mu" "--loss simple" $OBJ --mean-type mu --loss simple --run "$T/never12"
 bad "--var-type learned --loss mse" "--var-type learned" $OBJ --var-type learned --loss mse --run "$T/never12"
 bad "--var-type learned with the default loss" "--var-type learned" $OBJ --var-type learned --run "$T/never12"
