@@ -5733,7 +5733,7 @@ static const Option OPTIONS[] = {
     {"--sigma", OPT_WORD, AT(sampler.var), C_TRAIN | C_MODEL, "beta", .arg = "beta|beta_tilde",
      .help = "sigma_t^2 of §3.2, for a fixed variance", .words = SIGMA_NAMES},
     {"--sampler", OPT_WORD, AT(sampler.kind), C_SAMPLE, "ddpm", .arg = "ddpm|ddim|dpm++",
-     .help = "sample: Alg. 2, DDIM or DPM-Solver++(2M) (section 10.2)", .words = SAMPLER_NAMES},
+     .help = "sample: Alg. 2, DDIM, DPM-Solver++ (section 10.2)", .words = SAMPLER_NAMES},
     {"--eta", OPT_DOUBLE, AT(sampler.eta), C_SAMPLE, "0", 0, 1, .arg = "E", .help = "sample: DDIM's eta"},
     {"--trace", OPT_ON, AT(trace), C_SAMPLE, .help = "sample: also x_t and x0_hat along the chain (Fig. 6; .npy + PNG)"},
     {"--npz", OPT_STR, AT(npz), C_SAMPLE, NULL, .arg = "FILE",
@@ -5874,10 +5874,13 @@ static void check_objective_flags(const Options* o, const Objective* ob, const c
 
 // The grids of a training run, with the EMA weights; the live parameters wait in the
 // gradient buffer, free between steps, and the samplers' own RNGs leave the training stream
-// untouched: previews change none of the run's bits. A preview is DDIM (eta = 0) in
+// untouched: previews change none of the run's bits. A preview is PREVIEW_SAMPLER in
 // PREVIEW_STEPS steps from one fixed x_T, so the first row of each, added to progress.png,
 // shows the same samples as training goes; the run's last grid is also Algorithm 2's.
+#define PREVIEW_SAMPLER SAMPLER_DDIM
 #define PREVIEW_STEPS 50
+#define PREVIEW_NAME (PREVIEW_SAMPLER == SAMPLER_DPM ? "DPM-Solver++" : "DDIM")
+#define PREVIEW_TAG (PREVIEW_SAMPLER == SAMPLER_DPM ? "dpm" : "ddim")   // in the grids' file names
 #define FILM_SEED 0x66696c6dULL   // "film": x_T of every preview
 
 // Is step a preview's? N, 2N, 4N, ... below --sample-every (N: --first-preview), then
@@ -5917,14 +5920,15 @@ static void training_samples(Trainer* tr, const Options* o, const char* dir, int
     memcpy(m->params, tr->ema, nb);
     char path[4200], film[4200], what[64];
     Schedule fast;
-    schedule_respace(&fast, &tr->sched, PREVIEW_STEPS < tr->sched.T ? PREVIEW_STEPS : tr->sched.T, 0);
-    Sampler ddim = {tr->obj.mean, tr->obj.var, 1, 0.0};
+    schedule_respace(&fast, &tr->sched, PREVIEW_STEPS < tr->sched.T ? PREVIEW_STEPS : tr->sched.T,
+                     PREVIEW_SAMPLER == SAMPLER_DPM);
+    Sampler preview = {tr->obj.mean, tr->obj.var, PREVIEW_SAMPLER, 0.0};
     Rng rng;
     rng_seed(&rng, FILM_SEED);
-    snprintf(what, sizeof what, "preview (DDIM, %d steps): step", fast.T);
-    snprintf(path, sizeof path, "%s/samples_%07llu_ddim%d.png", dir, step, fast.T);
+    snprintf(what, sizeof what, "preview (%s, %d steps): step", PREVIEW_NAME, fast.T);
+    snprintf(path, sizeof path, "%s/samples_%07llu_%s%d.png", dir, step, PREVIEW_TAG, fast.T);
     snprintf(film, sizeof film, "%s/progress.png", dir);   // the grid's first row
-    if (training_grid(m, &fast, &ddim, imgs, o->sample_n, &rng, what, path, step) && !film_stopped &&
+    if (training_grid(m, &fast, &preview, imgs, o->sample_n, &rng, what, path, step) && !film_stopped &&
         film_append(film, imgs, (int)ceil(sqrt((double)o->sample_n)), m->cfg.in_ch, m->cfg.img, m->cfg.img, step))
         film_stopped = step;   // said once (above), and again at the end of the run
     schedule_free(&fast);
@@ -6030,15 +6034,15 @@ static const char* duration(double sec) {
 
 // The run's first line: what it will do, and where the length came from.
 static void print_plan(const Options* o, const Dataset* data, const Trainer* tr, const char* dir) {
-    char when[256] = "";
+    char when[384] = "";
     int k = 0;
     if (o->sample_n > 0) {
-        k = snprintf(when, sizeof when, "; preview grids (DDIM, %d steps) ", PREVIEW_STEPS);
+        k = snprintf(when, sizeof when, "; preview grids (%s, %d steps) ", PREVIEW_NAME, PREVIEW_STEPS);
         int listed = 0;
         for (long s = o->first_preview; s > 0 && s < o->sample_every && k < 200; s *= 2, listed++)
             k += snprintf(when + k, sizeof when - k, "%s%ld", listed ? ", " : "at steps ", s);
-        snprintf(when + k, sizeof when - k, "%severy %d steps; Algorithm 2's grid at the end", listed ? ", then " : "",
-                 o->sample_every);
+        snprintf(when + k, sizeof when - k, "%severy %d steps; Algorithm 2's grid at the end%s", listed ? ", then " : "",
+                 o->sample_every, o->minutes > 0 ? " if it takes at most a quarter of --minutes, else the last preview" : "");
     }
     fprintf(stderr, "plan: train %s (%zu parameters) on %s (%d images, %dx%d, %d channels) for %ld steps of batch %d "
             "at lr %g (%s), from step %llu%s; %d threads, run %s\n", o->model, tr->net.n_params, o->data, data->N,
@@ -6047,15 +6051,37 @@ static void print_plan(const Options* o, const Dataset* data, const Trainer* tr,
             (unsigned long long)tr->step, when, max_threads(), dir);
 }
 
+// --minutes M is the whole run's time, its last grid included: training stops where the
+// last grid's estimate would take the run past M. That grid is Algorithm 2's where it
+// takes at most a quarter of M, else the last preview is the last grid (its file names
+// its sampler). The estimate: a sampling step of one image takes about 0.4 of a training
+// step's time per image (tiny on one core of an Intel Xeon: 7.0 ms and 18 ms).
+static double grid_seconds(const Options* o, double sec_per_step, int steps) {
+    return 0.4 * sec_per_step / (o->batch / world_size) * o->sample_n * steps;
+}
+
+static int last_grid_is_preview(const Options* o, const Trainer* tr, double sec_per_step) {
+    return o->minutes > 0 && o->sample_n > 0 && grid_seconds(o, sec_per_step, tr->sched.T) > 15 * o->minutes;
+}
+
+static double last_grid_seconds(const Options* o, const Trainer* tr, double sec_per_step) {
+    int preview = last_grid_is_preview(o, tr, sec_per_step);
+    return o->sample_n > 0 ? grid_seconds(o, sec_per_step, preview ? PREVIEW_STEPS : tr->sched.T) : 0;
+}
+
 // After the first steps: how long the plan will take at the speed measured.
-static void print_plan_time(const Options* o, uint64_t step, double sec_per_step, long steps_timed) {
+static void print_plan_time(const Options* o, const Trainer* tr, uint64_t step, double sec_per_step, long steps_timed) {
     double left = sec_per_step * (o->steps - (long)step);
     fprintf(stderr, "time: %.2f s a training step (the mean of %ld), so about %s for the %ld steps left, "
             "and the grids", sec_per_step, steps_timed,
             duration(left), o->steps - (long)step);
-    if (o->minutes > 0 && 60 * o->minutes < left)
+    double train_s = 60 * o->minutes - last_grid_seconds(o, tr, sec_per_step);
+    if (o->minutes > 0 && train_s < left)
         fprintf(stderr, "; --minutes %g ends it first, near step %ld", o->minutes,
-                (long)step + (long)(60 * o->minutes / sec_per_step));
+                (long)step + (long)(fmax(train_s, 0) / sec_per_step));
+    if (last_grid_is_preview(o, tr, sec_per_step))
+        fprintf(stderr, "; the last grid will be the last preview (%s, %d steps): Algorithm 2's would take about %s, "
+                "over a quarter of --minutes", PREVIEW_NAME, PREVIEW_STEPS, duration(grid_seconds(o, sec_per_step, tr->sched.T)));
     fprintf(stderr, "\n");
 }
 
@@ -6112,7 +6138,7 @@ static int train_run_step(void* ctx, const StepStats* st) {
     }
     double now = now_seconds(), ips = o->batch / (now - r->ts);
     if (tr->step > r->first + 1) r->t_timed += now - r->ts;   // the first step warms up: not timed
-    if (r->lead && tr->step == r->first + 11 && (long)tr->step < o->steps) print_plan_time(o, tr->step, r->t_timed / 10, 10);
+    if (r->lead && tr->step == r->first + 11 && (long)tr->step < o->steps) print_plan_time(o, tr, tr->step, r->t_timed / 10, 10);
     r->running = r->running < 0 ? st->loss : 0.98 * r->running + 0.02 * st->loss;
     fprintf(r->log, "%llu,%.6f,%.6g,%.6f,%.2f\n", (unsigned long long)tr->step, st->loss, st->lr, st->grad_norm, ips);
     double el = now - r->t0, eta = el / (tr->step - r->first) * (o->steps - tr->step);
@@ -6127,13 +6153,19 @@ static int train_run_step(void* ctx, const StepStats* st) {
                 (tr->step - r->first) * o->batch / el, el, eta);
     }
     // every rank stops at the same step: at a signal any rank got, or rank 0's clock
-    r->out_of_time = world_max(r->lead && o->minutes > 0 && now - r->t0 > 60 * o->minutes);
+    double sec = tr->step > r->first + 1 ? r->t_timed / (tr->step - r->first - 1) : now - r->t0;
+    r->out_of_time = world_max(r->lead && o->minutes > 0 && now - r->t0 + last_grid_seconds(o, tr, sec) > 60 * o->minutes);
     r->stop = world_max(stop_requested);
     int final = (long)tr->step == o->steps || r->out_of_time;
     if (final || preview_due(tr->step, o->first_preview, o->sample_every)) {
         if (r->tty) fprintf(stderr, "\n");
         fflush(r->log);
-        if (r->lead) save_or_die(tr, o, r->ckpt), training_samples(tr, o, r->dir, final);
+        int alg2 = final && !last_grid_is_preview(o, tr, sec);
+        if (r->lead) save_or_die(tr, o, r->ckpt), training_samples(tr, o, r->dir, alg2);
+        if (r->lead && final && !alg2 && o->sample_n > 0)
+            fprintf(stderr, "samples: the last grid is the preview's (%s, %d steps): Algorithm 2's would take about %s, "
+                    "over a quarter of --minutes; ./ddpm sample --checkpoint %s draws it\n", PREVIEW_NAME, PREVIEW_STEPS,
+                    duration(grid_seconds(o, sec, tr->sched.T)), r->ckpt);
         r->saved = 1;
         r->last_saved = tr->step;
     }

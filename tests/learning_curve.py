@@ -2,7 +2,7 @@
 """Evaluate checkpoints along a run, and plot the learning curve (README, issue 14).
 
   learning_curve.py eval CKPT [CKPT ...] --csv FILE [--label NAME] [--bpd-n 256]
-                    [--t-samples 50] [--score-n 1000] [--sampler ddim] [--steps 25]
+                    [--t-samples 50] [--score-n 1000] [--sampler ddim|ddpm|dpm++] [--steps 25]
                     [--seed 1] [--threads 1]
   learning_curve.py plot --csv FILE --out PNG [--log NAME=LOG.csv ...]
 
@@ -131,7 +131,7 @@ def main():
     e.add_argument("--bpd-n", type=int, default=256)
     e.add_argument("--t-samples", type=int, default=50)
     e.add_argument("--score-n", type=int, default=1000)
-    e.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
+    e.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm", "dpm++"])
     e.add_argument("--steps", type=int, default=25)
     e.add_argument("--seed", type=int, default=1)
     e.add_argument("--threads", type=int, default=1)

@@ -94,6 +94,20 @@ check("the rows are labelled, each its own step",
       and len({r[0].tobytes() for r in rows}) == 4)
 check("training changes the samples from row to row", len(rows) == 4 and not np.array_equal(rows[0][1], rows[3][1]))
 
+# --- --minutes M: the whole run, its last grid included ---------------------------------
+rc, err = run(*NET, *B4, "--minutes", "0.1", "--sample-n", "64", "--first-preview", "1000", "--run", T + "/m")
+have = sorted(os.listdir(T + "/m")) if os.path.isdir(T + "/m") else []
+grids = [f for f in have if f.startswith("samples_")]
+check("--minutes 0.1 with 64 samples: the last grid is the last preview, said at the end, not Algorithm 2's",
+      rc == 0 and len(grids) == 1 and "_ddim50" in grids[0] and "the last grid is the preview's" in err
+      and "Algorithm 2's grid at the end if it takes at most a quarter of --minutes" in err.splitlines()[0],
+      f"exit {rc}, {grids}: {tail(err)}")
+rc, err = run(*NET, *B4, "--minutes", "100", "--steps", "3", "--sample-n", "4", "--first-preview", "1000",
+              "--run", T + "/m2")
+grids = sorted(f for f in os.listdir(T + "/m2") if f.startswith("samples_")) if rc == 0 else []
+check("--minutes 100 --steps 3 with 4 samples: Algorithm 2's grid at the end", grids == ["samples_0000003.png",
+      "samples_0000003_ddim50.png"], f"exit {rc}, {grids}: {tail(err)}")
+
 # --- previews do not change the run ---------------------------------------------------
 rc, err = run(*NET, *B4, "--sample-n", "0", "--sample-every", "8", "--steps", "12", "--run", T + "/b")
 check("the checkpoint is the same bits with and without previews", rc == 0 and same_file(T + "/a/model.ckpt",
