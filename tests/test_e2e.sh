@@ -511,6 +511,10 @@ out=$(tool npy "$T/k10.npy" 2,3,32,32 2>&1 && tool npy "$T/k10_trace_x0_hat.npy"
       tool trace_t "$T/k10_trace_t.npy" 2>&1)
 [ $rc -eq 0 ] && ! cmp -s "$T/full.npy" "$T/k10.npy"
 check "sample --steps 10 --trace: 2 samples, 10 trace records t = 1000 ... 1" $? "exit $rc: $out $(err_of s_k10)"
+ddp s_k10d sample --checkpoint "$GOOD" -n 2 --threads 1 --out "$T/k10d.png" --steps 10 --sampler dpm++
+ddp s_k10a sample --checkpoint "$GOOD" -n 2 --threads 1 --out "$T/k10a.png" --steps 10 --sampler ddpm
+[ $rc -eq 0 ] && cmp -s "$T/k10.npy" "$T/k10d.npy" && ! cmp -s "$T/k10.npy" "$T/k10a.npy" && grep -q "Alg. 2" "$T/s_k10a.out"
+check "sample --steps 10: DPM-Solver++'s chain unless --sampler names another (ddpm: the strided Alg. 2)" $? "exit $rc: $(err_of s_k10a)"
 ddp s_ddim sample --checkpoint "$GOOD" -n 2 --threads 1 --out "$T/ddim.png" --steps 20 --sampler ddim
 ddp s_ddim2 sample --checkpoint "$GOOD" -n 2 --threads 1 --out "$T/ddim2.png" --steps 20 --sampler ddim --eta 0
 ddp s_ddim3 sample --checkpoint "$GOOD" -n 2 --threads 1 --out "$T/ddim3.png" --steps 20 --sampler ddim --eta 1
