@@ -4385,8 +4385,7 @@ static void load_fashion_mnist(Dataset* d, const char* dir, int train) {
     fread_check(d->labels, d->N, fl, lpath);
     for (int n = 0; n < d->N; n++)
         if (d->labels[n] > 9) die("%s: label %d of image %d is not 0..9; the file is corrupt (run `make fashion-mnist`)", lpath, d->labels[n], n);
-    fclose(fi);
-    fclose(fl);
+    fclose(fi); fclose(fl);
 }
 
 // ---- 19.1 A folder of pictures, like §4's CelebA-HQ and LSUN at 256x256 (--data DIR) ----
@@ -4666,8 +4665,7 @@ static const char* picture_pixels(PictureFile* pf, const FolderSpec* fs, int C, 
                                         STBIR_EDGE_CLAMP, STBIR_FILTER_CATMULLROM, STBIR_COLORSPACE_LINEAR, NULL);
     for (int c = 0; c < C; c++)   // interleaved -> planar (NCHW)
         for (int i = 0; i < N * N; i++) out[(size_t)c * N * N + i] = res[(size_t)i * C + c];
-    free(sq);
-    free(res);
+    free(sq); free(res);
     return ok ? NULL : "cannot be resized";
 }
 
@@ -4880,8 +4878,7 @@ static void folder_load(Dataset* d, const FolderSpec* fs) {
     close(lock);
     snprintf(d->name, sizeof d->name, "%.31s", base);
     for (long i = 0; i < l.n; i++) free(l.path[i]);
-    free(l.path);
-    free(l.seen);
+    free(l.path); free(l.seen);
 }
 
 static void dataset_load(Dataset* d, const char* name, const char* dir, int train) {
@@ -6283,8 +6280,7 @@ static int cmd_train(const Options* flags) {
         if (lead) save_or_die(&tr, o, ckpt);
         if (lead) fprintf(stderr, "interrupted at step %llu; continue with the same command plus --resume\n",
                           (unsigned long long)tr.step);
-        trainer_free(&tr);
-        dataset_free(&data);
+        trainer_free(&tr); dataset_free(&data);
         return 128 + r.stop;   // as a shell reports a process the signal ended: 130, 143
     } else if (lead && r.out_of_time) {
         fprintf(stderr, "--minutes %g reached at step %llu; continue with the same command plus --resume\n",
@@ -6292,8 +6288,7 @@ static int cmd_train(const Options* flags) {
     } else if (lead && tr.step == r.first) {
         fprintf(stderr, "nothing to do: the run is at step %llu of --steps %ld\n", (unsigned long long)tr.step, o->steps);
     }
-    trainer_free(&tr);
-    dataset_free(&data);
+    trainer_free(&tr); dataset_free(&data);
     return 0;
 }
 
@@ -6461,10 +6456,7 @@ static int cmd_sample(const Options* o) {
                base, base, trace.steps[0], trace.steps[trace.n_steps - 1]);
         trace_free(&trace);
     }
-    free(imgs);
-    schedule_free(&s);
-    schedule_free(&trained);
-    unet_free(&m);
+    free(imgs); schedule_free(&s); schedule_free(&trained); unet_free(&m);
     return 0;
 }
 
@@ -6480,8 +6472,7 @@ static void write_per_t_csv(const char* path, const PerT* pt, const BoundBpd* r,
         len += snprintf(buf + len, cap - len, "%d,%.9g,%.9g,%.9g\n", s->t_model[t] + 1, pt->term[t], rate[t],
                         127.5 * sqrt(pt->mse[t]));
     if (write_file_atomic(path, buf, len, NULL, 0)) exit(1);
-    free(buf);
-    free(rate);
+    free(buf); free(rate);
 }
 
 static int cmd_bpd(const Options* o) {
@@ -6529,10 +6520,7 @@ static int cmd_bpd(const Options* o) {
         printf("wrote %s (%d rows: t, term_bpd, rate_bpd, distortion_rmse)\n", o->per_t, s.T);
         free(pt.term); free(pt.mse);
     }
-    dataset_free(&test);
-    schedule_free(&s);
-    schedule_free(&trained);
-    unet_free(&m);
+    dataset_free(&test); schedule_free(&s); schedule_free(&trained); unet_free(&m);
     return 0;
 }
 
@@ -6595,10 +6583,7 @@ static int cmd_from_data(const Options* o, int interp) {
         if (!done) chain_stopped(&pg, o->checkpoint);
     }
     int fail = save_rows(out, base, grid, rows, cols, t_idx, &m.cfg);
-    free(grid);
-    dataset_free(&test);
-    schedule_free(&s);
-    unet_free(&m);
+    free(grid); dataset_free(&test); schedule_free(&s); unet_free(&m);
     return fail;
 }
 
@@ -6643,8 +6628,7 @@ static int cmd_export(const Options* o) {
     int r = ex_finish(&w);
     if (r == 0) fprintf(stderr, "exported the EMA weights of %s (step %llu, %zu parameters in %d tensors) to %s\n",
                         o->checkpoint, (unsigned long long)hd.step, m.n_params, m.L->n_tensors, o->out);
-    unet_free(&m);
-    schedule_free(&s);
+    unet_free(&m); schedule_free(&s);
     return r == 0 ? 0 : 1;
 }
 
@@ -6720,8 +6704,7 @@ static int cmd_params(const Options* o) {
     double fixed = (L1->n_acts + L1->n_grad_acts + L1->n_work) * 4.0 / 1048576 - per;
     printf("activation memory: %.2f MiB per image (+ %.2f MiB fixed); parameter state: %.1f MiB\n",
            per, fixed, m1.n_params * 4.0 * 6 / 1048576);
-    free(m1.L);
-    free(m2.L);
+    free(m1.L); free(m2.L);
     return 0;
 }
 
