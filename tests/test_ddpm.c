@@ -2347,41 +2347,32 @@ static void test_fewer_steps_sampling(void) {
               "K = %d, worst relative difference %.2e over every t (pass < 1e-9)", Ks[k], worst);
         schedule_free(&r);
     }
+    // and DPM-Solver++(2M)'s first step, with no history, is DDIM's with eta = 0 (10.2's
+    // derivation; tests/reference.py checks whole chains against float64)
     Sampler ddim1 = {MEAN_EPS, VAR_FIXEDLARGE, 1, 1.0}, small = {MEAN_EPS, VAR_FIXEDSMALL, 0, 0};
-    double worst = 0;
+    Sampler dpm = {MEAN_EPS, VAR_FIXEDLARGE, SAMPLER_DPM, 0};
+    double worst = 0, worst_dpm = 0;
     int ts[3] = {999, 500, 3};
     for (int i = 0; i < 3; i++) {
         int t_idx[2] = {ts[i], ts[i]};
         float* x = randn(2 * n, 1);
         float* eps_theta = randn(2 * n, 0.5);
-        memcpy(a, x, 2 * n * sizeof(float));
-        memcpy(b, x, 2 * n * sizeof(float));
-        rng_seed(&rng, 9);
-        ddim_sample(a, eps_theta, t_idx, 2, n, &ddim1, &s, &sb, &rng);
-        rng_seed(&rng, 9);
-        p_sample(b, eps_theta, t_idx, 2, n, &small, &s, &sb, &rng);
-        worst = fmax(worst, max_abs_diff(a, b, 2 * n));
+        for (int k = 0; k < 2; k++) {
+            memcpy(a, x, 2 * n * sizeof(float));
+            memcpy(b, x, 2 * n * sizeof(float));
+            rng_seed(&rng, 9);
+            if (k == 0) ddim_sample(a, eps_theta, t_idx, 2, n, &ddim1, &s, &sb, &rng);
+            else sb.h_prev = 0, dpm_solver_sample(a, eps_theta, t_idx, 2, n, &dpm, &s, &sb);
+            rng_seed(&rng, 9);
+            if (k == 0) p_sample(b, eps_theta, t_idx, 2, n, &small, &s, &sb, &rng);
+            else ddim_sample(b, eps_theta, t_idx, 2, n, &ddim0, &s, &sb, &rng);
+            *(k ? &worst_dpm : &worst) = fmax(k ? worst_dpm : worst, max_abs_diff(a, b, 2 * n));
+        }
         free(x); free(eps_theta);
     }
     check("DDIM eta = 1, K = T: one step = Alg. 2's step with sigma_t^2 = beta_tilde_t", worst < 1e-4,
           "same x_t, eps_theta and z at t = 1000, 501, 4: max |difference| %.2e (pass < 1e-4)", worst);
-
-    // DPM-Solver++(2M): its first step, with no history, is DDIM's with eta = 0 (10.2's
-    // derivation); tests/reference.py checks whole chains against float64
-    Sampler dpm = {MEAN_EPS, VAR_FIXEDLARGE, SAMPLER_DPM, 0};
-    worst = 0;
-    for (int i = 0; i < 3; i++) {
-        int t_idx[2] = {ts[i], ts[i]};
-        float* x = randn(2 * n, 1);
-        float* eps_theta = randn(2 * n, 0.5);
-        memcpy(a, x, 2 * n * sizeof(float));
-        memcpy(b, x, 2 * n * sizeof(float));
-        sb.h_prev = 0;
-        dpm_solver_sample(a, eps_theta, t_idx, 2, n, &dpm, &s, &sb);
-        ddim_sample(b, eps_theta, t_idx, 2, n, &ddim0, &s, &sb, &rng);
-        worst = fmax(worst, max_abs_diff(a, b, 2 * n));
-        free(x); free(eps_theta);
-    }
+    worst = worst_dpm;
     check("DPM-Solver++ without history: one step = DDIM's with eta = 0", worst < 1e-4,
           "same x_t and eps_theta at t = 1000, 501, 4: max |difference| %.2e (pass < 1e-4)", worst);
     int bad_K = 0, K_max = 0;
