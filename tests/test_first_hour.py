@@ -79,14 +79,14 @@ check("a time estimate follows the first steps", rc == 0 and any(l.startswith("t
       tail(err))
 
 # --- previews and the film ------------------------------------------------------------
-want = [f"samples_{s:07d}_ddim50.png" for s in (2, 4, 8, 12)] + ["samples_0000012.png", "progress.png"]
+want = [f"samples_{s:07d}_dpm10.png" for s in (2, 4, 8, 12)] + ["samples_0000012.png", "progress.png"]
 have = sorted(os.listdir(T + "/a"))
-check("previews at 2, 4, 8 and 12 (DDIM, 50 steps), Algorithm 2's grid at the end, progress.png",
+check("previews at 2, 4, 8 and 12 (DPM-Solver++, 10 steps), Algorithm 2's grid at the end, progress.png",
       all(w in have for w in want) and not any(f.startswith("samples_") and f not in want for f in have),
       " ".join(have))
 rows = film_rows(T + "/a/progress.png")
 check("progress.png has one row per preview", len(rows) == 4, f"{len(rows)} rows")
-ok = len(rows) == 4 and all(np.array_equal(rows[i][1], grid_tiles(f"{T}/a/samples_{s:07d}_ddim50.png", 2))
+ok = len(rows) == 4 and all(np.array_equal(rows[i][1], grid_tiles(f"{T}/a/samples_{s:07d}_dpm10.png", 2))
                             for i, s in enumerate((2, 4, 8, 12)))
 check("each film row is its preview's first samples", ok)
 check("the rows are labelled, each its own step",
@@ -99,14 +99,14 @@ rc, err = run(*NET, *B4, "--minutes", "0.1", "--sample-n", "64", "--first-previe
 have = sorted(os.listdir(T + "/m")) if os.path.isdir(T + "/m") else []
 grids = [f for f in have if f.startswith("samples_")]
 check("--minutes 0.1 with 64 samples: the last grid is the last preview, said at the end, not Algorithm 2's",
-      rc == 0 and len(grids) == 1 and "_ddim50" in grids[0] and "the last grid is the preview's" in err
+      rc == 0 and len(grids) == 1 and "_dpm10" in grids[0] and "the last grid is the preview's" in err
       and "Algorithm 2's grid at the end if it takes at most a quarter of --minutes" in err.splitlines()[0],
       f"exit {rc}, {grids}: {tail(err)}")
 rc, err = run(*NET, *B4, "--minutes", "100", "--steps", "3", "--sample-n", "4", "--first-preview", "1000",
               "--run", T + "/m2")
 grids = sorted(f for f in os.listdir(T + "/m2") if f.startswith("samples_")) if rc == 0 else []
 check("--minutes 100 --steps 3 with 4 samples: Algorithm 2's grid at the end", grids == ["samples_0000003.png",
-      "samples_0000003_ddim50.png"], f"exit {rc}, {grids}: {tail(err)}")
+      "samples_0000003_dpm10.png"], f"exit {rc}, {grids}: {tail(err)}")
 
 # --- previews do not change the run ---------------------------------------------------
 rc, err = run(*NET, *B4, "--sample-n", "0", "--sample-every", "8", "--steps", "12", "--run", T + "/b")
