@@ -2,7 +2,7 @@
 """Evaluate checkpoints along a run, and plot the learning curve (README, issue 14).
 
   learning_curve.py eval CKPT [CKPT ...] --csv FILE [--label NAME] [--bpd-n 256]
-                    [--t-samples 50] [--score-n 1000] [--sampler ddim|ddpm|dpm++] [--steps 25]
+                    [--t-samples 50] [--score-n 1000] [--sampler ddim|ddpm|dpm++] [--steps 25] [--sigma beta_tilde]
                     [--seed 1] [--threads 1]
   learning_curve.py plot --csv FILE --out PNG [--log NAME=LOG.csv ...]
 
@@ -65,7 +65,7 @@ def cmd_eval(a):
                 npz = os.path.join(tmp, "s.npz")
                 _, s_sample = run([ddpm, "sample", "--checkpoint", ckpt, "-n", a.score_n, "--sampler", a.sampler,
                                    "--steps", a.steps, "--seed", a.seed, "--out", os.path.join(tmp, "s.png"),
-                                   "--npz", npz, *th])
+                                   "--npz", npz, *th, *(["--sigma", a.sigma] if a.sigma else [])])
                 out, _ = run([sys.executable, os.path.join(ROOT, "tests", "fid_fmnist.py"), "score", npz,
                               "--bootstrap", "50"])
             fid = float(re.search(r"FID-FMNIST\s+([\d.]+)", out).group(1))
@@ -73,7 +73,7 @@ def cmd_eval(a):
         row = dict(label=a.label, checkpoint=ckpt, step=step, bpd=f"{total:.4f}", bpd_se=f"{se:.4f}",
                    bpd_n=a.bpd_n, t_samples=a.t_samples, fid_fmnist="" if fid is None else f"{fid:.3f}",
                    fid_sd="" if fid is None else f"{fid_sd:.3f}", score_n=a.score_n,
-                   sampler=a.sampler, sample_steps=a.steps, seed=a.seed, seconds_bpd=f"{s_bpd:.0f}",
+                   sampler=a.sampler + (f" sigma {a.sigma}" if a.sigma else ""), sample_steps=a.steps, seed=a.seed, seconds_bpd=f"{s_bpd:.0f}",
                    seconds_sample=f"{s_sample:.0f}")
         with open(a.csv, "a", newline="") as f:
             w = csv.DictWriter(f, FIELDS)
@@ -133,6 +133,7 @@ def main():
     e.add_argument("--score-n", type=int, default=1000)
     e.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm", "dpm++"])
     e.add_argument("--steps", type=int, default=25)
+    e.add_argument("--sigma", choices=["beta", "beta_tilde"], help="ddpm's sigma_t^2 (default: the checkpoint's)")
     e.add_argument("--seed", type=int, default=1)
     e.add_argument("--threads", type=int, default=1)
     p = sub.add_parser("plot")
