@@ -514,7 +514,10 @@ check "sample --steps 10 --trace: 2 samples, 10 trace records t = 1000 ... 1" $?
 ddp s_k10d sample --checkpoint "$GOOD" -n 2 --threads 1 --out "$T/k10d.png" --steps 10 --sampler dpm++
 ddp s_k10a sample --checkpoint "$GOOD" -n 2 --threads 1 --out "$T/k10a.png" --steps 10 --sampler ddpm
 [ $rc -eq 0 ] && cmp -s "$T/k10.npy" "$T/k10d.npy" && ! cmp -s "$T/k10.npy" "$T/k10a.npy" && grep -q "Alg. 2" "$T/s_k10a.out"
-check "sample --steps 10: DPM-Solver++'s chain unless --sampler names another (ddpm: the strided Alg. 2)" $? "exit $rc: $(err_of s_k10a)"
+ok10=$?
+ddp s_k51 sample --checkpoint "$GOOD" -n 1 --threads 1 --out "$T/k51.png" --steps 51
+[ $ok10 -eq 0 ] && [ $rc -eq 0 ] && grep -q "Alg. 2" "$T/s_k51.out" && grep -q "DPM-Solver++" "$T/s_k10.out"
+check "sample --steps 10: DPM-Solver++'s chain unless --sampler names another (ddpm: the strided Alg. 2); --steps 51: Alg. 2's" $? "exit $rc: $(err_of s_k10a) $(err_of s_k51)"
 ddp s_ddim sample --checkpoint "$GOOD" -n 2 --threads 1 --out "$T/ddim.png" --steps 20 --sampler ddim
 ddp s_ddim2 sample --checkpoint "$GOOD" -n 2 --threads 1 --out "$T/ddim2.png" --steps 20 --sampler ddim --eta 0
 ddp s_ddim3 sample --checkpoint "$GOOD" -n 2 --threads 1 --out "$T/ddim3.png" --steps 20 --sampler ddim --eta 1
