@@ -5916,8 +5916,7 @@ static void training_samples(Trainer* tr, const Options* o, const char* dir, int
     memcpy(m->params, tr->ema, nb);
     char path[4200], film[4200], what[64];
     Schedule fast;
-    schedule_respace(&fast, &tr->sched, PREVIEW_STEPS < tr->sched.T ? PREVIEW_STEPS : tr->sched.T,
-                     1);
+    schedule_respace(&fast, &tr->sched, PREVIEW_STEPS < tr->sched.T ? PREVIEW_STEPS : tr->sched.T, 1);
     Sampler preview = {tr->obj.mean, tr->obj.var, SAMPLER_DPM, 0.0};
     Rng rng;
     rng_seed(&rng, FILM_SEED);
