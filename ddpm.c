@@ -1116,8 +1116,8 @@ static void ddim_sample(float* x_t, const float* out, const int* t_idx, int B, s
 // write DDIM's step from s to t with eps_hat = (x_s - alpha_s x0_hat) / sigma_s:
 //   x_t = sigma_t / sigma_s x_s + (alpha_t - alpha_s sigma_t / sigma_s) x0_hat
 //       = sigma_t / sigma_s x_s + alpha_t (1 - e^{-h}) x0_hat,      h = lambda_t - lambda_s,
-// which is the exact solution of the probability-flow ODE (their data-prediction form) if x0_hat stayed
-// constant over the step: DDIM is the ODE's first-order solver. Their Algorithm 2,
+// the exact solution of the probability-flow ODE, in their data-prediction form, were
+// x0_hat constant over the step: DDIM is the ODE's first-order solver. Their Algorithm 2,
 // DPM-Solver++(2M), takes x0_hat as linear in lambda instead, its slope from the x0_hat of
 // the step before (h_prev earlier), at no extra network call: the same step with
 //   D = (1 + 1/(2r)) x0_hat - 1/(2r) x0_hat_prev,   r = h_prev / h.
