@@ -5928,7 +5928,7 @@ static void training_samples(Trainer* tr, const Options* o, const char* dir, int
         film_stopped = step;   // said once (above), and again at the end of the run
     schedule_free(&fast);
     if (final && !stop_requested) {
-        Sampler sp = {tr->obj.mean, given(o, "--sigma") ? o->sampler.var : tr->obj.var, 0, 0};
+        Sampler sp = {tr->obj.mean, given(o, "--sigma") ? o->sampler.var : tr->obj.var, SAMPLER_ALG2, 0};
         rng_seed(&rng, o->seed ^ (0x5851f42d4c957f2dULL * (step + 1)));
         snprintf(path, sizeof path, "%s/samples_%07llu.png", dir, step);
         training_grid(m, &tr->sched, &sp, imgs, o->sample_n, &rng, "sampling (Algorithm 2): step", path, step);

@@ -594,7 +594,6 @@ def check_dpm(path, records):
     t = [int(v) for v in records["dpm.t"]]
     K = len(t)
     steps = dpm_log_snr_steps(abar_all, K)[::-1]          # t = T first
-    n_pass = n_fail = 0
     ok = t == steps
     print(f"{'PASS' if ok else 'FAIL'} steps even in log-SNR: ddpm.c {t}, float64 {steps}")
     n_pass, n_fail = (1, 0) if ok else (0, 1)
