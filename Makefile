@@ -129,6 +129,11 @@ tests/test_ddpm: tests/test_ddpm.c ddpm.c $(STB_DEP)
 tests/dump_ref: tests/dump_ref.c ddpm.c $(STB_DEP)
 	$(CC) $(CFLAGS) -Wno-unused-function tests/dump_ref.c -o $@ $(LDLIBS)
 
+# ./ddpm with the direct conv instead of Winograd's (tests/ddpm_direct.c), to compare the two.
+build/ddpm_direct: tests/ddpm_direct.c ddpm.c $(STB_DEP)
+	@mkdir -p build
+	$(CC) $(CFLAGS) tests/ddpm_direct.c -o $@ $(LDLIBS)
+
 # The unit tests and the PyTorch exchange file once more on the reference layers.
 tests/test_ddpm_plain: tests/test_ddpm.c ddpm.c $(STB_DEP)
 	$(CC) $(PLAIN_CFLAGS) -O2 -Wno-unused-function tests/test_ddpm.c -o $@ $(LDLIBS)

@@ -2939,10 +2939,12 @@ static void matmul(float* C, const float* A, const float* B, int M, int N, int K
 
 // ---- 17.2 Convolution: conv2d_forward_fast / conv2d_backward_fast ----
 // The convolution of 16.1 (K = 3 or 1, stride 1 or 2, "SAME" padding) runs "direct",
-// with no im2col copy. Copy each input plane into a grid with a zero border, and number
-// the grid's cells row by row with pitch Wp = W + 1: one zero column serves as the right border of a row and the left border
-// of the next. Output pixel (h, w) gets the flat index p = h Wp + w, and the 9 inputs
-// under its kernel sit at p + i Wp + j: one offset per tap, the same for every pixel.
+// with no im2col copy (a 3x3 stride-1 one where 17.2.1's rule takes Winograd's instead).
+// Copy each input plane into a grid with a zero border, and number the grid's cells row
+// by row with pitch Wp = W + 1: one zero column serves as the right border of a row and
+// the left border of the next. Output pixel (h, w) gets the flat index p = h Wp + w, and
+// the 9 inputs under its kernel sit at p + i Wp + j: one offset per tap, the same for
+// every pixel.
 // So out[o, p .. p+n-1] for n consecutive p is a sum of weight * (n consecutive
 // floats of a padded plane): contiguous vector loads, no gather. The price is a junk
 // column per row (p with w = W), computed and dropped.
@@ -3051,21 +3053,28 @@ static ConvGeom conv_geom(int H, int W, int K, int stride) {
 //   flipped  the weights as the input gradient's matrix (conv_flip_weights)
 //   dwacc    the weight-gradient tiles being summed
 //   dcol     stride 2 only: weight^T . dy of one image per thread, for col2im
-typedef struct { float *planes, *dyt, *flipped, *dwacc, *dcol; } ConvWork;
+//   wino     3x3 stride 1 by Winograd (17.2.1): its copied input, filters and chunks, in the planes' place
+typedef struct { float *planes, *dyt, *flipped, *dwacc, *dcol, *wino; } ConvWork;
+
+static int wino_tile(int B, int C_in, int C_out, int H, int W);
+typedef struct WinoGeom WinoGeom;
+static size_t wino_floats_for(int B, int C_in, int C_out, int H, int W, int threads);
 
 static ConvWork conv_work(float* ws, int B, int C_in, int H, int W, int C_out, int K, int stride,
                           int threads, size_t* total) {
     ConvGeom g = conv_geom(H, W, K, stride);
     int C_max = C_in > C_out ? C_in : C_out, CoP = round_up(C_out, CONV_DW_CO);
+    size_t wino = K == 3 && stride == 1 ? wino_floats_for(B, C_in, C_out, H, W, threads) : 0;
     size_t n[5] = {g.mode == CONV_PLAIN ? 0 : (size_t)B * C_max * g.S,
                    (size_t)B * g.H * g.W * CoP,
                    (size_t)C_in * C_out * g.T,
                    (size_t)CoP * CONV_DW_K * ((C_in * g.T + conv_dw_group(g.T) - 1) / conv_dw_group(g.T)),
                    stride == 2 ? (size_t)threads * C_in * g.T * g.H * g.W : 0};
+    if (n[0] < wino) n[0] = wino;   // Winograd's scratch is the planes': they are not in use at once
     float* p[5];
     *total = 0;
     for (int i = 0; i < 5; i++) { p[i] = ws ? ws + *total : NULL; *total += n[i]; }
-    return (ConvWork){p[0], p[1], p[2], p[3], p[4]};
+    return (ConvWork){p[0], p[1], p[2], p[3], p[4], p[0]};
 }
 
 // The floats of scratch a conv2d_forward + conv2d_backward of this shape needs.
@@ -3365,6 +3374,245 @@ static void conv_strided_dinp(float* dinp, float* dcol, const float* dout, const
     }
 }
 
+// ---- 17.2.1 Winograd's minimal filtering for the 3x3 stride-1 conv ----
+// Lavin & Gray (2015): m x m outputs of a 3x3 conv from an (m+2) x (m+2) input tile d take
+//   Y = A^T [ (G g G^T) . (B^T d B) ] A         (. elementwise; a = m + 2)
+// where G g G^T transforms the 3x3 filter g and B^T d B the tile to a x a values each, so
+// a tile costs a^2 multiplies per (input, output) channel pair where the direct conv costs
+// 9 m^2: 2.25x fewer for F(2x2, 3x3), 4x fewer for F(4x4, 3x3) (on their points 0, +-1,
+// +-2 and infinity). Summed over the input channels, the elementwise products are a^2
+// independent matrix products, one per position xi of the a x a grid, for a chunk of tiles:
+//   M_xi[tile][o] = sum_c V_xi[tile][c] U_xi[c][o]     (V = B^T d B, U = G g G^T)
+// which 17.2's register tile does, with one tap. The transforms act on VW channels at a
+// time: the input is first copied channel-innermost (xt), so a tile's a^2 values of VW
+// channels are vector loads; only the writing of Y into the output planes is scalar.
+// The price is accuracy: the transforms' coefficients (up to 8, and 1/6, 1/24) round, and
+// F(4x4)'s errors are about 10 times the direct conv's, F(2x2)'s about twice (tests/
+// measures them on every variant; the README says what that does to bits/dim and samples).
+// Each tile's sums are its own, in one order, so the bits do not depend on the threads.
+#define WINO_NT 128                   // tiles a chunk at most, and fewer where a thread's
+#define WINO_CHUNK_FLOATS (1 << 20)   // V and M would pass 4 MB
+#define WINO_MIN_CH 32
+#define WINO_MIN_TILES 32
+static const float WINO2_G[4][3] = {{1, 0, 0}, {0.5, 0.5, 0.5}, {0.5, -0.5, 0.5}, {0, 0, 1}};
+static const float WINO4_G[6][3] = {{0.25, 0, 0}, {-1 / 6.0f, -1 / 6.0f, -1 / 6.0f}, {-1 / 6.0f, 1 / 6.0f, -1 / 6.0f},
+                                     {1 / 24.0f, 1 / 12.0f, 1 / 6.0f}, {1 / 24.0f, -1 / 12.0f, 1 / 6.0f}, {0, 0, 1}};
+
+// The rule: which tile a 3x3 stride-1 conv of this shape takes, 0 for the direct conv,
+// from measurements on AVX-512 and AVX2 (tests/README.md; bench_ddpm --winograd-table).
+// Below 32 channels the transforms cost more than the products they save. The filters'
+// transform U (a^2 C_in C_out floats) is made and read again for every call whatever
+// the batch, each value of it serving one product per tile: F(4x4) needs at least 32
+// tiles, and C/2 for C channels (C = 256: U is 9 MB, past the cache), else F(2x2), with 4
+// times the tiles, does; else direct.
+// wino_force (tests/, the benchmark) overrides it: -1 the direct conv, 2 or 4 that tile, everywhere.
+static int wino_force;
+static int wino_tile(int B, int C_in, int C_out, int H, int W) {
+    if (wino_force) return wino_force < 0 ? 0 : wino_force;
+    if (C_in < WINO_MIN_CH || C_out < WINO_MIN_CH) return 0;
+    for (int m = 4; m >= 2; m -= 2) {
+        size_t tiles = (size_t)B * ((H + m - 1) / m) * ((W + m - 1) / m);
+        if (tiles >= WINO_MIN_TILES && 2 * tiles >= (size_t)(C_in > C_out ? C_in : C_out)) return m;
+    }
+    return 0;
+}
+
+struct WinoGeom {
+    int m, a, Ht, Wt, ty, tx;   // tile side, a = m + 2; the copied input's rows and pitch; tiles down and across
+    int CiP, nv, CoM;           // input channels rounded up to VW; output channels in blocks of nv vectors
+    size_t n_tiles;             // B ty tx
+    int nt;                     // tiles a chunk at most
+    size_t vs, ms;              // floats from one xi's V (M) to the next: not a power of 2, lest the a^2 share a cache set
+};
+
+static WinoGeom wino_geom(int m, int B, int C_in, int C_out, int H, int W) {
+    // the register tile of one vector fewer where its blocks waste fewer output channels
+    int nv = round_up(C_out, CONV_NR_SMALL) < round_up(C_out, CONV_NR) ? CONV_NV_SMALL : CONV_NV;
+    WinoGeom w = {m, m + 2, 0, 0, (H + m - 1) / m, (W + m - 1) / m, round_up(C_in, VW), nv, round_up(C_out, nv * VW), 0, 0, 0, 0};
+    w.Ht = w.ty * m + 2, w.Wt = w.tx * m + 2;
+    w.n_tiles = (size_t)B * w.ty * w.tx;
+    size_t fit = WINO_CHUNK_FLOATS / ((size_t)w.a * w.a * (w.CiP + w.CoM)) / CONV_MR * CONV_MR;
+    w.nt = fit < CONV_MR ? CONV_MR : fit < WINO_NT ? (int)fit : WINO_NT;
+    w.vs = (size_t)w.nt * w.CiP + 16, w.ms = (size_t)w.nt * w.CoM + 16;
+    return w;
+}
+
+// Scratch: xt (B, CiP/VW, Ht Wt, VW), U (a^2, CiP, CoM), then per thread V (a^2, nt, CiP)
+// and M (a^2, CoM / (nv VW), nt, nv VW).
+static size_t wino_floats(WinoGeom w, int B, int threads) {
+    size_t a2 = (size_t)w.a * w.a;
+    return (size_t)B * w.CiP * w.Ht * w.Wt + a2 * w.CiP * w.CoM + (size_t)threads * a2 * (w.vs + w.ms);
+}
+
+// The scratch of a conv's Winograd forward and input gradient, 0 where the rule takes neither.
+static size_t wino_floats_for(int B, int C_in, int C_out, int H, int W, int threads) {
+    int mf = wino_tile(B, C_in, C_out, H, W), mb = wino_tile(B, C_out, C_in, H, W);   // forward, input gradient
+    size_t f = mf ? wino_floats(wino_geom(mf, B, C_in, C_out, H, W), B, threads) : 0;
+    size_t b = mb ? wino_floats(wino_geom(mb, B, C_out, C_in, H, W), B, threads) : 0;
+    return f > b ? f : b;
+}
+
+// U_xi[c][o] = (G g G^T)[xi] for g = weight[o][c] (C_out, C_in, 3, 3); zero past C_in, C_out.
+static void wino_filters(float* U, const float* weight, int C_in, int C_out, WinoGeom w) {
+    const float* G = w.m == 4 ? &WINO4_G[0][0] : &WINO2_G[0][0];
+    int a = w.a;
+    #pragma omp parallel for schedule(static) num_threads(kernel_threads)
+    for (int c = 0; c < w.CiP; c++)
+        for (int o0 = 0; o0 < w.CoM; o0 += 64) {   // 64 output channels at a time, in vectors
+            float g[9][64] = {{0}}, Gg[6][3][64];
+            for (int o = o0; o < o0 + 64 && o < C_out && c < C_in; o++)
+                for (int k = 0; k < 9; k++) g[k][o - o0] = weight[((size_t)o * C_in + c) * 9 + k];
+            for (int i = 0; i < a; i++)                                                  // G g
+                for (int j = 0; j < 3; j++)
+                    for (int o = 0; o < 64; o++)
+                        Gg[i][j][o] = G[i * 3] * g[j][o] + G[i * 3 + 1] * g[3 + j][o] + G[i * 3 + 2] * g[6 + j][o];
+            int n = w.CoM - o0 < 64 ? w.CoM - o0 : 64;
+            for (int i = 0; i < a; i++)                                                  // (G g) G^T
+                for (int j = 0; j < a; j++) {
+                    float* u = U + ((size_t)(i * a + j) * w.CiP + c) * w.CoM + o0;
+                    for (int o = 0; o < n; o++) u[o] = Gg[i][0][o] * G[j * 3] + Gg[i][1][o] * G[j * 3 + 1] + Gg[i][2][o] * G[j * 3 + 2];
+                }
+        }
+}
+
+// The input (B, C, H, W), read at x[c plane + y pitch + x], into xt: channels innermost in
+// VW blocks, a zero border of one pixel on the top and left and enough on the bottom and
+// right for whole tiles.
+static void wino_input(float* xt, const float* x, size_t plane, int pitch, int B, int C, int H, int W, WinoGeom w) {
+    size_t img = (size_t)w.Ht * w.Wt * VW;
+    #pragma omp parallel for schedule(static) num_threads(kernel_threads)
+    for (int bc = 0; bc < B * (w.CiP / VW); bc++) {
+        int b = bc / (w.CiP / VW), c0 = bc % (w.CiP / VW) * VW;
+        float* dst = xt + (size_t)bc * img;
+        memset(dst, 0, img * sizeof(float));
+        for (int y = 0; y < H; y++)   // a row of the VW planes at a time: its writes stay in L1
+            for (int l = 0; l < VW && c0 + l < C; l++) {
+                const float* src = x + ((size_t)b * C + c0 + l) * plane + (size_t)y * pitch;
+                for (int xx = 0; xx < W; xx++) dst[((size_t)(y + 1) * w.Wt + xx + 1) * VW + l] = src[xx];
+            }
+    }
+}
+
+// The 1-D transforms, each on VW lanes at once: in[k] at in + k is, out[i] at out + i os
+// (floats). B^T (a values to a) for the input, A^T (a to m) for the output; written out,
+// as NNPACK does, so that no zero coefficient costs an operation.
+#if DDPM_SIMD
+typedef vecf wlanes;   // WL lanes at a time: all VW in one vector, or (no SIMD) one float
+#define WL VW
+static inline wlanes wl_load(const float* p) { return vload(p); }
+static inline void wl_store(float* p, wlanes v) { vstore(p, v); }
+#else
+typedef float wlanes;
+#define WL 1
+static inline wlanes wl_load(const float* p) { return *p; }
+static inline void wl_store(float* p, wlanes v) { *p = v; }
+#endif
+static inline __attribute__((always_inline)) void wino_in_1d(float* out, size_t os, const float* in, size_t is, int m) {
+    for (int l = 0; l < VW; l += WL, in += WL, out += WL) {
+        wlanes d0 = wl_load(in), d1 = wl_load(in + is), d2 = wl_load(in + 2 * is), d3 = wl_load(in + 3 * is);
+        if (m == 2) {
+            wl_store(out, d0 - d2), wl_store(out + os, d1 + d2), wl_store(out + 2 * os, d2 - d1), wl_store(out + 3 * os, d1 - d3);
+            continue;
+        }
+        wlanes d4 = wl_load(in + 4 * is), d5 = wl_load(in + 5 * is);
+        wlanes p = d4 - 4 * d2, q = d3 - 4 * d1, r = d4 - d2, s = 2 * (d3 - d1);
+        wl_store(out, 4 * d0 - 5 * d2 + d4), wl_store(out + os, p + q), wl_store(out + 2 * os, p - q);
+        wl_store(out + 3 * os, r + s), wl_store(out + 4 * os, r - s), wl_store(out + 5 * os, 4 * d1 - 5 * d3 + d5);
+    }
+}
+
+static inline __attribute__((always_inline)) void wino_out_1d(float* out, size_t os, const float* in, size_t is, int m) {
+    for (int l = 0; l < VW; l += WL, in += WL, out += WL) {
+        wlanes v0 = wl_load(in), v1 = wl_load(in + is), v2 = wl_load(in + 2 * is), v3 = wl_load(in + 3 * is);
+        if (m == 2) {
+            wl_store(out, v0 + v1 + v2), wl_store(out + os, v1 - v2 - v3);
+            continue;
+        }
+        wlanes v4 = wl_load(in + 4 * is), v5 = wl_load(in + 5 * is);
+        wlanes p = v1 + v2, q = v1 - v2, r = v3 + v4, s = v3 - v4;
+        wl_store(out, v0 + p + r), wl_store(out + os, q + 2 * s), wl_store(out + 2 * os, p + 4 * r), wl_store(out + 3 * os, q + 8 * s + v5);
+    }
+}
+
+// One chunk of tiles [q0, q0 + nt): V = B^T d B of each tile's VW-channel blocks, the a^2
+// matrix products, then Y = A^T M A written (bias != NULL: = bias + Y; else +=) into out.
+static inline __attribute__((always_inline)) void wino_chunk(float* out, const float* bias, const float* xt,
+        const float* U, float* V, float* M, size_t q0, int nt, int C_out, int H, int W, WinoGeom w, int m) {
+    int a = m + 2;   // m is a constant here (the callers pass 4 or 2): the transforms unroll
+    size_t img = (size_t)w.Ht * w.Wt * VW, a2 = (size_t)a * a;
+    float t[36 * VW], y[16 * VW];
+    for (int q = 0; q < nt; q++) {
+        size_t tile = q0 + q;
+        int b = (int)(tile / ((size_t)w.ty * w.tx)), ty = (int)(tile / w.tx % w.ty), tx = (int)(tile % w.tx);
+        for (int cb = 0; cb < w.CiP / VW; cb++) {
+            const float* src = xt + ((size_t)b * (w.CiP / VW) + cb) * img + ((size_t)ty * m * w.Wt + tx * m) * VW;
+            for (int j = 0; j < a; j++) wino_in_1d(t + j * VW, (size_t)a * VW, src + j * VW, (size_t)w.Wt * VW, m);   // B^T d
+            for (int i = 0; i < a; i++)                                                              // (B^T d) B
+                wino_in_1d(V + (size_t)i * a * w.vs + (size_t)q * w.CiP + cb * VW, w.vs,
+                           t + i * a * VW, VW, m);
+        }
+    }
+    // M_xi = V_xi U_xi by 17.2's register tile, with one tap: CONV_MR tiles (rows of V,
+    // broadcast) x nv vectors of output channels (rows of U, loaded), summed over c and
+    // stored where M keeps it. (Rows past nt are computed from the last one and dropped.)
+    int zero = 0, nr = w.nv * VW;
+    for (size_t xi = 0; xi < a2; xi++)
+        for (int o0 = 0; o0 < w.CoM; o0 += nr)
+            for (int r0 = 0; r0 < nt; r0 += CONV_MR) {
+                int rows = nt - r0 < CONV_MR ? nt - r0 : CONV_MR;
+                float* dst = M + xi * w.ms + (size_t)o0 * w.nt + (size_t)r0 * nr;
+                const float *v = V + xi * w.vs + (size_t)r0 * w.CiP, *u = U + xi * w.CiP * w.CoM + o0;
+                if (w.nv == CONV_NV) conv_tile(dst, v, w.CiP, rows, u, w.CiP, w.CoM, 1, &zero, CONV_MR, CONV_NV);
+                else                 conv_tile(dst, v, w.CiP, rows, u, w.CiP, w.CoM, 1, &zero, CONV_MR, CONV_NV_SMALL);
+            }
+    for (int q = 0; q < nt; q++) {
+        size_t tile = q0 + q;
+        int b = (int)(tile / ((size_t)w.ty * w.tx)), ty = (int)(tile / w.tx % w.ty), tx = (int)(tile % w.tx);
+        for (int ob = 0; ob < (C_out + VW - 1) / VW; ob++) {
+            const float* src = M + (size_t)ob / w.nv * w.nv * VW * w.nt + (size_t)q * nr + ob % w.nv * VW;
+            for (int j = 0; j < a; j++)                                                              // A^T M
+                wino_out_1d(t + j * VW, (size_t)a * VW, src + (size_t)j * w.ms, (size_t)a * w.ms, m);
+            for (int i = 0; i < m; i++) wino_out_1d(y + i * m * VW, VW, t + i * a * VW, VW, m);     // (A^T M) A
+            for (int l = 0; l < VW && ob * VW + l < C_out; l++) {
+                int o = ob * VW + l;
+                float* dst = out + ((size_t)b * C_out + o) * H * W;
+                for (int i = 0; i < m && ty * m + i < H; i++)
+                    for (int j = 0; j < m && tx * m + j < W; j++) {
+                        float* p = dst + (size_t)(ty * m + i) * W + tx * m + j;
+                        *p = bias ? bias[o] + y[(i * m + j) * VW + l] : *p + y[(i * m + j) * VW + l];
+                    }
+            }
+        }
+    }
+}
+
+// out (B, C_out, H, W) = bias + (or, bias NULL, +=) the 3x3 stride-1 conv of x (read at
+// x[c plane + y pitch + x]) with weight (C_out, C_in, 3, 3), by Winograd's F(m x m, 3 x 3).
+static void conv_winograd(float* out, const float* x, size_t plane, int pitch, const float* weight, const float* bias,
+                          int B, int C_in, int C_out, int H, int W, int m, float* ws) {
+    WinoGeom w = wino_geom(m, B, C_in, C_out, H, W);
+    size_t a2 = (size_t)w.a * w.a, per_thread = a2 * (w.vs + w.ms);
+    float* xt = ws;
+    float* U = xt + (size_t)B * w.CiP * w.Ht * w.Wt;
+    float* mine = U + a2 * w.CiP * w.CoM;
+    wino_filters(U, weight, C_in, C_out, w);
+    wino_input(xt, x, plane, pitch, B, C_in, H, W, w);
+    // chunks of at most w.nt tiles, as many as a multiple of the threads (each tile's sums
+    // are its own: the chunks change no bits)
+    int chunks = (int)((w.n_tiles + w.nt - 1) / w.nt);
+    chunks = (chunks + kernel_threads - 1) / kernel_threads * kernel_threads;
+    int size = round_up((int)((w.n_tiles + chunks - 1) / chunks), CONV_MR);
+    chunks = (int)((w.n_tiles + size - 1) / size);
+    #pragma omp parallel for schedule(static) num_threads(kernel_threads)
+    for (int k = 0; k < chunks; k++) {
+        float* V = mine + (size_t)thread_id() * per_thread;
+        size_t q0 = (size_t)k * size;
+        int nt = w.n_tiles - q0 < (size_t)size ? (int)(w.n_tiles - q0) : size;
+        if (m == 4) wino_chunk(out, bias, xt, U, V, V + a2 * w.vs, q0, nt, C_out, H, W, w, 4);
+        else        wino_chunk(out, bias, xt, U, V, V + a2 * w.vs, q0, nt, C_out, H, W, w, 2);
+    }
+}
+
 // A producer can write a 3x3 stride-1 conv's input straight into its padded grids
 // (B x C_in grids of conv_input_floats(H, W) floats, border and slack zero): then
 // `in_grids` is 1 and the conv copies nothing. GroupNorm+SiLU does (17.4).
@@ -3375,7 +3623,10 @@ static void conv_forward(float* out, const float* inp, int in_grids, const float
     ConvGeom g = conv_geom(H, W, K, stride);
     size_t total;
     ConvWork w = conv_work(ws, B, C_in, H, W, C_out, K, stride, kernel_threads, &total);
-    conv_direct(out, in_grids ? inp : conv_grids(w.planes, inp, B, C_in, g), weight, bias, B, C_in, C_out, &g, 1);
+    int m = K == 3 && stride == 1 ? wino_tile(B, C_in, C_out, H, W) : 0;
+    if (m) conv_winograd(out, in_grids ? inp + g.Wp + 1 : inp, in_grids ? g.S : (size_t)H * W, in_grids ? g.Wp : W,
+                         weight, bias, B, C_in, C_out, H, W, m, w.wino);
+    else conv_direct(out, in_grids ? inp : conv_grids(w.planes, inp, B, C_in, g), weight, bias, B, C_in, C_out, &g, 1);
 }
 
 // out (B, C_out, H/stride, W/stride). ws: conv2d_workspace_floats(...) floats of scratch.
@@ -3398,7 +3649,9 @@ static void conv_backward(float* dinp, float* dweight, float* dbias, const float
     if (!dinp) return;
     if (stride != 1) { conv_strided_dinp(dinp, w.dcol, dout, weight, B, C_in, H, W, C_out, K, stride); return; }
     conv_flip_weights(w.flipped, weight, C_out, C_in, g.T);
-    conv_direct(dinp, conv_grids(w.planes, dout, B, C_out, g), w.flipped, NULL, B, C_out, C_in, &g, 1);
+    int m = K == 3 ? wino_tile(B, C_out, C_in, H, W) : 0;
+    if (m) conv_winograd(dinp, dout, (size_t)H * W, W, w.flipped, NULL, B, C_out, C_in, H, W, m, w.wino);
+    else conv_direct(dinp, conv_grids(w.planes, dout, B, C_out, g), w.flipped, NULL, B, C_out, C_in, &g, 1);
 }
 
 // dinp may be NULL (the network input needs no gradient).
@@ -3996,7 +4249,7 @@ static double memory_available_gib(void) {
 #define EVAL_BATCH_GIB 4.0
 static int eval_batch(const Config* c, int n, int most) {
     int B = n < most ? n : most;
-    double one = network_gib(c, 1, 0), per = network_gib(c, 2, 0) - one;   // two plans, not one per B
+    double one = network_gib(c, 1, 0), per = B > 1 ? (network_gib(c, B, 0) - one) / (B - 1) : 0;   // two plans, not one per B
     while (B > 1 && one + (B - 1) * per > EVAL_BATCH_GIB) B--;
     return B;
 }
@@ -5689,7 +5942,7 @@ static const Option OPTIONS[] = {
     {"--sample-every", OPT_INT, AT(sample_every), C_TRAIN, "2000", 1, 1e9, .arg = "N", .help =
      "a preview grid + checkpoint every N steps"},
     {"--first-preview", OPT_LONG, AT(first_preview), C_TRAIN, "250", 0, 1e9, .arg = "N", .help =
-     "previews (DDIM, 50 steps, one fixed x_T; a row of progress.png each) also at steps N, 2N, 4N, ... "
+     "previews (DPM-Solver++, 10 steps, one fixed x_T; a row of progress.png each) also at steps N, 2N, 4N, ... "
      "below --sample-every; 0: none"},
     {"--sample-n", OPT_INT, AT(sample_n), C_TRAIN, "64", 0, 4096, .arg = "N", .help =
      "images in each grid (0: no grids); the run's last grid is Algorithm 2's, 1000 steps"},

@@ -3,6 +3,8 @@
 // tests/bench_table.py runs it beside PyTorch.
 //
 //   tests/bench_ddpm [--model tiny|small|paper] [--batch B] [--steps S] [--warmup-steps W] [--threads T]
+//                    [--direct 1]          the direct conv everywhere, Winograd's (17.2.1) off
+//   tests/bench_ddpm --winograd-table [--threads T]    the 3x3 conv's tiles, shape by shape
 //
 // It includes ddpm.c (as test_ddpm.c and dump_ref.c do), so it measures the very code
 // ./ddpm runs; ddpm.c itself holds no benchmark. The images are uniform noise in a
@@ -83,10 +85,13 @@ static double matmul_gflops(void) {
 #else
 static double fma_peak_gflops(void) { return 0; }
 static double matmul_gflops(void) { return 0; }
+static int wino_force;   // the reference layers have no Winograd
+static int wino_tile(int B, int C_in, int C_out, int H, int W) { return 0 * B * C_in * C_out * H * W; }
 #endif
 
 // One 3x3 convolution of the model's shapes, forward and backward (input and weight
-// gradients), timed over `reps` calls after one untimed: GFLOP/s as "fwd/bwd".
+// gradients), timed over `reps` calls after one untimed: GFLOP/s as "fwd/bwd", counting
+// the direct conv's multiply-adds whichever way it runs (so Winograd's are "effective").
 static void bench_conv3x3(int B, int C, int H, int reps, double* fwd, double* bwd) {
     size_t nx = (size_t)B * C * H * H, nw = (size_t)C * C * 9;
     float* x = malloc_check(nx * sizeof(float), "bench buffers");
@@ -155,23 +160,55 @@ static int arg_int(const char* flag, const char* v, int lo, int hi) {
     return (int)x;
 }
 
+#ifndef DDPM_PLAIN
+// --winograd-table: the 3x3 convs of every preset's shapes (and a few more) by the direct
+// conv, F(4x4, 3x3) and F(2x2, 3x3), each forced, beside the tile 17.2.1's rule takes: the
+// measurements behind the rule (tests/README.md). Effective GFLOP/s, median of 5.
+static int winograd_table(void) {
+    static const int shapes[][3] = {{32, 32, 32}, {32, 64, 16}, {32, 64, 8}, {32, 64, 4}, {32, 64, 32}, {32, 128, 16},
+        {32, 128, 8}, {8, 128, 32}, {8, 256, 16}, {8, 256, 8}, {8, 256, 4}, {64, 16, 32}, {1, 128, 32}, {1, 64, 8}, {2, 256, 4}};
+    layers_init();
+    printf("%s, %d threads: forward / backward (input + weight gradients), effective GFLOP/s\n", DDPM_ISA, kernel_threads);
+    for (size_t k = 0; k < sizeof shapes / sizeof shapes[0]; k++) {
+        int B = shapes[k][0], C = shapes[k][1], H = shapes[k][2], rule = wino_tile(B, C, C, H, H);
+        double f[3], b[3];
+        for (int i = 0; i < 3; i++) {
+            wino_force = (int[3]){-1, 4, 2}[i];
+            bench_conv3x3(B, C, H, 8, &f[i], &b[i]);
+        }
+        wino_force = 0;
+        printf("B %3d, C %3d, %3dx%-3d direct %5.0f / %5.0f   F4 %5.0f / %5.0f (x%.2f / x%.2f)   F2 %5.0f / %5.0f (x%.2f / x%.2f)   rule: %s\n",
+               B, C, H, H, f[0], b[0], f[1], b[1], f[1] / f[0], b[1] / b[0], f[2], b[2], f[2] / f[0], b[2] / b[0],
+               rule == 4 ? "F4" : rule == 2 ? "F2" : "direct");
+    }
+    return 0;
+}
+#endif
+
 int main(int argc, char** argv) {
     threads_spin_briefly(argv);   // as ./ddpm starts (section 18)
     const char* model = "tiny";
-    int B = 128, S = 10, W = 2;
+    int B = 128, S = 10, W = 2, table = 0;
     for (int i = 1; i < argc; i++) {
         const char* a = argv[i];
+        if (!strcmp(a, "--winograd-table")) { table = 1; continue; }
         if (i + 1 >= argc) { fprintf(stderr, "bench_ddpm: %s needs a value\n", a); return 2; }
         const char* v = argv[++i];
         if (!strcmp(a, "--model")) model = v;
         else if (!strcmp(a, "--batch")) B = arg_int(a, v, 1, 4096);
         else if (!strcmp(a, "--steps")) S = arg_int(a, v, 1, 100000);
         else if (!strcmp(a, "--warmup-steps")) W = arg_int(a, v, 0, 1000);
+        else if (!strcmp(a, "--direct")) wino_force = -arg_int(a, v, 0, 1);   // 1: no Winograd (17.2.1)
 #ifdef _OPENMP
         else if (!strcmp(a, "--threads")) omp_set_num_threads(arg_int(a, v, 1, 1024));
 #endif
         else { fprintf(stderr, "bench_ddpm: unknown flag '%s'\n", a); return 2; }
     }
+#ifndef DDPM_PLAIN
+    if (table) return winograd_table();
+#else
+    if (table) { fprintf(stderr, "bench_ddpm: --winograd-table: the reference layers have no Winograd\n"); return 2; }
+#endif
     Config cfg;
     if (preset_find(model, 0, &cfg) != 1) { fprintf(stderr, "bench_ddpm: --model %s: unknown preset\n", model); return 2; }
     Trainer tr;
@@ -214,10 +251,15 @@ int main(int argc, char** argv) {
            GEMM_MR, GEMM_NR, peak, mm);
 #endif
     for (int l = 0; l < cfg.n_levels; l++) {
-        int C = cfg.ch * cfg.ch_mult[l], H = cfg.img >> l;
-        double f = 0, b = 0;
-        bench_conv3x3(B, C, H, S > 5 ? 5 : S, &f, &b);
-        printf("%s{\"C\": %d, \"H\": %d, \"fwd_gflops\": %.1f, \"bwd_gflops\": %.1f}", l ? ", " : "", C, H, f, b);
+        int C = cfg.ch * cfg.ch_mult[l], H = cfg.img >> l, force = wino_force, reps = S > 5 ? 5 : S;
+        double f = 0, b = 0, fd = 0, bd = 0;
+        bench_conv3x3(B, C, H, reps, &f, &b);
+        wino_force = -1;   // the direct conv beside it
+        bench_conv3x3(B, C, H, reps, &fd, &bd);
+        wino_force = force;
+        printf("%s{\"C\": %d, \"H\": %d, \"fwd_gflops\": %.1f, \"bwd_gflops\": %.1f, \"winograd\": %d, "
+               "\"fwd_direct_gflops\": %.1f, \"bwd_direct_gflops\": %.1f}", l ? ", " : "", C, H, f, b,
+               wino_tile(B, C, C, H, H), fd, bd);
     }
     printf("], \"model\": \"%s\", \"batch\": %d, \"threads\": %d, \"params\": %zu, "
            "\"train_ms_all\": [", model, B, max_threads(), tr.net.n_params);

@@ -3,7 +3,7 @@
 
   learning_curve.py eval CKPT [CKPT ...] --csv FILE [--label NAME] [--bpd-n 256]
                     [--t-samples 50] [--score-n 1000] [--sampler ddim|ddpm|dpm++] [--steps 25] [--sigma beta_tilde]
-                    [--seed 1] [--threads 1]
+                    [--seed 1] [--threads 1] [--ddpm PROGRAM]
   learning_curve.py plot --csv FILE --out PNG [--log NAME=LOG.csv ...]
 
 `eval` appends one row per checkpoint to the CSV: its training step, the test bound in
@@ -46,7 +46,7 @@ def checkpoint_step(path):
 
 
 def cmd_eval(a):
-    ddpm = os.path.join(ROOT, "ddpm")
+    ddpm = os.path.abspath(a.ddpm) if a.ddpm else os.path.join(ROOT, "ddpm")
     th = ["--threads", a.threads]
     new = not os.path.exists(a.csv)
     for ckpt in a.checkpoints:
@@ -136,6 +136,7 @@ def main():
     e.add_argument("--sigma", choices=["beta", "beta_tilde"], help="ddpm's sigma_t^2 (default: the checkpoint's)")
     e.add_argument("--seed", type=int, default=1)
     e.add_argument("--threads", type=int, default=1)
+    e.add_argument("--ddpm", help="the program to run (default ./ddpm; build/ddpm_direct: no Winograd)")
     p = sub.add_parser("plot")
     p.add_argument("--csv", required=True)
     p.add_argument("--out", required=True)

@@ -776,13 +776,15 @@ static double rel_diff(const float* got, const float* want, size_t n, double sca
 // that exercise every edge: C_out not a multiple of the tiles' channel counts, C_in x
 // taps not a multiple of 9, W not a multiple of the vector width, pixel tiles that
 // straddle rows and the image's end, stride 2. The scales are the same loops run on
-// |x|, |w|, |dy|: sum |terms| of every output.
-static void test_conv_vs_ref(int K, int stride, int B, int C_in, int C_out, int H, int W) {
+// |x|, |w|, |dy|: sum |terms| of every output. The conv runs as wino_force says (-1:
+// direct; 2, 4: Winograd's tile on every shape); e gets the four errors, the worst returned.
+static double conv_vs_ref(double e[4], int force, int K, int stride, int B, int C_in, int C_out, int H, int W) {
     int Ho = H / stride, Wo = W / stride;
     size_t nx = (size_t)B * C_in * H * W, nw = (size_t)C_out * C_in * K * K, no = (size_t)B * C_out * Ho * Wo;
     float *x = randn(nx, 1), *w = randn(nw, 0.3f), *b = randn(C_out, 0.1f), *dy = randn(no, 1);
     float *ax = fabs_copy(x, nx), *aw = fabs_copy(w, nw), *ab = fabs_copy(b, C_out), *ady = fabs_copy(dy, no);
     layers_init();
+    wino_force = force;
     float* ws = fmalloc(conv2d_workspace_floats_fast(B, C_in, H, W, C_out, K, stride, kernel_threads));
     float *y = fmalloc(no), *yr = fmalloc(no), *ya = fmalloc(no);
     float *dx = fmalloc(nx), *dxr = fmalloc(nx), *dxa = fmalloc(nx);
@@ -790,20 +792,42 @@ static void test_conv_vs_ref(int K, int stride, int B, int C_in, int C_out, int 
     float *db = fmalloc(C_out), *dbr = fmalloc(C_out), *dba = fmalloc(C_out);
     conv2d_forward_fast(y, x, w, b, B, C_in, H, W, C_out, K, stride, ws);
     conv2d_backward_fast(dx, dw, db, dy, x, w, B, C_in, H, W, C_out, K, stride, ws);
+    wino_force = 0;
     REF(conv2d_forward, yr, x, w, b, B, C_in, H, W, C_out, K, stride, NULL);
     REF(conv2d_backward, dxr, dwr, dbr, dy, x, w, B, C_in, H, W, C_out, K, stride, NULL);
     REF(conv2d_forward, ya, ax, aw, ab, B, C_in, H, W, C_out, K, stride, NULL);
     REF(conv2d_backward, dxa, dwa, dba, ady, ax, aw, B, C_in, H, W, C_out, K, stride, NULL);
-    double e[4] = {rel_diff(y, yr, no, max_abs(ya, no)), rel_diff(dx, dxr, nx, max_abs(dxa, nx)),
-                   rel_diff(dw, dwr, nw, max_abs(dwa, nw)), rel_diff(db, dbr, C_out, max_abs(dba, C_out))};
-    double worst = fmax(fmax(e[0], e[1]), fmax(e[2], e[3]));
+    e[0] = rel_diff(y, yr, no, max_abs(ya, no)), e[1] = rel_diff(dx, dxr, nx, max_abs(dxa, nx));
+    e[2] = rel_diff(dw, dwr, nw, max_abs(dwa, nw)), e[3] = rel_diff(db, dbr, C_out, max_abs(dba, C_out));
+    free(x); free(w); free(b); free(dy); free(ax); free(aw); free(ab); free(ady); free(ws);
+    free(y); free(yr); free(ya); free(dx); free(dxr); free(dxa); free(dw); free(dwr); free(dwa);
+    free(db); free(dbr); free(dba);
+    return fmax(fmax(e[0], e[1]), fmax(e[2], e[3]));
+}
+
+static void test_conv_vs_ref(int K, int stride, int B, int C_in, int C_out, int H, int W) {
+    double e[4], worst = conv_vs_ref(e, -1, K, stride, B, C_in, C_out, H, W);
     // float sums of n terms: |error| <= n u sum|terms| (u = 6e-8); n <= B H W here
     check("conv2d fast kernels vs reference (forward, d input, d weight, d bias)", worst < 1e-5,
           "%dx%d stride %d, B %d, C_in %d, C_out %d, %dx%d: relative errors %.2g %.2g %.2g %.2g (tol 1e-5)",
           K, K, stride, B, C_in, C_out, H, W, e[0], e[1], e[2], e[3]);
-    free(x); free(w); free(b); free(dy); free(ax); free(aw); free(ab); free(ady); free(ws);
-    free(y); free(yr); free(ya); free(dx); free(dxr); free(dxa); free(dw); free(dwr); free(dwa);
-    free(db); free(dbr); free(dba);
+}
+
+// Winograd's F(m x m, 3 x 3) (17.2.1), forward and input gradient, against the reference.
+// Each output is sum_xi A^T[.][xi] (sum_c U V) A[xi][.], whose |terms| add up to at most
+// kappa^2 times the direct conv's sum |terms|, kappa = max_i sum_k |A^T_ik| (|G| 1)_k
+// (|B^T| 1)_k / 3 from the 1-D transforms: 16 for F(4x4), 8/3 for F(2x2). That bounds the
+// worst case; rounding errors of random sign add in quadrature, so on random data the
+// growth is about kappa: the direct conv's tolerance times kappa (1.6e-4, 2.7e-5).
+static double wino_worst[5];
+static void test_wino_vs_ref(int m, int B, int C_in, int C_out, int H, int W) {
+    double e[4], tol = m == 4 ? 16 * 1e-5 : 8 / 3.0 * 1e-5;
+    conv_vs_ref(e, m, 3, 1, B, C_in, C_out, H, W);
+    wino_worst[m] = fmax(wino_worst[m], fmax(e[0], e[1]));
+    check("conv2d 3x3 by Winograd vs reference (forward, d input; d weight, d bias direct)",
+          fmax(e[0], e[1]) < tol && fmax(e[2], e[3]) < 1e-5,
+          "F(%dx%d, 3x3), B %d, C_in %d, C_out %d, %dx%d: relative errors %.2g %.2g %.2g %.2g (tol %.2g, 1e-5)",
+          m, m, B, C_in, C_out, H, W, e[0], e[1], e[2], e[3], tol);
 }
 
 // conv2d runs on parallel threads (work items of one tile of pixels of one image;
@@ -2851,8 +2875,22 @@ int main(int argc, char** argv) {
     test_conv_vs_ref(3, 1, 3, 20, 13, 4, 4);     // 4 x 4: the small tile (AVX-512), 13 rows = a panel and 5
     test_conv_vs_ref(1, 1, 2, 24, 9, 4, 4);      // a 1x1 on 4 x 4 (the grid's centre)
     test_conv_vs_ref(3, 2, 2, 11, 17, 8, 8);     // stride 2 onto 4 x 4
+    for (int m = 4; m >= 2; m -= 2) {
+        test_wino_vs_ref(m, 2, 13, 40, 9, 7);       // odd sides: partial tiles; channels not a vector's
+        test_wino_vs_ref(m, 3, 3, 3, 7, 13);        // few channels
+        test_wino_vs_ref(m, 1, 64, 64, 32, 32);     // a batch of one
+        test_wino_vs_ref(m, 1, 20, 13, 5, 5);
+        test_wino_vs_ref(m, 3, 20, 13, 4, 4);       // one tile an image (F(4x4))
+        test_wino_vs_ref(m, 3, 5, 9, 64, 40);       // chunks of tiles, the last one short
+        test_wino_vs_ref(m, 2, 130, 70, 8, 8);      // channels past the 64 of a filter block
+    }
+    check("Winograd's largest relative error in the tests above, F(4x4) and F(2x2)", wino_worst[4] > 0 && wino_worst[2] > 0,
+          "%.2g and %.2g of sum |terms| (tolerances 1.6e-4, 2.7e-5; the direct conv's, 1e-5)", wino_worst[4], wino_worst[2]);
     test_conv_input_vs_ref(2, 8, 11, 7, 9, 2);
     test_conv_input_vs_ref(3, 12, 3, 8, 8, 4);   // conv_out's 3 channels, the wide tile on 8 x 8
+    wino_force = 4;
+    test_conv_input_vs_ref(2, 8, 11, 7, 9, 2);   // Winograd reading the kept grids
+    wino_force = 0;
     test_upsample_conv_vs_ref(2, 5, 11, 3, 5);
     test_upsample_conv_vs_ref(2, 32, 40, 8, 8);
     test_upsample_conv_vs_ref(3, 24, 13, 4, 4);  // the four phases on a 4 x 4 map
