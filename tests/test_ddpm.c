@@ -805,8 +805,10 @@ static double conv_vs_ref(double e[4], int force, int K, int stride, int B, int 
     return fmax(fmax(e[0], e[1]), fmax(e[2], e[3]));
 }
 
+static double direct_worst;   // the direct 3x3 stride-1 conv's largest error, forward and d input
 static void test_conv_vs_ref(int K, int stride, int B, int C_in, int C_out, int H, int W) {
     double e[4], worst = conv_vs_ref(e, -1, K, stride, B, C_in, C_out, H, W);
+    if (K == 3 && stride == 1) direct_worst = fmax(direct_worst, fmax(e[0], e[1]));
     // float sums of n terms: |error| <= n u sum|terms| (u = 6e-8); n <= B H W here
     check("conv2d fast kernels vs reference (forward, d input, d weight, d bias)", worst < 1e-5,
           "%dx%d stride %d, B %d, C_in %d, C_out %d, %dx%d: relative errors %.2g %.2g %.2g %.2g (tol 1e-5)",
@@ -2884,8 +2886,11 @@ int main(int argc, char** argv) {
         test_wino_vs_ref(m, 3, 5, 9, 64, 40);       // chunks of tiles, the last one short
         test_wino_vs_ref(m, 2, 130, 70, 8, 8);      // channels past the 64 of a filter block
     }
-    check("Winograd's largest relative error in the tests above, F(4x4) and F(2x2)", wino_worst[4] > 0 && wino_worst[2] > 0,
-          "%.2g and %.2g of sum |terms| (tolerances 1.6e-4, 2.7e-5; the direct conv's, 1e-5)", wino_worst[4], wino_worst[2]);
+    // F(4x4) rounds about 10 times more than the direct conv: had the forced tile fallen
+    // back to the direct conv, its errors would be the direct conv's
+    check("Winograd's largest relative errors above, F(4x4) and F(2x2): F(4x4)'s past twice the direct conv's",
+          wino_worst[4] > 2 * direct_worst, "%.2g and %.2g of sum |terms| (tolerances 1.6e-4, 2.7e-5); the direct conv's %.2g",
+          wino_worst[4], wino_worst[2], direct_worst);
     test_conv_input_vs_ref(2, 8, 11, 7, 9, 2);
     test_conv_input_vs_ref(3, 12, 3, 8, 8, 4);   // conv_out's 3 channels, the wide tile on 8 x 8
     wino_force = 4;
