@@ -3053,11 +3053,10 @@ static ConvGeom conv_geom(int H, int W, int K, int stride) {
 //   flipped  the weights as the input gradient's matrix (conv_flip_weights)
 //   dwacc    the weight-gradient tiles being summed
 //   dcol     stride 2 only: weight^T . dy of one image per thread, for col2im
-//   wino     3x3 stride 1 by Winograd (17.2.1): its copied input, filters and chunks, in the planes' place
-typedef struct { float *planes, *dyt, *flipped, *dwacc, *dcol, *wino; } ConvWork;
+// Winograd's scratch (17.2.1) is the planes': the two are never in use at once.
+typedef struct { float *planes, *dyt, *flipped, *dwacc, *dcol; } ConvWork;
 
 static int wino_tile(int B, int C_in, int C_out, int H, int W);
-typedef struct WinoGeom WinoGeom;
 static size_t wino_floats_for(int B, int C_in, int C_out, int H, int W, int threads);
 
 static ConvWork conv_work(float* ws, int B, int C_in, int H, int W, int C_out, int K, int stride,
@@ -3070,11 +3069,11 @@ static ConvWork conv_work(float* ws, int B, int C_in, int H, int W, int C_out, i
                    (size_t)C_in * C_out * g.T,
                    (size_t)CoP * CONV_DW_K * ((C_in * g.T + conv_dw_group(g.T) - 1) / conv_dw_group(g.T)),
                    stride == 2 ? (size_t)threads * C_in * g.T * g.H * g.W : 0};
-    if (n[0] < wino) n[0] = wino;   // Winograd's scratch is the planes': they are not in use at once
+    if (n[0] < wino) n[0] = wino;
     float* p[5];
     *total = 0;
     for (int i = 0; i < 5; i++) { p[i] = ws ? ws + *total : NULL; *total += n[i]; }
-    return (ConvWork){p[0], p[1], p[2], p[3], p[4], p[0]};
+    return (ConvWork){p[0], p[1], p[2], p[3], p[4]};
 }
 
 // The floats of scratch a conv2d_forward + conv2d_backward of this shape needs.
@@ -3417,13 +3416,13 @@ static int wino_tile(int B, int C_in, int C_out, int H, int W) {
     return 0;
 }
 
-struct WinoGeom {
+typedef struct {
     int m, a, Ht, Wt, ty, tx;   // tile side, a = m + 2; the copied input's rows and pitch; tiles down and across
     int CiP, nv, CoM;           // input channels rounded up to VW; output channels in blocks of nv vectors
     size_t n_tiles;             // B ty tx
     int nt;                     // tiles a chunk at most
     size_t vs, ms;              // floats from one xi's V (M) to the next: not a power of 2, lest the a^2 share a cache set
-};
+} WinoGeom;
 
 static WinoGeom wino_geom(int m, int B, int C_in, int C_out, int H, int W) {
     // the register tile of one vector fewer where its blocks waste fewer output channels
@@ -3625,7 +3624,7 @@ static void conv_forward(float* out, const float* inp, int in_grids, const float
     ConvWork w = conv_work(ws, B, C_in, H, W, C_out, K, stride, kernel_threads, &total);
     int m = K == 3 && stride == 1 ? wino_tile(B, C_in, C_out, H, W) : 0;
     if (m) conv_winograd(out, in_grids ? inp + g.Wp + 1 : inp, in_grids ? g.S : (size_t)H * W, in_grids ? g.Wp : W,
-                         weight, bias, B, C_in, C_out, H, W, m, w.wino);
+                         weight, bias, B, C_in, C_out, H, W, m, w.planes);
     else conv_direct(out, in_grids ? inp : conv_grids(w.planes, inp, B, C_in, g), weight, bias, B, C_in, C_out, &g, 1);
 }
 
@@ -3650,7 +3649,7 @@ static void conv_backward(float* dinp, float* dweight, float* dbias, const float
     if (stride != 1) { conv_strided_dinp(dinp, w.dcol, dout, weight, B, C_in, H, W, C_out, K, stride); return; }
     conv_flip_weights(w.flipped, weight, C_out, C_in, g.T);
     int m = K == 3 ? wino_tile(B, C_out, C_in, H, W) : 0;
-    if (m) conv_winograd(dinp, dout, (size_t)H * W, W, w.flipped, NULL, B, C_out, C_in, H, W, m, w.wino);
+    if (m) conv_winograd(dinp, dout, (size_t)H * W, W, w.flipped, NULL, B, C_out, C_in, H, W, m, w.planes);
     else conv_direct(dinp, conv_grids(w.planes, dout, B, C_out, g), w.flipped, NULL, B, C_out, C_in, &g, 1);
 }
 
