@@ -5,6 +5,8 @@
 //   tests/bench_ddpm [--model tiny|small|paper] [--batch B] [--steps S] [--warmup-steps W] [--threads T]
 //                    [--direct 1]          the direct conv everywhere, Winograd's (17.2.1) off
 //   tests/bench_ddpm --winograd-table [--threads T]    the 3x3 conv's tiles, shape by shape
+//   tests/bench_ddpm --blocks [--model M --batch B --steps S --threads T]
+//                    a sampling forward pass block by block: where its time goes
 //
 // It includes ddpm.c (as test_ddpm.c and dump_ref.c do), so it measures the very code
 // ./ddpm runs; ddpm.c itself holds no benchmark. The images are uniform noise in a
@@ -185,6 +187,56 @@ static int winograd_table(void) {
 }
 #endif
 
+// unet_forward of section 13, each part timed on its own: the timestep MLP and conv_in,
+// each block of L->blocks, norm_out + conv_out. Medians of S passes, with the share of
+// their sum (the whole pass: bench_ddpm's sample_ms, less p_sample's few elementwise ops).
+static int blocks_table(UNet* m, const char* model, const float* x, int B, int S) {
+    UNetLayers* L = m->L;
+    int n = L->n_blocks + 2, ch = m->cfg.ch, E = 4 * ch, img = m->cfg.img, t_idx[4096];
+    double* t = calloc_check((size_t)n * S, sizeof(double), "timings");
+    for (int b = 0; b < B; b++) t_idx[b] = 500;
+    m->train = 0, m->no_grad = 1;
+    for (int s = -1; s < S; s++) {   // one pass first, untimed
+        double t0 = now_seconds();
+        unet_forward(m, x, t_idx, B);   // the same pass whole, so that every buffer is as it will be
+        t0 = now_seconds();
+        timestep_embedding(L->temb_sin, t_idx, B, ch);
+        linear_forward(L->temb_h, L->temb_sin, L->dense0.w, L->dense0.b, B, ch, E);
+        silu_forward(L->temb_a, L->temb_h, (size_t)B * E);
+        linear_forward(L->temb, L->temb_a, L->dense1.w, L->dense1.b, B, E, E);
+        silu_forward(L->temb_act, L->temb, (size_t)B * E);
+        memcpy(L->x, x, (size_t)B * m->cfg.in_ch * img * img * sizeof(float));
+        conv2d_forward(L->h0, L->x, L->conv_in.w, L->conv_in.b, B, m->cfg.in_ch, img, img, ch, 3, 1, L->conv_ws);
+        if (s >= 0) t[s] = now_seconds() - t0;
+        for (int i = 0; i < L->n_blocks; i++) {
+            Block* k = &L->blocks[i];
+            t0 = now_seconds();
+            if (k->kind == BLOCK_RES) resblock_forward(m, k, B);
+            else if (k->kind == BLOCK_ATTN) attnblock_forward(m, k, B);
+            else resample_forward(m, k, B);
+            if (s >= 0) t[(size_t)(i + 1) * S + s] = now_seconds() - t0;
+        }
+        t0 = now_seconds();
+        norm_silu_conv_forward(L->eps_theta, L->a_out, L->mean_out, L->rstd_out, L->h_last, &L->norm_out,
+                               &L->conv_out, B, img, img, NO_DROPOUT, L->conv_ws);
+        if (s >= 0) t[(size_t)(n - 1) * S + s] = now_seconds() - t0;
+    }
+    double total = 0, med[1024];
+    for (int i = 0; i < n && i < 1024; i++) total += med[i] = median(t + (size_t)i * S, S) * 1e3;
+    printf("%s, %d threads, %s at batch %d, a sampling forward pass (medians of %d), ms and share:\n",
+           DDPM_ISA, kernel_threads, model, B, S);
+    for (int i = 0; i < n && i < 1024; i++) {
+        const Block* k = i > 0 && i < n - 1 ? &L->blocks[i - 1] : NULL;
+        printf("  %-22s %8.2f  %5.1f%%", i == 0 ? "temb + conv_in" : i == n - 1 ? "norm_out + conv_out" : k->name,
+               med[i], 100 * med[i] / total);
+        if (k) printf("   %d -> %d channels, input %dx%d", k->C_in + k->C_skip, k->C_out, k->H, k->W);
+        printf("\n");
+    }
+    printf("  %-22s %8.2f\n", "sum", total);
+    free(t);
+    return 0;
+}
+
 int main(int argc, char** argv) {
     threads_spin_briefly(argv);   // as ./ddpm starts (section 18)
     const char* model = "tiny";
@@ -192,6 +244,7 @@ int main(int argc, char** argv) {
     for (int i = 1; i < argc; i++) {
         const char* a = argv[i];
         if (!strcmp(a, "--winograd-table")) { table = 1; continue; }
+        if (!strcmp(a, "--blocks")) { table = 2; continue; }
         if (i + 1 >= argc) { fprintf(stderr, "bench_ddpm: %s needs a value\n", a); return 2; }
         const char* v = argv[++i];
         if (!strcmp(a, "--model")) model = v;
@@ -205,7 +258,7 @@ int main(int argc, char** argv) {
         else { fprintf(stderr, "bench_ddpm: unknown flag '%s'\n", a); return 2; }
     }
 #ifndef DDPM_PLAIN
-    if (table) return winograd_table();
+    if (table == 1) return winograd_table();
 #else
     if (table) { fprintf(stderr, "bench_ddpm: --winograd-table: the reference layers have no Winograd\n"); return 2; }
 #endif
@@ -216,6 +269,14 @@ int main(int argc, char** argv) {
     size_t n = (size_t)cfg.in_ch * cfg.img * cfg.img;
     Dataset noise = {"noise", B, cfg.in_ch, cfg.img, cfg.img, malloc_check((size_t)B * n, "bench images"), NULL, 0};
     for (size_t i = 0; i < (size_t)B * n; i++) noise.pixels[i] = (uint8_t)(rng_u64(&tr.rng) >> 56);
+    if (table == 2) {
+        float* x = malloc_check((size_t)B * n * sizeof(float), "bench images");
+        rng_normal(&tr.rng, x, (size_t)B * n);
+        int rc = blocks_table(&tr.net, model, x, B, S);
+        free(x); free(noise.pixels);
+        trainer_free(&tr);
+        return rc;
+    }
     double* tt = malloc_check((size_t)S * sizeof(double), "timings");
     double* ts = malloc_check((size_t)S * sizeof(double), "timings");
     for (int i = 0; i < W + S; i++) {
