@@ -3130,13 +3130,13 @@ static void conv_flip_weights(float* wt, const float* weight, int C_out, int C_i
                 wt[((size_t)i * C_out + o) * T + t] = weight[((size_t)o * C_in + i) * T + (T - 1 - t)];
 }
 
-// The register tile: tile[r][j] = sum_{c, t} a[r lda + c T + t] x[c S + toff[t] + j] for
+// The register tile: tile[r][j] = sum_{c, t} a[r lda + (c T + t) ka] x[c S + toff[t] + j] for
 // r < MR rows and j < VW NV pixels, stored row by row. `a` is the tile's first row of
-// the weight matrix (rows of lda = C T floats; only the first `rows` are read, the others
-// repeat the last one and are dropped by the store), x the first input grid (at the
+// the weight matrix (rows of lda = C T floats, ka = 1; only the first `rows` are read, the
+// others repeat the last one and are dropped by the store), x the first input grid (at the
 // tile's first pixel). Called with MR and NV constants, so that acc lives in registers.
 // (Unrolling the taps as well runs AVX-512's 4 x 80 tile out of registers.)
-static inline void conv_tile(float* restrict tile, const float* restrict a, size_t lda, int rows,
+static inline void conv_tile(float* restrict tile, const float* restrict a, size_t lda, int ka, int rows,
                              const float* restrict x, int C, size_t S, int T, const int* toff, int MR, int NV) {
     // Row r's offset in a, set once per tile (the row loops are unrolled at -O2 too, so
     // each is a register, not a test and a product for every weight read).
@@ -3148,7 +3148,7 @@ static inline void conv_tile(float* restrict tile, const float* restrict a, size
     for (int r = 0; r < MR; r++)
         for (int j = 0; j < NV; j++) acc[r][j] = (vecf){0};
     for (int c = 0, k = 0; c < C; c++, x += S)
-        for (int t = 0; t < T; t++, k++) {
+        for (int t = 0; t < T; t++, k += ka) {
             const float* xt = x + toff[t];
             vecf v[CONV_NV_MAX];
             for (int j = 0; j < NV; j++) v[j] = vload(xt + VW * j);
@@ -3161,7 +3161,7 @@ static inline void conv_tile(float* restrict tile, const float* restrict a, size
 #else
     memset(tile, 0, sizeof(float) * MR * NV * VW);
     for (int c = 0, k = 0; c < C; c++, x += S)
-        for (int t = 0; t < T; t++, k++)
+        for (int t = 0; t < T; t++, k += ka)
             for (int r = 0; r < MR; r++)
                 for (int j = 0; j < VW * NV; j++) tile[r * NV * VW + j] += a[ro[r] + k] * x[toff[t] + j];
 #endif
@@ -3217,12 +3217,12 @@ static void conv_direct(float* out, const float* planes, const float* w, const f
                 int o0 = m * mr, rows = C_out - o0 < mr ? C_out - o0 : mr;
                 const float* a = w + ph * phase + o0 * lda;
                 const int* toff = g[ph].toff;
-                if (narrow)                conv_tile(tile, a, lda, rows, x, C_in, g->S, T, toff, CONV_MR_WIDE, CONV_NV);
+                if (narrow)                conv_tile(tile, a, lda, 1, rows, x, C_in, g->S, T, toff, CONV_MR_WIDE, CONV_NV);
                 else if (g->nr == CONV_NR && T == 1)   // a 1x1: its tap loop gone (~5% on AVX-512)
-                                           conv_tile(tile, a, lda, rows, x, C_in, g->S, 1, toff, CONV_MR, CONV_NV);
-                else if (g->nr == CONV_NR) conv_tile(tile, a, lda, rows, x, C_in, g->S, T, toff, CONV_MR, CONV_NV);
-                else if (g->nr == CONV_NR_SMALL) conv_tile(tile, a, lda, rows, x, C_in, g->S, T, toff, CONV_MR, CONV_NV_SMALL);
-                else                       conv_tile(tile, a, lda, rows, x, C_in, g->S, T, toff, CONV_MR_WIDE, CONV_NV_WIDE);
+                                           conv_tile(tile, a, lda, 1, rows, x, C_in, g->S, 1, toff, CONV_MR, CONV_NV);
+                else if (g->nr == CONV_NR) conv_tile(tile, a, lda, 1, rows, x, C_in, g->S, T, toff, CONV_MR, CONV_NV);
+                else if (g->nr == CONV_NR_SMALL) conv_tile(tile, a, lda, 1, rows, x, C_in, g->S, T, toff, CONV_MR, CONV_NV_SMALL);
+                else                       conv_tile(tile, a, lda, 1, rows, x, C_in, g->S, T, toff, CONV_MR_WIDE, CONV_NV_WIDE);
                 conv_store_tile(y, tile, o0, rows, p0, skip, g[ph], bias);
             }
     }
@@ -3392,6 +3392,7 @@ static void conv_strided_dinp(float* dinp, float* dcol, const float* dout, const
 // F(4x4)'s errors are about 10 times the direct conv's, F(2x2)'s about twice (tests/
 // measures them on every variant; the README says what that does to bits/dim and samples).
 // Each tile's sums are its own, in one order, so the bits do not depend on the threads.
+// The input gradient is this conv of dY with the flipped weights; the weight gradient, its adjoint.
 #define WINO_NT 128                   // tiles a chunk at most, and fewer where a thread's
 #define WINO_CHUNK_FLOATS (1 << 20)   // V and M would pass 4 MB
 #define WINO_MIN_CH 32
@@ -3446,12 +3447,19 @@ static size_t wino_floats(WinoGeom w, int B, int threads) {
     return (size_t)B * w.CiP * w.Ht * w.Wt + a2 * w.CiP * w.CoM + (size_t)threads * a2 * (w.vs + w.ms);
 }
 
-// The scratch of a conv's Winograd forward and input gradient, 0 where the rule takes neither.
+// The weight gradient's (below): xt and dy copied, dU, one chunk's V and dM.
+static size_t wino_dweight_floats(WinoGeom w, int B) {
+    size_t a2 = (size_t)w.a * w.a;
+    return (size_t)B * (w.CiP + w.CoM) * w.Ht * w.Wt + a2 * (w.CiP * w.CoM + w.vs + w.ms);
+}
+
+// The scratch of a conv's Winograd forward, input and weight gradients, 0 where the rule takes neither.
 static size_t wino_floats_for(int B, int C_in, int C_out, int H, int W, int threads) {
     int mf = wino_tile(B, C_in, C_out, H, W), mb = wino_tile(B, C_out, C_in, H, W);   // forward, input gradient
     size_t f = mf ? wino_floats(wino_geom(mf, B, C_in, C_out, H, W), B, threads) : 0;
     size_t b = mb ? wino_floats(wino_geom(mb, B, C_out, C_in, H, W), B, threads) : 0;
-    return f > b ? f : b;
+    size_t d = mf ? wino_dweight_floats(wino_geom(mf, B, C_in, C_out, H, W), B) : 0;   // the weight gradient's
+    return f > b ? (f > d ? f : d) : (b > d ? b : d);
 }
 
 // U_xi[c][o] = (G g G^T)[xi] for g = weight[o][c] (C_out, C_in, 3, 3); zero past C_in, C_out.
@@ -3536,24 +3544,41 @@ static inline __attribute__((always_inline)) void wino_out_1d(float* out, size_t
     }
 }
 
+// A (m values to a), for the weight gradient's dM = A dY A^T: A^T's transpose.
+static inline __attribute__((always_inline)) void wino_dy_1d(float* out, size_t os, const float* in, size_t is, int m) {
+    for (int l = 0; l < VW; l += WL, in += WL, out += WL) {
+        wlanes d0 = wl_load(in), d1 = wl_load(in + is);
+        if (m == 2) {
+            wl_store(out, d0), wl_store(out + os, d0 + d1), wl_store(out + 2 * os, d0 - d1), wl_store(out + 3 * os, -d1);
+            continue;
+        }
+        wlanes d2 = wl_load(in + 2 * is), d3 = wl_load(in + 3 * is);
+        wlanes p = d0 + d2, q = d1 + d3, r = d0 + 4 * d2, s = 2 * d1 + 8 * d3;
+        wl_store(out, d0), wl_store(out + os, p + q), wl_store(out + 2 * os, p - q);
+        wl_store(out + 3 * os, r + s), wl_store(out + 4 * os, r - s), wl_store(out + 5 * os, d3);
+    }
+}
+
+// V = B^T d B of tile `tile`'s VW-channel blocks, as row q of each V_xi.
+static inline __attribute__((always_inline)) void wino_v(float* V, const float* xt, int q, size_t tile, WinoGeom w, int m) {
+    int a = m + 2, b = (int)(tile / ((size_t)w.ty * w.tx)), ty = (int)(tile / w.tx % w.ty), tx = (int)(tile % w.tx);
+    float t[36 * VW];
+    for (int cb = 0; cb < w.CiP / VW; cb++) {
+        const float* src = xt + (((size_t)b * (w.CiP / VW) + cb) * w.Ht * w.Wt + (size_t)ty * m * w.Wt + tx * m) * VW;
+        for (int j = 0; j < a; j++) wino_in_1d(t + j * VW, (size_t)a * VW, src + j * VW, (size_t)w.Wt * VW, m);   // B^T d
+        for (int i = 0; i < a; i++)                                                                  // (B^T d) B
+            wino_in_1d(V + (size_t)i * a * w.vs + (size_t)q * w.CiP + cb * VW, w.vs, t + i * a * VW, VW, m);
+    }
+}
+
 // One chunk of tiles [q0, q0 + nt): V = B^T d B of each tile's VW-channel blocks, the a^2
 // matrix products, then Y = A^T M A written (bias != NULL: = bias + Y; else +=) into out.
 static inline __attribute__((always_inline)) void wino_chunk(float* out, const float* bias, const float* xt,
         const float* U, float* V, float* M, size_t q0, int nt, int C_out, int H, int W, WinoGeom w, int m) {
     int a = m + 2;   // m is a constant here (the callers pass 4 or 2): the transforms unroll
-    size_t img = (size_t)w.Ht * w.Wt * VW, a2 = (size_t)a * a;
+    size_t a2 = (size_t)a * a;
     float t[36 * VW], y[16 * VW];
-    for (int q = 0; q < nt; q++) {
-        size_t tile = q0 + q;
-        int b = (int)(tile / ((size_t)w.ty * w.tx)), ty = (int)(tile / w.tx % w.ty), tx = (int)(tile % w.tx);
-        for (int cb = 0; cb < w.CiP / VW; cb++) {
-            const float* src = xt + ((size_t)b * (w.CiP / VW) + cb) * img + ((size_t)ty * m * w.Wt + tx * m) * VW;
-            for (int j = 0; j < a; j++) wino_in_1d(t + j * VW, (size_t)a * VW, src + j * VW, (size_t)w.Wt * VW, m);   // B^T d
-            for (int i = 0; i < a; i++)                                                              // (B^T d) B
-                wino_in_1d(V + (size_t)i * a * w.vs + (size_t)q * w.CiP + cb * VW, w.vs,
-                           t + i * a * VW, VW, m);
-        }
-    }
+    for (int q = 0; q < nt; q++) wino_v(V, xt, q, q0 + q, w, m);
     // M_xi = V_xi U_xi by 17.2's register tile, with one tap: CONV_MR tiles (rows of V,
     // broadcast) x nv vectors of output channels (rows of U, loaded), summed over c and
     // stored where M keeps it. (Rows past nt are computed from the last one and dropped.)
@@ -3564,8 +3589,8 @@ static inline __attribute__((always_inline)) void wino_chunk(float* out, const f
                 int rows = nt - r0 < CONV_MR ? nt - r0 : CONV_MR;
                 float* dst = M + xi * w.ms + (size_t)o0 * w.nt + (size_t)r0 * nr;
                 const float *v = V + xi * w.vs + (size_t)r0 * w.CiP, *u = U + xi * w.CiP * w.CoM + o0;
-                if (w.nv == CONV_NV) conv_tile(dst, v, w.CiP, rows, u, w.CiP, w.CoM, 1, &zero, CONV_MR, CONV_NV);
-                else                 conv_tile(dst, v, w.CiP, rows, u, w.CiP, w.CoM, 1, &zero, CONV_MR, CONV_NV_SMALL);
+                if (w.nv == CONV_NV) conv_tile(dst, v, w.CiP, 1, rows, u, w.CiP, w.CoM, 1, &zero, CONV_MR, CONV_NV);
+                else                 conv_tile(dst, v, w.CiP, 1, rows, u, w.CiP, w.CoM, 1, &zero, CONV_MR, CONV_NV_SMALL);
             }
     for (int q = 0; q < nt; q++) {
         size_t tile = q0 + q;
@@ -3615,6 +3640,70 @@ static void conv_winograd(float* out, const float* x, size_t plane, int pitch, c
     }
 }
 
+// The weight gradient, the forward's adjoint: with dM = A dY A^T for each tile's m x m
+// output gradient (zero past the image), dweight[o][c] += G^T dU[c][o] G, where
+//   dU_xi[c][o] = sum over tiles V_xi[tile][c] dM_xi[tile][o]
+// by 17.2's register tile, summing over tiles (rows c of V, a tile apart: ka = CiP). Chunks
+// of tiles run in order, each split over xi and channel blocks: the bits do not depend on the threads.
+static void conv_winograd_dweight(float* dweight, const float* x, size_t plane, int pitch, const float* dy,
+                                  int B, int C_in, int C_out, int H, int W, int m, float* ws) {
+    WinoGeom w = wino_geom(m, B, C_in, C_out, H, W), wd = w;
+    wd.CiP = w.CoM;   // dy copied as the input is, in M's channel blocks
+    int a = w.a, nr = w.nv * VW, nc = (w.CiP + CONV_MR - 1) / CONV_MR, no = w.CoM / nr, zero = 0;
+    size_t a2 = (size_t)a * a, img = (size_t)w.Ht * w.Wt * VW;
+    float *xt = ws, *dyt = xt + (size_t)B * w.CiP * w.Ht * w.Wt, *dU = dyt + (size_t)B * w.CoM * w.Ht * w.Wt;
+    float *V = dU + a2 * w.CiP * w.CoM, *M = V + a2 * w.vs;
+    wino_input(xt, x, plane, pitch, B, C_in, H, W, w);
+    wino_input(dyt, dy, (size_t)H * W, W, B, C_out, H, W, wd);
+    memset(dU, 0, a2 * w.CiP * w.CoM * sizeof(float));
+    for (size_t q0 = 0; q0 < w.n_tiles; q0 += w.nt) {
+        int nt = w.n_tiles - q0 < (size_t)w.nt ? (int)(w.n_tiles - q0) : w.nt;
+        #pragma omp parallel for schedule(static) num_threads(kernel_threads)
+        for (int q = 0; q < nt; q++) {
+            float t[36 * VW];
+            size_t tile = q0 + q;
+            int b = (int)(tile / ((size_t)w.ty * w.tx)), ty = (int)(tile / w.tx % w.ty), tx = (int)(tile % w.tx);
+            wino_v(V, xt, q, tile, w, m);
+            for (int ob = 0; ob < w.CoM / VW; ob++) {   // dM = A dY A^T, where M keeps the forward's
+                const float* src = dyt + ((size_t)b * (w.CoM / VW) + ob) * img + ((size_t)(ty * m + 1) * w.Wt + tx * m + 1) * VW;
+                float* dst = M + (size_t)ob * VW / nr * nr * w.nt + (size_t)q * nr + ob * VW % nr;
+                for (int j = 0; j < m; j++) wino_dy_1d(t + j * VW, (size_t)m * VW, src + j * VW, (size_t)w.Wt * VW, m);
+                for (int i = 0; i < a; i++) wino_dy_1d(dst + (size_t)i * a * w.ms, w.ms, t + i * m * VW, VW, m);
+            }
+        }
+        #pragma omp parallel for schedule(static) num_threads(kernel_threads)
+        for (int item = 0; item < (int)a2 * nc * no; item++) {
+            int xi = item / (nc * no), c0 = item / no % nc * CONV_MR, ob = item % no;
+            int rows = w.CiP - c0 < CONV_MR ? w.CiP - c0 : CONV_MR;
+            float tile[CONV_MR * CONV_NR_MAX], *u = dU + ((size_t)xi * w.CiP + c0) * w.CoM + ob * nr;
+            const float *v = V + xi * w.vs + c0, *d = M + xi * w.ms + (size_t)ob * nr * w.nt;
+            if (w.nv == CONV_NV) conv_tile(tile, v, 1, w.CiP, rows, d, nt, nr, 1, &zero, CONV_MR, CONV_NV);
+            else                 conv_tile(tile, v, 1, w.CiP, rows, d, nt, nr, 1, &zero, CONV_MR, CONV_NV_SMALL);
+            for (int r = 0; r < rows; r++)
+                for (int j = 0; j < nr; j++) u[(size_t)r * w.CoM + j] += tile[r * nr + j];
+        }
+    }
+    const float* G = m == 4 ? &WINO4_G[0][0] : &WINO2_G[0][0];
+    #pragma omp parallel for schedule(static) num_threads(kernel_threads)
+    for (int c = 0; c < C_in; c++)   // dweight[o][c] += G^T dU G, 64 output channels at a time
+        for (int o0 = 0; o0 < C_out; o0 += 64) {
+            float gd[3][6][64] = {{{0}}}, dg[9][64] = {{0}};
+            int n = C_out - o0 < 64 ? C_out - o0 : 64;
+            for (int k = 0; k < a; k++)
+                for (int l = 0; l < a; l++) {
+                    const float* u = dU + ((size_t)(k * a + l) * w.CiP + c) * w.CoM + o0;
+                    for (int i = 0; i < 3; i++)
+                        for (int o = 0; o < n; o++) gd[i][l][o] += G[k * 3 + i] * u[o];
+                }
+            for (int i = 0; i < 3; i++)
+                for (int j = 0; j < 3; j++)
+                    for (int l = 0; l < a; l++)
+                        for (int o = 0; o < n; o++) dg[i * 3 + j][o] += gd[i][l][o] * G[l * 3 + j];
+            for (int o = 0; o < n; o++)
+                for (int k = 0; k < 9; k++) dweight[((size_t)(o0 + o) * C_in + c) * 9 + k] += dg[k][o];
+        }
+}
+
 // A producer can write a 3x3 stride-1 conv's input straight into its padded grids
 // (B x C_in grids of conv_input_floats(H, W) floats, border and slack zero): then
 // `in_grids` is 1 and the conv copies nothing. GroupNorm+SiLU does (17.4).
@@ -3645,9 +3734,14 @@ static void conv_backward(float* dinp, float* dweight, float* dbias, const float
     size_t total;
     ConvWork w = conv_work(ws, B, C_in, H, W, C_out, K, stride, kernel_threads, &total);
     conv_dbias(dbias, dout, B, C_out, HWo);
-    const float* x = in_grids ? inp : conv_grids(w.planes, inp, B, C_in, g);
-    conv_transpose_dy(w.dyt, dout, B, C_out, CoP, g);
-    conv_dweight(dweight, w.dwacc, x, w.dyt, B, C_in, C_out, g);
+    int mw = K == 3 && stride == 1 ? wino_tile(B, C_in, C_out, H, W) : 0;
+    if (mw) conv_winograd_dweight(dweight, in_grids ? inp + g.Wp + 1 : inp, in_grids ? g.S : (size_t)H * W,
+                                  in_grids ? g.Wp : W, dout, B, C_in, C_out, H, W, mw, w.planes);
+    else {
+        const float* x = in_grids ? inp : conv_grids(w.planes, inp, B, C_in, g);
+        conv_transpose_dy(w.dyt, dout, B, C_out, CoP, g);
+        conv_dweight(dweight, w.dwacc, x, w.dyt, B, C_in, C_out, g);
+    }
     if (!dinp) return;
     if (stride != 1) { conv_strided_dinp(dinp, w.dcol, dout, weight, B, C_in, H, W, C_out, K, stride); return; }
     conv_flip_weights(w.flipped, weight, C_out, C_in, g.T);

@@ -815,19 +815,21 @@ static void test_conv_vs_ref(int K, int stride, int B, int C_in, int C_out, int 
           K, K, stride, B, C_in, C_out, H, W, e[0], e[1], e[2], e[3]);
 }
 
-// Winograd's F(m x m, 3 x 3) (17.2.1), forward and input gradient, against the reference.
-// Each output is sum_xi A^T[.][xi] (sum_c U V) A[xi][.], whose |terms| add up to at most
-// kappa^2 times the direct conv's sum |terms|, kappa = max_i sum_k |A^T_ik| (|G| 1)_k
+// Winograd's F(m x m, 3 x 3) (17.2.1), forward, input and weight gradients, against the
+// reference. Each output is sum_xi A^T[.][xi] (sum_c U V) A[xi][.], whose |terms| add up to
+// at most kappa^2 times the direct conv's sum |terms|, kappa = max_i sum_k |A^T_ik| (|G| 1)_k
 // (|B^T| 1)_k / 3 from the 1-D transforms: 16 for F(4x4), 8/3 for F(2x2). That bounds the
 // worst case; rounding errors of random sign add in quadrature, so on random data the
-// growth is about kappa: the direct conv's tolerance times kappa (1.6e-4, 2.7e-5).
-static double wino_worst[5];
+// growth is about kappa: the direct conv's tolerance times kappa (1.6e-4, 2.7e-5). The
+// weight gradient, G^T (sum over tiles V (A dY A^T)) G, has the same transforms, transposed.
+static double wino_worst[5], wino_dw_worst[5];   // forward and d input; d weight
 static void test_wino_vs_ref(int m, int B, int C_in, int C_out, int H, int W) {
     double e[4], tol = m == 4 ? 16 * 1e-5 : 8 / 3.0 * 1e-5;
     conv_vs_ref(e, m, 3, 1, B, C_in, C_out, H, W);
     wino_worst[m] = fmax(wino_worst[m], fmax(e[0], e[1]));
-    check("conv2d 3x3 by Winograd vs reference (forward, d input; d weight, d bias direct)",
-          fmax(e[0], e[1]) < tol && fmax(e[2], e[3]) < 1e-5,
+    wino_dw_worst[m] = fmax(wino_dw_worst[m], e[2]);
+    check("conv2d 3x3 by Winograd vs reference (forward, d input, d weight; d bias direct)",
+          fmax(fmax(e[0], e[1]), e[2]) < tol && e[3] < 1e-5,
           "F(%dx%d, 3x3), B %d, C_in %d, C_out %d, %dx%d: relative errors %.2g %.2g %.2g %.2g (tol %.2g, 1e-5)",
           m, m, B, C_in, C_out, H, W, e[0], e[1], e[2], e[3], tol);
 }
@@ -2889,8 +2891,9 @@ int main(int argc, char** argv) {
     // F(4x4) rounds about 10 times more than the direct conv: had the forced tile fallen
     // back to the direct conv, its errors would be the direct conv's
     check("Winograd's largest relative errors above, F(4x4) and F(2x2): F(4x4)'s past twice the direct conv's",
-          wino_worst[4] > 2 * direct_worst, "%.2g and %.2g of sum |terms| (tolerances 1.6e-4, 2.7e-5); the direct conv's %.2g",
-          wino_worst[4], wino_worst[2], direct_worst);
+          wino_worst[4] > 2 * direct_worst && wino_dw_worst[4] > 2 * direct_worst,
+          "%.2g and %.2g of sum |terms|, d weight %.2g and %.2g (tolerances 1.6e-4, 2.7e-5); the direct conv's %.2g",
+          wino_worst[4], wino_worst[2], wino_dw_worst[4], wino_dw_worst[2], direct_worst);
     test_conv_input_vs_ref(2, 8, 11, 7, 9, 2);
     test_conv_input_vs_ref(3, 12, 3, 8, 8, 4);   // conv_out's 3 channels, the wide tile on 8 x 8
     wino_force = 4;
